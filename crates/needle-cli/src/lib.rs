@@ -1,0 +1,4 @@
+//! # needle-cli
+//!
+//! The needle command line: generate, logits, trace, eval, bench.
+#![warn(missing_docs)]

@@ -1,0 +1,250 @@
+//! Maximum-inner-product search: the small interface every index backend implements,
+//! and [`FlatIndex`], the exact scan that is both ground truth and cost baseline.
+//!
+//! Shaped on faiss's `Index`: batches of queries are row-major `n × dim`; results are
+//! row-major `n × k`, padded with [`NO_LABEL`] and `-inf` when fewer than `k` vectors exist.
+//! Indexes know nothing of attention; selectors adapt them.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::attention::{score, top_k};
+use crate::error::{Error, Result, check_finite};
+
+/// Label that pads a result row when fewer than `k` vectors were found.
+pub const NO_LABEL: u32 = u32::MAX;
+
+/// Per-call search settings. `effort` is the index's own knob (`ef_search` for graphs,
+/// `nprobe` for IVF, tables probed for LSH); `None` keeps the index's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SearchParams {
+    /// Index-specific effort knob; larger means more recall and more work.
+    pub effort: Option<usize>,
+}
+
+impl SearchParams {
+    /// Params with the given effort.
+    pub fn effort(effort: usize) -> Self {
+        Self { effort: Some(effort) }
+    }
+}
+
+/// What a search (or a selection) touched, so that cost is reported, not guessed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SearchStats {
+    /// Full-precision vectors whose inner product was computed.
+    pub full_scored: u64,
+    /// Compressed codes (PQ codes, hash signatures, page bounds) evaluated.
+    pub codes_scored: u64,
+    /// Bytes read from vector and code storage.
+    pub bytes_read: u64,
+}
+
+impl std::ops::AddAssign for SearchStats {
+    fn add_assign(&mut self, o: Self) {
+        self.full_scored += o.full_scored;
+        self.codes_scored += o.codes_scored;
+        self.bytes_read += o.bytes_read;
+    }
+}
+
+/// Results of a batch search: `labels` and `scores` are row-major `n_queries × k`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchResult {
+    /// Results per query.
+    pub k: usize,
+    /// Ids, best first, padded with [`NO_LABEL`].
+    pub labels: Vec<u32>,
+    /// Inner products (as the index estimates them), padded with `-inf`.
+    pub scores: Vec<f32>,
+    /// Work done, summed over all queries.
+    pub stats: SearchStats,
+}
+
+impl SearchResult {
+    /// The labels of query `i`, without padding.
+    pub fn labels_of(&self, i: usize) -> &[u32] {
+        let row = &self.labels[i * self.k..(i + 1) * self.k];
+        let n = row.iter().position(|&l| l == NO_LABEL).unwrap_or(self.k);
+        &row[..n]
+    }
+
+    /// Number of query rows.
+    pub fn n_queries(&self) -> usize {
+        self.labels.len().checked_div(self.k).unwrap_or(0)
+    }
+
+    /// Assembles a result from per-query hit lists, padding each to `k`.
+    pub fn from_rows(k: usize, rows: Vec<(Vec<(u32, f32)>, SearchStats)>) -> Self {
+        let mut out = SearchResult { k, labels: Vec::with_capacity(rows.len() * k), scores: Vec::with_capacity(rows.len() * k), stats: SearchStats::default() };
+        for (hits, stats) in rows {
+            out.stats += stats;
+            for j in 0..k {
+                let (l, s) = hits.get(j).copied().unwrap_or((NO_LABEL, f32::NEG_INFINITY));
+                out.labels.push(l);
+                out.scores.push(s);
+            }
+        }
+        out
+    }
+}
+
+/// Cost of a build, reported by every index.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BuildStats {
+    /// Vectors indexed.
+    pub vectors: usize,
+    /// Training queries used (0 when the index ignores them or none were given).
+    pub train_queries: usize,
+    /// Wall time of the build in seconds.
+    pub seconds: f64,
+    /// Bytes held by the index, vectors included.
+    pub bytes: usize,
+}
+
+/// A maximum-inner-product index over vectors of a fixed dimension.
+///
+/// Ids are dense: the `i`-th vector ever added has id `i`.
+pub trait VectorIndex: Send + Sync {
+    /// A short description in index-factory syntax, e.g. `"Flat"`, `"HNSW32"`.
+    fn describe(&self) -> String;
+    /// Vector dimension.
+    fn dim(&self) -> usize;
+    /// Number of vectors held.
+    fn len(&self) -> usize;
+    /// True when empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Replaces the content with `keys` (row-major `n × dim`). `train_queries` (row-major,
+    /// may be absent) is a sample of the query distribution; query-aware indexes use it.
+    fn build(&mut self, keys: &[f32], train_queries: Option<&[f32]>) -> Result<BuildStats>;
+    /// Adds vectors after a build without rebuilding; returns their ids.
+    fn insert(&mut self, keys: &[f32]) -> Result<Range<u32>>;
+    /// The `k` vectors with the largest inner product for each query row.
+    fn search(&self, queries: &[f32], k: usize, params: &SearchParams) -> Result<SearchResult>;
+    /// Bytes held by the index, vectors included.
+    fn memory_bytes(&self) -> usize;
+}
+
+/// Checks a row-major batch: non-empty rows of `dim` finite floats. Returns the row count.
+pub fn check_batch(what: &str, xs: &[f32], dim: usize) -> Result<usize> {
+    if dim == 0 {
+        return Err(Error::invalid("dim", "must be at least 1"));
+    }
+    if xs.len() % dim != 0 {
+        return Err(Error::DimensionMismatch { what: format!("{what} (rows of {dim})"), expected: xs.len().div_ceil(dim) * dim, got: xs.len() });
+    }
+    check_finite(what, xs)?;
+    Ok(xs.len() / dim)
+}
+
+/// Checks a search call: finite queries of the right width and `1 <= k <= len`.
+pub fn check_search(queries: &[f32], dim: usize, k: usize, len: usize) -> Result<usize> {
+    if len == 0 {
+        return Err(Error::EmptyKeys { what: "search".into() });
+    }
+    if k == 0 || k > len {
+        return Err(Error::BudgetTooLarge { what: "search k (must be 1..=len)".into(), budget: k, available: len });
+    }
+    check_batch("queries", queries, dim)
+}
+
+/// Exact maximum-inner-product search by scanning every vector.
+#[derive(Debug, Clone)]
+pub struct FlatIndex {
+    dim: usize,
+    data: Vec<f32>,
+}
+
+impl FlatIndex {
+    /// An empty flat index for vectors of `dim` floats.
+    pub fn new(dim: usize) -> Self {
+        Self { dim, data: Vec::new() }
+    }
+
+    /// Row `i`.
+    pub fn vector(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// Exact top-k for one query (no validation; callers validate the batch).
+    fn search_one(&self, q: &[f32], k: usize) -> Result<(Vec<(u32, f32)>, SearchStats)> {
+        let scores: Vec<f32> = self.data.chunks_exact(self.dim).map(|v| score::<f32>(q, v, 1.0)).collect();
+        let n = scores.len() as u64;
+        Ok((top_k(&scores, k)?, SearchStats { full_scored: n, codes_scored: 0, bytes_read: n * (self.dim * 4) as u64 }))
+    }
+}
+
+impl VectorIndex for FlatIndex {
+    fn describe(&self) -> String {
+        "Flat".into()
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn len(&self) -> usize {
+        self.data.len() / self.dim.max(1)
+    }
+    fn build(&mut self, keys: &[f32], train_queries: Option<&[f32]>) -> Result<BuildStats> {
+        let t = std::time::Instant::now();
+        check_batch("keys", keys, self.dim)?;
+        if let Some(q) = train_queries {
+            check_batch("train_queries", q, self.dim)?;
+        }
+        self.data = keys.to_vec();
+        Ok(BuildStats { vectors: self.len(), train_queries: 0, seconds: t.elapsed().as_secs_f64(), bytes: self.memory_bytes() })
+    }
+    fn insert(&mut self, keys: &[f32]) -> Result<Range<u32>> {
+        let n = check_batch("keys", keys, self.dim)?;
+        let start = self.len() as u32;
+        self.data.extend_from_slice(keys);
+        Ok(start..start + n as u32)
+    }
+    fn search(&self, queries: &[f32], k: usize, _params: &SearchParams) -> Result<SearchResult> {
+        check_search(queries, self.dim, k, self.len())?;
+        let rows = queries.par_chunks_exact(self.dim).map(|q| self.search_one(q, k)).collect::<Result<Vec<_>>>()?;
+        Ok(SearchResult::from_rows(k, rows))
+    }
+    fn memory_bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_finds_known_maxima_and_pads_nothing() {
+        let mut f = FlatIndex::new(2);
+        f.build(&[1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.7, 0.7], None).unwrap();
+        let r = f.search(&[1.0, 0.1, 0.0, -1.0], 2, &SearchParams::default()).unwrap();
+        assert_eq!(r.labels_of(0), &[0, 3]);
+        assert_eq!(r.labels_of(1), &[0, 2]); // tie at 0.0 broken by lower id
+        assert_eq!(r.stats.full_scored, 8);
+        assert_eq!(f.insert(&[5.0, 5.0]).unwrap(), 4..5);
+        let r = f.search(&[1.0, 1.0], 1, &SearchParams::default()).unwrap();
+        assert_eq!(r.labels_of(0), &[4]);
+    }
+
+    #[test]
+    fn flat_rejects_bad_input() {
+        let mut f = FlatIndex::new(2);
+        assert!(matches!(f.search(&[1.0, 0.0], 1, &SearchParams::default()), Err(Error::EmptyKeys { .. })));
+        assert!(f.build(&[1.0, 0.0, 2.0], None).is_err());
+        assert!(matches!(f.build(&[1.0, f32::INFINITY], None), Err(Error::NonFinite { .. })));
+        f.build(&[1.0, 0.0], None).unwrap();
+        assert!(matches!(f.search(&[1.0, 0.0], 2, &SearchParams::default()), Err(Error::BudgetTooLarge { .. })));
+        assert!(matches!(f.search(&[f32::NAN, 0.0], 1, &SearchParams::default()), Err(Error::NonFinite { .. })));
+    }
+
+    #[test]
+    fn padded_results() {
+        let r = SearchResult::from_rows(3, vec![(vec![(7, 1.0)], SearchStats::default())]);
+        assert_eq!(r.labels, vec![7, NO_LABEL, NO_LABEL]);
+        assert_eq!(r.labels_of(0), &[7]);
+        assert_eq!(r.n_queries(), 1);
+    }
+}

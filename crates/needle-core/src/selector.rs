@@ -1,0 +1,244 @@
+//! The `AttentionSelector` contract: which keys a decode query attends to.
+//!
+//! A selector instance serves one layer and one KV head. The context splits in two:
+//! the **static part** (the first `sinks` tokens and the last `window` tokens), attended densely
+//! every step, and the **dynamic part** (everything between), from which the selector picks ids
+//! within a [`Budget`]. The model attends both and merges them exactly by log-sum-exp
+//! ([`attend_selected`] is the reference of that step).
+//!
+//! Lifecycle: [`AttentionSelector::build`] once after prefill, [`AttentionSelector::insert`] for
+//! each token that leaves the window during decode, [`AttentionSelector::select`] per decode step.
+//! Selectors never own the KV cache: keys are read through a [`RowSource`] view of the tier that
+//! holds them, addressed by absolute token position.
+
+use std::ops::Range;
+
+use crate::attention::{Partial, Real, attend, attend_weighted, merge};
+use crate::error::{Error, Result, check_len};
+use crate::index::{BuildStats, SearchStats};
+use crate::kv::RowSource;
+
+/// Which layer and KV head a selector serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct HeadId {
+    /// Transformer layer, from 0.
+    pub layer: usize,
+    /// KV head within the layer, from 0.
+    pub kv_head: usize,
+}
+
+/// How much of the dynamic part a selection may take.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Budget {
+    /// At most `k` token ids.
+    TopK(usize),
+    /// Enough ids to capture `target` (in `(0, 1]`) of the estimated attention mass of the
+    /// dynamic part, but at most `max` ids.
+    Mass {
+        /// Share of attention mass to capture.
+        target: f32,
+        /// Hard cap on ids.
+        max: usize,
+    },
+}
+
+impl Budget {
+    /// The most ids this budget allows.
+    pub fn max_ids(&self) -> usize {
+        match *self {
+            Budget::TopK(k) => k,
+            Budget::Mass { max, .. } => max,
+        }
+    }
+
+    /// Rejects budgets that cannot be met: zero, a mass target outside `(0, 1]`, or more ids
+    /// than the context (`context_len` tokens) holds.
+    pub fn validate(&self, context_len: usize) -> Result<()> {
+        if let Budget::Mass { target, .. } = *self {
+            if !(target > 0.0 && target <= 1.0) {
+                return Err(Error::invalid("budget.target", format!("{target} is not in (0, 1]")));
+            }
+        }
+        let m = self.max_ids();
+        if m == 0 {
+            return Err(Error::invalid("budget", "must allow at least one token"));
+        }
+        if m > context_len {
+            return Err(Error::BudgetTooLarge { what: "selector budget".into(), budget: m, available: context_len });
+        }
+        Ok(())
+    }
+}
+
+/// The densely attended part of the context: `sinks` first tokens and `window` last tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StaticPart {
+    /// Attention-sink tokens at the start.
+    pub sinks: usize,
+    /// Most recent tokens.
+    pub window: usize,
+}
+
+impl StaticPart {
+    /// Everything is static: full attention.
+    pub const ALL: StaticPart = StaticPart { sinks: 0, window: usize::MAX };
+
+    /// Positions of the dynamic part when the context holds `n` tokens.
+    pub fn dynamic_range(&self, n: usize) -> Range<u32> {
+        let start = self.sinks.min(n);
+        let end = n.saturating_sub(self.window).max(start);
+        start as u32..end as u32
+    }
+
+    /// Positions attended densely when the context holds `n` tokens, in order.
+    pub fn static_ids(&self, n: usize) -> impl Iterator<Item = u32> + Clone {
+        let d = self.dynamic_range(n);
+        (0..d.start).chain(d.end..n as u32)
+    }
+}
+
+/// What a selector gets once after prefill.
+pub struct BuildContext<'a> {
+    /// The layer and KV head served.
+    pub head: HeadId,
+    /// All keys of this head so far, by position (post-RoPE).
+    pub keys: &'a dyn RowSource,
+    /// The positions of the dynamic part.
+    pub dynamic: Range<u32>,
+    /// A sample of prefill queries of this head's query group, row-major `m × dim`
+    /// (possibly empty): the query distribution that query-aware indexes train on.
+    pub train_queries: &'a [f32],
+    /// Attention scale (`1/√dim`).
+    pub scale: f32,
+}
+
+/// A selection: dynamic-part positions, with optional additive log-weights (importance
+/// weights of sampling estimators), and what producing it cost.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Selection {
+    /// Selected positions (all inside the dynamic part).
+    pub ids: Vec<u32>,
+    /// Empty, or one `ln w` per id added to its score.
+    pub log_weights: Vec<f32>,
+    /// Work done to select.
+    pub stats: SearchStats,
+}
+
+impl Selection {
+    /// Empties the selection for reuse.
+    pub fn clear(&mut self) {
+        self.ids.clear();
+        self.log_weights.clear();
+        self.stats = SearchStats::default();
+    }
+}
+
+/// Chooses, per decode step, which dynamic-part keys a KV head's query group attends to.
+pub trait AttentionSelector: Send {
+    /// A spec-style name, e.g. `"retrieval:index=graph,k=100"`.
+    fn name(&self) -> String;
+    /// The static part this selector assumes the model attends densely.
+    fn static_part(&self) -> StaticPart;
+    /// Called once after prefill with the keys and a sample of prefill queries.
+    fn build(&mut self, ctx: &BuildContext<'_>) -> Result<BuildStats>;
+    /// Token `position` has left the window and joined the dynamic part.
+    fn insert(&mut self, keys: &dyn RowSource, position: u32) -> Result<()>;
+    /// Picks dynamic-part ids for `queries` (the group's query heads, row-major `g × dim`).
+    /// `dynamic` is the current dynamic range; `out` is cleared first.
+    fn select(&mut self, queries: &[f32], keys: &dyn RowSource, dynamic: Range<u32>, budget: &Budget, out: &mut Selection) -> Result<()>;
+    /// Bytes held by the selector's own structures (indexes, page bounds).
+    fn memory_bytes(&self) -> usize {
+        0
+    }
+}
+
+/// Makes one selector per layer and KV head; what a model is configured with.
+pub trait SelectorFactory: Send + Sync {
+    /// The spec this factory was made from.
+    fn describe(&self) -> String;
+    /// A fresh selector for `head` over vectors of `dim` floats.
+    fn create(&self, head: HeadId, dim: usize) -> Result<Box<dyn AttentionSelector>>;
+}
+
+/// Full attention: everything is static, nothing is selected.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FullSelector;
+
+impl AttentionSelector for FullSelector {
+    fn name(&self) -> String {
+        "full".into()
+    }
+    fn static_part(&self) -> StaticPart {
+        StaticPart::ALL
+    }
+    fn build(&mut self, ctx: &BuildContext<'_>) -> Result<BuildStats> {
+        Ok(BuildStats { vectors: ctx.keys.len(), ..Default::default() })
+    }
+    fn insert(&mut self, _keys: &dyn RowSource, _position: u32) -> Result<()> {
+        Ok(())
+    }
+    fn select(&mut self, _q: &[f32], _k: &dyn RowSource, _d: Range<u32>, _b: &Budget, out: &mut Selection) -> Result<()> {
+        out.clear();
+        Ok(())
+    }
+}
+
+impl SelectorFactory for FullSelector {
+    fn describe(&self) -> String {
+        "full".into()
+    }
+    fn create(&self, _head: HeadId, _dim: usize) -> Result<Box<dyn AttentionSelector>> {
+        Ok(Box::new(FullSelector))
+    }
+}
+
+/// Reference decode step for one query head: dense attention over the static part, weighted
+/// sparse attention over the selection, merged by log-sum-exp.
+/// Errors if the selection strays outside the dynamic part or its weights do not match.
+pub fn attend_selected<T: Real>(
+    q: &[f32],
+    keys: &dyn RowSource,
+    values: &dyn RowSource,
+    static_part: StaticPart,
+    selection: &Selection,
+    scale: f32,
+) -> Result<Partial<T>> {
+    let dynamic = static_part.dynamic_range(keys.len());
+    if let Some(&bad) = selection.ids.iter().find(|&&i| !dynamic.contains(&i)) {
+        return Err(Error::OutOfRange { what: format!("selection (dynamic part {dynamic:?})"), id: bad.into(), len: keys.len() });
+    }
+    let s: Partial<T> = attend(q, keys, values, static_part.static_ids(keys.len()), scale)?;
+    let d: Partial<T> = if selection.log_weights.is_empty() {
+        attend(q, keys, values, selection.ids.iter().copied(), scale)?
+    } else {
+        check_len("selection log_weights", selection.ids.len(), selection.log_weights.len())?;
+        attend_weighted(q, keys, values, selection.ids.iter().copied().zip(selection.log_weights.iter().copied()), scale)?
+    };
+    Ok(merge(&s, &d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_and_dynamic_parts_partition_the_context() {
+        let s = StaticPart { sinks: 4, window: 8 };
+        assert_eq!(s.dynamic_range(100), 4..92);
+        assert_eq!(s.static_ids(14).collect::<Vec<_>>(), vec![0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13]);
+        // Short contexts are all static.
+        assert_eq!(s.dynamic_range(10), 4..4);
+        assert_eq!(s.static_ids(3).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(StaticPart::ALL.dynamic_range(50), 0..0);
+        assert_eq!(StaticPart::ALL.static_ids(3).count(), 3);
+    }
+
+    #[test]
+    fn budgets_are_validated() {
+        assert!(Budget::TopK(10).validate(100).is_ok());
+        assert!(matches!(Budget::TopK(101).validate(100), Err(Error::BudgetTooLarge { .. })));
+        assert!(Budget::TopK(0).validate(100).is_err());
+        assert!(Budget::Mass { target: 1.5, max: 10 }.validate(100).is_err());
+        assert!(Budget::Mass { target: 0.9, max: 10 }.validate(100).is_ok());
+    }
+}
