@@ -162,10 +162,7 @@ pub fn merge<T: Real>(a: &Partial<T>, b: &Partial<T>) -> Partial<T> {
     let (ea, eb) = ((a.lse - max).exp(), (b.lse - max).exp());
     let sum = ea + eb;
     let (wa, wb) = (ea / sum, eb / sum);
-    Partial {
-        out: a.out.iter().zip(&b.out).map(|(&x, &y)| wa * x + wb * y).collect(),
-        lse: max + sum.ln(),
-    }
+    Partial { out: a.out.iter().zip(&b.out).map(|(&x, &y)| wa * x + wb * y).collect(), lse: max + sum.ln() }
 }
 
 /// Causal attention for a chunk of prefill queries: query `i` (at position `first_pos + i`)
@@ -179,11 +176,19 @@ pub fn causal_chunk<T: Real>(
 ) -> Result<Vec<Partial<T>>> {
     let dim = keys.dim();
     if dim == 0 || queries.len() % dim != 0 {
-        return Err(Error::DimensionMismatch { what: "prefill queries (rows of dim)".into(), expected: dim, got: queries.len() });
+        return Err(Error::DimensionMismatch {
+            what: "prefill queries (rows of dim)".into(),
+            expected: dim,
+            got: queries.len(),
+        });
     }
     let n = queries.len() / dim;
     if first_pos + n > keys.len() {
-        return Err(Error::OutOfRange { what: "causal chunk keys".into(), id: (first_pos + n) as u64, len: keys.len() });
+        return Err(Error::OutOfRange {
+            what: "causal chunk keys".into(),
+            id: (first_pos + n) as u64,
+            len: keys.len(),
+        });
     }
     (0..n)
         .map(|i| {

@@ -81,11 +81,7 @@ impl Error {
 
 /// Checks that `got == expected`, naming `what` otherwise.
 pub fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(Error::DimensionMismatch { what: what.to_string(), expected, got })
-    }
+    if expected == got { Ok(()) } else { Err(Error::DimensionMismatch { what: what.to_string(), expected, got }) }
 }
 
 /// Checks that every value is finite, naming `what` and the first bad index otherwise.

@@ -77,7 +77,12 @@ impl SearchResult {
 
     /// Assembles a result from per-query hit lists, padding each to `k`.
     pub fn from_rows(k: usize, rows: Vec<(Vec<(u32, f32)>, SearchStats)>) -> Self {
-        let mut out = SearchResult { k, labels: Vec::with_capacity(rows.len() * k), scores: Vec::with_capacity(rows.len() * k), stats: SearchStats::default() };
+        let mut out = SearchResult {
+            k,
+            labels: Vec::with_capacity(rows.len() * k),
+            scores: Vec::with_capacity(rows.len() * k),
+            stats: SearchStats::default(),
+        };
         for (hits, stats) in rows {
             out.stats += stats;
             for j in 0..k {
@@ -134,7 +139,11 @@ pub fn check_batch(what: &str, xs: &[f32], dim: usize) -> Result<usize> {
         return Err(Error::invalid("dim", "must be at least 1"));
     }
     if xs.len() % dim != 0 {
-        return Err(Error::DimensionMismatch { what: format!("{what} (rows of {dim})"), expected: xs.len().div_ceil(dim) * dim, got: xs.len() });
+        return Err(Error::DimensionMismatch {
+            what: format!("{what} (rows of {dim})"),
+            expected: xs.len().div_ceil(dim) * dim,
+            got: xs.len(),
+        });
     }
     check_finite(what, xs)?;
     Ok(xs.len() / dim)
@@ -194,7 +203,12 @@ impl VectorIndex for FlatIndex {
             check_batch("train_queries", q, self.dim)?;
         }
         self.data = keys.to_vec();
-        Ok(BuildStats { vectors: self.len(), train_queries: 0, seconds: t.elapsed().as_secs_f64(), bytes: self.memory_bytes() })
+        Ok(BuildStats {
+            vectors: self.len(),
+            train_queries: 0,
+            seconds: t.elapsed().as_secs_f64(),
+            bytes: self.memory_bytes(),
+        })
     }
     fn insert(&mut self, keys: &[f32]) -> Result<Range<u32>> {
         let n = check_batch("keys", keys, self.dim)?;

@@ -37,6 +37,11 @@ pub mod metrics;
 mod selector;
 
 pub use error::{Error, Result, check_finite, check_len};
-pub use index::{BuildStats, FlatIndex, NO_LABEL, SearchParams, SearchResult, SearchStats, VectorIndex, check_batch, check_search};
+pub use index::{
+    BuildStats, FlatIndex, NO_LABEL, SearchParams, SearchResult, SearchStats, VectorIndex, check_batch, check_search,
+};
 pub use kv::{PagedRows, RowSource, Rows};
-pub use selector::{AttentionSelector, BuildContext, Budget, FullSelector, HeadId, SelectorFactory, Selection, StaticPart, attend_selected};
+pub use selector::{
+    AttentionSelector, Budget, BuildContext, FullSelector, HeadId, Selection, SelectorFactory, StaticPart,
+    attend_selected,
+};

@@ -145,7 +145,14 @@ pub trait AttentionSelector: Send {
     fn insert(&mut self, keys: &dyn RowSource, position: u32) -> Result<()>;
     /// Picks dynamic-part ids for `queries` (the group's query heads, row-major `g × dim`).
     /// `dynamic` is the current dynamic range; `out` is cleared first.
-    fn select(&mut self, queries: &[f32], keys: &dyn RowSource, dynamic: Range<u32>, budget: &Budget, out: &mut Selection) -> Result<()>;
+    fn select(
+        &mut self,
+        queries: &[f32],
+        keys: &dyn RowSource,
+        dynamic: Range<u32>,
+        budget: &Budget,
+        out: &mut Selection,
+    ) -> Result<()>;
     /// Bytes held by the selector's own structures (indexes, page bounds).
     fn memory_bytes(&self) -> usize {
         0
@@ -177,7 +184,14 @@ impl AttentionSelector for FullSelector {
     fn insert(&mut self, _keys: &dyn RowSource, _position: u32) -> Result<()> {
         Ok(())
     }
-    fn select(&mut self, _q: &[f32], _k: &dyn RowSource, _d: Range<u32>, _b: &Budget, out: &mut Selection) -> Result<()> {
+    fn select(
+        &mut self,
+        _q: &[f32],
+        _k: &dyn RowSource,
+        _d: Range<u32>,
+        _b: &Budget,
+        out: &mut Selection,
+    ) -> Result<()> {
         out.clear();
         Ok(())
     }
@@ -205,14 +219,24 @@ pub fn attend_selected<T: Real>(
 ) -> Result<Partial<T>> {
     let dynamic = static_part.dynamic_range(keys.len());
     if let Some(&bad) = selection.ids.iter().find(|&&i| !dynamic.contains(&i)) {
-        return Err(Error::OutOfRange { what: format!("selection (dynamic part {dynamic:?})"), id: bad.into(), len: keys.len() });
+        return Err(Error::OutOfRange {
+            what: format!("selection (dynamic part {dynamic:?})"),
+            id: bad.into(),
+            len: keys.len(),
+        });
     }
     let s: Partial<T> = attend(q, keys, values, static_part.static_ids(keys.len()), scale)?;
     let d: Partial<T> = if selection.log_weights.is_empty() {
         attend(q, keys, values, selection.ids.iter().copied(), scale)?
     } else {
         check_len("selection log_weights", selection.ids.len(), selection.log_weights.len())?;
-        attend_weighted(q, keys, values, selection.ids.iter().copied().zip(selection.log_weights.iter().copied()), scale)?
+        attend_weighted(
+            q,
+            keys,
+            values,
+            selection.ids.iter().copied().zip(selection.log_weights.iter().copied()),
+            scale,
+        )?
     };
     Ok(merge(&s, &d))
 }
