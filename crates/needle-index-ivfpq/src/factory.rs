@@ -64,9 +64,12 @@ mod tests {
 
     #[test]
     fn parses_valid_forms_and_round_trips_describe() {
-        for (spec, nlist, m, nbits) in
-            [("IVF256,PQ16", 256, 16, 8), ("IVF1024,PQ32x8", 1024, 32, 8), ("PQ16", 1, 16, 8), ("IVF4k,PQ8x4", 4096, 8, 4)]
-        {
+        for (spec, nlist, m, nbits) in [
+            ("IVF256,PQ16", 256, 16, 8),
+            ("IVF1024,PQ32x8", 1024, 32, 8),
+            ("PQ16", 1, 16, 8),
+            ("IVF4k,PQ8x4", 4096, 8, 4),
+        ] {
             let p = parse(spec).unwrap();
             assert_eq!((p.nlist, p.m, p.nbits), (nlist, m, nbits), "{spec}");
             let idx = from_factory(64, spec).unwrap();
@@ -78,9 +81,19 @@ mod tests {
 
     #[test]
     fn bad_strings_list_the_valid_forms() {
-        for spec in
-            ["", "IVF", "IVF0,PQ16", "IVF256", "IVF256,PQ", "HNSW32", "IVF256,PQ16,Flat", "PQ16x", "PQx8", "IVF-3,PQ8", "PQ8k"]
-        {
+        for spec in [
+            "",
+            "IVF",
+            "IVF0,PQ16",
+            "IVF256",
+            "IVF256,PQ",
+            "HNSW32",
+            "IVF256,PQ16,Flat",
+            "PQ16x",
+            "PQx8",
+            "IVF-3,PQ8",
+            "PQ8k",
+        ] {
             match parse(spec) {
                 Err(Error::InvalidParameter { name, reason }) => {
                     assert_eq!(name, "spec");

@@ -210,7 +210,11 @@ impl IvfPqIndex {
             None => x,
             Some(t) => {
                 buf.resize(self.dim, 0.0);
-                if is_query { t.map_query(x, buf) } else { t.map_key(x, buf) }
+                if is_query {
+                    t.map_query(x, buf)
+                } else {
+                    t.map_key(x, buf)
+                }
                 buf
             }
         }
@@ -243,7 +247,11 @@ impl IvfPqIndex {
     fn check_capacity(&self, add: usize) -> Result<()> {
         // u32::MAX is NO_LABEL, so ids stop one short of it.
         if self.len().saturating_add(add) >= u32::MAX as usize {
-            return Err(Error::BudgetTooLarge { what: "ids (u32)".into(), budget: self.len() + add, available: u32::MAX as usize - 1 });
+            return Err(Error::BudgetTooLarge {
+                what: "ids (u32)".into(),
+                budget: self.len() + add,
+                available: u32::MAX as usize - 1,
+            });
         }
         Ok(())
     }
@@ -326,7 +334,7 @@ impl IvfPqIndex {
             full_scored: 0,
             codes_scored,
             // Coarse centroids + codebooks (table build) + transform + ids and codes of probed lists.
-            bytes_read: (self.coarse.len() * 4 + self.pq.memory_bytes()) as u64
+            bytes_read: (self.coarse.len() * 4 + self.pq.codebook_bytes()) as u64
                 + self.transform.as_ref().map_or(0, |_| (dim * dim * 4) as u64)
                 + codes_scored * (m as u64 + 4),
         };
@@ -399,7 +407,13 @@ impl VectorIndex for IvfPqIndex {
             self.coarse = mean.iter().map(|&v| (v / n as f64) as f32).collect();
             assignments = vec![0; n];
         } else {
-            let km = KMeans { k: nlist, iters: p.kmeans_iters, init: KMeansInit::PlusPlus, seed: p.seed, max_points_per_centroid: 256 };
+            let km = KMeans {
+                k: nlist,
+                iters: p.kmeans_iters,
+                init: KMeansInit::PlusPlus,
+                seed: p.seed,
+                max_points_per_centroid: 256,
+            };
             let cl = km.fit(&kt, dim)?;
             self.coarse = cl.centroids;
             assignments = cl.assignments;
@@ -467,3 +481,7 @@ impl VectorIndex for IvfPqIndex {
             + self.transform.as_ref().map_or(0, QueryTransform::memory_bytes)
     }
 }
+
+#[cfg(test)]
+#[path = "ivfpq_tests.rs"]
+mod tests;

@@ -32,7 +32,7 @@ impl ProductQuantizer {
         if dim == 0 {
             return Err(Error::invalid("dim", "must be at least 1"));
         }
-        if m == 0 || dim % m != 0 {
+        if m == 0 || !dim.is_multiple_of(m) {
             return Err(Error::invalid("m", format!("must divide dim = {dim} (got m = {m})")));
         }
         if !(1..=8).contains(&nbits) {
@@ -69,6 +69,10 @@ impl ProductQuantizer {
     pub fn memory_bytes(&self) -> usize {
         (self.centroids.len() + self.norms.len()) * 4
     }
+    /// Bytes of the sub-centroids alone: what building one distance table reads.
+    pub fn codebook_bytes(&self) -> usize {
+        self.centroids.len() * 4
+    }
     /// The `ksub × dsub` codebook of subspace `j`.
     pub fn codebook(&self, j: usize) -> &[f32] {
         let s = self.ksub * self.dsub;
@@ -90,7 +94,8 @@ impl ProductQuantizer {
         let books: Vec<Result<Vec<f32>>> = (0..self.m)
             .into_par_iter()
             .map(|j| {
-                let sub: Vec<f32> = data.chunks_exact(dim).flat_map(|x| x[j * dsub..(j + 1) * dsub].iter().copied()).collect();
+                let sub: Vec<f32> =
+                    data.chunks_exact(dim).flat_map(|x| x[j * dsub..(j + 1) * dsub].iter().copied()).collect();
                 // Random init as in faiss: 256 centroids × m subspaces make k-means++ the bottleneck.
                 let km = KMeans {
                     k: ksub,
@@ -119,7 +124,10 @@ impl ProductQuantizer {
         if self.is_trained() {
             Ok(())
         } else {
-            Err(Error::Unsupported { operation: "encoding before training".into(), implementation: "ProductQuantizer".into() })
+            Err(Error::Unsupported {
+                operation: "encoding before training".into(),
+                implementation: "ProductQuantizer".into(),
+            })
         }
     }
 
@@ -157,7 +165,7 @@ impl ProductQuantizer {
     /// Reconstructions of a batch of codes (`n × m` bytes), row-major `n × dim`.
     pub fn decode(&self, codes: &[u8]) -> Result<Vec<f32>> {
         self.check_trained()?;
-        if codes.len() % self.m != 0 {
+        if !codes.len().is_multiple_of(self.m) {
             return Err(Error::DimensionMismatch {
                 what: format!("codes (rows of m = {})", self.m),
                 expected: codes.len().div_ceil(self.m) * self.m,
