@@ -175,7 +175,7 @@ pub fn causal_chunk<T: Real>(
     scale: f32,
 ) -> Result<Vec<Partial<T>>> {
     let dim = keys.dim();
-    if dim == 0 || queries.len() % dim != 0 {
+    if dim == 0 || !queries.len().is_multiple_of(dim) {
         return Err(Error::DimensionMismatch {
             what: "prefill queries (rows of dim)".into(),
             expected: dim,
@@ -210,7 +210,7 @@ pub struct GqaLayout {
 impl GqaLayout {
     /// Validates that the KV heads divide the query heads.
     pub fn new(n_q_heads: usize, n_kv_heads: usize) -> Result<Self> {
-        if n_kv_heads == 0 || n_q_heads == 0 || n_q_heads % n_kv_heads != 0 {
+        if n_kv_heads == 0 || n_q_heads == 0 || !n_q_heads.is_multiple_of(n_kv_heads) {
             return Err(Error::invalid(
                 "n_kv_heads",
                 format!("{n_kv_heads} KV heads must divide {n_q_heads} query heads (both > 0)"),

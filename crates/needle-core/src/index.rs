@@ -138,7 +138,7 @@ pub fn check_batch(what: &str, xs: &[f32], dim: usize) -> Result<usize> {
     if dim == 0 {
         return Err(Error::invalid("dim", "must be at least 1"));
     }
-    if xs.len() % dim != 0 {
+    if !xs.len().is_multiple_of(dim) {
         return Err(Error::DimensionMismatch {
             what: format!("{what} (rows of {dim})"),
             expected: xs.len().div_ceil(dim) * dim,

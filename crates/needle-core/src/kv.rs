@@ -41,7 +41,7 @@ impl<'a> Rows<'a> {
         if dim == 0 {
             return Err(Error::invalid("dim", format!("{what}: rows need at least one column")));
         }
-        if data.len() % dim != 0 {
+        if !data.len().is_multiple_of(dim) {
             return Err(Error::DimensionMismatch {
                 what: format!("{what} (rows of {dim})"),
                 expected: data.len().div_ceil(dim) * dim,

@@ -54,10 +54,10 @@ impl Budget {
     /// Rejects budgets that cannot be met: zero, a mass target outside `(0, 1]`, or more ids
     /// than the context (`context_len` tokens) holds.
     pub fn validate(&self, context_len: usize) -> Result<()> {
-        if let Budget::Mass { target, .. } = *self {
-            if !(target > 0.0 && target <= 1.0) {
-                return Err(Error::invalid("budget.target", format!("{target} is not in (0, 1]")));
-            }
+        if let Budget::Mass { target, .. } = *self
+            && !(target > 0.0 && target <= 1.0)
+        {
+            return Err(Error::invalid("budget.target", format!("{target} is not in (0, 1]")));
         }
         let m = self.max_ids();
         if m == 0 {
