@@ -331,3 +331,383 @@ pub fn parse_factory(dim: usize, spec: &str) -> Result<LshIndex> {
     }
     LshIndex::new(dim, k, l, DEFAULT_SEED)
 }
+
+#[cfg(test)]
+mod tests {
+    use needle_core::{FlatIndex, NO_LABEL};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    use super::*;
+    use crate::prob::binomial_tail;
+    use crate::synth::{keys_and_queries, recall};
+    use crate::{collision_probability, retrieval_probability};
+
+    fn unit_at(theta: f64, dim: usize) -> Vec<f32> {
+        let mut v = vec![0.0f32; dim];
+        v[0] = theta.cos() as f32;
+        v[1] = theta.sin() as f32;
+        v
+    }
+
+    /// Binomial-proportion tolerance: 5 standard errors (a two-sided normal tail of 6e-7 per
+    /// check) plus one count for discreteness. The seeds are fixed, so a pass is
+    /// reproducible; 5σ keeps the margin honest without making the test blind.
+    fn tol(p: f64, n: usize) -> f64 {
+        5.0 * (p * (1.0 - p) / n as f64).sqrt() + 1.0 / n as f64
+    }
+
+    #[test]
+    fn empirical_collision_rates_match_the_formulas() {
+        // 4 seeds × 4096 tables = 16384 independent hyperplane draws per pair.
+        let (dim, l, seeds) = (8, 4096, 4u64);
+        let q = unit_at(0.0, dim);
+        for k_bits in [1, 3, 8] {
+            for theta in [0.0, 0.3, std::f64::consts::FRAC_PI_4, 1.2, std::f64::consts::FRAC_PI_2, 2.5, 3.0] {
+                let k = unit_at(theta, dim);
+                let (mut same, mut groups_hit, mut groups_hit2, mut groups) = (0usize, 0usize, 0usize, 0usize);
+                for seed in 0..seeds {
+                    let idx = LshIndex::new(dim, k_bits, l, seed).unwrap();
+                    let (sq, sk) = (idx.signatures(&q).unwrap(), idx.signatures(&k).unwrap());
+                    let eq: Vec<bool> = sq.iter().zip(&sk).map(|(a, b)| a == b).collect();
+                    same += eq.iter().filter(|&&e| e).count();
+                    // Groups of 8 tables stand for an index with L = 8: checks independence.
+                    for g in eq.chunks_exact(8) {
+                        let c = g.iter().filter(|&&e| e).count();
+                        groups += 1;
+                        groups_hit += usize::from(c >= 1);
+                        groups_hit2 += usize::from(c >= 2);
+                    }
+                }
+                let n = l * seeds as usize;
+                let p = collision_probability(&q, &k, k_bits);
+                let rate = same as f64 / n as f64;
+                assert!((rate - p).abs() <= tol(p, n), "K={k_bits} θ={theta}: rate {rate} vs p {p}");
+                let u = retrieval_probability(&q, &k, k_bits, 8);
+                let rate = groups_hit as f64 / groups as f64;
+                assert!((rate - u).abs() <= tol(u, groups), "K={k_bits} θ={theta}: {rate} vs u {u}");
+                let u2 = binomial_tail(8, p, 2);
+                let rate = groups_hit2 as f64 / groups as f64;
+                assert!((rate - u2).abs() <= tol(u2, groups), "K={k_bits} θ={theta}: {rate} vs u2 {u2}");
+            }
+        }
+        // Antipodal vectors never collide; a vector always collides with itself.
+        let idx = LshIndex::new(dim, 1, l, 9).unwrap();
+        let minus: Vec<f32> = q.iter().map(|x| -x).collect();
+        let (sq, sm) = (idx.signatures(&q).unwrap(), idx.signatures(&minus).unwrap());
+        assert!(sq.iter().zip(&sm).all(|(a, b)| a != b));
+    }
+
+    /// Mean and variance of each column of `rows`.
+    fn mean_var(rows: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
+        let r = rows.len() as f64;
+        let cols = rows[0].len();
+        let mean: Vec<f64> = (0..cols).map(|c| rows.iter().map(|x| x[c]).sum::<f64>() / r).collect();
+        let var = (0..cols).map(|c| rows.iter().map(|x| (x[c] - mean[c]).powi(2)).sum::<f64>() / (r - 1.0)).collect();
+        (mean, var)
+    }
+
+    /// Horvitz–Thompson sums over many independent indexes (one seed each): per seed, the
+    /// row `[Σ_S e^s v / w, Σ_S e^s / w]` with `w` from `weight(key)` (the true `u` unless a
+    /// test passes a wrong one).
+    fn ht_rows(
+        min_tables: usize,
+        k_bits: usize,
+        l: usize,
+        seeds: u64,
+        wrong_k: Option<usize>,
+    ) -> (Vec<Vec<f64>>, Vec<f64>) {
+        let dim = 8;
+        let (keys, queries) = keys_and_queries(48, 1, dim, 11);
+        let q = &queries[..dim];
+        let mut rng = StdRng::seed_from_u64(3);
+        let values: Vec<f64> = (0..48 * 2).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let scale = 0.25;
+        let s = |i: usize| (scale * f64::from(dot(q, &keys[i * dim..(i + 1) * dim]))).exp();
+        let mut exact = vec![0.0; 3];
+        for i in 0..48 {
+            exact[0] += s(i) * values[2 * i];
+            exact[1] += s(i) * values[2 * i + 1];
+            exact[2] += s(i);
+        }
+        let rows = (0..seeds)
+            .map(|seed| {
+                let mut idx = LshIndex::new(dim, k_bits, l, 1000 + seed).unwrap();
+                idx.build(&keys, None).unwrap();
+                let smp = idx.sample_min_collisions(q, min_tables).unwrap();
+                let mut row = vec![0.0; 3];
+                for (j, &id) in smp.ids.iter().enumerate() {
+                    let i = id as usize;
+                    let w = match wrong_k {
+                        None => smp.inclusion[j],
+                        Some(kb) => retrieval_probability(q, &keys[i * dim..(i + 1) * dim], kb, l),
+                    };
+                    row[0] += s(i) * values[2 * i] / w;
+                    row[1] += s(i) * values[2 * i + 1] / w;
+                    row[2] += s(i) / w;
+                }
+                row
+            })
+            .collect();
+        (rows, exact)
+    }
+
+    #[test]
+    fn importance_weighted_sums_are_unbiased() {
+        // K and L small enough that inclusion probabilities spread over (0, 1): the weights matter.
+        let seeds = 3000;
+        for (min_tables, k_bits, l) in [(1, 4, 6), (2, 3, 8)] {
+            let (rows, exact) = ht_rows(min_tables, k_bits, l, seeds, None);
+            let (mean, var) = mean_var(&rows);
+            for c in 0..3 {
+                // 5 standard errors of the mean, from the observed variance.
+                let se = (var[c] / seeds as f64).sqrt();
+                assert!(
+                    (mean[c] - exact[c]).abs() <= 5.0 * se,
+                    "t={min_tables} col {c}: {} vs {} (se {se})",
+                    mean[c],
+                    exact[c]
+                );
+                assert!(var[c] > 0.0);
+            }
+        }
+        // The check has power: weights for the wrong K give a bias far beyond 5 se.
+        let (rows, exact) = ht_rows(1, 4, 6, seeds, Some(3));
+        let (mean, var) = mean_var(&rows);
+        assert!((mean[2] - exact[2]).abs() > 5.0 * (var[2] / seeds as f64).sqrt());
+    }
+
+    #[test]
+    fn sample_weights_are_log_inverse_inclusion() {
+        let dim = 16;
+        let (keys, queries) = keys_and_queries(300, 2, dim, 5);
+        let mut idx = LshIndex::new(dim, 6, 12, 1).unwrap();
+        idx.build(&keys, None).unwrap();
+        let q = &queries[..dim];
+        let s1 = idx.sample(q).unwrap();
+        let s2 = idx.sample_min_collisions(q, 2).unwrap();
+        assert!(!s1.is_empty() && s2.len() < s1.len());
+        assert!(s1.ids.windows(2).all(|w| w[0] < w[1]));
+        for (j, &id) in s1.ids.iter().enumerate() {
+            let k = idx.vector(id as usize).unwrap();
+            let u = retrieval_probability(q, k, 6, 12);
+            assert!((s1.inclusion[j] - u).abs() <= 1e-9 * u);
+            assert!((f64::from(s1.log_weights[j]) + u.ln()).abs() < 1e-5);
+            assert!(s1.collisions[j] >= 1);
+        }
+        for (j, &id) in s2.ids.iter().enumerate() {
+            let p = collision_probability(q, idx.vector(id as usize).unwrap(), 6);
+            assert!((s2.inclusion[j] - binomial_tail(12, p, 2)).abs() <= 1e-9);
+            assert!(s2.collisions[j] >= 2);
+        }
+        // The candidate set of search is the sample set; the stats agree.
+        let r = idx.search(q, 1, &SearchParams::default()).unwrap();
+        assert_eq!(r.stats.full_scored, s1.len() as u64);
+        assert_eq!(s1.stats.full_scored, s1.len() as u64);
+        assert!(s1.stats.codes_scored >= 12);
+        assert!(s1.stats.bytes_read >= (s1.len() * dim * 4 + 6 * 12 * dim * 4) as u64);
+    }
+
+    #[test]
+    fn recall_against_flat_grows_with_tables() {
+        let (dim, n, m, k) = (32, 2000, 40, 10);
+        let (keys, queries) = keys_and_queries(n, m, dim, 21);
+        let mut flat = FlatIndex::new(dim);
+        flat.build(&keys, None).unwrap();
+        let truth = flat.search(&queries, k, &SearchParams::default()).unwrap();
+        let mut idx = LshIndex::new(dim, 8, 32, 4).unwrap();
+        idx.build(&keys, None).unwrap();
+        let (mut last_recall, mut last_cands) = (0.0, 0);
+        for tables in [2, 8, 32] {
+            let r = idx.search(&queries, k, &SearchParams::effort(tables)).unwrap();
+            let rec = recall(&truth, &r);
+            let share = r.stats.full_scored as f64 / (n * m) as f64;
+            assert!(rec >= last_recall && r.stats.full_scored > last_cands, "tables={tables}");
+            // Hashing works only if recall beats the share of keys scanned by far: random
+            // buckets of the same size would give recall ≈ share.
+            assert!(rec > 2.0 * share, "tables={tables}: recall {rec} vs share {share}");
+            (last_recall, last_cands) = (rec, r.stats.full_scored);
+        }
+        // Measured 0.75 (share scored ~0.2); broken hashing gives recall ≈ share.
+        assert!(last_recall > 0.6, "recall {last_recall} with all 32 tables");
+        // Effort beyond L is clamped to L.
+        assert_eq!(
+            idx.search(&queries, k, &SearchParams::effort(1000)).unwrap(),
+            idx.search(&queries, k, &SearchParams::default()).unwrap()
+        );
+    }
+
+    #[test]
+    fn search_is_exact_top_k_among_candidates_and_pads() {
+        let dim = 8;
+        let (keys, queries) = keys_and_queries(400, 5, dim, 8);
+        let mut idx = LshIndex::new(dim, 5, 4, 2).unwrap();
+        idx.build(&keys, None).unwrap();
+        for q in queries.chunks_exact(dim) {
+            let cands = idx.sample(q).unwrap().ids;
+            let r = idx.search(q, 7, &SearchParams::default()).unwrap();
+            let mut want: Vec<(u32, f32)> =
+                cands.iter().map(|&i| (i, dot(q, idx.vector(i as usize).unwrap()))).collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            want.truncate(7);
+            assert_eq!(r.labels_of(0), want.iter().map(|w| w.0).collect::<Vec<_>>());
+        }
+        // Few candidates: a 32-bit signature matches only (near-)duplicates. Pad like from_rows.
+        let mut idx = LshIndex::new(dim, 32, 1, 2).unwrap();
+        idx.build(&keys, None).unwrap();
+        let r = idx.search(&keys[3 * dim..4 * dim], 5, &SearchParams::default()).unwrap();
+        let got = r.labels_of(0);
+        assert!(got.contains(&3) && got.len() < 5);
+        assert_eq!(r.labels[4], NO_LABEL);
+        assert_eq!(r.scores[4], f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn inserted_keys_are_candidates_and_match_a_fresh_build() {
+        let dim = 12;
+        let (keys, _) = keys_and_queries(1500, 0, dim, 30);
+        let (head, rest) = keys.split_at(200 * dim);
+        let mut grown = LshIndex::new(dim, 6, 8, 77).unwrap();
+        grown.build(head, None).unwrap();
+        // One by one, past the tail-merge threshold.
+        for (i, k) in rest.chunks_exact(dim).enumerate() {
+            let id = 200 + i as u32;
+            assert_eq!(grown.insert(k).unwrap(), id..id + 1);
+            if i % 97 == 0 {
+                let s = grown.sample(k).unwrap();
+                let j = s.ids.iter().position(|&x| x == id).unwrap();
+                assert_eq!(s.collisions[j], 8, "a key collides with itself in every table");
+            }
+        }
+        let mut fresh = LshIndex::new(dim, 6, 8, 77).unwrap();
+        fresh.build(&keys, None).unwrap();
+        assert_eq!(grown.len(), fresh.len());
+        let qs = &keys[..20 * dim];
+        for e in [1, 8] {
+            let p = SearchParams::effort(e);
+            let (g, f) = (grown.search(qs, 9, &p).unwrap(), fresh.search(qs, 9, &p).unwrap());
+            // Same hits; only the lookup cost differs while inserted keys sit in the tail.
+            assert_eq!((g.labels, g.scores, g.stats.full_scored), (f.labels, f.scores, f.stats.full_scored));
+        }
+        let q = &keys[1400 * dim..1401 * dim];
+        let (g, f) = (grown.sample(q).unwrap(), fresh.sample(q).unwrap());
+        assert_eq!((g.ids, g.log_weights, g.collisions), (f.ids, f.log_weights, f.collisions));
+        // Insert into a never-built index works too.
+        let mut empty = LshIndex::new(dim, 6, 8, 77).unwrap();
+        assert_eq!(empty.insert(head).unwrap(), 0..200);
+        assert_eq!(empty.sample(&head[..dim]).unwrap(), {
+            let mut b = LshIndex::new(dim, 6, 8, 77).unwrap();
+            b.build(head, None).unwrap();
+            b.sample(&head[..dim]).unwrap()
+        });
+    }
+
+    #[test]
+    fn zero_vectors_follow_the_convention() {
+        let dim = 4;
+        let keys = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0];
+        let mut idx = LshIndex::new(dim, 3, 5, 1).unwrap();
+        idx.build(&keys, None).unwrap();
+        let zero = [0.0f32; 4];
+        // A zero query collides with the zero key in every table, weight ln(1/1) = 0.
+        let s = idx.sample(&zero).unwrap();
+        assert_eq!((s.ids[0], s.collisions[0], s.log_weights[0]), (0, 5, 0.0));
+        // Non-zero keys, if sampled, carry the orthogonal-angle probability 1 − (1 − 2^-3)^5.
+        let u = 1.0 - (1.0f64 - 0.125).powi(5);
+        for j in 1..s.len() {
+            assert!((s.inclusion[j] - u).abs() < 1e-12);
+        }
+        let r = idx.search(&zero, 1, &SearchParams::default()).unwrap();
+        assert_eq!(r.scores[0], 0.0);
+        let s = idx.sample(&[1.0, 0.0, 0.0, 0.0]).unwrap();
+        assert!(s.log_weights.iter().all(|w| w.is_finite()));
+    }
+
+    #[test]
+    fn bad_input_is_rejected_with_named_errors() {
+        let p = SearchParams::default();
+        let mut idx = LshIndex::new(2, 4, 4, 0).unwrap();
+        assert!(matches!(idx.search(&[1.0, 0.0], 1, &p), Err(Error::EmptyKeys { .. })));
+        assert!(matches!(idx.sample(&[1.0, 0.0]), Err(Error::EmptyKeys { .. })));
+        idx.build(&[], None).unwrap();
+        assert!(matches!(idx.search(&[1.0, 0.0], 1, &p), Err(Error::EmptyKeys { .. })));
+        assert!(matches!(idx.build(&[1.0, 0.0, 2.0], None), Err(Error::DimensionMismatch { .. })));
+        assert!(matches!(idx.build(&[1.0, f32::NAN], None), Err(Error::NonFinite { .. })));
+        assert!(matches!(idx.build(&[1.0, 0.0], Some(&[1.0])), Err(Error::DimensionMismatch { .. })));
+        idx.build(&[1.0, 0.0, 0.0, 1.0], None).unwrap();
+        assert!(matches!(idx.search(&[1.0, 0.0], 3, &p), Err(Error::BudgetTooLarge { .. })));
+        assert!(matches!(idx.search(&[1.0, 0.0], 0, &p), Err(Error::BudgetTooLarge { .. })));
+        assert!(matches!(idx.search(&[1.0], 1, &p), Err(Error::DimensionMismatch { .. })));
+        assert!(matches!(idx.search(&[f32::NAN, 0.0], 1, &p), Err(Error::NonFinite { .. })));
+        assert!(matches!(idx.sample(&[1.0, 0.0, 0.0]), Err(Error::DimensionMismatch { .. })));
+        assert!(matches!(idx.sample(&[f32::INFINITY, 0.0]), Err(Error::NonFinite { .. })));
+        assert!(matches!(idx.insert(&[1.0]), Err(Error::DimensionMismatch { .. })));
+        assert!(matches!(idx.insert(&[f32::NAN, 1.0]), Err(Error::NonFinite { .. })));
+        assert!(matches!(idx.signatures(&[1.0]), Err(Error::DimensionMismatch { .. })));
+        let named =
+            |r: Result<Sample>, name: &str| matches!(r, Err(Error::InvalidParameter { name: n, .. }) if n == name);
+        assert!(named(idx.sample_min_collisions(&[1.0, 0.0], 0), "min_tables"));
+        assert!(named(idx.sample_min_collisions(&[1.0, 0.0], 5), "min_tables"));
+        assert!(matches!(idx.search(&[1.0, 0.0], 1, &SearchParams::effort(0)), Err(Error::InvalidParameter { .. })));
+        for (dim, k, l, name) in [
+            (0, 4, 4, "dim"),
+            (2, 0, 4, "k_bits"),
+            (2, 33, 4, "k_bits"),
+            (2, 4, 0, "l_tables"),
+            (2, 4, 5000, "l_tables"),
+        ] {
+            assert!(matches!(LshIndex::new(dim, k, l, 0), Err(Error::InvalidParameter { name: n, .. }) if n == name));
+        }
+        assert_eq!(idx.len(), 2);
+    }
+
+    #[test]
+    fn factory_strings() {
+        assert_eq!(from_factory(64, "LSH8x64").unwrap().describe(), "LSH8x64");
+        assert_eq!(from_factory(64, "LSH").unwrap().describe(), format!("LSH{DEFAULT_K_BITS}x{DEFAULT_L_TABLES}"));
+        assert_eq!(from_factory(16, " LSH32x1 ").unwrap().describe(), "LSH32x1");
+        assert_eq!(parse_factory(16, "LSH3x7").unwrap().l_tables(), 7);
+        for bad in [
+            "",
+            "HNSW32",
+            "lsh8x64",
+            "LSH8",
+            "LSHx64",
+            "LSH8x",
+            "LSH0x4",
+            "LSH33x4",
+            "LSH8x0",
+            "LSH8x5000",
+            "LSH-1x4",
+            "LSH8x64,seed=1",
+            "LSH8x99999999999999999999999",
+        ] {
+            match from_factory(64, bad) {
+                Err(Error::InvalidParameter { name, reason }) => {
+                    assert_eq!(name, "spec");
+                    assert!(reason.contains("LSH{K}x{L}"), "{bad}: {reason}");
+                }
+                other => panic!("{bad:?} gave {:?}", other.map(|i| i.describe())),
+            }
+        }
+        assert!(matches!(from_factory(0, "LSH"), Err(Error::InvalidParameter { .. })));
+    }
+
+    #[test]
+    fn same_seed_same_index_and_memory_is_counted() {
+        let dim = 16;
+        let (keys, queries) = keys_and_queries(500, 3, dim, 1);
+        let build = |seed| {
+            let mut i = LshIndex::new(dim, 7, 10, seed).unwrap();
+            let st = i.build(&keys, None).unwrap();
+            (i, st)
+        };
+        let ((a, st), (b, _), (c, _)) = (build(5), build(5), build(6));
+        let p = SearchParams::default();
+        assert_eq!(a.search(&queries, 5, &p).unwrap(), b.search(&queries, 5, &p).unwrap());
+        assert_ne!(a.sample(&queries[..dim]).unwrap(), c.sample(&queries[..dim]).unwrap());
+        assert_eq!(st.vectors, 500);
+        // Keys, hyperplanes and one id per key per table, at least.
+        assert!(a.memory_bytes() >= 500 * dim * 4 + 70 * dim * 4 + 500 * 10 * 4);
+        assert_eq!((a.k_bits(), a.l_tables(), a.seed(), a.dim()), (7, 10, 5, dim));
+    }
+}

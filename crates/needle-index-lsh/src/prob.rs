@@ -178,9 +178,14 @@ mod tests {
         for kb in 1..20 {
             for l in 1..40 {
                 let u = retrieval_probability(&q, &k, kb, l);
-                assert!(u > 0.0 && u < 1.0);
-                assert!(retrieval_probability(&q, &k, kb + 1, l) < u, "more bits: fewer retrievals");
-                assert!(retrieval_probability(&q, &k, kb, l + 1) > u, "more tables: more retrievals");
+                assert!(u > 0.0 && u <= 1.0);
+                let (more_bits, more_tables) =
+                    (retrieval_probability(&q, &k, kb + 1, l), retrieval_probability(&q, &k, kb, l + 1));
+                assert!(more_bits <= u && more_tables >= u);
+                // Strictly, unless u has rounded to 1.
+                if u < 1.0 - 1e-9 {
+                    assert!(more_bits < u && more_tables > u, "K={kb} L={l}");
+                }
             }
         }
         // Monotone in the angle too.
@@ -225,7 +230,7 @@ mod tests {
     #[test]
     fn binomial_tail_matches_direct_sum() {
         for n in [3usize, 10, 40] {
-            for p in [0.02, 0.2, 0.7] {
+            for p in [0.02f64, 0.2, 0.7] {
                 let pmf = |j: usize| {
                     let mut c = 1.0f64;
                     for i in 0..j {

@@ -10,7 +10,7 @@ use rand_distr::StandardNormal;
 /// `n` keys and `m` queries of dimension `dim`, row-major, from `seed`.
 pub fn keys_and_queries(n: usize, m: usize, dim: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut gauss =
+    let gauss =
         |rng: &mut StdRng, s: f32| -> Vec<f32> { (0..dim).map(|_| s * rng.sample::<f32, _>(StandardNormal)).collect() };
     let clusters: Vec<Vec<f32>> = (0..16).map(|_| gauss(&mut rng, 1.0)).collect();
     let key_offset = gauss(&mut rng, 0.7);

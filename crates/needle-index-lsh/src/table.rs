@@ -138,7 +138,7 @@ mod tests {
             t.push(id % 3, id);
         }
         assert!(t.tail_len < MIN_TAIL, "the tail was merged");
-        assert_eq!(t.len(), MIN_TAIL + 9);
+        assert_eq!(t.len(), MIN_TAIL + 10);
         let b = t.bucket(1);
         let all: Vec<u32> = b.bulk.iter().chain(b.tail).copied().collect();
         assert!(all.starts_with(&[0, 1, 4]));
