@@ -1,4 +1,81 @@
 //! # needle-index-graph
 //!
-//! Attention-aware graph index (RoarGraph-style query-to-key projection) and an HNSW baseline, on needle-core's VectorIndex.
+//! Graph indexes for maximum-inner-product search on [`needle_core::VectorIndex`]:
+//!
+//! - [`RoarGraph`]: the query-aware graph of RoarGraph (Chen et al., VLDB 2024) that
+//!   RetrievalAttention (arXiv 2409.10516) uses for decode-time key retrieval. Built from the
+//!   keys *and* a sample of prefill queries, it reaches high recall while scoring a few percent
+//!   of the keys, even though decode queries and keys come from different distributions.
+//! - [`Hnsw`]: a plain HNSW over the keys alone, the baseline that measures what
+//!   query-awareness buys.
+//! - [`from_factory`]: builds either (or the exact `Flat` scan) from `"RoarGraph32"`,
+//!   `"HNSW16"`, `"Flat"`.
+//!
+//! Both keep the graph apart from vector storage, as fixed-degree link rows in one flat
+//! array, and search with a best-first beam (`ef_search`, the `SearchParams::effort` knob)
+//! over a generation-stamped visited set. Builds run in parallel with rayon and are
+//! deterministic for a seed. Parameters, ranges and memory costs: `ALGO_PARAMS.md`.
+//!
+//! ## Usage
+//! ```
+//! use needle_core::SearchParams;
+//! use needle_index_graph::from_factory;
+//! let keys: Vec<f32> = (0..500).flat_map(|i| [(i as f32).sin(), (i as f32 * 0.7).cos(), 1.0]).collect();
+//! let prefill_queries: Vec<f32> = (0..200).flat_map(|i| [(i as f32).cos(), 0.5, -1.0]).collect();
+//! let mut index = from_factory(3, "RoarGraph16")?;
+//! index.build(&keys, Some(&prefill_queries))?;
+//! let hits = index.search(&[0.2, 0.9, -1.0], 10, &SearchParams::effort(32))?;
+//! assert_eq!(hits.labels_of(0).len(), 10);
+//! assert!(hits.stats.full_scored < 500);
+//! let ids = index.insert(&[5.0, 5.0, 0.0])?;
+//! assert_eq!(ids, 500..501);
+//! # Ok::<(), needle_core::Error>(())
+//! ```
 #![warn(missing_docs)]
+#![doc(test(attr(deny(warnings))))]
+
+mod beam;
+mod dist;
+mod graph;
+mod hnsw;
+mod knn;
+mod roar;
+#[cfg(test)]
+mod synth;
+#[cfg(test)]
+mod tests;
+
+pub use hnsw::{Hnsw, HnswParams};
+pub use roar::{RoarGraph, RoarGraphParams};
+
+use needle_core::{Error, FlatIndex, Result, VectorIndex};
+
+/// Valid factory strings, for error messages.
+const FACTORY_FORMS: &str = "\"RoarGraph<m>\" (e.g. \"RoarGraph32\"), \"HNSW<m>\" (e.g. \"HNSW16\"), \"Flat\"";
+
+/// Builds an empty index from a factory string: `"RoarGraph<m>"`, `"HNSW<m>"` (`m` = maximum
+/// degree, other parameters at their defaults) or `"Flat"` (exact scan).
+///
+/// Unknown strings give [`Error::InvalidParameter`] naming `spec` and listing the valid forms.
+pub fn from_factory(dim: usize, spec: &str) -> Result<Box<dyn VectorIndex>> {
+    let s = spec.trim();
+    if s == "Flat" {
+        if dim == 0 {
+            return Err(Error::invalid("dim", "must be at least 1"));
+        }
+        return Ok(Box::new(FlatIndex::new(dim)));
+    }
+    let parse_m = |digits: &str| -> Result<usize> {
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Error::invalid("spec", format!("`{spec}` is not a known index; valid forms: {FACTORY_FORMS}")));
+        }
+        digits.parse::<usize>().map_err(|e| Error::invalid("spec", format!("degree in `{spec}`: {e}")))
+    };
+    if let Some(rest) = s.strip_prefix("RoarGraph") {
+        return Ok(Box::new(RoarGraph::with_m(dim, parse_m(rest)?)?));
+    }
+    if let Some(rest) = s.strip_prefix("HNSW") {
+        return Ok(Box::new(Hnsw::with_m(dim, parse_m(rest)?)?));
+    }
+    Err(Error::invalid("spec", format!("`{spec}` is not a known index; valid forms: {FACTORY_FORMS}")))
+}

@@ -1,0 +1,250 @@
+//! The search machinery both graphs share: a bounded sorted candidate pool (the "beam"), a
+//! generation-stamped visited set, and best-first beam search over any adjacency.
+
+use std::sync::Mutex;
+
+use crate::dist::{dot, row};
+
+/// One beam entry: a scored vector and whether its neighbours were already expanded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Cand {
+    pub score: f32,
+    pub id: u32,
+    pub expanded: bool,
+}
+
+/// Strict order of results: larger score first, ties by lower id (as `attention::top_k`).
+#[inline]
+pub(crate) fn better(a_score: f32, a_id: u32, b_score: f32, b_id: u32) -> bool {
+    a_score > b_score || (a_score == b_score && a_id < b_id)
+}
+
+/// The best `cap` candidates seen so far, kept sorted best first.
+///
+/// A sorted array beats a pair of heaps here: `cap` is a few hundred, insertions are rare
+/// compared with scans, and the "next unexpanded" cursor is a plain index (NSG's pool).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Beam {
+    cap: usize,
+    items: Vec<Cand>,
+}
+
+impl Beam {
+    pub fn new(cap: usize) -> Self {
+        Self { cap: cap.max(1), items: Vec::with_capacity(cap.max(1) + 1) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn items(&self) -> &[Cand] {
+        &self.items
+    }
+
+    /// Worst score held once full; `-inf` while there is room.
+    #[inline]
+    pub fn threshold(&self) -> f32 {
+        if self.items.len() < self.cap { f32::NEG_INFINITY } else { self.items[self.items.len() - 1].score }
+    }
+
+    /// Inserts `(score, id)` if it ranks among the best `cap`; returns its position.
+    /// Callers guarantee ids are not already present (the visited set does).
+    #[inline]
+    pub fn insert(&mut self, score: f32, id: u32) -> Option<usize> {
+        if self.items.len() == self.cap {
+            let last = self.items[self.cap - 1];
+            if !better(score, id, last.score, last.id) {
+                return None;
+            }
+        }
+        let pos = self.items.partition_point(|c| better(c.score, c.id, score, id));
+        self.items.insert(pos, Cand { score, id, expanded: false });
+        self.items.truncate(self.cap);
+        Some(pos)
+    }
+
+    /// The best `k` as `(id, score)`.
+    pub fn top(&self, k: usize) -> Vec<(u32, f32)> {
+        self.items.iter().take(k).map(|c| (c.id, c.score)).collect()
+    }
+}
+
+/// A visited set that clears in O(1): a slot is "visited" when it holds the current stamp.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Visited {
+    stamps: Vec<u32>,
+    current: u32,
+}
+
+impl Visited {
+    /// Starts a new search over `n` ids.
+    pub fn reset(&mut self, n: usize) {
+        if self.stamps.len() < n {
+            self.stamps.resize(n, 0);
+        }
+        self.current = self.current.wrapping_add(1);
+        if self.current == 0 {
+            // Stamps wrapped: old marks could alias the new stamp, so clear once every 2^32 searches.
+            self.stamps.iter_mut().for_each(|s| *s = 0);
+            self.current = 1;
+        }
+    }
+
+    /// Marks `id`; true when it was not yet visited in this search.
+    #[inline]
+    pub fn insert(&mut self, id: u32) -> bool {
+        let slot = &mut self.stamps[id as usize];
+        if *slot == self.current {
+            false
+        } else {
+            *slot = self.current;
+            true
+        }
+    }
+}
+
+/// Reusable visited sets, so concurrent searches neither allocate per query nor share one.
+#[derive(Debug, Default)]
+pub(crate) struct VisitedPool(Mutex<Vec<Visited>>);
+
+impl VisitedPool {
+    pub fn get(&self, n: usize) -> Visited {
+        let mut v = self.0.lock().map(|mut p| p.pop()).ok().flatten().unwrap_or_default();
+        v.reset(n);
+        v
+    }
+
+    pub fn put(&self, v: Visited) {
+        if let Ok(mut p) = self.0.lock() {
+            p.push(v);
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.0.lock().map(|p| p.iter().map(|v| v.stamps.len() * 4).sum()).unwrap_or(0)
+    }
+}
+
+impl Clone for VisitedPool {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// Anything that lists the out-neighbours of a node.
+pub(crate) trait Adjacency {
+    fn neighbors(&self, id: u32) -> &[u32];
+}
+
+/// Work counters of one search.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Work {
+    /// Inner products computed.
+    pub scored: u64,
+    /// Neighbour-list entries read.
+    pub links: u64,
+}
+
+/// Best-first beam search: expands the best unexpanded candidate until every candidate in the
+/// beam of width `ef` is expanded. `entries` must be valid ids; they are scored here.
+#[allow(clippy::too_many_arguments)] // the hot path: plain arguments keep it monomorphic and simple
+pub(crate) fn beam_search<G: Adjacency>(
+    graph: &G,
+    data: &[f32],
+    dim: usize,
+    query: &[f32],
+    entries: &[u32],
+    ef: usize,
+    visited: &mut Visited,
+    work: &mut Work,
+) -> Beam {
+    let mut beam = Beam::new(ef);
+    for &e in entries {
+        if visited.insert(e) {
+            work.scored += 1;
+            beam.insert(dot(query, row(data, dim, e)), e);
+        }
+    }
+    let mut cur = 0;
+    while cur < beam.len() {
+        if beam.items[cur].expanded {
+            cur += 1;
+            continue;
+        }
+        beam.items[cur].expanded = true;
+        let id = beam.items[cur].id;
+        let mut next = cur + 1;
+        let nbrs = graph.neighbors(id);
+        work.links += nbrs.len() as u64;
+        for &nb in nbrs {
+            if !visited.insert(nb) {
+                continue;
+            }
+            work.scored += 1;
+            let s = dot(query, row(data, dim, nb));
+            if s < beam.threshold() {
+                continue;
+            }
+            if let Some(p) = beam.insert(s, nb) {
+                next = next.min(p);
+            }
+        }
+        cur = next;
+    }
+    beam
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sorted_truncated(mut xs: Vec<(u32, f32)>, cap: usize) -> Vec<(u32, f32)> {
+        xs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        xs.truncate(cap);
+        xs
+    }
+
+    proptest! {
+        #[test]
+        fn beam_equals_sort_and_truncate(
+            scores in proptest::collection::vec(-4i32..4, 0..200),
+            cap in 1usize..40,
+        ) {
+            // Few distinct scores, so ties are common and their order is checked too; the ids
+            // are unique (as the visited set guarantees) but not in insertion order.
+            let xs: Vec<(u32, f32)> =
+                scores.iter().enumerate().map(|(i, &s)| ((i as u32 * 7919) % 1009, s as f32 * 0.5)).collect();
+            let mut beam = Beam::new(cap);
+            for &(id, s) in &xs {
+                beam.insert(s, id);
+            }
+            prop_assert_eq!(beam.top(cap), sorted_truncated(xs, cap));
+        }
+
+        #[test]
+        fn beam_positions_point_at_inserted(scores in proptest::collection::vec(-1000i32..1000, 1..100)) {
+            let mut beam = Beam::new(10);
+            for (i, &s) in scores.iter().enumerate() {
+                if let Some(p) = beam.insert(s as f32, i as u32) {
+                    prop_assert_eq!(beam.items()[p].id, i as u32);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn visited_clears_by_stamp() {
+        let mut v = Visited::default();
+        v.reset(4);
+        assert!(v.insert(2));
+        assert!(!v.insert(2));
+        v.reset(4);
+        assert!(v.insert(2));
+        v.current = u32::MAX;
+        v.reset(8);
+        assert!(v.insert(2) && v.insert(7));
+    }
+}

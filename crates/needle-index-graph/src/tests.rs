@@ -1,0 +1,258 @@
+//! Seeded recall and robustness tests of both graphs against the exact `FlatIndex`.
+#![allow(clippy::unwrap_used)]
+
+use needle_core::{Error, FlatIndex, NO_LABEL, SearchParams, SearchResult, VectorIndex};
+
+use crate::synth::AttentionLike;
+use crate::{Hnsw, HnswParams, RoarGraph, RoarGraphParams, from_factory};
+
+const DIM: usize = 64;
+
+struct Fixture {
+    n: usize,
+    keys: Vec<f32>,
+    train: Vec<f32>,
+    test: Vec<f32>,
+    truth: SearchResult,
+}
+
+fn fixture(n: usize, n_train: usize, n_test: usize) -> Fixture {
+    let data = AttentionLike::new(DIM, 7);
+    let keys = data.keys(n, 1);
+    let train = data.queries(n_train, 2);
+    let test = data.queries(n_test, 3);
+    let mut flat = FlatIndex::new(DIM);
+    flat.build(&keys, None).unwrap();
+    let truth = flat.search(&test, 100, &SearchParams::default()).unwrap();
+    Fixture { n, keys, train, test, truth }
+}
+
+/// Mean recall@k of `got` against `truth` (both searched with k ≥ `k`).
+fn recall(truth: &SearchResult, got: &SearchResult, k: usize) -> f64 {
+    let hits: usize = (0..truth.n_queries())
+        .map(|i| {
+            let t = &truth.labels_of(i)[..k];
+            got.labels_of(i).iter().take(k).filter(|l| t.contains(l)).count()
+        })
+        .sum();
+    hits as f64 / (truth.n_queries() * k) as f64
+}
+
+/// Share of keys scored per query.
+fn scanned(r: &SearchResult, n: usize) -> f64 {
+    r.stats.full_scored as f64 / (r.n_queries() * n) as f64
+}
+
+fn reachable_all(g: &RoarGraph) -> bool {
+    let n = g.len();
+    let mut seen = vec![false; n];
+    let mut stack: Vec<u32> = g.entry_points().to_vec();
+    stack.iter().for_each(|&s| seen[s as usize] = true);
+    while let Some(u) = stack.pop() {
+        for &v in g.neighbors(u) {
+            if !seen[v as usize] {
+                seen[v as usize] = true;
+                stack.push(v);
+            }
+        }
+    }
+    seen.iter().all(|&s| s)
+}
+
+#[test]
+fn roargraph_recalls_ood_queries_scanning_few_keys_and_beats_hnsw() {
+    let f = fixture(4096, 4096, 40);
+    let mut roar = RoarGraph::new(DIM).unwrap();
+    let b = roar.build(&f.keys, Some(&f.train)).unwrap();
+    assert_eq!((b.vectors, b.train_queries), (f.n, 4096));
+    assert!(reachable_all(&roar));
+    let r = roar.search(&f.test, 100, &SearchParams::effort(128)).unwrap();
+    let (r10, r100, rs) = (recall(&f.truth, &r, 10), recall(&f.truth, &r, 100), scanned(&r, f.n));
+    assert!(r10 >= 0.93, "RoarGraph recall@10 {r10}");
+    assert!(r100 >= 0.70, "RoarGraph recall@100 {r100}");
+    assert!(rs <= 0.16, "RoarGraph scanned {rs}");
+    assert_eq!(r.stats.bytes_read % 4, 0);
+    assert!(r.stats.bytes_read > r.stats.full_scored * (DIM as u64) * 4);
+
+    // Query-awareness, measured: HNSW (keys only, same degree) needs more scored keys than
+    // RoarGraph to reach RoarGraph's recall@10, at every effort on its sweep.
+    let r = roar.search(&f.test, 10, &SearchParams::effort(48)).unwrap();
+    let (r10, rs) = (recall(&f.truth, &r, 10), scanned(&r, f.n));
+    assert!(r10 >= 0.9, "RoarGraph recall@10 at effort 48: {r10}");
+    let mut hnsw = Hnsw::new(DIM, HnswParams { m: 32, ef_construction: 100, ..Default::default() }).unwrap();
+    hnsw.build(&f.keys, Some(&f.train)).unwrap();
+    let mut matched = false;
+    for ef in [10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512] {
+        let h = hnsw.search(&f.test, 10, &SearchParams::effort(ef)).unwrap();
+        let (h10, hs) = (recall(&f.truth, &h, 10), scanned(&h, f.n));
+        if h10 >= r10 {
+            assert!(hs > rs, "HNSW ef={ef}: recall@10 {h10} scanning {hs}, RoarGraph {r10} scanning {rs}");
+            matched = true;
+            break;
+        }
+    }
+    assert!(matched, "HNSW never reached RoarGraph's recall@10 {r10}");
+}
+
+#[test]
+fn hnsw_recalls_in_distribution_queries() {
+    let data = AttentionLike::new(DIM, 11);
+    let keys = data.keys(3000, 1);
+    let queries = data.keys(30, 9);
+    let mut flat = FlatIndex::new(DIM);
+    flat.build(&keys, None).unwrap();
+    let truth = flat.search(&queries, 10, &SearchParams::default()).unwrap();
+    let mut hnsw = Hnsw::with_m(DIM, 16).unwrap();
+    hnsw.build(&keys, None).unwrap();
+    let got = hnsw.search(&queries, 10, &SearchParams::effort(128)).unwrap();
+    let r = recall(&truth, &got, 10);
+    assert!(r >= 0.9, "HNSW recall@10 {r}");
+    assert!(scanned(&got, 3000) < 0.5);
+}
+
+#[test]
+fn inserted_keys_are_found_and_ids_continue() {
+    let data = AttentionLike::new(DIM, 3);
+    let keys = data.keys(1500, 1);
+    let train = data.queries(800, 2);
+    // New keys point in fresh directions and are long, so each is the unique best for its direction.
+    let mut fresh = Vec::new();
+    for i in 0..8 {
+        let mut v = vec![0.0f32; DIM];
+        v[4 + i * 3] = 60.0;
+        v[5 + i * 3] = -30.0;
+        fresh.extend(v);
+    }
+    let mut indexes: Vec<Box<dyn VectorIndex>> =
+        vec![Box::new(RoarGraph::with_m(DIM, 16).unwrap()), Box::new(Hnsw::with_m(DIM, 16).unwrap())];
+    for index in indexes.iter_mut() {
+        index.build(&keys, Some(&train)).unwrap();
+        let ids = index.insert(&fresh).unwrap();
+        assert_eq!(ids, 1500..1508, "{}", index.describe());
+        assert_eq!(index.len(), 1508);
+        for (i, id) in ids.enumerate() {
+            let q = &fresh[i * DIM..(i + 1) * DIM];
+            let r = index.search(q, 5, &SearchParams::default()).unwrap();
+            assert_eq!(r.labels_of(0)[0], id, "{} lost inserted key {id}", index.describe());
+        }
+        assert_eq!(index.insert(&[]).unwrap(), 1508..1508);
+    }
+}
+
+#[test]
+fn insert_into_empty_index_builds_it() {
+    let data = AttentionLike::new(DIM, 5);
+    let keys = data.keys(300, 1);
+    let mut roar = RoarGraph::with_m(DIM, 8).unwrap();
+    assert_eq!(roar.insert(&keys).unwrap(), 0..300);
+    assert!(reachable_all(&roar));
+    let mut hnsw = Hnsw::with_m(DIM, 8).unwrap();
+    assert_eq!(hnsw.insert(&keys).unwrap(), 0..300);
+    let r = hnsw.search(&keys[..DIM], 300, &SearchParams::default()).unwrap();
+    assert!(r.labels_of(0).len() >= 290);
+}
+
+#[test]
+fn bad_input_is_rejected_with_named_errors() {
+    for spec in ["RoarGraph8", "HNSW8"] {
+        let mut index = from_factory(2, spec).unwrap();
+        assert!(matches!(index.build(&[], None), Err(Error::EmptyKeys { .. })), "{spec}");
+        assert!(matches!(index.search(&[1.0, 0.0], 1, &SearchParams::default()), Err(Error::EmptyKeys { .. })));
+        assert!(matches!(index.build(&[1.0, 0.0, 2.0], None), Err(Error::DimensionMismatch { .. })));
+        assert!(matches!(index.build(&[1.0, f32::NAN], None), Err(Error::NonFinite { .. })));
+        assert!(matches!(index.build(&[1.0, 0.0], Some(&[f32::INFINITY, 0.0])), Err(Error::NonFinite { .. })));
+        index.build(&[1.0, 0.0, 0.0, 1.0, 0.5, 0.5], None).unwrap();
+        let p = SearchParams::default();
+        assert!(matches!(index.search(&[1.0, 0.0], 4, &p), Err(Error::BudgetTooLarge { .. })));
+        assert!(matches!(index.search(&[1.0, 0.0], 0, &p), Err(Error::BudgetTooLarge { .. })));
+        assert!(matches!(index.search(&[1.0, 0.0, 1.0], 1, &p), Err(Error::DimensionMismatch { .. })));
+        assert!(matches!(index.search(&[f32::NAN, 0.0], 1, &p), Err(Error::NonFinite { .. })));
+        assert!(matches!(index.insert(&[0.0, f32::NAN]), Err(Error::NonFinite { .. })));
+        assert!(matches!(index.insert(&[0.0]), Err(Error::DimensionMismatch { .. })));
+        assert_eq!(index.len(), 3);
+        let r = index.search(&[1.0, 0.0], 3, &p).unwrap();
+        assert_eq!(r.labels_of(0), &[0, 2, 1]);
+    }
+    assert!(matches!(RoarGraph::new(0), Err(Error::InvalidParameter { .. })));
+    let bad = RoarGraphParams { n_q: 0, ..Default::default() };
+    assert!(matches!(RoarGraph::with_params(4, bad), Err(Error::InvalidParameter { name, .. }) if name == "n_q"));
+    assert!(matches!(Hnsw::with_m(4, 1), Err(Error::InvalidParameter { name, .. }) if name == "m"));
+}
+
+#[test]
+fn duplicate_keys_break_neither_build_nor_search() {
+    // 3 distinct keys, each repeated 100 times, plus one clear winner.
+    let mut keys = Vec::new();
+    for i in 0..300 {
+        keys.extend_from_slice(&[[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.3, 0.3, 0.3]][i % 3]);
+    }
+    keys.extend_from_slice(&[2.0, 2.0, 2.0]);
+    let queries: Vec<f32> = (0..50).flat_map(|i| [1.0, (i as f32) * 0.02, 0.1]).collect();
+    for spec in ["RoarGraph8", "HNSW8"] {
+        let mut index = from_factory(3, spec).unwrap();
+        index.build(&keys, Some(&queries)).unwrap();
+        let r = index.search(&[1.0, 0.0, 0.0], 60, &SearchParams::default()).unwrap();
+        assert_eq!(r.labels_of(0)[0], 300, "{spec}");
+        let found = r.labels_of(0).len();
+        // RoarGraph makes every key reachable, so it always fills k; HNSW gives no such
+        // guarantee when ties split the graph into islands of twins (it pads instead).
+        if spec.starts_with("RoarGraph") {
+            assert!(r.labels.iter().all(|&l| l != NO_LABEL), "{spec}: padded result");
+        } else {
+            assert!(found >= 30, "{spec}: only {found} results");
+        }
+        // After the winner, the best duplicates (score 1.0) for RoarGraph; best first for both.
+        assert!(r.scores[1..found].windows(2).all(|w| w[0] >= w[1]), "{spec}");
+        if spec.starts_with("RoarGraph") {
+            assert!(r.scores[1..found].iter().all(|&s| (s - 1.0).abs() < 1e-6), "{spec}");
+        }
+        let mut ids = r.labels_of(0).to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), found, "{spec}: repeated id");
+    }
+}
+
+#[test]
+fn no_training_queries_falls_back_to_keys() {
+    let f = fixture(2000, 0, 20);
+    let mut roar = RoarGraph::with_m(DIM, 16).unwrap();
+    let b = roar.build(&f.keys, None).unwrap();
+    assert_eq!(b.train_queries, 0);
+    assert!(reachable_all(&roar));
+    let r = roar.search(&f.test, 100, &SearchParams::effort(256)).unwrap();
+    assert!(recall(&f.truth, &r, 10) >= 0.5);
+    // An empty training set means the same.
+    assert_eq!(roar.build(&f.keys, Some(&[])).unwrap().train_queries, 0);
+}
+
+#[test]
+fn builds_are_deterministic_for_a_seed() {
+    let f = fixture(1200, 600, 10);
+    let run = |index: &mut dyn VectorIndex| {
+        index.build(&f.keys, Some(&f.train)).unwrap();
+        index.search(&f.test, 20, &SearchParams::default()).unwrap()
+    };
+    let a = run(&mut RoarGraph::with_m(DIM, 16).unwrap());
+    let b = run(&mut RoarGraph::with_m(DIM, 16).unwrap());
+    assert_eq!(a, b);
+    let a = run(&mut Hnsw::with_m(DIM, 8).unwrap());
+    let b = run(&mut Hnsw::with_m(DIM, 8).unwrap());
+    assert_eq!(a, b);
+}
+
+#[test]
+fn factory_parses_known_forms_only() {
+    assert_eq!(from_factory(8, "RoarGraph32").unwrap().describe(), "RoarGraph32");
+    assert_eq!(from_factory(8, "HNSW16").unwrap().describe(), "HNSW16");
+    assert_eq!(from_factory(8, "Flat").unwrap().describe(), "Flat");
+    for bad in ["IVF1024", "HNSW", "RoarGraphx", "HNSW-3", "", "HNSW1"] {
+        match from_factory(8, bad) {
+            Err(Error::InvalidParameter { name, reason }) => {
+                assert!(name == "spec" || name == "m", "{bad}: {name}");
+                assert!(name == "m" || reason.contains("RoarGraph<m>"), "{bad}: {reason}");
+            }
+            _ => panic!("`{bad}` accepted"),
+        }
+    }
+}
