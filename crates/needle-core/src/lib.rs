@@ -36,6 +36,7 @@ mod kv;
 pub mod metrics;
 mod selector;
 
+pub use attention::GqaLayout;
 pub use error::{Error, Result, check_finite, check_len};
 pub use index::{
     BuildStats, FlatIndex, NO_LABEL, SearchParams, SearchResult, SearchStats, VectorIndex, check_batch, check_search,

@@ -134,7 +134,7 @@ impl Selection {
 }
 
 /// Chooses, per decode step, which dynamic-part keys a KV head's query group attends to.
-pub trait AttentionSelector: Send {
+pub trait AttentionSelector: Send + Sync {
     /// A spec-style name, e.g. `"retrieval:index=graph,k=100"`.
     fn name(&self) -> String;
     /// The static part this selector assumes the model attends densely.

@@ -1,4 +1,43 @@
 //! # needle-model
 //!
-//! Burn Llama-family model whose attention goes through needle's AttentionSelector.
+//! A Llama-family language model on [Burn](https://burn.dev) whose decode attention goes
+//! through needle's [`AttentionSelector`](needle_core::AttentionSelector) contract: each layer
+//! and KV head attends densely to a static part and to what its selector picks from the rest,
+//! merged exactly by log-sum-exp. Full attention is the [`FullSelector`](needle_core::FullSelector).
+//!
+//! ## Features
+//! - `cuda`: the `burn::backend::Cuda` backend (decode attention still runs on the host tier).
+//!
+//! ## Usage
+//! ```no_run
+//! use needle_model::{Cpu, KvCache, Llama, generate, GenerateConfig, selector_from_spec};
+//! let ck = needle_loader::open(std::path::Path::new("model.gguf"))?;
+//! let model = Llama::<Cpu>::load(&ck, &Default::default())?;
+//! let tok = ck.tokenizer()?;
+//! let (factory, sel) = selector_from_spec("full")?;
+//! let cfg = model.config();
+//! let mut cache = KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?;
+//! let prompt = tok.encode("The capital of France is", false)?;
+//! let out = generate(&model, &tok, &prompt, &mut cache, &GenerateConfig::default(), &mut |s| print!("{s}"), &mut |_, _| {})?;
+//! # Ok::<(), needle_model::Error>(())
+//! ```
 #![warn(missing_docs)]
+
+mod cache;
+mod error;
+mod generate;
+mod model;
+mod rope;
+mod sampling;
+mod spec;
+
+pub use cache::{DecodeStats, KvCache, PAGE_SIZE, SelectionConfig};
+pub use error::{Error, Result};
+pub use generate::{GenerateConfig, Generation, StopReason, generate};
+pub use model::Llama;
+pub use rope::Rope;
+pub use sampling::{Sampler, SamplingConfig, argmax};
+pub use spec::{SELECTORS, Spec, selector_from_spec};
+
+/// The CPU backend (burn's pure-Rust Flex).
+pub type Cpu = burn::backend::Flex;

@@ -1,0 +1,296 @@
+//! The KV cache of one generation: host-tier pages per layer and KV head, the selectors that
+//! choose what each decode step attends to, and the sample of prefill queries they train on.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use needle_core::{
+    AttentionSelector, Budget, BuildContext, FullSelector, GqaLayout, HeadId, PagedRows, RowSource, SearchStats,
+    Selection, SelectorFactory, attend_selected,
+};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Rows per KV page (the unit a storage tier moves).
+pub const PAGE_SIZE: usize = 256;
+
+/// How a generation uses its selectors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SelectionConfig {
+    /// Dynamic-part budget of every selector.
+    pub budget: Budget,
+    /// The first `dense_layers` layers always attend to everything (as Quest and MagicPIG do).
+    pub dense_layers: usize,
+    /// At most this many prefill positions contribute training queries (evenly spaced).
+    pub train_positions: usize,
+}
+
+impl Default for SelectionConfig {
+    fn default() -> Self {
+        Self { budget: Budget::TopK(100), dense_layers: 0, train_positions: 4096 }
+    }
+}
+
+/// Cost of the decode steps so far, summed over layers and heads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct DecodeStats {
+    /// Decode steps taken.
+    pub steps: u64,
+    /// Keys attended (static part plus selected), summed over layers, KV heads and steps.
+    pub keys_attended: u64,
+    /// Keys in the context, summed the same way: the dense cost.
+    pub keys_total: u64,
+    /// Keys in the dynamic parts, summed the same way.
+    pub keys_dynamic: u64,
+    /// What the selectors touched to choose.
+    pub select: SearchStats,
+    /// Wall time choosing keys.
+    #[serde(serialize_with = "secs")]
+    pub select_time: Duration,
+    /// Wall time attending (static + selected, merged).
+    #[serde(serialize_with = "secs")]
+    pub attend_time: Duration,
+    /// Wall time building selectors after prefill.
+    #[serde(serialize_with = "secs")]
+    pub build_time: Duration,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+impl DecodeStats {
+    /// Share of context keys whose full vectors were read per step: attended keys plus keys
+    /// the selector scored at full precision, over the dense cost.
+    pub fn share_touched(&self) -> f64 {
+        if self.keys_total == 0 {
+            return 0.0;
+        }
+        (self.keys_attended + self.select.full_scored) as f64 / self.keys_total as f64
+    }
+}
+
+struct HeadCache {
+    keys: PagedRows,
+    values: PagedRows,
+    selector: Box<dyn AttentionSelector>,
+    /// Prefill queries of this head's group at sampled positions, row-major.
+    train_queries: Vec<f32>,
+    selection: Selection,
+}
+
+/// KV cache plus selectors for one sequence.
+pub struct KvCache {
+    heads: Vec<Vec<HeadCache>>,
+    gqa: GqaLayout,
+    head_dim: usize,
+    config: SelectionConfig,
+    built: bool,
+    train_stride: usize,
+    /// Decode cost so far.
+    pub stats: DecodeStats,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layers` layers; selectors come from `factory` (layers below
+    /// `config.dense_layers` get full attention).
+    pub fn new(
+        n_layers: usize,
+        gqa: GqaLayout,
+        head_dim: usize,
+        factory: &dyn SelectorFactory,
+        config: SelectionConfig,
+    ) -> Result<Self> {
+        let mut heads = Vec::with_capacity(n_layers);
+        for layer in 0..n_layers {
+            let mut row = Vec::with_capacity(gqa.n_kv_heads);
+            for kv_head in 0..gqa.n_kv_heads {
+                let head = HeadId { layer, kv_head };
+                let selector: Box<dyn AttentionSelector> = if layer < config.dense_layers {
+                    Box::new(FullSelector)
+                } else {
+                    factory.create(head, head_dim)?
+                };
+                row.push(HeadCache {
+                    keys: PagedRows::new(head_dim, PAGE_SIZE)?,
+                    values: PagedRows::new(head_dim, PAGE_SIZE)?,
+                    selector,
+                    train_queries: Vec::new(),
+                    selection: Selection::default(),
+                });
+            }
+            heads.push(row);
+        }
+        Ok(Self { heads, gqa, head_dim, config, built: false, train_stride: 1, stats: DecodeStats::default() })
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.heads.first().and_then(|l| l.first()).map_or(0, |h| h.keys.len())
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True once selectors were built (after prefill).
+    pub fn is_built(&self) -> bool {
+        self.built
+    }
+
+    /// The selection configuration.
+    pub fn config(&self) -> &SelectionConfig {
+        &self.config
+    }
+
+    /// Name of the selector serving `layer`, KV head 0.
+    pub fn selector_name(&self, layer: usize) -> String {
+        self.heads.get(layer).and_then(|l| l.first()).map_or_else(String::new, |h| h.selector.name())
+    }
+
+    /// Host bytes held by keys and values, and by selector structures.
+    pub fn memory_bytes(&self) -> (usize, usize) {
+        let heads = self.heads.iter().flatten();
+        heads.fold((0, 0), |(kv, sel), h| (kv + h.keys.bytes() + h.values.bytes(), sel + h.selector.memory_bytes()))
+    }
+
+    /// Keys of one layer and KV head.
+    pub fn keys(&self, layer: usize, kv_head: usize) -> &PagedRows {
+        &self.heads[layer][kv_head].keys
+    }
+
+    /// Values of one layer and KV head.
+    pub fn values(&self, layer: usize, kv_head: usize) -> &PagedRows {
+        &self.heads[layer][kv_head].values
+    }
+
+    /// Sets how prefill queries are sampled for a prompt of `prompt_len` tokens.
+    pub(crate) fn plan_training(&mut self, prompt_len: usize) {
+        self.train_stride = prompt_len.div_ceil(self.config.train_positions.max(1)).max(1);
+    }
+
+    /// Appends `t` tokens' keys and values (row-major `t × n_kv_heads × dim`) to `layer`.
+    /// After the build, tokens leaving the window are inserted into the selectors.
+    pub(crate) fn append(&mut self, layer: usize, keys: &[f32], values: &[f32]) -> Result<()> {
+        let d = self.head_dim;
+        let built = self.built;
+        for (j, h) in self.heads[layer].iter_mut().enumerate() {
+            for (k, v) in keys.chunks_exact(d).zip(values.chunks_exact(d)).skip(j).step_by(self.gqa.n_kv_heads) {
+                let before = h.selector.static_part().dynamic_range(h.keys.len());
+                h.keys.push(k)?;
+                h.values.push(v)?;
+                if built {
+                    let after = h.selector.static_part().dynamic_range(h.keys.len());
+                    for pos in before.end.max(after.start)..after.end {
+                        h.selector.insert(&h.keys, pos)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the queries of sampled prefill positions (`first_pos..first_pos + t`, row-major
+    /// `t × n_q_heads × dim`) as training queries of their KV heads.
+    pub(crate) fn record_queries(&mut self, layer: usize, first_pos: usize, queries: &[f32]) {
+        let d = self.head_dim;
+        let row = self.gqa.n_q_heads * d;
+        for (i, q) in queries.chunks_exact(row).enumerate() {
+            if (first_pos + i) % self.train_stride != 0 {
+                continue;
+            }
+            for (j, h) in self.heads[layer].iter_mut().enumerate() {
+                h.train_queries.extend_from_slice(&q[self.gqa.group(j).start * d..self.gqa.group(j).end * d]);
+            }
+        }
+    }
+
+    /// Builds every selector from the prefilled keys and sampled queries (parallel over heads).
+    pub fn build(&mut self, scale: f32) -> Result<()> {
+        let start = Instant::now();
+        let budget = self.config.budget;
+        budget.validate(self.len())?;
+        self.heads.par_iter_mut().enumerate().try_for_each(|(layer, row)| {
+            row.par_iter_mut().enumerate().try_for_each(|(kv_head, h)| -> Result<()> {
+                let ctx = BuildContext {
+                    head: HeadId { layer, kv_head },
+                    keys: &h.keys,
+                    dynamic: h.selector.static_part().dynamic_range(h.keys.len()),
+                    train_queries: &h.train_queries,
+                    scale,
+                };
+                h.selector.build(&ctx)?;
+                h.train_queries = Vec::new();
+                Ok(())
+            })
+        })?;
+        self.built = true;
+        self.stats.build_time += start.elapsed();
+        Ok(())
+    }
+
+    /// Decode attention of one layer: for each KV head, its selector picks dynamic-part ids
+    /// for the group's queries, then each query head attends to static part + selection,
+    /// merged by log-sum-exp. `q` is `n_q_heads × dim`; returns the same shape.
+    pub(crate) fn attend_decode(&mut self, layer: usize, q: &[f32], scale: f32) -> Result<Vec<f32>> {
+        if !self.built {
+            return Err(Error::State("decode attention before the selectors were built (prefill first)".into()));
+        }
+        let (d, gqa, budget) = (self.head_dim, self.gqa, self.config.budget);
+        let t0 = Instant::now();
+        self.heads[layer].par_iter_mut().enumerate().try_for_each(|(j, h)| -> Result<()> {
+            let dynamic: Range<u32> = h.selector.static_part().dynamic_range(h.keys.len());
+            h.selection.clear();
+            if !dynamic.is_empty() {
+                // The dynamic part may still be smaller than the budget early on.
+                let budget = match budget {
+                    Budget::TopK(k) => Budget::TopK(k.min(dynamic.len())),
+                    Budget::Mass { target, max } => Budget::Mass { target, max: max.min(dynamic.len()) },
+                };
+                let qg = &q[gqa.group(j).start * d..gqa.group(j).end * d];
+                h.selector.select(qg, &h.keys, dynamic, &budget, &mut h.selection)?;
+            }
+            Ok(())
+        })?;
+        let t1 = Instant::now();
+        let outs = self.heads[layer]
+            .par_iter()
+            .enumerate()
+            .map(|(j, h)| -> Result<Vec<f32>> {
+                let sp = h.selector.static_part();
+                let mut out = Vec::with_capacity(gqa.group_size() * d);
+                for qh in gqa.group(j) {
+                    let p =
+                        attend_selected::<f32>(&q[qh * d..(qh + 1) * d], &h.keys, &h.values, sp, &h.selection, scale)?;
+                    out.extend_from_slice(&p.out);
+                }
+                Ok(out)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let t2 = Instant::now();
+        let s = &mut self.stats;
+        s.select_time += t1 - t0;
+        s.attend_time += t2 - t1;
+        for h in &self.heads[layer] {
+            let n = h.keys.len();
+            let dynamic = h.selector.static_part().dynamic_range(n).len();
+            s.keys_total += n as u64;
+            s.keys_dynamic += dynamic as u64;
+            s.keys_attended += (n - dynamic + h.selection.ids.len()) as u64;
+            s.select += h.selection.stats;
+        }
+        Ok(outs.concat())
+    }
+
+    /// Marks the end of a decode step (for per-step averages).
+    pub(crate) fn finish_step(&mut self) {
+        self.stats.steps += 1;
+    }
+
+    /// The selection a head made at the last decode step (for fidelity measurements).
+    pub fn last_selection(&self, layer: usize, kv_head: usize) -> &Selection {
+        &self.heads[layer][kv_head].selection
+    }
+}
