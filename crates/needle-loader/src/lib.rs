@@ -1,4 +1,178 @@
 //! # needle-loader
 //!
-//! Reads Llama-family checkpoints (GGUF, Hugging Face safetensors) and their tokenizers into host tensors.
+//! Reads Llama-family checkpoints (GGUF, Hugging Face safetensors) and their tokenizers into host
+//! tensors: plain row-major `f32` with Hugging Face names and layouts, whichever format they came
+//! from. No Burn here; the model crate turns [`HostTensor`]s into its own tensors.
+//!
+//! - [`open`] a `.gguf` file or a folder with `config.json`, `model.safetensors` (or a sharded
+//!   `model.safetensors.index.json`) and `tokenizer.json`.
+//! - [`Checkpoint::config`] is a validated [`LlamaConfig`]; [`Checkpoint::tensor`] takes HF names
+//!   (`model.layers.3.self_attn.q_proj.weight`) and returns linear weights as `[out, in]`. GGUF
+//!   quantised tensors (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) are dequantised, and the Q/K row
+//!   permutation llama.cpp applies is undone, so both formats give the same layout.
+//! - [`Checkpoint::tokenizer`] gives a [`Tokenizer`] (from `tokenizer.json`, or rebuilt from the
+//!   GGUF's embedded BPE vocabulary) with ChatML prompts and streaming detokenisation.
+//!
+//! ```no_run
+//! let ckpt = needle_loader::open("model.gguf".as_ref())?;
+//! let cfg = ckpt.config();
+//! let wq = ckpt.tensor("model.layers.0.self_attn.q_proj.weight")?;
+//! assert_eq!(wq.shape, [cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size]);
+//! let tok = ckpt.tokenizer()?;
+//! let ids = tok.encode(&tok.chat_prompt(None, "Hi"), false)?;
+//! # Ok::<(), needle_loader::Error>(())
+//! ```
 #![warn(missing_docs)]
+#![doc(test(attr(deny(warnings))))]
+
+mod config;
+mod error;
+pub mod gguf;
+mod safetensors_dir;
+mod tokenizer;
+
+use std::path::Path;
+
+pub use config::{LlamaConfig, RopeScaling};
+pub use error::{Error, Result};
+pub use gguf::GgufFile;
+pub use safetensors_dir::SafetensorsDir;
+pub use tokenizer::{DecodeStream, Tokenizer};
+
+/// A dense row-major `f32` tensor on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Dimensions, outermost first. Linear weights are `[out_features, in_features]`.
+    pub shape: Vec<usize>,
+    /// `shape.iter().product()` values.
+    pub data: Vec<f32>,
+}
+
+/// An opened checkpoint of either format.
+#[derive(Debug)]
+pub enum Checkpoint {
+    /// A single `.gguf` file.
+    Gguf(GgufFile),
+    /// A Hugging Face folder with safetensors weights.
+    Safetensors(SafetensorsDir),
+}
+
+/// Opens a checkpoint: a `.gguf` file (or any file starting with the GGUF magic), or a folder
+/// with `config.json` and safetensors weights. The config is parsed and validated, and every
+/// tensor's byte range is checked against its file; tensor data is read lazily.
+pub fn open(path: &Path) -> Result<Checkpoint> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Ok(Checkpoint::Safetensors(SafetensorsDir::open(path)?));
+    }
+    Ok(Checkpoint::Gguf(GgufFile::open(path)?))
+}
+
+impl Checkpoint {
+    /// The validated model config.
+    pub fn config(&self) -> &LlamaConfig {
+        match self {
+            Checkpoint::Gguf(g) => g.config(),
+            Checkpoint::Safetensors(s) => s.config(),
+        }
+    }
+
+    /// A tensor by its Hugging Face name, as f32 in HF layout. Shapes of Llama tensors are
+    /// checked against the config, and every value must be finite. `lm_head.weight` of a tied
+    /// model is [`Error::MissingTensor`]: use `model.embed_tokens.weight`.
+    ///
+    /// For GGUF, names outside the Llama layout are looked up verbatim (e.g. `rope_freqs.weight`).
+    pub fn tensor(&self, hf_name: &str) -> Result<HostTensor> {
+        let t = match self {
+            Checkpoint::Gguf(g) => g.hf_tensor(hf_name)?,
+            Checkpoint::Safetensors(s) => s.tensor(hf_name)?,
+        };
+        if let Some(expected) = self.config().expected_shape(hf_name)
+            && expected != t.shape
+        {
+            return Err(Error::ShapeMismatch { path: self.path().into(), tensor: hf_name.into(), expected, got: t.shape });
+        }
+        Ok(t)
+    }
+
+    /// The tokenizer that goes with the weights.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match self {
+            Checkpoint::Gguf(g) => Tokenizer::from_gguf(g),
+            Checkpoint::Safetensors(s) => s.tokenizer(),
+        }
+    }
+
+    /// The file or folder it was opened from.
+    pub fn path(&self) -> &Path {
+        match self {
+            Checkpoint::Gguf(g) => g.path(),
+            Checkpoint::Safetensors(s) => s.path(),
+        }
+    }
+
+    /// One line for logs: path, format, tensor count and types (e.g. `Q4_1 ×210, F32 ×61`).
+    pub fn describe(&self) -> String {
+        let c = self.config();
+        let model = format!(
+            "{} layers, hidden {}, {} q / {} kv heads × {}, vocab {}",
+            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size
+        );
+        match self {
+            Checkpoint::Gguf(g) => format!(
+                "{}: GGUF v{}, {} tensors ({}); {model}",
+                g.path().display(),
+                g.version(),
+                g.tensor_infos().len(),
+                g.type_summary()
+            ),
+            Checkpoint::Safetensors(s) => format!(
+                "{}: safetensors, {} shard(s), {} tensors ({}); {model}",
+                s.path().display(),
+                s.shard_count(),
+                s.tensor_count(),
+                s.type_summary()
+            ),
+        }
+    }
+}
+
+impl GgufFile {
+    /// The validated Llama config read from `llama.*` metadata.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// A tensor by Hugging Face name, with llama.cpp's Q/K permutation undone.
+    fn hf_tensor(&self, hf_name: &str) -> Result<HostTensor> {
+        let gname = gguf::hf_to_gguf(hf_name).unwrap_or_else(|| hf_name.to_string());
+        let mut t = self.tensor_f32(&gname).map_err(|e| match e {
+            Error::MissingTensor { path, .. } => Error::MissingTensor { path, tensor: hf_name.into() },
+            e => e,
+        })?;
+        let c = self.config();
+        let heads = if hf_name.ends_with("self_attn.q_proj.weight") {
+            Some(c.num_attention_heads)
+        } else if hf_name.ends_with("self_attn.k_proj.weight") {
+            Some(c.num_key_value_heads)
+        } else {
+            None
+        };
+        if let Some(n_head) = heads {
+            let expected = vec![n_head * c.head_dim, c.hidden_size];
+            if t.shape != expected {
+                return Err(Error::ShapeMismatch { path: self.path().into(), tensor: hf_name.into(), expected, got: t.shape });
+            }
+            t.data = gguf::unpermute_rows(&t.data, n_head, c.head_dim, c.hidden_size);
+        }
+        Ok(t)
+    }
+}
+
+/// Fails with [`Error::NonFinite`] naming `tensor` at the first NaN or infinity.
+pub(crate) fn check_finite(path: &Path, tensor: &str, data: &[f32]) -> Result<()> {
+    match data.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(Error::NonFinite { path: path.into(), tensor: tensor.into(), index, value: data[index] }),
+    }
+}

@@ -1,0 +1,224 @@
+//! Llama on GGUF: the model config from `llama.*` metadata, Hugging Face ↔ GGUF tensor names,
+//! and the inverse of llama.cpp's Q/K row permutation.
+
+use super::{GgufFile, Value};
+use crate::{Error, LlamaConfig, Result};
+
+/// Leaves of a decoder block: (Hugging Face, GGUF).
+const LAYER_LEAVES: [(&str, &str); 9] = [
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+];
+
+const GLOBAL: [(&str, &str); 3] = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// GGUF name of a Hugging Face tensor name, or `None` outside the Llama layout.
+pub fn hf_to_gguf(hf: &str) -> Option<String> {
+    if let Some((_, g)) = GLOBAL.iter().find(|(h, _)| *h == hf) {
+        return Some((*g).into());
+    }
+    let (layer, leaf) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (_, g) = LAYER_LEAVES.iter().find(|(h, _)| *h == leaf)?;
+    Some(format!("blk.{layer}.{g}"))
+}
+
+/// Hugging Face name of a GGUF tensor name, or `None` outside the Llama layout.
+pub fn gguf_to_hf(gguf: &str) -> Option<String> {
+    if let Some((h, _)) = GLOBAL.iter().find(|(_, g)| *g == gguf) {
+        return Some((*h).into());
+    }
+    let (layer, leaf) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (h, _) = LAYER_LEAVES.iter().find(|(_, g)| *g == leaf)?;
+    Some(format!("model.layers.{layer}.{h}"))
+}
+
+/// Undoes llama.cpp's `permute(w, n_head)` on the rows of a `[n_head * head_dim, cols]` matrix.
+///
+/// The converter reshapes each head's rows as `[2, head_dim/2]` (rotate-half: first half, second
+/// half) and swaps the two axes, so GGUF row `2i + s` of a head is HF row `s * head_dim/2 + i`.
+pub fn unpermute_rows(data: &[f32], n_head: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..n_head {
+        for s in 0..2 {
+            for i in 0..half {
+                let src = (h * head_dim + 2 * i + s) * cols;
+                let dst = (h * head_dim + s * half + i) * cols;
+                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The forward permutation (HF → GGUF), as llama.cpp's converter applies it. For writing tests.
+pub fn permute_rows(data: &[f32], n_head: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..n_head {
+        for s in 0..2 {
+            for i in 0..half {
+                let hf = (h * head_dim + s * half + i) * cols;
+                let gg = (h * head_dim + 2 * i + s) * cols;
+                out[gg..gg + cols].copy_from_slice(&data[hf..hf + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Token names llama.cpp also treats as end-of-generation when they are control tokens.
+const EOG_NAMES: [&str; 6] = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<end_of_turn>", "<|end_of_text|>"];
+
+impl GgufFile {
+    fn need(&self, key: &str) -> Result<&Value> {
+        self.get(key).ok_or_else(|| Error::MissingMetadata { path: self.path.clone(), key: key.into() })
+    }
+
+    fn bad(&self, key: &str, reason: String) -> Error {
+        Error::BadMetadata { path: self.path.clone(), key: key.into(), reason }
+    }
+
+    pub(crate) fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .map(Some)
+                .ok_or_else(|| self.bad(key, format!("expected a non-negative integer, found {v:?}"))),
+        }
+    }
+
+    fn meta_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.bad(key, format!("expected a number, found {v:?}"))),
+        }
+    }
+
+    fn need_usize(&self, key: &str) -> Result<usize> {
+        self.need(key)?;
+        self.meta_usize(key)?.ok_or_else(|| self.bad(key, "missing".into()))
+    }
+
+    pub(crate) fn meta_u32(&self, key: &str) -> Result<Option<u32>> {
+        self.meta_usize(key)?
+            .map(|v| u32::try_from(v).map_err(|_| self.bad(key, format!("{v} does not fit a token id"))))
+            .transpose()
+    }
+
+    /// Builds the Llama config from `{arch}.*` metadata and validates it, together with the
+    /// shapes of all Llama tensors present.
+    pub(crate) fn llama_config(&self) -> Result<LlamaConfig> {
+        let arch_key = "general.architecture";
+        let arch = self.need(arch_key)?.as_str().ok_or_else(|| self.bad(arch_key, "not a string".into()))?;
+        if arch != "llama" {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                what: "architecture".into(),
+                reason: format!("{arch:?} (only \"llama\" is supported)"),
+            });
+        }
+        let k = |s: &str| format!("llama.{s}");
+        let hidden = self.need_usize(&k("embedding_length"))?;
+        let heads = self.need_usize(&k("attention.head_count"))?;
+        let kv_heads = self.meta_usize(&k("attention.head_count_kv"))?.unwrap_or(heads);
+        let head_dim = match self.meta_usize(&k("attention.key_length"))? {
+            Some(d) => d,
+            None => hidden.checked_div(heads).ok_or_else(|| self.bad(&k("attention.head_count"), "is 0".into()))?,
+        };
+        let vocab = match self.meta_usize(&k("vocab_size"))? {
+            Some(v) => v,
+            None => match self.get("tokenizer.ggml.tokens").and_then(Value::as_array) {
+                Some(toks) => toks.len(),
+                None => match self.tensor_info("token_embd.weight") {
+                    Some(t) if t.ne.len() == 2 => t.ne[1] as usize,
+                    _ => return Err(Error::MissingMetadata { path: self.path.clone(), key: k("vocab_size") }),
+                },
+            },
+        };
+        let eps_key = k("attention.layer_norm_rms_epsilon");
+        let rms_norm_eps = self.meta_f64(&eps_key)?.ok_or_else(|| Error::MissingMetadata {
+            path: self.path.clone(),
+            key: eps_key.clone(),
+        })?;
+        let rope_theta = self.meta_f64(&k("rope.freq_base"))?.unwrap_or(10_000.0);
+        let scaling_key = k("rope.scaling.type");
+        match self.get(&scaling_key).map(|v| v.as_str()) {
+            None | Some(Some("none")) => {}
+            Some(other) => {
+                return Err(Error::Unsupported {
+                    path: self.path.clone(),
+                    what: scaling_key,
+                    reason: format!("{other:?}: only unscaled RoPE is read from GGUF"),
+                });
+            }
+        }
+        if self.tensor_info("rope_freqs.weight").is_some() {
+            // llama.cpp stores Llama-3 scaling as precomputed per-frequency factors.
+            tracing::warn!(path = %self.path.display(), "GGUF has rope_freqs.weight (Llama-3 RoPE scaling); config.rope_scaling stays None, read the factors with tensor(\"rope_freqs.weight\")");
+        }
+        let bos = self.meta_u32("tokenizer.ggml.bos_token_id")?;
+        let mut eos = Vec::new();
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            if let Some(id) = self.meta_u32(key)?
+                && !eos.contains(&id)
+            {
+                eos.push(id);
+            }
+        }
+        if let (Some(toks), Some(types)) = (
+            self.get("tokenizer.ggml.tokens").and_then(Value::as_array),
+            self.get("tokenizer.ggml.token_type").and_then(Value::as_array),
+        ) {
+            for (id, (t, ty)) in toks.iter().zip(types).enumerate() {
+                if ty.as_i64() == Some(3) && t.as_str().is_some_and(|s| EOG_NAMES.contains(&s)) && !eos.contains(&(id as u32)) {
+                    eos.push(id as u32);
+                }
+            }
+        }
+        let cfg = LlamaConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: self.need_usize(&k("feed_forward_length"))?,
+            num_hidden_layers: self.need_usize(&k("block_count"))?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps,
+            rope_theta,
+            rope_scaling: None,
+            max_position_embeddings: self.need_usize(&k("context_length"))?,
+            tie_word_embeddings: self.tensor_info("output.weight").is_none(),
+            bos_token_id: bos,
+            eos_token_ids: eos,
+        };
+        cfg.validate().map_err(|e| match e {
+            Error::InvalidConfig(msg) => Error::InvalidConfig(format!("{}: {msg}", self.path.display())),
+            e => e,
+        })?;
+        for t in &self.tensors {
+            if let Some(hf) = gguf_to_hf(&t.name)
+                && let Some(expected) = cfg.expected_shape(&hf)
+                && expected != t.shape()
+            {
+                return Err(Error::ShapeMismatch { path: self.path.clone(), tensor: t.name.clone(), expected, got: t.shape() });
+            }
+        }
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,281 @@
+//! Tokenizers: Hugging Face `tokenizer.json`, or a byte-level BPE rebuilt from a GGUF's
+//! `tokenizer.ggml.*` metadata so it tokenises like llama.cpp does.
+
+use std::path::Path;
+
+use serde_json::{Value as Json, json};
+
+use crate::gguf::{GgufFile, Value};
+use crate::{Error, Result};
+
+/// A tokenizer with the model's special ids, ChatML prompts and streaming decode.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Same vocabulary, but special tokens in the text are encoded as plain text (llama.cpp's
+    /// `parse_special = false`).
+    plain: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    /// Prepend `bos` ourselves when asked for special tokens (GGUF has no post-processor).
+    manual_bos: bool,
+    eos: Vec<u32>,
+    source: String,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("source", &self.source)
+            .field("vocab", &self.inner.get_vocab_size(true))
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .finish()
+    }
+}
+
+/// llama.cpp's byte-level pre-tokenizers by `tokenizer.ggml.pre`, as HF pre-tokenizer JSON.
+fn pre_tokenizer(pre: &str) -> Option<Json> {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    Some(match pre {
+        "gpt2" | "gpt-2" | "default" => byte_level(true),
+        // Digits one by one, then the GPT-2 regex (SmolLM2's and StarCoder's tokenizer.json).
+        "smollm" | "starcoder" | "refact" | "codeshell" => json!({
+            "type": "Sequence",
+            "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]
+        }),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"},
+                    "behavior": "Isolated",
+                    "invert": false
+                },
+                byte_level(false)
+            ]
+        }),
+        _ => return None,
+    })
+}
+
+impl Tokenizer {
+    fn new(inner: tokenizers::Tokenizer, bos: Option<u32>, manual_bos: bool, eos: Vec<u32>, source: String) -> Self {
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        Self { inner, plain, bos, manual_bos, eos, source }
+    }
+
+    /// Loads a Hugging Face `tokenizer.json`. `bos`/`eos` come from the model config.
+    pub fn from_file(path: &Path, bos: Option<u32>, eos: Vec<u32>) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found")));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer { source_desc: path.display().to_string(), reason: e.to_string() })?;
+        Ok(Self::new(inner, bos, false, eos, path.display().to_string()))
+    }
+
+    /// Rebuilds the GGUF's embedded GPT-2 style BPE tokenizer (`tokenizer.ggml.model = "gpt2"`).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let source = format!("{} (embedded)", g.path().display());
+        let fail = |reason: String| Error::Tokenizer { source_desc: source.clone(), reason };
+        let model = g.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
+        if model != "gpt2" {
+            return Err(Error::Unsupported {
+                path: g.path().into(),
+                what: "tokenizer.ggml.model".into(),
+                reason: format!("{model:?} (only byte-level BPE \"gpt2\" is supported)"),
+            });
+        }
+        let pre_name = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+        let pre = pre_tokenizer(pre_name).ok_or_else(|| Error::Unsupported {
+            path: g.path().into(),
+            what: "tokenizer.ggml.pre".into(),
+            reason: format!("{pre_name:?} (known: gpt2, smollm, starcoder, refact, codeshell, llama3, llama-bpe)"),
+        })?;
+        let strings = |key: &str| -> Result<Vec<&str>> {
+            let arr = g
+                .get(key)
+                .and_then(Value::as_array)
+                .ok_or_else(|| Error::MissingMetadata { path: g.path().into(), key: key.into() })?;
+            arr.iter()
+                .map(|v| {
+                    v.as_str().ok_or_else(|| Error::BadMetadata {
+                        path: g.path().into(),
+                        key: key.into(),
+                        reason: "array element is not a string".into(),
+                    })
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+            Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
+            None => vec![1; tokens.len()],
+        };
+
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let mut added = Vec::new();
+        for (id, tok) in tokens.iter().enumerate() {
+            if vocab.insert((*tok).to_string(), json!(id)).is_some() {
+                tracing::warn!(token = tok, id, "duplicate token in GGUF vocabulary; later id wins");
+            }
+            // 3 = control, 4 = user-defined: matched whole in the input, never split by BPE.
+            let ty = types.get(id).copied().unwrap_or(1);
+            if ty == 3 || ty == 4 {
+                added.push(json!({
+                    "id": id, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
+                    "normalized": false, "special": ty == 3
+                }));
+            }
+        }
+        let merges: Vec<Json> = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| json!([a, b]))
+                    .ok_or_else(|| fail(format!("merge {m:?} has no space")))
+            })
+            .collect::<Result<_>>()?;
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre,
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges
+            }
+        });
+        let text = serde_json::to_string(&spec).map_err(|e| fail(e.to_string()))?;
+        let inner: tokenizers::Tokenizer = text.parse().map_err(|e: tokenizers::Error| fail(e.to_string()))?;
+        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+        let cfg = g.config();
+        tracing::debug!(pre = pre_name, vocab = tokens.len(), add_bos, "built tokenizer from GGUF");
+        Ok(Self::new(inner, cfg.bos_token_id, add_bos, cfg.eos_token_ids.clone(), source))
+    }
+
+    fn err(&self, e: tokenizers::Error) -> Error {
+        Error::Tokenizer { source_desc: self.source.clone(), reason: e.to_string() }
+    }
+
+    /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) become their
+    /// single ids. `add_special` adds what the tokenizer adds around a sequence (BOS when the
+    /// model wants one).
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        self.encode_with(text, add_special, true)
+    }
+
+    /// Like [`encode`](Self::encode); with `parse_special = false` special-token text is
+    /// tokenised as ordinary text, as llama.cpp does with `parse_special = false`.
+    pub fn encode_with(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
+        let tok = if parse_special { &self.inner } else { &self.plain };
+        let enc = tok.encode(text, add_special && !self.manual_bos).map_err(|e| self.err(e))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_special
+            && self.manual_bos
+            && let Some(b) = self.bos
+        {
+            ids.push(b);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids`, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| self.err(e))
+    }
+
+    /// Id of a token string (special tokens included).
+    pub fn token_to_id(&self, s: &str) -> Option<u32> {
+        self.inner.token_to_id(s)
+    }
+
+    /// Token string of an id.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Beginning-of-sequence id.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// Ids that end generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// The wrapped Hugging Face tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// A ChatML prompt ending where the assistant's answer starts:
+    /// `<|im_start|>system\n…<|im_end|>\n<|im_start|>user\n…<|im_end|>\n<|im_start|>assistant\n`.
+    pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> String {
+        let mut s = String::new();
+        if let Some(sys) = system {
+            s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+        }
+        s.push_str(&format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"));
+        s
+    }
+
+    /// An incremental detokenizer for generated ids.
+    pub fn decode_stream(&self) -> DecodeStream<'_> {
+        DecodeStream { tok: self, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+    }
+}
+
+/// Turns ids into text as they are generated, emitting only complete UTF-8 text: a character
+/// split over several byte tokens comes out once its last byte arrives.
+#[derive(Debug)]
+pub struct DecodeStream<'a> {
+    tok: &'a Tokenizer,
+    ids: Vec<u32>,
+    /// `ids[prefix_offset..read_offset]` is context already emitted; it is decoded again so
+    /// decoders that depend on neighbours (spaces, prefixes) see the same text.
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+/// Give up waiting for a character to complete after this many ids (invalid byte sequences).
+const MAX_PENDING: usize = 8;
+
+impl DecodeStream<'_> {
+    /// Adds one id; returns the newly completed text, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let prefix = self.tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = self.tok.decode(&self.ids[self.prefix_offset..])?;
+        let pending = self.ids.len() - self.read_offset;
+        if full.ends_with('\u{FFFD}') && pending < MAX_PENDING {
+            return Ok(None);
+        }
+        let new = match full.strip_prefix(prefix.as_str()) {
+            Some(rest) => rest.to_string(),
+            // Decoding with more context changed earlier text; emit what is past its length.
+            None => full.get(prefix.len()..).unwrap_or("").to_string(),
+        };
+        // Keep only the ids still needed as context.
+        let drop = self.read_offset.min(self.ids.len());
+        self.prefix_offset = self.read_offset - drop;
+        self.ids.drain(..drop);
+        self.read_offset = self.ids.len();
+        Ok(if new.is_empty() { None } else { Some(new) })
+    }
+}
