@@ -218,11 +218,8 @@ struct HfConfig {
 
 impl HfConfig {
     fn into_config(self, source: &std::path::Path) -> Result<LlamaConfig> {
-        let unsupported = |what: &str, reason: String| Error::Unsupported {
-            path: source.into(),
-            what: what.into(),
-            reason,
-        };
+        let unsupported =
+            |what: &str, reason: String| Error::Unsupported { path: source.into(), what: what.into(), reason };
         if self.mlp_bias || self.attention_bias {
             return Err(unsupported("config", "attention_bias / mlp_bias are not supported".into()));
         }
@@ -239,7 +236,10 @@ impl HfConfig {
                         low_freq_factor: need(s.low_freq_factor, "low_freq_factor")?,
                         high_freq_factor: need(s.high_freq_factor, "high_freq_factor")?,
                         original_max_position_embeddings: s.original_max_position_embeddings.ok_or_else(|| {
-                            unsupported("rope_scaling", "llama3 scaling without original_max_position_embeddings".into())
+                            unsupported(
+                                "rope_scaling",
+                                "llama3 scaling without original_max_position_embeddings".into(),
+                            )
                         })?,
                     })
                 }

@@ -90,7 +90,12 @@ impl Checkpoint {
         if let Some(expected) = self.config().expected_shape(hf_name)
             && expected != t.shape
         {
-            return Err(Error::ShapeMismatch { path: self.path().into(), tensor: hf_name.into(), expected, got: t.shape });
+            return Err(Error::ShapeMismatch {
+                path: self.path().into(),
+                tensor: hf_name.into(),
+                expected,
+                got: t.shape,
+            });
         }
         Ok(t)
     }
@@ -161,7 +166,12 @@ impl GgufFile {
         if let Some(n_head) = heads {
             let expected = vec![n_head * c.head_dim, c.hidden_size];
             if t.shape != expected {
-                return Err(Error::ShapeMismatch { path: self.path().into(), tensor: hf_name.into(), expected, got: t.shape });
+                return Err(Error::ShapeMismatch {
+                    path: self.path().into(),
+                    tensor: hf_name.into(),
+                    expected,
+                    got: t.shape,
+                });
             }
             t.data = gguf::unpermute_rows(&t.data, n_head, c.head_dim, c.hidden_size);
         }

@@ -99,11 +99,14 @@ impl SafetensorsDir {
             let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: read-only map owned by this struct; the file must not change while open.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let (n, meta) =
-                SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors { path: path.clone(), reason: e.to_string() })?;
+            let (n, meta) = SafeTensors::read_metadata(&map)
+                .map_err(|e| Error::Safetensors { path: path.clone(), reason: e.to_string() })?;
             for tname in meta.tensors().keys() {
                 if index.insert(tname.clone(), shards.len()).is_some() {
-                    return Err(Error::Safetensors { path: path.clone(), reason: format!("tensor {tname:?} appears in two shards") });
+                    return Err(Error::Safetensors {
+                        path: path.clone(),
+                        reason: format!("tensor {tname:?} appears in two shards"),
+                    });
                 }
             }
             shards.push(Shard { path, map, data_start: 8 + n, meta });
@@ -163,16 +166,15 @@ impl SafetensorsDir {
             .ok_or_else(|| Error::MissingTensor { path: shard.path.clone(), tensor: name.into() })?;
         let (start, end) = info.data_offsets;
         // read_metadata validated the offsets against the file, but stay defensive.
-        let bytes = shard
-            .map
-            .get(shard.data_start + start..shard.data_start + end)
-            .ok_or_else(|| Error::TensorDataOutOfBounds {
+        let bytes = shard.map.get(shard.data_start + start..shard.data_start + end).ok_or_else(|| {
+            Error::TensorDataOutOfBounds {
                 path: shard.path.clone(),
                 tensor: name.into(),
                 offset: (shard.data_start + start) as u64,
                 size: end.saturating_sub(start) as u64,
                 file_len: shard.map.len() as u64,
-            })?;
+            }
+        })?;
         let n: usize = info.shape.iter().product();
         let data: Vec<f32> = match info.dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
@@ -199,6 +201,10 @@ impl SafetensorsDir {
 
     /// `tokenizer.json` from the folder, with the config's eos ids.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
-        Tokenizer::from_file(&self.dir.join("tokenizer.json"), self.config.bos_token_id, self.config.eos_token_ids.clone())
+        Tokenizer::from_file(
+            &self.dir.join("tokenizer.json"),
+            self.config.bos_token_id,
+            self.config.eos_token_ids.clone(),
+        )
     }
 }

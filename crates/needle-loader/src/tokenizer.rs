@@ -134,9 +134,7 @@ impl Tokenizer {
         let merges: Vec<Json> = merges
             .iter()
             .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| json!([a, b]))
-                    .ok_or_else(|| fail(format!("merge {m:?} has no space")))
+                m.split_once(' ').map(|(a, b)| json!([a, b])).ok_or_else(|| fail(format!("merge {m:?} has no space")))
             })
             .collect::<Result<_>>()?;
         let spec = json!({

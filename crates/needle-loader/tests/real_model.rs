@@ -10,11 +10,7 @@ const DEFAULT_MODEL: &str = "/root/.cache/needle/models/SmolLM2-135M-Instruct.Q4
 
 fn model_path() -> PathBuf {
     let p = std::env::var_os("NEEDLE_MODEL").map(PathBuf::from).unwrap_or_else(|| DEFAULT_MODEL.into());
-    assert!(
-        p.is_file(),
-        "model not found at {} (set $NEEDLE_MODEL or run `cargo xtask fetch-model`)",
-        p.display()
-    );
+    assert!(p.is_file(), "model not found at {} (set $NEEDLE_MODEL or run `cargo xtask fetch-model`)", p.display());
     p
 }
 
@@ -152,7 +148,12 @@ fn tokenizer_vocab_and_round_trip() {
     // Digits are split one by one (the "smollm" pre-tokenizer).
     let digits = tok.encode("12345", false).unwrap();
     assert_eq!(digits.len(), 5, "{digits:?}");
-    for text in ["Hello, world!", "  leading spaces\tand\ttabs\n\nnew lines", "naïve café – “quotes” 日本語 🦀", "x = a[3] + 42;"] {
+    for text in [
+        "Hello, world!",
+        "  leading spaces\tand\ttabs\n\nnew lines",
+        "naïve café – “quotes” 日本語 🦀",
+        "x = a[3] + 42;",
+    ] {
         let ids = tok.encode(text, false).unwrap();
         assert_eq!(tok.decode(&ids).unwrap(), text);
         let mut stream = tok.decode_stream();

@@ -63,11 +63,8 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
         }
     };
     if blocks >= PAR_MIN_BLOCKS {
-        let (ce, cb) = if ty.block_elems == 1 {
-            (elems, nbytes)
-        } else {
-            (elems * PAR_CHUNK_BLOCKS, nbytes * PAR_CHUNK_BLOCKS)
-        };
+        let (ce, cb) =
+            if ty.block_elems == 1 { (elems, nbytes) } else { (elems * PAR_CHUNK_BLOCKS, nbytes * PAR_CHUNK_BLOCKS) };
         out.par_chunks_mut(ce).zip(bytes.par_chunks(cb)).for_each(|(o, b)| run(b, o));
     } else {
         run(bytes, out);

@@ -81,7 +81,8 @@ pub fn permute_rows(data: &[f32], n_head: usize, head_dim: usize, cols: usize) -
 }
 
 /// Token names llama.cpp also treats as end-of-generation when they are control tokens.
-const EOG_NAMES: [&str; 6] = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<end_of_turn>", "<|end_of_text|>"];
+const EOG_NAMES: [&str; 6] =
+    ["<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<end_of_turn>", "<|end_of_text|>"];
 
 impl GgufFile {
     fn need(&self, key: &str) -> Result<&Value> {
@@ -152,10 +153,9 @@ impl GgufFile {
             },
         };
         let eps_key = k("attention.layer_norm_rms_epsilon");
-        let rms_norm_eps = self.meta_f64(&eps_key)?.ok_or_else(|| Error::MissingMetadata {
-            path: self.path.clone(),
-            key: eps_key.clone(),
-        })?;
+        let rms_norm_eps = self
+            .meta_f64(&eps_key)?
+            .ok_or_else(|| Error::MissingMetadata { path: self.path.clone(), key: eps_key.clone() })?;
         let rope_theta = self.meta_f64(&k("rope.freq_base"))?.unwrap_or(10_000.0);
         let scaling_key = k("rope.scaling.type");
         match self.get(&scaling_key).map(|v| v.as_str()) {
@@ -186,7 +186,10 @@ impl GgufFile {
             self.get("tokenizer.ggml.token_type").and_then(Value::as_array),
         ) {
             for (id, (t, ty)) in toks.iter().zip(types).enumerate() {
-                if ty.as_i64() == Some(3) && t.as_str().is_some_and(|s| EOG_NAMES.contains(&s)) && !eos.contains(&(id as u32)) {
+                if ty.as_i64() == Some(3)
+                    && t.as_str().is_some_and(|s| EOG_NAMES.contains(&s))
+                    && !eos.contains(&(id as u32))
+                {
                     eos.push(id as u32);
                 }
             }
@@ -216,7 +219,12 @@ impl GgufFile {
                 && let Some(expected) = cfg.expected_shape(&hf)
                 && expected != t.shape()
             {
-                return Err(Error::ShapeMismatch { path: self.path.clone(), tensor: t.name.clone(), expected, got: t.shape() });
+                return Err(Error::ShapeMismatch {
+                    path: self.path.clone(),
+                    tensor: t.name.clone(),
+                    expected,
+                    got: t.shape(),
+                });
             }
         }
         Ok(cfg)

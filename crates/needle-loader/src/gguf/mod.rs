@@ -388,9 +388,15 @@ impl GgufFile {
             if ne.contains(&0) {
                 return Err(invalid("a dimension is 0".into()));
             }
-            let n = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| invalid("element count overflows".into()))?;
+            let n = ne
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| invalid("element count overflows".into()))?;
             if ne[0] % ty.block_elems as u64 != 0 {
-                return Err(invalid(format!("row length {} is not a multiple of the {} block size {}", ne[0], ty.name, ty.block_elems)));
+                return Err(invalid(format!(
+                    "row length {} is not a multiple of the {} block size {}",
+                    ne[0], ty.name, ty.block_elems
+                )));
             }
             let size = ty.bytes_for(n).ok_or_else(|| invalid("byte size overflows".into()))?;
             if rel % alignment != 0 {
@@ -410,12 +416,27 @@ impl GgufFile {
                 }
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
-                return Err(Error::Malformed { path: path.clone(), what: format!("tensor {name:?}"), reason: "duplicate name".into() });
+                return Err(Error::Malformed {
+                    path: path.clone(),
+                    what: format!("tensor {name:?}"),
+                    reason: "duplicate name".into(),
+                });
             }
             tensors.push(TensorInfo { name, ne, ty, offset: data_offset + rel, size });
         }
         tracing::debug!(path = %path.display(), version, tensors = tensors.len(), metadata = metadata.len(), "parsed GGUF");
-        Ok(Self { path, map, version, metadata, meta_index, tensors, tensor_index, alignment, data_offset, config: placeholder_config() })
+        Ok(Self {
+            path,
+            map,
+            version,
+            metadata,
+            meta_index,
+            tensors,
+            tensor_index,
+            alignment,
+            data_offset,
+            config: placeholder_config(),
+        })
     }
 
     /// File path.
