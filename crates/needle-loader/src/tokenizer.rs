@@ -33,6 +33,9 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// Special tokens llama.cpp also treats as end of generation.
+const EOG_NAMES: [&str; 6] = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<end_of_turn>", "<|end_of_text|>"];
+
 /// llama.cpp's byte-level pre-tokenizers by `tokenizer.ggml.pre`, as HF pre-tokenizer JSON.
 fn pre_tokenizer(pre: &str) -> Option<Json> {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
@@ -60,7 +63,16 @@ fn pre_tokenizer(pre: &str) -> Option<Json> {
 }
 
 impl Tokenizer {
-    fn new(inner: tokenizers::Tokenizer, bos: Option<u32>, manual_bos: bool, eos: Vec<u32>, source: String) -> Self {
+    fn new(inner: tokenizers::Tokenizer, bos: Option<u32>, manual_bos: bool, mut eos: Vec<u32>, source: String) -> Self {
+        // Like llama.cpp, also stop on end-of-turn special tokens the config does not list.
+        for name in EOG_NAMES {
+            if let Some(id) = inner.token_to_id(name)
+                && inner.get_added_vocabulary().is_special_token(name)
+                && !eos.contains(&id)
+            {
+                eos.push(id);
+            }
+        }
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
         Self { inner, plain, bos, manual_bos, eos, source }
@@ -212,7 +224,8 @@ impl Tokenizer {
         self.bos
     }
 
-    /// Ids that end generation.
+    /// Ids that end generation: the config's eos ids, then special end-of-turn tokens
+    /// (`<|im_end|>`, `<|endoftext|>`, `<|eot_id|>`, …) the config does not list, as llama.cpp does.
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos
     }

@@ -43,8 +43,7 @@ fn config_matches_metadata() {
     assert_eq!(c.max_position_embeddings, 8192);
     assert!(c.tie_word_embeddings);
     assert_eq!(c.bos_token_id, Some(1));
-    // eos_token_id, then <|endoftext|> which llama.cpp also treats as end of generation.
-    assert_eq!(c.eos_token_ids, vec![2, 0]);
+    assert_eq!(c.eos_token_ids, vec![2]);
 }
 
 #[test]
@@ -132,6 +131,7 @@ fn tokenizer_vocab_and_round_trip() {
         let id: u32 = id.parse().unwrap();
         assert_eq!(tok.token_to_id(s.as_str().unwrap()), Some(id), "{s}");
     }
+    // The config's eos, then <|endoftext|> which llama.cpp also treats as end of generation.
     assert_eq!(tok.eos_ids(), &[2, 0]);
     let prompt = tok.chat_prompt(Some("You are terse."), "What is 2+2?");
     assert_eq!(

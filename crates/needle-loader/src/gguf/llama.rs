@@ -181,19 +181,6 @@ impl GgufFile {
                 eos.push(id);
             }
         }
-        if let (Some(toks), Some(types)) = (
-            self.get("tokenizer.ggml.tokens").and_then(Value::as_array),
-            self.get("tokenizer.ggml.token_type").and_then(Value::as_array),
-        ) {
-            for (id, (t, ty)) in toks.iter().zip(types).enumerate() {
-                if ty.as_i64() == Some(3)
-                    && t.as_str().is_some_and(|s| EOG_NAMES.contains(&s))
-                    && !eos.contains(&(id as u32))
-                {
-                    eos.push(id as u32);
-                }
-            }
-        }
         let cfg = LlamaConfig {
             vocab_size: vocab,
             hidden_size: hidden,

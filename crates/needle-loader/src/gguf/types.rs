@@ -55,21 +55,21 @@ const TYPES: &[GgmlType] = &[
 
 impl GgmlType {
     /// `F32`.
-    pub const F32: GgmlType = TYPES[0];
+    pub const F32: GgmlType = t(0, "F32", 1, 4);
     /// `F16`.
-    pub const F16: GgmlType = TYPES[1];
+    pub const F16: GgmlType = t(1, "F16", 1, 2);
     /// `Q4_0`.
-    pub const Q4_0: GgmlType = TYPES[2];
+    pub const Q4_0: GgmlType = t(2, "Q4_0", 32, 18);
     /// `Q4_1`.
-    pub const Q4_1: GgmlType = TYPES[3];
+    pub const Q4_1: GgmlType = t(3, "Q4_1", 32, 20);
     /// `Q8_0`.
-    pub const Q8_0: GgmlType = TYPES[6];
+    pub const Q8_0: GgmlType = t(8, "Q8_0", 32, 34);
     /// `Q4_K`.
-    pub const Q4_K: GgmlType = TYPES[10];
+    pub const Q4_K: GgmlType = t(12, "Q4_K", 256, 144);
     /// `Q6_K`.
-    pub const Q6_K: GgmlType = TYPES[12];
+    pub const Q6_K: GgmlType = t(14, "Q6_K", 256, 210);
     /// `BF16`.
-    pub const BF16: GgmlType = TYPES[29];
+    pub const BF16: GgmlType = t(30, "BF16", 1, 2);
 
     /// Looks a type up by id.
     pub fn from_id(id: u32) -> Option<GgmlType> {

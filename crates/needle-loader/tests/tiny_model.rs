@@ -1,0 +1,143 @@
+//! A tiny random Llama written as GGUF (mixed F32/F16/Q8_0/Q4_0/Q4_1, Q/K permuted like
+//! llama.cpp) and as a Hugging Face safetensors folder must load to the same config and tensors.
+
+mod common;
+
+use common::*;
+use needle_loader::{Checkpoint, Error, open};
+
+fn check_same(gguf: &Checkpoint, hf: &Checkpoint, model: &TinyModel) {
+    assert_eq!(gguf.config(), hf.config());
+    for (name, shape, data, ty) in &model.tensors {
+        let a = gguf.tensor(name).unwrap();
+        let b = hf.tensor(name).unwrap();
+        assert_eq!(&a.shape, shape, "{name}");
+        assert_eq!(&b.shape, shape, "{name}");
+        assert_eq!(&b.data, data, "{name}: safetensors is exact");
+        let tol = tolerance(*ty, 1.0);
+        let worst = a.data.iter().zip(data).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst <= tol, "{name} ({ty}): max error {worst} > {tol}");
+        if *ty == 0 {
+            assert_eq!(&a.data, data, "{name}: F32 is exact (incl. Q/K un-permutation)");
+        }
+    }
+}
+
+#[test]
+fn gguf_and_safetensors_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel::new(7);
+    let (gguf_path, hf_path) = model.write_both(dir.path(), 1);
+    let g = open(&gguf_path).unwrap();
+    let h = open(&hf_path).unwrap();
+    let c = g.config();
+    assert_eq!((c.vocab_size, c.hidden_size, c.intermediate_size), (VOCAB, HIDDEN, INTER));
+    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (HEADS, KV_HEADS, HEAD_DIM));
+    assert_eq!(c.rms_norm_eps, 1e-5, "f32 metadata widens to the decimal it was written as");
+    assert!(!c.tie_word_embeddings);
+    assert_eq!(c.eos_token_ids, [2]);
+    check_same(&g, &h, &model);
+    assert!(g.describe().contains("GGUF v3"), "{}", g.describe());
+    assert!(h.describe().contains("F32 ×21"), "{}", h.describe());
+}
+
+#[test]
+fn sharded_safetensors_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel::new(8);
+    let (gguf_path, hf_path) = model.write_both(dir.path(), 3);
+    let h = open(&hf_path).unwrap();
+    match &h {
+        Checkpoint::Safetensors(s) => assert_eq!(s.shard_count(), 3),
+        Checkpoint::Gguf(_) => panic!("expected safetensors"),
+    }
+    check_same(&open(&gguf_path).unwrap(), &h, &model);
+}
+
+#[test]
+fn tied_embeddings_and_generation_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = TinyModel::new(9);
+    model.tensors.retain(|t| t.0 != "lm_head.weight");
+    let (gguf_path, hf_path) = model.write_both(dir.path(), 1);
+    let cfg = model.hf_config_json().replace("\"tie_word_embeddings\":false", "\"tie_word_embeddings\":true");
+    std::fs::write(hf_path.join("config.json"), cfg).unwrap();
+    std::fs::write(hf_path.join("generation_config.json"), r#"{"eos_token_id": [2, 0]}"#).unwrap();
+    let g = open(&gguf_path).unwrap();
+    let h = open(&hf_path).unwrap();
+    assert!(g.config().tie_word_embeddings);
+    assert!(h.config().tie_word_embeddings);
+    assert_eq!(h.config().eos_token_ids, [2, 0]);
+    for ck in [&g, &h] {
+        assert!(matches!(ck.tensor("lm_head.weight"), Err(Error::MissingTensor { ref tensor, .. }) if tensor == "lm_head.weight"));
+    }
+}
+
+#[test]
+fn tokenizers_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel::new(10);
+    let (gguf_path, hf_path) = model.write_both(dir.path(), 1);
+    let tg = open(&gguf_path).unwrap().tokenizer().unwrap();
+    let th = open(&hf_path).unwrap().tokenizer().unwrap();
+    for text in ["Hello world", "the 2024 wor", "<|im_start|>user\nHello<|im_end|>", "a  b\n\nc"] {
+        let a = tg.encode(text, false).unwrap();
+        assert_eq!(a, th.encode(text, false).unwrap(), "{text}");
+        assert_eq!(tg.decode(&a).unwrap(), text);
+    }
+    assert_eq!(tg.encode("Hello world", false).unwrap(), [tg.token_to_id("Hello").unwrap(), tg.token_to_id("Ġworld").unwrap()]);
+    assert_eq!(tg.encode("<|im_start|>", false).unwrap(), [1]);
+    assert_eq!(tg.eos_ids(), [2, 0]);
+    assert_eq!(th.eos_ids(), [2, 0]);
+}
+
+#[test]
+fn version_2_and_all_metadata_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel::new(11);
+    let mut meta = model.metadata();
+    let extra = vec![
+        ("t.u8", Meta::U8(200)),
+        ("t.i8", Meta::I8(-5)),
+        ("t.u16", Meta::U16(60_000)),
+        ("t.i16", Meta::I16(-30_000)),
+        ("t.i32", Meta::I32(-7)),
+        ("t.u64", Meta::U64(1 << 40)),
+        ("t.i64", Meta::I64(-(1 << 40))),
+        ("t.f64", Meta::F64(0.125)),
+        ("t.bool", Meta::Bool(true)),
+        ("t.nested", Meta::Arr(9, vec![Meta::Arr(4, vec![Meta::U32(1), Meta::U32(2)]), Meta::Arr(4, vec![])])),
+        ("t.empty", Meta::Arr(8, vec![])),
+    ];
+    meta.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
+    let (bytes, _) = write_gguf(2, &meta, &model.gguf_tensors());
+    let path = dir.path().join("v2.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let Checkpoint::Gguf(g) = open(&path).unwrap() else { panic!("gguf") };
+    use needle_loader::gguf::Value as V;
+    assert_eq!(g.version(), 2);
+    assert_eq!(g.get("t.u8"), Some(&V::U8(200)));
+    assert_eq!(g.get("t.i8"), Some(&V::I8(-5)));
+    assert_eq!(g.get("t.u16"), Some(&V::U16(60_000)));
+    assert_eq!(g.get("t.i16"), Some(&V::I16(-30_000)));
+    assert_eq!(g.get("t.i32"), Some(&V::I32(-7)));
+    assert_eq!(g.get("t.u64"), Some(&V::U64(1 << 40)));
+    assert_eq!(g.get("t.i64"), Some(&V::I64(-(1 << 40))));
+    assert_eq!(g.get("t.f64"), Some(&V::F64(0.125)));
+    assert_eq!(g.get("t.bool"), Some(&V::Bool(true)));
+    assert_eq!(g.get("t.nested"), Some(&V::Array(vec![V::Array(vec![V::U32(1), V::U32(2)]), V::Array(vec![])])));
+    assert_eq!(g.get("t.empty"), Some(&V::Array(vec![])));
+    assert_eq!(g.get("llama.rope.freq_base"), Some(&V::F32(10_000.0)));
+    assert_eq!(g.alignment(), 32);
+}
+
+#[test]
+fn unpermute_inverts_permute() {
+    let data: Vec<f32> = (0..(3 * 8 * 5)).map(|i| i as f32).collect();
+    let p = needle_loader::gguf::permute_rows(&data, 3, 8, 5);
+    assert_ne!(p, data);
+    assert_eq!(needle_loader::gguf::unpermute_rows(&p, 3, 8, 5), data);
+    // Within a head, GGUF row 2i+s holds HF row s*half+i: rows 0,4,1,5,2,6,3,7.
+    let rows: Vec<f32> = p.chunks(5).take(8).map(|r| r[0] / 5.0).collect();
+    assert_eq!(rows, [0.0, 4.0, 1.0, 5.0, 2.0, 6.0, 3.0, 7.0]);
+}
