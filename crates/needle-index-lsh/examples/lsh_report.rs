@@ -161,7 +161,7 @@ fn inclusion_check(dim: usize, keys: &[f32], q: &[f32]) -> needle_core::Result<(
             }
         }
         println!(
-            "   t = {t}: chi² = {chi2:.1} on {dof} keys (expected {dof} ± {:.0}); {} rarer keys pooled: \
+            "   t = {t}: chi² = {chi2:.1} on {dof} keys (mean {dof} if u is right; ± {:.0} only for independent keys, clustered keys widen it); {} rarer keys pooled: \
              seen {rare_seen} times, expected {rare_expected:.1}",
             (2.0 * dof as f64).sqrt(),
             n - dof
