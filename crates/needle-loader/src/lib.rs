@@ -20,6 +20,7 @@
 //! assert_eq!(wq.shape, [cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size]);
 //! let tok = ckpt.tokenizer()?;
 //! let ids = tok.encode(&tok.chat_prompt(None, "Hi"), false)?;
+//! assert_eq!(tok.token_to_id("<|im_start|>"), Some(ids[0]));
 //! # Ok::<(), needle_loader::Error>(())
 //! ```
 #![warn(missing_docs)]

@@ -34,7 +34,8 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 /// Special tokens llama.cpp also treats as end of generation.
-const EOG_NAMES: [&str; 6] = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<end_of_turn>", "<|end_of_text|>"];
+const EOG_NAMES: [&str; 6] =
+    ["<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<end_of_turn>", "<|end_of_text|>"];
 
 /// llama.cpp's byte-level pre-tokenizers by `tokenizer.ggml.pre`, as HF pre-tokenizer JSON.
 fn pre_tokenizer(pre: &str) -> Option<Json> {
@@ -63,7 +64,13 @@ fn pre_tokenizer(pre: &str) -> Option<Json> {
 }
 
 impl Tokenizer {
-    fn new(inner: tokenizers::Tokenizer, bos: Option<u32>, manual_bos: bool, mut eos: Vec<u32>, source: String) -> Self {
+    fn new(
+        inner: tokenizers::Tokenizer,
+        bos: Option<u32>,
+        manual_bos: bool,
+        mut eos: Vec<u32>,
+        source: String,
+    ) -> Self {
         // Like llama.cpp, also stop on end-of-turn special tokens the config does not list.
         for name in EOG_NAMES {
             if let Some(id) = inner.token_to_id(name)

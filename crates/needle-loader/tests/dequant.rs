@@ -1,5 +1,6 @@
 //! Dequantisation of each ggml type: against gguf-py on random blocks (fixture), against plain
 //! per-element references written from the block layouts, and through quantise/dequantise.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -18,10 +19,20 @@ fn run(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
 fn matches_gguf_py_on_random_blocks() {
     let fixture: serde_json::Value = serde_json::from_str(include_str!("fixtures/gguf_reference.json")).unwrap();
     let blocks = fixture["blocks"].as_object().unwrap();
-    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::Q6_K] {
+    for ty in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
         let e = &blocks[ty.name];
         let hex = e["hex"].as_str().unwrap();
-        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
         let got = run(ty, &bytes);
         let want: Vec<f32> = e["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         assert_eq!(got.len(), want.len(), "{}", ty.name);
@@ -76,16 +87,19 @@ fn q6_k_ref(b: &[u8], i: usize) -> f32 {
 #[test]
 fn k_quants_match_plain_reference() {
     let mut rng = StdRng::seed_from_u64(42);
-    for (ty, offs, reference) in [
-        (GgmlType::Q4_K, vec![0, 2], q4_k_ref as fn(&[u8], usize) -> f32),
-        (GgmlType::Q6_K, vec![208], q6_k_ref),
-    ] {
+    for (ty, offs, reference) in
+        [(GgmlType::Q4_K, vec![0, 2], q4_k_ref as fn(&[u8], usize) -> f32), (GgmlType::Q6_K, vec![208], q6_k_ref)]
+    {
         let bytes = random_blocks(&mut rng, ty, 20, &offs);
         let got = run(ty, &bytes);
         for (bi, blk) in bytes.chunks_exact(ty.block_bytes).enumerate() {
             for i in 0..256 {
                 let want = reference(blk, i);
-                assert!((got[bi * 256 + i] - want).abs() <= 1e-6 * want.abs().max(1e-3), "{} block {bi} [{i}]", ty.name);
+                assert!(
+                    (got[bi * 256 + i] - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                    "{} block {bi} [{i}]",
+                    ty.name
+                );
             }
         }
     }
@@ -125,7 +139,9 @@ fn quantise_round_trip_within_tolerance() {
     // Large enough to take the parallel path too.
     for n in [64usize, 32 * 5000] {
         let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        for (ty, id) in [(GgmlType::F16, 1), (GgmlType::Q8_0, 8), (GgmlType::Q4_0, 2), (GgmlType::Q4_1, 3), (GgmlType::F32, 0)] {
+        for (ty, id) in
+            [(GgmlType::F16, 1), (GgmlType::Q8_0, 8), (GgmlType::Q4_0, 2), (GgmlType::Q4_1, 3), (GgmlType::F32, 0)]
+        {
             let got = run(ty, &encode(id, &x));
             let worst = got.iter().zip(&x).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst <= tolerance(id, 1.0), "{} n={n}: {worst}", ty.name);
@@ -145,7 +161,16 @@ fn rejects_bad_lengths_and_unsupported_types() {
 
 #[test]
 fn named_types_agree_with_the_id_table() {
-    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::Q6_K] {
+    for ty in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
         assert_eq!(GgmlType::from_id(ty.id), Some(ty));
         assert!(ty.can_dequantize());
     }

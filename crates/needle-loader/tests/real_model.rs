@@ -1,5 +1,6 @@
 //! Tests on the real SmolLM2-135M-Instruct Q4_1 GGUF, against values gguf-py computed
 //! (`tests/reference/make_gguf_fixture.py` → `tests/fixtures/gguf_reference.json`).
+#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 
@@ -160,12 +161,49 @@ fn tokenizer_vocab_and_round_trip() {
         let mut out = String::new();
         for &id in &ids {
             if let Some(s) = stream.push(id).unwrap() {
+                assert!(!s.contains('\u{FFFD}'), "partial character emitted for {text:?}: {s:?}");
                 out.push_str(&s);
             }
         }
         assert_eq!(out, text);
     }
+    // The crab is four bytes over several byte-level tokens: nothing comes out until the last.
+    let crab = tok.encode("🦀", false).unwrap();
+    assert!(crab.len() > 1, "{crab:?}");
+    let mut stream = tok.decode_stream();
+    let outs: Vec<_> = crab.iter().map(|&id| stream.push(id).unwrap()).collect();
+    assert!(outs[..outs.len() - 1].iter().all(Option::is_none), "{outs:?}");
+    assert_eq!(outs.last().unwrap().as_deref(), Some("🦀"));
     // Special-token text stays text when special parsing is off.
     let plain = tok.encode_with("<|im_start|>", false, false).unwrap();
     assert!(plain.len() > 1 && !plain.contains(&1), "{plain:?}");
+}
+
+/// `tests/fixtures/tokenizer_cases.json` at the repository root: llama.cpp's ids on this GGUF.
+#[test]
+fn tokenizer_matches_llama_cpp_cases() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer_cases.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let fixture: Value = serde_json::from_str(&text).unwrap();
+    let ck = open(&model_path()).unwrap();
+    let tok = ck.tokenizer().unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    let mut failures = Vec::new();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let special = case.get("special").and_then(Value::as_bool).unwrap_or(false);
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let got = tok.encode_with(text, false, special).unwrap();
+        if got != want {
+            failures.push(format!("{text:?} (special={special}): got {got:?}, llama.cpp {want:?}"));
+            continue;
+        }
+        let detok = case.get("detokenized").and_then(Value::as_str).unwrap_or(text);
+        let back = tok.decode(&got).unwrap();
+        if back != detok {
+            failures.push(format!("{text:?}: decodes to {back:?}, llama.cpp {detok:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }

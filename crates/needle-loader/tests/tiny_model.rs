@@ -1,5 +1,6 @@
 //! A tiny random Llama written as GGUF (mixed F32/F16/Q8_0/Q4_0/Q4_1, Q/K permuted like
 //! llama.cpp) and as a Hugging Face safetensors folder must load to the same config and tensors.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -69,7 +70,9 @@ fn tied_embeddings_and_generation_config() {
     assert!(h.config().tie_word_embeddings);
     assert_eq!(h.config().eos_token_ids, [2, 0]);
     for ck in [&g, &h] {
-        assert!(matches!(ck.tensor("lm_head.weight"), Err(Error::MissingTensor { ref tensor, .. }) if tensor == "lm_head.weight"));
+        assert!(
+            matches!(ck.tensor("lm_head.weight"), Err(Error::MissingTensor { ref tensor, .. }) if tensor == "lm_head.weight")
+        );
     }
 }
 
@@ -85,7 +88,10 @@ fn tokenizers_agree() {
         assert_eq!(a, th.encode(text, false).unwrap(), "{text}");
         assert_eq!(tg.decode(&a).unwrap(), text);
     }
-    assert_eq!(tg.encode("Hello world", false).unwrap(), [tg.token_to_id("Hello").unwrap(), tg.token_to_id("Ġworld").unwrap()]);
+    assert_eq!(
+        tg.encode("Hello world", false).unwrap(),
+        [tg.token_to_id("Hello").unwrap(), tg.token_to_id("Ġworld").unwrap()]
+    );
     assert_eq!(tg.encode("<|im_start|>", false).unwrap(), [1]);
     assert_eq!(tg.eos_ids(), [2, 0]);
     assert_eq!(th.eos_ids(), [2, 0]);

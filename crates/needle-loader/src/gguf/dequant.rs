@@ -17,7 +17,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// Converts `bytes` of type `ty` into `out`. Returns `false` (and leaves `out` alone) when the
 /// type is unsupported or the lengths disagree; callers check both beforehand for good errors.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
-    if !ty.can_dequantize() || out.len() % ty.block_elems != 0 {
+    if !ty.can_dequantize() || !out.len().is_multiple_of(ty.block_elems) {
         return false;
     }
     let blocks = out.len() / ty.block_elems;

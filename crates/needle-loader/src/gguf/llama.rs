@@ -80,10 +80,6 @@ pub fn permute_rows(data: &[f32], n_head: usize, head_dim: usize, cols: usize) -
     out
 }
 
-/// Token names llama.cpp also treats as end-of-generation when they are control tokens.
-const EOG_NAMES: [&str; 6] =
-    ["<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<end_of_turn>", "<|end_of_text|>"];
-
 impl GgufFile {
     fn need(&self, key: &str) -> Result<&Value> {
         self.get(key).ok_or_else(|| Error::MissingMetadata { path: self.path.clone(), key: key.into() })

@@ -381,14 +381,14 @@ impl GgufFile {
                 .iter()
                 .try_fold(1u64, |a, &d| a.checked_mul(d))
                 .ok_or_else(|| invalid("element count overflows".into()))?;
-            if ne[0] % ty.block_elems as u64 != 0 {
+            if !ne[0].is_multiple_of(ty.block_elems as u64) {
                 return Err(invalid(format!(
                     "row length {} is not a multiple of the {} block size {}",
                     ne[0], ty.name, ty.block_elems
                 )));
             }
             let size = ty.bytes_for(n).ok_or_else(|| invalid("byte size overflows".into()))?;
-            if rel % alignment != 0 {
+            if !rel.is_multiple_of(alignment) {
                 return Err(invalid(format!("data offset {rel} is not aligned to {alignment}")));
             }
             let offset = data_offset.checked_add(rel);

@@ -350,7 +350,12 @@ impl TinyModel {
                 } else {
                     data.clone()
                 };
-                RawTensor { name: gname, ne: shape.iter().rev().map(|&d| d as u64).collect(), ty: *ty, bytes: encode(*ty, &data) }
+                RawTensor {
+                    name: gname,
+                    ne: shape.iter().rev().map(|&d| d as u64).collect(),
+                    ty: *ty,
+                    bytes: encode(*ty, &data),
+                }
             })
             .collect()
     }
@@ -421,7 +426,9 @@ impl TinyModel {
                 chunk.iter().map(|(n, s, d, _)| (n.clone(), s.clone(), f32_bytes(d))).collect();
             let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
                 .iter()
-                .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+                .map(|(n, s, b)| {
+                    (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+                })
                 .collect();
             safetensors::serialize_to_file(views, None, &hf.join(&file)).unwrap();
             for (n, ..) in chunk {
