@@ -147,3 +147,52 @@ fn unpermute_inverts_permute() {
     let rows: Vec<f32> = p.chunks(5).take(8).map(|r| r[0] / 5.0).collect();
     assert_eq!(rows, [0.0, 4.0, 1.0, 5.0, 2.0, 6.0, 3.0, 7.0]);
 }
+
+#[test]
+fn safetensors_folder_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel::new(12);
+    let (_, hf) = model.write_both(dir.path(), 1);
+    let st = hf.join("model.safetensors");
+    let good = std::fs::read(&st).unwrap();
+
+    std::fs::write(&st, &good[..good.len() - 10]).unwrap();
+    let e = open(&hf).unwrap_err();
+    assert!(matches!(e, Error::Safetensors { ref path, .. } if path.ends_with("model.safetensors")), "{e}");
+
+    // An I32 tensor under a weight name: a named, unsupported dtype.
+    let ints = vec![0u8; 4 * HIDDEN];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![HIDDEN], &ints).unwrap();
+    safetensors::serialize_to_file([("model.norm.weight", view)], None, &st).unwrap();
+    let ck = open(&hf).unwrap();
+    let e = ck.tensor("model.norm.weight").unwrap_err();
+    assert!(matches!(e, Error::UnsupportedTensorType { ref tensor, .. } if tensor == "model.norm.weight"), "{e}");
+    assert!(matches!(ck.tensor("model.embed_tokens.weight"), Err(Error::MissingTensor { .. })));
+
+    std::fs::remove_file(hf.join("config.json")).unwrap();
+    assert!(matches!(open(&hf), Err(Error::NotACheckpoint { .. })));
+    std::fs::write(hf.join("config.json"), "{\"hidden_size\": 64}").unwrap();
+    assert!(matches!(open(&hf), Err(Error::Json { .. })));
+}
+
+#[test]
+fn hf_config_defaults_and_llama3_scaling() {
+    let json = r#"{"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "rms_norm_eps": 1e-5, "eos_token_id": [2, 3],
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#;
+    let c = needle_loader::LlamaConfig::from_hf_json(json, "config.json".as_ref()).unwrap();
+    assert_eq!((c.num_key_value_heads, c.head_dim, c.rope_theta), (4, 16, 10_000.0));
+    assert!(!c.tie_word_embeddings);
+    assert_eq!(c.eos_token_ids, [2, 3]);
+    let s = c.rope_scaling.unwrap();
+    assert_eq!(
+        (s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings),
+        (8.0, 1.0, 4.0, 8192)
+    );
+    let bad = json.replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 4, \"num_key_value_heads\": 3");
+    assert!(matches!(
+        needle_loader::LlamaConfig::from_hf_json(&bad, "config.json".as_ref()),
+        Err(Error::InvalidConfig(_))
+    ));
+}
