@@ -182,3 +182,36 @@ fn bad_config_metadata() {
     let e = open(&write(dir.path(), "nokey.gguf", &b)).unwrap_err();
     assert!(matches!(e, Error::MissingMetadata { ref key, .. } if key == "llama.block_count"), "{e}");
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        /// Random byte changes in the header, metadata and tensor infos: opening, reading every
+        /// tensor and building the tokenizer may fail, but only with an error.
+        #[test]
+        fn random_header_corruption_never_panics(edits in proptest::collection::vec((0usize..1 << 20, any::<u8>()), 1..5)) {
+            let model = TinyModel::new(6);
+            let (mut bytes, lay) = model.gguf_bytes();
+            for (pos, val) in edits {
+                let pos = pos % (lay.infos_end + 32);
+                bytes[pos] = val;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let path = write(dir.path(), "fuzz.gguf", &bytes);
+            if let Ok(ck) = open(&path) {
+                for (name, ..) in &model.tensors {
+                    let _ = ck.tensor(name);
+                }
+                if let Ok(tok) = ck.tokenizer() {
+                    let ids = tok.encode("Hello world 12", true).unwrap_or_default();
+                    let _ = tok.decode(&ids);
+                }
+                let _ = ck.describe();
+            }
+        }
+    }
+}
