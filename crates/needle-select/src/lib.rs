@@ -1,0 +1,54 @@
+//! # needle-select
+//!
+//! Built-in [`AttentionSelector`](needle_core::AttentionSelector)s: per layer and KV head,
+//! which keys of the dynamic part (between the attention sinks and the recent window) a decode
+//! query group attends to.
+//!
+//! | spec name | selector |
+//! |---|---|
+//! | `full`, `dense` | every token, densely ([`needle_core::FullSelector`]) |
+//! | `streaming` | StreamingLLM: sinks + window only ([`StreamingFactory`]) |
+//! | `oracle` | exact top-k or mass target: the upper bound ([`OracleFactory`]) |
+//! | `retrieval` | RetrievalAttention: top-k from any vector index ([`RetrievalFactory`]) |
+//!
+//! Every selector defaults to the static part of RetrievalAttention (128 sinks + 512 window)
+//! so that selectors compared at their defaults differ only in what they pick.
+//!
+//! ## Features
+//! - `graph` (default): RoarGraph and HNSW indexes (`retrieval:index=graph|hnsw`).
+//! - `ivfpq` (default): IVF-PQ (`retrieval:index=ivfpq`).
+//! - `lsh` (default): SimHash LSH (`retrieval:index=lsh`).
+//!
+//! ## Usage
+//! ```
+//! use needle_core::{BuildContext, HeadId, Rows, Selection};
+//! let dim = 4;
+//! let keys: Vec<f32> = (0..64 * dim).map(|i| ((i * 37 % 11) as f32 - 5.0) / 5.0).collect();
+//! let rows = Rows::new("keys", &keys, dim)?;
+//! let spec = needle_select::parse("oracle:k=5,sinks=4,window=8")?;
+//! let mut sel = spec.factory.create(HeadId { layer: 0, kv_head: 0 }, dim)?;
+//! let dynamic = sel.static_part().dynamic_range(64);
+//! sel.build(&BuildContext { head: HeadId { layer: 0, kv_head: 0 }, keys: &rows, dynamic: dynamic.clone(), train_queries: &[], scale: 0.5 })?;
+//! let mut out = Selection::default();
+//! sel.select(&[1.0, 0.0, 0.5, -0.5], &rows, dynamic, &spec.budget, &mut out)?;
+//! assert_eq!(out.ids.len(), 5);
+//! # Ok::<(), needle_core::Error>(())
+//! ```
+#![warn(missing_docs)]
+#![doc(test(attr(deny(warnings))))]
+
+mod common;
+mod index;
+mod oracle;
+mod retrieval;
+mod spec;
+mod streaming;
+#[cfg(test)]
+mod testutil;
+
+pub use common::{DEFAULT_SINKS, DEFAULT_WINDOW};
+pub use index::{INDEXES, index_factory};
+pub use oracle::{OracleFactory, OracleSelector};
+pub use retrieval::{DEFAULT_MIN_INDEX, GroupCombine, RetrievalFactory, RetrievalSelector};
+pub use spec::{DEFAULT_K, DEFAULT_TRAIN_POSITIONS, SELECTORS, SelectorSpec, parse};
+pub use streaming::{StreamingFactory, StreamingSelector};

@@ -1,0 +1,468 @@
+//! RetrievalAttention (Liu et al., arXiv 2409.10516): static sinks + window, plus the top-k
+//! keys of the dynamic part found by a vector index built after prefill from the dynamic keys
+//! and a sample of prefill queries (the query-aware RoarGraph by default).
+
+use std::ops::Range;
+
+use needle_core::{
+    AttentionSelector, Budget, BuildContext, BuildStats, Error, HeadId, Result, RowSource, SearchParams, Selection,
+    SelectorFactory, StaticPart, VectorIndex, check_len,
+};
+
+use crate::common::{
+    Frame, apply_budget, check_dynamic, check_group, dedup_ids, default_scale, full_cost, group_max, keep_top,
+};
+use crate::index::{index_factory, resolve};
+
+/// Below this many dynamic keys the selector scans them exactly instead of building an index:
+/// a graph search at its default beam scores a few thousand keys anyway, and IVF/PQ training
+/// needs more points than that.
+pub const DEFAULT_MIN_INDEX: usize = 1024;
+
+/// How one retrieval serves the query heads of a GQA group (one index per KV head).
+///
+/// Measured on attention-like synthetic data (`examples/gqa_combine.rs`: 3 query heads per KV
+/// head, dim 64, 16 K dynamic keys, k = 100, RoarGraph32): recall of the group's true top-k
+/// (top-k by `max_h q_h·k`) at equal keys scanned is highest for [`GroupCombine::Rerank`],
+/// which is therefore the default; [`GroupCombine::Mean`] loses keys that only one head wants,
+/// and [`GroupCombine::Split`] spends `k/g` per head and misses the group's shared top keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GroupCombine {
+    /// Each query searches `⌈k/g⌉`; the union is the selection.
+    Split,
+    /// One search with the mean of the group's queries.
+    Mean,
+    /// Each query searches `k`; the union is re-ranked exactly by `max_h q_h·k`, best `k` kept.
+    #[default]
+    Rerank,
+}
+
+impl GroupCombine {
+    /// Every strategy, for sweeps.
+    pub const ALL: [GroupCombine; 3] = [GroupCombine::Split, GroupCombine::Mean, GroupCombine::Rerank];
+
+    /// The spec name (`split`, `mean`, `rerank`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            GroupCombine::Split => "split",
+            GroupCombine::Mean => "mean",
+            GroupCombine::Rerank => "rerank",
+        }
+    }
+
+    /// Parses a spec name.
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| Error::invalid("combine", format!("unknown `{s}`; valid: split, mean, rerank")))
+    }
+}
+
+/// Makes [`RetrievalSelector`]s; spec `retrieval:index=graph,k=100,effort=128,combine=rerank`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetrievalFactory {
+    frame: Frame,
+    index: String,
+    effort: Option<usize>,
+    combine: GroupCombine,
+    min_index: usize,
+}
+
+impl RetrievalFactory {
+    /// Retrieval with the index `index` (a name or factory string, see
+    /// [`index_factory`](crate::index_factory)); checked here, so a missing feature errors early.
+    pub fn new(index: &str) -> Result<Self> {
+        resolve(index)?;
+        Ok(Self {
+            frame: Frame::default(),
+            index: index.trim().to_string(),
+            effort: None,
+            combine: GroupCombine::default(),
+            min_index: DEFAULT_MIN_INDEX,
+        })
+    }
+    /// Sets the static part.
+    pub fn with_static(mut self, sinks: usize, window: usize) -> Self {
+        self.frame = Frame { sinks, window };
+        self
+    }
+    /// Sets the index's effort knob (`SearchParams::effort`).
+    pub fn with_effort(mut self, effort: Option<usize>) -> Self {
+        self.effort = effort;
+        self
+    }
+    /// Sets how the GQA group's queries are combined.
+    pub fn with_combine(mut self, combine: GroupCombine) -> Self {
+        self.combine = combine;
+        self
+    }
+    /// Sets the dynamic size below which keys are scanned exactly (see [`DEFAULT_MIN_INDEX`]).
+    pub fn with_min_index(mut self, min_index: usize) -> Self {
+        self.min_index = min_index;
+        self
+    }
+
+    fn describe_opts(&self) -> String {
+        let mut s = format!("index={},combine={},{}", self.index, self.combine.name(), self.frame.describe());
+        if let Some(e) = self.effort {
+            s += &format!(",effort={e}");
+        }
+        if self.min_index != DEFAULT_MIN_INDEX {
+            s += &format!(",min_index={}", self.min_index);
+        }
+        s
+    }
+}
+
+impl SelectorFactory for RetrievalFactory {
+    fn describe(&self) -> String {
+        format!("retrieval:{}", self.describe_opts())
+    }
+    fn create(&self, head: HeadId, dim: usize) -> Result<Box<dyn AttentionSelector>> {
+        Ok(Box::new(RetrievalSelector::new(self.clone(), head, dim)?))
+    }
+}
+
+/// Top-k retrieval from a [`VectorIndex`] over the dynamic part.
+///
+/// Index ids are dense in insertion order and mapped to positions. Until the dynamic part
+/// holds `min_index` keys the selector scans it exactly and builds the index once it grows past
+/// that; positions that reach `select` before `insert` are scanned exactly too, so a selection
+/// never misses a key only because it is not indexed yet.
+pub struct RetrievalSelector {
+    cfg: RetrievalFactory,
+    head: HeadId,
+    dim: usize,
+    scale: f32,
+    index: Box<dyn VectorIndex>,
+    built: bool,
+    /// Position of each index id.
+    positions: Vec<u32>,
+    /// Positions the selector knows of (indexed once `built`).
+    covered: Range<u32>,
+    /// Training queries, kept only while the build is deferred.
+    train: Vec<f32>,
+    params: SearchParams,
+    cands: Vec<(u32, f32)>,
+    mean: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+impl RetrievalSelector {
+    /// A selector for `head` over vectors of `dim` floats.
+    pub fn new(cfg: RetrievalFactory, head: HeadId, dim: usize) -> Result<Self> {
+        let index = index_factory(dim, &cfg.index)?;
+        Ok(Self {
+            params: SearchParams { effort: cfg.effort },
+            cfg,
+            head,
+            dim,
+            scale: default_scale(dim),
+            index,
+            built: false,
+            positions: Vec::new(),
+            covered: 0..0,
+            train: Vec::new(),
+            cands: Vec::new(),
+            mean: Vec::new(),
+            rows: Vec::new(),
+        })
+    }
+
+    /// True once the index holds the dynamic part (false while it is scanned exactly).
+    pub fn is_indexed(&self) -> bool {
+        self.built
+    }
+
+    /// The index in use.
+    pub fn index(&self) -> &dyn VectorIndex {
+        self.index.as_ref()
+    }
+
+    /// Builds a fresh index over the covered positions.
+    fn build_index(&mut self, keys: &dyn RowSource) -> Result<BuildStats> {
+        self.rows.clear();
+        for p in self.covered.clone() {
+            self.rows.extend_from_slice(keys.row(p as usize));
+        }
+        self.index = index_factory(self.dim, &self.cfg.index)?;
+        let train = if self.train.is_empty() { None } else { Some(self.train.as_slice()) };
+        let stats = self.index.build(&self.rows, train)?;
+        self.positions = self.covered.clone().collect();
+        self.built = true;
+        self.train = Vec::new();
+        self.rows = Vec::new();
+        tracing::debug!(layer = self.head.layer, kv_head = self.head.kv_head, keys = stats.vectors, index = %self.index.describe(), "retrieval index built");
+        Ok(stats)
+    }
+
+    /// Learns every position up to `end` (exclusive), in order.
+    fn extend_to(&mut self, keys: &dyn RowSource, end: u32) -> Result<()> {
+        if end <= self.covered.end {
+            return Ok(());
+        }
+        keys.check_id("keys", end - 1)?;
+        if self.built {
+            self.rows.clear();
+            for p in self.covered.end..end {
+                self.rows.extend_from_slice(keys.row(p as usize));
+            }
+            let ids = self.index.insert(&self.rows)?;
+            check_len("index ids after insert", self.positions.len(), ids.start as usize)?;
+            self.positions.extend(self.covered.end..end);
+            self.covered.end = end;
+        } else {
+            self.covered.end = end;
+            if self.covered.len() >= self.cfg.min_index.max(1) {
+                self.build_index(keys)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Index candidates for the group, as `(position, score)`, scored per `combine`.
+    fn search(
+        &mut self,
+        queries: &[f32],
+        keys: &dyn RowSource,
+        k: usize,
+        exact_scores: bool,
+    ) -> Result<needle_core::SearchStats> {
+        let (dim, g) = (self.dim, queries.len() / self.dim);
+        let k = k.min(self.index.len());
+        let mut stats;
+        match self.cfg.combine {
+            GroupCombine::Mean => {
+                self.mean.clear();
+                self.mean.resize(dim, 0.0);
+                for q in queries.chunks_exact(dim) {
+                    self.mean.iter_mut().zip(q).for_each(|(m, &x)| *m += x / g as f32);
+                }
+                let r = self.index.search(&self.mean, k, &self.params)?;
+                self.push_hits(&r.labels, &r.scores)?;
+                stats = r.stats;
+            }
+            GroupCombine::Split | GroupCombine::Rerank => {
+                let kq = if self.cfg.combine == GroupCombine::Split { k.div_ceil(g) } else { k };
+                let r = self.index.search(queries, kq, &self.params)?;
+                self.push_hits(&r.labels, &r.scores)?;
+                stats = r.stats;
+                dedup_ids(&mut self.cands);
+            }
+        }
+        if self.cfg.combine == GroupCombine::Rerank || exact_scores {
+            for c in &mut self.cands {
+                c.1 = group_max(queries, dim, keys.row(c.0 as usize));
+            }
+            // Each candidate key is read once and scored against the whole group.
+            stats += full_cost(self.cands.len(), dim);
+        }
+        Ok(stats)
+    }
+
+    fn push_hits(&mut self, labels: &[u32], scores: &[f32]) -> Result<()> {
+        for (&l, &s) in labels.iter().zip(scores) {
+            if l == needle_core::NO_LABEL {
+                continue;
+            }
+            let p = *self.positions.get(l as usize).ok_or_else(|| Error::OutOfRange {
+                what: "index label".into(),
+                id: l.into(),
+                len: self.positions.len(),
+            })?;
+            self.cands.push((p, s));
+        }
+        Ok(())
+    }
+}
+
+impl AttentionSelector for RetrievalSelector {
+    fn name(&self) -> String {
+        format!("retrieval:{}", self.cfg.describe_opts())
+    }
+    fn static_part(&self) -> StaticPart {
+        self.cfg.frame.static_part()
+    }
+    fn build(&mut self, ctx: &BuildContext<'_>) -> Result<BuildStats> {
+        check_len("keys dim", self.dim, ctx.keys.dim())?;
+        check_dynamic(ctx.keys, &ctx.dynamic)?;
+        if !ctx.train_queries.is_empty() {
+            needle_core::check_batch("train_queries", ctx.train_queries, self.dim)?;
+        }
+        self.scale = ctx.scale;
+        self.built = false;
+        self.positions.clear();
+        self.covered = ctx.dynamic.clone();
+        self.train = ctx.train_queries.to_vec();
+        if self.covered.len() >= self.cfg.min_index.max(1) {
+            self.build_index(ctx.keys)
+        } else {
+            Ok(BuildStats { vectors: self.covered.len(), train_queries: 0, seconds: 0.0, bytes: self.memory_bytes() })
+        }
+    }
+    fn insert(&mut self, keys: &dyn RowSource, position: u32) -> Result<()> {
+        if self.covered.is_empty() && !self.built {
+            // Nothing known yet (a context that was all static at build): start here.
+            self.covered = position..position;
+        }
+        self.extend_to(keys, position + 1)
+    }
+    fn select(
+        &mut self,
+        queries: &[f32],
+        keys: &dyn RowSource,
+        dynamic: Range<u32>,
+        budget: &Budget,
+        out: &mut Selection,
+    ) -> Result<()> {
+        out.clear();
+        check_group(queries, self.dim)?;
+        check_dynamic(keys, &dynamic)?;
+        if dynamic.is_empty() {
+            return Ok(());
+        }
+        let k = budget.max_ids().min(dynamic.len());
+        let mass = matches!(budget, Budget::Mass { .. });
+        self.cands.clear();
+        let indexed = if self.built && !self.index.is_empty() { self.covered.clone() } else { 0..0 };
+        if !indexed.is_empty() {
+            out.stats = self.search(queries, keys, k, mass)?;
+            self.cands.retain(|c| dynamic.contains(&c.0));
+        }
+        // Positions of the dynamic part that the index does not hold are scanned exactly.
+        let before = dynamic.start..indexed.start.clamp(dynamic.start, dynamic.end);
+        let after = indexed.end.clamp(dynamic.start, dynamic.end)..dynamic.end;
+        let unindexed = before.len() + after.len();
+        if unindexed > 0 {
+            let dim = self.dim;
+            for p in before.chain(after) {
+                self.cands.push((p, group_max(queries, dim, keys.row(p as usize))));
+            }
+            out.stats += full_cost(unindexed, dim);
+        }
+        if mass {
+            apply_budget(&mut self.cands, budget, self.scale);
+        } else {
+            keep_top(&mut self.cands, k);
+        }
+        out.ids.extend(self.cands.iter().map(|c| c.0));
+        Ok(())
+    }
+    fn memory_bytes(&self) -> usize {
+        let own = self.positions.capacity() * 4 + self.train.capacity() * 4;
+        own + if self.built { self.index.memory_bytes() } else { 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oracle::OracleFactory;
+    use crate::testutil::{HEAD, assert_dense, attention_like, built, select, true_topk, uniform};
+    use needle_core::metrics::recall;
+    use needle_core::{PagedRows, Rows};
+
+    fn factory(index: &str) -> RetrievalFactory {
+        RetrievalFactory::new(index).unwrap().with_static(8, 32).with_min_index(64)
+    }
+
+    #[test]
+    fn flat_index_equals_the_oracle_and_whole_budget_is_dense() {
+        let data = uniform(400, 6, 16, 4);
+        let mut sel = built(&factory("flat"), &data);
+        let mut oracle = built(&OracleFactory::new(8, 32), &data);
+        let n_dyn = sel.static_part().dynamic_range(400).len();
+        for group in data.queries.chunks_exact(3 * 16) {
+            for k in [1, 10, 57] {
+                let a = select(sel.as_mut(), &data, group, Budget::TopK(k));
+                let b = select(oracle.as_mut(), &data, group, Budget::TopK(k));
+                assert_eq!(a.ids, b.ids, "k={k}");
+            }
+            let s = select(sel.as_mut(), &data, group, Budget::TopK(n_dyn));
+            assert_eq!(s.ids.len(), n_dyn);
+            assert_dense(sel.as_ref(), &data, group, &s, 1e-9);
+        }
+    }
+
+    #[test]
+    fn small_dynamic_parts_are_scanned_exactly_until_the_index_pays() {
+        let data = uniform(100, 3, 8, 5);
+        let mut sel = built(&factory("graph").with_min_index(1000), &data);
+        let n_dyn = sel.static_part().dynamic_range(100).len();
+        let s = select(sel.as_mut(), &data, &data.queries, Budget::TopK(n_dyn));
+        assert_dense(sel.as_ref(), &data, &data.queries, &s, 1e-9);
+    }
+
+    fn recall_of(index: &str, effort: Option<usize>) -> f64 {
+        let (n, dim, k) = (3000, 64, 50);
+        let data = attention_like(n, 600, 30, dim, 6);
+        let mut sel = built(&factory(index).with_effort(effort), &data);
+        let dynamic = sel.static_part().dynamic_range(n);
+        let groups = data.queries.chunks_exact(3 * dim);
+        let total: f64 = groups
+            .clone()
+            .map(|g| {
+                recall(&select(sel.as_mut(), &data, g, Budget::TopK(k)).ids, &true_topk(&data, g, dynamic.clone(), k))
+            })
+            .sum();
+        total / groups.len() as f64
+    }
+
+    #[cfg(feature = "graph")]
+    #[test]
+    fn graph_recall_of_the_true_top_k() {
+        let r = recall_of("graph", None);
+        assert!(r > 0.8, "RoarGraph recall {r}");
+    }
+
+    #[cfg(feature = "ivfpq")]
+    #[test]
+    fn ivfpq_recall_of_the_true_top_k() {
+        let r = recall_of("IVF32,PQ16", Some(8));
+        assert!(r > 0.8, "IVF-PQ recall {r}");
+    }
+
+    #[test]
+    fn inserted_tokens_become_selectable() {
+        for index in ["flat", "graph"] {
+            let dim = 16;
+            let data = uniform(300, 3, dim, 7);
+            let mut keys = PagedRows::new(dim, 64).unwrap();
+            keys.extend_from_slice(&data.keys).unwrap();
+            let f = factory(index);
+            let mut sel = f.create(HEAD, dim).unwrap();
+            let sp = sel.static_part();
+            let dynamic = sp.dynamic_range(keys.len());
+            let ctx = BuildContext { head: HEAD, keys: &keys, dynamic, train_queries: &data.train, scale: 0.25 };
+            sel.build(&ctx).unwrap();
+            // A key aligned with the query arrives, then leaves the window.
+            let q = &data.queries[..dim];
+            let special: Vec<f32> = q.iter().map(|x| 10.0 * x).collect();
+            let pos = keys.push(&special).unwrap();
+            for _ in 0..sp.window {
+                keys.push(&data.keys[..dim]).unwrap();
+            }
+            let before = sp.dynamic_range(301).end;
+            for p in before..sp.dynamic_range(keys.len()).end {
+                sel.insert(&keys, p).unwrap();
+            }
+            let mut out = Selection::default();
+            sel.select(q, &keys, sp.dynamic_range(keys.len()), &Budget::TopK(5), &mut out).unwrap();
+            assert_eq!(out.ids.first(), Some(&pos), "{index}");
+        }
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        assert!(RetrievalFactory::new("annoy").is_err());
+        let data = uniform(100, 3, 8, 8);
+        let mut sel = built(&factory("flat"), &data);
+        let keys = Rows::new("k", &data.keys, 8).unwrap();
+        let mut out = Selection::default();
+        let r = sel.select(&[1.0; 7], &keys, 8..68, &Budget::TopK(3), &mut out);
+        assert!(matches!(r, Err(Error::DimensionMismatch { .. })));
+        let r = sel.select(&[1.0; 8], &keys, 8..200, &Budget::TopK(3), &mut out);
+        assert!(matches!(r, Err(Error::OutOfRange { .. })));
+    }
+}

@@ -1,0 +1,242 @@
+//! Selector specs: `name[:key=value,...]`, e.g. `retrieval:index=graph,k=100`, parsed into a
+//! factory plus the budget and model settings that go with it.
+
+use needle_core::{Budget, Error, FullSelector, Result, SelectorFactory};
+
+use crate::common::Frame;
+use crate::oracle::OracleFactory;
+use crate::retrieval::{GroupCombine, RetrievalFactory};
+use crate::streaming::StreamingFactory;
+
+/// Selector names with a one-line description, for help text.
+pub const SELECTORS: &[(&str, &str)] = &[
+    ("full", "dense attention over every token"),
+    ("dense", "alias of full"),
+    ("streaming", "StreamingLLM: attention sinks + recent window, nothing selected"),
+    ("oracle", "exact top-k (or mass target) over the dynamic part: the upper bound of any index"),
+    ("retrieval", "RetrievalAttention: sinks + window + top-k from a vector index (index=graph|hnsw|ivfpq|lsh|flat)"),
+];
+
+/// Keys every selecting spec accepts.
+const COMMON: &[&str] = &["k", "mass", "sinks", "window", "dense_layers", "train_positions"];
+
+/// Default `k` of a spec.
+pub const DEFAULT_K: usize = 100;
+/// Default number of prefill positions whose queries train the selectors.
+pub const DEFAULT_TRAIN_POSITIONS: usize = 4096;
+
+/// A parsed spec: the factory and the settings the model runs it with.
+pub struct SelectorSpec {
+    /// Makes one selector per layer and KV head.
+    pub factory: Box<dyn SelectorFactory>,
+    /// Dynamic-part budget of every selector (`k`, or `mass` with `k` as cap).
+    pub budget: Budget,
+    /// The first `dense_layers` layers attend to everything.
+    pub dense_layers: usize,
+    /// At most this many prefill positions contribute training queries.
+    pub train_positions: usize,
+}
+
+impl std::fmt::Debug for SelectorSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SelectorSpec")
+            .field("factory", &self.factory.describe())
+            .field("budget", &self.budget)
+            .field("dense_layers", &self.dense_layers)
+            .field("train_positions", &self.train_positions)
+            .finish()
+    }
+}
+
+/// Options of one spec, consumed by name.
+pub(crate) struct Options {
+    name: String,
+    opts: Vec<(String, String)>,
+}
+
+impl Options {
+    /// Splits `name[:k=v,...]`; names are case-insensitive, keys are not.
+    pub(crate) fn split(spec: &str) -> Result<Self> {
+        let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
+        let name = name.trim().to_ascii_lowercase();
+        if name.is_empty() {
+            return Err(Error::invalid("selector", format!("empty selector name in `{spec}`; valid: {}", names())));
+        }
+        let mut opts: Vec<(String, String)> = Vec::new();
+        for kv in rest.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| Error::invalid(format!("{name} option `{kv}`"), "options are key=value"))?;
+            let k = k.trim().to_string();
+            if opts.iter().any(|(o, _)| *o == k) {
+                return Err(Error::invalid(format!("{name} option `{k}`"), "given twice"));
+            }
+            opts.push((k, v.trim().to_string()));
+        }
+        Ok(Self { name, opts })
+    }
+
+    /// Errors on any key outside `allowed`, listing the valid ones.
+    pub(crate) fn only(&self, allowed: &[&str]) -> Result<()> {
+        match self.opts.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+            None => Ok(()),
+            Some((k, _)) => Err(Error::invalid(
+                format!("{} option `{k}`", self.name),
+                format!(
+                    "unknown; valid options: {}",
+                    if allowed.is_empty() { "none".into() } else { allowed.join(", ") }
+                ),
+            )),
+        }
+    }
+
+    pub(crate) fn str(&self, key: &str) -> Option<&str> {
+        self.opts.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    pub(crate) fn usize(&self, key: &str, default: usize) -> Result<usize> {
+        match self.str(key) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| {
+                Error::invalid(format!("{} option `{key}`", self.name), format!("`{v}` is not a whole number"))
+            }),
+        }
+    }
+
+    pub(crate) fn f32(&self, key: &str) -> Result<Option<f32>> {
+        match self.str(key) {
+            None => Ok(None),
+            Some(v) => match v.parse::<f32>() {
+                Ok(x) if x.is_finite() => Ok(Some(x)),
+                _ => Err(Error::invalid(format!("{} option `{key}`", self.name), format!("`{v}` is not a number"))),
+            },
+        }
+    }
+
+    pub(crate) fn frame(&self) -> Result<Frame> {
+        let d = Frame::default();
+        Ok(Frame { sinks: self.usize("sinks", d.sinks)?, window: self.usize("window", d.window)? })
+    }
+
+    /// `k` (default 100), or `mass` in `(0, 1]` with `k` as the cap.
+    pub(crate) fn budget(&self) -> Result<Budget> {
+        let k = self.usize("k", DEFAULT_K)?;
+        if k == 0 {
+            return Err(Error::invalid(format!("{} option `k`", self.name), "must be at least 1"));
+        }
+        match self.f32("mass")? {
+            None => Ok(Budget::TopK(k)),
+            Some(t) if t > 0.0 && t <= 1.0 => Ok(Budget::Mass { target: t, max: k }),
+            Some(t) => Err(Error::invalid(format!("{} option `mass`", self.name), format!("{t} is not in (0, 1]"))),
+        }
+    }
+
+    fn spec(&self, factory: Box<dyn SelectorFactory>, budget: Budget) -> Result<SelectorSpec> {
+        Ok(SelectorSpec {
+            factory,
+            budget,
+            dense_layers: self.usize("dense_layers", 0)?,
+            train_positions: self.usize("train_positions", DEFAULT_TRAIN_POSITIONS)?,
+        })
+    }
+}
+
+fn names() -> String {
+    SELECTORS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
+fn with(extra: &[&'static str]) -> Vec<&'static str> {
+    COMMON.iter().chain(extra).copied().collect()
+}
+
+/// Parses a selector spec `name[:key=value,...]`.
+///
+/// Common keys: `k` (top-k budget, default 100), `mass` (share of attention mass to capture,
+/// with `k` as the cap), `sinks`, `window`, `dense_layers`, `train_positions`. Each selector
+/// adds its own (see the crate docs). Unknown names or keys give
+/// [`Error::InvalidParameter`] listing the valid ones.
+///
+/// ```
+/// let s = needle_select::parse("retrieval:index=flat,k=50,sinks=4,window=64")?;
+/// assert_eq!(s.budget, needle_core::Budget::TopK(50));
+/// assert!(needle_select::parse("retrieval:nope=1").is_err());
+/// # Ok::<(), needle_core::Error>(())
+/// ```
+pub fn parse(spec: &str) -> Result<SelectorSpec> {
+    let o = Options::split(spec)?;
+    match o.name.as_str() {
+        "full" | "dense" => {
+            o.only(&["dense_layers", "train_positions"])?;
+            o.spec(Box::new(FullSelector), Budget::TopK(1))
+        }
+        "streaming" => {
+            o.only(&["sinks", "window", "dense_layers", "train_positions"])?;
+            let f = o.frame()?;
+            o.spec(Box::new(StreamingFactory::new(f.sinks, f.window)), Budget::TopK(1))
+        }
+        "oracle" => {
+            o.only(COMMON)?;
+            let f = o.frame()?;
+            o.spec(Box::new(OracleFactory::new(f.sinks, f.window)), o.budget()?)
+        }
+        "retrieval" => {
+            o.only(&with(&["index", "effort", "combine", "min_index"]))?;
+            let f = o.frame()?;
+            let effort = match o.str("effort") {
+                None => None,
+                Some(_) => Some(o.usize("effort", 0)?).filter(|&e| e > 0),
+            };
+            let combine = o.str("combine").map(GroupCombine::parse).transpose()?.unwrap_or_default();
+            let factory = RetrievalFactory::new(o.str("index").unwrap_or("graph"))?
+                .with_static(f.sinks, f.window)
+                .with_effort(effort)
+                .with_combine(combine)
+                .with_min_index(o.usize("min_index", crate::retrieval::DEFAULT_MIN_INDEX)?);
+            o.spec(Box::new(factory), o.budget()?)
+        }
+        other => Err(Error::invalid("selector", format!("unknown selector `{other}`; valid: {}", names()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_parses_with_defaults_and_describe_round_trips() {
+        for (name, _) in SELECTORS {
+            if *name == "policy" {
+                continue;
+            }
+            let s = parse(name).unwrap();
+            assert_eq!(s.dense_layers, 0);
+            assert_eq!(s.train_positions, DEFAULT_TRAIN_POSITIONS);
+            let d = s.factory.describe();
+            assert_eq!(parse(&d).unwrap().factory.describe(), d, "{name}");
+        }
+        assert_eq!(parse("oracle").unwrap().budget, Budget::TopK(DEFAULT_K));
+        let s = parse("retrieval:index=graph,k=100,sinks=128,window=512,dense_layers=2").unwrap();
+        assert_eq!((s.budget, s.dense_layers), (Budget::TopK(100), 2));
+        let s = parse(" Oracle : mass=0.9, k=300 , train_positions=64").unwrap();
+        assert_eq!((s.budget, s.train_positions), (Budget::Mass { target: 0.9, max: 300 }, 64));
+        assert!(parse("streaming:sinks=4,window=512").unwrap().factory.describe().contains("sinks=4"));
+    }
+
+    #[test]
+    fn bad_names_and_keys_list_the_valid_ones() {
+        let e = parse("nope").unwrap_err();
+        assert!(matches!(e, Error::InvalidParameter { .. }));
+        assert!(SELECTORS.iter().all(|(n, _)| e.to_string().contains(n)), "{e}");
+        let e = parse("retrieval:ef=3").unwrap_err().to_string();
+        assert!(e.contains("ef") && e.contains("index") && e.contains("effort") && e.contains("sinks"), "{e}");
+        assert!(parse("full:k=3").is_err());
+        assert!(parse("oracle:k=0").is_err());
+        assert!(parse("oracle:k=ten").is_err());
+        assert!(parse("oracle:mass=1.5").is_err());
+        assert!(parse("oracle:k=1,k=2").is_err());
+        assert!(parse("oracle:k").is_err());
+        assert!(parse("retrieval:index=annoy").unwrap_err().to_string().contains("ivfpq"));
+        assert!(parse("retrieval:combine=vote").unwrap_err().to_string().contains("rerank"));
+        assert!(parse("").is_err());
+    }
+}
