@@ -10,6 +10,8 @@
 //! | `streaming` | StreamingLLM: sinks + window only ([`StreamingFactory`]) |
 //! | `oracle` | exact top-k or mass target: the upper bound ([`OracleFactory`]) |
 //! | `retrieval` | RetrievalAttention: top-k from any vector index ([`RetrievalFactory`]) |
+//! | `quest` | Quest: pages with min/max bounds ([`QuestFactory`]) |
+//! | `block` | InfLLM: blocks with representative keys ([`BlockFactory`]) |
 //!
 //! Every selector defaults to the static part of RetrievalAttention (128 sinks + 512 window)
 //! so that selectors compared at their defaults differ only in what they pick.
@@ -37,18 +39,22 @@
 #![warn(missing_docs)]
 #![doc(test(attr(deny(warnings))))]
 
+mod block;
 mod common;
 mod index;
 mod oracle;
+mod quest;
 mod retrieval;
 mod spec;
 mod streaming;
 #[cfg(test)]
 mod testutil;
 
+pub use block::{BlockFactory, BlockSelector, DEFAULT_BLOCK, DEFAULT_REPS};
 pub use common::{DEFAULT_SINKS, DEFAULT_WINDOW};
 pub use index::{INDEXES, index_factory};
 pub use oracle::{OracleFactory, OracleSelector};
+pub use quest::{DEFAULT_PAGE, QuestFactory, QuestSelector, page_bound};
 pub use retrieval::{DEFAULT_MIN_INDEX, GroupCombine, RetrievalFactory, RetrievalSelector};
 pub use spec::{DEFAULT_K, DEFAULT_TRAIN_POSITIONS, SELECTORS, SelectorSpec, parse};
 pub use streaming::{StreamingFactory, StreamingSelector};

@@ -3,8 +3,10 @@
 
 use needle_core::{Budget, Error, FullSelector, Result, SelectorFactory};
 
+use crate::block::BlockFactory;
 use crate::common::Frame;
 use crate::oracle::OracleFactory;
+use crate::quest::QuestFactory;
 use crate::retrieval::{GroupCombine, RetrievalFactory};
 use crate::streaming::StreamingFactory;
 
@@ -15,6 +17,8 @@ pub const SELECTORS: &[(&str, &str)] = &[
     ("streaming", "StreamingLLM: attention sinks + recent window, nothing selected"),
     ("oracle", "exact top-k (or mass target) over the dynamic part: the upper bound of any index"),
     ("retrieval", "RetrievalAttention: sinks + window + top-k from a vector index (index=graph|hnsw|ivfpq|lsh|flat)"),
+    ("quest", "Quest: pages of `page` keys with min/max bounds; top pages by upper bound"),
+    ("block", "InfLLM: blocks of `block` tokens with `reps` representative keys; top blocks"),
 ];
 
 /// Keys every selecting spec accepts.
@@ -193,6 +197,19 @@ pub fn parse(spec: &str) -> Result<SelectorSpec> {
                 .with_combine(combine)
                 .with_min_index(o.usize("min_index", crate::retrieval::DEFAULT_MIN_INDEX)?);
             o.spec(Box::new(factory), o.budget()?)
+        }
+        "quest" => {
+            o.only(&with(&["page"]))?;
+            let f = o.frame()?;
+            let q = QuestFactory::new(f.sinks, f.window, o.usize("page", crate::quest::DEFAULT_PAGE)?)?;
+            o.spec(Box::new(q), o.budget()?)
+        }
+        "block" => {
+            o.only(&with(&["block", "reps"]))?;
+            let f = o.frame()?;
+            let b = o.usize("block", crate::block::DEFAULT_BLOCK)?;
+            let r = o.usize("reps", crate::block::DEFAULT_REPS)?;
+            o.spec(Box::new(BlockFactory::new(f.sinks, f.window, b, r)?), o.budget()?)
         }
         other => Err(Error::invalid("selector", format!("unknown selector `{other}`; valid: {}", names()))),
     }
