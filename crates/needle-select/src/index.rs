@@ -98,13 +98,17 @@ mod tests {
 
     #[test]
     fn names_and_factory_strings_resolve() {
-        for (name, spec, _) in INDEXES {
+        for (name, spec, feature) in INDEXES {
+            if let Err(e) = resolve(name) {
+                assert!(e.to_string().contains(&format!("`{feature}` feature")), "{e}");
+                continue;
+            }
             let idx = index_factory(64, name).unwrap();
             assert_eq!(idx.dim(), 64);
             let again = index_factory(64, spec).unwrap();
             assert_eq!(idx.describe().to_ascii_lowercase(), again.describe().to_ascii_lowercase(), "{name}");
         }
-        assert!(index_factory(8, "HNSW16").is_ok());
+        assert_eq!(index_factory(8, "HNSW16").is_ok(), cfg!(feature = "graph"));
         let e = index_factory(8, "annoy").err().unwrap().to_string();
         assert!(e.contains("graph") && e.contains("ivfpq") && e.contains("flat"), "{e}");
         assert!(index_factory(0, "flat").is_err());

@@ -12,6 +12,9 @@
 //! | `retrieval` | RetrievalAttention: top-k from any vector index ([`RetrievalFactory`]) |
 //! | `quest` | Quest: pages with min/max bounds ([`QuestFactory`]) |
 //! | `block` | InfLLM: blocks with representative keys ([`BlockFactory`]) |
+//! | `lsh-sample` | MagicPIG: LSH sampling with importance log-weights (`LshSampleFactory`, feature `lsh`) |
+//! | `tokenselect` | TokenSelect: soft voting across the group, selection cache ([`TokenSelectFactory`]) |
+//! | `policy` | per-head specs from a JSON file, DuoAttention-style ([`PolicyFactory`], [`rank_heads`]) |
 //!
 //! Every selector defaults to the static part of RetrievalAttention (128 sinks + 512 window)
 //! so that selectors compared at their defaults differ only in what they pick.
@@ -19,7 +22,7 @@
 //! ## Features
 //! - `graph` (default): RoarGraph and HNSW indexes (`retrieval:index=graph|hnsw`).
 //! - `ivfpq` (default): IVF-PQ (`retrieval:index=ivfpq`).
-//! - `lsh` (default): SimHash LSH (`retrieval:index=lsh`).
+//! - `lsh` (default): SimHash LSH (`retrieval:index=lsh`) and the `lsh-sample` selector.
 //!
 //! ## Usage
 //! ```
@@ -42,19 +45,27 @@
 mod block;
 mod common;
 mod index;
+#[cfg(feature = "lsh")]
+mod lsh_sample;
 mod oracle;
+mod policy;
 mod quest;
 mod retrieval;
 mod spec;
 mod streaming;
 #[cfg(test)]
 mod testutil;
+mod tokenselect;
 
 pub use block::{BlockFactory, BlockSelector, DEFAULT_BLOCK, DEFAULT_REPS};
 pub use common::{DEFAULT_SINKS, DEFAULT_WINDOW};
 pub use index::{INDEXES, index_factory};
+#[cfg(feature = "lsh")]
+pub use lsh_sample::{DEFAULT_BITS, DEFAULT_MIN_COLLISIONS, DEFAULT_TABLES, LshSampleFactory, LshSampleSelector};
 pub use oracle::{OracleFactory, OracleSelector};
+pub use policy::{HeadPolicy, HeadRule, PolicyFactory, rank_heads};
 pub use quest::{DEFAULT_PAGE, QuestFactory, QuestSelector, page_bound};
 pub use retrieval::{DEFAULT_MIN_INDEX, GroupCombine, RetrievalFactory, RetrievalSelector};
 pub use spec::{DEFAULT_K, DEFAULT_TRAIN_POSITIONS, SELECTORS, SelectorSpec, parse};
 pub use streaming::{StreamingFactory, StreamingSelector};
+pub use tokenselect::{CacheCounters, DEFAULT_THRESHOLD, TokenSelectFactory, TokenSelectSelector};

@@ -383,8 +383,7 @@ impl AttentionSelector for RetrievalSelector {
 mod tests {
     use super::*;
     use crate::oracle::OracleFactory;
-    use crate::testutil::{HEAD, assert_dense, attention_like, built, select, true_topk, uniform};
-    use needle_core::metrics::recall;
+    use crate::testutil::{HEAD, assert_dense, built, select, uniform};
     use needle_core::{PagedRows, Rows};
 
     fn factory(index: &str) -> RetrievalFactory {
@@ -412,13 +411,17 @@ mod tests {
     #[test]
     fn small_dynamic_parts_are_scanned_exactly_until_the_index_pays() {
         let data = uniform(100, 3, 8, 5);
-        let mut sel = built(&factory("graph").with_min_index(1000), &data);
+        let mut sel = built(&factory("flat").with_min_index(1000), &data);
+        assert!(!sel.name().is_empty());
         let n_dyn = sel.static_part().dynamic_range(100).len();
         let s = select(sel.as_mut(), &data, &data.queries, Budget::TopK(n_dyn));
         assert_dense(sel.as_ref(), &data, &data.queries, &s, 1e-9);
     }
 
+    #[cfg(any(feature = "graph", feature = "ivfpq"))]
     fn recall_of(index: &str, effort: Option<usize>, combine: GroupCombine) -> f64 {
+        use crate::testutil::{attention_like, true_topk};
+        use needle_core::metrics::recall;
         let (n, dim, k) = (3000, 64, 50);
         let data = attention_like(n, 600, 30, dim, 6);
         let mut sel = built(&factory(index).with_effort(effort).with_combine(combine), &data);
@@ -451,7 +454,10 @@ mod tests {
 
     #[test]
     fn inserted_tokens_become_selectable() {
-        for index in ["flat", "graph"] {
+        for index in ["flat", "graph", "ivfpq", "lsh"] {
+            if crate::index::resolve(index).is_err() {
+                continue; // not compiled in
+            }
             let dim = 16;
             let data = uniform(300, 3, dim, 7);
             let mut keys = PagedRows::new(dim, 64).unwrap();

@@ -6,9 +6,11 @@ use needle_core::{Budget, Error, FullSelector, Result, SelectorFactory};
 use crate::block::BlockFactory;
 use crate::common::Frame;
 use crate::oracle::OracleFactory;
+use crate::policy::{HeadPolicy, PolicyFactory};
 use crate::quest::QuestFactory;
 use crate::retrieval::{GroupCombine, RetrievalFactory};
 use crate::streaming::StreamingFactory;
+use crate::tokenselect::TokenSelectFactory;
 
 /// Selector names with a one-line description, for help text.
 pub const SELECTORS: &[(&str, &str)] = &[
@@ -19,6 +21,9 @@ pub const SELECTORS: &[(&str, &str)] = &[
     ("retrieval", "RetrievalAttention: sinks + window + top-k from a vector index (index=graph|hnsw|ivfpq|lsh|flat)"),
     ("quest", "Quest: pages of `page` keys with min/max bounds; top pages by upper bound"),
     ("block", "InfLLM: blocks of `block` tokens with `reps` representative keys; top blocks"),
+    ("lsh-sample", "MagicPIG: SimHash sampling with importance weights (needs the `lsh` feature)"),
+    ("tokenselect", "TokenSelect: per-head Q·K soft voting across the group, selection cache"),
+    ("policy", "per-head selectors from a JSON file (file=heads.json), DuoAttention-style"),
 ];
 
 /// Keys every selecting spec accepts.
@@ -145,6 +150,30 @@ impl Options {
     }
 }
 
+#[cfg(feature = "lsh")]
+fn lsh_sample(o: &Options) -> Result<SelectorSpec> {
+    use crate::lsh_sample::{DEFAULT_BITS, DEFAULT_MIN_COLLISIONS, DEFAULT_TABLES, LshSampleFactory};
+    let f = o.frame()?;
+    let seed = o.usize("seed", needle_index_lsh::DEFAULT_SEED as usize)? as u64;
+    let factory = LshSampleFactory::new(
+        f.sinks,
+        f.window,
+        o.usize("bits", DEFAULT_BITS)?,
+        o.usize("tables", DEFAULT_TABLES)?,
+        o.usize("min_collisions", DEFAULT_MIN_COLLISIONS)?,
+        seed,
+    )?;
+    o.spec(Box::new(factory), o.budget()?)
+}
+
+#[cfg(not(feature = "lsh"))]
+fn lsh_sample(_o: &Options) -> Result<SelectorSpec> {
+    Err(Error::invalid(
+        "selector",
+        "`lsh-sample` needs the `lsh` feature of needle-select, which this build was compiled without",
+    ))
+}
+
 fn names() -> String {
     SELECTORS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }
@@ -210,6 +239,24 @@ pub fn parse(spec: &str) -> Result<SelectorSpec> {
             let b = o.usize("block", crate::block::DEFAULT_BLOCK)?;
             let r = o.usize("reps", crate::block::DEFAULT_REPS)?;
             o.spec(Box::new(BlockFactory::new(f.sinks, f.window, b, r)?), o.budget()?)
+        }
+        "lsh-sample" => {
+            o.only(&with(&["bits", "tables", "min_collisions", "seed"]))?;
+            lsh_sample(&o)
+        }
+        "tokenselect" => {
+            o.only(&with(&["threshold"]))?;
+            let f = o.frame()?;
+            let t = o.f32("threshold")?.unwrap_or(crate::tokenselect::DEFAULT_THRESHOLD);
+            o.spec(Box::new(TokenSelectFactory::new(f.sinks, f.window, t)?), o.budget()?)
+        }
+        "policy" => {
+            o.only(&["file", "k", "mass", "dense_layers", "train_positions"])?;
+            let file = o.str("file").ok_or_else(|| {
+                Error::invalid("policy option `file`", "required: a JSON policy file (file=heads.json)")
+            })?;
+            let policy = HeadPolicy::load(std::path::Path::new(file))?;
+            o.spec(Box::new(PolicyFactory::new(policy)?), o.budget()?)
         }
         other => Err(Error::invalid("selector", format!("unknown selector `{other}`; valid: {}", names()))),
     }
