@@ -80,6 +80,23 @@ struct HeadCache {
     selection: Selection,
 }
 
+/// Post-RoPE queries recorded for chosen layers (for `needle trace` and fidelity checks).
+#[derive(Debug, Clone, Default)]
+pub struct QueryTrace {
+    /// The layers recorded, ascending.
+    pub layers: Vec<usize>,
+    /// Per recorded layer: prefill queries, row-major `positions × n_q_heads × dim`.
+    pub prefill: Vec<Vec<f32>>,
+    /// Per recorded layer: decode queries, row-major `steps × n_q_heads × dim`.
+    pub decode: Vec<Vec<f32>>,
+}
+
+impl QueryTrace {
+    fn slot(&self, layer: usize) -> Option<usize> {
+        self.layers.binary_search(&layer).ok()
+    }
+}
+
 /// KV cache plus selectors for one sequence.
 pub struct KvCache {
     heads: Vec<Vec<HeadCache>>,
@@ -88,6 +105,7 @@ pub struct KvCache {
     config: SelectionConfig,
     built: bool,
     train_stride: usize,
+    trace: Option<QueryTrace>,
     /// Decode cost so far.
     pub stats: DecodeStats,
 }
@@ -122,7 +140,52 @@ impl KvCache {
             }
             heads.push(row);
         }
-        Ok(Self { heads, gqa, head_dim, config, built: false, train_stride: 1, stats: DecodeStats::default() })
+        Ok(Self {
+            heads,
+            gqa,
+            head_dim,
+            config,
+            built: false,
+            train_stride: 1,
+            trace: None,
+            stats: DecodeStats::default(),
+        })
+    }
+
+    /// Records every query of `layers` from now on (prefill and decode).
+    pub fn trace_queries(&mut self, mut layers: Vec<usize>) -> Result<()> {
+        layers.sort_unstable();
+        layers.dedup();
+        if let Some(&bad) = layers.iter().find(|&&l| l >= self.heads.len()) {
+            return Err(Error::invalid("layers", format!("layer {bad} does not exist ({} layers)", self.heads.len())));
+        }
+        let n = layers.len();
+        self.trace = Some(QueryTrace { layers, prefill: vec![Vec::new(); n], decode: vec![Vec::new(); n] });
+        Ok(())
+    }
+
+    /// The queries recorded so far, if tracing.
+    pub fn query_trace(&self) -> Option<&QueryTrace> {
+        self.trace.as_ref()
+    }
+
+    /// True when queries of `layer` must be read back (training sample or trace).
+    pub(crate) fn wants_queries(&self, layer: usize) -> bool {
+        !self.built || self.trace.as_ref().is_some_and(|t| t.slot(layer).is_some())
+    }
+
+    /// Records queries of `layer` (`t × n_q_heads × dim`) for the trace and, during prefill,
+    /// the training sample.
+    pub(crate) fn observe_queries(&mut self, layer: usize, first_pos: usize, queries: &[f32]) {
+        let built = self.built;
+        if let Some(t) = self.trace.as_mut()
+            && let Some(i) = t.slot(layer)
+        {
+            if built { &mut t.decode[i] } else { &mut t.prefill[i] }.extend_from_slice(queries);
+        }
+        if !built {
+            self.record_queries(layer, first_pos, queries);
+        }
     }
 
     /// Tokens held.
@@ -194,11 +257,11 @@ impl KvCache {
 
     /// Keeps the queries of sampled prefill positions (`first_pos..first_pos + t`, row-major
     /// `t × n_q_heads × dim`) as training queries of their KV heads.
-    pub(crate) fn record_queries(&mut self, layer: usize, first_pos: usize, queries: &[f32]) {
+    fn record_queries(&mut self, layer: usize, first_pos: usize, queries: &[f32]) {
         let d = self.head_dim;
         let row = self.gqa.n_q_heads * d;
         for (i, q) in queries.chunks_exact(row).enumerate() {
-            if (first_pos + i) % self.train_stride != 0 {
+            if !(first_pos + i).is_multiple_of(self.train_stride) {
                 continue;
             }
             for (j, h) in self.heads[layer].iter_mut().enumerate() {

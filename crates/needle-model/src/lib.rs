@@ -31,7 +31,7 @@ mod rope;
 mod sampling;
 mod spec;
 
-pub use cache::{DecodeStats, KvCache, PAGE_SIZE, SelectionConfig};
+pub use cache::{DecodeStats, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate};
 pub use model::Llama;

@@ -184,13 +184,14 @@ impl<B: Backend> Llama<B> {
             let k = Self::rope(h.clone().matmul(b.wk.clone()).reshape([t, nkv, d]), &cos, &sin);
             let v = h.matmul(b.wv.clone());
             cache.append(l, &to_vec(k)?, &to_vec(v)?)?;
-            let attn: Tensor<B, 2> = if decode {
-                let out = cache.attend_decode(l, &to_vec(q)?, self.scale())?;
+            let q_host = if decode || cache.wants_queries(l) { Some(to_vec(q.clone())?) } else { None };
+            if let Some(qh) = &q_host {
+                cache.observe_queries(l, pos0, qh);
+            }
+            let attn: Tensor<B, 2> = if let (true, Some(qh)) = (decode, &q_host) {
+                let out = cache.attend_decode(l, qh, self.scale())?;
                 Tensor::from_data(TensorData::new(out, [1, nh * d]), &self.device)
             } else {
-                if !cache.is_built() {
-                    cache.record_queries(l, pos0, &to_vec(q.clone())?);
-                }
                 let q4 = q.reshape([1, t, nh, d]).swap_dims(1, 2);
                 let (k4, v4) = (self.cached(cache, l, false), self.cached(cache, l, true));
                 let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };

@@ -1,6 +1,7 @@
 //! The Burn model on the real SmolLM2 weights against references: an f64 forward pass written
 //! here in plain Rust, its own chunked and incremental paths, and llama.cpp's logits
 //! (fixtures from tests/reference/make_fixtures.py).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -1,0 +1,117 @@
+//! Shared by the commands: model loading, prompts, progress bars, memory readings.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use needle_model::{Cpu, KvCache, Llama, selector_from_spec};
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// `default` (SmolLM2-135M-Inpub struct Q4_1, fetched if absent), a .gguf file, or a Hugging Face folder.
+    #[arg(long, default_value = "default")]
+    pub model: String,
+}
+
+#[derive(Args)]
+pub struct PromptArgs {
+    /// Prompt text.
+    #[arg(long, conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt (e.g. a long document) from a file.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Keep only the first N tokens of the prompt text (before the question is added).
+    #[arg(long)]
+    pub context_tokens: Option<usize>,
+    /// A question appended after the prompt text.
+    #[arg(long)]
+    pub question: Option<String>,
+    /// Wrap the prompt in the model's ChatML template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    pub system: Option<String>,
+}
+
+pub fn model_path(spec: &str) -> Result<PathBuf> {
+    if spec == "default" {
+        return needle_fetch::ensure_default_model().context("getting the default model");
+    }
+    let p = PathBuf::from(spec);
+    if !p.exists() {
+        bail!("model `{spec}` not found: pass `default`, a .gguf file, or a Hugging Face folder");
+    }
+    Ok(p)
+}
+
+/// A loaded model and its tokenizer.
+pub struct Loaded {
+    pub model: Llama<Cpu>,
+    pub tokenizer: needle_loader::Tokenizer,
+}
+
+pub fn load(spec: &str) -> Result<Loaded> {
+    let path = model_path(spec)?;
+    let t = Instant::now();
+    let ck = needle_loader::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let model = Llama::<Cpu>::load(&ck, &Default::default())?;
+    let tokenizer = ck.tokenizer()?;
+    tracing::info!("loaded {} in {:.1}s", ck.describe(), t.elapsed().as_secs_f64());
+    Ok(Loaded { model, tokenizer })
+}
+
+pub fn prompt_tokens(p: &PromptArgs, tok: &needle_loader::Tokenizer) -> Result<Vec<u32>> {
+    let text = match (&p.prompt, &p.prompt_file) {
+        (Some(s), None) => s.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, None) => bail!("give --prompt or --prompt-file"),
+        (Some(_), Some(_)) => bail!("give only one of --prompt and --prompt-file"),
+    };
+    let mut text = text;
+    if let Some(n) = p.context_tokens {
+        let ids = tok.encode(&text, false)?;
+        if ids.len() > n {
+            text = tok.decode(&ids[..n])?;
+        }
+    }
+    if let Some(q) = &p.question {
+        text = format!("{text}\n\n{q}");
+    }
+    if p.chat {
+        text = tok.chat_prompt(p.system.as_deref(), &text);
+    }
+    let ids = tok.encode(&text, p.chat)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty after tokenization");
+    }
+    Ok(ids)
+}
+
+pub fn progress_bar(total: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len} tokens ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Peak resident memory of this process in bytes (Linux), if known.
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// An empty cache for `model` with the selector a spec names.
+pub fn new_cache(model: &Llama<Cpu>, spec: &str) -> Result<KvCache> {
+    let (factory, sel) = selector_from_spec(spec)?;
+    let cfg = model.config();
+    Ok(KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?)
+}

@@ -1,0 +1,117 @@
+//! `needle generate`: stream a generation and report speed, keys touched and memory.
+
+use std::io::Write;
+
+use anyhow::Result;
+use clap::Args;
+use needle_model::{GenerateConfig, SamplingConfig, generate};
+
+use crate::common::{Loaded, ModelArgs, PromptArgs, load, new_cache, peak_rss, progress_bar, prompt_tokens};
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Attention selector spec, e.g. `full`.
+    #[arg(long, default_value = "full")]
+    pub selector: String,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep the K most likely tokens when sampling.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Prefill chunk size in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub chunk: usize,
+    /// Print one JSON object (text, token ids, timings) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let Loaded { model, tokenizer } = load(&a.model.model)?;
+    let prompt = prompt_tokens(&a.prompt, &tokenizer)?;
+    let mut cache = new_cache(&model, &a.selector)?;
+    let gen_cfg = GenerateConfig {
+        max_tokens: a.max_tokens,
+        sampling: SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        stop: a.stop.clone(),
+        chunk: a.chunk,
+    };
+    if prompt.len() > model.max_positions() {
+        tracing::warn!(
+            "prompt of {} tokens is past the model's trained length of {}",
+            prompt.len(),
+            model.max_positions()
+        );
+    }
+    let pb = progress_bar(prompt.len(), "prefill");
+    let mut stdout = std::io::stdout();
+    let json = a.json;
+    let mut on_text = |s: &str| {
+        if !json {
+            let _ = write!(stdout, "{s}");
+            let _ = stdout.flush();
+        }
+    };
+    let out = generate(&model, &tokenizer, &prompt, &mut cache, &gen_cfg, &mut on_text, &mut |done, _| {
+        pb.set_position(done as u64);
+        if done == prompt.len() {
+            pb.finish_and_clear();
+        }
+    })?;
+    let (kv_bytes, sel_bytes) = cache.memory_bytes();
+    if json {
+        let v = serde_json::json!({
+            "model": a.model.model,
+            "selector": a.selector,
+            "prompt_tokens": out.prompt_tokens,
+            "text": out.text,
+            "token_ids": out.tokens,
+            "stop_reason": out.stop_reason,
+            "prefill_seconds": out.prefill_secs,
+            "decode_seconds": out.decode_secs,
+            "prefill_tokens_per_second": out.prefill_tps(),
+            "decode_tokens_per_second": out.decode_tps(),
+            "share_of_keys_touched": out.stats.share_touched(),
+            "stats": out.stats,
+            "kv_cache_bytes": kv_bytes,
+            "selector_bytes": sel_bytes,
+            "peak_rss_bytes": peak_rss(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!();
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        eprintln!(
+            "\n[needle] context {} tokens | prefill {:.1} tok/s ({:.2}s) | decode {:.1} tok/s ({} tokens, {:.2}s) | selector {} | keys touched {:.1}% | KV {:.0} MiB, selector {:.1} MiB, peak RSS {}",
+            out.prompt_tokens + out.tokens.len(),
+            out.prefill_tps(),
+            out.prefill_secs,
+            out.decode_tps(),
+            out.tokens.len(),
+            out.decode_secs,
+            a.selector,
+            100.0 * out.stats.share_touched(),
+            mib(kv_bytes as u64),
+            mib(sel_bytes as u64),
+            peak_rss().map_or("n/a".into(), |b| format!("{:.0} MiB", mib(b))),
+        );
+    }
+    Ok(())
+}
