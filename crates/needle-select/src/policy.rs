@@ -242,7 +242,7 @@ mod tests {
         let m: Vec<(HeadId, f64)> = (0..8)
             .map(|i| (HeadId { layer: i / 2, kv_head: i % 2 }, [0.1, 0.5, 0.05, 0.7, 0.2, 0.0, 0.3, 0.6][i]))
             .collect();
-        let p = rank_heads(&m, 0.25, "retrieval:k=64", "streaming").unwrap();
+        let p = rank_heads(&m, 0.25, "retrieval:index=flat,k=64", "streaming").unwrap();
         let got: Vec<(usize, usize)> = p.heads.iter().map(|r| (r.layer, r.kv_head)).collect();
         assert_eq!(got, vec![(1, 1), (3, 1)]);
         assert_eq!(p.default, "streaming");
