@@ -16,6 +16,17 @@
 //! | `tokenselect` | TokenSelect: soft voting across the group, selection cache ([`TokenSelectFactory`]) |
 //! | `policy` | per-head specs from a JSON file, DuoAttention-style ([`PolicyFactory`], [`rank_heads`]) |
 //!
+//! ## Specs
+//! [`parse`] reads `name[:key=value,...]`. Common keys: `k` (top-k budget, default 100),
+//! `mass` (share of attention mass, `k` the cap), `sinks`, `window`, `dense_layers`,
+//! `train_positions`. Per selector:
+//! - `retrieval`: `index` (`graph` default, `hnsw`, `ivfpq`, `lsh`, `flat`, or a factory string
+//!   such as `IVF64,PQ16`), `effort` (the index's `SearchParams::effort`), `combine`
+//!   (`rerank` default, `mean-rerank`, `mean`, `split`: see [`GroupCombine`]), `min_index`.
+//! - `quest`: `page` (16). `block`: `block` (128), `reps` (4).
+//! - `lsh-sample`: `bits`, `tables`, `min_collisions`, `seed`. `tokenselect`: `threshold` (0.9).
+//! - `policy`: `file` (a [`HeadPolicy`] as JSON). `streaming`: `sinks`, `window` only.
+//!
 //! Every selector defaults to the static part of RetrievalAttention (128 sinks + 512 window)
 //! so that selectors compared at their defaults differ only in what they pick.
 //!

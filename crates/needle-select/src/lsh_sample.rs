@@ -193,6 +193,9 @@ impl AttentionSelector for LshSampleSelector {
             }
         }
         let (n, k) = (self.picks.len(), budget.max_ids());
+        if k == 0 {
+            return Ok(());
+        }
         if n > k {
             let extra = (n as f64 / k as f64).ln() as f32;
             let keep = rand::seq::index::sample(&mut self.rng, n, k);

@@ -73,9 +73,18 @@ impl Options {
         }
         let mut opts: Vec<(String, String)> = Vec::new();
         for kv in rest.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| Error::invalid(format!("{name} option `{kv}`"), "options are key=value"))?;
+            let Some((k, v)) = kv.split_once('=') else {
+                // A piece without `=` continues the previous value: factory strings such as
+                // `index=IVF256,PQ16` hold commas.
+                match opts.last_mut() {
+                    Some((_, prev)) => {
+                        prev.push(',');
+                        prev.push_str(kv);
+                        continue;
+                    }
+                    None => return Err(Error::invalid(format!("{name} option `{kv}`"), "options are key=value")),
+                }
+            };
             let k = k.trim().to_string();
             if opts.iter().any(|(o, _)| *o == k) {
                 return Err(Error::invalid(format!("{name} option `{k}`"), "given twice"));
@@ -287,6 +296,11 @@ mod tests {
         let s = parse(" Oracle : mass=0.9, k=300 , train_positions=64").unwrap();
         assert_eq!((s.budget, s.train_positions), (Budget::Mass { target: 0.9, max: 300 }, 64));
         assert!(parse("streaming:sinks=4,window=512").unwrap().factory.describe().contains("sinks=4"));
+        if cfg!(feature = "ivfpq") {
+            let d = parse("retrieval:index=IVF64,PQ16,k=10").unwrap().factory.describe();
+            assert!(d.contains("index=IVF64,PQ16"), "{d}");
+            assert_eq!(parse(&d).unwrap().factory.describe(), d);
+        }
     }
 
     #[test]
@@ -302,6 +316,7 @@ mod tests {
         assert!(parse("oracle:mass=1.5").is_err());
         assert!(parse("oracle:k=1,k=2").is_err());
         assert!(parse("oracle:k").is_err());
+        assert!(parse("oracle:k=3,x").is_err()); // `3,x` is not a number
         assert!(parse("retrieval:index=annoy").unwrap_err().to_string().contains("ivfpq"));
         assert!(parse("retrieval:combine=vote").unwrap_err().to_string().contains("rerank"));
         assert!(parse("").is_err());
