@@ -30,6 +30,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod attention;
+pub mod decode;
 mod error;
 mod index;
 mod kv;

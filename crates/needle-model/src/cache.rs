@@ -4,9 +4,10 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use needle_core::decode::{GroupScratch, attend_group};
 use needle_core::{
     AttentionSelector, Budget, BuildContext, FullSelector, GqaLayout, HeadId, PagedRows, RowSource, SearchStats,
-    Selection, SelectorFactory, attend_selected,
+    Selection, SelectorFactory,
 };
 use rayon::prelude::*;
 
@@ -78,6 +79,7 @@ struct HeadCache {
     /// Prefill queries of this head's group at sampled positions, row-major.
     train_queries: Vec<f32>,
     selection: Selection,
+    scratch: GroupScratch,
 }
 
 /// Post-RoPE queries recorded for chosen layers (for `needle trace` and fidelity checks).
@@ -136,6 +138,7 @@ impl KvCache {
                     selector,
                     train_queries: Vec::new(),
                     selection: Selection::default(),
+                    scratch: GroupScratch::default(),
                 });
             }
             heads.push(row);
@@ -319,17 +322,12 @@ impl KvCache {
         })?;
         let t1 = Instant::now();
         let outs = self.heads[layer]
-            .par_iter()
+            .par_iter_mut()
             .enumerate()
             .map(|(j, h)| -> Result<Vec<f32>> {
+                let qg = &q[gqa.group(j).start * d..gqa.group(j).end * d];
                 let sp = h.selector.static_part();
-                let mut out = Vec::with_capacity(gqa.group_size() * d);
-                for qh in gqa.group(j) {
-                    let p =
-                        attend_selected::<f32>(&q[qh * d..(qh + 1) * d], &h.keys, &h.values, sp, &h.selection, scale)?;
-                    out.extend_from_slice(&p.out);
-                }
-                Ok(out)
+                Ok(attend_group(qg, &h.keys, &h.values, sp, &h.selection, scale, &mut h.scratch)?.to_vec())
             })
             .collect::<Result<Vec<_>>>()?;
         let t2 = Instant::now();

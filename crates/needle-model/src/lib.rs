@@ -6,6 +6,8 @@
 //! merged exactly by log-sum-exp. Full attention is the [`FullSelector`](needle_core::FullSelector).
 //!
 //! ## Features
+//! - `graph`, `ivfpq`, `lsh` (default): index crates that `retrieval:index=…` and `lsh-sample`
+//!   can use; a spec naming one that is not compiled in is an error naming the feature.
 //! - `cuda`: the `burn::backend::Cuda` backend (decode attention still runs on the host tier).
 //!
 //! ## Usage
@@ -37,7 +39,7 @@ pub use generate::{GenerateConfig, Generation, StopReason, generate};
 pub use model::Llama;
 pub use rope::Rope;
 pub use sampling::{Sampler, SamplingConfig, argmax};
-pub use spec::{SELECTORS, Spec, selector_from_spec};
+pub use spec::{SELECTORS, selector_from_spec};
 
 /// The CPU backend (burn's pure-Rust Flex).
 pub type Cpu = burn::backend::Flex;

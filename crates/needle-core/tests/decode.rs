@@ -1,0 +1,56 @@
+//! The decode fast path against the f64 reference, on fresh random input.
+
+use needle_core::decode::{GroupScratch, attend_group};
+use needle_core::{PagedRows, Selection, StaticPart, attend_selected};
+use proptest::prelude::*;
+
+proptest! {
+    #[test]
+    fn attend_group_equals_reference(
+        n in 1usize..300,
+        g in 1usize..4,
+        sinks in 0usize..8,
+        window in 0usize..64,
+        seed in any::<u64>(),
+        weighted in any::<bool>(),
+    ) {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let d = 16;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut keys = PagedRows::new(d, 32).unwrap();
+        let mut values = PagedRows::new(d, 32).unwrap();
+        for _ in 0..n {
+            let k: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let v: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
+            keys.push(&k).unwrap();
+            values.push(&v).unwrap();
+        }
+        let q: Vec<f32> = (0..g * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let sp = StaticPart { sinks, window };
+        let dynamic = sp.dynamic_range(n);
+        let ids: Vec<u32> = dynamic.clone().filter(|_| rng.random_bool(0.3)).collect();
+        let log_weights = if weighted { ids.iter().map(|_| rng.random_range(-1.0..1.0)).collect() } else { Vec::new() };
+        let sel = Selection { ids, log_weights, ..Default::default() };
+        let mut scratch = GroupScratch::default();
+        let out = attend_group(&q, &keys, &values, sp, &sel, 0.25, &mut scratch).unwrap();
+        for h in 0..g {
+            let want = attend_selected::<f64>(&q[h * d..(h + 1) * d], &keys, &values, sp, &sel, 0.25).unwrap();
+            for (a, b) in out[h * d..(h + 1) * d].iter().zip(&want.out) {
+                prop_assert!((*a as f64 - b).abs() < 1e-4, "{a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn selection_outside_the_dynamic_part_is_rejected() {
+    let mut keys = PagedRows::new(2, 4).unwrap();
+    for i in 0..10 {
+        keys.push(&[i as f32, 1.0]).unwrap();
+    }
+    let sp = StaticPart { sinks: 2, window: 4 };
+    let sel = Selection { ids: vec![8], ..Default::default() };
+    let mut s = GroupScratch::default();
+    assert!(attend_group(&[1.0, 0.0], &keys, &keys, sp, &sel, 1.0, &mut s).is_err());
+    assert!(attend_group(&[f32::NAN, 0.0], &keys, &keys, sp, &Selection::default(), 1.0, &mut s).is_err());
+}
