@@ -1,4 +1,0 @@
-//! # needle-cli
-//!
-//! The needle command line: generate, logits, trace, eval, bench.
-#![warn(missing_docs)]
