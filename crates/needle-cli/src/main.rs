@@ -3,6 +3,7 @@
 
 mod bench;
 mod common;
+mod eval;
 mod generate;
 mod logits;
 mod trace;
@@ -25,6 +26,8 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Record post-RoPE keys, prefill queries and decode queries into a safetensors file.
     Trace(trace::TraceArgs),
+    /// Selectors against full attention: fidelity, passkey, RULER-style tasks, cost.
+    Eval(eval::EvalArgs),
     /// Benchmarks (`needle bench index`, ...).
     Bench(bench::BenchArgs),
     /// Fetch the default model into the cache (as `cargo xtask fetch-model`).
@@ -42,6 +45,7 @@ fn main() -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Trace(a) => trace::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
         Command::FetchModel => {
             let p = needle_fetch::ensure_default_model()?;

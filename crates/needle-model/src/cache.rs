@@ -44,6 +44,8 @@ pub struct DecodeStats {
     pub keys_total: u64,
     /// Keys in the dynamic parts, summed the same way.
     pub keys_dynamic: u64,
+    /// Keys selected from the dynamic parts, summed the same way.
+    pub keys_selected: u64,
     /// What the selectors touched to choose.
     pub select: SearchStats,
     /// Wall time choosing keys.
@@ -62,13 +64,15 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, 
 }
 
 impl DecodeStats {
-    /// Share of context keys whose full vectors were read per step: attended keys plus keys
-    /// the selector scored at full precision, over the dense cost.
+    /// Share of context keys whose full vectors were read per step, over the dense cost: the
+    /// static part, plus the selected keys or the keys the selector scored at full precision,
+    /// whichever is more (exact scans score what they then attend).
     pub fn share_touched(&self) -> f64 {
         if self.keys_total == 0 {
             return 0.0;
         }
-        (self.keys_attended + self.select.full_scored) as f64 / self.keys_total as f64
+        let static_keys = self.keys_attended - self.keys_selected;
+        (static_keys + self.keys_selected.max(self.select.full_scored)) as f64 / self.keys_total as f64
     }
 }
 
@@ -107,6 +111,7 @@ pub struct KvCache {
     config: SelectionConfig,
     built: bool,
     train_stride: usize,
+    retain_training: bool,
     trace: Option<QueryTrace>,
     /// Decode cost so far.
     pub stats: DecodeStats,
@@ -150,9 +155,66 @@ impl KvCache {
             config,
             built: false,
             train_stride: 1,
+            retain_training: false,
             trace: None,
             stats: DecodeStats::default(),
         })
+    }
+
+    /// Keeps the training queries after the build, so that [`KvCache::fork`] can build other
+    /// selectors over the same prefill. Call before prefill.
+    pub fn retain_training_queries(&mut self) {
+        self.retain_training = true;
+    }
+
+    /// A copy of this prefilled cache with fresh selectors from `factory`, built over the same
+    /// keys and training queries: compares selectors without prefilling again. Needs
+    /// [`KvCache::retain_training_queries`] before the prefill (else the selectors train on no queries).
+    pub fn fork(&self, factory: &dyn SelectorFactory, config: SelectionConfig, scale: f32) -> Result<KvCache> {
+        if !self.built {
+            return Err(Error::State("fork needs a prefilled cache".into()));
+        }
+        if !self.retain_training {
+            tracing::warn!("forking a cache that did not retain training queries: selectors train on keys only");
+        }
+        let mut heads = Vec::with_capacity(self.heads.len());
+        for (layer, row) in self.heads.iter().enumerate() {
+            let mut out = Vec::with_capacity(row.len());
+            for (kv_head, h) in row.iter().enumerate() {
+                let head = HeadId { layer, kv_head };
+                let selector: Box<dyn AttentionSelector> = if layer < config.dense_layers {
+                    Box::new(FullSelector)
+                } else {
+                    factory.create(head, self.head_dim)?
+                };
+                out.push(HeadCache {
+                    keys: h.keys.clone(),
+                    values: h.values.clone(),
+                    selector,
+                    train_queries: h.train_queries.clone(),
+                    selection: Selection::default(),
+                    scratch: GroupScratch::default(),
+                });
+            }
+            heads.push(out);
+        }
+        let mut c = KvCache {
+            heads,
+            gqa: self.gqa,
+            head_dim: self.head_dim,
+            config,
+            built: false,
+            train_stride: self.train_stride,
+            retain_training: self.retain_training,
+            trace: self.trace.as_ref().map(|t| QueryTrace {
+                layers: t.layers.clone(),
+                prefill: t.prefill.clone(),
+                decode: vec![Vec::new(); t.layers.len()],
+            }),
+            stats: DecodeStats::default(),
+        };
+        c.build(scale)?;
+        Ok(c)
     }
 
     /// Records every query of `layers` from now on (prefill and decode).
@@ -278,6 +340,7 @@ impl KvCache {
         let start = Instant::now();
         let budget = self.config.budget;
         budget.validate(self.len())?;
+        let retain = self.retain_training;
         self.heads.par_iter_mut().enumerate().try_for_each(|(layer, row)| {
             row.par_iter_mut().enumerate().try_for_each(|(kv_head, h)| -> Result<()> {
                 let ctx = BuildContext {
@@ -288,7 +351,9 @@ impl KvCache {
                     scale,
                 };
                 h.selector.build(&ctx)?;
-                h.train_queries = Vec::new();
+                if !retain {
+                    h.train_queries = Vec::new();
+                }
                 Ok(())
             })
         })?;
@@ -340,6 +405,7 @@ impl KvCache {
             s.keys_total += n as u64;
             s.keys_dynamic += dynamic as u64;
             s.keys_attended += (n - dynamic + h.selection.ids.len()) as u64;
+            s.keys_selected += h.selection.ids.len() as u64;
             s.select += h.selection.stats;
         }
         Ok(outs.concat())
@@ -348,6 +414,11 @@ impl KvCache {
     /// Marks the end of a decode step (for per-step averages).
     pub(crate) fn finish_step(&mut self) {
         self.stats.steps += 1;
+    }
+
+    /// The static part of the selector serving a head.
+    pub fn static_part(&self, layer: usize, kv_head: usize) -> needle_core::StaticPart {
+        self.heads[layer][kv_head].selector.static_part()
     }
 
     /// The selection a head made at the last decode step (for fidelity measurements).
