@@ -106,6 +106,15 @@ pub struct EvalArgs {
     /// Write plots (PNG) into this folder.
     #[arg(long)]
     pub plot_dir: Option<PathBuf>,
+    /// Sweep: context lengths (`K` = 1024).
+    #[arg(long, value_delimiter = ',', value_parser = crate::sweep::parse_tokens, default_value = "4K,8K,16K,32K,64K,128K")]
+    pub sweep_contexts: Vec<usize>,
+    /// Sweep: keys and queries of one layer from a `needle trace` file instead of synthetic data.
+    #[arg(long)]
+    pub sweep_trace: Option<PathBuf>,
+    /// Sweep: decode steps timed per context and selector.
+    #[arg(long, default_value_t = 32)]
+    pub sweep_steps: usize,
 }
 
 /// Fidelity and cost of one selector against full attention.
@@ -171,6 +180,7 @@ struct Report {
     fidelity: Vec<FidelityRow>,
     passkey: Vec<TaskRow>,
     ruler: Vec<TaskRow>,
+    sweep: Option<crate::sweep::SweepReport>,
 }
 
 fn selector_list(s: &str) -> Result<Vec<String>> {
@@ -217,7 +227,20 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
     }
     if a.sweep {
-        bail!("--sweep: the context-length sweep is not wired in yet");
+        let args = crate::sweep::SweepArgs {
+            contexts: a.sweep_contexts.clone(),
+            selectors: selectors.clone(),
+            trace: a.sweep_trace.clone(),
+            steps: a.sweep_steps,
+            plot: a.plot_dir.as_ref().map(|d| d.join("sweep.png")),
+            ..Default::default()
+        };
+        if let Some(dir) = &a.plot_dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let sweep = crate::sweep::run(&args)?;
+        crate::sweep::finish(&args, &sweep)?;
+        report.sweep = Some(sweep);
     }
     if let Some(dir) = &a.plot_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

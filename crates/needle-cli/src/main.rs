@@ -6,6 +6,7 @@ mod common;
 mod eval;
 mod generate;
 mod logits;
+mod sweep;
 mod trace;
 
 use anyhow::Result;
