@@ -26,8 +26,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 
 /// Selector specs swept by default (`;`-separated because a spec may hold commas).
-pub const DEFAULT_SELECTORS: &str =
-    "full;streaming;oracle;retrieval;retrieval:index=ivfpq;retrieval:index=lsh;quest";
+pub const DEFAULT_SELECTORS: &str = "full;streaming;oracle;retrieval;retrieval:index=ivfpq;retrieval:index=lsh;quest";
 
 /// Shape of SmolLM2-135M attention, used for synthetic data.
 const SYNTH_SHAPE: Shape = Shape { n_q_heads: 9, n_kv_heads: 3, head_dim: 64 };
@@ -229,11 +228,8 @@ impl TraceLayer {
             .with_context(|| format!("--trace: {} is not a safetensors file", path.display()))?;
         let name = |t: &str| format!("layer.{layer}.{t}");
         if st.tensor(&name("keys")).is_err() {
-            let mut have: Vec<usize> = st
-                .names()
-                .iter()
-                .filter_map(|n| n.strip_prefix("layer.")?.split_once('.')?.0.parse().ok())
-                .collect();
+            let mut have: Vec<usize> =
+                st.names().iter().filter_map(|n| n.strip_prefix("layer.")?.split_once('.')?.0.parse().ok()).collect();
             have.sort_unstable();
             have.dedup();
             let have: Vec<String> = have.iter().map(ToString::to_string).collect();
@@ -523,6 +519,7 @@ fn gaussian_rows(n: usize, d: usize, std: f32, rng: &mut Rng) -> Result<PagedRow
 /// A measured row plus the attention outputs of every timed step (`steps × n_q × d`, for tests).
 struct Measured {
     row: SweepRow,
+    #[cfg_attr(not(test), allow(dead_code))] // read by the tests only
     outputs: Vec<f32>,
 }
 
@@ -811,6 +808,16 @@ pub fn print_table(report: &SweepReport) {
         println!("note: {n}");
     }
     println!("{}", table(report));
+    if let Some(&n) = report.contexts().last() {
+        let ratios: Vec<String> = report
+            .args
+            .selectors
+            .iter()
+            .skip(1) // `full` itself
+            .filter_map(|s| Some(format!("{s} {:.1}×", report.row(n, s)?.speedup?)))
+            .collect();
+        println!("speed-up over full at {}: {}", tokens(n), ratios.join(", "));
+    }
 }
 
 /// Two panels against context length (log 2): one layer's decode-attention time per step, and
@@ -841,9 +848,7 @@ pub fn plot(report: &SweepReport, path: &Path) -> Result<()> {
         "Decode attention, one layer ({} KV heads × {} query heads, dim {}), 1 thread; medians of {} steps",
         report.n_kv_heads, report.n_q_heads, report.head_dim, report.args.steps
     );
-    title
-        .draw(&Text::new(caption, (20, 15), ("sans-serif", 24).into_font()))
-        .map_err(|e| err(&e))?;
+    title.draw(&Text::new(caption, (20, 15), ("sans-serif", 24).into_font())).map_err(|e| err(&e))?;
     let (left, right) = body.split_horizontally(750);
     let fmt_x = |v: &f64| tokens(2f64.powf(*v).round() as usize);
 
@@ -865,8 +870,12 @@ pub fn plot(report: &SweepReport, path: &Path) -> Result<()> {
         .map_err(|e| err(&e))?;
     for (i, sel) in selectors.iter().enumerate() {
         let style = Palette99::pick(i).stroke_width(3);
-        let pts: Vec<(f64, f64)> =
-            report.rows.iter().filter(|r| r.selector == *sel && r.step_ms > 0.0).map(|r| (x(r.context), r.step_ms)).collect();
+        let pts: Vec<(f64, f64)> = report
+            .rows
+            .iter()
+            .filter(|r| r.selector == *sel && r.step_ms > 0.0)
+            .map(|r| (x(r.context), r.step_ms))
+            .collect();
         c.draw_series(LineSeries::new(pts.clone(), style))
             .map_err(|e| err(&e))?
             .label(sel.to_string())
@@ -1031,12 +1040,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.safetensors");
         write_trace(&p, 5, 700, 695);
-        let args = SweepArgs {
-            trace: Some(p.clone()),
-            layer: 9,
-            contexts: vec![1024, 2048],
-            ..small(&["full", "oracle"])
-        };
+        let args =
+            SweepArgs { trace: Some(p.clone()), layer: 9, contexts: vec![1024, 2048], ..small(&["full", "oracle"]) };
         let e = format!("{:#}", run(&args).unwrap_err());
         assert!(e.contains("--layer 9") && e.contains("traced layers: 5") && e.contains("t.safetensors"), "{e}");
         let args = SweepArgs { layer: 5, ..args };
