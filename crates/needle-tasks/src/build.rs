@@ -309,6 +309,10 @@ impl TaskSpec {
             let (mut n, mut sum) = (0usize, 0i64);
             loop {
                 if n == texts.len() {
+                    // Every unit holds a word; a counter that finds no tokens in them would never fill.
+                    if (n > 16 + 4 * length && sum == 0) || n > 16 + 64 * length {
+                        return Err(Error::invalid("count_tokens", "counts no tokens in the filler text"));
+                    }
                     let u = units.next_unit(&mut rng);
                     let c = match cache.get(&u) {
                         Some(&c) => c,

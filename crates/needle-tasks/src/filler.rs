@@ -33,7 +33,8 @@ pub enum Filler {
     /// haystack is not perfectly periodic.
     Sentences,
     /// A text (e.g. a book), whitespace-normalised and cut into sentences of at most 24 words;
-    /// each instance starts at a seeded sentence and wraps around.
+    /// each instance starts at a seeded sentence and wraps around. A Project Gutenberg header
+    /// and licence (outside the `*** START OF` / `*** END OF` lines) are left out.
     Text(Arc<str>),
 }
 
@@ -66,7 +67,7 @@ impl Units {
             Filler::Landmark => Units::Landmark(0),
             Filler::Sentences => Units::Sentences,
             Filler::Text(t) => {
-                let units = split_units(t);
+                let units = split_units(gutenberg_body(t));
                 if units.is_empty() {
                     return Err(Error::EmptyFiller);
                 }
@@ -106,6 +107,14 @@ impl Units {
     }
 }
 
+/// The part of a Project Gutenberg text between its `*** START OF` and `*** END OF` lines
+/// (the whole text when it has no such markers).
+fn gutenberg_body(text: &str) -> &str {
+    let start = text.find("*** START OF").map_or(0, |i| text[i..].find('\n').map_or(text.len(), |j| i + j + 1));
+    let end = text[start..].find("*** END OF").map_or(text.len(), |i| start + i);
+    &text[start..end]
+}
+
 /// Cuts `text` into units: sentences (ending in `.`, `!` or `?`, optionally followed by
 /// closing quotes or brackets), split further every [`MAX_UNIT_WORDS`] words.
 fn split_units(text: &str) -> Vec<String> {
@@ -138,6 +147,13 @@ mod tests {
         assert!(split_units(&long).iter().all(|s| s.split_whitespace().count() <= MAX_UNIT_WORDS));
         let mut rng = StdRng::seed_from_u64(0);
         assert!(matches!(Units::new(&Filler::text("  \n "), &mut rng), Err(Error::EmptyFiller)));
+    }
+
+    #[test]
+    fn gutenberg_boilerplate_is_left_out() {
+        let t = "Licence words.\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nStory.\n*** END OF THE PROJECT\nMore licence.";
+        assert_eq!(gutenberg_body(t).trim(), "Story.");
+        assert_eq!(gutenberg_body("Just a story."), "Just a story.");
     }
 
     #[test]

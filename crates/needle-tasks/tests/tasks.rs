@@ -186,6 +186,9 @@ fn bad_parameters_error_and_name_themselves() {
     assert!(matches!(e, Error::TooShort { target: 20, .. }), "{e}");
     let e = spec.instance(GridPoint { length: 1000, depth: 0.5, seed: 0 }, &Filler::text(""), &words).unwrap_err();
     assert_eq!(e, Error::EmptyFiller);
+    let zero = |s: &str| usize::from(s.contains("pass key"));
+    let e = spec.instance(GridPoint { length: 100, depth: 0.5, seed: 0 }, &Filler::Landmark, &zero).unwrap_err();
+    assert!(e.to_string().contains("count_tokens"), "{e}");
     let bad = TaskSpec::NiahMultikey { keys: 0 };
     assert!(bad.instance(GridPoint { length: 1000, depth: 0.5, seed: 0 }, &Filler::Landmark, &words).is_err());
 }
