@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use needle_core::decode::{GroupScratch, attend_group};
-use needle_core::{AttentionSelector, Budget, BuildContext, HeadId, PagedRows, RowSource, Selection};
+use needle_core::{AttentionSelector, Budget, BuildContext, HeadId, PagedRows, RowSource, Selection, StaticPart};
 use needle_model::{PAGE_SIZE, selector_from_spec};
 use plotters::prelude::*;
 use safetensors::{Dtype, SafeTensors};
@@ -304,6 +304,9 @@ impl Layer {
     fn len(&self) -> usize {
         self.keys.first().map_or(0, RowSource::len)
     }
+    fn scale(&self) -> f32 {
+        1.0 / (self.shape.head_dim as f32).sqrt()
+    }
 }
 
 /// A small seeded generator (splitmix64); enough for test data and resampling.
@@ -542,103 +545,165 @@ fn clamp(budget: Budget, dynamic: &Range<u32>) -> Budget {
     }
 }
 
-/// Builds `spec`'s selectors over `layer` and times `steps` decode steps on `pool`.
-fn measure(layer: &Layer, spec: &str, args: &SweepArgs, pool: &rayon::ThreadPool) -> Result<Measured> {
-    let (factory, cfg) = selector_from_spec(spec).with_context(|| format!("--selectors: `{spec}`"))?;
-    let (shape, n) = (layer.shape, layer.len());
-    let (d, g) = (shape.head_dim, shape.group());
-    // The model refuses budgets larger than the context before building (`KvCache::build`).
-    cfg.budget.validate(n).with_context(|| format!("--selectors: `{spec}` at a context of {n} keys"))?;
-    let scale = 1.0 / (d as f32).sqrt();
+/// One spec's selectors over a layer, built, with what its timed steps measured so far.
+struct Run {
+    spec: String,
+    describe: String,
+    budget: Budget,
+    sels: Vec<Box<dyn AttentionSelector>>,
+    static_part: StaticPart,
+    dynamic: Range<u32>,
+    build_s: f64,
+    selections: Vec<Selection>,
+    scratch: Vec<GroupScratch>,
+    select_ms: Vec<f64>,
+    attend_ms: Vec<f64>,
+    total_ms: Vec<f64>,
+    /// Ids, full-precision scores, codes, bytes read, keys touched: summed over heads and steps.
+    counts: [u64; 5],
+    outputs: Vec<f32>,
+}
 
-    let mut sels: Vec<Box<dyn AttentionSelector>> = Vec::with_capacity(shape.n_kv_heads);
-    let mut build_s = 0.0;
-    for (j, keys) in layer.keys.iter().enumerate() {
-        let head = HeadId { layer: args.layer, kv_head: j };
-        let mut sel = factory.create(head, d).with_context(|| format!("--selectors: `{spec}`"))?;
-        let ctx = BuildContext {
-            head,
-            keys,
-            dynamic: sel.static_part().dynamic_range(n),
-            train_queries: &layer.train[j],
-            scale,
-        };
-        let t = Instant::now();
-        sel.build(&ctx).with_context(|| format!("building `{spec}` for KV head {j} at {n} keys"))?;
-        build_s += t.elapsed().as_secs_f64();
-        sels.push(sel);
+impl Run {
+    /// Builds one selector per KV head as `KvCache::build` does (heads one after another).
+    fn build(layer: &Layer, spec: &str, args: &SweepArgs) -> Result<Self> {
+        let (factory, cfg) = selector_from_spec(spec).with_context(|| format!("--selectors: `{spec}`"))?;
+        let (shape, n) = (layer.shape, layer.len());
+        // The model refuses budgets larger than the context before building.
+        cfg.budget.validate(n).with_context(|| format!("--selectors: `{spec}` at a context of {n} keys"))?;
+        let mut sels: Vec<Box<dyn AttentionSelector>> = Vec::with_capacity(shape.n_kv_heads);
+        let mut build_s = 0.0;
+        for (j, keys) in layer.keys.iter().enumerate() {
+            let head = HeadId { layer: args.layer, kv_head: j };
+            let mut sel = factory.create(head, shape.head_dim).with_context(|| format!("--selectors: `{spec}`"))?;
+            let ctx = BuildContext {
+                head,
+                keys,
+                dynamic: sel.static_part().dynamic_range(n),
+                train_queries: &layer.train[j],
+                scale: layer.scale(),
+            };
+            let t = Instant::now();
+            sel.build(&ctx).with_context(|| format!("building `{spec}` for KV head {j} at {n} keys"))?;
+            build_s += t.elapsed().as_secs_f64();
+            sels.push(sel);
+        }
+        let static_part = sels.first().map(|s| s.static_part()).context("no KV heads")?;
+        tracing::debug!(context = n, selector = spec, build_s, "built");
+        Ok(Self {
+            spec: spec.to_string(),
+            describe: factory.describe(),
+            budget: cfg.budget,
+            dynamic: static_part.dynamic_range(n),
+            static_part,
+            sels,
+            build_s,
+            selections: (0..shape.n_kv_heads).map(|_| Selection::default()).collect(),
+            scratch: (0..shape.n_kv_heads).map(|_| GroupScratch::default()).collect(),
+            select_ms: Vec::new(),
+            attend_ms: Vec::new(),
+            total_ms: Vec::new(),
+            counts: [0; 5],
+            outputs: Vec::new(),
+        })
     }
-    let sp = sels.first().map(|s| s.static_part()).context("no KV heads")?;
-    let dynamic = sp.dynamic_range(n);
 
-    let row_len = shape.n_q_heads * d;
-    let steps = layer.tests.len() / row_len;
-    let mut selections: Vec<Selection> = (0..shape.n_kv_heads).map(|_| Selection::default()).collect();
-    let mut scratch: Vec<GroupScratch> = (0..shape.n_kv_heads).map(|_| GroupScratch::default()).collect();
-    let (mut select_t, mut attend_t, mut total_t) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut selected, mut full_scored, mut codes, mut bytes, mut touched) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut outputs = Vec::with_capacity(steps * row_len);
+    /// One decode step of the layer for query row `q` (`n_q_heads × head_dim`), per KV head:
+    /// clamp the budget, `select`, `attend_group` — the path of `KvCache::attend_decode`.
+    fn step(&mut self, layer: &Layer, q: &[f32], timed: bool) -> Result<()> {
+        let (d, g, n) = (layer.shape.head_dim, layer.shape.group(), layer.len());
+        let (mut ts, mut ta) = (0.0, 0.0);
+        for j in 0..self.sels.len() {
+            let qg = &q[j * g * d..(j + 1) * g * d];
+            let (keys, values) = (&layer.keys[j], &layer.values[j]);
+            let sel = &mut self.selections[j];
+            let t0 = Instant::now();
+            sel.clear();
+            if !self.dynamic.is_empty() {
+                let budget = clamp(self.budget, &self.dynamic);
+                self.sels[j].select(qg, keys, self.dynamic.clone(), &budget, sel)?;
+            }
+            let t1 = Instant::now();
+            let out = attend_group(qg, keys, values, self.static_part, sel, layer.scale(), &mut self.scratch[j])?;
+            let t2 = Instant::now();
+            if timed {
+                ts += (t1 - t0).as_secs_f64();
+                ta += (t2 - t1).as_secs_f64();
+                self.outputs.extend_from_slice(out);
+                let st = sel.stats;
+                let attended = (n - self.dynamic.len() + sel.ids.len()) as u64;
+                for (c, x) in self.counts.iter_mut().zip([
+                    sel.ids.len() as u64,
+                    st.full_scored,
+                    st.codes_scored,
+                    st.bytes_read,
+                    attended + st.full_scored,
+                ]) {
+                    *c += x;
+                }
+            }
+        }
+        if timed {
+            self.select_ms.push(ts * 1e3);
+            self.attend_ms.push(ta * 1e3);
+            self.total_ms.push((ts + ta) * 1e3);
+        }
+        Ok(())
+    }
+
+    fn finish(self, layer: &Layer, args: &SweepArgs) -> Measured {
+        let n = layer.len();
+        let per = (self.total_ms.len() * self.sels.len()).max(1) as f64;
+        let step_ms = median(&self.total_ms);
+        let [ids, full, codes, bytes, touched] = self.counts.map(|c| c as f64 / per);
+        let row = SweepRow {
+            context: n,
+            selector: self.spec,
+            describe: self.describe,
+            budget: self.budget,
+            static_keys: n - self.dynamic.len(),
+            dynamic_keys: self.dynamic.len(),
+            train_queries: layer.train.first().map_or(0, |t| t.len() / layer.shape.head_dim),
+            build_s: self.build_s,
+            selector_bytes: self.sels.iter().map(|s| s.memory_bytes()).sum(),
+            select_ms: median(&self.select_ms),
+            attend_ms: median(&self.attend_ms),
+            step_ms,
+            step_min_ms: self.total_ms.iter().copied().fold(f64::INFINITY, f64::min),
+            model_step_ms: step_ms * args.model_layers as f64,
+            selected: ids,
+            full_scored: full,
+            codes_scored: codes,
+            select_bytes: bytes,
+            touched_pct: 100.0 * touched / n as f64,
+            speedup: None,
+        };
+        Measured { row, outputs: self.outputs }
+    }
+}
+
+/// Builds every spec over `layer`, then times the decode steps on `pool` with the specs
+/// interleaved step by step (in a rotating order), so that load from other processes on a
+/// shared machine falls on every selector alike rather than on whichever ran during a burst.
+fn measure_all(layer: &Layer, specs: &[String], args: &SweepArgs, pool: &rayon::ThreadPool) -> Result<Vec<Measured>> {
+    let mut runs = Vec::with_capacity(specs.len());
+    for spec in specs {
+        runs.push(Run::build(layer, spec, args)?);
+    }
+    let row = layer.shape.n_q_heads * layer.shape.head_dim;
+    let steps = layer.tests.len() / row;
     pool.install(|| -> Result<()> {
         // Step 0 is a warm-up (first touch of scratch buffers and selector caches), not timed.
         for step in 0..=steps {
-            let q = &layer.tests[step.saturating_sub(1) * row_len..][..row_len];
-            let (mut ts, mut ta) = (0.0, 0.0);
-            for j in 0..shape.n_kv_heads {
-                let qg = &q[j * g * d..(j + 1) * g * d];
-                let (keys, values) = (&layer.keys[j], &layer.values[j]);
-                let sel = &mut selections[j];
-                let t0 = Instant::now();
-                sel.clear();
-                if !dynamic.is_empty() {
-                    sels[j].select(qg, keys, dynamic.clone(), &clamp(cfg.budget, &dynamic), sel)?;
-                }
-                let t1 = Instant::now();
-                let out = attend_group(qg, keys, values, sp, sel, scale, &mut scratch[j])?;
-                let t2 = Instant::now();
-                if step > 0 {
-                    ts += (t1 - t0).as_secs_f64();
-                    ta += (t2 - t1).as_secs_f64();
-                    outputs.extend_from_slice(out);
-                    selected += sel.ids.len() as u64;
-                    full_scored += sel.stats.full_scored;
-                    codes += sel.stats.codes_scored;
-                    bytes += sel.stats.bytes_read;
-                    touched += (n - dynamic.len() + sel.ids.len()) as u64 + sel.stats.full_scored;
-                }
-            }
-            if step > 0 {
-                select_t.push(ts * 1e3);
-                attend_t.push(ta * 1e3);
-                total_t.push((ts + ta) * 1e3);
+            let q = &layer.tests[step.saturating_sub(1) * row..][..row];
+            for i in 0..runs.len() {
+                let k = (i + step) % runs.len();
+                runs[k].step(layer, q, step > 0)?;
             }
         }
         Ok(())
     })?;
-    let per = (steps * shape.n_kv_heads).max(1) as f64;
-    let step_ms = median(&total_t);
-    let row = SweepRow {
-        context: n,
-        selector: spec.to_string(),
-        describe: factory.describe(),
-        budget: cfg.budget,
-        static_keys: n - dynamic.len(),
-        dynamic_keys: dynamic.len(),
-        train_queries: layer.train.first().map_or(0, |t| t.len() / d),
-        build_s,
-        selector_bytes: sels.iter().map(|s| s.memory_bytes()).sum(),
-        select_ms: median(&select_t),
-        attend_ms: median(&attend_t),
-        step_ms,
-        step_min_ms: total_t.iter().copied().fold(f64::INFINITY, f64::min),
-        model_step_ms: step_ms * args.model_layers as f64,
-        selected: selected as f64 / per,
-        full_scored: full_scored as f64 / per,
-        codes_scored: codes as f64 / per,
-        select_bytes: bytes as f64 / per,
-        touched_pct: 100.0 * touched as f64 / (per * n as f64),
-        speedup: None,
-    };
-    Ok(Measured { row, outputs })
+    Ok(runs.into_iter().map(|r| r.finish(layer, args)).collect())
 }
 
 /// Checked arguments: contexts ascending, selectors with `full` first.
@@ -730,12 +795,11 @@ pub fn run(args: &SweepArgs) -> Result<SweepReport> {
         let layer = source.layer(n, args)?;
         tracing::info!(context = n, secs = t.elapsed().as_secs_f64(), "layer data ready");
         let first = report.rows.len();
-        for spec in &selectors {
-            let m = measure(&layer, spec, args, &pool)?;
+        for m in measure_all(&layer, &selectors, args, &pool)? {
             let r = &m.row;
             tracing::info!(
                 context = n,
-                selector = %spec,
+                selector = %r.selector,
                 build_s = r.build_s,
                 select_ms = r.select_ms,
                 attend_ms = r.attend_ms,
@@ -940,8 +1004,9 @@ mod tests {
         }
     }
 
-    fn pool() -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap()
+    fn measure(layer: &Layer, spec: &str, args: &SweepArgs) -> Measured {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        measure_all(layer, &[spec.to_string()], args, &pool).unwrap().remove(0)
     }
 
     #[test]
@@ -987,14 +1052,14 @@ mod tests {
         let src = Source::Synthetic { seed: 7 };
         let layer = src.layer(2048, &args).unwrap();
         let dynamic = 2048 - 128 - 512;
-        let full = measure(&layer, "full", &args, &pool()).unwrap();
-        let or = measure(&layer, &format!("oracle:k={dynamic}"), &args, &pool()).unwrap();
+        let full = measure(&layer, "full", &args);
+        let or = measure(&layer, &format!("oracle:k={dynamic}"), &args);
         assert_eq!(or.row.selected, dynamic as f64);
         assert_eq!(full.outputs.len(), 3 * 9 * 64);
         let worst = full.outputs.iter().zip(&or.outputs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(worst < 1e-4, "max |full - oracle| = {worst}");
         // A smaller budget really changes the output (the check above is not vacuous).
-        let small_k = measure(&layer, "oracle:k=10", &args, &pool()).unwrap();
+        let small_k = measure(&layer, "oracle:k=10", &args);
         let diff = full.outputs.iter().zip(&small_k.outputs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(diff > 1e-4, "{diff}");
     }
