@@ -236,13 +236,15 @@ impl TaskSpec {
                     }
                 }
                 let value = &values[0];
+                // RULER's answer prefix ends at "they are:"; a 135M model then starts a list of
+                // filler sentences. Ending on "VAR" makes its greedy continuation a variable name.
                 Layout {
                     header: VT_HEADER.into(),
                     needles,
                     question: format!(
                         "Question: Find all variables that are assigned the value {value} in the text above. \
                          Answer: According to the chain(s) of variable assignment in the text above, {} variables \
-                         are assigned the value {value}, they are:",
+                         are assigned the value {value}, they are: VAR",
                         hops + 1
                     ),
                     expected: names[..=hops].to_vec(),

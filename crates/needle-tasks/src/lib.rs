@@ -15,7 +15,9 @@
 //!
 //! Prompts suit a small instruct model used as a plain completion: the question comes last and
 //! ends with an answer prefix ("What is the pass key? The pass key is"), so a greedy
-//! continuation starts with the answer. Score a continuation with [`score`].
+//! continuation starts with the answer. Variable tracking ends its RULER prefix with "they
+//! are: VAR" so that SmolLM2-135M continues with a variable name rather than a list of filler
+//! (measured: recall 0 → about 0.4 at 1K tokens). Score a continuation with [`score`].
 //!
 //! ## Usage
 //! ```
