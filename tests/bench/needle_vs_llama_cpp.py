@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Prefill and decode speed of needle and llama.cpp on the same GGUF, in one run.
+
+    /root/.cache/needle/refenv/bin/python tests/bench/needle_vs_llama_cpp.py \
+        --needle target/release/needle [--contexts 512,2048,8192] [--decode 64] \
+        [--selectors full,retrieval] [--out /tmp/needle_vs_llama_cpp.json]
+
+Both read the first N tokens of Pride and Prejudice from "It is a truth universally
+acknowledged" (llama.cpp's tokenization, passed to needle as ids through a temporary text
+that needle re-tokenizes identically — its tokenizer matches llama.cpp's on the fixtures).
+needle runs as a subprocess (`needle generate --json`, greedy, `--max-tokens` = decode);
+llama.cpp runs in-process with 2 threads (tests/reference/bench_llama_cpp.py's pass).
+Each row is one pass after one warm-up; on a shared 2-core machine rerun when the load
+average (printed) is high. The ratio columns are needle / llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "reference"))
+import common as C  # noqa: E402
+from bench_llama_cpp import one_pass  # noqa: E402
+
+
+def needle_run(binary: str, text_path: str, n: int, decode: int, selector: str) -> dict:
+    cmd = [binary, "generate", "--model", C.Q4_1_PATH, "--prompt-file", text_path, "--context-tokens", str(n),
+           "--max-tokens", str(decode), "--selector", selector, "--json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--needle", required=True)
+    ap.add_argument("--contexts", default="512,2048,8192")
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--selectors", default="full,retrieval")
+    ap.add_argument("--out", default="/tmp/needle_vs_llama_cpp.json")
+    args = ap.parse_args()
+    contexts = [int(x) for x in args.contexts.split(",")]
+
+    vocab, _ = C.load_llama(C.Q4_1_PATH, n_ctx=512, vocab_only=True)
+    prompt_all = C.text_tokens(vocab, C.PRIDE, C.PRIDE_ANCHOR, max(contexts))
+    text = C.load_text(C.PRIDE, C.PRIDE_ANCHOR)
+    del vocab
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(text)
+        text_path = f.name
+
+    n_ctx = -(-(max(contexts) + args.decode + 1) // 256) * 256
+    llm, _ = C.load_llama(C.Q4_1_PATH, n_ctx=n_ctx, n_threads=2, flash_attn=True)
+    one_pass(llm, prompt_all[: min(contexts)], args.decode)
+    needle_run(args.needle, text_path, min(contexts), 4, "full")  # warm-up (page in weights)
+    rows = []
+    for n in contexts:
+        tp, td = one_pass(llm, prompt_all[:n], args.decode)
+        ref = {"prefill": n / tp, "decode": args.decode / td}
+        for sel in args.selectors.split(","):
+            r = needle_run(args.needle, text_path, n, args.decode, sel)
+            row = {"context": n, "selector": sel, "needle_prefill": r["prefill_tokens_per_second"],
+                   "needle_decode": r["decode_tokens_per_second"], "llama_prefill": ref["prefill"],
+                   "llama_decode": ref["decode"], "keys_touched": r["share_of_keys_touched"],
+                   "peak_rss_mib": (r["peak_rss_bytes"] or 0) / 2**20, "load_avg": os.getloadavg()[0]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    os.unlink(text_path)
+    with open(args.out, "w") as f:
+        json.dump({"versions": C.versions(), "rows": rows}, f, indent=1)
+    print("\n| context | needle selector | needle prefill tok/s | llama.cpp prefill tok/s | ratio | "
+          "needle decode tok/s | llama.cpp decode tok/s | ratio | keys touched | peak RSS MiB | load |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['context']} | {r['selector']} | {r['needle_prefill']:.1f} | {r['llama_prefill']:.1f} | "
+              f"{r['needle_prefill'] / r['llama_prefill']:.2f} | {r['needle_decode']:.1f} | {r['llama_decode']:.1f} | "
+              f"{r['needle_decode'] / r['llama_decode']:.2f} | {100 * r['keys_touched']:.1f}% | "
+              f"{r['peak_rss_mib']:.0f} | {r['load_avg']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
