@@ -148,6 +148,9 @@ pub(crate) struct Work {
 
 /// Best-first beam search: expands the best unexpanded candidate until every candidate in the
 /// beam of width `ef` is expanded. `entries` must be valid ids; they are scored here.
+///
+/// With `pool`, every scored `(id, score)` is also pushed there, so a caller can re-rank all
+/// keys the search scored (exactly) and return more results than the beam holds.
 #[allow(clippy::too_many_arguments)] // the hot path: plain arguments keep it monomorphic and simple
 pub(crate) fn beam_search<G: Adjacency>(
     graph: &G,
@@ -158,12 +161,17 @@ pub(crate) fn beam_search<G: Adjacency>(
     ef: usize,
     visited: &mut Visited,
     work: &mut Work,
+    mut pool: Option<&mut Vec<(u32, f32)>>,
 ) -> Beam {
     let mut beam = Beam::new(ef);
     for &e in entries {
         if visited.insert(e) {
             work.scored += 1;
-            beam.insert(dot(query, row(data, dim, e)), e);
+            let s = dot(query, row(data, dim, e));
+            if let Some(p) = pool.as_deref_mut() {
+                p.push((e, s));
+            }
+            beam.insert(s, e);
         }
     }
     let mut cur = 0;
@@ -183,6 +191,9 @@ pub(crate) fn beam_search<G: Adjacency>(
             }
             work.scored += 1;
             let s = dot(query, row(data, dim, nb));
+            if let Some(p) = pool.as_deref_mut() {
+                p.push((nb, s));
+            }
             if s < beam.threshold() {
                 continue;
             }

@@ -167,7 +167,7 @@ impl Hnsw {
 
     fn layer_search(&self, q: &[f32], eps: &[u32], ef: usize, level: usize, v: &mut Visited, w: &mut Work) -> Beam {
         v.reset(self.n());
-        beam_search(&Layer { h: self, level }, &self.data, self.dim, q, eps, ef, v, w)
+        beam_search(&Layer { h: self, level }, &self.data, self.dim, q, eps, ef, v, w, None)
     }
 
     /// Neighbours of new node `i` on each of its layers, from the graph frozen before the

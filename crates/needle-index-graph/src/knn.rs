@@ -1,42 +1,171 @@
 //! Exact top-n keys for each training query: the bipartite query→key graph of RoarGraph.
+//!
+//! Scores are computed as a tiled matrix product: keys are transposed into panels of
+//! [`LANES`] keys (`panel[d][lane]`), and a block of [`QB`] queries is multiplied against each
+//! panel with `QB` independent `LANES`-wide accumulators, so no horizontal sums are needed and
+//! each key value loaded feeds `QB` multiply-adds. On x86-64 with AVX2+FMA (checked at run
+//! time) the same kernel is compiled with those features; elsewhere it is plain Rust.
 
-use needle_core::{Result, attention::top_k};
+use needle_core::Result;
 use rayon::prelude::*;
 
-use crate::dist::dot;
+/// Keys per panel (one 256-bit register of `f32`).
+const LANES: usize = 8;
+/// Queries multiplied against a panel at once (independent accumulators).
+const QB: usize = 8;
+/// Queries handled by one rayon task (a few blocks, so scores stay in L2).
+const TASK_QUERIES: usize = 32;
 
-/// Queries scored together: each key is read once per block while the block's queries stay
-/// in L1 (16 × 64 floats = 4 KiB), so memory traffic drops by the block size.
-const QUERY_BLOCK: usize = 16;
+/// Keys transposed into panels of [`LANES`] keys, zero-padded to a whole panel.
+pub(crate) struct Panels {
+    dim: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl Panels {
+    pub fn new(keys: &[f32], dim: usize) -> Self {
+        let n = keys.len() / dim;
+        let n_panels = n.div_ceil(LANES);
+        let mut data = vec![0.0f32; n_panels * dim * LANES];
+        for (i, k) in keys.chunks_exact(dim).enumerate() {
+            let (p, lane) = (i / LANES, i % LANES);
+            let base = p * dim * LANES;
+            for (d, &x) in k.iter().enumerate() {
+                data[base + d * LANES + lane] = x;
+            }
+        }
+        Self { dim, n, data }
+    }
+
+    /// Scores of up to [`QB`] queries (`qs`, row-major) against every key: `out[q * stride + key]`.
+    /// `stride` must be at least the panel-padded key count.
+    fn scores(&self, qs: &[f32], out: &mut [f32], stride: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                unsafe { scores_avx2(self, qs, out, stride) };
+                return;
+            }
+        }
+        scores_kernel::<false>(self, qs, out, stride);
+    }
+
+    fn padded(&self) -> usize {
+        self.n.div_ceil(LANES) * LANES
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2(p: &Panels, qs: &[f32], out: &mut [f32], stride: usize) {
+    scores_kernel::<true>(p, qs, out, stride);
+}
+
+#[inline(always)]
+fn scores_kernel<const FMA: bool>(p: &Panels, qs: &[f32], out: &mut [f32], stride: usize) {
+    let dim = p.dim;
+    let nq = (qs.len() / dim).min(QB);
+    // Query values, transposed to `[d][q]` and padded to QB so the inner loop is fixed-size.
+    let mut qt = vec![0.0f32; dim * QB];
+    for (qi, q) in qs.chunks_exact(dim).take(nq).enumerate() {
+        for (d, &x) in q.iter().enumerate() {
+            qt[d * QB + qi] = x;
+        }
+    }
+    for (pi, panel) in p.data.chunks_exact(dim * LANES).enumerate() {
+        let mut acc = [[0.0f32; LANES]; QB];
+        for (kv, qv) in panel.chunks_exact(LANES).zip(qt.chunks_exact(QB)) {
+            for q in 0..QB {
+                let b = qv[q];
+                for l in 0..LANES {
+                    acc[q][l] = if FMA { kv[l].mul_add(b, acc[q][l]) } else { acc[q][l] + kv[l] * b };
+                }
+            }
+        }
+        for (q, a) in acc.iter().enumerate().take(nq) {
+            out[q * stride + pi * LANES..q * stride + (pi + 1) * LANES].copy_from_slice(a);
+        }
+    }
+}
+
+/// Best `n` of `scores` (score descending, then id ascending), as ids. `buf` is scratch.
+fn top_ids(scores: &[f32], n: usize, buf: &mut Vec<(f32, u32)>, out: &mut Vec<u32>) {
+    buf.clear();
+    let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    let mut thr = f32::NEG_INFINITY;
+    let cap = 2 * n + 16;
+    for (i, &s) in scores.iter().enumerate() {
+        // Keys arrive in id order, so a later key tying the threshold never beats a kept one.
+        if s > thr || (buf.len() < n && s == thr) {
+            buf.push((s, i as u32));
+            if buf.len() >= cap {
+                buf.select_nth_unstable_by(n - 1, better);
+                buf.truncate(n);
+                thr = buf[n - 1].0;
+            }
+        }
+    }
+    if buf.len() > n {
+        buf.select_nth_unstable_by(n - 1, better);
+        buf.truncate(n);
+    }
+    buf.sort_unstable_by(better);
+    out.extend(buf.iter().map(|x| x.1));
+}
 
 /// Row-major `n_queries × n` lists of key ids, best first, `n = min(n_q, keys)`.
 pub(crate) fn exact_knn(keys: &[f32], queries: &[f32], dim: usize, n_q: usize) -> Result<(Vec<u32>, usize)> {
-    let n_keys = keys.len() / dim;
+    let panels = Panels::new(keys, dim);
+    let n_keys = panels.n;
     let n = n_q.min(n_keys);
+    if n == 0 {
+        return Ok((Vec::new(), 0));
+    }
+    let stride = panels.padded();
     let blocks: Vec<Vec<u32>> = queries
-        .par_chunks(QUERY_BLOCK * dim)
-        .map(|block| {
-            let nb = block.len() / dim;
-            let mut scores = vec![0.0f32; nb * n_keys];
-            for (j, key) in keys.chunks_exact(dim).enumerate() {
-                for (qi, q) in block.chunks_exact(dim).enumerate() {
-                    scores[qi * n_keys + j] = dot(q, key);
+        .par_chunks(TASK_QUERIES * dim)
+        .map(|task| {
+            let mut scores = vec![0.0f32; QB * stride];
+            let mut buf = Vec::with_capacity(2 * n + 16);
+            let mut out = Vec::with_capacity(task.len() / dim * n);
+            for block in task.chunks(QB * dim) {
+                panels.scores(block, &mut scores, stride);
+                for qi in 0..block.len() / dim {
+                    top_ids(&scores[qi * stride..qi * stride + n_keys], n, &mut buf, &mut out);
                 }
             }
-            let mut out = Vec::with_capacity(nb * n);
-            for qi in 0..nb {
-                out.extend(top_k(&scores[qi * n_keys..(qi + 1) * n_keys], n)?.into_iter().map(|(id, _)| id));
-            }
-            Ok(out)
+            out
         })
-        .collect::<Result<_>>()?;
+        .collect();
     Ok((blocks.concat(), n))
+}
+
+/// Scores of every query against every key, row-major `n_queries × n_keys` (for small sets,
+/// such as cluster centroids).
+pub(crate) fn all_scores(keys: &[f32], queries: &[f32], dim: usize) -> Vec<f32> {
+    let panels = Panels::new(keys, dim);
+    let stride = panels.padded();
+    let n_keys = panels.n;
+    let mut out = vec![0.0f32; queries.len() / dim * n_keys];
+    let mut scores = vec![0.0f32; QB * stride];
+    for (bi, block) in queries.chunks(QB * dim).enumerate() {
+        panels.scores(block, &mut scores, stride);
+        for qi in 0..block.len() / dim {
+            let row = bi * QB + qi;
+            out[row * n_keys..(row + 1) * n_keys].copy_from_slice(&scores[qi * stride..qi * stride + n_keys]);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::dist::dot;
+    use needle_core::attention::top_k;
 
     #[test]
     fn knn_lists_are_exact() {
@@ -48,6 +177,23 @@ mod tests {
             let s: Vec<f32> = keys.chunks_exact(2).map(|k| dot(q, k)).collect();
             let want: Vec<u32> = top_k(&s, 2).unwrap().into_iter().map(|x| x.0).collect();
             assert_eq!(&lists[qi * 2..qi * 2 + 2], &want[..]);
+        }
+    }
+
+    #[test]
+    fn tiled_scores_match_dot_with_ragged_sizes() {
+        // Key and query counts off the panel and block sizes, an odd dimension, many ties.
+        let dim = 7;
+        let keys: Vec<f32> = (0..37 * dim).map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.25).collect();
+        let queries: Vec<f32> = (0..13 * dim).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.5).collect();
+        let s = all_scores(&keys, &queries, dim);
+        for (qi, q) in queries.chunks_exact(dim).enumerate() {
+            for (ki, k) in keys.chunks_exact(dim).enumerate() {
+                assert!((s[qi * 37 + ki] - dot(q, k)).abs() < 1e-4);
+            }
+            let (lists, n) = exact_knn(&keys, q, dim, 9).unwrap();
+            let want: Vec<u32> = top_k(&s[qi * 37..(qi + 1) * 37], n).unwrap().into_iter().map(|x| x.0).collect();
+            assert_eq!(lists, want, "query {qi}");
         }
     }
 }

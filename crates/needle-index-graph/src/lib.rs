@@ -35,6 +35,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod beam;
+mod cluster;
 mod dist;
 mod graph;
 mod hnsw;

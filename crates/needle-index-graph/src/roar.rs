@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rayon::prelude::*;
 
 use crate::beam::{Adjacency, VisitedPool, Work, beam_search};
+use crate::cluster::{cluster_entries, spherical_kmeans};
 use crate::dist::{dot, row};
 use crate::graph::{FixedGraph, occlusion_prune, score_against};
 use crate::knn::exact_knn;
@@ -40,11 +41,30 @@ pub struct RoarGraphParams {
     pub max_train: usize,
     /// Seed of every random choice (subsampling), for reproducible graphs.
     pub seed: u64,
+    /// Clusters of training-query directions (spherical k-means) used to pick entry points
+    /// per query; 0 starts every search from the single global entry point.
+    pub clusters: usize,
+    /// Keys stored per cluster as entry points: those ranking highest, by rank-weighted
+    /// frequency, in the training lists of the cluster's queries.
+    pub entry_keys: usize,
+    /// Clusters whose entry keys seed a search (the best by cosine to the query).
+    pub probe: usize,
 }
 
 impl Default for RoarGraphParams {
     fn default() -> Self {
-        Self { m: 32, n_q: 100, pivots: 8, ef_construction: 100, ef_search: 128, max_train: 16384, seed: 100 }
+        Self {
+            m: 32,
+            n_q: 100,
+            pivots: 8,
+            ef_construction: 100,
+            ef_search: 128,
+            max_train: 16384,
+            seed: 100,
+            clusters: 0,
+            entry_keys: 32,
+            probe: 1,
+        }
     }
 }
 
@@ -55,9 +75,14 @@ impl RoarGraphParams {
         positive("pivots", self.pivots)?;
         positive("ef_construction", self.ef_construction)?;
         positive("ef_search", self.ef_search)?;
-        positive("max_train", self.max_train)
+        positive("max_train", self.max_train)?;
+        positive("entry_keys", self.entry_keys)?;
+        positive("probe", self.probe)
     }
 }
+
+/// Ranks on either side of a key in a training list that count as its co-occurring keys.
+const CHAIN: usize = 2;
 
 pub(crate) fn positive(name: &str, v: usize) -> Result<()> {
     if v == 0 { Err(Error::invalid(name, "must be at least 1")) } else { Ok(()) }
@@ -84,6 +109,11 @@ pub struct RoarGraph {
     graph: FixedGraph,
     /// Search starts here: the best key for the mean training query.
     entries: Vec<u32>,
+    /// Unit directions of the training-query clusters, row-major `clusters × dim`.
+    centroids: Vec<f32>,
+    /// Entry keys of each cluster, row-major `clusters × entry_width`.
+    cluster_entries: Vec<u32>,
+    entry_width: usize,
     visited: VisitedPool,
 }
 
@@ -108,6 +138,9 @@ impl RoarGraph {
             data: Vec::new(),
             graph: FixedGraph::new(params.m),
             entries: Vec::new(),
+            centroids: Vec::new(),
+            cluster_entries: Vec::new(),
+            entry_width: 0,
             visited: VisitedPool::default(),
         })
     }
@@ -131,12 +164,61 @@ impl RoarGraph {
         self.data.len() / self.dim
     }
 
+    /// Clusters used for entry points (0 when the build made none).
+    pub fn n_clusters(&self) -> usize {
+        self.centroids.len() / self.dim
+    }
+
+    /// Entry keys of cluster `c` (empty for an unknown cluster).
+    pub fn cluster_entry_points(&self, c: usize) -> &[u32] {
+        if c < self.n_clusters() {
+            &self.cluster_entries[c * self.entry_width..(c + 1) * self.entry_width]
+        } else {
+            &[]
+        }
+    }
+
+    /// Entry points for query `q`: the global entry, then the entry keys of the `probe`
+    /// clusters whose direction is closest to `q`'s. Scoring the centroids counts as work.
+    fn entries_for(&self, q: &[f32], work: &mut Work) -> Vec<u32> {
+        let c = self.n_clusters();
+        if c == 0 {
+            return self.entries.clone();
+        }
+        work.scored += c as u64;
+        let mut best: Vec<(f32, usize)> =
+            self.centroids.chunks_exact(self.dim).enumerate().map(|(i, cv)| (dot(q, cv), i)).collect();
+        let probe = self.params.probe.min(c);
+        best.select_nth_unstable_by(probe - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        best.truncate(probe);
+        best.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut out = self.entries.clone();
+        for &(_, ci) in &best {
+            out.extend_from_slice(self.cluster_entry_points(ci));
+        }
+        out
+    }
+
     fn search_one(&self, q: &[f32], k: usize, ef: usize) -> (Vec<(u32, f32)>, SearchStats) {
         let mut visited = self.visited.get(self.n());
         let mut work = Work::default();
-        let beam = beam_search(&self.graph, &self.data, self.dim, q, &self.entries, ef, &mut visited, &mut work);
+        let entries = self.entries_for(q, &mut work);
+        if ef >= k {
+            let beam = beam_search(&self.graph, &self.data, self.dim, q, &entries, ef, &mut visited, &mut work, None);
+            self.visited.put(visited);
+            return (beam.top(k), stats(work, self.dim));
+        }
+        // A beam narrower than `k`: re-rank everything the search scored, exactly.
+        let mut pool = Vec::new();
+        beam_search(&self.graph, &self.data, self.dim, q, &entries, ef, &mut visited, &mut work, Some(&mut pool));
         self.visited.put(visited);
-        (beam.top(k), stats(work, self.dim))
+        let better = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if pool.len() > k {
+            pool.select_nth_unstable_by(k - 1, better);
+            pool.truncate(k);
+        }
+        pool.sort_unstable_by(better);
+        (pool, stats(work, self.dim))
     }
 
     /// Links every key not reachable from the entry points, so no key is lost to a search.
@@ -152,18 +234,28 @@ impl RoarGraph {
             if reached.iter().all(|&r| r) {
                 return;
             }
-            for v in 0..n as u32 {
+            // Parents are found in parallel against the reached set frozen here; hanging a key
+            // below a reached parent keeps every reached key reached, so they stay valid.
+            let lost: Vec<u32> = (0..n as u32).filter(|&v| !reached[v as usize]).collect();
+            let parents: Vec<Option<u32>> = if round < 2 {
+                lost.par_iter()
+                    .map(|&v| {
+                        // The keys that score best against `v` are where a search for `v`'s
+                        // direction ends up: hang `v` below the best reachable one.
+                        let (hits, _) = self.search_one(row(&self.data, self.dim, v), ef, ef);
+                        hits.iter().map(|h| h.0).find(|&h| h != v && reached[h as usize])
+                    })
+                    .collect()
+            } else {
+                vec![None; lost.len()]
+            };
+            for (&v, parent) in lost.iter().zip(parents) {
                 if reached[v as usize] {
                     continue;
                 }
-                let parent = if round < 2 {
-                    // The keys that score best against `v` are where a search for `v`'s
-                    // direction ends up: hang `v` below the best reachable one.
-                    let (hits, _) = self.search_one(row(&self.data, self.dim, v), ef, ef);
-                    hits.iter().map(|h| h.0).find(|&h| h != v && reached[h as usize])
-                } else {
+                let parent = parent.or_else(|| {
                     (0..n as u32).find(|&p| reached[p as usize] && self.graph.get(p).len() < self.graph.degree())
-                };
+                });
                 let Some(parent) = parent.or(self.entries.first().copied()) else { return };
                 self.hang_below(parent, v);
                 stack.push(v);
@@ -223,44 +315,72 @@ impl RoarGraph {
     }
 }
 
+/// Picks at most `m` neighbours of key `v` from `cands` (best first by co-occurrence).
+///
+/// RNG rule in the key space (squared L2), over the best `3·m` candidates: `c` is dropped when
+/// an already kept `s` is closer to it than `v` is, since a search reaches `c` through `s`.
+/// Pruning by L2 rather than inner product keeps neighbours in diverse directions; dropped
+/// candidates then fill the row up to `m`, best first, so degrees stay high.
+fn select(keys: &[f32], dim: usize, norms: &[f32], v: u32, cands: &[(u32, f32)], m: usize) -> Vec<u32> {
+    if cands.len() <= m {
+        return cands.iter().map(|c| c.0).collect();
+    }
+    let vv = row(keys, dim, v);
+    let pool = &cands[..cands.len().min(3 * m)];
+    let mut kept: Vec<u32> = Vec::with_capacity(m);
+    let mut dropped: Vec<u32> = Vec::new();
+    for &(c, _) in pool {
+        if kept.len() >= m {
+            break;
+        }
+        let vc = row(keys, dim, c);
+        let d_vc = norms[v as usize] + norms[c as usize] - 2.0 * dot(vv, vc);
+        let occluded =
+            kept.iter().any(|&s| norms[s as usize] + norms[c as usize] - 2.0 * dot(row(keys, dim, s), vc) < d_vc);
+        if occluded {
+            dropped.push(c);
+        } else {
+            kept.push(c);
+        }
+    }
+    let room = m.saturating_sub(kept.len());
+    kept.extend(dropped.into_iter().take(room));
+    kept
+}
+
 /// Keeps `pruned`'s members in the order they had in `ids` (query-aware links first).
 fn pruned_keep_order(ids: &[u32], pruned: &[u32]) -> Vec<u32> {
     ids.iter().copied().filter(|i| pruned.contains(i)).collect()
 }
 
-/// Adds the sorted `(id, count)` list `new` into the sorted list `acc`.
-fn merge_counts(acc: &mut Vec<(u32, u32)>, new: Vec<(u32, u32)>) {
-    if new.is_empty() {
-        return;
-    }
-    if acc.is_empty() {
-        *acc = new;
-        return;
-    }
-    let old = std::mem::take(acc);
-    acc.reserve(old.len() + new.len());
-    let (mut i, mut j) = (0, 0);
-    while i < old.len() || j < new.len() {
-        match (old.get(i), new.get(j)) {
-            (Some(a), Some(b)) if a.0 == b.0 => {
-                acc.push((a.0, a.1 + b.1));
-                i += 1;
-                j += 1;
-            }
-            (Some(a), Some(b)) if a.0 < b.0 => {
-                acc.push(*a);
-                i += 1;
-            }
-            (Some(a), None) => {
-                acc.push(*a);
-                i += 1;
-            }
-            (_, Some(b)) => {
-                acc.push(*b);
-                j += 1;
-            }
-            (None, None) => break,
+/// Where each key occurs in the training lists: `(query, rank)` pairs, grouped by key (CSR).
+struct Occurrences {
+    start: Vec<u32>,
+    items: Vec<(u32, u32)>,
+}
+
+impl Occurrences {
+    fn new(lists: &[u32], width: usize, n: usize) -> Self {
+        let mut start = vec![0u32; n + 1];
+        for &x in lists {
+            start[x as usize + 1] += 1;
         }
+        for i in 0..n {
+            start[i + 1] += start[i];
+        }
+        let mut fill = start.clone();
+        let mut items = vec![(0u32, 0u32); lists.len()];
+        for (q, l) in lists.chunks_exact(width).enumerate() {
+            for (r, &x) in l.iter().enumerate() {
+                items[fill[x as usize] as usize] = (q as u32, r as u32);
+                fill[x as usize] += 1;
+            }
+        }
+        Self { start, items }
+    }
+
+    fn of(&self, v: usize) -> &[(u32, u32)] {
+        &self.items[self.start[v] as usize..self.start[v + 1] as usize]
     }
 }
 
@@ -296,20 +416,6 @@ pub(crate) fn sample_rows(xs: &[f32], dim: usize, max: usize, seed: u64) -> Vec<
     let mut idx = rand::seq::index::sample(&mut rng, n, max).into_vec();
     idx.sort_unstable();
     idx.iter().flat_map(|&i| xs[i * dim..(i + 1) * dim].iter().copied()).collect()
-}
-
-/// Groups `(node, other)` pairs by node: `out[node]` lists its distinct others with counts.
-fn group_pairs(mut pairs: Vec<(u32, u32)>, n: usize) -> Vec<Vec<(u32, u32)>> {
-    pairs.par_sort_unstable();
-    let mut out: Vec<Vec<(u32, u32)>> = vec![Vec::new(); n];
-    for (a, b) in pairs {
-        let list = &mut out[a as usize];
-        match list.last_mut() {
-            Some(last) if last.0 == b => last.1 += 1,
-            _ => list.push((b, 1)),
-        }
-    }
-    out
 }
 
 impl VectorIndex for RoarGraph {
@@ -370,53 +476,105 @@ impl VectorIndex for RoarGraph {
         self.entries = vec![entry];
 
         // 1. Bipartite graph: exact top-n_q keys per training query.
+        let t_knn = Instant::now();
         let (lists, width) = exact_knn(keys, &queries, dim, p.n_q)?;
+        let knn_s = t_knn.elapsed().as_secs_f64();
 
-        // 2. Projection (co-occurrence): within each query's list, the first `pivots` keys
-        // and every other key are candidate neighbours of each other. A key keeps the `m`
-        // candidates it co-occurs with most, normalised by both keys' popularity so that keys
-        // in every list (hubs) do not take every slot. Pairs are counted chunk by chunk so
-        // memory stays at the distinct pairs, not all pairs.
+        // 2. Entry points per query direction: clusters of training queries and their keys.
+        let t_cl = Instant::now();
+        self.centroids.clear();
+        self.cluster_entries.clear();
+        self.entry_width = 0;
+        if p.clusters > 0 {
+            let (centroids, assign) = spherical_kmeans(&queries, dim, p.clusters, p.seed);
+            let (c, e) = cluster_entries(&centroids, &assign, &lists, width, n, dim, p.entry_keys);
+            if !c.is_empty() {
+                self.entry_width = e.len() / (c.len() / dim);
+                self.centroids = c;
+                self.cluster_entries = e;
+            }
+        }
+        let cluster_s = t_cl.elapsed().as_secs_f64();
+
+        // 3. Projection (co-occurrence): within each query's list, the first `pivots` keys
+        // and every other key are candidate neighbours of each other. A key ranks candidates by
+        // how often they share lists, normalised by both keys' popularity so that keys in every
+        // list (hubs) do not take every slot, then keeps a diverse subset (see `select`). Pairs
+        // are counted chunk by chunk so memory stays at the distinct pairs, not all pairs.
+        let t_proj = Instant::now();
         let w = p.pivots.min(width);
-        let mut freq = vec![0u32; n];
-        for &x in &lists {
-            freq[x as usize] += 1;
-        }
-        let mut grouped: Vec<Vec<(u32, u32)>> = vec![Vec::new(); n];
-        for chunk in lists.chunks(width * 1024) {
-            let pairs: Vec<(u32, u32)> = chunk
-                .par_chunks(width)
-                .flat_map_iter(|l| {
-                    (0..w).flat_map(move |j| {
-                        l.iter().filter(move |&&x| x != l[j]).flat_map(move |&x| [(x, l[j]), (l[j], x)])
-                    })
-                })
-                .collect();
-            let counted = group_pairs(pairs, n);
-            grouped.par_iter_mut().zip(counted).for_each(|(acc, new)| merge_counts(acc, new));
-        }
-        drop(lists);
-        let merged: Vec<Vec<u32>> = grouped
+        let occ = Occurrences::new(&lists, width.max(1), n);
+        let norms: Vec<f32> = keys.chunks_exact(dim).map(|k| dot(k, k)).collect();
+        let merged: Vec<Vec<u32>> = (0..n)
             .into_par_iter()
-            .enumerate()
-            .map(|(v, mut cands)| {
-                let vv = row(keys, dim, v as u32);
-                let fv = freq[v] as f32;
-                let mut sc: Vec<(u32, f32, f32)> = cands
-                    .drain(..)
-                    .map(|(c, k)| (c, k as f32 / (fv * freq[c as usize] as f32).sqrt(), dot(vv, row(keys, dim, c))))
-                    .collect();
-                sc.sort_by(|a, b| b.1.total_cmp(&a.1).then(b.2.total_cmp(&a.2)).then(a.0.cmp(&b.0)));
-                sc.truncate(p.m);
-                sc.into_iter().map(|x| x.0).collect()
-            })
+            .map_init(
+                || (vec![0u32; n], Vec::<u32>::new()),
+                |(count, touched), v| {
+                    // Co-occurrence counts of `v`: as a pivot of a list it pairs with the whole
+                    // list; anywhere in a list it pairs with the list's pivots.
+                    for &(q, r) in occ.of(v) {
+                        let l = &lists[q as usize * width..(q as usize + 1) * width];
+                        let others: &[u32] = if (r as usize) < w { l } else { &l[..w] };
+                        for &x in others {
+                            if x != v as u32 {
+                                if count[x as usize] == 0 {
+                                    touched.push(x);
+                                }
+                                count[x as usize] += 1;
+                            }
+                        }
+                        // Keys ranked next to `v` score alike for this query: a short chain
+                        // through each list keeps non-pivot keys linked to each other.
+                        let r = r as usize;
+                        for &x in &l[r.saturating_sub(CHAIN)..(r + CHAIN + 1).min(l.len())] {
+                            if x != v as u32 {
+                                if count[x as usize] == 0 {
+                                    touched.push(x);
+                                }
+                                count[x as usize] += 1;
+                            }
+                        }
+                        if r < w {
+                            for &x in &l[..w] {
+                                if x != v as u32 {
+                                    count[x as usize] += 1;
+                                }
+                            }
+                        }
+                    }
+                    let fv = occ.of(v).len() as f32;
+                    let mut sc: Vec<(u32, f32)> = touched
+                        .iter()
+                        .map(|&c| (c, count[c as usize] as f32 / (fv * occ.of(c as usize).len() as f32).sqrt()))
+                        .collect();
+                    for &c in touched.iter() {
+                        count[c as usize] = 0;
+                    }
+                    touched.clear();
+                    // Ties (duplicate keys) go to the nearest ids, so twins form a chain
+                    // instead of all pointing at the same few lowest ids.
+                    let gap = |c: u32| (c as i64 - v as i64).unsigned_abs();
+                    sc.sort_by(|a, b| b.1.total_cmp(&a.1).then(gap(a.0).cmp(&gap(b.0))).then(a.0.cmp(&b.0)));
+                    select(keys, dim, &norms, v as u32, &sc, p.m)
+                },
+            )
             .collect();
+        drop(lists);
         for (v, l) in merged.iter().enumerate() {
             self.graph.set(v as u32, l);
         }
+        // Reverse links where rows have room: a key reached from a neighbour can step back.
+        for (v, l) in merged.iter().enumerate() {
+            for &u in l {
+                self.graph.try_push(u, v as u32);
+            }
+        }
+        drop(merged);
+        let project_s = t_proj.elapsed().as_secs_f64();
 
         // 4. Connectivity: keys with spare degree (most never were a pivot) get links found by a
         // search on the projected graph with the key as query, plus the reverse links.
+        let t_conn = Instant::now();
         let supply: Vec<Vec<u32>> = (0..n as u32)
             .into_par_iter()
             .map(|v| {
@@ -428,15 +586,30 @@ impl VectorIndex for RoarGraph {
                 occlusion_prune(keys, dim, v, &mut c, p.m, true)
             })
             .collect();
+        let searched = supply.iter().filter(|l| !l.is_empty()).count();
         for (v, l) in supply.iter().enumerate() {
             for &u in l {
                 self.graph.try_push(v as u32, u);
                 self.graph.try_push(u, v as u32);
             }
         }
+        let connect_s = t_conn.elapsed().as_secs_f64();
 
         // 5. Every key reachable from the entry point.
+        let t_rep = Instant::now();
         self.repair_reachability();
+        tracing::debug!(
+            keys = n,
+            train = n_train,
+            knn_s,
+            cluster_s,
+            project_s,
+            connect_s,
+            connect_searched = searched,
+            repair_s = t_rep.elapsed().as_secs_f64(),
+            total_s = t.elapsed().as_secs_f64(),
+            "RoarGraph build stages"
+        );
 
         Ok(BuildStats {
             vectors: n,
@@ -469,13 +642,17 @@ impl VectorIndex for RoarGraph {
 
     fn search(&self, queries: &[f32], k: usize, params: &SearchParams) -> Result<SearchResult> {
         check_search(queries, self.dim, k, self.n())?;
-        let ef = params.effort.unwrap_or(self.params.ef_search).max(k);
+        // An effort below `k` is a narrower beam whose scored keys are re-ranked (see `search_one`).
+        let ef = params.effort.unwrap_or(self.params.ef_search).max(1);
         let rows: Vec<_> = queries.par_chunks_exact(self.dim).map(|q| self.search_one(q, k, ef)).collect();
         Ok(SearchResult::from_rows(k, rows))
     }
 
     fn memory_bytes(&self) -> usize {
-        self.data.len() * 4 + self.graph.bytes() + self.entries.len() * 4 + self.visited.bytes()
+        self.data.len() * 4
+            + self.graph.bytes()
+            + (self.entries.len() + self.cluster_entries.len() + self.centroids.len()) * 4
+            + self.visited.bytes()
     }
 }
 
