@@ -13,7 +13,8 @@ pub fn recall_vs_scanned(summary: &[Summary], title: &str, path: &Path) -> Resul
     let mut names: Vec<String> = summary.iter().filter(|s| s.layer.is_none()).map(Summary::name).collect();
     names.sort();
     names.dedup();
-    // Exact scans are one point at 100%; they only squash the axis.
+    // Exact scans are one point at 100%, and curves with no full-precision scores (plain
+    // IVF-PQ) have no x; neither is drawn.
     names.retain(|n| !n.ends_with("/Flat"));
     let curves: Vec<(String, Vec<(f64, f64)>)> = names
         .iter()
@@ -25,11 +26,13 @@ pub fn recall_vs_scanned(summary: &[Summary], title: &str, path: &Path) -> Resul
                 .collect();
             (n.clone(), pts)
         })
+        .filter(|(_, pts): &(String, Vec<(f64, f64)>)| !pts.is_empty())
         .collect();
     let all: Vec<(f64, f64)> = curves.iter().flat_map(|c| c.1.iter().copied()).collect();
     let xmin = all.iter().map(|p| p.0).fold(f64::INFINITY, f64::min).max(1e-3);
     let xmax = all.iter().map(|p| p.0).fold(0.0, f64::max).max(xmin * 10.0);
-    let ymin = all.iter().map(|p| p.1).fold(1.0, f64::min).clamp(0.0, 0.9);
+    // The useful region is high recall; curves that start lower enter from the bottom edge.
+    let ymin = all.iter().map(|p| p.1).fold(1.0, f64::min).clamp(0.5, 0.9);
 
     let root = BitMapBackend::new(path, (1200, 800)).into_drawing_area();
     let err = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
@@ -44,7 +47,7 @@ pub fn recall_vs_scanned(summary: &[Summary], title: &str, path: &Path) -> Resul
     chart
         .configure_mesh()
         .x_desc("% of keys scored at full precision per query (log)")
-        .y_desc("mean recall@k over heads")
+        .y_desc(format!("mean recall@k over heads (from {ymin:.2})"))
         .label_style(("sans-serif", 20))
         .axis_desc_style(("sans-serif", 22))
         .x_label_formatter(&|x| format!("{x:.2}"))
@@ -52,6 +55,11 @@ pub fn recall_vs_scanned(summary: &[Summary], title: &str, path: &Path) -> Resul
         .draw()
         .map_err(|e| err(&e))?;
     for (i, (name, pts)) in curves.iter().enumerate() {
+        // Points below the axis are dropped rather than drawn clamped onto it.
+        let pts: Vec<(f64, f64)> = pts.iter().copied().filter(|p| p.1 >= ymin).collect();
+        if pts.is_empty() {
+            continue;
+        }
         let color = Palette99::pick(i).stroke_width(3);
         let dashed = !name.starts_with("needle/");
         let style = if dashed { color.stroke_width(2) } else { color };
