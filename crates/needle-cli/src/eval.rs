@@ -297,9 +297,16 @@ fn text_tokens(loaded: &Loaded, path: &Path, n: usize) -> Result<Vec<u32>> {
     Ok(ids[..n].to_vec())
 }
 
-struct Teacher {
+/// What a run of decode steps produced.
+struct Decoded {
+    /// Tokens fed, one per step.
     tokens: Vec<u32>,
+    /// Next-token logits after each step.
     logits: Vec<Vec<f32>>,
+    /// Per step and compared query head: recall, mass, output error.
+    metrics: Vec<[f64; 3]>,
+    /// Wall time of the decode calls.
+    wall: Duration,
 }
 
 /// Decodes `steps` tokens: the teacher's tokens when given (teacher forcing), else greedy.
@@ -311,7 +318,7 @@ fn decode_steps(
     steps: usize,
     teacher: Option<&[u32]>,
     layers: &[usize],
-) -> Result<(Vec<u32>, Vec<Vec<f32>>, Vec<[f64; 3]>, Duration)> {
+) -> Result<Decoded> {
     cache.trace_queries(layers.to_vec())?;
     let (mut tokens, mut logits, mut metrics) = (Vec::new(), Vec::new(), Vec::new());
     let mut next = argmax(first_logits).context("empty logits")?;
@@ -326,7 +333,7 @@ fn decode_steps(
         metrics.extend(attention_metrics(model, cache, step)?);
         logits.push(l);
     }
-    Ok((tokens, logits, metrics, wall))
+    Ok(Decoded { tokens, logits, metrics, wall })
 }
 
 /// Recall of the true top-k dynamic keys, attention mass captured and output error, per query
@@ -390,9 +397,8 @@ fn run_fidelity(a: &EvalArgs, loaded: &Loaded, selectors: &[String]) -> Result<V
     );
     // Full attention first: its greedy tokens drive every selector.
     let mut full = fork(model, &base, "full")?;
-    let (t_tokens, t_logits, _, wall) = decode_steps(model, &mut full, &first, a.steps, None, &[])?;
-    let teacher = Teacher { tokens: t_tokens, logits: t_logits };
-    tracing::info!("full attention: {:.1} ms per step", wall.as_secs_f64() * 1e3 / a.steps.max(1) as f64);
+    let teacher = decode_steps(model, &mut full, &first, a.steps, None, &[])?;
+    tracing::info!("full attention: {:.1} ms per step", teacher.wall.as_secs_f64() * 1e3 / a.steps.max(1) as f64);
     let d = model.config().head_dim as f64;
     let mut rows = Vec::new();
     let pb = progress_bar(selectors.len(), "selectors");
@@ -400,7 +406,8 @@ fn run_fidelity(a: &EvalArgs, loaded: &Loaded, selectors: &[String]) -> Result<V
         let t = Instant::now();
         let mut c = fork(model, &base, spec)?;
         let build_s = t.elapsed().as_secs_f64();
-        let (_, logits, metrics, wall) = decode_steps(model, &mut c, &first, a.steps, Some(&teacher.tokens), &layers)?;
+        let Decoded { logits, metrics, wall, .. } =
+            decode_steps(model, &mut c, &first, a.steps, Some(&teacher.tokens), &layers)?;
         let kls =
             logits.iter().zip(&teacher.logits).map(|(q, p)| kl_divergence(p, q)).collect::<Result<Vec<_>, _>>()?;
         let agree = logits.iter().zip(&teacher.logits).filter(|(q, p)| argmax(q) == argmax(p)).count();
