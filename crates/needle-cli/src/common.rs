@@ -1,6 +1,6 @@
 //! Shared by the commands: model loading, prompts, progress bars, memory readings.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -114,4 +114,16 @@ pub fn new_cache(model: &Llama<Cpu>, spec: &str) -> Result<KvCache> {
     let (factory, sel) = selector_from_spec(spec)?;
     let cfg = model.config();
     Ok(KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?)
+}
+
+/// Writes a file that must not exist yet: results a user already has are never overwritten.
+pub fn write_new(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("{} (an existing file is never overwritten)", path.display()))?;
+    f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }

@@ -24,7 +24,7 @@ use needle_model::{Cpu, KvCache, Llama, argmax, selector_from_spec};
 use needle_tasks::{Filler, GridPoint, TaskSpec};
 use serde::Serialize;
 
-use crate::common::{Loaded, ModelArgs, load, progress_bar};
+use crate::common::{Loaded, ModelArgs, load, progress_bar, write_new};
 
 /// One default spec per built-in selector (what `--selectors all` runs).
 pub const ALL: &[&str] = &[
@@ -254,18 +254,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if let Some(path) = &a.json {
         write_new(path, &serde_json::to_string_pretty(&report)?)?;
     }
-    Ok(())
-}
-
-/// Writes a file that must not exist yet: results a user already has are never overwritten.
-fn write_new(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .with_context(|| format!("{} (an existing file is never overwritten)", path.display()))?;
-    f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -616,6 +604,7 @@ mod tests {
 
     #[test]
     fn results_are_never_overwritten() {
+        use crate::common::write_new;
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.json");
         write_new(&p, "a").unwrap();

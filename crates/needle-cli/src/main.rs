@@ -2,6 +2,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
+mod calibrate;
 mod common;
 mod eval;
 mod generate;
@@ -29,6 +30,8 @@ enum Command {
     Trace(trace::TraceArgs),
     /// Selectors against full attention: fidelity, passkey, RULER-style tasks, cost.
     Eval(eval::EvalArgs),
+    /// Rank heads by attention outside sinks + window and write a per-head selector policy.
+    Calibrate(calibrate::CalibrateArgs),
     /// Benchmarks (`needle bench index`, ...).
     Bench(bench::BenchArgs),
     /// Fetch the default model into the cache (as `cargo xtask fetch-model`).
@@ -47,6 +50,7 @@ fn main() -> Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Trace(a) => trace::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::FetchModel => {
             let p = needle_fetch::ensure_default_model()?;
