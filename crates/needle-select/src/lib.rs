@@ -22,7 +22,7 @@
 //! `train_positions`. Per selector:
 //! - `retrieval`: `index` (`graph` default, `hnsw`, `ivfpq`, `lsh`, `flat`, or a factory string
 //!   such as `IVF64,PQ16`), `effort` (the index's `SearchParams::effort`), `combine`
-//!   (`rerank` default, `mean-rerank`, `mean`, `split`: see [`GroupCombine`]), `min_index`.
+//!   (`mean-rerank` default, `rerank`, `mean`, `split`: see [`GroupCombine`]), `min_index`.
 //! - `quest`: `page` (16). `block`: `block` (128), `reps` (4).
 //! - `lsh-sample`: `bits`, `tables`, `min_collisions`, `seed`. `tokenselect`: `threshold` (0.9).
 //! - `policy`: `file` (a [`HeadPolicy`] as JSON). `streaming`: `sinks`, `window` only.
