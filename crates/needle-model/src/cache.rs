@@ -117,6 +117,34 @@ pub struct KvCache {
     pub stats: DecodeStats,
 }
 
+/// One row of heads per layer, each with a selector from `factory` (full attention below
+/// `config.dense_layers`) and the keys, values and training queries `state(layer, kv_head)` gives.
+fn make_heads(
+    n_layers: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    factory: &dyn SelectorFactory,
+    config: &SelectionConfig,
+    mut state: impl FnMut(usize, usize) -> Result<(PagedRows, PagedRows, Vec<f32>)>,
+) -> Result<Vec<Vec<HeadCache>>> {
+    (0..n_layers)
+        .map(|layer| {
+            (0..n_kv_heads)
+                .map(|kv_head| {
+                    let selector: Box<dyn AttentionSelector> = if layer < config.dense_layers {
+                        Box::new(FullSelector)
+                    } else {
+                        factory.create(HeadId { layer, kv_head }, head_dim)?
+                    };
+                    let (keys, values, train_queries) = state(layer, kv_head)?;
+                    let (selection, scratch) = (Selection::default(), GroupScratch::default());
+                    Ok(HeadCache { keys, values, selector, train_queries, selection, scratch })
+                })
+                .collect()
+        })
+        .collect()
+}
+
 impl KvCache {
     /// An empty cache for `n_layers` layers; selectors come from `factory` (layers below
     /// `config.dense_layers` get full attention).
@@ -127,27 +155,10 @@ impl KvCache {
         factory: &dyn SelectorFactory,
         config: SelectionConfig,
     ) -> Result<Self> {
-        let mut heads = Vec::with_capacity(n_layers);
-        for layer in 0..n_layers {
-            let mut row = Vec::with_capacity(gqa.n_kv_heads);
-            for kv_head in 0..gqa.n_kv_heads {
-                let head = HeadId { layer, kv_head };
-                let selector: Box<dyn AttentionSelector> = if layer < config.dense_layers {
-                    Box::new(FullSelector)
-                } else {
-                    factory.create(head, head_dim)?
-                };
-                row.push(HeadCache {
-                    keys: PagedRows::new(head_dim, PAGE_SIZE)?,
-                    values: PagedRows::new(head_dim, PAGE_SIZE)?,
-                    selector,
-                    train_queries: Vec::new(),
-                    selection: Selection::default(),
-                    scratch: GroupScratch::default(),
-                });
-            }
-            heads.push(row);
-        }
+        let empty = || -> Result<_> {
+            Ok((PagedRows::new(head_dim, PAGE_SIZE)?, PagedRows::new(head_dim, PAGE_SIZE)?, Vec::new()))
+        };
+        let heads = make_heads(n_layers, gqa.n_kv_heads, head_dim, factory, &config, |_, _| empty())?;
         Ok(Self {
             heads,
             gqa,
@@ -177,27 +188,10 @@ impl KvCache {
         if !self.retain_training {
             tracing::warn!("forking a cache that did not retain training queries: selectors train on keys only");
         }
-        let mut heads = Vec::with_capacity(self.heads.len());
-        for (layer, row) in self.heads.iter().enumerate() {
-            let mut out = Vec::with_capacity(row.len());
-            for (kv_head, h) in row.iter().enumerate() {
-                let head = HeadId { layer, kv_head };
-                let selector: Box<dyn AttentionSelector> = if layer < config.dense_layers {
-                    Box::new(FullSelector)
-                } else {
-                    factory.create(head, self.head_dim)?
-                };
-                out.push(HeadCache {
-                    keys: h.keys.clone(),
-                    values: h.values.clone(),
-                    selector,
-                    train_queries: h.train_queries.clone(),
-                    selection: Selection::default(),
-                    scratch: GroupScratch::default(),
-                });
-            }
-            heads.push(out);
-        }
+        let heads = make_heads(self.heads.len(), self.gqa.n_kv_heads, self.head_dim, factory, &config, |l, j| {
+            let h = &self.heads[l][j];
+            Ok((h.keys.clone(), h.values.clone(), h.train_queries.clone()))
+        })?;
         let mut c = KvCache {
             heads,
             gqa: self.gqa,

@@ -229,3 +229,30 @@ fn selectors_with_a_budget_covering_the_dynamic_part_equal_full_attention() {
     let diff = streaming[1].iter().zip(&full[1]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     assert!(diff > 1e-2, "streaming equals full attention ({diff}): the dynamic part was not dropped");
 }
+
+#[test]
+fn a_forked_cache_decodes_like_a_fresh_prefill() {
+    let r = real();
+    let tokens = prompt(200);
+    let spec = "oracle:k=60,sinks=8,window=32";
+    let fresh = decode_logits(spec, &tokens, 2);
+    let mut base = cache("full");
+    base.retain_training_queries();
+    let first = r.model.prefill(&tokens, &mut base, 128, &[tokens.len() - 1], &mut |_, _| {}).unwrap();
+    let (factory, config) = needle_model::selector_from_spec(spec).unwrap();
+    let mut forked = base.fork(factory.as_ref(), config, r.model.scale()).unwrap();
+    assert_eq!(forked.len(), base.len());
+    let mut got = vec![first];
+    let mut next = argmax(&got[0]).unwrap();
+    for _ in 0..2 {
+        let l = r.model.decode(next, &mut forked).unwrap();
+        next = argmax(&l).unwrap();
+        got.push(l);
+    }
+    for (step, (a, b)) in got.iter().zip(&fresh).enumerate() {
+        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-3, "step {step}: max |Δlogit| {diff}");
+    }
+    // The base cache is untouched by the fork's decoding.
+    assert_eq!(base.len(), tokens.len());
+}
