@@ -852,7 +852,13 @@ pub fn finish(args: &SweepArgs, report: &SweepReport) -> Result<()> {
     print_table(report);
     if let Some(p) = &args.json {
         let s = serde_json::to_string_pretty(report)?;
-        std::fs::write(p, s).with_context(|| format!("--json: writing {}", p.display()))?;
+        // Results a user already has are never overwritten.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, s.as_bytes()))
+            .with_context(|| format!("--json: writing {} (an existing file is never overwritten)", p.display()))?;
         tracing::info!("wrote {}", p.display());
     }
     if let Some(p) = &args.plot {

@@ -323,8 +323,7 @@ pub fn run(a: IndexArgs) -> Result<()> {
             "summary": summary,
             "equal_recall_vs_faiss_hnsw": ratios,
         });
-        std::fs::write(p, serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("--json: writing {}", p.display()))?;
+        crate::common::write_new(p, &serde_json::to_string_pretty(&v)?).context("--json")?;
     }
     if let Some(p) = &a.plot {
         let title = format!("recall@{} vs keys scanned — {} tokens", a.k, trace.n_tokens());
