@@ -9,7 +9,7 @@ use needle_core::{
     StaticPart, check_len,
 };
 
-use crate::common::{Frame, check_dynamic, check_group, default_scale, dot, full_cost, group_max, keep_top};
+use crate::common::{Frame, begin_select, check_dynamic, default_scale, dot, full_cost, group_max, keep_top};
 
 /// Default block size in tokens (InfLLM's).
 pub const DEFAULT_BLOCK: usize = 128;
@@ -214,12 +214,9 @@ impl AttentionSelector for BlockSelector {
         budget: &Budget,
         out: &mut Selection,
     ) -> Result<()> {
-        out.clear();
-        check_group(queries, self.dim)?;
-        check_dynamic(keys, &dynamic)?;
-        if dynamic.is_empty() {
+        let Some(_) = begin_select(queries, self.dim, keys, &dynamic, out)? else {
             return Ok(());
-        }
+        };
         if self.covered.is_empty() && self.rep_pos.is_empty() {
             self.first_block = dynamic.start / self.cfg.block as u32;
             self.covered = dynamic.start..dynamic.start;

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use needle_core::{Budget, Error, Result, RowSource, SearchStats, StaticPart, check_batch};
+use needle_core::{Budget, Error, Result, RowSource, SearchStats, Selection, StaticPart, check_batch};
 
 /// Sinks every selector keeps by default (RetrievalAttention's static part), so that selectors
 /// compared at their defaults differ only in the dynamic part.
@@ -39,6 +39,21 @@ pub(crate) fn check_dynamic(keys: &dyn RowSource, dynamic: &Range<u32>) -> Resul
         return Err(Error::OutOfRange { what: "dynamic range end".into(), id: dynamic.end.into(), len: keys.len() });
     }
     Ok(())
+}
+
+/// The checks every `select` starts with: clears `out`, validates the query group and the
+/// dynamic range, and returns the group size, or `None` when the dynamic part is empty.
+pub(crate) fn begin_select(
+    queries: &[f32],
+    dim: usize,
+    keys: &dyn RowSource,
+    dynamic: &Range<u32>,
+    out: &mut Selection,
+) -> Result<Option<usize>> {
+    out.clear();
+    let g = check_group(queries, dim)?;
+    check_dynamic(keys, dynamic)?;
+    Ok((!dynamic.is_empty()).then_some(g))
 }
 
 /// Best first, ties by lower id: the order `needle_core::attention::top_k` uses.

@@ -13,7 +13,7 @@ use needle_core::{
 use needle_index_lsh::LshIndex;
 use rand::{SeedableRng, rngs::StdRng};
 
-use crate::common::{Frame, check_dynamic, check_group};
+use crate::common::{Frame, begin_select, check_dynamic};
 
 /// Default signature bits `K`.
 pub const DEFAULT_BITS: usize = needle_index_lsh::DEFAULT_K_BITS;
@@ -167,12 +167,9 @@ impl AttentionSelector for LshSampleSelector {
         budget: &Budget,
         out: &mut Selection,
     ) -> Result<()> {
-        out.clear();
-        let g = check_group(queries, self.dim)?;
-        check_dynamic(keys, &dynamic)?;
-        if dynamic.is_empty() {
+        let Some(g) = begin_select(queries, self.dim, keys, &dynamic, out)? else {
             return Ok(());
-        }
+        };
         if self.covered.is_empty() {
             self.covered = dynamic.start..dynamic.start;
         }

@@ -8,7 +8,7 @@ use needle_core::{
     StaticPart,
 };
 
-use crate::common::{Frame, check_dynamic, check_group, default_scale, dot, full_cost, group_max, keep_top};
+use crate::common::{Frame, begin_select, default_scale, dot, full_cost, group_max, keep_top};
 
 /// Makes [`OracleSelector`]s; spec `oracle:k=K` or `oracle:mass=0.9,k=MAX`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -120,12 +120,9 @@ impl AttentionSelector for OracleSelector {
         budget: &Budget,
         out: &mut Selection,
     ) -> Result<()> {
-        out.clear();
-        check_group(queries, self.dim)?;
-        check_dynamic(keys, &dynamic)?;
-        if dynamic.is_empty() {
+        let Some(_) = begin_select(queries, self.dim, keys, &dynamic, out)? else {
             return Ok(());
-        }
+        };
         out.stats = full_cost(dynamic.len(), self.dim);
         match *budget {
             Budget::TopK(k) => {

@@ -10,7 +10,7 @@ use needle_core::{
     SelectorFactory, StaticPart, check_len,
 };
 
-use crate::common::{Frame, check_dynamic, check_group, keep_top};
+use crate::common::{Frame, begin_select, check_dynamic, keep_top};
 
 /// Default page size in tokens (Quest's).
 pub const DEFAULT_PAGE: usize = 16;
@@ -159,12 +159,9 @@ impl AttentionSelector for QuestSelector {
         budget: &Budget,
         out: &mut Selection,
     ) -> Result<()> {
-        out.clear();
-        let g = check_group(queries, self.dim)?;
-        check_dynamic(keys, &dynamic)?;
-        if dynamic.is_empty() {
+        let Some(g) = begin_select(queries, self.dim, keys, &dynamic, out)? else {
             return Ok(());
-        }
+        };
         if self.covered.is_empty() && self.mins.is_empty() {
             self.first_page = dynamic.start / self.cfg.page as u32;
             self.covered = dynamic.start..dynamic.start;

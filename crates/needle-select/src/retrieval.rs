@@ -10,7 +10,7 @@ use needle_core::{
 };
 
 use crate::common::{
-    Frame, apply_budget, check_dynamic, check_group, dedup_ids, default_scale, full_cost, group_max, keep_top,
+    Frame, apply_budget, begin_select, check_dynamic, dedup_ids, default_scale, full_cost, group_max, keep_top,
 };
 use crate::index::{index_factory, resolve};
 
@@ -345,12 +345,9 @@ impl AttentionSelector for RetrievalSelector {
         budget: &Budget,
         out: &mut Selection,
     ) -> Result<()> {
-        out.clear();
-        check_group(queries, self.dim)?;
-        check_dynamic(keys, &dynamic)?;
-        if dynamic.is_empty() {
+        let Some(_) = begin_select(queries, self.dim, keys, &dynamic, out)? else {
             return Ok(());
-        }
+        };
         let k = budget.max_ids().min(dynamic.len());
         let mass = matches!(budget, Budget::Mass { .. });
         self.cands.clear();

@@ -11,7 +11,7 @@ use needle_core::{
     SelectorFactory, StaticPart,
 };
 
-use crate::common::{Frame, check_dynamic, check_group, default_scale, dot, full_cost, keep_top};
+use crate::common::{Frame, begin_select, default_scale, dot, full_cost, keep_top};
 
 /// Default cosine similarity above which a cached selection is reused.
 pub const DEFAULT_THRESHOLD: f32 = 0.9;
@@ -150,12 +150,9 @@ impl AttentionSelector for TokenSelectSelector {
         budget: &Budget,
         out: &mut Selection,
     ) -> Result<()> {
-        out.clear();
-        let g = check_group(queries, self.dim)?;
-        check_dynamic(keys, &dynamic)?;
-        if dynamic.is_empty() {
+        let Some(g) = begin_select(queries, self.dim, keys, &dynamic, out)? else {
             return Ok(());
-        }
+        };
         if self.cache_hit(queries, &dynamic, budget) {
             self.hits += 1;
             self.cfg.counters.hits.fetch_add(1, Ordering::Relaxed);
