@@ -1,0 +1,168 @@
+//! Activations quantized on the fly for the fused dot products.
+//!
+//! * [`BlockQ8`] (Q8_0-style, 32 elements): for Q8_0, Q4_0 and Q4_1 weights. It keeps the sum of
+//!   its quants so the Q4_0 offset (−8) and the Q4_1 min come out of one integer sum.
+//! * [`BlockQ8K`] (Q8_K-style, 256 elements): for Q4_K, Q5_K and Q6_K weights, with the sums of
+//!   each 16 quants for the K-quant mins and the Q6_K offset (−32).
+//! * Float weights (F32, F16, BF16) take the activations as they are.
+//!
+//! Quants are `round(x / d)` with `d = max|x| / 127`, so every quant is in −127..=127 (never −128,
+//! which keeps the signed×unsigned SIMD products exact).
+
+use crate::quant::QuantType;
+use crate::{Result, check_len};
+
+/// A Q8_0-style activation block: scale, sum of the quants, 32 quants.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8 {
+    /// Scale: element ≈ `d · qs[i]`.
+    pub d: f32,
+    /// `Σ qs[i]`.
+    pub sum: i32,
+    /// Quants.
+    pub qs: [i8; 32],
+}
+
+/// A Q8_K-style activation block: scale, 256 quants, sums of each 16.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8K {
+    /// Scale: element ≈ `d · qs[i]`.
+    pub d: f32,
+    /// Quants.
+    pub qs: [i8; 256],
+    /// `bsums[k] = Σ qs[16k..16k+16]`.
+    pub bsums: [i16; 16],
+}
+
+/// One row of prepared activations, as a dot product takes it.
+#[derive(Clone, Copy, Debug)]
+pub enum QActRow<'a> {
+    /// Q8_0-style blocks.
+    Q8(&'a [BlockQ8]),
+    /// Q8_K-style blocks.
+    Q8K(&'a [BlockQ8K]),
+    /// Plain floats.
+    F32(&'a [f32]),
+}
+
+impl QActRow<'_> {
+    /// Elements in the row.
+    pub fn len(&self) -> usize {
+        match self {
+            QActRow::Q8(b) => b.len() * 32,
+            QActRow::Q8K(b) => b.len() * 256,
+            QActRow::F32(x) => x.len(),
+        }
+    }
+
+    /// Whether the row is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            QActRow::Q8(_) => "Q8",
+            QActRow::Q8K(_) => "Q8K",
+            QActRow::F32(_) => "F32",
+        }
+    }
+}
+
+/// The activation kind a weight type's dot product needs.
+pub(crate) fn kind_for(ty: QuantType) -> &'static str {
+    match ty {
+        QuantType::F32 | QuantType::F16 | QuantType::BF16 => "F32",
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 => "Q8",
+        QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => "Q8K",
+    }
+}
+
+/// `rows × cols` activations prepared for weights of one type.
+#[derive(Clone, Debug)]
+pub enum QActs {
+    /// Q8_0-style blocks, `cols / 32` per row.
+    Q8 {
+        /// Elements per row.
+        cols: usize,
+        /// Blocks, row after row.
+        blocks: Vec<BlockQ8>,
+    },
+    /// Q8_K-style blocks, `cols / 256` per row.
+    Q8K {
+        /// Elements per row.
+        cols: usize,
+        /// Blocks, row after row.
+        blocks: Vec<BlockQ8K>,
+    },
+    /// Floats as given.
+    F32 {
+        /// Elements per row.
+        cols: usize,
+        /// Values, row after row.
+        data: Vec<f32>,
+    },
+}
+
+impl QActs {
+    /// Prepares the `rows × cols` row-major `x` for dot products with `ty` weights.
+    pub fn quantize(ty: QuantType, x: &[f32], rows: usize, cols: usize) -> Result<QActs> {
+        ty.bytes_for("cols", cols)?;
+        check_len("x", x.len(), rows.saturating_mul(cols))?;
+        Ok(match kind_for(ty) {
+            "F32" => QActs::F32 { cols, data: x.to_vec() },
+            "Q8" => QActs::Q8 { cols, blocks: x.chunks_exact(32).map(quantize_q8).collect() },
+            _ => QActs::Q8K { cols, blocks: x.chunks_exact(256).map(quantize_q8k).collect() },
+        })
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        match self {
+            QActs::Q8 { cols, blocks } => (blocks.len() * 32).checked_div(*cols).unwrap_or(0),
+            QActs::Q8K { cols, blocks } => (blocks.len() * 256).checked_div(*cols).unwrap_or(0),
+            QActs::F32 { cols, data } => data.len().checked_div(*cols).unwrap_or(0),
+        }
+    }
+
+    /// Row `i` (panics when out of range, like slice indexing).
+    pub fn row(&self, i: usize) -> QActRow<'_> {
+        match self {
+            QActs::Q8 { cols, blocks } => QActRow::Q8(&blocks[i * cols / 32..(i + 1) * cols / 32]),
+            QActs::Q8K { cols, blocks } => QActRow::Q8K(&blocks[i * cols / 256..(i + 1) * cols / 256]),
+            QActs::F32 { cols, data } => QActRow::F32(&data[i * cols..(i + 1) * cols]),
+        }
+    }
+}
+
+fn scale_of(x: &[f32]) -> (f32, f32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
+}
+
+/// Quantizes 32 values to a [`BlockQ8`].
+pub fn quantize_q8(x: &[f32]) -> BlockQ8 {
+    let (d, id) = scale_of(x);
+    let mut qs = [0i8; 32];
+    for (q, v) in qs.iter_mut().zip(x) {
+        *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+    }
+    BlockQ8 { d, sum: qs.iter().map(|&q| i32::from(q)).sum(), qs }
+}
+
+/// Quantizes 256 values to a [`BlockQ8K`].
+pub fn quantize_q8k(x: &[f32]) -> BlockQ8K {
+    let (d, id) = scale_of(x);
+    let mut qs = [0i8; 256];
+    for (q, v) in qs.iter_mut().zip(x) {
+        *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+    }
+    let mut bsums = [0i16; 16];
+    for (s, c) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
+        *s = c.iter().map(|&q| i16::from(q)).sum();
+    }
+    BlockQ8K { d, qs, bsums }
+}

@@ -1,0 +1,481 @@
+//! Fused quantized dot products, ggml style: weights stay in their blocks, activations come
+//! pre-quantized ([`crate::act`]), products are integer per block and scaled per block.
+//!
+//! Each weight type has a scalar reference and an AVX2+FMA path doing the same integer math
+//! (results differ only by f32 summation order).
+
+use half::{bf16, f16};
+
+use crate::act::{BlockQ8, BlockQ8K, QActRow, kind_for};
+use crate::quant::{QuantType, f16_at, k_scale_min};
+use crate::{Error, Isa, Result};
+
+/// A dot product of one weight row (its bytes) with one activation row.
+pub(crate) type Kernel = fn(&[u8], QActRow<'_>) -> f32;
+
+/// Dot product of the weight row `w` (whole blocks of `ty`) with `x`, on the best ISA.
+pub fn vec_dot(ty: QuantType, w: &[u8], x: QActRow<'_>) -> Result<f32> {
+    vec_dot_with(Isa::detect(), ty, w, x)
+}
+
+/// [`vec_dot`] on a given ISA (scalar when `isa` is not available here).
+pub fn vec_dot_with(isa: Isa, ty: QuantType, w: &[u8], x: QActRow<'_>) -> Result<f32> {
+    check_act(ty, x)?;
+    crate::check_len("w", w.len(), ty.bytes_for("x.len()", x.len())?)?;
+    Ok(kernel(ty, isa)(w, x))
+}
+
+pub(crate) fn check_act(ty: QuantType, x: QActRow<'_>) -> Result<()> {
+    if x.kind() != kind_for(ty) {
+        return Err(Error::ActKind { got: x.kind(), want: kind_for(ty) });
+    }
+    Ok(())
+}
+
+/// The kernel for `ty` on `isa` (falls back to scalar). Callers have checked lengths and kinds.
+pub(crate) fn kernel(ty: QuantType, isa: Isa) -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if isa.effective() == Isa::Avx2 {
+        return x86::kernel(ty);
+    }
+    let _ = isa;
+    match ty {
+        QuantType::F32 => |w, x| f32_scalar(w, f32s(x)),
+        QuantType::F16 => |w, x| f16_scalar(w, f32s(x)),
+        QuantType::BF16 => |w, x| bf16_scalar(w, f32s(x)),
+        QuantType::Q8_0 => |w, x| q8_0_scalar(w, q8(x)),
+        QuantType::Q4_0 => |w, x| q4_0_scalar(w, q8(x)),
+        QuantType::Q4_1 => |w, x| q4_1_scalar(w, q8(x)),
+        QuantType::Q4_K => |w, x| q4_k_scalar(w, q8k(x)),
+        QuantType::Q5_K => |w, x| q5_k_scalar(w, q8k(x)),
+        QuantType::Q6_K => |w, x| q6_k_scalar(w, q8k(x)),
+    }
+}
+
+// Kind mismatches are rejected by `check_act` before a kernel runs; an empty row makes these total.
+fn f32s(x: QActRow<'_>) -> &[f32] {
+    if let QActRow::F32(v) = x { v } else { &[] }
+}
+fn q8(x: QActRow<'_>) -> &[BlockQ8] {
+    if let QActRow::Q8(v) = x { v } else { &[] }
+}
+fn q8k(x: QActRow<'_>) -> &[BlockQ8K] {
+    if let QActRow::Q8K(v) = x { v } else { &[] }
+}
+
+fn f32_scalar(w: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (i, (c, v)) in w.chunks_exact(4).zip(x).enumerate() {
+        acc[i % 8] += f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * v;
+    }
+    acc.iter().sum()
+}
+
+fn f16_scalar(w: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (i, (c, v)) in w.chunks_exact(2).zip(x).enumerate() {
+        acc[i % 8] += f16::from_le_bytes([c[0], c[1]]).to_f32() * v;
+    }
+    acc.iter().sum()
+}
+
+fn bf16_scalar(w: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (i, (c, v)) in w.chunks_exact(2).zip(x).enumerate() {
+        acc[i % 8] += bf16::from_le_bytes([c[0], c[1]]).to_f32() * v;
+    }
+    acc.iter().sum()
+}
+
+fn q8_0_scalar(w: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(34).zip(x) {
+        let sumi: i32 = b[2..34].iter().zip(&y.qs).map(|(&q, &v)| i32::from(q as i8) * i32::from(v)).sum();
+        acc += f16_at(b, 0) * y.d * sumi as f32;
+    }
+    acc
+}
+
+/// `Σ nibble·y` over a 16-byte nibble array laid out ggml style (low nibbles first).
+fn nib_dot(qs: &[u8], y: &[i8; 32]) -> i32 {
+    let (lo, hi) = y.split_at(16);
+    qs.iter()
+        .zip(lo)
+        .zip(hi)
+        .map(|((&q, &a), &b)| i32::from(q & 15) * i32::from(a) + i32::from(q >> 4) * i32::from(b))
+        .sum()
+}
+
+fn q4_0_scalar(w: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(18).zip(x) {
+        let sumi = nib_dot(&b[2..18], &y.qs) - 8 * y.sum;
+        acc += f16_at(b, 0) * y.d * sumi as f32;
+    }
+    acc
+}
+
+fn q4_1_scalar(w: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(20).zip(x) {
+        let sumi = nib_dot(&b[4..20], &y.qs);
+        acc += f16_at(b, 0) * y.d * sumi as f32 + f16_at(b, 2) * y.d * y.sum as f32;
+    }
+    acc
+}
+
+/// The 8 scales and the min correction `Σ m_j · (sum of the 32 quants of sub-block j)` of a
+/// Q4_K/Q5_K block against a Q8_K block.
+fn k_scales(scales: &[u8], y: &BlockQ8K) -> ([i32; 8], i32) {
+    let mut sc = [0i32; 8];
+    let mut summ = 0i32;
+    for (j, s) in sc.iter_mut().enumerate() {
+        let (a, m) = k_scale_min(j, scales);
+        *s = i32::from(a);
+        summ += i32::from(m) * (i32::from(y.bsums[2 * j]) + i32::from(y.bsums[2 * j + 1]));
+    }
+    (sc, summ)
+}
+
+fn q4_k_scalar(w: &[u8], x: &[BlockQ8K]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(144).zip(x) {
+        let (sc, summ) = k_scales(&b[4..16], y);
+        let qs = &b[16..144];
+        let mut sumi = 0i32;
+        for c in 0..4 {
+            let (mut s1, mut s2) = (0i32, 0i32);
+            for l in 0..32 {
+                let q = qs[32 * c + l];
+                s1 += i32::from(q & 15) * i32::from(y.qs[64 * c + l]);
+                s2 += i32::from(q >> 4) * i32::from(y.qs[64 * c + 32 + l]);
+            }
+            sumi += sc[2 * c] * s1 + sc[2 * c + 1] * s2;
+        }
+        acc += f16_at(b, 0) * y.d * sumi as f32 - f16_at(b, 2) * y.d * summ as f32;
+    }
+    acc
+}
+
+fn q5_k_scalar(w: &[u8], x: &[BlockQ8K]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(176).zip(x) {
+        let (sc, summ) = k_scales(&b[4..16], y);
+        let (qh, qs) = (&b[16..48], &b[48..176]);
+        let mut sumi = 0i32;
+        for c in 0..4 {
+            let (mut s1, mut s2) = (0i32, 0i32);
+            for l in 0..32 {
+                let q = qs[32 * c + l];
+                let q1 = (q & 15) | (((qh[l] >> (2 * c)) & 1) << 4);
+                let q2 = (q >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4);
+                s1 += i32::from(q1) * i32::from(y.qs[64 * c + l]);
+                s2 += i32::from(q2) * i32::from(y.qs[64 * c + 32 + l]);
+            }
+            sumi += sc[2 * c] * s1 + sc[2 * c + 1] * s2;
+        }
+        acc += f16_at(b, 0) * y.d * sumi as f32 - f16_at(b, 2) * y.d * summ as f32;
+    }
+    acc
+}
+
+/// The 6-bit quant of element `32r + l` of Q6_K half `h` (see [`crate::quant`]).
+fn q6(b: &[u8], h: usize, r: usize, l: usize) -> i32 {
+    let ql = b[64 * h + l + if r % 2 == 1 { 32 } else { 0 }];
+    let low = if r < 2 { ql & 15 } else { ql >> 4 };
+    let high = (b[128 + 32 * h + l] >> (2 * r)) & 3;
+    i32::from(low | (high << 4))
+}
+
+fn q6_k_scalar(w: &[u8], x: &[BlockQ8K]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(210).zip(x) {
+        let mut sumi = 0i32;
+        for k in 0..16 {
+            let (h, r) = (k / 8, (k % 8) / 2);
+            let mut s = 0i32;
+            for l in 16 * (k % 2)..16 * (k % 2) + 16 {
+                s += q6(b, h, r, l) * i32::from(y.qs[16 * k + l % 16]);
+            }
+            sumi += i32::from(b[192 + k] as i8) * (s - 32 * i32::from(y.bsums[k]));
+        }
+        acc += f16_at(b, 208) * y.d * sumi as f32;
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! AVX2 + FMA (+ F16C) kernels. Each `unsafe fn` only needs the CPU features it enables;
+    //! the safe wrappers are handed out by [`kernel`] only after [`Isa::Avx2`] was detected.
+
+    use std::arch::x86_64::*;
+
+    use super::{BlockQ8, BlockQ8K, Kernel, QuantType, f16_at, f32s, k_scales, q8, q8k};
+
+    pub(super) fn kernel(ty: QuantType) -> Kernel {
+        // SAFETY (every closure below): `kernel` is only called once `Isa::Avx2` was detected
+        // (avx2, fma and f16c present), which is all the target features these functions enable.
+        match ty {
+            QuantType::F32 => |w, x| unsafe { f32_avx2(w, f32s(x)) },
+            QuantType::F16 => |w, x| unsafe { f16_avx2(w, f32s(x)) },
+            QuantType::BF16 => |w, x| unsafe { bf16_avx2(w, f32s(x)) },
+            QuantType::Q8_0 => |w, x| unsafe { q8_0_avx2(w, q8(x)) },
+            QuantType::Q4_0 => |w, x| unsafe { q4_x_avx2::<false>(w, q8(x)) },
+            QuantType::Q4_1 => |w, x| unsafe { q4_x_avx2::<true>(w, q8(x)) },
+            QuantType::Q4_K => |w, x| unsafe { qk_avx2::<false>(w, q8k(x)) },
+            QuantType::Q5_K => |w, x| unsafe { qk_avx2::<true>(w, q8k(x)) },
+            QuantType::Q6_K => |w, x| unsafe { q6_k_avx2(w, q8k(x)) },
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum_ps(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// 32 bytes at `p`.
+    ///
+    /// # Safety
+    /// `p` must have 32 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load32(p: &[u8]) -> __m256i {
+        debug_assert!(p.len() >= 32);
+        // SAFETY: the caller guarantees 32 readable bytes; loadu has no alignment requirement.
+        unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
+    }
+
+    /// 32 signed quants of an activation block, as a vector.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load_i8x32(q: &[i8; 32]) -> __m256i {
+        // SAFETY: `q` is exactly 32 bytes.
+        unsafe { _mm256_loadu_si256(q.as_ptr().cast()) }
+    }
+
+    /// Σ over pairs of u8·i8 products into 8 i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn dot_u8i8(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn f32_avx2(w: &[u8], x: &[f32]) -> f32 {
+        let n = x.len().min(w.len() / 4);
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n, so 16 floats are readable from both rows.
+            unsafe {
+                let wp = w.as_ptr().add(4 * i).cast::<f32>();
+                let xp = x.as_ptr().add(i);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wp), _mm256_loadu_ps(xp), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(8)), _mm256_loadu_ps(xp.add(8)), a1);
+            }
+            i += 16;
+        }
+        let mut s = hsum_ps(_mm256_add_ps(a0, a1));
+        for j in i..n {
+            s += f32::from_le_bytes([w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3]]) * x[j];
+        }
+        s
+    }
+
+    /// # Safety
+    /// Needs avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_avx2(w: &[u8], x: &[f32]) -> f32 {
+        let n = x.len().min(w.len() / 2);
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n: 32 bytes of halves and 16 floats are readable.
+            unsafe {
+                let wp = w.as_ptr().add(2 * i);
+                let xp = x.as_ptr().add(i);
+                let w0 = _mm256_cvtph_ps(_mm_loadu_si128(wp.cast()));
+                let w1 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(16).cast()));
+                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), a0);
+                a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), a1);
+            }
+            i += 16;
+        }
+        let mut s = hsum_ps(_mm256_add_ps(a0, a1));
+        for j in i..n {
+            s += f16_at(w, 2 * j) * x[j];
+        }
+        s
+    }
+
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn bf16_avx2(w: &[u8], x: &[f32]) -> f32 {
+        let n = x.len().min(w.len() / 2);
+        let mut a0 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n: 16 bytes of bf16 and 8 floats are readable.
+            unsafe {
+                let h = _mm_loadu_si128(w.as_ptr().add(2 * i).cast());
+                let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.as_ptr().add(i)), a0);
+            }
+            i += 8;
+        }
+        let mut s = hsum_ps(a0);
+        for j in i..n {
+            s += half::bf16::from_le_bytes([w[2 * j], w[2 * j + 1]]).to_f32() * x[j];
+        }
+        s
+    }
+
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q8_0_avx2(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (b, y) in w.chunks_exact(34).zip(x) {
+            // SAFETY: b[2..34] is 32 bytes.
+            let qx = unsafe { load32(&b[2..34]) };
+            let qy = load_i8x32(&y.qs);
+            // |x| as unsigned times y carrying x's sign: exact since |y| <= 127.
+            let p = dot_u8i8(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b, 0) * y.d), _mm256_cvtepi32_ps(p), acc);
+        }
+        hsum_ps(acc)
+    }
+
+    /// 16 bytes of ggml nibbles → 32 bytes: low nibbles (elements 0..16), then high (16..32).
+    ///
+    /// # Safety
+    /// `p` must have 16 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles(p: &[u8]) -> __m256i {
+        debug_assert!(p.len() >= 16);
+        // SAFETY: the caller guarantees 16 readable bytes.
+        let v = unsafe { _mm_loadu_si128(p.as_ptr().cast()) };
+        let m = _mm_set1_epi8(0x0F);
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m))
+    }
+
+    /// Q4_0 (`MIN = false`, offset −8) and Q4_1 (`MIN = true`, f16 min).
+    ///
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q4_x_avx2<const MIN: bool>(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let bb = if MIN { 20 } else { 18 };
+        let off = bb - 16;
+        let mut acc = _mm256_setzero_ps();
+        let mut corr = 0f32;
+        for (b, y) in w.chunks_exact(bb).zip(x) {
+            // SAFETY: b[off..off + 16] is the block's 16 nibble bytes.
+            let q = unsafe { nibbles(&b[off..off + 16]) };
+            let p = dot_u8i8(q, load_i8x32(&y.qs));
+            let d = f16_at(b, 0) * y.d;
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+            corr += if MIN { f16_at(b, 2) * y.d * y.sum as f32 } else { -d * (8 * y.sum) as f32 };
+        }
+        hsum_ps(acc) + corr
+    }
+
+    /// Q4_K (`HIGH = false`) and Q5_K (`HIGH = true`, bit 4 from `qh`).
+    ///
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn qk_avx2<const HIGH: bool>(w: &[u8], x: &[BlockQ8K]) -> f32 {
+        let (bb, qs_off) = if HIGH { (176, 48) } else { (144, 16) };
+        let m4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        let mut acc = _mm256_setzero_ps();
+        let mut corr = 0f32;
+        for (b, y) in w.chunks_exact(bb).zip(x) {
+            let (sc, summ) = k_scales(&b[4..16], y);
+            // SAFETY: for Q5_K b[16..48] is the 32-byte `qh`; for Q4_K it is part of `qs`, unused.
+            let qh = unsafe { load32(&b[16..48]) };
+            let mut sumi = _mm256_setzero_si256();
+            for c in 0..4 {
+                // SAFETY: 32 nibble bytes of chunk c lie within the block.
+                let q = unsafe { load32(&b[qs_off + 32 * c..qs_off + 32 * c + 32]) };
+                let mut lo = _mm256_and_si256(q, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                if HIGH {
+                    let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32)), one);
+                    let h2 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32 + 1)), one);
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(h1, 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(h2, 4));
+                }
+                // SAFETY: y.qs has 256 bytes; 64c + 64 <= 256.
+                let (y0, y1) = unsafe {
+                    (
+                        _mm256_loadu_si256(y.qs.as_ptr().add(64 * c).cast()),
+                        _mm256_loadu_si256(y.qs.as_ptr().add(64 * c + 32).cast()),
+                    )
+                };
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16(sc[2 * c] as i16));
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16(sc[2 * c + 1] as i16));
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b, 0) * y.d), _mm256_cvtepi32_ps(sumi), acc);
+            corr -= f16_at(b, 2) * y.d * summ as f32;
+        }
+        hsum_ps(acc) + corr
+    }
+
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q6_k_avx2(w: &[u8], x: &[BlockQ8K]) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m30 = _mm256_set1_epi8(0x30);
+        let mut acc = _mm256_setzero_ps();
+        let mut corr = 0f32;
+        for (b, y) in w.chunks_exact(210).zip(x) {
+            let sc = &b[192..208];
+            let mut offs = 0i32;
+            for (k, &s) in sc.iter().enumerate() {
+                offs += i32::from(s as i8) * i32::from(y.bsums[k]);
+            }
+            let mut sumi = _mm256_setzero_si256();
+            for h in 0..2 {
+                // SAFETY: ql half = 64 bytes at 64h, qh half = 32 bytes at 128 + 32h, in the block.
+                let (qa, qb, qh) =
+                    unsafe { (load32(&b[64 * h..]), load32(&b[64 * h + 32..]), load32(&b[128 + 32 * h..])) };
+                let quarters = [
+                    _mm256_or_si256(_mm256_and_si256(qa, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+                    _mm256_or_si256(_mm256_and_si256(qb, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), _mm256_and_si256(qh, m30)),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                    ),
+                ];
+                for (r, q) in quarters.into_iter().enumerate() {
+                    let k = 8 * h + 2 * r;
+                    // SAFETY: 128h + 32r + 32 <= 256 bytes of y.qs.
+                    let yv = unsafe { _mm256_loadu_si256(y.qs.as_ptr().add(128 * h + 32 * r).cast()) };
+                    let s = _mm256_set_m128i(
+                        _mm_set1_epi16(i16::from(sc[k + 1] as i8)),
+                        _mm_set1_epi16(i16::from(sc[k] as i8)),
+                    );
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), s));
+                }
+            }
+            let d = f16_at(b, 208) * y.d;
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            corr -= d * (32 * offs) as f32;
+        }
+        hsum_ps(acc) + corr
+    }
+}

@@ -1,0 +1,80 @@
+//! needle's own fused CPU kernels.
+//!
+//! * [`quant`]: ggml-compatible block formats ([`QuantType`]) and the one scalar dequantizer.
+//! * [`act`]: activations quantized on the fly to 8-bit blocks (Q8_0-style and Q8_K-style).
+//! * [`dot`]: fused quantized dot products, one per weight type, scalar reference + AVX2/FMA.
+//! * [`linear`]: [`QMatrix`], a borrowed view of quantized weight rows, with `gemv` and `gemm`.
+//! * [`attn`]: causal, GQA-aware flash prefill reading KV pages in place.
+//! * [`ops`]: RMSNorm, rotate-half RoPE, SiLU·up.
+//!
+//! SIMD paths are picked at run time ([`Isa::detect`], once), so one binary is fast on any x86-64.
+//! Every kernel has a `*_with(isa, …)` variant so tests can compare paths explicitly. On non-x86
+//! targets every kernel runs its scalar path: NEON is not done.
+
+pub mod act;
+pub mod attn;
+pub mod dot;
+pub mod linear;
+pub mod ops;
+pub mod quant;
+
+mod isa;
+
+pub use act::{BlockQ8, BlockQ8K, QActs};
+// pub use attn::{Pages, flash_prefill};
+pub use isa::Isa;
+// pub use linear::QMatrix;
+pub use quant::{QuantType, dequantize_row};
+
+/// Errors of the kernels: a bad shape or length, naming the parameter.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// A buffer length does not match what the other parameters imply.
+    #[error("`{param}` has length {got}, expected {expected}")]
+    Len {
+        /// The parameter.
+        param: &'static str,
+        /// Its length.
+        got: usize,
+        /// The length the other parameters imply.
+        expected: usize,
+    },
+    /// A dimension is not a multiple of the block size of the type.
+    #[error("`{param}` = {got} is not a multiple of the {ty:?} block size {block}")]
+    NotBlockMultiple {
+        /// The parameter.
+        param: &'static str,
+        /// Its value.
+        got: usize,
+        /// The type.
+        ty: QuantType,
+        /// The block size in elements.
+        block: usize,
+    },
+    /// A parameter is out of its valid range.
+    #[error("`{param}`: {why}")]
+    Invalid {
+        /// The parameter.
+        param: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// No such ggml type id among the supported types.
+    #[error("unsupported ggml type id {0}")]
+    UnsupportedType(u32),
+    /// Activations were quantized for another weight type.
+    #[error("activations quantized for {got:?}, weights are {want:?}")]
+    ActKind {
+        /// Kind the activations were quantized as.
+        got: &'static str,
+        /// Kind the weight type needs.
+        want: &'static str,
+    },
+}
+
+/// Result of the kernels.
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn check_len(param: &'static str, got: usize, expected: usize) -> Result<()> {
+    if got == expected { Ok(()) } else { Err(Error::Len { param, got, expected }) }
+}
