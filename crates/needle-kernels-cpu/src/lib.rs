@@ -23,7 +23,7 @@ mod isa;
 pub use act::{BlockQ8, BlockQ8K, QActs};
 // pub use attn::{Pages, flash_prefill};
 pub use isa::Isa;
-// pub use linear::QMatrix;
+pub use linear::QMatrix;
 pub use quant::{QuantType, dequantize_row};
 
 /// Errors of the kernels: a bad shape or length, naming the parameter.

@@ -1,1 +1,132 @@
-//! todo
+//! Quantized linear layers over borrowed (memory-mapped) weight bytes.
+
+use rayon::prelude::*;
+
+use crate::act::QActs;
+use crate::dot::{Kernel, kernel};
+use crate::quant::QuantType;
+use crate::{Error, Isa, Result, check_len};
+
+/// Below this many weights a matrix-vector product runs on the calling thread.
+const PAR_MIN_WEIGHTS: usize = 1 << 17;
+/// Weight rows × token rows of one cache tile of [`QMatrix::gemm`].
+const TILE_ROWS: usize = 16;
+const TILE_TOKENS: usize = 8;
+
+/// A `rows × cols` weight matrix (`rows` = out features, `cols` = in features) of one ggml type,
+/// row-major, each row `cols / block_elems` whole blocks, borrowed as bytes (no copy).
+#[derive(Clone, Copy, Debug)]
+pub struct QMatrix<'a> {
+    ty: QuantType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: &'a [u8],
+}
+
+impl<'a> QMatrix<'a> {
+    /// A view of `data` as `rows × cols` weights of `ty`.
+    pub fn new(ty: QuantType, rows: usize, cols: usize, data: &'a [u8]) -> Result<QMatrix<'a>> {
+        let row_bytes = ty.bytes_for("cols", cols)?;
+        let total =
+            rows.checked_mul(row_bytes).ok_or_else(|| Error::Invalid { param: "rows", why: "too large".into() })?;
+        check_len("data", data.len(), total)?;
+        Ok(QMatrix { ty, rows, cols, row_bytes, data })
+    }
+
+    /// Element type.
+    pub fn ty(&self) -> QuantType {
+        self.ty
+    }
+
+    /// Out features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// In features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The bytes of row `r` (panics when out of range, like slice indexing).
+    pub fn row_bytes(&self, r: usize) -> &'a [u8] {
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// `y = W x` for one token (`x`: `cols`, `y`: `rows`), on the best ISA.
+    pub fn gemv(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        self.gemv_with(Isa::detect(), x, y)
+    }
+
+    /// [`gemv`](Self::gemv) on a given ISA (scalar when `isa` is not available here).
+    pub fn gemv_with(&self, isa: Isa, x: &[f32], y: &mut [f32]) -> Result<()> {
+        check_len("x", x.len(), self.cols)?;
+        check_len("y", y.len(), self.rows)?;
+        let acts = QActs::quantize(self.ty, x, 1, self.cols)?;
+        let k = kernel(self.ty, isa);
+        let xr = acts.row(0);
+        let run = |r0: usize, ys: &mut [f32]| {
+            for (i, v) in ys.iter_mut().enumerate() {
+                *v = k(self.row_bytes(r0 + i), xr);
+            }
+        };
+        if self.rows * self.cols < PAR_MIN_WEIGHTS || rayon::current_num_threads() == 1 {
+            run(0, y);
+        } else {
+            let chunk = self.rows.div_ceil(4 * rayon::current_num_threads()).max(8);
+            y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| run(c * chunk, ys));
+        }
+        Ok(())
+    }
+
+    /// `Y = X Wᵀ` for `t` tokens (`x`: `t × cols`, `y`: `t × rows`), on the best ISA.
+    pub fn gemm(&self, x: &[f32], t: usize, y: &mut [f32]) -> Result<()> {
+        self.gemm_with(Isa::detect(), x, t, y)
+    }
+
+    /// [`gemm`](Self::gemm) on a given ISA (scalar when `isa` is not available here).
+    ///
+    /// Each token row of `x` is quantized once; the work is cut into tiles of 16 weight rows ×
+    /// 8 tokens so a weight row is read from L1 for all tokens of the tile; row blocks run in
+    /// parallel.
+    pub fn gemm_with(&self, isa: Isa, x: &[f32], t: usize, y: &mut [f32]) -> Result<()> {
+        check_len("x", x.len(), t.saturating_mul(self.cols))?;
+        check_len("y", y.len(), t.saturating_mul(self.rows))?;
+        if t == 0 || self.rows == 0 {
+            return Ok(());
+        }
+        if t == 1 {
+            return self.gemv_with(isa, x, y);
+        }
+        let acts = QActs::quantize(self.ty, x, t, self.cols)?;
+        let k = kernel(self.ty, isa);
+        // Results row-major by weight row (so row blocks are contiguous), transposed at the end.
+        let mut yt = vec![0f32; self.rows * t];
+        let block = TILE_ROWS.max(self.rows.div_ceil(4 * rayon::current_num_threads()) / TILE_ROWS * TILE_ROWS);
+        yt.par_chunks_mut(block * t).enumerate().for_each(|(b, out)| self.tile(k, &acts, b * block, t, out));
+        y.par_chunks_mut(self.rows).enumerate().for_each(|(tok, yr)| {
+            for (r, v) in yr.iter_mut().enumerate() {
+                *v = yt[r * t + tok];
+            }
+        });
+        Ok(())
+    }
+
+    /// Rows `r0..r0 + out.len() / t` of `W Xᵀ` into `out` (row-major by weight row).
+    fn tile(&self, k: Kernel, acts: &QActs, r0: usize, t: usize, out: &mut [f32]) {
+        let nrows = out.len() / t;
+        for rb in (0..nrows).step_by(TILE_ROWS) {
+            let re = (rb + TILE_ROWS).min(nrows);
+            for tb in (0..t).step_by(TILE_TOKENS) {
+                let te = (tb + TILE_TOKENS).min(t);
+                for r in rb..re {
+                    let w = self.row_bytes(r0 + r);
+                    for tok in tb..te {
+                        out[r * t + tok] = k(w, acts.row(tok));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Fused quantized dot products: against f64 dots of dequantized weights with the original
+//! activations (bounded by the 8-bit activation quantization error), and every SIMD path against
+//! the scalar reference (same integer math).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use needle_kernels_cpu::dot::{vec_dot, vec_dot_with};
+use needle_kernels_cpu::{Error, Isa, QActs, QuantType};
+
+#[test]
+fn fused_dot_matches_dequantized_f64_dot_within_quantization_bound() {
+    let mut r = rng(1);
+    for ty in QuantType::ALL {
+        for blocks in [1, 2, 3, 7] {
+            let cols = cols_for(ty, blocks);
+            for _ in 0..20 {
+                let w = random_weights(&mut r, ty, 1, cols);
+                let x = randn(&mut r, cols);
+                let wf = dequant(ty, &w, cols);
+                let want: f64 = wf.iter().zip(&x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                let tol = act_tolerance(ty, &wf, &x);
+                let acts = QActs::quantize(ty, &x, 1, cols).unwrap();
+                for isa in Isa::all_available() {
+                    let got = vec_dot_with(isa, ty, &w, acts.row(0)).unwrap();
+                    assert!(
+                        (f64::from(got) - want).abs() <= tol,
+                        "{ty:?} {isa:?} cols {cols}: {got} vs {want} (tol {tol})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_dot_matches_scalar_reference() {
+    let isas = Isa::all_available();
+    assert_eq!(isas[0], Isa::Scalar);
+    if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx2") {
+        assert!(isas.contains(&Isa::Avx2), "AVX2 machine but the AVX2 path is not offered");
+    }
+    let mut r = rng(2);
+    for ty in QuantType::ALL {
+        for blocks in [1, 3, 8] {
+            let cols = cols_for(ty, blocks);
+            for _ in 0..30 {
+                let w = random_weights(&mut r, ty, 1, cols);
+                let x = randn(&mut r, cols);
+                let acts = QActs::quantize(ty, &x, 1, cols).unwrap();
+                let s = vec_dot_with(Isa::Scalar, ty, &w, acts.row(0)).unwrap();
+                let wf = dequant(ty, &w, cols);
+                let abs: f32 = wf.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+                for &isa in &isas[1..] {
+                    let v = vec_dot_with(isa, ty, &w, acts.row(0)).unwrap();
+                    assert!((v - s).abs() <= 1e-5 * abs + 1e-6, "{ty:?} {isa:?} cols {cols}: {v} vs scalar {s}");
+                }
+                assert_eq!(
+                    vec_dot(ty, &w, acts.row(0)).unwrap(),
+                    vec_dot_with(Isa::detect(), ty, &w, acts.row(0)).unwrap()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors_naming_the_parameter() {
+    let x = vec![0.5f32; 64];
+    let acts = QActs::quantize(QuantType::Q4_1, &x, 1, 64).unwrap();
+    let e = vec_dot(QuantType::Q4_1, &[0u8; 39], acts.row(0)).unwrap_err();
+    assert!(matches!(e, Error::Len { param: "w", got: 39, expected: 40 }), "{e}");
+    let e = vec_dot(QuantType::Q4_K, &[0u8; 144], acts.row(0)).unwrap_err();
+    assert!(matches!(e, Error::ActKind { .. }), "{e}");
+    let e = QActs::quantize(QuantType::Q6_K, &x, 1, 64).unwrap_err();
+    assert!(matches!(e, Error::NotBlockMultiple { param: "cols", .. }), "{e}");
+    let e = QActs::quantize(QuantType::Q8_0, &x, 3, 32).unwrap_err();
+    assert!(matches!(e, Error::Len { param: "x", .. }), "{e}");
+}

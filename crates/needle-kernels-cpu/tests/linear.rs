@@ -1,0 +1,96 @@
+//! QMatrix gemv/gemm against a plain f64 loop over dequantized weights, and per-ISA agreement.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use needle_kernels_cpu::{Error, Isa, QMatrix, QuantType};
+
+fn reference(ty: QuantType, w: &[u8], rows: usize, cols: usize, x: &[f32], t: usize) -> (Vec<f64>, Vec<f64>) {
+    let wf = dequant(ty, w, rows * cols);
+    let mut y = vec![0f64; t * rows];
+    let mut tol = vec![0f64; t * rows];
+    for tok in 0..t {
+        let xr = &x[tok * cols..(tok + 1) * cols];
+        for r in 0..rows {
+            let wr = &wf[r * cols..(r + 1) * cols];
+            y[tok * rows + r] = wr.iter().zip(xr).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+            tol[tok * rows + r] = act_tolerance(ty, wr, xr);
+        }
+    }
+    (y, tol)
+}
+
+#[test]
+fn gemv_and_gemm_match_reference_on_every_isa() {
+    let mut r = rng(3);
+    for ty in QuantType::ALL {
+        for (rows, blocks) in [(1, 1), (7, 2), (33, 3), (257, 1)] {
+            let cols = cols_for(ty, blocks);
+            let w = random_weights(&mut r, ty, rows, cols);
+            let m = QMatrix::new(ty, rows, cols, &w).unwrap();
+            for t in [1, 3, 13] {
+                let x = randn(&mut r, t * cols);
+                let (want, tol) = reference(ty, &w, rows, cols, &x, t);
+                let mut outs = Vec::new();
+                for isa in Isa::all_available() {
+                    let mut y = vec![f32::NAN; t * rows];
+                    m.gemm_with(isa, &x, t, &mut y).unwrap();
+                    for (i, (g, (w, e))) in y.iter().zip(want.iter().zip(&tol)).enumerate() {
+                        assert!(
+                            (f64::from(*g) - w).abs() <= *e,
+                            "{ty:?} {isa:?} {rows}x{cols} t={t} [{i}]: {g} vs {w}"
+                        );
+                    }
+                    if t == 1 {
+                        let mut yv = vec![f32::NAN; rows];
+                        m.gemv_with(isa, &x, &mut yv).unwrap();
+                        assert_eq!(yv, y, "{ty:?} {isa:?}: gemv differs from gemm at t = 1");
+                    } else {
+                        // Row by row through gemv: the same kernel on the same quantized row.
+                        for tok in 0..t {
+                            let mut yv = vec![0f32; rows];
+                            m.gemv_with(isa, &x[tok * cols..(tok + 1) * cols], &mut yv).unwrap();
+                            assert_eq!(yv[..], y[tok * rows..(tok + 1) * rows], "{ty:?} {isa:?} token {tok}");
+                        }
+                    }
+                    outs.push(y);
+                }
+                for o in &outs[1..] {
+                    for (a, b) in o.iter().zip(&outs[0]) {
+                        let scale = want.iter().map(|v| v.abs()).fold(1.0, f64::max);
+                        assert!(f64::from((a - b).abs()) <= 1e-5 * scale, "{ty:?}: SIMD {a} vs scalar {b}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn big_gemv_runs_in_parallel_and_matches() {
+    let mut r = rng(4);
+    let (rows, cols) = (1536, 576);
+    let ty = QuantType::Q4_1;
+    let w = random_weights(&mut r, ty, rows, cols);
+    let m = QMatrix::new(ty, rows, cols, &w).unwrap();
+    let x = randn(&mut r, cols);
+    let (want, tol) = reference(ty, &w, rows, cols, &x, 1);
+    let mut y = vec![0f32; rows];
+    m.gemv(&x, &mut y).unwrap();
+    for ((g, w), e) in y.iter().zip(&want).zip(&tol) {
+        assert!((f64::from(*g) - w).abs() <= *e);
+    }
+}
+
+#[test]
+fn shape_errors_name_the_parameter() {
+    let w = vec![0u8; 2 * 20];
+    assert!(matches!(QMatrix::new(QuantType::Q4_1, 2, 32, &w[1..]), Err(Error::Len { param: "data", .. })));
+    assert!(matches!(QMatrix::new(QuantType::Q4_1, 2, 33, &w), Err(Error::NotBlockMultiple { param: "cols", .. })));
+    let m = QMatrix::new(QuantType::Q4_1, 2, 32, &w).unwrap();
+    let mut y = vec![0f32; 2];
+    assert!(matches!(m.gemv(&[0.0; 31], &mut y), Err(Error::Len { param: "x", .. })));
+    assert!(matches!(m.gemv(&[0.0; 32], &mut y[..1]), Err(Error::Len { param: "y", .. })));
+    assert!(matches!(m.gemm(&[0.0; 64], 2, &mut y), Err(Error::Len { param: "y", .. })));
+}
