@@ -1,1 +1,274 @@
-//! todo
+//! Causal prefill flash attention, GQA-aware, reading KV pages in place.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use crate::{Error, Isa, Result, check_len};
+
+/// Query positions per tile (times the GQA group size gives the query rows sharing a key tile).
+const TILE_Q: usize = 16;
+/// Keys per tile (at most; tiles never straddle a page).
+const TILE_K: usize = 64;
+
+/// An element type of KV pages: `f32` (read in place) or `f16` (converted one key tile at a time).
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// `src` as f32: `src` itself for f32, else converted into `scratch`.
+    fn as_f32<'b>(src: &'b [Self], scratch: &'b mut Vec<f32>) -> &'b [f32];
+}
+
+impl KvElem for f32 {
+    fn as_f32<'b>(src: &'b [f32], _scratch: &'b mut Vec<f32>) -> &'b [f32] {
+        src
+    }
+}
+
+impl KvElem for f16 {
+    fn as_f32<'b>(src: &'b [f16], scratch: &'b mut Vec<f32>) -> &'b [f32] {
+        scratch.resize(src.len(), 0.0);
+        src.convert_to_f32_slice(scratch);
+        scratch
+    }
+}
+
+/// The keys (or values) of one KV head of one layer, as pages of `page_rows × dim` elements; the
+/// last page may be partly filled (and shorter). Rows are positions `0..len`.
+#[derive(Clone, Copy, Debug)]
+pub struct Pages<'a, T = f32> {
+    /// The pages, in position order.
+    pub pages: &'a [&'a [T]],
+    /// Rows per page.
+    pub page_rows: usize,
+    /// Rows in all.
+    pub len: usize,
+    /// Elements per row.
+    pub dim: usize,
+}
+
+impl<T> Pages<'_, T> {
+    fn check(&self, param: &'static str, dim: usize) -> Result<()> {
+        let bad = |why: String| Err(Error::Invalid { param, why });
+        if self.dim != dim {
+            return bad(format!("dim {} differs from the first key head's {dim}", self.dim));
+        }
+        if self.page_rows == 0 {
+            return bad("page_rows is 0".into());
+        }
+        let need = self.len.div_ceil(self.page_rows);
+        if self.pages.len() < need {
+            return bad(format!("{} pages hold fewer than len = {} rows", self.pages.len(), self.len));
+        }
+        for (p, page) in self.pages[..need].iter().enumerate() {
+            let rows = (self.len - p * self.page_rows).min(self.page_rows);
+            if page.len() < rows * dim {
+                return bad(format!("page {p} has {} elements, needs {}", page.len(), rows * dim));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows `r..r + n` (within one page) as a slice.
+    fn rows(&self, r: usize, n: usize) -> &[T] {
+        let (p, o) = (r / self.page_rows, r % self.page_rows);
+        &self.pages[p][o * self.dim..(o + n) * self.dim]
+    }
+}
+
+/// Causal attention of `t` query positions `pos0..pos0 + t` over one layer's paged KV cache.
+///
+/// `q` and `out` are `t × n_q_heads × dim`; `keys[g]` / `values[g]` are KV head `g`'s pages
+/// (`len ≥ pos0 + t` rows each, all with the same `dim`); query head `h` reads KV head
+/// `h / (n_q_heads / n_kv_heads)`. The query at position `p` sees keys `0..=p`. Scores are
+/// `scale · q·k`, softmax'd online per (query tile × key tile); parallel over query tiles and KV
+/// heads; each key tile is read once for the whole GQA group. Nothing of the cache is copied
+/// (f16 pages are converted one key tile at a time).
+pub fn flash_prefill<T: KvElem>(
+    q: &[f32],
+    keys: &[Pages<'_, T>],
+    values: &[Pages<'_, T>],
+    out: &mut [f32],
+    pos0: usize,
+    n_q_heads: usize,
+    scale: f32,
+) -> Result<()> {
+    flash_prefill_with(Isa::detect(), q, keys, values, out, pos0, n_q_heads, scale)
+}
+
+/// [`flash_prefill`] on a given ISA (scalar when `isa` is not available here).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_prefill_with<T: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    keys: &[Pages<'_, T>],
+    values: &[Pages<'_, T>],
+    out: &mut [f32],
+    pos0: usize,
+    n_q_heads: usize,
+    scale: f32,
+) -> Result<()> {
+    let n_kv = keys.len();
+    if n_kv == 0 {
+        return Err(Error::Invalid { param: "keys", why: "no KV heads".into() });
+    }
+    check_len("values", values.len(), n_kv)?;
+    if n_q_heads == 0 || !n_q_heads.is_multiple_of(n_kv) {
+        return Err(Error::Invalid {
+            param: "n_q_heads",
+            why: format!("{n_q_heads} is not a positive multiple of {n_kv} KV heads"),
+        });
+    }
+    let dim = keys[0].dim;
+    if dim == 0 {
+        return Err(Error::Invalid { param: "keys", why: "dim is 0".into() });
+    }
+    let row = n_q_heads * dim;
+    if !q.len().is_multiple_of(row) {
+        return Err(Error::Invalid {
+            param: "q",
+            why: format!("length {} is not a multiple of n_q_heads × dim = {row}", q.len()),
+        });
+    }
+    let t = q.len() / row;
+    check_len("out", out.len(), q.len())?;
+    for (k, v) in keys.iter().zip(values) {
+        k.check("keys", dim)?;
+        v.check("values", dim)?;
+        for (param, len) in [("keys", k.len), ("values", v.len)] {
+            if len < pos0 + t {
+                return Err(Error::Invalid { param, why: format!("len {len} < pos0 + t = {}", pos0 + t) });
+            }
+        }
+    }
+    let group = n_q_heads / n_kv;
+    let job = Job { q, keys, values, pos0, n_q_heads, group, dim, scale };
+    let isa = isa.effective();
+    out.par_chunks_mut(TILE_Q * row).enumerate().for_each(|(qt, out_tile)| {
+        let i0 = qt * TILE_Q;
+        let nq = out_tile.len() / row;
+        let heads: Vec<Vec<f32>> = (0..n_kv).into_par_iter().map(|g| job.run(isa, i0, nq, g)).collect();
+        for (g, res) in heads.iter().enumerate() {
+            for i in 0..nq {
+                for j in 0..group {
+                    let h = g * group + j;
+                    let src = &res[(i * group + j) * dim..(i * group + j + 1) * dim];
+                    out_tile[(i * n_q_heads + h) * dim..(i * n_q_heads + h + 1) * dim].copy_from_slice(src);
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+struct Job<'q, 'k, 'p, T> {
+    q: &'q [f32],
+    keys: &'k [Pages<'p, T>],
+    values: &'k [Pages<'p, T>],
+    pos0: usize,
+    n_q_heads: usize,
+    group: usize,
+    dim: usize,
+    scale: f32,
+}
+
+impl<T: KvElem> Job<'_, '_, '_, T> {
+    /// Query positions `i0..i0 + nq`, KV head `g`: `nq × group × dim` outputs.
+    fn run(&self, isa: Isa, i0: usize, nq: usize, g: usize) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 {
+            // SAFETY: `isa` is `effective()`, so Avx2 means avx2 and fma were detected.
+            return unsafe { self.run_avx2(i0, nq, g) };
+        }
+        let _ = isa;
+        self.run_generic(i0, nq, g)
+    }
+
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, i0: usize, nq: usize, g: usize) -> Vec<f32> {
+        self.run_generic(i0, nq, g)
+    }
+
+    #[inline(always)]
+    fn run_generic(&self, i0: usize, nq: usize, g: usize) -> Vec<f32> {
+        let (dim, group) = (self.dim, self.group);
+        let nrows = nq * group;
+        let mut m = vec![f32::NEG_INFINITY; nrows];
+        let mut l = vec![0f32; nrows];
+        let mut acc = vec![0f32; nrows * dim];
+        let mut s = [0f32; TILE_K];
+        let (kp, vp) = (&self.keys[g], &self.values[g]);
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        let kend = self.pos0 + i0 + nq;
+        let mut k0 = 0;
+        while k0 < kend {
+            let n = TILE_K.min(kend - k0).min(kp.page_rows - k0 % kp.page_rows).min(vp.page_rows - k0 % vp.page_rows);
+            let kt = T::as_f32(kp.rows(k0, n), &mut ks);
+            let vt = T::as_f32(vp.rows(k0, n), &mut vs);
+            for i in 0..nq {
+                let pos = self.pos0 + i0 + i;
+                if k0 > pos {
+                    continue;
+                }
+                let nv = n.min(pos + 1 - k0);
+                for j in 0..group {
+                    let h = g * group + j;
+                    let qr = &self.q[((i0 + i) * self.n_q_heads + h) * dim..][..dim];
+                    let r = i * group + j;
+                    let mut mt = f32::NEG_INFINITY;
+                    for (sc, kr) in s[..nv].iter_mut().zip(kt.chunks_exact(dim)) {
+                        *sc = dot(qr, kr) * self.scale;
+                        mt = mt.max(*sc);
+                    }
+                    let ar = &mut acc[r * dim..(r + 1) * dim];
+                    if mt > m[r] {
+                        let c = (m[r] - mt).exp();
+                        l[r] *= c;
+                        ar.iter_mut().for_each(|a| *a *= c);
+                        m[r] = mt;
+                    }
+                    let mut lsum = 0f32;
+                    for (sc, vr) in s[..nv].iter().zip(vt.chunks_exact(dim)) {
+                        let p = (sc - m[r]).exp();
+                        lsum += p;
+                        axpy(p, vr, ar);
+                    }
+                    l[r] += lsum;
+                }
+            }
+            k0 += n;
+        }
+        for (ar, &lr) in acc.chunks_exact_mut(dim).zip(&l) {
+            let inv = 1.0 / lr;
+            ar.iter_mut().for_each(|a| *a *= inv);
+        }
+        acc
+    }
+}
+
+/// Dot product with 8 independent lanes (vectorizes).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            lanes[k] += x[k] * y[k];
+        }
+    }
+    let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += a · x`.
+#[inline(always)]
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv += a * xv;
+    }
+}

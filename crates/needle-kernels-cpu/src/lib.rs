@@ -21,7 +21,7 @@ pub mod quant;
 mod isa;
 
 pub use act::{BlockQ8, BlockQ8K, QActs};
-// pub use attn::{Pages, flash_prefill};
+pub use attn::{Pages, flash_prefill};
 pub use isa::Isa;
 pub use linear::QMatrix;
 pub use quant::{QuantType, dequantize_row};

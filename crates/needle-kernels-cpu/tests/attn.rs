@@ -1,0 +1,114 @@
+//! flash_prefill against a plain f64 causal attention per head.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use half::f16;
+use needle_kernels_cpu::attn::{KvElem, flash_prefill_with};
+use needle_kernels_cpu::{Error, Isa, Pages, flash_prefill};
+
+/// Cuts `len × dim` rows into pages of `page_rows` rows (last one partial, exactly sized).
+fn paginate<T: Copy>(rows: &[T], page_rows: usize, dim: usize) -> Vec<Vec<T>> {
+    rows.chunks(page_rows * dim).map(|c| c.to_vec()).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reference(
+    q: &[f32],
+    k: &[Vec<f32>],
+    v: &[Vec<f32>],
+    t: usize,
+    hq: usize,
+    dim: usize,
+    pos0: usize,
+    scale: f32,
+) -> Vec<f64> {
+    let group = hq / k.len();
+    let mut out = vec![0f64; t * hq * dim];
+    for i in 0..t {
+        let pos = pos0 + i;
+        for h in 0..hq {
+            let (kh, vh) = (&k[h / group], &v[h / group]);
+            let qr = &q[(i * hq + h) * dim..][..dim];
+            let s: Vec<f64> = (0..=pos)
+                .map(|j| {
+                    qr.iter().zip(&kh[j * dim..(j + 1) * dim]).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>()
+                        * f64::from(scale)
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for (j, ej) in e.iter().enumerate() {
+                for d in 0..dim {
+                    out[(i * hq + h) * dim + d] += ej / z * f64::from(vh[j * dim + d]);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check<T: KvElem>(conv: fn(&[f32]) -> Vec<T>, back: fn(&[T]) -> Vec<f32>, tol: f64) {
+    let mut r = rng(5);
+    for (hq, hkv) in [(9, 3), (4, 4), (8, 2)] {
+        for dim in [64, 48, 128] {
+            for (t, pos0, page_rows, extra) in [(1, 0, 16, 0), (37, 0, 16, 3), (23, 41, 7, 0), (70, 5, 256, 1)] {
+                let len = pos0 + t + extra;
+                let q = randn(&mut r, t * hq * dim);
+                let kt: Vec<Vec<T>> = (0..hkv).map(|_| conv(&randn(&mut r, len * dim))).collect();
+                let vt: Vec<Vec<T>> = (0..hkv).map(|_| conv(&randn(&mut r, len * dim))).collect();
+                let (kf, vf): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+                    (kt.iter().map(|x| back(x)).collect(), vt.iter().map(|x| back(x)).collect());
+                let kp: Vec<Vec<Vec<T>>> = kt.iter().map(|x| paginate(x, page_rows, dim)).collect();
+                let vp: Vec<Vec<Vec<T>>> = vt.iter().map(|x| paginate(x, page_rows, dim)).collect();
+                let kr: Vec<Vec<&[T]>> = kp.iter().map(|ps| ps.iter().map(|p| p.as_slice()).collect()).collect();
+                let vr: Vec<Vec<&[T]>> = vp.iter().map(|ps| ps.iter().map(|p| p.as_slice()).collect()).collect();
+                let keys: Vec<Pages<'_, T>> = kr.iter().map(|p| Pages { pages: p, page_rows, len, dim }).collect();
+                let values: Vec<Pages<'_, T>> = vr.iter().map(|p| Pages { pages: p, page_rows, len, dim }).collect();
+                let scale = 1.0 / (dim as f32).sqrt();
+                let want = reference(&q, &kf, &vf, t, hq, dim, pos0, scale);
+                for isa in Isa::all_available() {
+                    let mut out = vec![f32::NAN; q.len()];
+                    flash_prefill_with(isa, &q, &keys, &values, &mut out, pos0, hq, scale).unwrap();
+                    for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (f64::from(*g) - w).abs() <= tol,
+                            "{isa:?} hq {hq}/{hkv} dim {dim} t {t} pos0 {pos0} pages {page_rows} [{i}]: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_pages_match_f64_reference() {
+    check::<f32>(|x| x.to_vec(), |x| x.to_vec(), 2e-5);
+}
+
+#[test]
+fn f16_pages_match_f64_reference_of_the_rounded_cache() {
+    check::<f16>(|x| x.iter().map(|v| f16::from_f32(*v)).collect(), |x| x.iter().map(|v| v.to_f32()).collect(), 2e-5);
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let page = vec![0f32; 4 * 8];
+    let pages = [page.as_slice()];
+    let kv = [Pages { pages: &pages, page_rows: 4, len: 4, dim: 8 }];
+    let q = vec![0f32; 2 * 3 * 8];
+    let mut out = vec![0f32; q.len()];
+    let e = flash_prefill(&q, &kv, &kv, &mut out, 3, 3, 1.0).unwrap_err();
+    assert!(matches!(e, Error::Invalid { param: "keys", .. }), "{e}"); // len 4 < pos0 + t = 5
+    let e = flash_prefill(&q, &kv, &kv, &mut out, 0, 4, 1.0).unwrap_err();
+    assert!(matches!(e, Error::Invalid { param: "q", .. } | Error::Invalid { param: "n_q_heads", .. }), "{e}");
+    let e = flash_prefill(&q, &kv, &kv, &mut out[1..], 0, 3, 1.0).unwrap_err();
+    assert!(matches!(e, Error::Len { param: "out", .. }), "{e}");
+    let short = [Pages { pages: &pages, page_rows: 2, len: 4, dim: 8 }];
+    let e = flash_prefill(&q, &short, &kv, &mut out, 0, 3, 1.0).unwrap_err();
+    assert!(matches!(e, Error::Invalid { param: "keys", .. }), "{e}"); // 1 page of 2 rows < 4
+    flash_prefill(&q, &kv, &kv, &mut out, 0, 3, 1.0).unwrap();
+}
