@@ -283,8 +283,8 @@ mod x86 {
             i += 16;
         }
         let mut s = hsum_ps(_mm256_add_ps(a0, a1));
-        for j in i..n {
-            s += f32::from_le_bytes([w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3]]) * x[j];
+        for (c, v) in w[4 * i..].chunks_exact(4).zip(&x[i..n]) {
+            s += f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * v;
         }
         s
     }
@@ -309,8 +309,8 @@ mod x86 {
             i += 16;
         }
         let mut s = hsum_ps(_mm256_add_ps(a0, a1));
-        for j in i..n {
-            s += f16_at(w, 2 * j) * x[j];
+        for (c, v) in w[2 * i..].chunks_exact(2).zip(&x[i..n]) {
+            s += f16_at(c, 0) * v;
         }
         s
     }
@@ -332,8 +332,8 @@ mod x86 {
             i += 8;
         }
         let mut s = hsum_ps(a0);
-        for j in i..n {
-            s += half::bf16::from_le_bytes([w[2 * j], w[2 * j + 1]]).to_f32() * x[j];
+        for (c, v) in w[2 * i..].chunks_exact(2).zip(&x[i..n]) {
+            s += half::bf16::from_le_bytes([c[0], c[1]]).to_f32() * v;
         }
         s
     }
