@@ -338,20 +338,58 @@ mod x86 {
         s
     }
 
+    /// The f16 at `b[i..i + 2]` through F16C.
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    fn h2f(b: &[u8], i: usize) -> f32 {
+        let v = u16::from_le_bytes([b[i], b[i + 1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(v))))
+    }
+
+    /// The two f16 at `b[0..4]` (scale, min) through F16C.
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    fn h2f_pair(b: &[u8]) -> (f32, f32) {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+    }
+
+    /// Q8_0 block: (integer products in 8 lanes, combined scale).
+    ///
     /// # Safety
-    /// Needs avx2 and fma.
-    #[target_feature(enable = "avx2,fma")]
+    /// `b` must be a whole 34-byte block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_block(b: &[u8], y: &BlockQ8) -> (__m256, f32) {
+        // SAFETY: b[2..34] is 32 bytes.
+        let qx = unsafe { load32(&b[2..34]) };
+        let qy = load_i8x32(&y.qs);
+        // |x| as unsigned times y carrying x's sign: exact since |y| <= 127.
+        let p = dot_u8i8(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
+        (_mm256_cvtepi32_ps(p), h2f(b, 0) * y.d)
+    }
+
+    /// # Safety
+    /// Needs avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q8_0_avx2(w: &[u8], x: &[BlockQ8]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (b, y) in w.chunks_exact(34).zip(x) {
-            // SAFETY: b[2..34] is 32 bytes.
-            let qx = unsafe { load32(&b[2..34]) };
-            let qy = load_i8x32(&y.qs);
-            // |x| as unsigned times y carrying x's sign: exact since |y| <= 127.
-            let p = dot_u8i8(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b, 0) * y.d), _mm256_cvtepi32_ps(p), acc);
+        // Two independent accumulators: the FMA latency chain would otherwise bound the loop.
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let pairs = w.chunks_exact(68).zip(x.chunks_exact(2));
+        let nb = pairs.len() * 2;
+        for (b, y) in pairs {
+            for k in 0..2 {
+                // SAFETY: b[34k..34k + 34] is a whole block.
+                let (p, d) = unsafe { q8_0_block(&b[34 * k..34 * k + 34], &y[k]) };
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc[k]);
+            }
         }
-        hsum_ps(acc)
+        for (b, y) in w[34 * nb..].chunks_exact(34).zip(&x[nb..]) {
+            // SAFETY: a whole block.
+            let (p, d) = unsafe { q8_0_block(b, y) };
+            acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc[0]);
+        }
+        hsum_ps(_mm256_add_ps(acc[0], acc[1]))
     }
 
     /// 16 bytes of ggml nibbles → 32 bytes: low nibbles (elements 0..16), then high (16..32).
@@ -368,32 +406,59 @@ mod x86 {
         _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m))
     }
 
+    /// Q4_0 / Q4_1 block: (Σ nibble·y in 8 lanes as floats, d·d_y, scalar correction).
+    ///
+    /// # Safety
+    /// `b` must be a whole block (18 bytes for Q4_0, 20 for Q4_1).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_x_block<const MIN: bool>(b: &[u8], y: &BlockQ8) -> (__m256, f32, f32) {
+        let off = if MIN { 4 } else { 2 };
+        // SAFETY: b[off..off + 16] is the block's 16 nibble bytes.
+        let q = unsafe { nibbles(&b[off..off + 16]) };
+        let p = _mm256_cvtepi32_ps(dot_u8i8(q, load_i8x32(&y.qs)));
+        if MIN {
+            let (d, m) = h2f_pair(b);
+            (p, d * y.d, m * y.d * y.sum as f32)
+        } else {
+            let d = h2f(b, 0) * y.d;
+            (p, d, -d * (8 * y.sum) as f32)
+        }
+    }
+
     /// Q4_0 (`MIN = false`, offset −8) and Q4_1 (`MIN = true`, f16 min).
     ///
     /// # Safety
-    /// Needs avx2 and fma.
-    #[target_feature(enable = "avx2,fma")]
+    /// Needs avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q4_x_avx2<const MIN: bool>(w: &[u8], x: &[BlockQ8]) -> f32 {
         let bb = if MIN { 20 } else { 18 };
-        let off = bb - 16;
-        let mut acc = _mm256_setzero_ps();
-        let mut corr = 0f32;
-        for (b, y) in w.chunks_exact(bb).zip(x) {
-            // SAFETY: b[off..off + 16] is the block's 16 nibble bytes.
-            let q = unsafe { nibbles(&b[off..off + 16]) };
-            let p = dot_u8i8(q, load_i8x32(&y.qs));
-            let d = f16_at(b, 0) * y.d;
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
-            corr += if MIN { f16_at(b, 2) * y.d * y.sum as f32 } else { -d * (8 * y.sum) as f32 };
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut corr = [0f32; 2];
+        let pairs = w.chunks_exact(2 * bb).zip(x.chunks_exact(2));
+        let nb = pairs.len() * 2;
+        for (b, y) in pairs {
+            for k in 0..2 {
+                // SAFETY: b[bb·k..bb·(k + 1)] is a whole block.
+                let (p, d, c) = unsafe { q4_x_block::<MIN>(&b[bb * k..bb * (k + 1)], &y[k]) };
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc[k]);
+                corr[k] += c;
+            }
         }
-        hsum_ps(acc) + corr
+        for (b, y) in w[bb * nb..].chunks_exact(bb).zip(&x[nb..]) {
+            // SAFETY: a whole block.
+            let (p, d, c) = unsafe { q4_x_block::<MIN>(b, y) };
+            acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc[0]);
+            corr[0] += c;
+        }
+        hsum_ps(_mm256_add_ps(acc[0], acc[1])) + (corr[0] + corr[1])
     }
 
     /// Q4_K (`HIGH = false`) and Q5_K (`HIGH = true`, bit 4 from `qh`).
     ///
     /// # Safety
-    /// Needs avx2 and fma.
-    #[target_feature(enable = "avx2,fma")]
+    /// Needs avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn qk_avx2<const HIGH: bool>(w: &[u8], x: &[BlockQ8K]) -> f32 {
         let (bb, qs_off) = if HIGH { (176, 48) } else { (144, 16) };
         let m4 = _mm256_set1_epi8(0x0F);
@@ -427,15 +492,16 @@ mod x86 {
                 let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16(sc[2 * c + 1] as i16));
                 sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b, 0) * y.d), _mm256_cvtepi32_ps(sumi), acc);
-            corr -= f16_at(b, 2) * y.d * summ as f32;
+            let (d, dmin) = h2f_pair(b);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc);
+            corr -= dmin * y.d * summ as f32;
         }
         hsum_ps(acc) + corr
     }
 
     /// # Safety
-    /// Needs avx2 and fma.
-    #[target_feature(enable = "avx2,fma")]
+    /// Needs avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q6_k_avx2(w: &[u8], x: &[BlockQ8K]) -> f32 {
         let m4 = _mm256_set1_epi8(0x0F);
         let m30 = _mm256_set1_epi8(0x30);
@@ -472,7 +538,7 @@ mod x86 {
                     sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), s));
                 }
             }
-            let d = f16_at(b, 208) * y.d;
+            let d = h2f(b, 208) * y.d;
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
             corr -= d * (32 * offs) as f32;
         }
