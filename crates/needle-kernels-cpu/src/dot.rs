@@ -52,6 +52,23 @@ pub(crate) fn kernel(ty: QuantType, isa: Isa) -> Kernel {
     }
 }
 
+/// A dot product of one weight row with [`TOKENS`] activation rows at once: each weight block is
+/// decoded once and used for every token (the gemm micro-kernel).
+pub(crate) type Kernel4 = fn(&[u8], &[QActRow<'_>; TOKENS]) -> [f32; TOKENS];
+
+/// Tokens per [`Kernel4`] call.
+pub(crate) const TOKENS: usize = 4;
+
+/// The multi-token kernel for `ty` on `isa`, where one exists (AVX2, 32-element block types).
+pub(crate) fn kernel4(ty: QuantType, isa: Isa) -> Option<Kernel4> {
+    #[cfg(target_arch = "x86_64")]
+    if isa.effective() == Isa::Avx2 {
+        return x86::kernel4(ty);
+    }
+    let _ = (ty, isa);
+    None
+}
+
 // Kind mismatches are rejected by `check_act` before a kernel runs; an empty row makes these total.
 fn f32s(x: QActRow<'_>) -> &[f32] {
     if let QActRow::F32(v) = x { v } else { &[] }
@@ -227,6 +244,71 @@ mod x86 {
             QuantType::Q5_K => |w, x| unsafe { qk_avx2::<true>(w, q8k(x)) },
             QuantType::Q6_K => |w, x| unsafe { q6_k_avx2(w, q8k(x)) },
         }
+    }
+
+    pub(super) fn kernel4(ty: QuantType) -> Option<super::Kernel4> {
+        // SAFETY (every closure below): as in `kernel`, only handed out once Avx2 was detected.
+        match ty {
+            QuantType::Q8_0 => Some(|w, x| unsafe { multi_avx2::<0>(w, &x.map(q8)) }),
+            QuantType::Q4_0 => Some(|w, x| unsafe { multi_avx2::<1>(w, &x.map(q8)) }),
+            QuantType::Q4_1 => Some(|w, x| unsafe { multi_avx2::<2>(w, &x.map(q8)) }),
+            _ => None,
+        }
+    }
+
+    /// One weight row of Q8_0 (`T = 0`), Q4_0 (`T = 1`) or Q4_1 (`T = 2`) against 4 token rows:
+    /// each block is loaded and unpacked once, then multiplied with the 4 tokens' blocks.
+    ///
+    /// # Safety
+    /// Needs avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn multi_avx2<const T: u8>(w: &[u8], x: &[&[BlockQ8]; super::TOKENS]) -> [f32; super::TOKENS] {
+        let bb = match T {
+            0 => 34,
+            1 => 18,
+            _ => 20,
+        };
+        let mut acc = [_mm256_setzero_ps(); super::TOKENS];
+        let mut corr = [0f32; super::TOKENS];
+        for (i, b) in w.chunks_exact(bb).enumerate() {
+            // (unsigned weight bytes, sign source for the activations, d, min)
+            let (u, sgn, d, m) = match T {
+                0 => {
+                    // SAFETY: b[2..34] is 32 bytes.
+                    let qx = unsafe { load32(&b[2..34]) };
+                    (_mm256_sign_epi8(qx, qx), Some(qx), h2f(b, 0), 0.0)
+                }
+                1 => {
+                    // SAFETY: b[2..18] is the block's 16 nibble bytes.
+                    (unsafe { nibbles(&b[2..18]) }, None, h2f(b, 0), 0.0)
+                }
+                _ => {
+                    let (d, m) = h2f_pair(b);
+                    // SAFETY: b[4..20] is the block's 16 nibble bytes.
+                    (unsafe { nibbles(&b[4..20]) }, None, d, m)
+                }
+            };
+            for k in 0..super::TOKENS {
+                let y = &x[k][i];
+                let mut qy = load_i8x32(&y.qs);
+                if let Some(s) = sgn {
+                    qy = _mm256_sign_epi8(qy, s);
+                }
+                let p = _mm256_cvtepi32_ps(dot_u8i8(u, qy));
+                let dd = d * y.d;
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dd), p, acc[k]);
+                match T {
+                    0 => {}
+                    1 => corr[k] -= dd * (8 * y.sum) as f32,
+                    _ => corr[k] += m * y.d * y.sum as f32,
+                }
+            }
+        }
+        let mut out = [0f32; super::TOKENS];
+        for k in 0..super::TOKENS {
+            out[k] = hsum_ps(acc[k]) + corr[k];
+        }
+        out
     }
 
     #[inline]

@@ -47,11 +47,19 @@ fn gemv_and_gemm_match_reference_on_every_isa() {
                         m.gemv_with(isa, &x, &mut yv).unwrap();
                         assert_eq!(yv, y, "{ty:?} {isa:?}: gemv differs from gemm at t = 1");
                     } else {
-                        // Row by row through gemv: the same kernel on the same quantized row.
+                        // Row by row through gemv: the same integer math on the same quantized
+                        // rows (the multi-token micro-kernel only sums the f32 partials in another order).
                         for tok in 0..t {
                             let mut yv = vec![0f32; rows];
                             m.gemv_with(isa, &x[tok * cols..(tok + 1) * cols], &mut yv).unwrap();
-                            assert_eq!(yv[..], y[tok * rows..(tok + 1) * rows], "{ty:?} {isa:?} token {tok}");
+                            for (r, (a, b)) in yv.iter().zip(&y[tok * rows..(tok + 1) * rows]).enumerate() {
+                                let i = tok * rows + r;
+                                let scale = tol[i].max(want[i].abs()).max(1.0);
+                                assert!(
+                                    f64::from((a - b).abs()) <= 1e-5 * scale,
+                                    "{ty:?} {isa:?} token {tok} row {r}: gemv {a} vs gemm {b}"
+                                );
+                            }
                         }
                     }
                     outs.push(y);
