@@ -46,10 +46,12 @@ fn main() {
                     .collect();
             }
             let m = QMatrix::new(ty, rows, cols, &w).unwrap();
-            let us = pool.install(|| min_us(reps, || m.gemv(black_box(&x), &mut y).unwrap()));
-            let sc =
-                pool.install(|| min_us(reps / 10 + 1, || m.gemv_with(Isa::Scalar, black_box(&x), &mut y).unwrap()));
-            print!(" | {ty:?} {us:.1} (scalar {sc:.0})");
+            print!(" | {ty:?}");
+            for isa in Isa::all_available().into_iter().rev() {
+                let r = if isa == Isa::Scalar { reps / 10 + 1 } else { reps };
+                let us = pool.install(|| min_us(r, || m.gemv_with(isa, black_box(&x), &mut y).unwrap()));
+                print!(" {isa:?} {us:.1}");
+            }
         }
         println!();
     }

@@ -174,8 +174,8 @@ impl<T: KvElem> Job<'_, '_, '_, T> {
     /// Query positions `i0..i0 + nq`, KV head `g`: `nq × group × dim` outputs.
     fn run(&self, isa: Isa, i0: usize, nq: usize, g: usize) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 {
-            // SAFETY: `isa` is `effective()`, so Avx2 means avx2 and fma were detected.
+        if isa.has_avx2() {
+            // SAFETY: `has_avx2()` means avx2 and fma were detected on this CPU.
             return unsafe { self.run_avx2(i0, nq, g) };
         }
         let _ = isa;
@@ -281,7 +281,7 @@ fn exp_approx(x: f32) -> f32 {
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let e = p * r * r + r + 1.0;
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }

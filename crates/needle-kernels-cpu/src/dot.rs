@@ -35,8 +35,8 @@ pub(crate) fn check_act(ty: QuantType, x: QActRow<'_>) -> Result<()> {
 /// The kernel for `ty` on `isa` (falls back to scalar). Callers have checked lengths and kinds.
 pub(crate) fn kernel(ty: QuantType, isa: Isa) -> Kernel {
     #[cfg(target_arch = "x86_64")]
-    if isa.effective() == Isa::Avx2 {
-        return x86::kernel(ty);
+    if isa.has_avx2() {
+        return x86::kernel(ty, isa.effective() == Isa::Avx512);
     }
     let _ = isa;
     match ty {
@@ -62,7 +62,7 @@ pub(crate) const TOKENS: usize = 4;
 /// The multi-token kernel for `ty` on `isa`, where one exists (AVX2, 32-element block types).
 pub(crate) fn kernel4(ty: QuantType, isa: Isa) -> Option<Kernel4> {
     #[cfg(target_arch = "x86_64")]
-    if isa.effective() == Isa::Avx2 {
+    if isa.has_avx2() {
         return x86::kernel4(ty);
     }
     let _ = (ty, isa);
@@ -230,7 +230,17 @@ mod x86 {
 
     use super::{BlockQ8, BlockQ8K, Kernel, QuantType, f16_at, f32s, k_scales, q8, q8k};
 
-    pub(super) fn kernel(ty: QuantType) -> Kernel {
+    pub(super) fn kernel(ty: QuantType, avx512: bool) -> Kernel {
+        if avx512 {
+            // SAFETY (every closure here): `avx512` is only true once `Isa::Avx512` was detected
+            // (avx512f, avx512bw and everything `Isa::Avx2` needs).
+            match ty {
+                QuantType::Q8_0 => return |w, x| unsafe { q32_avx512::<0>(w, q8(x)) },
+                QuantType::Q4_0 => return |w, x| unsafe { q32_avx512::<1>(w, q8(x)) },
+                QuantType::Q4_1 => return |w, x| unsafe { q32_avx512::<2>(w, q8(x)) },
+                _ => {}
+            }
+        }
         // SAFETY (every closure below): `kernel` is only called once `Isa::Avx2` was detected
         // (avx2, fma and f16c present), which is all the target features these functions enable.
         match ty {
@@ -309,6 +319,79 @@ mod x86 {
             out[k] = hsum_ps(acc[k]) + corr[k];
         }
         out
+    }
+
+    /// Q8_0 (`T = 0`), Q4_0 (`T = 1`), Q4_1 (`T = 2`) with AVX-512: two blocks per 512-bit
+    /// register (8 i32 lanes each), per-block scales in the two 256-bit halves.
+    ///
+    /// # Safety
+    /// Needs avx512f, avx512bw, avx2, fma and f16c.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn q32_avx512<const T: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let bb = match T {
+            0 => 34,
+            1 => 18,
+            _ => 20,
+        };
+        // Unsigned weight bytes and the activations (sign-adjusted for Q8_0) of one block.
+        let block = |b: &[u8], y: &BlockQ8| -> (__m256i, __m256i) {
+            let qy = load_i8x32(&y.qs);
+            match T {
+                0 => {
+                    // SAFETY: b[2..34] is 32 bytes; the features are those of the enclosing fn.
+                    let qx = unsafe { load32(&b[2..34]) };
+                    (_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx))
+                }
+                // SAFETY: the block's 16 nibble bytes; features as above.
+                1 => (unsafe { nibbles(&b[2..18]) }, qy),
+                // SAFETY: as above.
+                _ => (unsafe { nibbles(&b[4..20]) }, qy),
+            }
+        };
+        let mut acc = _mm512_setzero_ps();
+        let mut corr = [0f32; 2];
+        let pairs = w.chunks_exact(2 * bb).zip(x.chunks_exact(2));
+        let nb = pairs.len() * 2;
+        for (b, y) in pairs {
+            let (b0, b1) = b.split_at(bb);
+            let (u0, s0) = block(b0, &y[0]);
+            let (u1, s1) = block(b1, &y[1]);
+            let u = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
+            let v = _mm512_inserti64x4(_mm512_castsi256_si512(s0), s1, 1);
+            let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(u, v), _mm512_set1_epi16(1)));
+            let mut d = [0f32; 2];
+            for k in 0..2 {
+                let (bk, yk) = (&b[bb * k..bb * (k + 1)], &y[k]);
+                if T == 2 {
+                    let (dk, mk) = h2f_pair(bk);
+                    d[k] = dk * yk.d;
+                    corr[k] += mk * yk.d * yk.sum as f32;
+                } else {
+                    d[k] = h2f(bk, 0) * yk.d;
+                    if T == 1 {
+                        corr[k] -= d[k] * (8 * yk.sum) as f32;
+                    }
+                }
+            }
+            let dv = _mm512_castpd_ps(_mm512_insertf64x4(
+                _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(d[0]))),
+                _mm256_castps_pd(_mm256_set1_ps(d[1])),
+                1,
+            ));
+            acc = _mm512_fmadd_ps(dv, p, acc);
+        }
+        let mut total = _mm512_reduce_add_ps(acc) + corr[0] + corr[1];
+        if nb < x.len().min(w.len() / bb) {
+            // SAFETY: the features of this fn include those of the AVX2 kernels.
+            total += unsafe {
+                match T {
+                    0 => q8_0_avx2(&w[bb * nb..], &x[nb..]),
+                    1 => q4_x_avx2::<false>(&w[bb * nb..], &x[nb..]),
+                    _ => q4_x_avx2::<true>(&w[bb * nb..], &x[nb..]),
+                }
+            };
+        }
+        total
     }
 
     #[inline]

@@ -7,9 +7,10 @@
 //! * [`attn`]: causal, GQA-aware flash prefill reading KV pages in place.
 //! * [`ops`]: RMSNorm, rotate-half RoPE, SiLU·up.
 //!
-//! SIMD paths are picked at run time ([`Isa::detect`], once), so one binary is fast on any x86-64.
-//! Every kernel has a `*_with(isa, …)` variant so tests can compare paths explicitly. On non-x86
-//! targets every kernel runs its scalar path: NEON is not done.
+//! SIMD paths are picked at run time ([`Isa::detect`], once: AVX2+FMA+F16C where present), so one
+//! binary is fast on any x86-64 without `target-cpu=native`. Every kernel has a `*_with(isa, …)`
+//! variant so tests can compare paths explicitly; [`Isa::Avx512`] is opt-in there (see its doc).
+//! On non-x86 targets every kernel runs its scalar path: NEON is not done.
 
 pub mod act;
 pub mod attn;

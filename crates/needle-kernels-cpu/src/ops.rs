@@ -8,8 +8,8 @@ use crate::{Error, Isa, Result, check_len};
 macro_rules! dispatch {
     ($isa:expr, $generic:ident, $avx2:ident, ($($arg:expr),*)) => {{
         #[cfg(target_arch = "x86_64")]
-        if $isa.effective() == Isa::Avx2 {
-            // SAFETY: `effective()` returned Avx2, so avx2 and fma were detected on this CPU.
+        if $isa.has_avx2() {
+            // SAFETY: `has_avx2()` means avx2 and fma were detected on this CPU.
             unsafe { $avx2($($arg),*) };
             return Ok(());
         }

@@ -40,6 +40,9 @@ fn simd_dot_matches_scalar_reference() {
     assert_eq!(isas[0], Isa::Scalar);
     if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx2") {
         assert!(isas.contains(&Isa::Avx2), "AVX2 machine but the AVX2 path is not offered");
+        if std::arch::is_x86_feature_detected!("avx512bw") {
+            assert!(isas.contains(&Isa::Avx512), "AVX-512 machine but the AVX-512 path is not offered");
+        }
     }
     let mut r = rng(2);
     for ty in QuantType::ALL {
