@@ -12,7 +12,7 @@
 //! | Q4_1 | 32 | 20 | `d: f16`, `m: f16`, nibbles as Q4_0; x = d·q + m |
 //! | Q4_K | 256 | 144 | `d, dmin: f16`, `scales: [u8; 12]` (8 packed 6-bit scale/min pairs), `qs: [u8; 128]`; 64-element chunk c uses bytes `32c..32c+32`, low nibbles = sub-block 2c, high = 2c+1; x = d·sc·q − dmin·m |
 //! | Q5_K | 256 | 176 | `d, dmin: f16`, `scales: [u8; 12]`, `qh: [u8; 32]`, `qs: [u8; 128]`; as Q4_K plus bit 4 of element l of sub-block s is bit s of `qh[l]` |
-//! | Q6_K | 256 | 210 | `ql: [u8; 128]`, `qh: [u8; 64]`, `scales: [i8; 16]`, `d: f16`; 128-element halves, see [`q6_k_block`] |
+//! | Q6_K | 256 | 210 | `ql: [u8; 128]`, `qh: [u8; 64]`, `scales: [i8; 16]`, `d: f16`; two 128-element halves; in half h, element 32r + l (l < 32) has low bits from `ql[64h + l + 32·(r odd)]` (low nibble for r < 2), high 2 bits = bits 2r..2r+2 of `qh[32h + l]`, scale `scales[(32r + l)/16 + 8h]`; x = d·sc·(q − 32) |
 
 use half::{bf16, f16};
 
