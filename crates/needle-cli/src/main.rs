@@ -7,7 +7,6 @@ mod common;
 mod eval;
 mod generate;
 mod logits;
-mod sweep;
 mod trace;
 
 use anyhow::Result;

@@ -36,6 +36,8 @@ mod index;
 mod kv;
 pub mod metrics;
 mod selector;
+#[cfg(feature = "synth")]
+pub mod synth;
 
 pub use attention::GqaLayout;
 pub use error::{Error, Result, check_finite, check_len};

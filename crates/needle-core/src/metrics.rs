@@ -2,6 +2,7 @@
 //! attention. All accumulate in `f64`.
 
 use crate::error::{Error, Result, check_len};
+use crate::index::SearchResult;
 
 /// Share of the true top-k ids that `found` contains: `|found ∩ truth| / |truth|`.
 /// An empty `truth` has recall 1 (nothing was missed).
@@ -11,6 +12,14 @@ pub fn recall(found: &[u32], truth: &[u32]) -> f64 {
     }
     let set: std::collections::HashSet<u32> = found.iter().copied().collect();
     truth.iter().filter(|t| set.contains(t)).count() as f64 / truth.len() as f64
+}
+
+/// Per-query [`recall`] of an index's results `found` against exact results `truth` (row `i` of
+/// each is query `i`; padding is ignored, so a query's denominator is its number of true
+/// neighbours). The mean over queries is the usual recall@k.
+pub fn recall_of_results(found: &SearchResult, truth: &SearchResult) -> Result<Vec<f64>> {
+    check_len("recall_of_results found rows", truth.n_queries(), found.n_queries())?;
+    Ok((0..truth.n_queries()).map(|i| recall(found.labels_of(i), truth.labels_of(i))).collect())
 }
 
 /// Share of the softmax mass of `scores` (all keys, scaled) that falls on `ids`, in `[0, 1]`.
@@ -96,6 +105,23 @@ mod tests {
         assert_eq!(token_agreement(&[1, 2, 3, 4], &[1, 2, 0, 4]).unwrap(), 0.75);
         assert_eq!(common_prefix(&[1, 2, 3, 4], &[1, 2, 0, 4]), 2);
         assert!(token_agreement(&[1], &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn recall_of_results_counts_the_overlap_whatever_the_order() {
+        use crate::index::{NO_LABEL, SearchStats};
+        let result = |k: usize, rows: &[&[u32]]| {
+            let rows = rows.iter().map(|r| (r.iter().map(|&l| (l, 0.0)).collect(), SearchStats::default())).collect();
+            SearchResult::from_rows(k, rows)
+        };
+        let truth = result(3, &[&[1, 2, 3], &[4, 5, 6]]);
+        let found = result(3, &[&[3, 1, 9], &[6, 5, 4]]);
+        assert_eq!(recall_of_results(&found, &truth).unwrap(), vec![2.0 / 3.0, 1.0]);
+        // Padding (fewer hits than k) counts as misses.
+        let short = result(3, &[&[1], &[]]);
+        assert_eq!(short.labels[1], NO_LABEL);
+        assert_eq!(recall_of_results(&short, &truth).unwrap(), vec![1.0 / 3.0, 0.0]);
+        assert!(recall_of_results(&result(3, &[&[1, 2, 3]]), &truth).is_err());
     }
 
     #[test]

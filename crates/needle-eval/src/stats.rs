@@ -1,12 +1,13 @@
-//! The arithmetic of `needle bench index`: recall against ground truth, share of keys
-//! scanned, aggregation over heads, and keys scanned at equal recall. Shared with the peer
-//! script's JSON (same field names), so rows from faiss and hnswlib merge into one table.
+//! The arithmetic of index benchmarks: recall against ground truth, share of keys scanned,
+//! aggregation over heads, and keys scanned at equal recall. Shared with the peer script's
+//! JSON (same field names), so rows from faiss and hnswlib merge into one table.
 
 use std::collections::BTreeMap;
 
-use anyhow::{Result, ensure};
 use needle_core::SearchResult;
 use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
 
 /// One index at one effort on one (layer, KV head).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -15,7 +16,9 @@ pub struct Row {
     pub engine: String,
     /// Factory string, e.g. `RoarGraph32`.
     pub index: String,
+    /// Layer of the trace.
     pub layer: usize,
+    /// KV head of the layer.
     pub kv_head: usize,
     /// The effort knob (beam width, nprobe, tables); `null` for exact scans.
     pub effort: Option<usize>,
@@ -33,7 +36,9 @@ pub struct Row {
     pub build_s: f64,
     /// Index bytes (vectors included) per key.
     pub bytes_per_key: f64,
+    /// Keys of the head (the database).
     pub n_keys: usize,
+    /// Test queries searched.
     pub n_queries: usize,
     /// How `scanned_frac` was obtained when it is not an exact count (e.g. a timing proxy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -43,19 +48,29 @@ pub struct Row {
 /// Rows of one index and effort aggregated over heads (and layers, when `layer` is `None`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
+    /// `needle`, `faiss` or `hnswlib`.
     pub engine: String,
+    /// Factory string.
     pub index: String,
+    /// The layer, or `None` for all layers.
     pub layer: Option<usize>,
+    /// The effort knob.
     pub effort: Option<usize>,
     /// Heads aggregated.
     pub heads: usize,
+    /// Mean over heads of the mean recall.
     pub mean_recall: f64,
     /// Lowest per-head mean recall.
     pub min_head_recall: f64,
+    /// Mean share of keys scored at full precision per query.
     pub scanned_frac: f64,
+    /// Mean share of compressed codes scored per query.
     pub codes_frac: f64,
+    /// Mean single-thread latency per query (µs).
     pub latency_us: f64,
+    /// Mean build time (s).
     pub build_s: f64,
+    /// Mean index bytes per key.
     pub bytes_per_key: f64,
 }
 
@@ -66,26 +81,10 @@ impl Summary {
     }
 }
 
-/// Per-query recall@k of `found` against exact results `truth` (both `n × k`). A query's
-/// denominator is its number of true neighbours (k unless the database is smaller).
+/// Per-query recall@k of `found` against exact results `truth` (both `n × k`): see
+/// [`needle_core::metrics::recall_of_results`].
 pub fn recalls(found: &SearchResult, truth: &SearchResult) -> Result<Vec<f64>> {
-    ensure!(
-        found.n_queries() == truth.n_queries(),
-        "recall: {} result rows against {} ground-truth rows",
-        found.n_queries(),
-        truth.n_queries()
-    );
-    Ok((0..truth.n_queries())
-        .map(|i| {
-            let mut want = truth.labels_of(i).to_vec();
-            want.sort_unstable();
-            if want.is_empty() {
-                return 1.0;
-            }
-            let hit = found.labels_of(i).iter().filter(|l| want.binary_search(l).is_ok()).count();
-            hit as f64 / want.len() as f64
-        })
-        .collect())
+    Ok(needle_core::metrics::recall_of_results(found, truth)?)
 }
 
 /// Share of the database touched per query: `count / (n_queries × n_keys)`.

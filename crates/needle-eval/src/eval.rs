@@ -1,0 +1,446 @@
+//! Selectors against full attention on the same model and prompts.
+//!
+//! - **fidelity** ([`fidelity`]): one long prompt is prefilled once; full attention then decodes
+//!   greedily and every selector decodes the same tokens (teacher forcing) from a fork of the
+//!   same prefill. Per step: KL of the next-token distribution against full attention, agreement
+//!   of the greedy token, and — on chosen layers, per query head — recall of the true top-k keys
+//!   of the dynamic part, attention mass captured, relative error of the attention output.
+//!   Cost: keys touched, bytes read, time split into selection, attention and the rest.
+//! - **passkey** and **RULER-style** tasks ([`run_tasks`], `needle-tasks`): each prompt is
+//!   prefilled once and every selector answers from a fork; exact-match or recall-of-all scoring.
+//!
+//! Prefill is dense for every selector (sparse prefill is not implemented), so the selectors
+//! differ only in decode attention.
+
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::Backend;
+use needle_core::attention::{Partial, dense, scores, top_k};
+use needle_core::metrics::{attention_mass, kl_divergence, recall, relative_error};
+use needle_core::{RowSource, attend_selected};
+use needle_loader::Tokenizer;
+use needle_model::{KvCache, Llama, argmax, selector_from_spec};
+use needle_tasks::{Filler, TaskSpec};
+use serde::Serialize;
+
+use crate::error::{Context, Error, Result};
+
+/// One default spec per built-in selector (what `all` stands for in [`parse_selectors`]).
+pub const ALL: &[&str] = &[
+    "full",
+    "streaming",
+    "oracle",
+    "retrieval:index=graph",
+    "retrieval:index=hnsw",
+    "retrieval:index=ivfpq",
+    "retrieval:index=lsh",
+    "quest",
+    "block",
+    "lsh-sample",
+    "tokenselect",
+];
+
+/// Selector specs separated by `;` (specs contain commas), or `all`; each is checked.
+pub fn parse_selectors(s: &str) -> Result<Vec<String>> {
+    let list: Vec<String> = if s.trim() == "all" {
+        ALL.iter().map(|s| s.to_string()).collect()
+    } else {
+        s.split(';').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+    };
+    if list.is_empty() {
+        return Err(Error::invalid("selectors", "empty: give specs separated by `;`, or `all`"));
+    }
+    for spec in &list {
+        selector_from_spec(spec).map_err(|e| Error::invalid("selectors", format!("`{spec}`: {e}")))?;
+    }
+    Ok(list)
+}
+
+/// Fidelity and cost of one selector against full attention.
+#[derive(Debug, Clone, Serialize)]
+pub struct FidelityRow {
+    /// Selector spec.
+    pub selector: String,
+    /// Steps compared.
+    pub steps: usize,
+    /// Mean KL(full ‖ selector) of the next-token distribution.
+    pub mean_kl: f64,
+    /// Largest per-step KL.
+    pub max_kl: f64,
+    /// Share of steps whose greedy token equals full attention's.
+    pub agreement: f64,
+    /// Mean recall of the true top-k dynamic keys (None when there is no dynamic part).
+    pub recall: Option<f64>,
+    /// Mean share of attention mass on the attended keys.
+    pub mass: f64,
+    /// Mean relative L2 error of the attention output.
+    pub output_error: f64,
+    /// Share of context keys whose full vectors were read per step.
+    pub keys_touched: f64,
+    /// Bytes of keys, values and index data read per decode step (all layers).
+    pub bytes_per_step: f64,
+    /// Milliseconds per step choosing keys.
+    pub select_ms: f64,
+    /// Milliseconds per step in decode attention.
+    pub attend_ms: f64,
+    /// Milliseconds per step in the rest of the model.
+    pub other_ms: f64,
+    /// Seconds building the selectors after prefill.
+    pub build_s: f64,
+}
+
+/// One task answer of one selector.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskRow {
+    /// Selector spec.
+    pub selector: String,
+    /// Task spec.
+    pub task: String,
+    /// Prompt length in tokens.
+    pub tokens: usize,
+    /// Requested length.
+    pub length: usize,
+    /// Needle depth.
+    pub depth: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Score in [0, 1].
+    pub score: f64,
+    /// What the model wrote.
+    pub generated: String,
+    /// The expected answer.
+    pub answer: String,
+}
+
+/// Settings of [`fidelity`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FidelityConfig {
+    /// Decode steps compared.
+    pub steps: usize,
+    /// Layers whose attention is compared key by key (empty: every 4th).
+    pub attn_layers: Vec<usize>,
+    /// Prefill chunk size.
+    pub chunk: usize,
+}
+
+impl Default for FidelityConfig {
+    fn default() -> Self {
+        Self { steps: 64, attn_layers: Vec::new(), chunk: 512 }
+    }
+}
+
+/// Settings of [`run_tasks`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskConfig {
+    /// Prompt lengths in tokens.
+    pub lengths: Vec<usize>,
+    /// Needle depths (0 = start, 1 = end).
+    pub depths: Vec<f64>,
+    /// Seeds per grid cell.
+    pub seeds: Vec<u64>,
+    /// Most tokens generated per answer.
+    pub answer_tokens: usize,
+    /// Prefill chunk size.
+    pub chunk: usize,
+}
+
+/// Prefills `tokens` densely once, keeping what forks need.
+pub fn prefill_base<B: Backend>(
+    model: &Llama<B>,
+    tokens: &[u32],
+    chunk: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(KvCache, Vec<f32>)> {
+    let (factory, sel) = selector_from_spec("full").during(|| "selector `full`".into())?;
+    let cfg = model.config();
+    let mut base = KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?;
+    base.retain_training_queries();
+    let last = tokens.len().saturating_sub(1);
+    let logits = model.prefill(tokens, &mut base, chunk, &[last], progress).during(|| "prefill".into())?;
+    Ok((base, logits))
+}
+
+/// A cache with the selector `spec` built over `base`'s prefill.
+pub fn fork<B: Backend>(model: &Llama<B>, base: &KvCache, spec: &str) -> Result<KvCache> {
+    let (factory, config) = selector_from_spec(spec).during(|| format!("selector `{spec}`"))?;
+    base.fork(factory.as_ref(), config, model.scale()).during(|| format!("building selector `{spec}`"))
+}
+
+/// The first `n` tokens of `text` from its first chapter heading on (`Chapter 1` or
+/// `CHAPTER I`, else the start).
+pub fn text_tokens(tok: &Tokenizer, text: &str, n: usize) -> Result<Vec<u32>> {
+    let start = text.find("Chapter 1").or_else(|| text.find("CHAPTER I")).unwrap_or(0);
+    // Tokenize a prefix comfortably longer than needed (about 4 bytes per token in English).
+    let end = text.len().min(start + n * 8);
+    let end = (end..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+    let ids = tok.encode(&text[start..end], false)?;
+    if ids.len() < n {
+        return Err(Error::invalid(
+            "context_tokens",
+            format!("the text has only {} tokens after its start; {n} were asked for", ids.len()),
+        ));
+    }
+    Ok(ids[..n].to_vec())
+}
+
+/// What a run of decode steps produced.
+struct Decoded {
+    /// Tokens fed, one per step.
+    tokens: Vec<u32>,
+    /// Next-token logits after each step.
+    logits: Vec<Vec<f32>>,
+    /// Per step and compared query head: recall, mass, output error.
+    metrics: Vec<[f64; 3]>,
+    /// Wall time of the decode calls.
+    wall: Duration,
+}
+
+fn first_token(logits: &[f32]) -> Result<u32> {
+    argmax(logits).ok_or_else(|| Error::invalid("model", "returned empty logits"))
+}
+
+/// Decodes `steps` tokens: the teacher's tokens when given (teacher forcing), else greedy.
+/// Returns per-step logits and the per-step attention metrics on `layers`.
+fn decode_steps<B: Backend>(
+    model: &Llama<B>,
+    cache: &mut KvCache,
+    first_logits: &[f32],
+    steps: usize,
+    teacher: Option<&[u32]>,
+    layers: &[usize],
+) -> Result<Decoded> {
+    cache.trace_queries(layers.to_vec()).during(|| "attn_layers".into())?;
+    let (mut tokens, mut logits, mut metrics) = (Vec::new(), Vec::new(), Vec::new());
+    let mut next = first_token(first_logits)?;
+    let mut wall = Duration::ZERO;
+    for step in 0..steps {
+        let feed = teacher.and_then(|t| t.get(step).copied()).unwrap_or(next);
+        tokens.push(feed);
+        let t = Instant::now();
+        let l = model.decode(feed, cache).during(|| format!("decode step {step}"))?;
+        wall += t.elapsed();
+        next = first_token(&l)?;
+        metrics.extend(attention_metrics(model, cache, step)?);
+        logits.push(l);
+    }
+    Ok(Decoded { tokens, logits, metrics, wall })
+}
+
+/// Recall of the true top-k dynamic keys, attention mass captured and output error, per query
+/// head of the traced layers at decode step `step` (NaN recall where there is no dynamic part).
+fn attention_metrics<B: Backend>(model: &Llama<B>, cache: &KvCache, step: usize) -> Result<Vec<[f64; 3]>> {
+    let Some(trace) = cache.query_trace() else { return Ok(Vec::new()) };
+    let gqa = model.gqa();
+    let d = model.config().head_dim;
+    let scale = model.scale();
+    let row = gqa.n_q_heads * d;
+    let budget = cache.config().budget.max_ids();
+    let mut out = Vec::new();
+    for (slot, &layer) in trace.layers.iter().enumerate() {
+        let q_all = &trace.decode[slot][step * row..(step + 1) * row];
+        for j in 0..gqa.n_kv_heads {
+            let (keys, values) = (cache.keys(layer, j), cache.values(layer, j));
+            let sp = cache.static_part(layer, j);
+            let sel = cache.last_selection(layer, j);
+            let dynamic = sp.dynamic_range(keys.len());
+            let mut attended: Vec<u32> = sp.static_ids(keys.len()).collect();
+            attended.extend_from_slice(&sel.ids);
+            for h in gqa.group(j) {
+                let q = &q_all[h * d..(h + 1) * d];
+                let s = scores(q, keys, scale)?;
+                let rec = if dynamic.is_empty() {
+                    f64::NAN
+                } else {
+                    let ds = &s[dynamic.start as usize..dynamic.end as usize];
+                    let truth: Vec<u32> =
+                        top_k(ds, budget.min(ds.len()))?.iter().map(|(i, _)| i + dynamic.start).collect();
+                    recall(&sel.ids, &truth)
+                };
+                let mass = attention_mass(&s, &attended)?;
+                let full: Partial<f64> = dense(q, keys, values, scale)?;
+                let got: Partial<f64> = attend_selected(q, keys, values, sp, sel, scale)?;
+                let a: Vec<f32> = got.out.iter().map(|&x| x as f32).collect();
+                let e: Vec<f32> = full.out.iter().map(|&x| x as f32).collect();
+                out.push([rec, mass, relative_error(&a, &e)?]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Mean of the finite values, `None` when there are none.
+pub fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
+    let v: Vec<f64> = xs.filter(|x| x.is_finite()).collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// Fidelity of each selector against full attention on the prompt `tokens`.
+/// `prefill(done, total)` reports prefill tokens; `selectors(done, total)` selectors finished.
+pub fn fidelity<B: Backend>(
+    model: &Llama<B>,
+    tokens: &[u32],
+    selectors: &[String],
+    cfg: &FidelityConfig,
+    prefill: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<FidelityRow>> {
+    let n_layers = model.config().num_hidden_layers;
+    let layers: Vec<usize> =
+        if cfg.attn_layers.is_empty() { (0..n_layers).step_by(4).collect() } else { cfg.attn_layers.clone() };
+    let (base, first) = prefill_base(model, tokens, cfg.chunk, prefill)?;
+    tracing::info!(
+        "fidelity: {} prompt tokens, {} steps, attention compared on layers {layers:?}",
+        tokens.len(),
+        cfg.steps
+    );
+    // Full attention first: its greedy tokens drive every selector.
+    let mut full = fork(model, &base, "full")?;
+    let teacher = decode_steps(model, &mut full, &first, cfg.steps, None, &[])?;
+    tracing::info!("full attention: {:.1} ms per step", teacher.wall.as_secs_f64() * 1e3 / cfg.steps.max(1) as f64);
+    let d = model.config().head_dim as f64;
+    let mut rows = Vec::new();
+    for (i, spec) in selectors.iter().enumerate() {
+        let t = Instant::now();
+        let mut c = fork(model, &base, spec)?;
+        let build_s = t.elapsed().as_secs_f64();
+        let Decoded { logits, metrics, wall, .. } =
+            decode_steps(model, &mut c, &first, cfg.steps, Some(&teacher.tokens), &layers)?;
+        let kls =
+            logits.iter().zip(&teacher.logits).map(|(q, p)| kl_divergence(p, q)).collect::<Result<Vec<_>, _>>()?;
+        let agree = logits.iter().zip(&teacher.logits).filter(|(q, p)| argmax(q) == argmax(p)).count();
+        let s = &c.stats;
+        let steps = s.steps.max(1) as f64;
+        let ms = |x: Duration| x.as_secs_f64() * 1e3 / steps;
+        let bytes = s.select.bytes_read as f64 + s.keys_attended as f64 * d * 4.0 * 2.0;
+        let wall_ms = wall.as_secs_f64() * 1e3 / steps;
+        rows.push(FidelityRow {
+            selector: spec.clone(),
+            steps: cfg.steps,
+            mean_kl: mean(kls.iter().copied()).unwrap_or(0.0),
+            max_kl: kls.iter().copied().fold(0.0, f64::max),
+            agreement: agree as f64 / cfg.steps.max(1) as f64,
+            recall: mean(metrics.iter().map(|m| m[0])),
+            mass: mean(metrics.iter().map(|m| m[1])).unwrap_or(f64::NAN),
+            output_error: mean(metrics.iter().map(|m| m[2])).unwrap_or(f64::NAN),
+            keys_touched: s.share_touched(),
+            bytes_per_step: bytes / steps,
+            select_ms: ms(s.select_time),
+            attend_ms: ms(s.attend_time),
+            other_ms: wall_ms - ms(s.select_time) - ms(s.attend_time),
+            build_s,
+        });
+        progress(i + 1, selectors.len());
+    }
+    Ok(rows)
+}
+
+/// Each task of `specs` at each grid point, answered by every selector from one prefill per
+/// prompt. `progress(done, total)` counts prompts.
+pub fn run_tasks<B: Backend>(
+    model: &Llama<B>,
+    tok: &Tokenizer,
+    selectors: &[String],
+    specs: &[TaskSpec],
+    cfg: &TaskConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<TaskRow>> {
+    let count = |s: &str| tok.encode(s, false).map_or(0, |t| t.len());
+    let points = needle_tasks::grid(&cfg.lengths, &cfg.depths, &cfg.seeds);
+    let total = specs.len() * points.len();
+    let mut rows = Vec::new();
+    for (si, spec) in specs.iter().enumerate() {
+        for (pi, &p) in points.iter().enumerate() {
+            let inst = spec.instance(p, &Filler::Landmark, &count)?;
+            let tokens = tok.encode(&inst.prompt, false)?;
+            let (base, first) = prefill_base(model, &tokens, cfg.chunk, &mut |_, _| {})?;
+            for sel in selectors {
+                let mut c = fork(model, &base, sel)?;
+                let generated = answer(model, tok, &mut c, &first, cfg.answer_tokens)?;
+                let score = needle_tasks::score(spec, &generated, &inst);
+                tracing::info!("{} {sel}: {:.2} ({:?} vs {})", inst.id, score, generated.trim(), inst.answer);
+                rows.push(TaskRow {
+                    selector: sel.clone(),
+                    task: spec.to_string(),
+                    tokens: tokens.len(),
+                    length: p.length,
+                    depth: p.depth,
+                    seed: p.seed,
+                    score,
+                    generated,
+                    answer: inst.answer.clone(),
+                });
+            }
+            progress(si * points.len() + pi + 1, total);
+        }
+    }
+    Ok(rows)
+}
+
+/// Greedy answer: up to `max` tokens, stopping at EOS or a newline after some text.
+pub fn answer<B: Backend>(
+    model: &Llama<B>,
+    tok: &Tokenizer,
+    cache: &mut KvCache,
+    first: &[f32],
+    max: usize,
+) -> Result<String> {
+    let mut ids = Vec::new();
+    let mut next = first_token(first)?;
+    for _ in 0..max {
+        if tok.eos_ids().contains(&next) {
+            break;
+        }
+        ids.push(next);
+        let text = tok.decode(&ids)?;
+        if text.trim_start().contains('\n') {
+            break;
+        }
+        next = first_token(&model.decode(next, cache).during(|| "answering".into())?)?;
+    }
+    Ok(tok.decode(&ids)?)
+}
+
+/// Mean task score of `selector` on `task` (all tasks when `None`) at prompt `length` (all
+/// lengths when `None`), over depths and seeds.
+pub fn mean_score(rows: &[TaskRow], task: Option<&str>, selector: &str, length: Option<usize>) -> Option<f64> {
+    mean(
+        rows.iter()
+            .filter(|r| {
+                task.is_none_or(|t| r.task == t) && r.selector == selector && length.is_none_or(|l| r.length == l)
+            })
+            .map(|r| r.score),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selector_lists_parse_and_reject_bad_specs() {
+        assert_eq!(parse_selectors("full; retrieval:index=flat,k=10").unwrap().len(), 2);
+        assert_eq!(parse_selectors("all").unwrap().len(), ALL.len());
+        let e = parse_selectors("full;nope").unwrap_err().to_string();
+        assert!(e.contains("selectors") && e.contains("nope"), "{e}");
+        assert!(parse_selectors(" ; ").is_err());
+    }
+
+    #[test]
+    fn task_means_filter_by_task_selector_and_length() {
+        let row = |task: &str, sel: &str, length, score| TaskRow {
+            selector: sel.into(),
+            task: task.into(),
+            tokens: length,
+            length,
+            depth: 0.5,
+            seed: 1,
+            score,
+            generated: String::new(),
+            answer: String::new(),
+        };
+        let rows = [row("a", "full", 10, 1.0), row("a", "full", 20, 0.0), row("b", "full", 10, 0.5)];
+        assert_eq!(mean_score(&rows, Some("a"), "full", None), Some(0.5));
+        assert_eq!(mean_score(&rows, None, "full", Some(10)), Some(0.75));
+        assert_eq!(mean_score(&rows, Some("a"), "oracle", None), None);
+    }
+}
