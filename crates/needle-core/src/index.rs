@@ -108,6 +108,15 @@ pub struct BuildStats {
     pub bytes: usize,
 }
 
+impl std::ops::AddAssign for BuildStats {
+    fn add_assign(&mut self, o: Self) {
+        self.vectors += o.vectors;
+        self.train_queries += o.train_queries;
+        self.seconds += o.seconds;
+        self.bytes += o.bytes;
+    }
+}
+
 /// A maximum-inner-product index over vectors of a fixed dimension.
 ///
 /// Ids are dense: the `i`-th vector ever added has id `i`.

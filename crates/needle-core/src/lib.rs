@@ -11,6 +11,7 @@
 //! - [`RowSource`], [`Rows`], [`PagedRows`]: KV rows by token position, in fixed-size pages.
 //! - [`attention`]: dense, sparse and weighted attention with log-sum-exp, the exact merge,
 //!   causal prefill chunks, GQA layout; accumulate in `f32` or `f64`.
+//! - [`kit`]: what every selector needs — input checks, group scores, top-k, budgets, costs.
 //! - [`metrics`]: recall, attention mass, relative error, KL divergence, token agreement.
 //!
 //! ```
@@ -33,6 +34,7 @@ pub mod attention;
 pub mod decode;
 mod error;
 mod index;
+pub mod kit;
 mod kv;
 pub mod metrics;
 mod selector;

@@ -7,7 +7,9 @@
 //! ([`attend_selected`] is the reference of that step).
 //!
 //! Lifecycle: [`AttentionSelector::build`] once after prefill, [`AttentionSelector::insert`] for
-//! each token that leaves the window during decode, [`AttentionSelector::select`] per decode step.
+//! the tokens that leave the window during decode, [`AttentionSelector::select`] per decode step.
+//! The dynamic part is always derived, never passed: `static_part().dynamic_range(keys.len())`.
+//! [`crate::kit`] holds the helpers every selector uses (checks, top-k, budgets, costs).
 //! Selectors never own the KV cache: keys are read through a [`RowSource`] view of the tier that
 //! holds them, addressed by absolute token position.
 
@@ -51,6 +53,14 @@ impl Budget {
         }
     }
 
+    /// The same budget allowing at most `n` ids (the size of the dynamic part).
+    pub fn clamp(&self, n: usize) -> Budget {
+        match *self {
+            Budget::TopK(k) => Budget::TopK(k.min(n)),
+            Budget::Mass { target, max } => Budget::Mass { target, max: max.min(n) },
+        }
+    }
+
     /// Rejects budgets that cannot be met: zero, a mass target outside `(0, 1]`, or more ids
     /// than the context (`context_len` tokens) holds.
     pub fn validate(&self, context_len: usize) -> Result<()> {
@@ -83,6 +93,11 @@ impl StaticPart {
     /// Everything is static: full attention.
     pub const ALL: StaticPart = StaticPart { sinks: 0, window: usize::MAX };
 
+    /// `sinks=…,window=…`, as spec options.
+    pub fn describe(&self) -> String {
+        format!("sinks={},window={}", self.sinks, self.window)
+    }
+
     /// Positions of the dynamic part when the context holds `n` tokens.
     pub fn dynamic_range(&self, n: usize) -> Range<u32> {
         let start = self.sinks.min(n);
@@ -101,10 +116,9 @@ impl StaticPart {
 pub struct BuildContext<'a> {
     /// The layer and KV head served.
     pub head: HeadId,
-    /// All keys of this head so far, by position (post-RoPE).
+    /// All keys of this head so far, by position (post-RoPE). The dynamic part is
+    /// `static_part().dynamic_range(keys.len())`.
     pub keys: &'a dyn RowSource,
-    /// The positions of the dynamic part.
-    pub dynamic: Range<u32>,
     /// A sample of prefill queries of this head's query group, row-major `m × dim`
     /// (possibly empty): the query distribution that query-aware indexes train on.
     pub train_queries: &'a [f32],
@@ -135,24 +149,20 @@ impl Selection {
 
 /// Chooses, per decode step, which dynamic-part keys a KV head's query group attends to.
 pub trait AttentionSelector: Send + Sync {
-    /// A spec-style name, e.g. `"retrieval:index=graph,k=100"`.
-    fn name(&self) -> String;
+    /// The spec this selector was made from, e.g. `"retrieval:index=graph,combine=mean-rerank,sinks=128,window=512"`.
+    fn describe(&self) -> String;
     /// The static part this selector assumes the model attends densely.
     fn static_part(&self) -> StaticPart;
     /// Called once after prefill with the keys and a sample of prefill queries.
     fn build(&mut self, ctx: &BuildContext<'_>) -> Result<BuildStats>;
-    /// Token `position` has left the window and joined the dynamic part.
-    fn insert(&mut self, keys: &dyn RowSource, position: u32) -> Result<()>;
-    /// Picks dynamic-part ids for `queries` (the group's query heads, row-major `g × dim`).
-    /// `dynamic` is the current dynamic range; `out` is cleared first.
-    fn select(
-        &mut self,
-        queries: &[f32],
-        keys: &dyn RowSource,
-        dynamic: Range<u32>,
-        budget: &Budget,
-        out: &mut Selection,
-    ) -> Result<()>;
+    /// Tokens at `positions` (ascending, contiguous) have left the window and joined the
+    /// dynamic part; `keys` already holds them.
+    fn insert(&mut self, keys: &dyn RowSource, positions: Range<u32>) -> Result<()>;
+    /// Picks ids of the dynamic part (`static_part().dynamic_range(keys.len())`) for `queries`
+    /// (the group's query heads, row-major `g × dim`) within `budget`, which may ask for more
+    /// than the dynamic part holds (clamp it: [`crate::kit::begin_select`] does). `out` is
+    /// cleared first.
+    fn select(&mut self, queries: &[f32], keys: &dyn RowSource, budget: &Budget, out: &mut Selection) -> Result<()>;
     /// Bytes held by the selector's own structures (indexes, page bounds).
     fn memory_bytes(&self) -> usize {
         0
@@ -172,7 +182,7 @@ pub trait SelectorFactory: Send + Sync {
 pub struct FullSelector;
 
 impl AttentionSelector for FullSelector {
-    fn name(&self) -> String {
+    fn describe(&self) -> String {
         "full".into()
     }
     fn static_part(&self) -> StaticPart {
@@ -181,17 +191,10 @@ impl AttentionSelector for FullSelector {
     fn build(&mut self, ctx: &BuildContext<'_>) -> Result<BuildStats> {
         Ok(BuildStats { vectors: ctx.keys.len(), ..Default::default() })
     }
-    fn insert(&mut self, _keys: &dyn RowSource, _position: u32) -> Result<()> {
+    fn insert(&mut self, _keys: &dyn RowSource, _positions: Range<u32>) -> Result<()> {
         Ok(())
     }
-    fn select(
-        &mut self,
-        _q: &[f32],
-        _k: &dyn RowSource,
-        _d: Range<u32>,
-        _b: &Budget,
-        out: &mut Selection,
-    ) -> Result<()> {
+    fn select(&mut self, _q: &[f32], _k: &dyn RowSource, _b: &Budget, out: &mut Selection) -> Result<()> {
         out.clear();
         Ok(())
     }

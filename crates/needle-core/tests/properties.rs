@@ -19,6 +19,17 @@ fn case() -> impl Strategy<Value = (usize, Vec<f32>, Vec<f32>, Vec<f32>, Vec<u8>
     })
 }
 
+/// Plain softmax attention of `q` over the first `upto` rows, in f64: `(lse, output)`.
+fn naive(q: &[f32], k: &[f32], v: &[f32], d: usize, upto: usize, scale: f32) -> (f64, Vec<f64>) {
+    let s: Vec<f64> = (0..upto)
+        .map(|j| (0..d).map(|c| f64::from(q[c]) * f64::from(k[j * d + c])).sum::<f64>() * f64::from(scale))
+        .collect();
+    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+    let out = (0..d).map(|c| (0..upto).map(|j| (s[j] - m).exp() / z * f64::from(v[j * d + c])).sum()).collect();
+    (m + z.ln(), out)
+}
+
 fn close(a: &Partial<f64>, b: &Partial<f64>) -> bool {
     (a.lse == b.lse || (a.lse - b.lse).abs() < TOL) && a.out.iter().zip(&b.out).all(|(x, y)| (x - y).abs() < TOL)
 }
@@ -62,18 +73,27 @@ proptest! {
     }
 
     #[test]
-    fn causal_chunk_is_prefix_attention((d, k, v, _q, _p) in case(), first in 0usize..5) {
-        let (keys, values) = (Rows::new("k", &k, d).unwrap(), Rows::new("v", &v, d).unwrap());
+    fn causal_chunk_is_prefix_attention((d, k, v, _q, _p) in case(), first in 0usize..5, noise in -3.0f32..3.0) {
         let n = k.len() / d;
         prop_assume!(first < n);
         let qs = &k[first * d..];
+        let (keys, values) = (Rows::new("k", &k, d).unwrap(), Rows::new("v", &v, d).unwrap());
         let got: Vec<Partial<f64>> = causal_chunk(qs, first, &keys, &values, 0.3).unwrap();
+        prop_assert_eq!(got.len(), n - first);
         for (i, g) in got.iter().enumerate() {
-            let pos = first + i;
-            let prefix = (Rows::new("k", &k[..(pos + 1) * d], d).unwrap(), Rows::new("v", &v[..(pos + 1) * d], d).unwrap());
-            let want: Partial<f64> = dense(&qs[i * d..(i + 1) * d], &prefix.0, &prefix.1, 0.3).unwrap();
-            prop_assert!(close(g, &want));
+            // Written out independently of the library: softmax over keys 0..=pos, in f64.
+            let (lse, out) = naive(&qs[i * d..(i + 1) * d], &k, &v, d, first + i + 1, 0.3);
+            prop_assert!((g.lse - lse).abs() < TOL, "lse {} vs {}", g.lse, lse);
+            prop_assert!(g.out.iter().zip(&out).all(|(a, b)| (a - b).abs() < TOL));
         }
+        // Keys and values after the first query's position cannot change its output.
+        let mut k2 = k.clone();
+        let mut v2 = v.clone();
+        k2[(first + 1) * d..].iter_mut().for_each(|x| *x += noise);
+        v2[(first + 1) * d..].iter_mut().for_each(|x| *x -= noise);
+        let (keys2, values2) = (Rows::new("k", &k2, d).unwrap(), Rows::new("v", &v2, d).unwrap());
+        let again: Vec<Partial<f64>> = causal_chunk(&qs[..d], first, &keys2, &values2, 0.3).unwrap();
+        prop_assert!(close(&again[0], &got[0]));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use needle_core::decode::{GroupScratch, attend_group};
 use needle_core::{
-    AttentionSelector, Budget, BuildContext, FullSelector, GqaLayout, HeadId, PagedRows, RowSource, SearchStats,
+    AttentionSelector, Budget, BuildContext, BuildStats, FullSelector, GqaLayout, HeadId, PagedRows, RowSource, SearchStats,
     Selection, SelectorFactory,
 };
 use rayon::prelude::*;
@@ -57,6 +57,8 @@ pub struct DecodeStats {
     /// Wall time building selectors after prefill.
     #[serde(serialize_with = "secs")]
     pub build_time: Duration,
+    /// What the selectors' builds reported, summed over heads (vectors, training queries, bytes).
+    pub build: BuildStats,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -229,13 +231,13 @@ impl KvCache {
     }
 
     /// True when queries of `layer` must be read back (training sample or trace).
-    pub(crate) fn wants_queries(&self, layer: usize) -> bool {
+    pub fn wants_queries(&self, layer: usize) -> bool {
         !self.built || self.trace.as_ref().is_some_and(|t| t.slot(layer).is_some())
     }
 
     /// Records queries of `layer` (`t × n_q_heads × dim`) for the trace and, during prefill,
     /// the training sample.
-    pub(crate) fn observe_queries(&mut self, layer: usize, first_pos: usize, queries: &[f32]) {
+    pub fn observe_queries(&mut self, layer: usize, first_pos: usize, queries: &[f32]) {
         let built = self.built;
         if let Some(t) = self.trace.as_mut()
             && let Some(i) = t.slot(layer)
@@ -245,6 +247,27 @@ impl KvCache {
         if !built {
             self.record_queries(layer, first_pos, queries);
         }
+    }
+
+    /// Tokens held by `layer` (layers fill one after another within a forward pass).
+    pub fn layer_len(&self, layer: usize) -> Result<usize> {
+        self.check_layer(layer)?;
+        Ok(self.heads[layer].first().map_or(0, |h| h.keys.len()))
+    }
+
+    /// Query/KV head layout the cache was made for.
+    pub fn gqa(&self) -> GqaLayout {
+        self.gqa
+    }
+
+    /// Floats per key and value row.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Layers held.
+    pub fn n_layers(&self) -> usize {
+        self.heads.len()
     }
 
     /// Tokens held.
@@ -267,9 +290,9 @@ impl KvCache {
         &self.config
     }
 
-    /// Name of the selector serving `layer`, KV head 0.
-    pub fn selector_name(&self, layer: usize) -> String {
-        self.heads.get(layer).and_then(|l| l.first()).map_or_else(String::new, |h| h.selector.name())
+    /// Spec of the selector serving `layer`, KV head 0.
+    pub fn selector_describe(&self, layer: usize) -> String {
+        self.heads.get(layer).and_then(|l| l.first()).map_or_else(String::new, |h| h.selector.describe())
     }
 
     /// Host bytes held by keys and values, and by selector structures.
@@ -288,15 +311,24 @@ impl KvCache {
         &self.heads[layer][kv_head].values
     }
 
-    /// Sets how prefill queries are sampled for a prompt of `prompt_len` tokens.
-    pub(crate) fn plan_training(&mut self, prompt_len: usize) {
+    /// Sets how prefill queries are sampled for a prompt of `prompt_len` tokens. Call before
+    /// the prefill's first [`KvCache::observe_queries`].
+    pub fn plan_training(&mut self, prompt_len: usize) {
         self.train_stride = prompt_len.div_ceil(self.config.train_positions.max(1)).max(1);
     }
 
     /// Appends `t` tokens' keys and values (row-major `t × n_kv_heads × dim`) to `layer`.
     /// After the build, tokens leaving the window are inserted into the selectors.
-    pub(crate) fn append(&mut self, layer: usize, keys: &[f32], values: &[f32]) -> Result<()> {
+    pub fn append(&mut self, layer: usize, keys: &[f32], values: &[f32]) -> Result<()> {
+        self.check_layer(layer)?;
         let d = self.head_dim;
+        let row = self.gqa.n_kv_heads * d;
+        if keys.len() != values.len() || !keys.len().is_multiple_of(row) {
+            return Err(Error::invalid(
+                "keys/values",
+                format!("{} keys and {} values are not whole rows of n_kv_heads × dim = {row}", keys.len(), values.len()),
+            ));
+        }
         let built = self.built;
         for (j, h) in self.heads[layer].iter_mut().enumerate() {
             for (k, v) in keys.chunks_exact(d).zip(values.chunks_exact(d)).skip(j).step_by(self.gqa.n_kv_heads) {
@@ -305,8 +337,9 @@ impl KvCache {
                 h.values.push(v)?;
                 if built {
                     let after = h.selector.static_part().dynamic_range(h.keys.len());
-                    for pos in before.end.max(after.start)..after.end {
-                        h.selector.insert(&h.keys, pos)?;
+                    let joined = before.end.max(after.start)..after.end;
+                    if !joined.is_empty() {
+                        h.selector.insert(&h.keys, joined)?;
                     }
                 }
             }
@@ -335,22 +368,29 @@ impl KvCache {
         let budget = self.config.budget;
         budget.validate(self.len())?;
         let retain = self.retain_training;
-        self.heads.par_iter_mut().enumerate().try_for_each(|(layer, row)| {
-            row.par_iter_mut().enumerate().try_for_each(|(kv_head, h)| -> Result<()> {
-                let ctx = BuildContext {
-                    head: HeadId { layer, kv_head },
-                    keys: &h.keys,
-                    dynamic: h.selector.static_part().dynamic_range(h.keys.len()),
-                    train_queries: &h.train_queries,
-                    scale,
-                };
-                h.selector.build(&ctx)?;
-                if !retain {
-                    h.train_queries = Vec::new();
-                }
-                Ok(())
+        let per_head: Vec<BuildStats> = self
+            .heads
+            .par_iter_mut()
+            .enumerate()
+            .flat_map(|(layer, row)| {
+                row.par_iter_mut().enumerate().map(move |(kv_head, h)| -> Result<BuildStats> {
+                    let ctx = BuildContext {
+                        head: HeadId { layer, kv_head },
+                        keys: &h.keys,
+                        train_queries: &h.train_queries,
+                        scale,
+                    };
+                    let stats = h.selector.build(&ctx)?;
+                    if !retain {
+                        h.train_queries = Vec::new();
+                    }
+                    Ok(stats)
+                })
             })
-        })?;
+            .collect::<Result<_>>()?;
+        for s in per_head {
+            self.stats.build += s;
+        }
         self.built = true;
         self.stats.build_time += start.elapsed();
         Ok(())
@@ -359,24 +399,22 @@ impl KvCache {
     /// Decode attention of one layer: for each KV head, its selector picks dynamic-part ids
     /// for the group's queries, then each query head attends to static part + selection,
     /// merged by log-sum-exp. `q` is `n_q_heads × dim`; returns the same shape.
-    pub(crate) fn attend_decode(&mut self, layer: usize, q: &[f32], scale: f32) -> Result<Vec<f32>> {
+    pub fn attend_decode(&mut self, layer: usize, q: &[f32], scale: f32) -> Result<Vec<f32>> {
+        self.check_layer(layer)?;
+        if q.len() != self.gqa.n_q_heads * self.head_dim {
+            return Err(Error::invalid(
+                "q",
+                format!("{} floats; decode attention takes n_q_heads × dim = {}", q.len(), self.gqa.n_q_heads * self.head_dim),
+            ));
+        }
         if !self.built {
             return Err(Error::State("decode attention before the selectors were built (prefill first)".into()));
         }
         let (d, gqa, budget) = (self.head_dim, self.gqa, self.config.budget);
         let t0 = Instant::now();
         self.heads[layer].par_iter_mut().enumerate().try_for_each(|(j, h)| -> Result<()> {
-            let dynamic: Range<u32> = h.selector.static_part().dynamic_range(h.keys.len());
-            h.selection.clear();
-            if !dynamic.is_empty() {
-                // The dynamic part may still be smaller than the budget early on.
-                let budget = match budget {
-                    Budget::TopK(k) => Budget::TopK(k.min(dynamic.len())),
-                    Budget::Mass { target, max } => Budget::Mass { target, max: max.min(dynamic.len()) },
-                };
-                let qg = &q[gqa.group(j).start * d..gqa.group(j).end * d];
-                h.selector.select(qg, &h.keys, dynamic, &budget, &mut h.selection)?;
-            }
+            let qg = &q[gqa.group(j).start * d..gqa.group(j).end * d];
+            h.selector.select(qg, &h.keys, &budget, &mut h.selection)?;
             Ok(())
         })?;
         let t1 = Instant::now();
@@ -405,8 +443,15 @@ impl KvCache {
         Ok(outs.concat())
     }
 
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.heads.len() {
+            return Err(Error::invalid("layer", format!("layer {layer} does not exist ({} layers)", self.heads.len())));
+        }
+        Ok(())
+    }
+
     /// Marks the end of a decode step (for per-step averages).
-    pub(crate) fn finish_step(&mut self) {
+    pub fn finish_step(&mut self) {
         self.stats.steps += 1;
     }
 

@@ -81,13 +81,13 @@ fn main() -> needle_core::Result<()> {
     for combine in GroupCombine::ALL {
         let cfg = RetrievalFactory::new(index)?.with_static(0, 0).with_combine(combine).with_min_index(1);
         let mut sel = RetrievalSelector::new(cfg, head, dim)?;
-        sel.build(&BuildContext { head, keys: &rows, dynamic: 0..n as u32, train_queries: &train, scale: 0.125 })?;
+        sel.build(&BuildContext { head, keys: &rows, train_queries: &train, scale: 0.125 })?;
         for &effort in efforts {
             sel.set_effort(Some(effort));
             let (mut rec, mut scanned, mut codes) = (0.0, 0u64, 0u64);
             let mut out = Selection::default();
             for (q, t) in groups.iter().zip(&truth) {
-                sel.select(q, &rows, 0..n as u32, &Budget::TopK(k), &mut out)?;
+                sel.select(q, &rows, &Budget::TopK(k), &mut out)?;
                 rec += recall(&out.ids, t);
                 scanned += out.stats.full_scored;
                 codes += out.stats.codes_scored;

@@ -9,7 +9,7 @@ use needle_core::{
     StaticPart, check_len,
 };
 
-use crate::common::{Frame, begin_select, check_dynamic, default_scale, dot, full_cost, group_max, keep_top};
+use crate::common::{SelectStep, Frame, begin_select, default_scale, dot, full_cost, group_max, keep_top};
 
 /// Default block size in tokens (InfLLM's).
 pub const DEFAULT_BLOCK: usize = 128;
@@ -175,23 +175,23 @@ impl BlockSelector {
 }
 
 impl AttentionSelector for BlockSelector {
-    fn name(&self) -> String {
+    fn describe(&self) -> String {
         self.cfg.describe()
     }
     fn static_part(&self) -> StaticPart {
         self.cfg.frame.static_part()
     }
     fn build(&mut self, ctx: &BuildContext<'_>) -> Result<BuildStats> {
-        check_dynamic(ctx.keys, &ctx.dynamic)?;
+        let dynamic = self.static_part().dynamic_range(ctx.keys.len());
         if !ctx.train_queries.is_empty() {
             needle_core::check_batch("train_queries", ctx.train_queries, self.dim)?;
         }
         self.scale = ctx.scale;
         self.rep_pos.clear();
         self.rep_keys.clear();
-        self.first_block = ctx.dynamic.start / self.cfg.block as u32;
-        self.covered = ctx.dynamic.start..ctx.dynamic.start;
-        self.extend_to(ctx.keys, ctx.dynamic.end, ctx.train_queries, ctx.keys.len())?;
+        self.first_block = dynamic.start / self.cfg.block as u32;
+        self.covered = dynamic.start..dynamic.start;
+        self.extend_to(ctx.keys, dynamic.end, ctx.train_queries, ctx.keys.len())?;
         Ok(BuildStats {
             vectors: self.covered.len(),
             train_queries: ctx.train_queries.len() / self.dim,
@@ -199,24 +199,19 @@ impl AttentionSelector for BlockSelector {
             bytes: self.memory_bytes(),
         })
     }
-    fn insert(&mut self, keys: &dyn RowSource, position: u32) -> Result<()> {
+    fn insert(&mut self, keys: &dyn RowSource, positions: Range<u32>) -> Result<()> {
         if self.covered.is_empty() && self.rep_pos.is_empty() {
-            self.first_block = position / self.cfg.block as u32;
-            self.covered = position..position;
+            self.first_block = positions.start / self.cfg.block as u32;
+            self.covered = positions.start..positions.start;
         }
-        self.extend_to(keys, position + 1, &[], 0)
+        self.extend_to(keys, positions.end, &[], 0)
     }
-    fn select(
-        &mut self,
-        queries: &[f32],
-        keys: &dyn RowSource,
-        dynamic: Range<u32>,
-        budget: &Budget,
-        out: &mut Selection,
-    ) -> Result<()> {
-        let Some(_) = begin_select(queries, self.dim, keys, &dynamic, out)? else {
+    fn select(&mut self, queries: &[f32], keys: &dyn RowSource, budget: &Budget, out: &mut Selection) -> Result<()> {
+        let Some(step) = begin_select(self.static_part(), queries, self.dim, keys, budget, out)? else {
             return Ok(());
         };
+        let SelectStep { group: _, dynamic, budget } = step;
+        let budget = &budget;
         if self.covered.is_empty() && self.rep_pos.is_empty() {
             self.first_block = dynamic.start / self.cfg.block as u32;
             self.covered = dynamic.start..dynamic.start;
@@ -278,12 +273,12 @@ mod tests {
         let train: Vec<f32> = (0..600).flat_map(|_| q.clone()).collect();
         let rows = needle_core::Rows::new("k", &keys, dim).unwrap();
         let mut sel = BlockSelector::new(BlockFactory::new(0, 0, 64, 2).unwrap(), dim);
-        let ctx = BuildContext { head: HEAD, keys: &rows, dynamic: 0..600, train_queries: &train, scale: 0.35 };
+        let ctx = BuildContext { head: HEAD, keys: &rows, train_queries: &train, scale: 0.35 };
         sel.build(&ctx).unwrap();
         assert_eq!(sel.blocks(), 9); // 600 = 9 full blocks of 64 + 24
         assert_eq!(sel.representatives(2).unwrap()[0], special as u32);
         let mut out = Selection::default();
-        sel.select(&q, &rows, 0..600, &Budget::TopK(64), &mut out).unwrap();
+        sel.select(&q, &rows, &Budget::TopK(64), &mut out).unwrap();
         assert_eq!(out.ids, (128..192).collect::<Vec<u32>>());
     }
 
@@ -297,7 +292,7 @@ mod tests {
         let mut sel = f.create(HEAD, dim).unwrap();
         let sp = sel.static_part();
         let ctx =
-            BuildContext { head: HEAD, keys: &keys, dynamic: sp.dynamic_range(200), train_queries: &[], scale: 0.3 };
+            BuildContext { head: HEAD, keys: &keys, train_queries: &[], scale: 0.3 };
         sel.build(&ctx).unwrap();
         let q = &data.queries[..dim];
         let pos = keys.push(&q.iter().map(|x| 50.0 * x).collect::<Vec<_>>()).unwrap();
@@ -305,10 +300,10 @@ mod tests {
             keys.push(&data.keys[..dim]).unwrap();
         }
         for p in sp.dynamic_range(201).end..sp.dynamic_range(keys.len()).end {
-            sel.insert(&keys, p).unwrap();
+            sel.insert(&keys, p..p + 1).unwrap();
         }
         let mut out = Selection::default();
-        sel.select(q, &keys, sp.dynamic_range(keys.len()), &Budget::TopK(32), &mut out).unwrap();
+        sel.select(q, &keys, &Budget::TopK(32), &mut out).unwrap();
         assert!(out.ids.contains(&pos), "{:?}", out.ids);
         assert!(out.ids.len() <= 32);
     }

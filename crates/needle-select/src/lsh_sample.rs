@@ -13,7 +13,7 @@ use needle_core::{
 use needle_index_lsh::LshIndex;
 use rand::{SeedableRng, rngs::StdRng};
 
-use crate::common::{Frame, begin_select, check_dynamic};
+use crate::common::{SelectStep, Frame, begin_select};
 
 /// Default signature bits `K`.
 pub const DEFAULT_BITS: usize = needle_index_lsh::DEFAULT_K_BITS;
@@ -135,41 +135,36 @@ impl LshSampleSelector {
 }
 
 impl AttentionSelector for LshSampleSelector {
-    fn name(&self) -> String {
+    fn describe(&self) -> String {
         self.cfg.describe()
     }
     fn static_part(&self) -> StaticPart {
         self.cfg.frame.static_part()
     }
     fn build(&mut self, ctx: &BuildContext<'_>) -> Result<BuildStats> {
-        check_dynamic(ctx.keys, &ctx.dynamic)?;
+        let dynamic = self.static_part().dynamic_range(ctx.keys.len());
         check_len("keys dim", self.dim, ctx.keys.dim())?;
         self.rows.clear();
-        for p in ctx.dynamic.clone() {
+        for p in dynamic.clone() {
             self.rows.extend_from_slice(ctx.keys.row(p as usize));
         }
         let stats = self.index.build(&self.rows, None)?;
         self.rows = Vec::new();
-        self.covered = ctx.dynamic.clone();
+        self.covered = dynamic.clone();
         Ok(stats)
     }
-    fn insert(&mut self, keys: &dyn RowSource, position: u32) -> Result<()> {
+    fn insert(&mut self, keys: &dyn RowSource, positions: Range<u32>) -> Result<()> {
         if self.covered.is_empty() {
-            self.covered = position..position;
+            self.covered = positions.start..positions.start;
         }
-        self.extend_to(keys, position + 1)
+        self.extend_to(keys, positions.end)
     }
-    fn select(
-        &mut self,
-        queries: &[f32],
-        keys: &dyn RowSource,
-        dynamic: Range<u32>,
-        budget: &Budget,
-        out: &mut Selection,
-    ) -> Result<()> {
-        let Some(g) = begin_select(queries, self.dim, keys, &dynamic, out)? else {
+    fn select(&mut self, queries: &[f32], keys: &dyn RowSource, budget: &Budget, out: &mut Selection) -> Result<()> {
+        let Some(step) = begin_select(self.static_part(), queries, self.dim, keys, budget, out)? else {
             return Ok(());
         };
+        let SelectStep { group: g, dynamic, budget } = step;
+        let budget = &budget;
         if self.covered.is_empty() {
             self.covered = dynamic.start..dynamic.start;
         }
@@ -249,7 +244,7 @@ mod tests {
             let mut sel = f.create(HEAD, dim).unwrap();
             let dynamic = sel.static_part().dynamic_range(240);
             let ctx =
-                BuildContext { head: HEAD, keys: &rows, dynamic: dynamic.clone(), train_queries: &[], scale: 0.35 };
+                BuildContext { head: HEAD, keys: &rows, train_queries: &[], scale: 0.35 };
             sel.build(&ctx).unwrap();
             let s = select(sel.as_mut(), &data, &data.queries, Budget::TopK(k));
             assert!(s.ids.len() <= k && s.ids.len() == s.log_weights.len());

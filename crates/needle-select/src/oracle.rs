@@ -8,7 +8,7 @@ use needle_core::{
     StaticPart,
 };
 
-use crate::common::{Frame, begin_select, default_scale, dot, full_cost, group_max, keep_top};
+use crate::common::{SelectStep, Frame, begin_select, default_scale, dot, full_cost, group_max, keep_top};
 
 /// Makes [`OracleSelector`]s; spec `oracle:k=K` or `oracle:mass=0.9,k=MAX`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -99,30 +99,26 @@ impl OracleSelector {
 }
 
 impl AttentionSelector for OracleSelector {
-    fn name(&self) -> String {
+    fn describe(&self) -> String {
         format!("oracle:{}", self.frame.describe())
     }
     fn static_part(&self) -> StaticPart {
         self.frame.static_part()
     }
     fn build(&mut self, ctx: &BuildContext<'_>) -> Result<BuildStats> {
+        let dynamic = self.static_part().dynamic_range(ctx.keys.len());
         self.scale = ctx.scale;
-        Ok(BuildStats { vectors: ctx.dynamic.len(), ..Default::default() })
+        Ok(BuildStats { vectors: dynamic.len(), ..Default::default() })
     }
-    fn insert(&mut self, _keys: &dyn RowSource, _position: u32) -> Result<()> {
+    fn insert(&mut self, _keys: &dyn RowSource, _positions: Range<u32>) -> Result<()> {
         Ok(())
     }
-    fn select(
-        &mut self,
-        queries: &[f32],
-        keys: &dyn RowSource,
-        dynamic: Range<u32>,
-        budget: &Budget,
-        out: &mut Selection,
-    ) -> Result<()> {
-        let Some(_) = begin_select(queries, self.dim, keys, &dynamic, out)? else {
+    fn select(&mut self, queries: &[f32], keys: &dyn RowSource, budget: &Budget, out: &mut Selection) -> Result<()> {
+        let Some(step) = begin_select(self.static_part(), queries, self.dim, keys, budget, out)? else {
             return Ok(());
         };
+        let SelectStep { group: _, dynamic, budget } = step;
+        let budget = &budget;
         out.stats = full_cost(dynamic.len(), self.dim);
         match *budget {
             Budget::TopK(k) => {

@@ -125,8 +125,8 @@ struct WithBudget {
 }
 
 impl AttentionSelector for WithBudget {
-    fn name(&self) -> String {
-        self.inner.name()
+    fn describe(&self) -> String {
+        self.inner.describe()
     }
     fn static_part(&self) -> StaticPart {
         self.inner.static_part()
@@ -134,23 +134,12 @@ impl AttentionSelector for WithBudget {
     fn build(&mut self, ctx: &BuildContext<'_>) -> Result<BuildStats> {
         self.inner.build(ctx)
     }
-    fn insert(&mut self, keys: &dyn RowSource, position: u32) -> Result<()> {
-        self.inner.insert(keys, position)
+    fn insert(&mut self, keys: &dyn RowSource, positions: Range<u32>) -> Result<()> {
+        self.inner.insert(keys, positions)
     }
-    fn select(
-        &mut self,
-        queries: &[f32],
-        keys: &dyn RowSource,
-        dynamic: Range<u32>,
-        _budget: &Budget,
-        out: &mut Selection,
-    ) -> Result<()> {
-        let n = dynamic.len();
-        let budget = match self.budget {
-            Budget::TopK(k) => Budget::TopK(k.min(n)),
-            Budget::Mass { target, max } => Budget::Mass { target, max: max.min(n) },
-        };
-        self.inner.select(queries, keys, dynamic, &budget, out)
+    fn select(&mut self, queries: &[f32], keys: &dyn RowSource, _budget: &Budget, out: &mut Selection) -> Result<()> {
+        // This head's own budget replaces the spec-wide one; the inner selector clamps it.
+        self.inner.select(queries, keys, &self.budget, out)
     }
     fn memory_bytes(&self) -> usize {
         self.inner.memory_bytes()
@@ -216,10 +205,10 @@ mod tests {
         let data = uniform(200, 3, 8, 51);
         // Head (0, 0) is an oracle with its own k = 7, whatever the model passes.
         let mut sel = built(spec.factory.as_ref(), &data);
-        assert!(sel.name().starts_with("oracle"));
+        assert!(sel.describe().starts_with("oracle"));
         assert_eq!(select(sel.as_mut(), &data, &data.queries, Budget::TopK(100)).ids.len(), 7);
         let other = spec.factory.create(HeadId { layer: 1, kv_head: 0 }, 8).unwrap();
-        assert!(other.name().starts_with("streaming"));
+        assert!(other.describe().starts_with("streaming"));
         let _ = HEAD;
     }
 

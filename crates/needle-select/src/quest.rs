@@ -10,7 +10,7 @@ use needle_core::{
     SelectorFactory, StaticPart, check_len,
 };
 
-use crate::common::{Frame, begin_select, check_dynamic, keep_top};
+use crate::common::{SelectStep, Frame, begin_select, keep_top};
 
 /// Default page size in tokens (Quest's).
 pub const DEFAULT_PAGE: usize = 16;
@@ -130,38 +130,33 @@ impl QuestSelector {
 }
 
 impl AttentionSelector for QuestSelector {
-    fn name(&self) -> String {
+    fn describe(&self) -> String {
         self.cfg.describe()
     }
     fn static_part(&self) -> StaticPart {
         self.cfg.frame.static_part()
     }
     fn build(&mut self, ctx: &BuildContext<'_>) -> Result<BuildStats> {
-        check_dynamic(ctx.keys, &ctx.dynamic)?;
+        let dynamic = self.static_part().dynamic_range(ctx.keys.len());
         self.mins.clear();
         self.maxs.clear();
-        self.first_page = ctx.dynamic.start / self.cfg.page as u32;
-        self.covered = ctx.dynamic.start..ctx.dynamic.start;
-        self.extend_to(ctx.keys, ctx.dynamic.end)?;
+        self.first_page = dynamic.start / self.cfg.page as u32;
+        self.covered = dynamic.start..dynamic.start;
+        self.extend_to(ctx.keys, dynamic.end)?;
         Ok(BuildStats { vectors: self.covered.len(), train_queries: 0, seconds: 0.0, bytes: self.memory_bytes() })
     }
-    fn insert(&mut self, keys: &dyn RowSource, position: u32) -> Result<()> {
+    fn insert(&mut self, keys: &dyn RowSource, positions: Range<u32>) -> Result<()> {
         if self.covered.is_empty() && self.mins.is_empty() {
-            self.covered = position..position;
+            self.covered = positions.start..positions.start;
         }
-        self.extend_to(keys, position + 1)
+        self.extend_to(keys, positions.end)
     }
-    fn select(
-        &mut self,
-        queries: &[f32],
-        keys: &dyn RowSource,
-        dynamic: Range<u32>,
-        budget: &Budget,
-        out: &mut Selection,
-    ) -> Result<()> {
-        let Some(g) = begin_select(queries, self.dim, keys, &dynamic, out)? else {
+    fn select(&mut self, queries: &[f32], keys: &dyn RowSource, budget: &Budget, out: &mut Selection) -> Result<()> {
+        let Some(step) = begin_select(self.static_part(), queries, self.dim, keys, budget, out)? else {
             return Ok(());
         };
+        let SelectStep { group: g, dynamic, budget } = step;
+        let budget = &budget;
         if self.covered.is_empty() && self.mins.is_empty() {
             self.first_page = dynamic.start / self.cfg.page as u32;
             self.covered = dynamic.start..dynamic.start;
@@ -228,7 +223,7 @@ mod tests {
         let keys = needle_core::Rows::new("k", &data.keys, 8).unwrap();
         let dynamic = sel.static_part().dynamic_range(300);
         assert_eq!(dynamic, 5..270);
-        sel.build(&BuildContext { head: HEAD, keys: &keys, dynamic: dynamic.clone(), train_queries: &[], scale: 0.3 })
+        sel.build(&BuildContext { head: HEAD, keys: &keys, train_queries: &[], scale: 0.3 })
             .unwrap();
         assert_eq!(sel.pages(), 17); // pages 0..=16, the first and last partial
         for i in 0..sel.pages() {
@@ -268,7 +263,7 @@ mod tests {
         let mut sel = f.create(HEAD, dim).unwrap();
         let sp = sel.static_part();
         let ctx =
-            BuildContext { head: HEAD, keys: &keys, dynamic: sp.dynamic_range(100), train_queries: &[], scale: 0.3 };
+            BuildContext { head: HEAD, keys: &keys, train_queries: &[], scale: 0.3 };
         sel.build(&ctx).unwrap();
         let q = &data.queries[..dim];
         let pos = keys.push(&q.iter().map(|x| 50.0 * x).collect::<Vec<_>>()).unwrap();
@@ -276,10 +271,10 @@ mod tests {
             keys.push(&data.keys[..dim]).unwrap();
         }
         for p in sp.dynamic_range(101).end..sp.dynamic_range(keys.len()).end {
-            sel.insert(&keys, p).unwrap();
+            sel.insert(&keys, p..p + 1).unwrap();
         }
         let mut out = Selection::default();
-        sel.select(q, &keys, sp.dynamic_range(keys.len()), &Budget::TopK(16), &mut out).unwrap();
+        sel.select(q, &keys, &Budget::TopK(16), &mut out).unwrap();
         assert!(out.ids.contains(&pos), "{:?}", out.ids);
     }
 }

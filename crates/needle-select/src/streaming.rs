@@ -39,7 +39,7 @@ pub struct StreamingSelector {
 }
 
 impl AttentionSelector for StreamingSelector {
-    fn name(&self) -> String {
+    fn describe(&self) -> String {
         format!("streaming:{}", self.frame.describe())
     }
     fn static_part(&self) -> StaticPart {
@@ -48,17 +48,10 @@ impl AttentionSelector for StreamingSelector {
     fn build(&mut self, ctx: &BuildContext<'_>) -> Result<BuildStats> {
         Ok(BuildStats { vectors: ctx.keys.len(), ..Default::default() })
     }
-    fn insert(&mut self, _keys: &dyn RowSource, _position: u32) -> Result<()> {
+    fn insert(&mut self, _keys: &dyn RowSource, _positions: Range<u32>) -> Result<()> {
         Ok(())
     }
-    fn select(
-        &mut self,
-        _queries: &[f32],
-        _keys: &dyn RowSource,
-        _dynamic: Range<u32>,
-        _budget: &Budget,
-        out: &mut Selection,
-    ) -> Result<()> {
+    fn select(&mut self, _queries: &[f32], _keys: &dyn RowSource, _budget: &Budget, out: &mut Selection) -> Result<()> {
         out.clear();
         Ok(())
     }

@@ -72,18 +72,16 @@ pub fn uniform(n: usize, n_queries: usize, dim: usize, seed: u64) -> Data {
 pub fn built(factory: &dyn SelectorFactory, data: &Data) -> Box<dyn AttentionSelector> {
     let mut sel = factory.create(HEAD, data.dim).unwrap();
     let keys = Rows::new("keys", &data.keys, data.dim).unwrap();
-    let dynamic = sel.static_part().dynamic_range(data.keys.len() / data.dim);
     let scale = 1.0 / (data.dim as f32).sqrt();
-    sel.build(&BuildContext { head: HEAD, keys: &keys, dynamic, train_queries: &data.train, scale }).unwrap();
+    sel.build(&BuildContext { head: HEAD, keys: &keys, train_queries: &data.train, scale }).unwrap();
     sel
 }
 
 /// Selects for the query group `group` (rows of `data.queries`).
 pub fn select(sel: &mut dyn AttentionSelector, data: &Data, group: &[f32], budget: Budget) -> Selection {
     let keys = Rows::new("keys", &data.keys, data.dim).unwrap();
-    let dynamic = sel.static_part().dynamic_range(data.keys.len() / data.dim);
     let mut out = Selection::default();
-    sel.select(group, &keys, dynamic, &budget, &mut out).unwrap();
+    sel.select(group, &keys, &budget, &mut out).unwrap();
     out
 }
 
@@ -95,9 +93,9 @@ pub fn assert_dense(sel: &dyn AttentionSelector, data: &Data, group: &[f32], sel
     for q in group.chunks_exact(data.dim) {
         let full: Partial<f64> = dense(q, &keys, &values, scale).unwrap();
         let got: Partial<f64> = attend_selected(q, &keys, &values, sel.static_part(), selection, scale).unwrap();
-        assert!((full.lse - got.lse).abs() < tol, "{}: lse {} vs {}", sel.name(), got.lse, full.lse);
+        assert!((full.lse - got.lse).abs() < tol, "{}: lse {} vs {}", sel.describe(), got.lse, full.lse);
         for (a, b) in got.out.iter().zip(&full.out) {
-            assert!((a - b).abs() < tol, "{}: out {a} vs {b}", sel.name());
+            assert!((a - b).abs() < tol, "{}: out {a} vs {b}", sel.describe());
         }
     }
 }

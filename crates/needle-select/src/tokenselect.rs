@@ -11,7 +11,7 @@ use needle_core::{
     SelectorFactory, StaticPart,
 };
 
-use crate::common::{Frame, begin_select, default_scale, dot, full_cost, keep_top};
+use crate::common::{SelectStep, Frame, begin_select, default_scale, dot, full_cost, keep_top};
 
 /// Default cosine similarity above which a cached selection is reused.
 pub const DEFAULT_THRESHOLD: f32 = 0.9;
@@ -128,31 +128,27 @@ impl TokenSelectSelector {
 }
 
 impl AttentionSelector for TokenSelectSelector {
-    fn name(&self) -> String {
+    fn describe(&self) -> String {
         self.cfg.describe()
     }
     fn static_part(&self) -> StaticPart {
         self.cfg.frame.static_part()
     }
     fn build(&mut self, ctx: &BuildContext<'_>) -> Result<BuildStats> {
+        let dynamic = self.static_part().dynamic_range(ctx.keys.len());
         self.scale = ctx.scale;
         self.cached_budget = None;
-        Ok(BuildStats { vectors: ctx.dynamic.len(), ..Default::default() })
+        Ok(BuildStats { vectors: dynamic.len(), ..Default::default() })
     }
-    fn insert(&mut self, _keys: &dyn RowSource, _position: u32) -> Result<()> {
+    fn insert(&mut self, _keys: &dyn RowSource, _positions: Range<u32>) -> Result<()> {
         Ok(())
     }
-    fn select(
-        &mut self,
-        queries: &[f32],
-        keys: &dyn RowSource,
-        dynamic: Range<u32>,
-        budget: &Budget,
-        out: &mut Selection,
-    ) -> Result<()> {
-        let Some(g) = begin_select(queries, self.dim, keys, &dynamic, out)? else {
+    fn select(&mut self, queries: &[f32], keys: &dyn RowSource, budget: &Budget, out: &mut Selection) -> Result<()> {
+        let Some(step) = begin_select(self.static_part(), queries, self.dim, keys, budget, out)? else {
             return Ok(());
         };
+        let SelectStep { group: g, dynamic, budget } = step;
+        let budget = &budget;
         if self.cache_hit(queries, &dynamic, budget) {
             self.hits += 1;
             self.cfg.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -223,11 +219,10 @@ mod tests {
         let f = TokenSelectFactory::new(4, 16, 0.95).unwrap();
         let mut sel = TokenSelectSelector::new(f.clone(), 8);
         let keys = needle_core::Rows::new("k", &data.keys, 8).unwrap();
-        let dynamic = sel.static_part().dynamic_range(300);
         let (a, b) = data.queries.split_at(24);
         let mut out = Selection::default();
         let mut run = |sel: &mut TokenSelectSelector, q: &[f32], k: usize| {
-            sel.select(q, &keys, dynamic.clone(), &Budget::TopK(k), &mut out).unwrap();
+            sel.select(q, &keys, &Budget::TopK(k), &mut out).unwrap();
             out.clone()
         };
         let first = run(&mut sel, a, 20);
