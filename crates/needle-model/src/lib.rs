@@ -5,6 +5,9 @@
 //! and KV head attends densely to a static part and to what its selector picks from the rest,
 //! merged exactly by log-sum-exp. Full attention is the [`FullSelector`](needle_core::FullSelector).
 //!
+//! [`Llama`] is a Burn `Module`. A model of your own routes its attention through the same
+//! entry point, [`cached_attention`], one call per layer (see `examples/downstream-burn`).
+//!
 //! ## Features
 //! - `graph`, `ivfpq`, `lsh` (default): index crates that `retrieval:index=…` and `lsh-sample`
 //!   can use; a spec naming one that is not compiled in is an error naming the feature.
@@ -25,6 +28,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod attention;
 mod cache;
 mod error;
 mod generate;
@@ -33,13 +37,14 @@ mod rope;
 mod sampling;
 mod spec;
 
+pub use attention::cached_attention;
 pub use cache::{DecodeStats, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate};
 pub use model::Llama;
 pub use rope::Rope;
 pub use sampling::{Sampler, SamplingConfig, argmax};
-pub use spec::{SELECTORS, selector_from_spec};
+pub use spec::{AUTO_RETRIEVAL_FROM, SELECTORS, resolve_auto, selector_from_spec};
 
 /// The CPU backend (burn's pure-Rust Flex).
 pub type Cpu = burn::backend::Flex;

@@ -1,48 +1,51 @@
 //! Llama-family transformer on Burn: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP,
 //! tied or separate output head (Touvron et al. 2023; the Hugging Face Llama layout).
 //!
-//! Weights are kept as f32 Burn tensors, transposed to `[in, out]` so a layer is `x · W`.
-//! Keys and values leave the model after RoPE into the host-tier [`KvCache`]; prefill attends
-//! with Burn's causal attention over the cache, decode goes through the cache's selectors.
+//! Weights are Burn parameters (a [`Module`], so the model can be held, moved between devices
+//! and visited like any Burn module), linear weights transposed to `[in, out]` so a layer is
+//! `x · W`. Every layer's attention goes through [`cached_attention`]: keys and values leave the
+//! model after RoPE into the host-tier [`KvCache`]; prefill attends causally over the cache,
+//! decode goes through the cache's selectors.
 
+use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor, TensorData};
-use needle_core::{GqaLayout, RowSource};
+use needle_core::GqaLayout;
 use needle_loader::{Checkpoint, HostTensor, LlamaConfig};
 
+use crate::attention::{cached_attention, to_vec};
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
 use crate::rope::Rope;
 
+/// One transformer layer's weights.
+#[derive(Module, Debug)]
 struct Block<B: Backend> {
-    attn_norm: Tensor<B, 2>,
-    wq: Tensor<B, 2>,
-    wk: Tensor<B, 2>,
-    wv: Tensor<B, 2>,
-    wo: Tensor<B, 2>,
-    ffn_norm: Tensor<B, 2>,
-    w_gate: Tensor<B, 2>,
-    w_up: Tensor<B, 2>,
-    w_down: Tensor<B, 2>,
+    attn_norm: Param<Tensor<B, 2>>,
+    wq: Param<Tensor<B, 2>>,
+    wk: Param<Tensor<B, 2>>,
+    wv: Param<Tensor<B, 2>>,
+    wo: Param<Tensor<B, 2>>,
+    ffn_norm: Param<Tensor<B, 2>>,
+    w_gate: Param<Tensor<B, 2>>,
+    w_up: Param<Tensor<B, 2>>,
+    w_down: Param<Tensor<B, 2>>,
 }
 
-/// A Llama-family causal language model.
+/// A Llama-family causal language model, as a Burn [`Module`].
+#[derive(Module, Debug)]
 pub struct Llama<B: Backend> {
+    #[module(skip)]
     config: LlamaConfig,
+    #[module(skip)]
     gqa: GqaLayout,
+    #[module(skip)]
     rope: Rope,
-    embed: Tensor<B, 2>,
+    embed: Param<Tensor<B, 2>>,
     blocks: Vec<Block<B>>,
-    norm: Tensor<B, 2>,
-    lm_head: Tensor<B, 2>,
-    device: B::Device,
-}
-
-fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
-    t.into_data().into_vec::<f32>().map_err(|e| Error::Data(format!("{e:?}")))
+    norm: Param<Tensor<B, 2>>,
+    lm_head: Param<Tensor<B, 2>>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -60,23 +63,19 @@ impl<B: Backend> Llama<B> {
             Ok(t)
         };
         // HF linear weights are [out, in]; store [in, out].
-        let linear = |name: &str, out: usize, inp: usize| -> Result<Tensor<B, 2>> {
+        let param = |data: Vec<f32>, shape: [usize; 2]| Param::from_tensor(Tensor::from_data(TensorData::new(data, shape), device));
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Param<Tensor<B, 2>>> {
             let t = get(name, &[out, inp])?;
-            Ok(Tensor::from_data(TensorData::new(transpose(&t.data, out, inp), [inp, out]), device))
+            Ok(param(transpose(&t.data, out, inp), [inp, out]))
         };
-        let vector = |name: &str, n: usize| -> Result<Tensor<B, 2>> {
-            Ok(Tensor::from_data(TensorData::new(get(name, &[n])?.data, [1, n]), device))
-        };
+        let vector = |name: &str, n: usize| -> Result<Param<Tensor<B, 2>>> { Ok(param(get(name, &[n])?.data, [1, n])) };
         let embed_host = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let lm_head = if cfg.tie_word_embeddings {
-            Tensor::from_data(
-                TensorData::new(transpose(&embed_host.data, cfg.vocab_size, h), [h, cfg.vocab_size]),
-                device,
-            )
+            param(transpose(&embed_host.data, cfg.vocab_size, h), [h, cfg.vocab_size])
         } else {
             linear("lm_head.weight", cfg.vocab_size, h)?
         };
-        let embed = Tensor::from_data(TensorData::new(embed_host.data, [cfg.vocab_size, h]), device);
+        let embed = param(embed_host.data, [cfg.vocab_size, h]);
         let (qd, kvd, ff) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size);
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -95,7 +94,7 @@ impl<B: Backend> Llama<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = vector("model.norm.weight", h)?;
-        Ok(Self { rope: Rope::new(&cfg), gqa, config: cfg, embed, blocks, norm, lm_head, device: device.clone() })
+        Ok(Self { rope: Rope::new(&cfg), gqa, config: cfg, embed, blocks, norm, lm_head })
     }
 
     /// The model configuration.
@@ -115,14 +114,7 @@ impl<B: Backend> Llama<B> {
 
     /// Bytes of f32 weights held (the bytes a decode step reads).
     pub fn weight_bytes(&self) -> usize {
-        let mut n = self.embed.shape().num_elements() + self.norm.shape().num_elements();
-        n += self.lm_head.shape().num_elements();
-        for b in &self.blocks {
-            for t in [&b.attn_norm, &b.wq, &b.wk, &b.wv, &b.wo, &b.ffn_norm, &b.w_gate, &b.w_up, &b.w_down] {
-                n += t.shape().num_elements();
-            }
-        }
-        n * 4
+        self.num_params() * 4
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
@@ -132,9 +124,14 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    fn rms_norm(&self, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    fn rms_norm(&self, x: Tensor<B, 2>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 2> {
         let ms = x.clone().square().mean_dim(1);
-        x * ms.add_scalar(self.config.rms_norm_eps).sqrt().recip() * w.clone()
+        x * ms.add_scalar(self.config.rms_norm_eps).sqrt().recip() * w.val()
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> B::Device {
+        self.embed.val().device()
     }
 
     /// Rotate-half RoPE on `[t, heads, dim]` with `[t, 1, dim]` tables.
@@ -146,23 +143,6 @@ impl<B: Backend> Llama<B> {
         x * cos.clone().expand([t, h, d]) + rotated * sin.clone().expand([t, h, d])
     }
 
-    /// Keys or values `[0, n)` of one layer from the host cache as `[1, n_q_heads, n, dim]`,
-    /// each KV head repeated over its query group.
-    fn cached(&self, cache: &KvCache, layer: usize, values: bool) -> Tensor<B, 4> {
-        let (d, n) = (self.config.head_dim, cache.len());
-        let kvh = self.gqa.n_kv_heads;
-        let mut data = Vec::with_capacity(kvh * n * d);
-        for j in 0..kvh {
-            let rows = if values { cache.values(layer, j) } else { cache.keys(layer, j) };
-            for i in 0..n {
-                data.extend_from_slice(rows.row(i));
-            }
-        }
-        let t: Tensor<B, 4> = Tensor::from_data(TensorData::new(data, [1, kvh, n, d]), &self.device);
-        let g = self.gqa.group_size();
-        t.unsqueeze_dim::<5>(2).expand([1, kvh, g, n, d]).reshape([1, kvh * g, n, d])
-    }
-
     /// Runs `tokens` (at positions `cache.len()..`) through the model, appending their keys and
     /// values to the cache, and returns the final-normed hidden states `[t, hidden]`.
     /// One token after the cache is built decodes through the selectors; anything else is
@@ -171,36 +151,23 @@ impl<B: Backend> Llama<B> {
         self.check_tokens(tokens)?;
         let (t, pos0) = (tokens.len(), cache.len());
         let (nh, nkv, d) = (self.gqa.n_q_heads, self.gqa.n_kv_heads, self.config.head_dim);
-        let decode = t == 1 && cache.is_built();
+        let device = self.device();
         let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [t]), &self.device);
-        let mut x = self.embed.clone().select(0, ids);
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [t]), &device);
+        let mut x = self.embed.val().select(0, ids);
         let (cos, sin) = self.rope.tables(pos0..pos0 + t);
-        let cos = Tensor::<B, 3>::from_data(TensorData::new(cos, [t, 1, d]), &self.device);
-        let sin = Tensor::<B, 3>::from_data(TensorData::new(sin, [t, 1, d]), &self.device);
+        let cos = Tensor::<B, 3>::from_data(TensorData::new(cos, [t, 1, d]), &device);
+        let sin = Tensor::<B, 3>::from_data(TensorData::new(sin, [t, 1, d]), &device);
         for (l, b) in self.blocks.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &b.attn_norm);
-            let q = Self::rope(h.clone().matmul(b.wq.clone()).reshape([t, nh, d]), &cos, &sin);
-            let k = Self::rope(h.clone().matmul(b.wk.clone()).reshape([t, nkv, d]), &cos, &sin);
-            let v = h.matmul(b.wv.clone());
-            cache.append(l, &to_vec(k)?, &to_vec(v)?)?;
-            let q_host = if decode || cache.wants_queries(l) { Some(to_vec(q.clone())?) } else { None };
-            if let Some(qh) = &q_host {
-                cache.observe_queries(l, pos0, qh);
-            }
-            let attn: Tensor<B, 2> = if let (true, Some(qh)) = (decode, &q_host) {
-                let out = cache.attend_decode(l, qh, self.scale())?;
-                Tensor::from_data(TensorData::new(out, [1, nh * d]), &self.device)
-            } else {
-                let q4 = q.reshape([1, t, nh, d]).swap_dims(1, 2);
-                let (k4, v4) = (self.cached(cache, l, false), self.cached(cache, l, true));
-                let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
-                attention(q4, k4, v4, None, None, opts).swap_dims(1, 2).reshape([t, nh * d])
-            };
-            x = x + attn.matmul(b.wo.clone());
+            let q = Self::rope(h.clone().matmul(b.wq.val()).reshape([t, nh, d]), &cos, &sin);
+            let k = Self::rope(h.clone().matmul(b.wk.val()).reshape([t, nkv, d]), &cos, &sin);
+            let v = h.matmul(b.wv.val()).reshape([t, nkv, d]);
+            let attn = cached_attention(cache, l, q, k, v, self.scale())?;
+            x = x + attn.matmul(b.wo.val());
             let h = self.rms_norm(x.clone(), &b.ffn_norm);
-            let ff = silu(h.clone().matmul(b.w_gate.clone())) * h.matmul(b.w_up.clone());
-            x = x + ff.matmul(b.w_down.clone());
+            let ff = silu(h.clone().matmul(b.w_gate.val())) * h.matmul(b.w_up.val());
+            x = x + ff.matmul(b.w_down.val());
         }
         Ok(self.rms_norm(x, &self.norm))
     }
@@ -208,8 +175,8 @@ impl<B: Backend> Llama<B> {
     /// Logits of the given rows of final hidden states, row-major `rows × vocab`.
     pub(crate) fn logits(&self, hidden: Tensor<B, 2>, rows: &[usize]) -> Result<Vec<f32>> {
         let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [rows.len()]), &self.device);
-        to_vec(hidden.select(0, idx).matmul(self.lm_head.clone()))
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [rows.len()]), &self.device());
+        to_vec(hidden.select(0, idx).matmul(self.lm_head.val()))
     }
 
     /// Prefills `tokens` in chunks of `chunk` tokens, calling `progress(done, total)` after each,

@@ -11,6 +11,20 @@ use crate::error::Result;
 
 pub use needle_select::SELECTORS;
 
+/// Context length from which the spec `auto` means `retrieval`: below it the dynamic part
+/// (beyond 128 sinks + 512 window) is too small for an index to pay, so `auto` means `full`.
+pub const AUTO_RETRIEVAL_FROM: usize = 2048;
+
+/// Resolves `auto` (the CLI's default selector) for a context of `context_len` tokens:
+/// `retrieval` from [`AUTO_RETRIEVAL_FROM`] tokens on, `full` below. Any other spec is returned
+/// as it is.
+pub fn resolve_auto(spec: &str, context_len: usize) -> String {
+    if !spec.trim().eq_ignore_ascii_case("auto") {
+        return spec.to_string();
+    }
+    if context_len >= AUTO_RETRIEVAL_FROM { "retrieval" } else { "full" }.to_string()
+}
+
 /// Builds the selector factory and selection configuration a spec describes.
 pub fn selector_from_spec(spec: &str) -> Result<(Box<dyn SelectorFactory>, SelectionConfig)> {
     let s = needle_select::parse(spec)?;
@@ -31,5 +45,12 @@ mod tests {
         let e = selector_from_spec("nope").err().unwrap().to_string();
         assert!(e.contains("retrieval") && e.contains("full"), "{e}");
         assert!(selector_from_spec("full:bogus=3").is_err());
+    }
+
+    #[test]
+    fn auto_picks_retrieval_for_long_contexts_only() {
+        assert_eq!(resolve_auto("auto", AUTO_RETRIEVAL_FROM - 1), "full");
+        assert_eq!(resolve_auto("Auto", AUTO_RETRIEVAL_FROM), "retrieval");
+        assert_eq!(resolve_auto("quest:k=64", 10), "quest:k=64");
     }
 }
