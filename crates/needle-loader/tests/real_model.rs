@@ -7,10 +7,9 @@ use std::path::PathBuf;
 use needle_loader::{Checkpoint, GgufFile, open};
 use serde_json::Value;
 
-const DEFAULT_MODEL: &str = "/root/.cache/needle/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-
+/// `$NEEDLE_MODEL`, else the cache `cargo xtask fetch-model` fills.
 fn model_path() -> PathBuf {
-    let p = std::env::var_os("NEEDLE_MODEL").map(PathBuf::from).unwrap_or_else(|| DEFAULT_MODEL.into());
+    let p = needle_fetch::default_model_path().unwrap();
     assert!(p.is_file(), "model not found at {} (set $NEEDLE_MODEL or run `cargo xtask fetch-model`)", p.display());
     p
 }

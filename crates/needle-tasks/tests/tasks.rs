@@ -18,15 +18,16 @@ fn bytes4(s: &str) -> usize {
     s.len().div_ceil(4)
 }
 
+/// A real book as filler: `$NEEDLE_DATA/sherlock-holmes.txt`, by default the shared data beside
+/// the checkout. Missing, the tests fail saying so rather than quietly testing a stand-in.
 fn book() -> Filler {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/sherlock-holmes.txt");
-    match std::fs::read_to_string(&p) {
-        Ok(t) => Filler::Text(Arc::from(&t[..200_000.min(t.len())])),
-        // The shared data sits next to the checkout; without it, a small stand-in text.
-        Err(_) => Filler::text(
-            "It was a dark night. The rain fell hard on the roofs of London, and nobody stirred. ".repeat(50),
-        ),
-    }
+    let dir = std::env::var_os("NEEDLE_DATA")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
+    let p = dir.join("sherlock-holmes.txt");
+    let t = std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{}: {e} (set NEEDLE_DATA to a folder holding sherlock-holmes.txt)", p.display()));
+    Filler::Text(Arc::from(&t[..200_000.min(t.len())]))
 }
 
 fn fillers() -> Vec<Filler> {
