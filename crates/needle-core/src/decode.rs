@@ -18,9 +18,16 @@ pub struct GroupScratch {
     out: Vec<f32>,
 }
 
-/// Dot product with eight independent accumulators (vectorises at `dim = 64`).
+/// Inner product of two slices (the shorter length wins): the one `dot` of needle, used by the
+/// decode path, the selectors and the index crates.
+///
+/// Eight independent accumulators break the add dependency chain, so the loop runs at SIMD
+/// width without `-ffast-math`-style reassociation (and vectorises fully at `dim = 64`); they
+/// are summed pairwise. Its rounding differs from a sequential sum in the last bits.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -29,8 +36,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+    let mut tail = 0.0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// Attention of `g` query heads (`queries`, row-major `g × dim`) sharing one KV head over the
@@ -114,4 +124,22 @@ pub fn attend_group<'s>(
         out[h * d..(h + 1) * d].iter_mut().for_each(|o| *o *= inv);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dot;
+
+    #[test]
+    fn dot_matches_f64_for_all_tail_lengths_and_takes_the_shorter_length() {
+        for n in 0..40 {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let exact: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+            assert!((f64::from(dot(&a, &b)) - exact).abs() < 1e-5, "n={n}");
+            if n > 3 {
+                assert_eq!(dot(&a, &b[..3]), dot(&a[..3], &b[..3]), "n={n}");
+            }
+        }
+    }
 }

@@ -7,19 +7,16 @@
 // cargo run --release -p needle-index-graph --example ood_recall -- 8192 32768
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
-#[path = "../src/synth.rs"]
-mod synth;
-
 use needle_core::{FlatIndex, SearchParams, VectorIndex};
 use needle_index_graph::{Hnsw, HnswParams, RoarGraph};
 
+/// Mean over queries of needle-core's recall of the first `k` results.
 fn recall(truth: &needle_core::SearchResult, got: &needle_core::SearchResult, k: usize) -> f64 {
-    let mut hit = 0usize;
-    for i in 0..truth.n_queries() {
-        let t = &truth.labels_of(i)[..k];
-        hit += got.labels_of(i)[..k.min(got.labels_of(i).len())].iter().filter(|l| t.contains(l)).count();
-    }
-    hit as f64 / (truth.n_queries() * k) as f64
+    let per = |i: usize| {
+        let g = got.labels_of(i);
+        needle_core::metrics::recall(&g[..k.min(g.len())], &truth.labels_of(i)[..k])
+    };
+    (0..truth.n_queries()).map(per).sum::<f64>() / truth.n_queries() as f64
 }
 
 fn main() -> needle_core::Result<()> {
@@ -27,7 +24,7 @@ fn main() -> needle_core::Result<()> {
     let sizes = if sizes.is_empty() { vec![8192] } else { sizes };
     let dim = 64;
     for n in sizes {
-        let data = synth::AttentionLike::new(dim, 7);
+        let data = needle_core::synth::AttentionLike::new(dim, 7);
         let keys = data.keys(n, 1);
         let train = data.queries(n, 2);
         let test = data.queries(200, 3);

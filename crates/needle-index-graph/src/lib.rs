@@ -42,8 +42,6 @@ mod hnsw;
 mod knn;
 mod roar;
 #[cfg(test)]
-mod synth;
-#[cfg(test)]
 mod tests;
 
 pub use hnsw::{Hnsw, HnswParams};

@@ -3,8 +3,8 @@
 
 use needle_core::{Error, FlatIndex, NO_LABEL, SearchParams, SearchResult, VectorIndex};
 
-use crate::synth::AttentionLike;
 use crate::{Hnsw, HnswParams, RoarGraph, RoarGraphParams, from_factory};
+use needle_core::synth::AttentionLike;
 
 const DIM: usize = 64;
 
@@ -27,15 +27,14 @@ fn fixture(n: usize, n_train: usize, n_test: usize) -> Fixture {
     Fixture { n, keys, train, test, truth }
 }
 
-/// Mean recall@k of `got` against `truth` (both searched with k ≥ `k`).
+/// Mean recall@k of `got` against `truth` (both searched with k ≥ `k`): needle-core's recall
+/// over each query's first `k` results.
 fn recall(truth: &SearchResult, got: &SearchResult, k: usize) -> f64 {
-    let hits: usize = (0..truth.n_queries())
-        .map(|i| {
-            let t = &truth.labels_of(i)[..k];
-            got.labels_of(i).iter().take(k).filter(|l| t.contains(l)).count()
-        })
-        .sum();
-    hits as f64 / (truth.n_queries() * k) as f64
+    let per = |i: usize| {
+        let g = got.labels_of(i);
+        needle_core::metrics::recall(&g[..k.min(g.len())], &truth.labels_of(i)[..k])
+    };
+    (0..truth.n_queries()).map(per).sum::<f64>() / truth.n_queries() as f64
 }
 
 /// Share of keys scored per query.

@@ -483,5 +483,4 @@ impl VectorIndex for IvfPqIndex {
 }
 
 #[cfg(test)]
-#[path = "ivfpq_tests.rs"]
 mod tests;

@@ -18,11 +18,12 @@
 //!
 //! ```
 //! use needle_core::{SearchParams, VectorIndex};
-//! use needle_index_ivfpq::{IvfPqIndex, IvfPqParams, synth};
-//! let data = synth::attention_like(2000, 4, 200, 16, 1);
+//! use needle_index_ivfpq::{IvfPqIndex, IvfPqParams};
+//! let data = needle_core::synth::AttentionLike::new(16, 1);
+//! let (keys, train, queries) = (data.keys(2000, 1), data.queries(200, 2), data.queries(4, 3));
 //! let mut index = IvfPqIndex::new(16, IvfPqParams { nlist: 16, m: 4, ..IvfPqParams::default() })?;
-//! index.build(&data.keys, Some(&data.train_queries))?;
-//! let hits = index.search(&data.queries, 5, &SearchParams::effort(4))?;
+//! index.build(&keys, Some(&train))?;
+//! let hits = index.search(&queries, 5, &SearchParams::effort(4))?;
 //! assert_eq!(hits.labels_of(0).len(), 5);
 //! assert!(hits.stats.codes_scored < 4 * 2000);
 //! # Ok::<(), needle_core::Error>(())
@@ -36,7 +37,6 @@ mod ivfpq;
 mod kmeans;
 mod linalg;
 mod pq;
-pub mod synth;
 mod transform;
 
 pub use factory::{from_factory, parse as parse_factory};

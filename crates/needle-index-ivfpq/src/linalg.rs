@@ -1,26 +1,8 @@
-//! Small dense kernels: dot products, squared distances, and a Cholesky factorisation in `f64`.
+//! Small dense kernels: squared distances (inner products are needle-core's one `dot`), and a Cholesky factorisation in `f64`.
 
 use needle_core::{Error, Result};
 
-/// Inner product with eight independent accumulators, so the compiler can vectorise it.
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    let mut acc = [0.0f32; 8];
-    for (x, y) in ca.zip(cb) {
-        for ((s, &u), &v) in acc.iter_mut().zip(x).zip(y) {
-            *s += u * v;
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (&u, &v) in ra.iter().zip(rb) {
-        s += u * v;
-    }
-    s
-}
+pub(crate) use needle_core::decode::dot;
 
 /// Squared L2 norm.
 #[inline]
@@ -90,16 +72,6 @@ pub fn lower_inverse(l: &[f64], n: usize) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dot_matches_naive_on_odd_lengths() {
-        for n in [1usize, 7, 8, 9, 19] {
-            let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 1.0).collect();
-            let b: Vec<f32> = (0..n).map(|i| 2.0 - i as f32 * 0.25).collect();
-            let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            assert!((dot(&a, &b) - naive).abs() < 1e-4);
-        }
-    }
 
     #[test]
     fn cholesky_reconstructs_and_inverts() {

@@ -10,13 +10,22 @@
 // Run: `cargo run -p needle-index-lsh --example lsh_report` (about 2.5 min in the dev profile, 2 cores)
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
-#[path = "../src/synth.rs"]
-mod synth;
-
 use needle_core::attention::{Partial, attend_weighted, dense};
 use needle_core::{FlatIndex, Rows, SearchParams, VectorIndex};
 use needle_index_lsh::{LshIndex, binomial_tail, collision_probability};
 use rand::{Rng, SeedableRng, rngs::StdRng};
+
+/// `n` keys and `m` queries of dimension `dim`, row-major, from needle-core's generator.
+fn keys_and_queries(n: usize, m: usize, dim: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let g = needle_core::synth::AttentionLike::new(dim, seed);
+    (g.keys(n, seed ^ 1), g.queries(m, seed ^ 2))
+}
+
+/// Mean per-query recall of `got` against the exact `truth`.
+fn recall(truth: &needle_core::SearchResult, got: &needle_core::SearchResult) -> f64 {
+    let r = needle_core::metrics::recall_of_results(got, truth).unwrap();
+    r.iter().sum::<f64>() / r.len().max(1) as f64
+}
 
 fn main() -> needle_core::Result<()> {
     let dim = 64;
@@ -58,7 +67,7 @@ fn collision_rates(dim: usize) -> needle_core::Result<()> {
 
 fn estimator(dim: usize) -> needle_core::Result<()> {
     let (n, seeds) = (1024usize, 200u64);
-    let (keys, queries) = synth::keys_and_queries(n, 4, dim, 7);
+    let (keys, queries) = keys_and_queries(n, 4, dim, 7);
     let mut rng = StdRng::seed_from_u64(1);
     let values: Vec<f32> = (0..n * dim).map(|_| rng.random_range(-1.0..1.0)).collect();
     let (kr, vr) = (Rows::new("keys", &keys, dim)?, Rows::new("values", &values, dim)?);
@@ -172,13 +181,11 @@ fn inclusion_check(dim: usize, keys: &[f32], q: &[f32]) -> needle_core::Result<(
 
 fn recall_grid(dim: usize) -> needle_core::Result<()> {
     let (n, m, k) = (8192usize, 200usize, 10usize);
-    let (keys, queries) = synth::keys_and_queries(n, m, dim, 42);
+    let (keys, queries) = keys_and_queries(n, m, dim, 42);
     let mut flat = FlatIndex::new(dim);
     flat.build(&keys, None)?;
     let truth = flat.search(&queries, k, &SearchParams::default())?;
-    println!(
-        "\n## 3. Recall@{k} vs FlatIndex: {n} keys, {m} queries, dim {dim} (clusters + 2% outliers, shifted queries)"
-    );
+    println!("\n## 3. Recall@{k} vs FlatIndex: {n} keys, {m} queries, dim {dim} (needle_core::synth::AttentionLike)");
     println!("{:>9} {:>9} {:>11} {:>12} {:>10}", "K x L", "recall", "scored %", "bytes/key", "build s");
     for (k_bits, l) in
         [(6, 16), (8, 16), (8, 32), (8, 64), (10, 32), (10, 64), (10, 128), (12, 64), (12, 128), (14, 128)]
@@ -189,7 +196,7 @@ fn recall_grid(dim: usize) -> needle_core::Result<()> {
         println!(
             "{:>9} {:>9.3} {:>10.2}% {:>12.1} {:>10.3}",
             format!("{k_bits}x{l}"),
-            synth::recall(&truth, &r),
+            recall(&truth, &r),
             100.0 * r.stats.full_scored as f64 / (n * m) as f64,
             idx.memory_bytes() as f64 / n as f64,
             st.seconds
@@ -203,7 +210,7 @@ fn recall_grid(dim: usize) -> needle_core::Result<()> {
         println!(
             "{:>9} {:>9.3} {:>10.2}%",
             format!("effort {e}"),
-            synth::recall(&truth, &r),
+            recall(&truth, &r),
             100.0 * r.stats.full_scored as f64 / (n * m) as f64
         );
     }

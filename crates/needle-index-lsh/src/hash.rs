@@ -61,20 +61,7 @@ impl SimHash {
     }
 }
 
-/// `f32` dot product with eight independent accumulators, so it vectorises without
-/// fast-math. Its rounding differs from a sequential sum in the last bits.
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    let mut acc = [0.0f32; 8];
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
+pub(crate) use needle_core::decode::dot;
 
 #[cfg(test)]
 mod tests {
@@ -100,13 +87,5 @@ mod tests {
         // Scaling by a positive factor never changes a signature.
         let scaled: Vec<f32> = xs.iter().map(|x| x * 3.5).collect();
         assert_eq!(a.sign_batch(&scaled), batch);
-    }
-
-    #[test]
-    fn dot_matches_f64_reference() {
-        let a: Vec<f32> = (0..19).map(|i| i as f32 * 0.25 - 2.0).collect();
-        let b: Vec<f32> = (0..19).map(|i| 1.0 - i as f32 * 0.1).collect();
-        let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
-        assert!((f64::from(dot(&a, &b)) - exact).abs() < 1e-5);
     }
 }

@@ -45,8 +45,6 @@
 mod hash;
 mod index;
 mod prob;
-#[cfg(test)]
-mod synth;
 mod table;
 
 pub use hash::MAX_K_BITS;
