@@ -135,7 +135,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 &mut |d, _| pp.set_position(d as u64),
                 &mut |d, _| ps.set_position(d as u64),
             )?;
-            (pp.finish_and_clear(), ps.finish_and_clear());
+            pp.finish_and_clear();
+            ps.finish_and_clear();
             print_fidelity(&report.fidelity, a.context_tokens);
         }
         let tasks = |specs: &[TaskSpec], lengths: &[usize], depths: &[f64]| -> Result<Vec<TaskRow>> {

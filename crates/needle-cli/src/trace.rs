@@ -52,7 +52,8 @@ pub fn run(a: TraceArgs) -> Result<()> {
         record(&model, &prompt, &a.layers, a.generate, a.chunk, &mut |d, _| pp.set_position(d as u64), &mut |d, _| {
             pd.set_position(d as u64)
         })?;
-    (pp.finish_and_clear(), pd.finish_and_clear());
+    pp.finish_and_clear();
+    pd.finish_and_clear();
     let info = &mut rec.trace.info;
     info.insert("model".into(), model_path(&a.model.model)?.display().to_string());
     info.insert("model_spec".into(), a.model.model.clone());

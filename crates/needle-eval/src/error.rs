@@ -36,7 +36,7 @@ pub enum Error {
         /// What was being done (building a selector, decoding, ...).
         what: String,
         /// The cause.
-        source: needle_model::Error,
+        source: Box<needle_model::Error>,
     },
     /// A core contract rejected its input.
     #[error(transparent)]
@@ -51,7 +51,7 @@ pub enum Error {
     },
     /// Tokenizing failed.
     #[error(transparent)]
-    Loader(#[from] needle_loader::Error),
+    Loader(#[from] Box<needle_loader::Error>),
     /// Building a task prompt failed.
     #[error(transparent)]
     Tasks(#[from] needle_tasks::Error),
@@ -80,9 +80,15 @@ impl Error {
     }
 }
 
+impl From<needle_loader::Error> for Error {
+    fn from(e: needle_loader::Error) -> Self {
+        Self::Loader(Box::new(e))
+    }
+}
+
 impl From<needle_model::Error> for Error {
     fn from(source: needle_model::Error) -> Self {
-        Self::Model { what: "model".into(), source }
+        Self::Model { what: "model".into(), source: Box::new(source) }
     }
 }
 
@@ -93,7 +99,7 @@ pub(crate) trait Context<T> {
 
 impl<T> Context<T> for std::result::Result<T, needle_model::Error> {
     fn during(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Model { what: what(), source })
+        self.map_err(|source| Error::Model { what: what(), source: Box::new(source) })
     }
 }
 
