@@ -22,7 +22,8 @@ pub(crate) enum Backend {
 }
 
 fn valid_forms() -> String {
-    let names: Vec<String> = INDEXES.iter().map(|(n, f, _)| format!("{n} ({f})")).collect();
+    let mut names: Vec<String> = INDEXES.iter().map(|(n, f, _)| format!("{n} ({f})")).collect();
+    names.extend(registered_indexes().into_iter().map(|(n, _)| n));
     format!(
         "valid: {}; or a factory string \"RoarGraph<m>\", \"HNSW<m>\", \"IVF<nlist>,PQ<m>\", \"LSH<K>x<L>\"",
         names.join(", ")
@@ -69,8 +70,49 @@ fn check_compiled(b: &Backend, s: &str) -> Result<()> {
     }
 }
 
+/// Makes an empty index for `dim`-float vectors from the spec string it was asked by.
+pub type IndexBuilder = dyn Fn(usize, &str) -> Result<Box<dyn VectorIndex>> + Send + Sync;
+
+type IndexRegistry = std::sync::RwLock<Vec<(String, String, std::sync::Arc<IndexBuilder>)>>;
+
+/// Indexes registered by other crates, by lower-case name.
+static REGISTERED: std::sync::LazyLock<IndexRegistry> = std::sync::LazyLock::new(Default::default);
+
+/// Makes an index from another crate available by name to [`index_factory`], and so to
+/// `retrieval:index=NAME` and `needle bench index --indexes NAME`. The builder gets the
+/// dimension and the spec string as given. `about` is a one-line description.
+///
+/// Errors when the name is empty, holds `,` or `=`, or is taken (a built-in name or a
+/// registered one).
+pub fn register_index(
+    name: &str,
+    about: &str,
+    build: impl Fn(usize, &str) -> Result<Box<dyn VectorIndex>> + Send + Sync + 'static,
+) -> Result<()> {
+    let name = name.trim().to_ascii_lowercase();
+    if name.is_empty() || name.contains([',', '=']) {
+        return Err(Error::invalid("index name", format!("`{name}` must be non-empty without `,` or `=`")));
+    }
+    let mut reg = REGISTERED.write().map_err(|_| Error::invalid("index registry", "poisoned by a panic"))?;
+    if INDEXES.iter().any(|(n, _, _)| *n == name) || reg.iter().any(|(n, _, _)| *n == name) {
+        return Err(Error::invalid("index name", format!("`{name}` is already registered")));
+    }
+    reg.push((name, about.to_string(), std::sync::Arc::new(build)));
+    Ok(())
+}
+
+/// Index names registered with [`register_index`], with their descriptions.
+pub fn registered_indexes() -> Vec<(String, String)> {
+    REGISTERED.read().map(|r| r.iter().map(|(n, a, _)| (n.clone(), a.clone())).collect()).unwrap_or_default()
+}
+
+fn registered(name: &str) -> Option<std::sync::Arc<IndexBuilder>> {
+    let name = name.trim().to_ascii_lowercase();
+    REGISTERED.read().ok()?.iter().find(|(n, _, _)| *n == name).map(|(_, _, b)| b.clone())
+}
+
 /// An empty index for `dim`-float vectors from a short name (`flat`, `graph`, `hnsw`, `ivfpq`,
-/// `lsh`; see [`INDEXES`]) or a factory string of one of the index crates (`RoarGraph32`,
+/// `lsh`; see [`INDEXES`]), a name registered with [`register_index`], or a factory string of one of the index crates (`RoarGraph32`,
 /// `HNSW16`, `IVF256,PQ16`, `LSH8x64`, ...), delegating to that crate's `from_factory`.
 ///
 /// Errors name the parameter (`index`) and list the valid forms; an index whose crate is not
@@ -78,6 +120,9 @@ fn check_compiled(b: &Backend, s: &str) -> Result<()> {
 pub fn index_factory(dim: usize, name_or_spec: &str) -> Result<Box<dyn VectorIndex>> {
     if dim == 0 {
         return Err(Error::invalid("dim", "must be at least 1"));
+    }
+    if let Some(build) = registered(name_or_spec) {
+        return build(dim, name_or_spec);
     }
     match resolve(name_or_spec)? {
         Backend::Flat => Ok(Box::new(FlatIndex::new(dim))),
@@ -112,5 +157,18 @@ mod tests {
         let e = index_factory(8, "annoy").err().unwrap().to_string();
         assert!(e.contains("graph") && e.contains("ivfpq") && e.contains("flat"), "{e}");
         assert!(index_factory(0, "flat").is_err());
+    }
+
+    #[test]
+    fn registered_indexes_resolve_by_name() {
+        register_index("test-exact", "a flat scan under another name", |dim, spec| {
+            assert_eq!(spec, "Test-Exact");
+            Ok(Box::new(FlatIndex::new(dim)))
+        })
+        .unwrap();
+        assert_eq!(index_factory(16, "Test-Exact").unwrap().dim(), 16);
+        assert!(index_factory(8, "annoy").err().unwrap().to_string().contains("test-exact"));
+        assert!(register_index("test-exact", "again", |_, _| unreachable!()).is_err());
+        assert!(register_index("graph", "shadowing a built-in", |_, _| unreachable!()).is_err());
     }
 }

@@ -30,6 +30,11 @@
 //! Every selector defaults to the static part of RetrievalAttention (128 sinks + 512 window)
 //! so that selectors compared at their defaults differ only in what they pick.
 //!
+//! ## Plugins
+//! Another crate adds a selector with [`register_selector`] (its builder reads [`SpecOptions`])
+//! and an index with [`register_index`]; both then parse by name like the built-ins. The helpers
+//! the built-ins use are public in [`needle_core::kit`]. See `examples/custom-selector`.
+//!
 //! ## Features
 //! - `graph` (default): RoarGraph and HNSW indexes (`retrieval:index=graph|hnsw`).
 //! - `ivfpq` (default): IVF-PQ (`retrieval:index=ivfpq`).
@@ -46,7 +51,7 @@
 //! let dynamic = sel.static_part().dynamic_range(64);
 //! sel.build(&BuildContext { head: HeadId { layer: 0, kv_head: 0 }, keys: &rows, dynamic: dynamic.clone(), train_queries: &[], scale: 0.5 })?;
 //! let mut out = Selection::default();
-//! sel.select(&[1.0, 0.0, 0.5, -0.5], &rows, dynamic, &spec.budget, &mut out)?;
+//! sel.select(&[1.0, 0.0, &rows, dynamic, &spec.budget, &mut out)?;
 //! assert_eq!(out.ids.len(), 5);
 //! # Ok::<(), needle_core::Error>(())
 //! ```
@@ -70,13 +75,16 @@ mod tokenselect;
 
 pub use block::{BlockFactory, BlockSelector, DEFAULT_BLOCK, DEFAULT_REPS};
 pub use common::{DEFAULT_SINKS, DEFAULT_WINDOW};
-pub use index::{INDEXES, index_factory};
+pub use index::{INDEXES, IndexBuilder, index_factory, register_index, registered_indexes};
 #[cfg(feature = "lsh")]
 pub use lsh_sample::{DEFAULT_BITS, DEFAULT_MIN_COLLISIONS, DEFAULT_TABLES, LshSampleFactory, LshSampleSelector};
 pub use oracle::{OracleFactory, OracleSelector};
 pub use policy::{HeadPolicy, HeadRule, PolicyFactory, rank_heads};
 pub use quest::{DEFAULT_PAGE, QuestFactory, QuestSelector, page_bound};
 pub use retrieval::{DEFAULT_MIN_INDEX, GroupCombine, RetrievalFactory, RetrievalSelector};
-pub use spec::{DEFAULT_K, DEFAULT_TRAIN_POSITIONS, SELECTORS, SelectorSpec, parse};
+pub use spec::{
+    DEFAULT_K, DEFAULT_TRAIN_POSITIONS, SELECTORS, SelectorBuilder, SelectorSpec, SpecOptions, parse, register_selector,
+    selector_names,
+};
 pub use streaming::{StreamingFactory, StreamingSelector};
 pub use tokenselect::{CacheCounters, DEFAULT_THRESHOLD, TokenSelectFactory, TokenSelectSelector};

@@ -57,15 +57,20 @@ impl std::fmt::Debug for SelectorSpec {
     }
 }
 
-/// Options of one spec, consumed by name.
-pub(crate) struct Options {
+/// The options of one spec (`name:key=value,...`), read by name: what a selector's builder
+/// gets, whether built in or registered by another crate ([`register_selector`]).
+pub struct SpecOptions {
     name: String,
     opts: Vec<(String, String)>,
 }
 
-impl Options {
+impl SpecOptions {
+    /// Keys every selecting spec accepts: `k`, `mass`, `sinks`, `window`, `dense_layers`,
+    /// `train_positions`.
+    pub const COMMON: &'static [&'static str] = COMMON;
+
     /// Splits `name[:k=v,...]`; names are case-insensitive, keys are not.
-    pub(crate) fn split(spec: &str) -> Result<Self> {
+    pub fn split(spec: &str) -> Result<Self> {
         let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
         let name = name.trim().to_ascii_lowercase();
         if name.is_empty() {
@@ -94,8 +99,13 @@ impl Options {
         Ok(Self { name, opts })
     }
 
+    /// The selector name, lower case.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Errors on any key outside `allowed`, listing the valid ones.
-    pub(crate) fn only(&self, allowed: &[&str]) -> Result<()> {
+    pub fn only(&self, allowed: &[&str]) -> Result<()> {
         match self.opts.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
             None => Ok(()),
             Some((k, _)) => Err(Error::invalid(
@@ -108,11 +118,13 @@ impl Options {
         }
     }
 
-    pub(crate) fn str(&self, key: &str) -> Option<&str> {
+    /// The raw value of `key`, if given.
+    pub fn str(&self, key: &str) -> Option<&str> {
         self.opts.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
-    pub(crate) fn usize(&self, key: &str, default: usize) -> Result<usize> {
+    /// `key` as a whole number, `default` when absent.
+    pub fn usize(&self, key: &str, default: usize) -> Result<usize> {
         match self.str(key) {
             None => Ok(default),
             Some(v) => v.parse().map_err(|_| {
@@ -121,7 +133,8 @@ impl Options {
         }
     }
 
-    pub(crate) fn f32(&self, key: &str) -> Result<Option<f32>> {
+    /// `key` as a finite number, if given.
+    pub fn f32(&self, key: &str) -> Result<Option<f32>> {
         match self.str(key) {
             None => Ok(None),
             Some(v) => match v.parse::<f32>() {
@@ -136,8 +149,13 @@ impl Options {
         Ok(Frame { sinks: self.usize("sinks", d.sinks)?, window: self.usize("window", d.window)? })
     }
 
+    /// `sinks` and `window` (defaults 128 and 512, as every built-in selector).
+    pub fn static_part(&self) -> Result<needle_core::StaticPart> {
+        Ok(self.frame()?.static_part())
+    }
+
     /// `k` (default 100), or `mass` in `(0, 1]` with `k` as the cap.
-    pub(crate) fn budget(&self) -> Result<Budget> {
+    pub fn budget(&self) -> Result<Budget> {
         let k = self.usize("k", DEFAULT_K)?;
         if k == 0 {
             return Err(Error::invalid(format!("{} option `k`", self.name), "must be at least 1"));
@@ -149,7 +167,9 @@ impl Options {
         }
     }
 
-    fn spec(&self, factory: Box<dyn SelectorFactory>, budget: Budget) -> Result<SelectorSpec> {
+    /// The parsed spec: `factory` with `budget` and the common model settings
+    /// (`dense_layers`, `train_positions`).
+    pub fn spec(&self, factory: Box<dyn SelectorFactory>, budget: Budget) -> Result<SelectorSpec> {
         Ok(SelectorSpec {
             factory,
             budget,
@@ -160,7 +180,7 @@ impl Options {
 }
 
 #[cfg(feature = "lsh")]
-fn lsh_sample(o: &Options) -> Result<SelectorSpec> {
+fn lsh_sample(o: &SpecOptions) -> Result<SelectorSpec> {
     use crate::lsh_sample::{DEFAULT_BITS, DEFAULT_MIN_COLLISIONS, DEFAULT_TABLES, LshSampleFactory};
     let f = o.frame()?;
     let seed = o.usize("seed", needle_index_lsh::DEFAULT_SEED as usize)? as u64;
@@ -176,7 +196,7 @@ fn lsh_sample(o: &Options) -> Result<SelectorSpec> {
 }
 
 #[cfg(not(feature = "lsh"))]
-fn lsh_sample(_o: &Options) -> Result<SelectorSpec> {
+fn lsh_sample(_o: &SpecOptions) -> Result<SelectorSpec> {
     Err(Error::invalid(
         "selector",
         "`lsh-sample` needs the `lsh` feature of needle-select, which this build was compiled without",
@@ -184,7 +204,52 @@ fn lsh_sample(_o: &Options) -> Result<SelectorSpec> {
 }
 
 fn names() -> String {
-    SELECTORS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+    selector_names().into_iter().map(|(n, _)| n).collect::<Vec<_>>().join(", ")
+}
+
+/// Builds a [`SelectorSpec`] from the options of a spec naming a registered selector.
+pub type SelectorBuilder = dyn Fn(&SpecOptions) -> Result<SelectorSpec> + Send + Sync;
+
+type SelectorRegistry = std::sync::RwLock<Vec<(String, String, std::sync::Arc<SelectorBuilder>)>>;
+
+/// Selectors registered by other crates, by lower-case name.
+static REGISTERED: std::sync::LazyLock<SelectorRegistry> = std::sync::LazyLock::new(Default::default);
+
+/// Makes a selector from another crate available by name to [`parse`] — and so to
+/// `needle generate --selector NAME:...` in a binary that registered it before parsing.
+/// `about` is its one-line description for help text. The builder reads its options from
+/// [`SpecOptions`] (call [`SpecOptions::only`] first so that unknown keys are errors).
+///
+/// Errors when the name is empty, holds `:`, `,` or `=`, or is already taken (built in or
+/// registered).
+pub fn register_selector(
+    name: &str,
+    about: &str,
+    build: impl Fn(&SpecOptions) -> Result<SelectorSpec> + Send + Sync + 'static,
+) -> Result<()> {
+    let name = name.trim().to_ascii_lowercase();
+    if name.is_empty() || name.contains([':', ',', '=']) {
+        return Err(Error::invalid("selector name", format!("`{name}` must be non-empty without `:`, `,` or `=`")));
+    }
+    let mut reg = REGISTERED.write().map_err(|_| Error::invalid("selector registry", "poisoned by a panic"))?;
+    if SELECTORS.iter().any(|(n, _)| *n == name) || reg.iter().any(|(n, _, _)| *n == name) {
+        return Err(Error::invalid("selector name", format!("`{name}` is already registered")));
+    }
+    reg.push((name, about.to_string(), std::sync::Arc::new(build)));
+    Ok(())
+}
+
+/// Every selector name [`parse`] accepts, built in first, with its description.
+pub fn selector_names() -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = SELECTORS.iter().map(|(n, a)| (n.to_string(), a.to_string())).collect();
+    if let Ok(reg) = REGISTERED.read() {
+        v.extend(reg.iter().map(|(n, a, _)| (n.clone(), a.clone())));
+    }
+    v
+}
+
+fn registered(name: &str) -> Option<std::sync::Arc<SelectorBuilder>> {
+    REGISTERED.read().ok()?.iter().find(|(n, _, _)| n == name).map(|(_, _, b)| b.clone())
 }
 
 fn with(extra: &[&'static str]) -> Vec<&'static str> {
@@ -192,6 +257,8 @@ fn with(extra: &[&'static str]) -> Vec<&'static str> {
 }
 
 /// Parses a selector spec `name[:key=value,...]`.
+///
+/// Names registered with [`register_selector`] are looked up after the built-ins.
 ///
 /// Common keys: `k` (top-k budget, default 100), `mass` (share of attention mass to capture,
 /// with `k` as the cap), `sinks`, `window`, `dense_layers`, `train_positions`. Each selector
@@ -205,7 +272,7 @@ fn with(extra: &[&'static str]) -> Vec<&'static str> {
 /// # Ok::<(), needle_core::Error>(())
 /// ```
 pub fn parse(spec: &str) -> Result<SelectorSpec> {
-    let o = Options::split(spec)?;
+    let o = SpecOptions::split(spec)?;
     match o.name.as_str() {
         "full" | "dense" => {
             o.only(&["dense_layers", "train_positions"])?;
@@ -267,7 +334,10 @@ pub fn parse(spec: &str) -> Result<SelectorSpec> {
             let policy = HeadPolicy::load(std::path::Path::new(file))?;
             o.spec(Box::new(PolicyFactory::new(policy)?), o.budget()?)
         }
-        other => Err(Error::invalid("selector", format!("unknown selector `{other}`; valid: {}", names()))),
+        other => match registered(other) {
+            Some(build) => build(&o),
+            None => Err(Error::invalid("selector", format!("unknown selector `{other}`; valid: {}", names()))),
+        },
     }
 }
 
@@ -301,6 +371,24 @@ mod tests {
             assert!(d.contains("index=IVF64,PQ16"), "{d}");
             assert_eq!(parse(&d).unwrap().factory.describe(), d);
         }
+    }
+
+    #[test]
+    fn registered_selectors_parse_by_name_and_names_stay_unique() {
+        register_selector("test-streaming-twin", "streaming under another name", |o| {
+            o.only(&["sinks", "window"])?;
+            let sp = o.static_part()?;
+            o.spec(Box::new(StreamingFactory::new(sp.sinks, sp.window)), Budget::TopK(1))
+        })
+        .unwrap();
+        let s = parse("Test-Streaming-Twin:sinks=3").unwrap();
+        assert!(s.factory.describe().contains("sinks=3"), "{}", s.factory.describe());
+        assert!(parse("test-streaming-twin:k=3").unwrap_err().to_string().contains("sinks"));
+        assert!(selector_names().iter().any(|(n, _)| n == "test-streaming-twin"));
+        assert!(parse("nope").unwrap_err().to_string().contains("test-streaming-twin"));
+        assert!(register_selector("test-streaming-twin", "again", |_| unreachable!()).is_err());
+        assert!(register_selector("oracle", "shadowing a built-in", |_| unreachable!()).is_err());
+        assert!(register_selector("a:b", "bad name", |_| unreachable!()).is_err());
     }
 
     #[test]
