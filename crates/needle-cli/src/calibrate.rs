@@ -5,11 +5,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
 use clap::Args;
 use needle_core::HeadId;
 use needle_core::attention::scores;
 
-use crate::common::{ModelArgs, PromptArgs, load, new_cache, progress_bar, prompt_tokens, write_new};
+use crate::common::{ModelArgs, PromptArgs, load_on, new_cache, progress_bar, prompt_tokens, write_new};
 
 /// Arguments of `needle calibrate`.
 #[derive(Args)]
@@ -46,7 +47,11 @@ pub struct CalibrateArgs {
 
 /// Runs `needle calibrate`.
 pub fn run(a: CalibrateArgs) -> Result<()> {
-    let loaded = load(&a.model.model)?;
+    crate::common::on_device!(a.model.device, |B, device| run_on::<B>(a, &device))
+}
+
+fn run_on<B: Backend>(a: CalibrateArgs, device: &B::Device) -> Result<()> {
+    let loaded = load_on::<B>(&a.model.model, device)?;
     let model = &loaded.model;
     let tokens = prompt_tokens(&a.prompt, &loaded.tokenizer)?;
     let n = tokens.len();

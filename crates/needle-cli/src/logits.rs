@@ -1,9 +1,10 @@
 //! `needle logits`: the top-K next-token logits of a prompt's last position.
 
 use anyhow::Result;
+use burn::tensor::backend::Backend;
 use clap::Args;
 
-use crate::common::{Loaded, ModelArgs, PromptArgs, load, new_cache, progress_bar, prompt_tokens};
+use crate::common::{Loaded, ModelArgs, PromptArgs, load_on, new_cache, progress_bar, prompt_tokens};
 
 #[derive(Args)]
 pub struct LogitsArgs {
@@ -23,7 +24,11 @@ pub struct LogitsArgs {
 }
 
 pub fn run(a: LogitsArgs) -> Result<()> {
-    let Loaded { model, tokenizer } = load(&a.model.model)?;
+    crate::common::on_device!(a.model.device, |B, device| run_on::<B>(a, &device))
+}
+
+fn run_on<B: Backend>(a: LogitsArgs, device: &B::Device) -> Result<()> {
+    let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, device)?;
     let prompt = prompt_tokens(&a.prompt, &tokenizer)?;
     let mut cache = new_cache(&model, "full")?;
     let pb = progress_bar(prompt.len(), "prefill");

@@ -1,0 +1,79 @@
+//! The `needle` binary as a user runs it: the README's main job in small (default model, default
+//! document, default selector), help text, and clear errors for what a build lacks.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output};
+
+fn needle(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_needle")).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn main_job_runs_from_the_clone_alone_and_auto_picks_retrieval() {
+    // The README's command, shortened: default model and document, fetched into the cache.
+    let o = needle(&[
+        "generate",
+        "--model",
+        "default",
+        "--document",
+        "default",
+        "--context-tokens",
+        "2100",
+        "--question",
+        "Who built the ark?",
+        "--chat",
+        "--max-tokens",
+        "3",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["selector"], "retrieval", "auto over ≥ 2,048 tokens is retrieval");
+    assert!(v["prompt_tokens"].as_u64().unwrap() >= 2100);
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 3);
+    let share = v["share_of_keys_touched"].as_f64().unwrap();
+    assert!(share > 0.0 && share < 1.0, "retrieval reads a part of the keys, not all: {share}");
+    assert!(stderr(&o).contains("selector auto → retrieval"), "{}", stderr(&o));
+}
+
+#[test]
+fn short_prompts_default_to_full_attention() {
+    let o = needle(&["generate", "--prompt", "The capital of France is", "--max-tokens", "2", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["selector"], "full");
+    assert_eq!(v["share_of_keys_touched"].as_f64().unwrap(), 1.0);
+}
+
+#[test]
+fn help_names_the_default_model() {
+    for cmd in ["generate", "logits", "eval", "calibrate", "trace"] {
+        let o = needle(&[cmd, "--help"]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{cmd}: {}", stderr(&o));
+        assert!(text.contains("SmolLM2-135M-Instruct Q4_1"), "{cmd}: {text}");
+        assert!(!text.contains("pub struct"), "{cmd}: {text}");
+    }
+}
+
+#[test]
+fn unknown_documents_selectors_and_missing_backends_are_clear_errors() {
+    let o = needle(&["generate", "--document", "bible-nope", "--max-tokens", "1"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--document `bible-nope`"), "{}", stderr(&o));
+    let o = needle(&["generate", "--prompt", "hi", "--selector", "nope", "--max-tokens", "1"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("retrieval") && stderr(&o).contains("streaming"), "{}", stderr(&o));
+    for (device, built) in [("wgpu", cfg!(feature = "wgpu")), ("cuda", cfg!(feature = "cuda"))] {
+        if built {
+            continue;
+        }
+        let o = needle(&["generate", "--prompt", "hi", "--device", device, "--max-tokens", "1"]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(&format!("--features {device}")), "{}", stderr(&o));
+    }
+}
