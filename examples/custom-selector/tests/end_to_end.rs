@@ -86,3 +86,26 @@ fn full_budget_matches_full_attention_in_the_model() {
     assert!(small.stats.keys_attended < small.stats.keys_total);
     assert!(c.last_selection(1, 0).ids.len() <= 8);
 }
+
+#[test]
+fn registered_by_name_it_runs_in_needle_generate() {
+    // This crate's `needle` binary registers `strided-rerank`, then runs the needle CLI.
+    let spec = "strided-rerank:stride=4,oversample=2,k=8,sinks=4,window=16";
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_custom-selector"))
+        .args(["generate", "--prompt", PROMPT, "--selector", spec, "--max-tokens", "4", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["selector"], spec);
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 4);
+    let share = v["share_of_keys_touched"].as_f64().unwrap();
+    assert!(share > 0.0 && share < 1.0, "{share}");
+
+    // In this process too, after registering: the spec parses like a built-in, bad keys are named.
+    custom_selector::register().unwrap();
+    assert!(needle_select::parse(spec).unwrap().factory.describe().starts_with("strided-rerank:"));
+    let e = needle_select::parse("strided-rerank:strid=4").unwrap_err().to_string();
+    assert!(e.contains("stride") && e.contains("oversample"), "{e}");
+}
