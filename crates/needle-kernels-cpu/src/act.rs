@@ -6,7 +6,8 @@
 //!   each 16 quants for the K-quant mins and the Q6_K offset (−32).
 //! * Float weights (F32, F16, BF16) take the activations as they are.
 //!
-//! Quants are `round(x / d)` with `d = max|x| / 127`, so every quant is in −127..=127 (never −128,
+//! Quants are `round(x / d)` with `d = max|x| / 127` (Q8 blocks round half to even and keep `d` as
+//! an f16 value, as ggml does), so every quant is in −127..=127 (never −128,
 //! which keeps the signed×unsigned SIMD products exact).
 
 use crate::quant::QuantType;
@@ -20,6 +21,9 @@ pub struct BlockQ8 {
     pub d: f32,
     /// `Σ qs[i]`.
     pub sum: i32,
+    /// `d · Σ qs[i]` before `d` is rounded, itself rounded to f16: ggml's Q8_1 `s`, which the
+    /// Q4_1 min multiplies.
+    pub s: f32,
     /// Quants.
     pub qs: [i8; 32],
 }
@@ -143,14 +147,21 @@ fn scale_of(x: &[f32]) -> (f32, f32) {
     (d, if d > 0.0 { 1.0 / d } else { 0.0 })
 }
 
-/// Quantizes 32 values to a [`BlockQ8`].
+/// Quantizes 32 values to a [`BlockQ8`] exactly as ggml's x86 `quantize_row_q8_0` /
+/// `quantize_row_q8_1` do: `q = round_half_even(x · 127 / amax)`, the scale `amax / 127` kept
+/// rounded to f16 (and `s` likewise), so the fused dot products reproduce llama.cpp's integer
+/// sums and scales.
 pub fn quantize_q8(x: &[f32]) -> BlockQ8 {
-    let (d, id) = scale_of(x);
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
     let mut qs = [0i8; 32];
     for (q, v) in qs.iter_mut().zip(x) {
-        *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+        *q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
     }
-    BlockQ8 { d, sum: qs.iter().map(|&q| i32::from(q)).sum(), qs }
+    let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
+    let f16r = |v: f32| half::f16::from_f32(v).to_f32();
+    BlockQ8 { d: f16r(d), sum, s: f16r(d * sum as f32), qs }
 }
 
 /// Quantizes 256 values to a [`BlockQ8K`].

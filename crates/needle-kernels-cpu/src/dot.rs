@@ -136,7 +136,7 @@ fn q4_1_scalar(w: &[u8], x: &[BlockQ8]) -> f32 {
     let mut acc = 0f32;
     for (b, y) in w.chunks_exact(20).zip(x) {
         let sumi = nib_dot(&b[4..20], &y.qs);
-        acc += f16_at(b, 0) * y.d * sumi as f32 + f16_at(b, 2) * y.d * y.sum as f32;
+        acc += f16_at(b, 0) * y.d * sumi as f32 + f16_at(b, 2) * y.s;
     }
     acc
 }
@@ -310,7 +310,7 @@ mod x86 {
                 match T {
                     0 => {}
                     1 => corr[k] -= dd * (8 * y.sum) as f32,
-                    _ => corr[k] += m * y.d * y.sum as f32,
+                    _ => corr[k] += m * y.s,
                 }
             }
         }
@@ -365,7 +365,7 @@ mod x86 {
                 if T == 2 {
                     let (dk, mk) = h2f_pair(bk);
                     d[k] = dk * yk.d;
-                    corr[k] += mk * yk.d * yk.sum as f32;
+                    corr[k] += mk * yk.s;
                 } else {
                     d[k] = h2f(bk, 0) * yk.d;
                     if T == 1 {
@@ -584,7 +584,7 @@ mod x86 {
         let p = _mm256_cvtepi32_ps(dot_u8i8(q, load_i8x32(&y.qs)));
         if MIN {
             let (d, m) = h2f_pair(b);
-            (p, d * y.d, m * y.d * y.sum as f32)
+            (p, d * y.d, m * y.s)
         } else {
             let d = h2f(b, 0) * y.d;
             (p, d, -d * (8 * y.sum) as f32)

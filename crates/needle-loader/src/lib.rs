@@ -36,7 +36,7 @@ use std::path::Path;
 
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{Error, Result};
-pub use gguf::GgufFile;
+pub use gguf::{GgufFile, RawTensor};
 pub use safetensors_dir::SafetensorsDir;
 pub use tokenizer::{DecodeStream, Tokenizer};
 
@@ -99,6 +99,36 @@ impl Checkpoint {
             });
         }
         Ok(t)
+    }
+
+    /// A tensor by its Hugging Face name as stored, without dequantising: `Some` for GGUF files
+    /// (a view of the memory map, see [`RawTensor`]; Q and K projections carry
+    /// [`RawTensor::rope_heads`]), `None` for safetensors folders (use [`Checkpoint::tensor`]).
+    /// The shape is checked against the config like [`Checkpoint::tensor`]'s.
+    pub fn tensor_blocks(&self, hf_name: &str) -> Result<Option<RawTensor>> {
+        let Checkpoint::Gguf(g) = self else { return Ok(None) };
+        let gname = gguf::hf_to_gguf(hf_name).unwrap_or_else(|| hf_name.to_string());
+        let mut t = g.tensor_blocks(&gname).map_err(|e| match e {
+            Error::MissingTensor { path, .. } => Error::MissingTensor { path, tensor: hf_name.into() },
+            e => e,
+        })?;
+        if let Some(expected) = self.config().expected_shape(hf_name)
+            && expected != t.shape
+        {
+            return Err(Error::ShapeMismatch {
+                path: self.path().into(),
+                tensor: hf_name.into(),
+                expected,
+                got: t.shape,
+            });
+        }
+        let c = self.config();
+        if hf_name.ends_with("self_attn.q_proj.weight") {
+            t.rope_heads = Some(c.num_attention_heads);
+        } else if hf_name.ends_with("self_attn.k_proj.weight") {
+            t.rope_heads = Some(c.num_key_value_heads);
+        }
+        Ok(Some(t))
     }
 
     /// The tokenizer that goes with the weights.

@@ -1,13 +1,12 @@
 //! The KV cache of one generation: host-tier pages per layer and KV head, the selectors that
 //! choose what each decode step attends to, and the sample of prefill queries they train on.
 
-use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use needle_core::decode::{GroupScratch, attend_group};
 use needle_core::{
-    AttentionSelector, Budget, BuildContext, BuildStats, FullSelector, GqaLayout, HeadId, PagedRows, RowSource, SearchStats,
-    Selection, SelectorFactory,
+    AttentionSelector, Budget, BuildContext, BuildStats, FullSelector, GqaLayout, HeadId, PagedRows, RowSource,
+    SearchStats, Selection, SelectorFactory,
 };
 use rayon::prelude::*;
 
@@ -326,7 +325,11 @@ impl KvCache {
         if keys.len() != values.len() || !keys.len().is_multiple_of(row) {
             return Err(Error::invalid(
                 "keys/values",
-                format!("{} keys and {} values are not whole rows of n_kv_heads × dim = {row}", keys.len(), values.len()),
+                format!(
+                    "{} keys and {} values are not whole rows of n_kv_heads × dim = {row}",
+                    keys.len(),
+                    values.len()
+                ),
             ));
         }
         let built = self.built;
@@ -404,7 +407,11 @@ impl KvCache {
         if q.len() != self.gqa.n_q_heads * self.head_dim {
             return Err(Error::invalid(
                 "q",
-                format!("{} floats; decode attention takes n_q_heads × dim = {}", q.len(), self.gqa.n_q_heads * self.head_dim),
+                format!(
+                    "{} floats; decode attention takes n_q_heads × dim = {}",
+                    q.len(),
+                    self.gqa.n_q_heads * self.head_dim
+                ),
             ));
         }
         if !self.built {

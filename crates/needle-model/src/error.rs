@@ -19,6 +19,14 @@ pub enum Error {
         /// Shape in the file.
         got: Vec<usize>,
     },
+    /// A fused kernel rejected a weight or activation (shape, block size, type).
+    #[error("kernel on `{tensor}`: {source}")]
+    Kernel {
+        /// The weight or activation the kernel was running on.
+        tensor: String,
+        /// What the kernel reported.
+        source: needle_kernels_cpu::Error,
+    },
     /// The prompt has no tokens.
     #[error("empty prompt: nothing to prefill")]
     EmptyPrompt,
@@ -50,6 +58,11 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// Shorthand for [`Error::Kernel`].
+    pub fn kernel(tensor: impl Into<String>, source: needle_kernels_cpu::Error) -> Self {
+        Error::Kernel { tensor: tensor.into(), source }
+    }
+
     /// Shorthand for [`Error::InvalidParameter`].
     pub fn invalid(name: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidParameter { name: name.into(), reason: reason.into() }

@@ -29,6 +29,7 @@
 #![warn(missing_docs)]
 
 mod attention;
+pub mod backend;
 mod cache;
 mod error;
 mod generate;
@@ -36,8 +37,10 @@ mod model;
 mod rope;
 mod sampling;
 mod spec;
+mod weights;
 
 pub use attention::cached_attention;
+pub use backend::NeedleBackend;
 pub use cache::{DecodeStats, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate};
@@ -45,6 +48,7 @@ pub use model::Llama;
 pub use rope::Rope;
 pub use sampling::{Sampler, SamplingConfig, argmax};
 pub use spec::{AUTO_RETRIEVAL_FROM, SELECTORS, resolve_auto, selector_from_spec};
+pub use weights::{LoadOptions, QWeight, Weights};
 
 /// The CPU backend (burn's pure-Rust Flex).
 pub type Cpu = burn::backend::Flex;

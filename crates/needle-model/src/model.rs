@@ -14,23 +14,54 @@ use burn::tensor::{Int, Tensor, TensorData};
 use needle_core::GqaLayout;
 use needle_loader::{Checkpoint, HostTensor, LlamaConfig};
 
-use crate::attention::{cached_attention, to_vec};
+use crate::attention::cached_attention;
+use crate::backend::{NeedleBackend, plain};
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
 use crate::rope::Rope;
+use crate::weights::{LoadOptions, QWeight, Weights};
+
+/// A linear layer's weight: an f32 parameter `[in, out]` (so the layer is `x · W`), or the
+/// checkpoint's blocks for [`NeedleBackend::linear`] (`x · Wᵀ`, `W` as stored `[out, in]`).
+#[derive(Module, Debug)]
+struct Linear<B: Backend> {
+    dense: Option<Param<Tensor<B, 2>>>,
+    #[module(skip)]
+    native: Option<QWeight>,
+}
+
+impl<B: Backend> Linear<B> {
+    fn forward(&self, x: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        match (&self.native, &self.dense) {
+            (Some(w), _) => B::qlinear(x, w),
+            (None, Some(w)) => Ok(x.matmul(w.val())),
+            (None, None) => Err(Error::State("a linear layer has no weight".into())),
+        }
+    }
+
+    fn native_bytes(&self) -> usize {
+        self.native.as_ref().map_or(0, QWeight::bytes)
+    }
+}
 
 /// One transformer layer's weights.
 #[derive(Module, Debug)]
 struct Block<B: Backend> {
     attn_norm: Param<Tensor<B, 2>>,
-    wq: Param<Tensor<B, 2>>,
-    wk: Param<Tensor<B, 2>>,
-    wv: Param<Tensor<B, 2>>,
-    wo: Param<Tensor<B, 2>>,
+    wq: Linear<B>,
+    wk: Linear<B>,
+    wv: Linear<B>,
+    wo: Linear<B>,
     ffn_norm: Param<Tensor<B, 2>>,
-    w_gate: Param<Tensor<B, 2>>,
-    w_up: Param<Tensor<B, 2>>,
-    w_down: Param<Tensor<B, 2>>,
+    w_gate: Linear<B>,
+    w_up: Linear<B>,
+    w_down: Linear<B>,
+}
+
+impl<B: Backend> Block<B> {
+    fn linears(&self) -> [&Linear<B>; 7] {
+        [&self.wq, &self.wk, &self.wv, &self.wo, &self.w_gate, &self.w_up, &self.w_down]
+    }
 }
 
 /// A Llama-family causal language model, as a Burn [`Module`].
@@ -42,19 +73,33 @@ pub struct Llama<B: Backend> {
     gqa: GqaLayout,
     #[module(skip)]
     rope: Rope,
-    embed: Param<Tensor<B, 2>>,
+    /// `[vocab, hidden]` rows: a parameter on the f32 path, else the checkpoint's blocks.
+    embed: Linear<B>,
     blocks: Vec<Block<B>>,
     norm: Param<Tensor<B, 2>>,
-    lm_head: Param<Tensor<B, 2>>,
+    lm_head: Linear<B>,
+    /// Whether the decoder ops run fused ([`NeedleBackend`]) rather than as plain Burn ops.
+    #[module(skip)]
+    fused: bool,
 }
 
 impl<B: Backend> Llama<B> {
-    /// Loads weights by checkpoint name (Hugging Face names; GGUF files are mapped by the loader).
+    /// Loads weights by checkpoint name (Hugging Face names; GGUF files are mapped by the
+    /// loader), kept as stored ([`Weights::Native`]).
     pub fn load(ck: &Checkpoint, device: &B::Device) -> Result<Self> {
+        Self::load_with(ck, device, &LoadOptions::default())
+    }
+
+    /// Loads weights as `opts` says. [`Weights::Native`] on a backend with fused linears
+    /// ([`NeedleBackend::fuses_linear`], the CPU backend) keeps GGUF weights in their blocks,
+    /// memory-mapped, and runs the fused ops; elsewhere, and with [`Weights::F32`], every weight
+    /// is an f32 Burn parameter and the layers are plain Burn ops.
+    pub fn load_with(ck: &Checkpoint, device: &B::Device, opts: &LoadOptions) -> Result<Self> {
         let cfg = ck.config().clone();
         cfg.validate()?;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let gqa = GqaLayout::new(cfg.num_attention_heads, cfg.num_key_value_heads)?;
+        let native = opts.weights == Weights::Native && B::fuses_linear();
         let get = |name: &str, shape: &[usize]| -> Result<HostTensor> {
             let t = ck.tensor(name)?;
             if t.shape != shape {
@@ -62,20 +107,49 @@ impl<B: Backend> Llama<B> {
             }
             Ok(t)
         };
-        // HF linear weights are [out, in]; store [in, out].
-        let param = |data: Vec<f32>, shape: [usize; 2]| Param::from_tensor(Tensor::from_data(TensorData::new(data, shape), device));
-        let linear = |name: &str, out: usize, inp: usize| -> Result<Param<Tensor<B, 2>>> {
+        let param = |data: Vec<f32>, shape: [usize; 2]| {
+            Param::from_tensor(Tensor::from_data(TensorData::new(data, shape), device))
+        };
+        let stored = |name: &str, out: usize, inp: usize| -> Result<QWeight> {
+            if let Some(raw) = ck.tensor_blocks(name)? {
+                match QWeight::from_raw(name, raw) {
+                    Ok(w) => return Ok(w),
+                    // A ggml type the kernels do not handle: dequantized by the loader below.
+                    Err(Error::Kernel { source: needle_kernels_cpu::Error::UnsupportedType(_), .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            QWeight::from_f32(name, &get(name, &[out, inp])?.data, out, inp)
+        };
+        // HF linear weights are [out, in]; the f32 path stores [in, out].
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear<B>> {
+            if native {
+                return Ok(Linear { dense: None, native: Some(stored(name, out, inp)?) });
+            }
             let t = get(name, &[out, inp])?;
-            Ok(param(transpose(&t.data, out, inp), [inp, out]))
+            Ok(Linear { dense: Some(param(transpose(&t.data, out, inp), [inp, out])), native: None })
         };
         let vector = |name: &str, n: usize| -> Result<Param<Tensor<B, 2>>> { Ok(param(get(name, &[n])?.data, [1, n])) };
-        let embed_host = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
-        let lm_head = if cfg.tie_word_embeddings {
-            param(transpose(&embed_host.data, cfg.vocab_size, h), [h, cfg.vocab_size])
+        let (embed, lm_head) = if native {
+            let e = stored("model.embed_tokens.weight", cfg.vocab_size, h)?;
+            let head = if cfg.tie_word_embeddings {
+                Linear { dense: None, native: Some(e.clone()) }
+            } else {
+                linear("lm_head.weight", cfg.vocab_size, h)?
+            };
+            (Linear { dense: None, native: Some(e) }, head)
         } else {
-            linear("lm_head.weight", cfg.vocab_size, h)?
+            let embed_host = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+            let head = if cfg.tie_word_embeddings {
+                Linear {
+                    dense: Some(param(transpose(&embed_host.data, cfg.vocab_size, h), [h, cfg.vocab_size])),
+                    native: None,
+                }
+            } else {
+                linear("lm_head.weight", cfg.vocab_size, h)?
+            };
+            (Linear { dense: Some(param(embed_host.data, [cfg.vocab_size, h])), native: None }, head)
         };
-        let embed = param(embed_host.data, [cfg.vocab_size, h]);
         let (qd, kvd, ff) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size);
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -94,7 +168,12 @@ impl<B: Backend> Llama<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = vector("model.norm.weight", h)?;
-        Ok(Self { rope: Rope::new(&cfg), gqa, config: cfg, embed, blocks, norm, lm_head })
+        Ok(Self { rope: Rope::new(&cfg), gqa, config: cfg, embed, blocks, norm, lm_head, fused: native })
+    }
+
+    /// How the weights are kept: [`Weights::Native`] when the fused kernels run on stored blocks.
+    pub fn weights(&self) -> Weights {
+        if self.fused { Weights::Native } else { Weights::F32 }
     }
 
     /// The model configuration.
@@ -112,9 +191,11 @@ impl<B: Backend> Llama<B> {
         1.0 / (self.config.head_dim as f32).sqrt()
     }
 
-    /// Bytes of f32 weights held (the bytes a decode step reads).
+    /// Bytes of weights a decode step reads: f32 parameters plus stored blocks (the tied
+    /// embedding counted once, as the output head).
     pub fn weight_bytes(&self) -> usize {
-        self.num_params() * 4
+        let blocks: usize = self.blocks.iter().flat_map(|b| b.linears()).map(Linear::native_bytes).sum();
+        self.num_params() * 4 + blocks + self.lm_head.native_bytes()
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
@@ -124,23 +205,34 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    fn rms_norm(&self, x: Tensor<B, 2>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 2> {
-        let ms = x.clone().square().mean_dim(1);
-        x * ms.add_scalar(self.config.rms_norm_eps).sqrt().recip() * w.val()
+    fn rms_norm(&self, x: Tensor<B, 2>, w: &Param<Tensor<B, 2>>) -> Result<Tensor<B, 2>> {
+        let eps = self.config.rms_norm_eps as f32;
+        if self.fused { B::fused_rms_norm(x, &w.val(), eps) } else { Ok(plain::rms_norm(x, &w.val(), eps)) }
     }
 
     /// The device the weights live on.
     pub fn device(&self) -> B::Device {
-        self.embed.val().device()
+        self.norm.val().device()
     }
 
-    /// Rotate-half RoPE on `[t, heads, dim]` with `[t, 1, dim]` tables.
-    fn rope(x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
-        let [t, h, d] = x.dims();
-        let x1 = x.clone().slice([0..t, 0..h, 0..d / 2]);
-        let x2 = x.clone().slice([0..t, 0..h, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
-        x * cos.clone().expand([t, h, d]) + rotated * sin.clone().expand([t, h, d])
+    /// Token embeddings `[t, hidden]`.
+    fn embed(&self, tokens: &[u32]) -> Result<Tensor<B, 2>> {
+        let (t, h, device) = (tokens.len(), self.config.hidden_size, self.device());
+        match (&self.embed.native, &self.embed.dense) {
+            (Some(w), _) => {
+                let mut x = vec![0f32; t * h];
+                for (&id, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+                    w.row(id as usize, row)?;
+                }
+                Ok(Tensor::from_data(TensorData::new(x, [t, h]), &device))
+            }
+            (None, Some(e)) => {
+                let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
+                let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [t]), &device);
+                Ok(e.val().select(0, ids))
+            }
+            (None, None) => Err(Error::State("the embedding has no weight".into())),
+        }
     }
 
     /// Runs `tokens` (at positions `cache.len()..`) through the model, appending their keys and
@@ -152,31 +244,47 @@ impl<B: Backend> Llama<B> {
         let (t, pos0) = (tokens.len(), cache.len());
         let (nh, nkv, d) = (self.gqa.n_q_heads, self.gqa.n_kv_heads, self.config.head_dim);
         let device = self.device();
-        let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [t]), &device);
-        let mut x = self.embed.val().select(0, ids);
-        let (cos, sin) = self.rope.tables(pos0..pos0 + t);
-        let cos = Tensor::<B, 3>::from_data(TensorData::new(cos, [t, 1, d]), &device);
-        let sin = Tensor::<B, 3>::from_data(TensorData::new(sin, [t, 1, d]), &device);
-        for (l, b) in self.blocks.iter().enumerate() {
-            let h = self.rms_norm(x.clone(), &b.attn_norm);
-            let q = Self::rope(h.clone().matmul(b.wq.val()).reshape([t, nh, d]), &cos, &sin);
-            let k = Self::rope(h.clone().matmul(b.wk.val()).reshape([t, nkv, d]), &cos, &sin);
-            let v = h.matmul(b.wv.val()).reshape([t, nkv, d]);
-            let attn = cached_attention(cache, l, q, k, v, self.scale())?;
-            x = x + attn.matmul(b.wo.val());
-            let h = self.rms_norm(x.clone(), &b.ffn_norm);
-            let ff = silu(h.clone().matmul(b.w_gate.val())) * h.matmul(b.w_up.val());
-            x = x + ff.matmul(b.w_down.val());
+        let mut x = self.embed(tokens)?;
+        let positions = pos0..pos0 + t;
+        if self.fused {
+            let (cos, sin) = self.rope.half_tables(positions);
+            let cos = Tensor::<B, 2>::from_data(TensorData::new(cos, [t, d / 2]), &device);
+            let sin = Tensor::<B, 2>::from_data(TensorData::new(sin, [t, d / 2]), &device);
+            for (l, b) in self.blocks.iter().enumerate() {
+                let h = self.rms_norm(x.clone(), &b.attn_norm)?;
+                let q = B::fused_rope(b.wq.forward(h.clone())?.reshape([t, nh, d]), &cos, &sin)?;
+                let k = B::fused_rope(b.wk.forward(h.clone())?.reshape([t, nkv, d]), &cos, &sin)?;
+                let v = b.wv.forward(h)?.reshape([t, nkv, d]);
+                let attn = cached_attention(cache, l, q, k, v, self.scale())?;
+                x = x + b.wo.forward(attn)?;
+                let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
+                let ff = B::fused_silu_mul(b.w_gate.forward(h.clone())?, b.w_up.forward(h)?)?;
+                x = x + b.w_down.forward(ff)?;
+            }
+        } else {
+            let (cos, sin) = self.rope.tables(positions);
+            let cos = Tensor::<B, 3>::from_data(TensorData::new(cos, [t, 1, d]), &device);
+            let sin = Tensor::<B, 3>::from_data(TensorData::new(sin, [t, 1, d]), &device);
+            for (l, b) in self.blocks.iter().enumerate() {
+                let h = self.rms_norm(x.clone(), &b.attn_norm)?;
+                let q = plain::rope_full(b.wq.forward(h.clone())?.reshape([t, nh, d]), &cos, &sin);
+                let k = plain::rope_full(b.wk.forward(h.clone())?.reshape([t, nkv, d]), &cos, &sin);
+                let v = b.wv.forward(h)?.reshape([t, nkv, d]);
+                let attn = cached_attention(cache, l, q, k, v, self.scale())?;
+                x = x + b.wo.forward(attn)?;
+                let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
+                let ff = silu(b.w_gate.forward(h.clone())?) * b.w_up.forward(h)?;
+                x = x + b.w_down.forward(ff)?;
+            }
         }
-        Ok(self.rms_norm(x, &self.norm))
+        self.rms_norm(x, &self.norm)
     }
 
     /// Logits of the given rows of final hidden states, row-major `rows × vocab`.
     pub(crate) fn logits(&self, hidden: Tensor<B, 2>, rows: &[usize]) -> Result<Vec<f32>> {
         let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [rows.len()]), &self.device());
-        to_vec(hidden.select(0, idx).matmul(self.lm_head.val()))
+        B::with_host(self.lm_head.forward(hidden.select(0, idx))?, <[f32]>::to_vec)
     }
 
     /// Prefills `tokens` in chunks of `chunk` tokens, calling `progress(done, total)` after each,

@@ -54,6 +54,21 @@ impl Rope {
         (cos, sin)
     }
 
+    /// Row-major `[positions × dim/2]` cos and sin tables for `positions` (each half once), the
+    /// form [`NeedleBackend::fused_rope`](crate::NeedleBackend::fused_rope) takes. Angles are computed in f64.
+    pub fn half_tables(&self, positions: std::ops::Range<usize>) -> (Vec<f32>, Vec<f32>) {
+        let n = positions.len() * self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for p in positions {
+            for &f in &self.inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        (cos, sin)
+    }
+
     /// Applies the rotation in place to `x` (`heads × dim`, one position), in f64.
     /// The reference for the tensor version.
     pub fn apply_reference(&self, x: &mut [f32], position: usize) {

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{cache, real, repo_root};
+use common::{Real, cache_for, native, real, repo_root};
 use needle_model::argmax;
 use serde_json::Value;
 
@@ -36,12 +36,17 @@ struct Run {
 /// The F32 and Q4_1 fixtures share prompts: run them once per test binary.
 fn runs() -> &'static [Run] {
     static RUNS: std::sync::OnceLock<Vec<Run>> = std::sync::OnceLock::new();
-    RUNS.get_or_init(|| run(&fixture("logits_f32.json")))
+    RUNS.get_or_init(|| run(real(), &fixture("logits_f32.json")))
+}
+
+/// The same prompts on the native (Q4_1 blocks, fused kernels) model.
+fn native_runs() -> &'static [Run] {
+    static RUNS: std::sync::OnceLock<Vec<Run>> = std::sync::OnceLock::new();
+    RUNS.get_or_init(|| run(native(), &fixture("logits_q4_1.json")))
 }
 
 /// Prefills each fixture prompt, takes logits at its positions, then decodes greedily.
-fn run(fx: &Value) -> Vec<Run> {
-    let r = real();
+fn run(r: &Real, fx: &Value) -> Vec<Run> {
     let vocab = r.model.config().vocab_size;
     fx["prompts"]
         .as_array()
@@ -51,7 +56,7 @@ fn run(fx: &Value) -> Vec<Run> {
             let prompt = ids(&p["ids"]);
             let positions: Vec<usize> =
                 p["positions"].as_array().unwrap().iter().map(|x| x["pos"].as_u64().unwrap() as usize).collect();
-            let mut c = cache("full");
+            let mut c = cache_for(&r.model, "full");
             let logits = r.model.prefill(&prompt, &mut c, 512, &positions, &mut |_, _| {}).unwrap();
             let rows: Vec<(usize, Vec<f32>)> =
                 positions.iter().zip(logits.chunks_exact(vocab)).map(|(&p, row)| (p, row.to_vec())).collect();
@@ -129,4 +134,76 @@ fn ranking_matches_llama_cpp_on_q4_1_weights() {
             assert!((logsumexp(row) - lse).abs() < 0.5, "{} pos {pos}: logsumexp", got.name);
         }
     }
+}
+
+/// The native model runs the file's Q4_1 (and Q8_0) blocks with activations quantized to 8-bit
+/// blocks, like llama.cpp's Q4_1 run. The activation rounding is not bit-identical to ggml's
+/// (ggml stores block scales as f16, needle-kernels-cpu as f32), and on this model the 8-bit
+/// activation error alone moves logits by up to ~0.5 (llama.cpp's own F32-vs-Q4_1 gap), so the
+/// bound is that size, not the 1e-3 of identical arithmetic; rankings must still agree.
+#[test]
+fn native_q4_1_matches_llama_cpp_on_q4_1_weights() {
+    let fx = fixture("logits_q4_1.json");
+    let runs = native_runs();
+    let (mut worst, mut greedy_checked) = (0.0f64, 0usize);
+    for (p, got) in fx["prompts"].as_array().unwrap().iter().zip(runs) {
+        assert_eq!(p["name"].as_str(), Some(got.name.as_str()));
+        for (want, (pos, row)) in p["positions"].as_array().unwrap().iter().zip(&got.rows) {
+            let top = ids(&want["top_ids"]);
+            let top_logits: Vec<f64> =
+                want["top_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            for (&id, &l) in top.iter().zip(&top_logits) {
+                let d = (row[id as usize] as f64 - l).abs();
+                worst = worst.max(d);
+                assert!(
+                    d < 0.75,
+                    "{} pos {pos}: token {id} logit {} vs llama.cpp Q4_1 {l}",
+                    got.name,
+                    row[id as usize]
+                );
+            }
+            if top_logits[0] - top_logits[1] > 0.5 {
+                assert_eq!(argmax(row), Some(top[0]), "{} pos {pos}: top-1", got.name);
+            }
+            let mine: Vec<u32> = needle_core::attention::top_k(row, 5).unwrap().iter().map(|m| m.0).collect();
+            let overlap = mine.iter().filter(|i| top[..5].contains(i)).count();
+            assert!(overlap >= 4, "{} pos {pos}: top-5 {mine:?} vs llama.cpp {:?}", got.name, &top[..5]);
+            let lse = want["logsumexp"].as_f64().unwrap();
+            assert!(
+                (logsumexp(row) - lse).abs() < 0.75,
+                "{} pos {pos}: logsumexp {} vs {lse}",
+                got.name,
+                logsumexp(row)
+            );
+        }
+        let want = ids(&p["greedy_ids"]);
+        let margins: Vec<f64> =
+            p["greedy_top1_margins"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let safe = margins.iter().position(|&m| m < 0.5).unwrap_or(want.len());
+        assert_eq!(got.greedy[..safe], want[..safe], "{}: greedy continuation", got.name);
+        greedy_checked += safe;
+    }
+    assert!(greedy_checked > 0, "no greedy token was compared");
+    eprintln!("max |Δlogit| on llama.cpp's top-20 (native Q4_1 vs llama.cpp Q4_1): {worst:.2e}");
+}
+
+/// Native Q4_1 blocks against the same weights dequantized to f32: the gap is the 8-bit
+/// activation quantization alone.
+#[test]
+fn native_weights_track_f32_weights() {
+    let (f32_runs, q_runs) = (runs(), native_runs());
+    let mut worst = 0.0f64;
+    for (a, b) in f32_runs.iter().zip(q_runs) {
+        for ((pos, ra), (_, rb)) in a.rows.iter().zip(&b.rows) {
+            let top: Vec<u32> = needle_core::attention::top_k(ra, 20).unwrap().iter().map(|m| m.0).collect();
+            for &id in &top {
+                worst = worst.max((ra[id as usize] as f64 - rb[id as usize] as f64).abs());
+            }
+            assert!(worst < 1.0, "{} pos {pos}: native vs f32 logits differ by {worst}", a.name);
+        }
+        // Greedy tokens agree at least until the first divergence of near-ties; require 4.
+        let same = a.greedy.iter().zip(&b.greedy).take_while(|(x, y)| x == y).count();
+        assert!(same >= 4.min(a.greedy.len()), "{}: greedy {:?} vs {:?}", a.name, a.greedy, b.greedy);
+    }
+    eprintln!("max |Δlogit| on the f32 model's top-20 (native Q4_1 vs f32 weights): {worst:.2e}");
 }

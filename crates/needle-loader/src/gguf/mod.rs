@@ -11,6 +11,7 @@ mod types;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
@@ -146,10 +147,46 @@ impl TensorInfo {
     }
 }
 
+/// A tensor's bytes as stored in a GGUF file (whole ggml blocks, rows of `shape[last]` elements),
+/// borrowed from the shared memory map.
+#[derive(Clone)]
+pub struct RawTensor {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+    /// Element type.
+    pub ty: GgmlType,
+    /// Row-major shape, outermost first (linear weights `[out, in]`).
+    pub shape: Vec<usize>,
+    /// `Some(n_head)` when the rows are in llama.cpp's RoPE order (Q and K projections of a GGUF):
+    /// within each head of `rows / n_head` rows, row `2i + s` holds Hugging Face row
+    /// `s · head_dim/2 + i` (see [`unpermute_rows`]). The outputs of such a matrix are
+    /// de-interleaved per head to get the Hugging Face layout.
+    pub rope_heads: Option<usize>,
+}
+
+impl RawTensor {
+    /// The stored bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for RawTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawTensor")
+            .field("ty", &self.ty.name)
+            .field("shape", &self.shape)
+            .field("bytes", &self.len)
+            .field("rope_heads", &self.rope_heads)
+            .finish()
+    }
+}
+
 /// A parsed, memory-mapped GGUF file. Tensor data is read lazily by [`GgufFile::tensor_f32`].
 pub struct GgufFile {
     path: PathBuf,
-    map: Mmap,
+    map: Arc<Mmap>,
     version: u32,
     metadata: Vec<(String, Value)>,
     meta_index: HashMap<String, usize>,
@@ -416,7 +453,7 @@ impl GgufFile {
         tracing::debug!(path = %path.display(), version, tensors = tensors.len(), metadata = metadata.len(), "parsed GGUF");
         Ok(Self {
             path,
-            map,
+            map: Arc::new(map),
             version,
             metadata,
             meta_index,
@@ -471,6 +508,22 @@ impl GgufFile {
     /// Raw bytes of a tensor (bounds were checked at open).
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         &self.map[info.offset as usize..(info.offset + info.size) as usize]
+    }
+
+    /// A tensor's stored bytes (ggml blocks) by GGUF name, sharing the file's memory map: no copy,
+    /// and the view keeps the map alive after this `GgufFile` is dropped.
+    pub fn tensor_blocks(&self, name: &str) -> Result<RawTensor> {
+        let info = self
+            .tensor_info(name)
+            .ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
+        Ok(RawTensor {
+            map: Arc::clone(&self.map),
+            start: info.offset as usize,
+            len: info.size as usize,
+            ty: info.ty,
+            shape: info.shape(),
+            rope_heads: None,
+        })
     }
 
     /// Dequantises a tensor by GGUF name into f32, in file layout (shape = reversed `ne`, no

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use needle_loader::{Checkpoint, Tokenizer};
-use needle_model::{Cpu, KvCache, Llama, selector_from_spec};
+use needle_model::{Cpu, KvCache, Llama, LoadOptions, Weights, selector_from_spec};
 
 pub struct Real {
     pub ck: Checkpoint,
@@ -19,21 +19,35 @@ pub fn model_path() -> PathBuf {
     p
 }
 
+fn load(weights: Weights) -> Real {
+    let ck = needle_loader::open(&model_path()).expect("open model");
+    let model = Llama::<Cpu>::load_with(&ck, &Default::default(), &LoadOptions { weights }).expect("load model");
+    let tok = ck.tokenizer().expect("tokenizer");
+    Real { ck, model, tok }
+}
+
+/// The default model with every weight dequantized to f32 (the reference path).
 pub fn real() -> &'static Real {
     static R: OnceLock<Real> = OnceLock::new();
-    R.get_or_init(|| {
-        let ck = needle_loader::open(&model_path()).expect("open model");
-        let model = Llama::<Cpu>::load(&ck, &Default::default()).expect("load model");
-        let tok = ck.tokenizer().expect("tokenizer");
-        Real { ck, model, tok }
-    })
+    R.get_or_init(|| load(Weights::F32))
+}
+
+/// The default model with its weights as stored (Q4_1 blocks, memory-mapped) and fused kernels.
+pub fn native() -> &'static Real {
+    static R: OnceLock<Real> = OnceLock::new();
+    R.get_or_init(|| load(Weights::Native))
 }
 
 pub fn cache(spec: &str) -> KvCache {
     let r = real();
+    cache_for(&r.model, spec)
+}
+
+pub fn cache_for(model: &Llama<Cpu>, spec: &str) -> KvCache {
+    let r = model;
     let (f, sel) = selector_from_spec(spec).expect("spec");
-    let c = r.model.config();
-    KvCache::new(c.num_hidden_layers, r.model.gqa(), c.head_dim, f.as_ref(), sel).expect("cache")
+    let c = r.config();
+    KvCache::new(c.num_hidden_layers, r.gqa(), c.head_dim, f.as_ref(), sel).expect("cache")
 }
 
 /// Repo root (for fixtures).

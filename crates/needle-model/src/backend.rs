@@ -1,0 +1,329 @@
+//! [`NeedleBackend`]: the few fused ops a decoder needs, as a Burn backend extension (the
+//! pattern of burn's `examples/custom-cubecl-kernel`): a linear on weights kept in their GGUF
+//! blocks, causal prefill attention over the [`KvCache`]'s pages, RMSNorm, rotate-half RoPE,
+//! SiLU·up, and reading a tensor on the host.
+//!
+//! Every Burn backend has the extension (a blanket implementation), so code generic over
+//! `B: Backend` keeps working with [`Llama`](crate::Llama). Which implementation runs is chosen
+//! per backend type:
+//! - [`Flex`] (= [`Cpu`](crate::Cpu)): needle-kernels-cpu on Flex's host buffers. Inputs are
+//!   read in place when contiguous; outputs are fresh buffers wrapped without a copy. Linear
+//!   weights stay in their blocks (memory-mapped), prefill attention reads the cache's pages in
+//!   place (no copy of the cache, no GQA expansion).
+//! - any other backend (`Wgpu`, `Cuda`, …): the [`plain`] Burn-op implementations; linear weights
+//!   are dequantized to f32 parameters at load ([`NeedleBackend::fuses_linear`] is false).
+//!   CubeCL kernels are a later step: they plug in as another arm of the same dispatch.
+
+use std::any::{Any, TypeId};
+
+use burn::backend::Flex;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use needle_kernels_cpu::{Pages, flash_prefill, ops};
+
+use crate::cache::KvCache;
+use crate::error::{Error, Result};
+use crate::weights::QWeight;
+
+/// A Burn backend with needle's fused decoder ops. Implemented for every [`Backend`]; see the
+/// module docs for which implementation each backend runs.
+pub trait NeedleBackend: Backend {
+    /// True when [`NeedleBackend::qlinear`] multiplies the stored blocks directly (the model then
+    /// keeps weights quantized); false when weights should be dequantized to f32 at load.
+    fn fuses_linear() -> bool;
+
+    /// `x · Wᵀ`: `x` is `[t, w.cols()]`, the result `[t, w.rows()]`.
+    fn qlinear(x: Tensor<Self, 2>, w: &QWeight) -> Result<Tensor<Self, 2>>;
+
+    /// RMSNorm of each row of `x` (`[t, n]`) scaled by `w` (`[1, n]`).
+    fn fused_rms_norm(x: Tensor<Self, 2>, w: &Tensor<Self, 2>, eps: f32) -> Result<Tensor<Self, 2>>;
+
+    /// Rotate-half RoPE of `x` (`[t, heads, dim]`) with `cos`/`sin` tables `[t, dim/2]` (row `i`
+    /// for the position of token `i`; see [`Rope::half_tables`](crate::Rope::half_tables)).
+    fn fused_rope(x: Tensor<Self, 3>, cos: &Tensor<Self, 2>, sin: &Tensor<Self, 2>) -> Result<Tensor<Self, 3>>;
+
+    /// `silu(gate) ⊙ up`, both `[t, n]`.
+    fn fused_silu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Result<Tensor<Self, 2>>;
+
+    /// Causal attention of the last `t` tokens of `layer` in `cache` (their keys and values are
+    /// already appended) with queries `q` (`[t, n_q_heads, dim]`, after RoPE); query head `h`
+    /// reads KV head `h / group`. Returns `[t, n_q_heads · dim]`.
+    fn paged_attention(cache: &KvCache, layer: usize, q: Tensor<Self, 3>, scale: f32) -> Result<Tensor<Self, 2>>;
+
+    /// Calls `f` with the values of `t` (row-major f32) on the host: in place when the backend
+    /// holds them there contiguously, else read back.
+    fn with_host<const D: usize, R>(t: Tensor<Self, D>, f: impl FnOnce(&[f32]) -> R) -> Result<R>;
+}
+
+/// `s` as a `T` when `S` and `T` are the same type (zero cost), else `s` back.
+fn cast<S: 'static, T: 'static>(s: S) -> std::result::Result<T, S> {
+    if TypeId::of::<S>() != TypeId::of::<T>() {
+        return Err(s);
+    }
+    let mut slot = Some(s);
+    let taken = (&mut slot as &mut dyn Any).downcast_mut::<Option<T>>().and_then(Option::take);
+    Ok(taken.expect("equal type ids: the downcast succeeds"))
+}
+
+/// Casts back after a Flex op (B is Flex whenever this is called).
+fn back<B: Backend, const D: usize>(t: Tensor<Flex, D>) -> Result<Tensor<B, D>> {
+    cast(t).map_err(|_| Error::State("backend dispatch: Flex result on another backend".into()))
+}
+
+impl<B: Backend> NeedleBackend for B {
+    fn fuses_linear() -> bool {
+        TypeId::of::<B>() == TypeId::of::<Flex>()
+    }
+
+    fn qlinear(x: Tensor<B, 2>, w: &QWeight) -> Result<Tensor<B, 2>> {
+        match cast::<_, Tensor<Flex, 2>>(x) {
+            Ok(x) => back(flex::qlinear(x, w)?),
+            Err(x) => plain::qlinear(x, w),
+        }
+    }
+
+    fn fused_rms_norm(x: Tensor<B, 2>, w: &Tensor<B, 2>, eps: f32) -> Result<Tensor<B, 2>> {
+        match (cast::<_, Tensor<Flex, 2>>(x), cast::<_, Tensor<Flex, 2>>(w.clone())) {
+            (Ok(x), Ok(w)) => back(flex::rms_norm(x, &w, eps)?),
+            (Err(x), _) => Ok(plain::rms_norm(x, w, eps)),
+            (Ok(_), Err(_)) => Err(Error::State("backend dispatch: mixed backends".into())),
+        }
+    }
+
+    fn fused_rope(x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Result<Tensor<B, 3>> {
+        match (
+            cast::<_, Tensor<Flex, 3>>(x),
+            cast::<_, Tensor<Flex, 2>>(cos.clone()),
+            cast::<_, Tensor<Flex, 2>>(sin.clone()),
+        ) {
+            (Ok(x), Ok(c), Ok(s)) => back(flex::rope(x, &c, &s)?),
+            (Err(x), _, _) => Ok(plain::rope(x, cos, sin)),
+            _ => Err(Error::State("backend dispatch: mixed backends".into())),
+        }
+    }
+
+    fn fused_silu_mul(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        match (cast::<_, Tensor<Flex, 2>>(gate), cast::<_, Tensor<Flex, 2>>(up)) {
+            (Ok(g), Ok(u)) => back(flex::silu_mul(g, u)?),
+            (Err(g), Err(u)) => Ok(plain::silu_mul(g, u)),
+            _ => Err(Error::State("backend dispatch: mixed backends".into())),
+        }
+    }
+
+    fn paged_attention(cache: &KvCache, layer: usize, q: Tensor<B, 3>, scale: f32) -> Result<Tensor<B, 2>> {
+        match cast::<_, Tensor<Flex, 3>>(q) {
+            Ok(q) => back(flex::prefill_attention(cache, layer, q, scale)?),
+            Err(q) => plain::prefill_attention(cache, layer, q, scale),
+        }
+    }
+
+    fn with_host<const D: usize, R>(t: Tensor<B, D>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        match cast::<_, Tensor<Flex, D>>(t) {
+            Ok(t) => flex::read_host(&t, f),
+            Err(t) => Ok(f(&plain::to_vec(t)?)),
+        }
+    }
+}
+
+/// The Flex implementations: needle-kernels-cpu on Flex's host buffers.
+pub mod flex {
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::TensorPrimitive;
+
+    use super::*;
+
+    fn primitive<const D: usize>(t: &Tensor<Flex, D>) -> FlexTensor {
+        // O(1): clones the Arc of the buffer.
+        t.clone().into_primitive().tensor()
+    }
+
+    /// Calls `f` with `t`'s f32 values, in place when contiguous f32 (else converted once).
+    pub fn read_host<const D: usize, R>(t: &Tensor<Flex, D>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        let p = primitive(t);
+        if let Some(s) = p.as_slice::<f32>() {
+            return Ok(f(s));
+        }
+        Ok(f(&super::plain::to_vec(t.clone())?))
+    }
+
+    /// A Flex tensor owning `data` (no copy).
+    pub fn from_vec<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(data, shape))))
+    }
+
+    /// [`NeedleBackend::qlinear`] with [`QMatrix::gemm`](needle_kernels_cpu::QMatrix::gemm).
+    pub fn qlinear(x: Tensor<Flex, 2>, w: &QWeight) -> Result<Tensor<Flex, 2>> {
+        let [t, cols] = x.dims();
+        if cols != w.cols() {
+            return Err(Error::Shape {
+                tensor: format!("input of {}", w.name()),
+                expected: vec![t, w.cols()],
+                got: vec![t, cols],
+            });
+        }
+        let y = read_host(&x, |xs| w.forward(xs, t))??;
+        Ok(from_vec(y, [t, w.rows()]))
+    }
+
+    /// [`NeedleBackend::fused_rms_norm`] with [`ops::rms_norm`].
+    pub fn rms_norm(x: Tensor<Flex, 2>, w: &Tensor<Flex, 2>, eps: f32) -> Result<Tensor<Flex, 2>> {
+        let dims = x.dims();
+        let mut out = vec![0f32; dims[0] * dims[1]];
+        read_host(&x, |xs| read_host(w, |ws| ops::rms_norm(xs, ws, eps, &mut out)))??
+            .map_err(|e| Error::kernel("rms_norm", e))?;
+        Ok(from_vec(out, dims))
+    }
+
+    /// [`NeedleBackend::fused_rope`] with [`ops::rope`].
+    pub fn rope(x: Tensor<Flex, 3>, cos: &Tensor<Flex, 2>, sin: &Tensor<Flex, 2>) -> Result<Tensor<Flex, 3>> {
+        let [t, h, d] = x.dims();
+        if cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
+            return Err(Error::Shape {
+                tensor: "rope cos/sin".into(),
+                expected: vec![t, d / 2],
+                got: cos.dims().to_vec(),
+            });
+        }
+        let mut out = read_host(&x, <[f32]>::to_vec)?;
+        read_host(cos, |c| read_host(sin, |s| ops::rope(&mut out, h, d, 0, c, s)))??
+            .map_err(|e| Error::kernel("rope", e))?;
+        Ok(from_vec(out, [t, h, d]))
+    }
+
+    /// [`NeedleBackend::fused_silu_mul`] with [`ops::silu_mul`].
+    pub fn silu_mul(gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>) -> Result<Tensor<Flex, 2>> {
+        let dims = gate.dims();
+        if up.dims() != dims {
+            return Err(Error::Shape { tensor: "up".into(), expected: dims.to_vec(), got: up.dims().to_vec() });
+        }
+        let mut g = read_host(&gate, <[f32]>::to_vec)?;
+        read_host(&up, |u| ops::silu_mul(&mut g, u))?.map_err(|e| Error::kernel("silu_mul", e))?;
+        Ok(from_vec(g, dims))
+    }
+
+    /// [`NeedleBackend::paged_attention`] with [`flash_prefill`] over the cache's pages, read
+    /// in place.
+    pub fn prefill_attention(cache: &KvCache, layer: usize, q: Tensor<Flex, 3>, scale: f32) -> Result<Tensor<Flex, 2>> {
+        let [t, nh, d] = q.dims();
+        let n = cache.layer_len(layer)?;
+        let (gqa, hd) = (cache.gqa(), cache.head_dim());
+        if [nh, d] != [gqa.n_q_heads, hd] || t > n {
+            return Err(Error::Shape {
+                tensor: "q".into(),
+                expected: vec![t.min(n), gqa.n_q_heads, hd],
+                got: vec![t, nh, d],
+            });
+        }
+        let slices = |values: bool| -> Vec<Vec<&[f32]>> {
+            (0..gqa.n_kv_heads)
+                .map(|j| {
+                    let rows = if values { cache.values(layer, j) } else { cache.keys(layer, j) };
+                    rows.pages().iter().map(|p| &p[..]).collect()
+                })
+                .collect()
+        };
+        let (kp, vp) = (slices(false), slices(true));
+        let page_rows = cache.keys(layer, 0).page_size();
+        let keys: Vec<Pages<'_>> = kp.iter().map(|pg| Pages { pages: pg, page_rows, len: n, dim: d }).collect();
+        let values: Vec<Pages<'_>> = vp.iter().map(|pg| Pages { pages: pg, page_rows, len: n, dim: d }).collect();
+        let mut out = vec![0f32; t * nh * d];
+        read_host(&q, |qs| flash_prefill(qs, &keys, &values, &mut out, n - t, nh, scale))?
+            .map_err(|e| Error::kernel("prefill attention", e))?;
+        Ok(from_vec(out, [t, nh * d]))
+    }
+}
+
+/// The plain Burn-op implementations: every backend but Flex, and the reference the Flex kernels
+/// are tested against.
+pub mod plain {
+    use burn::tensor::activation::silu;
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use needle_core::RowSource;
+
+    use super::*;
+
+    /// Reads a tensor back to the host as `f32`.
+    pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
+        t.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| Error::Data(format!("{e:?}")))
+    }
+
+    /// `x · Wᵀ` with `W` dequantized to f32 on every call (slow: the model dequantizes once at
+    /// load instead on backends without fused linears).
+    pub fn qlinear<B: Backend>(x: Tensor<B, 2>, w: &QWeight) -> Result<Tensor<B, 2>> {
+        let wt = Tensor::<B, 2>::from_data(TensorData::new(w.dequantize()?, [w.rows(), w.cols()]), &x.device());
+        Ok(x.matmul(wt.transpose()))
+    }
+
+    /// RMSNorm with Burn ops.
+    pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>, eps: f32) -> Tensor<B, 2> {
+        let ms = x.clone().square().mean_dim(1);
+        x * ms.add_scalar(eps).sqrt().recip() * w.clone()
+    }
+
+    /// Rotate-half RoPE with Burn ops on `[t, heads, dim]` and half tables `[t, dim/2]`.
+    pub fn rope<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 3> {
+        let [t, h, d] = x.dims();
+        let full = |c: &Tensor<B, 2>| Tensor::cat(vec![c.clone(), c.clone()], 1).reshape([t, 1, d]).expand([t, h, d]);
+        rope_full(x, &full(cos), &full(sin))
+    }
+
+    /// Rotate-half RoPE with full tables `[t, heads, dim]` (halves repeated).
+    pub fn rope_full<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
+        let [t, h, d] = x.dims();
+        let x1 = x.clone().slice([0..t, 0..h, 0..d / 2]);
+        let x2 = x.clone().slice([0..t, 0..h, d / 2..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
+        x * cos.clone().expand([t, h, d]) + rotated * sin.clone().expand([t, h, d])
+    }
+
+    /// `silu(gate) ⊙ up` with Burn ops.
+    pub fn silu_mul<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+        silu(gate) * up
+    }
+
+    /// Causal attention with Burn's attention op over a copy of the layer's cache, each KV head
+    /// repeated over its query group.
+    pub fn prefill_attention<B: Backend>(
+        cache: &KvCache,
+        layer: usize,
+        q: Tensor<B, 3>,
+        scale: f32,
+    ) -> Result<Tensor<B, 2>> {
+        let [t, nh, d] = q.dims();
+        let n = cache.layer_len(layer)?;
+        if t > n {
+            return Err(Error::Shape { tensor: "q".into(), expected: vec![n, nh, d], got: vec![t, nh, d] });
+        }
+        let device = q.device();
+        let q4 = q.reshape([1, t, nh, d]).swap_dims(1, 2);
+        let (k4, v4) = (cached::<B>(cache, layer, false, &device), cached::<B>(cache, layer, true, &device));
+        // Burn's attention applies 1/√d by default; a different scale is folded into q.
+        let default_scale = 1.0 / (d as f32).sqrt();
+        let q4 = if (scale - default_scale).abs() > f32::EPSILON * default_scale {
+            q4.mul_scalar(scale / default_scale)
+        } else {
+            q4
+        };
+        // Burn's causal mask is aligned to the last key: query i sees keys 0..=n - t + i.
+        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+        Ok(attention(q4, k4, v4, None, None, opts).swap_dims(1, 2).reshape([t, nh * d]))
+    }
+
+    /// Keys or values of one layer from the host cache as `[1, n_q_heads, n, dim]`.
+    fn cached<B: Backend>(cache: &KvCache, layer: usize, values: bool, device: &B::Device) -> Tensor<B, 4> {
+        let (gqa, d) = (cache.gqa(), cache.head_dim());
+        let n = cache.keys(layer, 0).len();
+        let kvh = gqa.n_kv_heads;
+        let mut data = Vec::with_capacity(kvh * n * d);
+        for j in 0..kvh {
+            let rows = if values { cache.values(layer, j) } else { cache.keys(layer, j) };
+            for i in 0..n {
+                data.extend_from_slice(rows.row(i));
+            }
+        }
+        let t: Tensor<B, 4> = Tensor::from_data(TensorData::new(data, [1, kvh, n, d]), device);
+        let g = gqa.group_size();
+        t.unsqueeze_dim::<5>(2).expand([1, kvh, g, n, d]).reshape([1, kvh * g, n, d])
+    }
+}

@@ -1,0 +1,201 @@
+//! Linear weights kept in their stored format: ggml blocks borrowed from a GGUF memory map (no
+//! copy), or owned f32 rows (safetensors folders, tests), read by needle-kernels-cpu's
+//! [`QMatrix`].
+
+use std::sync::Arc;
+
+use needle_kernels_cpu::{QMatrix, QuantType, dequantize_row};
+use needle_loader::RawTensor;
+
+use crate::error::{Error, Result};
+
+/// How [`Llama::load_with`](crate::Llama::load_with) keeps the weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Weights {
+    /// As stored: GGUF blocks memory-mapped (Q4_1, Q8_0, K-quants, F16, …) and multiplied by
+    /// fused quantized kernels on the CPU backend; safetensors as f32. Other backends dequantize
+    /// at load (plain Burn ops on f32 weights).
+    #[default]
+    Native,
+    /// Every weight dequantized to f32 Burn parameters: the reference path for fidelity work.
+    F32,
+}
+
+/// Options of [`Llama::load_with`](crate::Llama::load_with).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// How the weights are kept.
+    pub weights: Weights,
+}
+
+#[derive(Clone)]
+enum Store {
+    Map(RawTensor),
+    Owned(Arc<[u8]>),
+}
+
+impl Store {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Store::Map(r) => r.bytes(),
+            Store::Owned(b) => b,
+        }
+    }
+}
+
+/// A `rows × cols` weight (`rows` out features, `cols` in features, Hugging Face `[out, in]`) in
+/// one ggml element type, whose bytes are a view of the checkpoint's memory map or owned f32.
+#[derive(Clone)]
+pub struct QWeight {
+    name: Arc<str>,
+    store: Store,
+    ty: QuantType,
+    rows: usize,
+    cols: usize,
+    rope_heads: Option<usize>,
+}
+
+impl std::fmt::Debug for QWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QWeight")
+            .field("name", &self.name)
+            .field("ty", &self.ty)
+            .field("shape", &[self.rows, self.cols])
+            .field("mapped", &matches!(self.store, Store::Map(_)))
+            .finish()
+    }
+}
+
+impl QWeight {
+    /// A view of GGUF blocks (`raw.shape` must be `[rows, cols]`). Rows stored in llama.cpp's
+    /// RoPE order ([`RawTensor::rope_heads`]) are de-interleaved on output.
+    pub fn from_raw(name: &str, raw: RawTensor) -> Result<Self> {
+        let ty = QuantType::from_ggml_id(raw.ty.id).map_err(|e| Error::kernel(name, e))?;
+        let [rows, cols] = raw.shape[..] else {
+            return Err(Error::Shape { tensor: name.into(), expected: vec![0, 0], got: raw.shape.clone() });
+        };
+        let rope_heads = raw.rope_heads;
+        let w = Self { name: name.into(), store: Store::Map(raw), ty, rows, cols, rope_heads };
+        w.check()?;
+        Ok(w)
+    }
+
+    /// Owned f32 weights, row-major `rows × cols`.
+    pub fn from_f32(name: &str, data: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        let bytes: Arc<[u8]> = bytemuck::cast_slice::<f32, u8>(data).into();
+        let w =
+            Self { name: name.into(), store: Store::Owned(bytes), ty: QuantType::F32, rows, cols, rope_heads: None };
+        w.check()?;
+        Ok(w)
+    }
+
+    fn check(&self) -> Result<()> {
+        self.matrix()?;
+        if let Some(h) = self.rope_heads
+            && (h == 0 || !self.rows.is_multiple_of(h) || !(self.rows / h).is_multiple_of(2))
+        {
+            return Err(Error::invalid(&*self.name, format!("{} rows are not {h} heads of an even size", self.rows)));
+        }
+        Ok(())
+    }
+
+    /// Checkpoint name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Element type.
+    pub fn ty(&self) -> QuantType {
+        self.ty
+    }
+
+    /// Out features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// In features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of the weight as stored.
+    pub fn bytes(&self) -> usize {
+        self.store.bytes().len()
+    }
+
+    /// The kernel's view of the bytes.
+    pub fn matrix(&self) -> Result<QMatrix<'_>> {
+        QMatrix::new(self.ty, self.rows, self.cols, self.store.bytes()).map_err(|e| Error::kernel(&*self.name, e))
+    }
+
+    /// `Y = X Wᵀ` on the host for `t` tokens (`x`: `t × cols`), in the Hugging Face output order.
+    pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
+        let mut y = vec![0f32; t * self.rows];
+        self.matrix()?.gemm(x, t, &mut y).map_err(|e| Error::kernel(&*self.name, e))?;
+        if let Some(heads) = self.rope_heads {
+            deinterleave(&mut y, self.rows / heads);
+        }
+        Ok(y)
+    }
+
+    /// Row `r` (Hugging Face order) dequantized into `out` (`cols` floats).
+    pub fn row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        if r >= self.rows {
+            return Err(Error::invalid(&*self.name, format!("row {r} of {}", self.rows)));
+        }
+        let r = match self.rope_heads {
+            Some(h) => {
+                let d = self.rows / h;
+                let (head, i) = (r / d, r % d);
+                let (s, j) = (i / (d / 2), i % (d / 2));
+                head * d + 2 * j + s
+            }
+            None => r,
+        };
+        let m = self.matrix()?;
+        dequantize_row(self.ty, m.row_bytes(r), out).map_err(|e| Error::kernel(&*self.name, e))
+    }
+
+    /// The whole weight dequantized, row-major `rows × cols` in Hugging Face order.
+    pub fn dequantize(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, o) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.row(r, o)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Per head of `d` outputs, llama.cpp's RoPE order (`2i + s`) → Hugging Face order (`s·d/2 + i`).
+fn deinterleave(y: &mut [f32], d: usize) {
+    let half = d / 2;
+    let mut tmp = vec![0f32; d];
+    for head in y.chunks_exact_mut(d) {
+        for i in 0..half {
+            tmp[i] = head[2 * i];
+            tmp[half + i] = head[2 * i + 1];
+        }
+        head.copy_from_slice(&tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn deinterleave_undoes_the_llama_cpp_permutation() {
+        let (heads, d, cols) = (2, 4, 3);
+        let hf: Vec<f32> = (0..heads * d * cols).map(|i| i as f32).collect();
+        let gg = needle_loader::gguf::permute_rows(&hf, heads, d, cols);
+        let mut w = QWeight::from_f32("w", &gg, heads * d, cols).unwrap();
+        w.rope_heads = Some(heads);
+        let x = [1.0, -2.0, 0.5];
+        let y = w.forward(&x, 1).unwrap();
+        let want: Vec<f32> = hf.chunks(cols).map(|r| r.iter().zip(&x).map(|(a, b)| a * b).sum()).collect();
+        assert_eq!(y, want);
+        assert_eq!(w.dequantize().unwrap(), hf);
+    }
+}
