@@ -147,6 +147,14 @@ fn scale_of(x: &[f32]) -> (f32, f32) {
     (d, if d > 0.0 { 1.0 / d } else { 0.0 })
 }
 
+/// Round half to even for |x| < 2²²: adding 1.5·2²³ leaves no fraction bits, so the FPU's
+/// round-to-nearest-even does the rounding (inline and vectorizable, unlike `rintf` without SSE4.1).
+#[inline(always)]
+fn round_half_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
 /// Quantizes 32 values to a [`BlockQ8`] exactly as ggml's x86 `quantize_row_q8_0` /
 /// `quantize_row_q8_1` do: `q = round_half_even(x · 127 / amax)`, the scale `amax / 127` kept
 /// rounded to f16 (and `s` likewise), so the fused dot products reproduce llama.cpp's integer
@@ -157,7 +165,7 @@ pub fn quantize_q8(x: &[f32]) -> BlockQ8 {
     let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
     let mut qs = [0i8; 32];
     for (q, v) in qs.iter_mut().zip(x) {
-        *q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+        *q = round_half_even(v * id).clamp(-127.0, 127.0) as i8;
     }
     let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
     let f16r = |v: f32| half::f16::from_f32(v).to_f32();
@@ -176,4 +184,18 @@ pub fn quantize_q8k(x: &[f32]) -> BlockQ8K {
         *s = c.iter().map(|&q| i16::from(q)).sum();
     }
     BlockQ8K { d, qs, bsums }
+}
+
+#[cfg(test)]
+mod round_tests {
+    #[test]
+    fn round_half_even_matches_std() {
+        for i in -2600..=2600 {
+            let x = i as f32 * 0.05;
+            assert_eq!(super::round_half_even(x), x.round_ties_even(), "{x}");
+        }
+        for x in [0.5f32, 1.5, 2.5, -0.5, -1.5, 126.5, -126.5, 127.49] {
+            assert_eq!(super::round_half_even(x), x.round_ties_even(), "{x}");
+        }
+    }
 }
