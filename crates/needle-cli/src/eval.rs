@@ -32,9 +32,10 @@ pub struct EvalArgs {
     /// Run the context-length sweep of decode attention time (no model needed).
     #[arg(long)]
     pub sweep: bool,
-    /// Long text for the fidelity prompt.
-    #[arg(long, default_value = "../shared/data/pride-and-prejudice.txt")]
-    pub text: PathBuf,
+    /// Long text for the fidelity prompt (default: needle's default document, the King James
+    /// Bible, fetched into the cache if absent).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
     /// Fidelity prompt length in tokens.
     #[arg(long, default_value_t = 4096)]
     pub context_tokens: usize,
@@ -122,9 +123,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if fidelity || passkey || a.ruler {
         let Loaded { model, tokenizer } = load(&a.model.model)?;
         if fidelity {
-            let text = std::fs::read_to_string(&a.text).with_context(|| format!("--text {}", a.text.display()))?;
+            let text = match &a.text {
+                Some(p) => std::fs::read_to_string(p).with_context(|| format!("--text {}", p.display()))?,
+                None => crate::common::read_document("default")?,
+            };
             let tokens = needle_eval::eval::text_tokens(&tokenizer, &text, a.context_tokens)
-                .with_context(|| format!("--text {} / --context-tokens", a.text.display()))?;
+                .context("--text / --context-tokens")?;
             let cfg = FidelityConfig { steps: a.steps, attn_layers: a.attn_layers.clone(), chunk: a.chunk };
             let (pp, ps) = (progress_bar(tokens.len(), "prefill"), progress_bar(selectors.len(), "selectors"));
             report.fidelity = needle_eval::eval::fidelity(

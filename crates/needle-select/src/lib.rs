@@ -48,11 +48,11 @@
 //! let rows = Rows::new("keys", &keys, dim)?;
 //! let spec = needle_select::parse("oracle:k=5,sinks=4,window=8")?;
 //! let mut sel = spec.factory.create(HeadId { layer: 0, kv_head: 0 }, dim)?;
-//! let dynamic = sel.static_part().dynamic_range(64);
-//! sel.build(&BuildContext { head: HeadId { layer: 0, kv_head: 0 }, keys: &rows, dynamic: dynamic.clone(), train_queries: &[], scale: 0.5 })?;
+//! sel.build(&BuildContext { head: HeadId { layer: 0, kv_head: 0 }, keys: &rows, train_queries: &[], scale: 0.5 })?;
 //! let mut out = Selection::default();
-//! sel.select(&[1.0, 0.0, &rows, dynamic, &spec.budget, &mut out)?;
+//! sel.select(&[1.0, 0.0, 0.5, -0.5], &rows, &spec.budget, &mut out)?;
 //! assert_eq!(out.ids.len(), 5);
+//! assert!(out.ids.iter().all(|&i| (4..56).contains(&i))); // the dynamic part
 //! # Ok::<(), needle_core::Error>(())
 //! ```
 #![warn(missing_docs)]

@@ -2,70 +2,39 @@
 
 use needle_core::attention::{Partial, dense};
 use needle_core::{AttentionSelector, Budget, BuildContext, HeadId, Rows, Selection, SelectorFactory, attend_selected};
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use needle_core::synth::{self, AttentionLike};
 
 pub const HEAD: HeadId = HeadId { layer: 0, kv_head: 0 };
 
-/// Standard normal samples (Box–Muller), seeded.
-pub fn normal(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let u1: f64 = rng.random::<f64>().max(1e-300);
-            let u2: f64 = rng.random();
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-        })
-        .collect()
-}
-
-/// Attention-like data: keys share an offset and a few outlier dimensions; queries come from a
-/// shifted distribution (mostly opposite the key offset), as post-RoPE keys and queries do.
+/// Keys, values and queries of one KV head, from needle-core's one synthetic generator.
 pub struct Data {
     pub dim: usize,
     pub keys: Vec<f32>,
     pub values: Vec<f32>,
     /// Prefill queries (training sample).
     pub train: Vec<f32>,
-    /// Decode queries.
+    /// Decode queries: groups of 3 rows (a GQA group's heads) in order.
     pub queries: Vec<f32>,
 }
 
+/// Attention-like data (`needle_core::synth::AttentionLike`): clustered keys with a shared
+/// offset and outlier channels, queries out of the keys' distribution; `n_queries` rows of
+/// decode queries in GQA groups of 3 sharing a cluster.
 pub fn attention_like(n: usize, n_train: usize, n_queries: usize, dim: usize, seed: u64) -> Data {
-    let offset: Vec<f32> = normal(dim, seed ^ 1).iter().map(|x| x * 0.8).collect();
-    let outliers = [1usize, dim / 3, dim / 2];
-    let mut keys = normal(n * dim, seed ^ 2);
-    for (i, k) in keys.chunks_exact_mut(dim).enumerate() {
-        k.iter_mut().zip(&offset).for_each(|(x, o)| *x = 0.5 * *x + o);
-        for &d in &outliers {
-            k[d] += 4.0 * (((i * 7919) % 13) as f32 / 13.0);
-        }
-    }
-    // Queries: a shared direction (opposite of the offset), with per-query variation.
-    let dir: Vec<f32> = normal(dim, seed ^ 3);
-    let make = |m: usize, s: u64| -> Vec<f32> {
-        let mut q = normal(m * dim, s);
-        for r in q.chunks_exact_mut(dim) {
-            r.iter_mut().zip(dir.iter().zip(&offset)).for_each(|(x, (d, o))| *x = 1.5 * *x + d - 0.5 * o);
-            for &d in &outliers {
-                r[d] += 1.0;
-            }
-        }
-        q
-    };
+    let g = AttentionLike::new(dim, seed);
     Data {
         dim,
-        values: normal(n * dim, seed ^ 4),
-        train: make(n_train, seed ^ 5),
-        queries: make(n_queries, seed ^ 6),
-        keys,
+        keys: g.keys(n, seed ^ 1),
+        values: synth::gaussian(n * dim, 1.0, seed ^ 2),
+        train: g.queries(n_train, seed ^ 3),
+        queries: g.group_queries(n_queries.div_ceil(3), 3, seed ^ 4)[..n_queries * dim].to_vec(),
     }
 }
 
 /// Uniformly random data in `[-1, 1)`.
 pub fn uniform(n: usize, n_queries: usize, dim: usize, seed: u64) -> Data {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut v = |m: usize| -> Vec<f32> { (0..m * dim).map(|_| rng.random_range(-1.0..1.0)).collect() };
-    Data { dim, keys: v(n), values: v(n), train: v(n_queries.max(8)), queries: v(n_queries) }
+    let v = |m: usize, s: u64| synth::uniform(m * dim, -1.0, 1.0, seed ^ s);
+    Data { dim, keys: v(n, 1), values: v(n, 2), train: v(n_queries.max(8), 3), queries: v(n_queries, 4) }
 }
 
 /// Builds a selector from `factory` over `data` (all keys), with the data's training queries.
