@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use burn::tensor::backend::Backend;
 use needle_model::{Cpu, KvCache, Llama, selector_from_spec};
 
 #[derive(Args)]
@@ -64,7 +64,9 @@ pub(crate) use on_device;
 /// The error for a backend this binary was not built with.
 pub fn missing_backend<T>(kind: DeviceKind) -> Result<T> {
     let name = format!("{kind:?}").to_ascii_lowercase();
-    bail!("--device {name}: this needle was built without the `{name}` feature; rebuild with `cargo build --release -p needle-cli --features {name}`")
+    bail!(
+        "--device {name}: this needle was built without the `{name}` feature; rebuild with `cargo build --release -p needle-cli --features {name}`"
+    )
 }
 
 #[derive(Args)]
@@ -157,7 +159,9 @@ pub fn prompt_tokens(p: &PromptArgs, tok: &needle_loader::Tokenizer) -> Result<V
 /// The text of a document needle provides by name (`default`).
 pub fn read_document(name: &str) -> Result<String> {
     if name != "default" {
-        bail!("unknown --document `{name}`: the only one is `default` (the King James Bible); use --prompt-file for your own");
+        bail!(
+            "unknown --document `{name}`: the only one is `default` (the King James Bible); use --prompt-file for your own"
+        );
     }
     let path = needle_fetch::ensure_default_document().context("getting the default document")?;
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))

@@ -9,7 +9,7 @@ use needle_core::{
     StaticPart, check_len,
 };
 
-use crate::common::{SelectStep, Frame, begin_select, default_scale, dot, full_cost, group_max, keep_top};
+use crate::common::{Frame, SelectStep, begin_select, default_scale, dot, full_cost, group_max, keep_top};
 
 /// Default block size in tokens (InfLLM's).
 pub const DEFAULT_BLOCK: usize = 128;
@@ -291,8 +291,7 @@ mod tests {
         let f = BlockFactory::new(4, 10, 32, 2).unwrap();
         let mut sel = f.create(HEAD, dim).unwrap();
         let sp = sel.static_part();
-        let ctx =
-            BuildContext { head: HEAD, keys: &keys, train_queries: &[], scale: 0.3 };
+        let ctx = BuildContext { head: HEAD, keys: &keys, train_queries: &[], scale: 0.3 };
         sel.build(&ctx).unwrap();
         let q = &data.queries[..dim];
         let pos = keys.push(&q.iter().map(|x| 50.0 * x).collect::<Vec<_>>()).unwrap();

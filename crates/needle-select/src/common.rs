@@ -3,8 +3,8 @@
 
 use needle_core::StaticPart;
 
-pub use needle_core::kit::{DEFAULT_SINKS, DEFAULT_WINDOW};
 pub(crate) use needle_core::decode::dot;
+pub use needle_core::kit::{DEFAULT_SINKS, DEFAULT_WINDOW};
 pub(crate) use needle_core::kit::{
     SelectStep, apply_budget, begin_select, dedup_ids, default_scale, full_cost, group_max, keep_top,
 };

@@ -83,8 +83,8 @@ pub use policy::{HeadPolicy, HeadRule, PolicyFactory, rank_heads};
 pub use quest::{DEFAULT_PAGE, QuestFactory, QuestSelector, page_bound};
 pub use retrieval::{DEFAULT_MIN_INDEX, GroupCombine, RetrievalFactory, RetrievalSelector};
 pub use spec::{
-    DEFAULT_K, DEFAULT_TRAIN_POSITIONS, SELECTORS, SelectorBuilder, SelectorSpec, SpecOptions, parse, register_selector,
-    selector_names,
+    DEFAULT_K, DEFAULT_TRAIN_POSITIONS, SELECTORS, SelectorBuilder, SelectorSpec, SpecOptions, parse,
+    register_selector, selector_names,
 };
 pub use streaming::{StreamingFactory, StreamingSelector};
 pub use tokenselect::{CacheCounters, DEFAULT_THRESHOLD, TokenSelectFactory, TokenSelectSelector};

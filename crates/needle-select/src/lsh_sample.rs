@@ -13,7 +13,7 @@ use needle_core::{
 use needle_index_lsh::LshIndex;
 use rand::{SeedableRng, rngs::StdRng};
 
-use crate::common::{SelectStep, Frame, begin_select};
+use crate::common::{Frame, SelectStep, begin_select};
 
 /// Default signature bits `K`.
 pub const DEFAULT_BITS: usize = needle_index_lsh::DEFAULT_K_BITS;
@@ -243,8 +243,7 @@ mod tests {
             let f = LshSampleFactory::new(4, 8, 4, 8, 1, seed).unwrap();
             let mut sel = f.create(HEAD, dim).unwrap();
             let dynamic = sel.static_part().dynamic_range(240);
-            let ctx =
-                BuildContext { head: HEAD, keys: &rows, train_queries: &[], scale: 0.35 };
+            let ctx = BuildContext { head: HEAD, keys: &rows, train_queries: &[], scale: 0.35 };
             sel.build(&ctx).unwrap();
             let s = select(sel.as_mut(), &data, &data.queries, Budget::TopK(k));
             assert!(s.ids.len() <= k && s.ids.len() == s.log_weights.len());

@@ -8,7 +8,7 @@ use needle_core::{
     StaticPart,
 };
 
-use crate::common::{SelectStep, Frame, begin_select, default_scale, dot, full_cost, group_max, keep_top};
+use crate::common::{Frame, SelectStep, begin_select, default_scale, dot, full_cost, group_max, keep_top};
 
 /// Makes [`OracleSelector`]s; spec `oracle:k=K` or `oracle:mass=0.9,k=MAX`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use needle_core::{
     SelectorFactory, StaticPart, check_len,
 };
 
-use crate::common::{SelectStep, Frame, begin_select, keep_top};
+use crate::common::{Frame, SelectStep, begin_select, keep_top};
 
 /// Default page size in tokens (Quest's).
 pub const DEFAULT_PAGE: usize = 16;
@@ -223,8 +223,7 @@ mod tests {
         let keys = needle_core::Rows::new("k", &data.keys, 8).unwrap();
         let dynamic = sel.static_part().dynamic_range(300);
         assert_eq!(dynamic, 5..270);
-        sel.build(&BuildContext { head: HEAD, keys: &keys, train_queries: &[], scale: 0.3 })
-            .unwrap();
+        sel.build(&BuildContext { head: HEAD, keys: &keys, train_queries: &[], scale: 0.3 }).unwrap();
         assert_eq!(sel.pages(), 17); // pages 0..=16, the first and last partial
         for i in 0..sel.pages() {
             let b = sel.group_bound(&data.queries, i).unwrap();
@@ -262,8 +261,7 @@ mod tests {
         let f = QuestFactory::new(4, 10, 16).unwrap();
         let mut sel = f.create(HEAD, dim).unwrap();
         let sp = sel.static_part();
-        let ctx =
-            BuildContext { head: HEAD, keys: &keys, train_queries: &[], scale: 0.3 };
+        let ctx = BuildContext { head: HEAD, keys: &keys, train_queries: &[], scale: 0.3 };
         sel.build(&ctx).unwrap();
         let q = &data.queries[..dim];
         let pos = keys.push(&q.iter().map(|x| 50.0 * x).collect::<Vec<_>>()).unwrap();

@@ -9,8 +9,8 @@ use needle_core::{
     SelectorFactory, StaticPart, VectorIndex, check_len,
 };
 
-use crate::common::{SelectStep, 
-    Frame, apply_budget, begin_select, dedup_ids, default_scale, full_cost, group_max, keep_top,
+use crate::common::{
+    Frame, SelectStep, apply_budget, begin_select, dedup_ids, default_scale, full_cost, group_max, keep_top,
 };
 use crate::index::{index_factory, resolve};
 

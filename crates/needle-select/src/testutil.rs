@@ -1,8 +1,8 @@
 //! Seeded synthetic data and checks shared by the selector tests.
 
 use needle_core::attention::{Partial, dense};
-use needle_core::{AttentionSelector, Budget, BuildContext, HeadId, Rows, Selection, SelectorFactory, attend_selected};
 use needle_core::synth::{self, AttentionLike};
+use needle_core::{AttentionSelector, Budget, BuildContext, HeadId, Rows, Selection, SelectorFactory, attend_selected};
 
 pub const HEAD: HeadId = HeadId { layer: 0, kv_head: 0 };
 

@@ -11,7 +11,7 @@ use needle_core::{
     SelectorFactory, StaticPart,
 };
 
-use crate::common::{SelectStep, Frame, begin_select, default_scale, dot, full_cost, keep_top};
+use crate::common::{Frame, SelectStep, begin_select, default_scale, dot, full_cost, keep_top};
 
 /// Default cosine similarity above which a cached selection is reused.
 pub const DEFAULT_THRESHOLD: f32 = 0.9;

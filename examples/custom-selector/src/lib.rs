@@ -73,7 +73,10 @@ impl StridedRerankConfig {
     }
 
     fn spec(&self) -> String {
-        format!("{NAME}:sinks={},window={},stride={},oversample={}", self.sinks, self.window, self.stride, self.oversample)
+        format!(
+            "{NAME}:sinks={},window={},stride={},oversample={}",
+            self.sinks, self.window, self.stride, self.oversample
+        )
     }
 }
 
@@ -128,7 +131,6 @@ impl StridedRerank {
         self.probe_keys.extend_from_slice(keys.row(position as usize));
         Ok(())
     }
-
 }
 
 impl AttentionSelector for StridedRerank {

@@ -6,12 +6,12 @@
 use std::ops::Range;
 
 use custom_selector::{StridedRerank, StridedRerankConfig};
-use needle_core::attention::top_k;
-use needle_core::kit::group_max;
-use needle_core::{AttentionSelector, Budget, BuildContext, HeadId, RowSource, Selection, SelectorFactory};
 use needle_core::Rows;
 use needle_core::attend_selected;
+use needle_core::attention::top_k;
 use needle_core::attention::{Partial, dense};
+use needle_core::kit::group_max;
+use needle_core::{AttentionSelector, Budget, BuildContext, HeadId, RowSource, Selection, SelectorFactory};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
