@@ -11,7 +11,13 @@
 //! ## Features
 //! - `graph`, `ivfpq`, `lsh` (default): index crates that `retrieval:index=…` and `lsh-sample`
 //!   can use; a spec naming one that is not compiled in is an error naming the feature.
-//! - `cuda`: the `burn::backend::Cuda` backend (decode attention still runs on the host tier).
+//! - `wgpu`, `cuda`: the `burn::backend::Wgpu` / `Cuda` backends (decode attention still runs on
+//!   the host tier; [`NeedleBackend`] ops run as plain Burn ops on f32 weights there).
+//!
+//! ## Engine
+//! [`Llama::load`] keeps GGUF weights in their blocks ([`Weights::Native`]); on the CPU backend
+//! the fused kernels of needle-kernels-cpu run them ([`NeedleBackend`], module [`backend`]).
+//! [`Llama::load_with`] with [`Weights::F32`] is the f32 reference path.
 //!
 //! ## Usage
 //! ```no_run

@@ -1,11 +1,12 @@
 //! Llama-family transformer on Burn: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP,
 //! tied or separate output head (Touvron et al. 2023; the Hugging Face Llama layout).
 //!
-//! Weights are Burn parameters (a [`Module`], so the model can be held, moved between devices
-//! and visited like any Burn module), linear weights transposed to `[in, out]` so a layer is
-//! `x · W`. Every layer's attention goes through [`cached_attention`]: keys and values leave the
-//! model after RoPE into the host-tier [`KvCache`]; prefill attends causally over the cache,
-//! decode goes through the cache's selectors.
+//! The model is a Burn [`Module`]. With [`Weights::Native`] (the default) on the CPU backend, the
+//! linear weights stay in the checkpoint's blocks (a GGUF memory map) and run through
+//! [`NeedleBackend`]'s fused ops; with [`Weights::F32`] (or on other backends) they are f32 Burn
+//! parameters transposed to `[in, out]` so a layer is `x · W`. Every layer's attention goes
+//! through [`cached_attention`]: keys and values leave the model after RoPE into the host-tier
+//! [`KvCache`]; prefill attends causally over the cache, decode goes through the cache's selectors.
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
