@@ -4,7 +4,7 @@
 
 use custom_selector::StridedRerankConfig;
 use needle_core::{Budget, FullSelector, SelectorFactory};
-use needle_model::{Cpu, GenerateConfig, KvCache, Llama, SelectionConfig, argmax, generate};
+use needle_model::{Cpu, GenerateConfig, KvCache, Llama, LoadOptions, SelectionConfig, Weights, argmax, generate};
 
 const PROMPT: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. \
 The pass key is 40917. Remember it. 40917 is the pass key. The grass is green. The sky is blue. The sun is yellow. \
@@ -20,7 +20,14 @@ fn real() -> Real {
     let path = needle_fetch::default_model_path().unwrap();
     assert!(path.is_file(), "{} is missing: run `cargo xtask fetch-model` (or set NEEDLE_MODEL)", path.display());
     let ck = needle_loader::open(&path).unwrap();
-    Real { model: Llama::<Cpu>::load(&ck, &Default::default()).unwrap(), tok: ck.tokenizer().unwrap() }
+    // f32 weights: the claim checked is about attention (a whole budget is full attention, up to
+    // float summation order). Native quantized weights quantize activations to 8 bits, where a
+    // last-bit difference can flip a rounding and move later logits far more than the attention did.
+    let f32_weights = LoadOptions { weights: Weights::F32, ..Default::default() };
+    Real {
+        model: Llama::<Cpu>::load_with(&ck, &Default::default(), &f32_weights).unwrap(),
+        tok: ck.tokenizer().unwrap(),
+    }
 }
 
 fn cache(r: &Real, factory: &dyn SelectorFactory, budget: Budget) -> KvCache {
