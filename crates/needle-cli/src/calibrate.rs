@@ -51,7 +51,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
 }
 
 fn run_on<B: Backend>(a: CalibrateArgs, device: &B::Device) -> Result<()> {
-    let loaded = load_on::<B>(&a.model.model, device)?;
+    let loaded = load_on::<B>(&a.model.model, a.model.weights, device)?;
     let model = &loaded.model;
     let tokens = prompt_tokens(&a.prompt, &loaded.tokenizer)?;
     let n = tokens.len();

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use needle_model::{Cpu, KvCache, Llama, selector_from_spec};
+use needle_model::{Cpu, KvCache, Llama, LoadOptions, Weights, selector_from_spec};
 
 #[derive(Args)]
 pub struct ModelArgs {
@@ -18,6 +18,19 @@ pub struct ModelArgs {
     /// the feature of that name). Decode attention over the KV cache runs on the host either way.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
+    /// `native` keeps GGUF weights in their blocks (fused quantized kernels on the CPU); `f32`
+    /// dequantizes every weight, the exact reference path for fidelity work.
+    #[arg(long, value_enum, default_value_t = WeightsArg::Native)]
+    pub weights: WeightsArg,
+}
+
+/// How weights are held (`--weights`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightsArg {
+    /// As stored in the file.
+    Native,
+    /// Dequantized to f32.
+    F32,
 }
 
 /// The backends the CLI can run the model on.
@@ -112,17 +125,21 @@ pub struct Loaded<B: Backend = Cpu> {
     pub tokenizer: needle_loader::Tokenizer,
 }
 
-/// Loads a model (by `--model` spec) on the CPU backend.
-pub fn load(spec: &str) -> Result<Loaded> {
-    load_on(spec, &Default::default())
+/// Loads a model on the CPU backend (the commands whose harness runs on the host).
+pub fn load(a: &ModelArgs) -> Result<Loaded> {
+    if a.device != DeviceKind::Cpu {
+        bail!("--device {:?}: this command runs on the CPU backend only", a.device);
+    }
+    load_on(&a.model, a.weights, &Default::default())
 }
 
 /// Loads a model (by `--model` spec) on `device`.
-pub fn load_on<B: Backend>(spec: &str, device: &B::Device) -> Result<Loaded<B>> {
+pub fn load_on<B: Backend>(spec: &str, weights: WeightsArg, device: &B::Device) -> Result<Loaded<B>> {
     let path = model_path(spec)?;
     let t = Instant::now();
     let ck = needle_loader::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let model = Llama::<B>::load(&ck, device)?;
+    let weights = if weights == WeightsArg::F32 { Weights::F32 } else { Weights::Native };
+    let model = Llama::<B>::load_with(&ck, device, &LoadOptions { weights })?;
     let tokenizer = ck.tokenizer()?;
     tracing::info!("loaded {} in {:.1}s", ck.describe(), t.elapsed().as_secs_f64());
     Ok(Loaded { model, tokenizer })

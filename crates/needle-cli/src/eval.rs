@@ -121,7 +121,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     if fidelity || passkey || a.ruler {
-        let Loaded { model, tokenizer } = load(&a.model.model)?;
+        let Loaded { model, tokenizer } = load(&a.model)?;
         if fidelity {
             let text = match &a.text {
                 Some(p) => std::fs::read_to_string(p).with_context(|| format!("--text {}", p.display()))?,

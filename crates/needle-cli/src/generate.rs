@@ -50,7 +50,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 }
 
 fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
-    let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, device)?;
+    let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, a.model.weights, device)?;
     let prompt = prompt_tokens(&a.prompt, &tokenizer)?;
     let asked = a.selector.clone();
     a.selector = resolve_auto(&asked, prompt.len());

@@ -28,7 +28,7 @@ pub fn run(a: LogitsArgs) -> Result<()> {
 }
 
 fn run_on<B: Backend>(a: LogitsArgs, device: &B::Device) -> Result<()> {
-    let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, device)?;
+    let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, a.model.weights, device)?;
     let prompt = prompt_tokens(&a.prompt, &tokenizer)?;
     let mut cache = new_cache(&model, "full")?;
     let pb = progress_bar(prompt.len(), "prefill");

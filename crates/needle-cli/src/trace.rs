@@ -38,7 +38,7 @@ pub fn run(a: TraceArgs) -> Result<()> {
     if a.out.exists() && !a.force {
         bail!("{} exists; pass --force to overwrite it", a.out.display());
     }
-    let Loaded { model, tokenizer } = load(&a.model.model)?;
+    let Loaded { model, tokenizer } = load(&a.model)?;
     let prompt = prompt_tokens(&a.prompt, &tokenizer)?;
     if prompt.len() > model.max_positions() {
         tracing::warn!(

@@ -20,6 +20,10 @@ use crate::error::{Error, Result};
 /// the selectors; otherwise it is causal dense attention over everything cached for the layer
 /// (prefill). Returns `[t, n_q_heads * head_dim]`.
 ///
+/// Before a prefill, call [`KvCache::plan_training`] with the prompt length so that only a
+/// strided sample of prefill queries is kept as the selectors' training queries (without it
+/// every position's queries are kept).
+///
 /// Runs on [`NeedleBackend`] ops, which every backend has: on the CPU backend the tensors are
 /// read in place and prefill attention reads the cache's pages without copying them.
 ///

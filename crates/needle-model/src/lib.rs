@@ -51,6 +51,9 @@ pub use cache::{DecodeStats, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate};
 pub use model::Llama;
+/// The query/KV head layout a [`KvCache`] is made for (re-exported so a model needs no
+/// `needle-core` dependency to build one).
+pub use needle_core::GqaLayout;
 pub use rope::Rope;
 pub use sampling::{Sampler, SamplingConfig, argmax};
 pub use spec::{AUTO_RETRIEVAL_FROM, SELECTORS, resolve_auto, selector_from_spec};
