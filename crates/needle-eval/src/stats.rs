@@ -190,24 +190,6 @@ pub fn table(summary: &[Summary], k: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use needle_core::{NO_LABEL, SearchStats};
-
-    fn result(k: usize, rows: &[&[u32]]) -> SearchResult {
-        let rows = rows.iter().map(|r| (r.iter().map(|&l| (l, 0.0)).collect(), SearchStats::default())).collect();
-        SearchResult::from_rows(k, rows)
-    }
-
-    #[test]
-    fn recall_counts_the_overlap_whatever_the_order() {
-        let truth = result(3, &[&[1, 2, 3], &[4, 5, 6]]);
-        let found = result(3, &[&[3, 1, 9], &[6, 5, 4]]);
-        assert_eq!(recalls(&found, &truth).unwrap(), vec![2.0 / 3.0, 1.0]);
-        // Padding (fewer hits than k) counts as misses.
-        let short = result(3, &[&[1], &[]]);
-        assert_eq!(short.labels[1], NO_LABEL);
-        assert_eq!(recalls(&short, &truth).unwrap(), vec![1.0 / 3.0, 0.0]);
-        assert!(recalls(&result(3, &[&[1, 2, 3]]), &truth).is_err());
-    }
 
     #[test]
     fn shares_are_per_query() {
