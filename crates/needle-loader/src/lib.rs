@@ -88,17 +88,21 @@ impl Checkpoint {
             Checkpoint::Gguf(g) => g.hf_tensor(hf_name)?,
             Checkpoint::Safetensors(s) => s.tensor(hf_name)?,
         };
-        if let Some(expected) = self.config().expected_shape(hf_name)
-            && expected != t.shape
-        {
-            return Err(Error::ShapeMismatch {
+        self.check_shape(hf_name, &t.shape)?;
+        Ok(t)
+    }
+
+    /// Errors unless a tensor of the Llama layout has the shape the config implies.
+    fn check_shape(&self, hf_name: &str, got: &[usize]) -> Result<()> {
+        match self.config().expected_shape(hf_name) {
+            Some(expected) if expected != got => Err(Error::ShapeMismatch {
                 path: self.path().into(),
                 tensor: hf_name.into(),
                 expected,
-                got: t.shape,
-            });
+                got: got.to_vec(),
+            }),
+            _ => Ok(()),
         }
-        Ok(t)
     }
 
     /// A tensor by its Hugging Face name as stored, without dequantising: `Some` for GGUF files
@@ -112,16 +116,7 @@ impl Checkpoint {
             Error::MissingTensor { path, .. } => Error::MissingTensor { path, tensor: hf_name.into() },
             e => e,
         })?;
-        if let Some(expected) = self.config().expected_shape(hf_name)
-            && expected != t.shape
-        {
-            return Err(Error::ShapeMismatch {
-                path: self.path().into(),
-                tensor: hf_name.into(),
-                expected,
-                got: t.shape,
-            });
-        }
+        self.check_shape(hf_name, &t.shape)?;
         let c = self.config();
         if hf_name.ends_with("self_attn.q_proj.weight") {
             t.rope_heads = Some(c.num_attention_heads);

@@ -9,7 +9,6 @@
 //! [`KvCache`]; prefill attends causally over the cache, decode goes through the cache's selectors.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use needle_core::GqaLayout;
@@ -246,37 +245,18 @@ impl<B: Backend> Llama<B> {
         let (nh, nkv, d) = (self.gqa.n_q_heads, self.gqa.n_kv_heads, self.config.head_dim);
         let device = self.device();
         let mut x = self.embed(tokens)?;
-        let positions = pos0..pos0 + t;
-        if self.fused {
-            let (cos, sin) = self.rope.half_tables(positions);
-            let cos = Tensor::<B, 2>::from_data(TensorData::new(cos, [t, d / 2]), &device);
-            let sin = Tensor::<B, 2>::from_data(TensorData::new(sin, [t, d / 2]), &device);
-            for (l, b) in self.blocks.iter().enumerate() {
-                let h = self.rms_norm(x.clone(), &b.attn_norm)?;
-                let q = B::fused_rope(b.wq.forward(h.clone())?.reshape([t, nh, d]), &cos, &sin)?;
-                let k = B::fused_rope(b.wk.forward(h.clone())?.reshape([t, nkv, d]), &cos, &sin)?;
-                let v = b.wv.forward(h)?.reshape([t, nkv, d]);
-                let attn = cached_attention(cache, l, q, k, v, self.scale())?;
-                x = x + b.wo.forward(attn)?;
-                let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
-                let ff = B::fused_silu_mul(b.w_gate.forward(h.clone())?, b.w_up.forward(h)?)?;
-                x = x + b.w_down.forward(ff)?;
-            }
-        } else {
-            let (cos, sin) = self.rope.tables(positions);
-            let cos = Tensor::<B, 3>::from_data(TensorData::new(cos, [t, 1, d]), &device);
-            let sin = Tensor::<B, 3>::from_data(TensorData::new(sin, [t, 1, d]), &device);
-            for (l, b) in self.blocks.iter().enumerate() {
-                let h = self.rms_norm(x.clone(), &b.attn_norm)?;
-                let q = plain::rope_full(b.wq.forward(h.clone())?.reshape([t, nh, d]), &cos, &sin);
-                let k = plain::rope_full(b.wk.forward(h.clone())?.reshape([t, nkv, d]), &cos, &sin);
-                let v = b.wv.forward(h)?.reshape([t, nkv, d]);
-                let attn = cached_attention(cache, l, q, k, v, self.scale())?;
-                x = x + b.wo.forward(attn)?;
-                let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
-                let ff = silu(b.w_gate.forward(h.clone())?) * b.w_up.forward(h)?;
-                x = x + b.w_down.forward(ff)?;
-            }
+        let rope = RopeTables::new(self.fused, &self.rope, pos0..pos0 + t, d, &device);
+        for (l, b) in self.blocks.iter().enumerate() {
+            let h = self.rms_norm(x.clone(), &b.attn_norm)?;
+            let q = rope.apply(b.wq.forward(h.clone())?.reshape([t, nh, d]))?;
+            let k = rope.apply(b.wk.forward(h.clone())?.reshape([t, nkv, d]))?;
+            let v = b.wv.forward(h)?.reshape([t, nkv, d]);
+            let attn = cached_attention(cache, l, q, k, v, self.scale())?;
+            x = x + b.wo.forward(attn)?;
+            let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
+            let (gate, up) = (b.w_gate.forward(h.clone())?, b.w_up.forward(h)?);
+            let ff = if self.fused { B::fused_silu_mul(gate, up)? } else { plain::silu_mul(gate, up) };
+            x = x + b.w_down.forward(ff)?;
         }
         self.rms_norm(x, &self.norm)
     }
@@ -364,4 +344,34 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// RoPE tables for a run of positions, in the form the chosen ops read: half tables
+/// `[t, dim/2]` for the fused op, full `[t, 1, dim]` for the plain Burn ops of the f32 path.
+enum RopeTables<B: Backend> {
+    Half(Tensor<B, 2>, Tensor<B, 2>),
+    Full(Tensor<B, 3>, Tensor<B, 3>),
+}
+
+impl<B: Backend> RopeTables<B> {
+    fn new(fused: bool, rope: &Rope, positions: std::ops::Range<usize>, d: usize, device: &B::Device) -> Self {
+        let t = positions.len();
+        if fused {
+            let (cos, sin) = rope.half_tables(positions);
+            let table = |v| Tensor::<B, 2>::from_data(TensorData::new(v, [t, d / 2]), device);
+            RopeTables::Half(table(cos), table(sin))
+        } else {
+            let (cos, sin) = rope.tables(positions);
+            let table = |v| Tensor::<B, 3>::from_data(TensorData::new(v, [t, 1, d]), device);
+            RopeTables::Full(table(cos), table(sin))
+        }
+    }
+
+    /// Rotates `[t, heads, dim]`.
+    fn apply(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
+        match self {
+            RopeTables::Half(cos, sin) => B::fused_rope(x, cos, sin),
+            RopeTables::Full(cos, sin) => Ok(plain::rope_full(x, cos, sin)),
+        }
+    }
 }
