@@ -1,6 +1,7 @@
 //! The CPU fast path of a decode step for one KV head: all of its query group's heads attend to
 //! the static part plus a selection in one pass over the keys (each key row is read once for
-//! the whole group), in `f32` with a stable two-pass softmax. [`attend_selected`] is its
+//! the whole group), in `f32` with a stable two-pass softmax, by needle-kernels-cpu's
+//! [`attend_rows`](needle_kernels_cpu::attend_rows) (SIMD picked at run time). [`attend_selected`] is its
 //! reference; `tests/decode.rs` compares the two on fresh random input.
 //!
 //! [`attend_selected`]: crate::attend_selected
@@ -87,42 +88,15 @@ pub fn attend_group<'s>(
         scratch.ids.push(id);
         scratch.bias.push(if weighted { selection.log_weights[i] } else { 0.0 });
     }
-    let m = scratch.ids.len();
     let out = &mut scratch.out;
     out.clear();
     out.resize(g * d, 0.0);
-    if m == 0 {
-        return Ok(out);
-    }
-    // Scores, key-major: each key row is read once for all g heads.
-    scratch.scores.resize(m * g, 0.0);
-    for (j, (&id, &b)) in scratch.ids.iter().zip(&scratch.bias).enumerate() {
-        let k = keys.row(id as usize);
-        for h in 0..g {
-            scratch.scores[j * g + h] = dot(&queries[h * d..(h + 1) * d], k) * scale + b;
-        }
-    }
-    let mut max = vec![f32::NEG_INFINITY; g];
-    for row in scratch.scores.chunks_exact(g) {
-        for (mx, &s) in max.iter_mut().zip(row) {
-            *mx = mx.max(s);
-        }
-    }
-    let mut denom = vec![0.0f32; g];
-    for (j, &id) in scratch.ids.iter().enumerate() {
-        let v = values.row(id as usize);
-        for h in 0..g {
-            let p = (scratch.scores[j * g + h] - max[h]).exp();
-            denom[h] += p;
-            for (o, &x) in out[h * d..(h + 1) * d].iter_mut().zip(v) {
-                *o += p * x;
-            }
-        }
-    }
-    for h in 0..g {
-        let inv = 1.0 / denom[h];
-        out[h * d..(h + 1) * d].iter_mut().for_each(|o| *o *= inv);
-    }
+    let krows: Vec<&[f32]> = scratch.ids.iter().map(|&id| keys.row(id as usize)).collect();
+    let vrows: Vec<&[f32]> = scratch.ids.iter().map(|&id| values.row(id as usize)).collect();
+    let bias = weighted.then_some(scratch.bias.as_slice());
+    needle_kernels_cpu::attend_rows(queries, &krows, &vrows, bias, scale, &mut scratch.scores, out).map_err(|e| {
+        Error::InvalidParameter { name: "keys/values".into(), reason: format!("decode attention: {e}") }
+    })?;
     Ok(out)
 }
 

@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use needle_kernels_cpu::{Pages, QMatrix, QuantType, flash_prefill};
+use needle_kernels_cpu::{Pages, QMatrix, QuantType, attend_rows, flash_prefill};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 fn weights(rng: &mut StdRng, ty: QuantType, rows: usize, cols: usize) -> Vec<u8> {
@@ -115,6 +115,15 @@ fn attn(c: &mut Criterion) {
     let mut out = vec![0f32; q.len()];
     c.bench_function("flash_prefill_t512_9x3_d64", |b| {
         b.iter(|| flash_prefill(black_box(&q), k, v, &mut out, 0, hq, 0.125).unwrap())
+    });
+    // One decode step of one KV head: a group of 3 query heads over 545 gathered rows.
+    let (g, m) = (3, 545);
+    let rows: Vec<Vec<f32>> = (0..2 * m).map(|_| (0..dim).map(|_| rng.random_range(-1f32..1.0)).collect()).collect();
+    let (kr, vr): (Vec<&[f32]>, Vec<&[f32]>) =
+        (rows[..m].iter().map(|r| &r[..]).collect(), rows[m..].iter().map(|r| &r[..]).collect());
+    let (mut scores, mut o) = (Vec::new(), vec![0f32; g * dim]);
+    c.bench_function("attend_rows_g3_m545_d64", |b| {
+        b.iter(|| attend_rows(black_box(&q[..g * dim]), &kr, &vr, None, 0.125, &mut scores, &mut o).unwrap())
     });
 }
 

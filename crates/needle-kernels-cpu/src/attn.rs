@@ -271,13 +271,341 @@ impl<T: KvElem> Job<'_, '_, '_, T> {
     }
 }
 
+/// Decode attention of `g` query heads sharing one KV head over gathered rows: `q` is `g × dim`
+/// (row-major), `keys[j]` / `values[j]` are the rows attended (any positions, each `dim`
+/// elements), `bias[j]` (when given) is added to row `j`'s scores after scaling (log-weights of a
+/// sampled selection). `out` (`g × dim`) receives `softmax(scale · q·kᵀ + bias) · V` per head;
+/// with no rows it is zero. `scores` is reusable scratch. Each key and value row is read once for
+/// the whole group; the softmax is two-pass (exact max, then exponentials).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows<T: KvElem>(
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) -> Result<()> {
+    attend_rows_with(Isa::detect(), q, keys, values, bias, scale, scores, out)
+}
+
+/// [`attend_rows`] on a given ISA (scalar when `isa` is not available here).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows_with<T: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) -> Result<()> {
+    check_len("out", out.len(), q.len())?;
+    check_len("values", values.len(), keys.len())?;
+    if let Some(b) = bias {
+        check_len("bias", b.len(), keys.len())?;
+    }
+    out.fill(0.0);
+    let Some(dim) = keys.first().map(|k| k.len()) else { return Ok(()) };
+    if dim == 0 || !q.len().is_multiple_of(dim) {
+        return Err(Error::Invalid { param: "q", why: format!("length {} is not a multiple of dim {dim}", q.len()) });
+    }
+    if let Some(r) = keys.iter().chain(values).find(|r| r.len() != dim) {
+        return Err(Error::Invalid {
+            param: "keys/values",
+            why: format!("a row has {} elements, expected {dim}", r.len()),
+        });
+    }
+    let rows = Rows { q, keys, values, bias, scale, dim };
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: `has_avx2()` means avx2 and fma were detected on this CPU.
+        unsafe { rows.run_avx2(scores, out) };
+        return Ok(());
+    }
+    let _ = isa;
+    rows.run_dims(scores, out);
+    Ok(())
+}
+
+struct Rows<'a, T> {
+    q: &'a [f32],
+    keys: &'a [&'a [T]],
+    values: &'a [&'a [T]],
+    bias: Option<&'a [f32]>,
+    scale: f32,
+    dim: usize,
+}
+
+impl<T: KvElem> Rows<'_, T> {
+    /// # Safety
+    /// Needs avx2, fma and f16c.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_avx2(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+        use std::any::TypeId;
+        if self.dim.is_multiple_of(8) {
+            let (k, v) = (self.keys as *const [&[T]], self.values as *const [&[T]]);
+            // SAFETY (both casts): `T` is exactly the type cast to (equal type ids), so the slices
+            // are reinterpreted as themselves; the features are those of this fn.
+            if TypeId::of::<T>() == TypeId::of::<f32>() {
+                let (k, v) = unsafe { (&*(k as *const [&[f32]]), &*(v as *const [&[f32]])) };
+                return unsafe { x86::attend_rows(self.q, k, v, self.bias, self.scale, scores, out) };
+            }
+            if TypeId::of::<T>() == TypeId::of::<f16>() {
+                let (k, v) = unsafe { (&*(k as *const [&[f16]]), &*(v as *const [&[f16]])) };
+                return unsafe { x86::attend_rows(self.q, k, v, self.bias, self.scale, scores, out) };
+            }
+        }
+        self.run_dims(scores, out)
+    }
+
+    #[inline(always)]
+    fn run_dims(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+        match self.dim {
+            64 => self.body::<64>(scores, out),
+            128 => self.body::<128>(scores, out),
+            _ => self.body::<0>(scores, out),
+        }
+    }
+
+    /// `D` is the head dim, or 0 for "read it from `self.dim`".
+    #[inline(always)]
+    fn body<const D: usize>(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+        let dim = if D == 0 { self.dim } else { D };
+        let (m, g) = (self.keys.len(), self.q.len() / dim);
+        // Head-major scores (`g × m`), so the softmax runs over contiguous rows.
+        scores.clear();
+        scores.resize(g * m, 0.0);
+        let mut conv = Vec::new();
+        for (j, k) in self.keys.iter().enumerate() {
+            let k = T::as_f32(k, &mut conv);
+            let b = self.bias.map_or(0.0, |b| b[j]);
+            for h in 0..g {
+                scores[h * m + j] = dot8(&self.q[h * dim..(h + 1) * dim], &k[..dim]) * self.scale + b;
+            }
+        }
+        for s in scores.chunks_exact_mut(m) {
+            let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            s.iter_mut().for_each(|x| *x = exp_approx(*x - mx));
+            let inv = 1.0 / s.iter().sum::<f32>();
+            s.iter_mut().for_each(|x| *x *= inv);
+        }
+        for (j, v) in self.values.iter().enumerate() {
+            let v = T::as_f32(v, &mut conv);
+            for h in 0..g {
+                axpy(scores[h * m + j], &v[..dim], &mut out[h * dim..(h + 1) * dim]);
+            }
+        }
+    }
+}
+
+/// AVX2 decode attention over gathered rows (head dims that are a multiple of 8).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    /// Eight row elements as f32.
+    pub(super) trait Load8: Copy {
+        /// # Safety
+        /// `p` must have 8 readable elements; needs avx2 and f16c.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Load8 for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable floats.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+    }
+
+    impl Load8 for f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable halves (16 bytes) and f16c.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+        }
+    }
+
+    /// [`super::attend_rows`] after its checks: every row has `dim` elements, `dim` a multiple of
+    /// 8, `q` and `out` are `g × dim`, `bias` has one entry per row.
+    ///
+    /// # Safety
+    /// Needs avx2, fma and f16c; the shapes above hold.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn attend_rows<T: Load8>(
+        q: &[f32],
+        keys: &[&[T]],
+        values: &[&[T]],
+        bias: Option<&[f32]>,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let m = keys.len();
+        let dim = keys[0].len();
+        let (g, c8) = (q.len() / dim, dim / 8);
+        scores.clear();
+        scores.resize(g * m, 0.0);
+        let sv = _mm256_set1_ps(scale);
+        // Eight keys at a time for every head (the 8 rows stay in L1 across heads): eight
+        // accumulators, then one transpose-sum into 8 scores.
+        let mut j = 0;
+        while j + 8 <= m {
+            for h in 0..g {
+                let qh = &q[h * dim..(h + 1) * dim];
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for c in 0..c8 {
+                    // SAFETY: rows and `qh` have `dim` = 8·c8 elements.
+                    let qv = unsafe { _mm256_loadu_ps(qh.as_ptr().add(8 * c)) };
+                    for (u, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(qv, unsafe { T::load8(keys[j + u].as_ptr().add(8 * c)) }, *a);
+                    }
+                }
+                let mut s = _mm256_mul_ps(sum8(acc), sv);
+                if let Some(b) = bias {
+                    // SAFETY: `b` has `m ≥ j + 8` entries.
+                    s = _mm256_add_ps(s, unsafe { _mm256_loadu_ps(b.as_ptr().add(j)) });
+                }
+                // SAFETY: row `h` of `scores` has `m ≥ j + 8` entries.
+                unsafe { _mm256_storeu_ps(scores.as_mut_ptr().add(h * m + j), s) };
+            }
+            j += 8;
+        }
+        for jj in j..m {
+            for h in 0..g {
+                let qh = &q[h * dim..(h + 1) * dim];
+                let mut a = _mm256_setzero_ps();
+                for c in 0..c8 {
+                    // SAFETY: as above.
+                    let (qv, kv) =
+                        unsafe { (_mm256_loadu_ps(qh.as_ptr().add(8 * c)), T::load8(keys[jj].as_ptr().add(8 * c))) };
+                    a = _mm256_fmadd_ps(qv, kv, a);
+                }
+                scores[h * m + jj] = hsum(a) * scale + bias.map_or(0.0, |b| b[jj]);
+            }
+        }
+        for srow in scores.chunks_exact_mut(m) {
+            softmax(srow);
+        }
+        // One pass over the value rows: each row is added into every head's output (in L1);
+        // the dim/8 chunks of a row are independent FMAs.
+        out.fill(0.0);
+        for (j, v) in values.iter().enumerate() {
+            for h in 0..g {
+                let p = _mm256_set1_ps(scores[h * m + j]);
+                let o = out[h * dim..(h + 1) * dim].as_mut_ptr();
+                for c in 0..c8 {
+                    // SAFETY: value rows and each head's output have `dim` elements.
+                    unsafe {
+                        let acc = _mm256_fmadd_ps(p, T::load8(v.as_ptr().add(8 * c)), _mm256_loadu_ps(o.add(8 * c)));
+                        _mm256_storeu_ps(o.add(8 * c), acc);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The eight horizontal sums of `a[0..8]`, in order.
+    #[inline(always)]
+    fn sum8(a: [__m256; 8]) -> __m256 {
+        // SAFETY: only called inside `attend_rows` (avx2 enabled there).
+        unsafe {
+            let t0 = _mm256_hadd_ps(a[0], a[1]);
+            let t1 = _mm256_hadd_ps(a[2], a[3]);
+            let t2 = _mm256_hadd_ps(a[4], a[5]);
+            let t3 = _mm256_hadd_ps(a[6], a[7]);
+            let u0 = _mm256_hadd_ps(t0, t1);
+            let u1 = _mm256_hadd_ps(t2, t3);
+            _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31))
+        }
+    }
+
+    #[inline(always)]
+    fn hsum(a: __m256) -> f32 {
+        let mut l = [0f32; 8];
+        // SAFETY: `l` holds 8 floats; avx as above.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), a) };
+        ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+    }
+
+    /// In-place softmax of `s` with [`super::exp_approx`] eight lanes at a time.
+    #[inline(always)]
+    fn softmax(s: &mut [f32]) {
+        let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let (mut sum, mut i) = (0f32, 0);
+        // SAFETY (the block): `i + 8 ≤ s.len()` for every access; avx2 and fma as above.
+        unsafe {
+            let (mv, mut acc) = (_mm256_set1_ps(mx), _mm256_setzero_ps());
+            while i + 8 <= s.len() {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s.as_ptr().add(i)), mv));
+                _mm256_storeu_ps(s.as_mut_ptr().add(i), e);
+                acc = _mm256_add_ps(acc, e);
+                i += 8;
+            }
+            sum += hsum(acc);
+        }
+        for x in &mut s[i..] {
+            *x = super::exp_approx(*x - mx);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        s.iter_mut().for_each(|x| *x *= inv);
+    }
+
+    /// [`super::exp_approx`] on eight lanes.
+    #[inline(always)]
+    fn exp8(x: __m256) -> __m256 {
+        // SAFETY: avx2 and fma as above.
+        unsafe {
+            let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_setzero_ps());
+            let round = _mm256_set1_ps(12_582_912.0);
+            let n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), round), round);
+            let r =
+                _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x));
+            let mut p = _mm256_set1_ps(1.987_569_1e-4);
+            for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+            }
+            let e = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0));
+            let pow = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                23,
+            ));
+            _mm256_mul_ps(e, pow)
+        }
+    }
+}
+
+/// Inner product with eight independent lanes (vectorizes without reassociation).
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
 /// `e^x` for `x ≤ 0` (softmax arguments), relative error about 2e-7, branch-free so it
 /// vectorizes: `x = n·ln2 + r`, `|r| ≤ ln2/2`, degree-6 polynomial for `e^r`, `2^n` from the
 /// exponent bits. Arguments below −87 give a tiny positive number instead of 0.
 #[inline(always)]
 fn exp_approx(x: f32) -> f32 {
     let x = x.clamp(-87.0, 0.0);
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    // Adding and subtracting 1.5·2²³ rounds to nearest even in plain arithmetic (|x·log2e| < 2²²),
+    // which vectorizes where `round_ties_even` may become a library call.
+    const ROUND: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r

@@ -4,8 +4,10 @@
 //! * [`act`]: activations quantized on the fly to 8-bit blocks (Q8_0-style and Q8_K-style).
 //! * [`dot`]: fused quantized dot products, one per weight type, scalar reference + AVX2/FMA.
 //! * [`linear`]: [`QMatrix`], a borrowed view of quantized weight rows, with `gemv` and `gemm`.
-//! * [`attn`]: causal, GQA-aware flash prefill reading KV pages in place.
+//! * [`attn`]: causal, GQA-aware flash prefill reading KV pages in place, and decode attention
+//!   of a query group over gathered rows ([`attend_rows`]).
 //! * [`ops`]: RMSNorm, rotate-half RoPE, SiLU·up.
+//! * [`pool`]: the spinning thread pool the linears' parallel loops run on.
 //!
 //! SIMD paths are picked at run time ([`Isa::detect`], once: AVX2+FMA+F16C where present), so one
 //! binary is fast on any x86-64 without `target-cpu=native`. Every kernel has a `*_with(isa, …)`
@@ -17,14 +19,16 @@ pub mod attn;
 pub mod dot;
 pub mod linear;
 pub mod ops;
+pub mod pool;
 pub mod quant;
 
 mod isa;
 
 pub use act::{BlockQ8, BlockQ8K, QActs};
-pub use attn::{Pages, flash_prefill};
+pub use attn::{Pages, attend_rows, flash_prefill};
 pub use isa::Isa;
-pub use linear::QMatrix;
+pub use linear::{QMatrix, gemv_many};
+pub use pool::Pool;
 pub use quant::{QuantType, dequantize_row};
 
 /// Errors of the kernels: a bad shape or length, naming the parameter.

@@ -1,9 +1,10 @@
 //! Quantized linear layers over borrowed (memory-mapped) weight bytes.
 
-use rayon::prelude::*;
+use std::sync::Mutex;
 
-use crate::act::QActs;
+use crate::act::{QActs, kind_for};
 use crate::dot::{Kernel, Kernel4, TOKENS, kernel, kernel4};
+use crate::pool::Pool;
 use crate::quant::QuantType;
 use crate::{Error, Isa, Result, check_len};
 
@@ -61,23 +62,7 @@ impl<'a> QMatrix<'a> {
 
     /// [`gemv`](Self::gemv) on a given ISA (scalar when `isa` is not available here).
     pub fn gemv_with(&self, isa: Isa, x: &[f32], y: &mut [f32]) -> Result<()> {
-        check_len("x", x.len(), self.cols)?;
-        check_len("y", y.len(), self.rows)?;
-        let acts = QActs::quantize(self.ty, x, 1, self.cols)?;
-        let k = kernel(self.ty, isa);
-        let xr = acts.row(0);
-        let run = |r0: usize, ys: &mut [f32]| {
-            for (i, v) in ys.iter_mut().enumerate() {
-                *v = k(self.row_bytes(r0 + i), xr);
-            }
-        };
-        if self.rows * self.cols < PAR_MIN_WEIGHTS || rayon::current_num_threads() == 1 {
-            run(0, y);
-        } else {
-            let chunk = self.rows.div_ceil(4 * rayon::current_num_threads()).max(8);
-            y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| run(c * chunk, ys));
-        }
-        Ok(())
+        gemv_many_with(isa, &[*self], x, &mut [y])
     }
 
     /// `Y = X Wᵀ` for `t` tokens (`x`: `t × cols`, `y`: `t × rows`), on the best ISA.
@@ -89,7 +74,7 @@ impl<'a> QMatrix<'a> {
     ///
     /// Each token row of `x` is quantized once; the work is cut into tiles of 16 weight rows ×
     /// 8 tokens so a weight row is read from L1 for all tokens of the tile; row blocks run in
-    /// parallel. For Q8_0, Q4_0 and Q4_1 on AVX2 a micro-kernel takes 1 weight row × 4 tokens,
+    /// parallel on the [`Pool`]. For Q8_0, Q4_0 and Q4_1 on AVX2 a micro-kernel takes 1 weight row × 4 tokens,
     /// unpacking each weight block once for the 4 tokens.
     pub fn gemm_with(&self, isa: Isa, x: &[f32], t: usize, y: &mut [f32]) -> Result<()> {
         check_len("x", x.len(), t.saturating_mul(self.cols))?;
@@ -104,13 +89,19 @@ impl<'a> QMatrix<'a> {
         let (k, k4) = (kernel(self.ty, isa), kernel4(self.ty, isa));
         // Results row-major by weight row (so row blocks are contiguous), transposed at the end.
         let mut yt = vec![0f32; self.rows * t];
-        let block = TILE_ROWS.max(self.rows.div_ceil(4 * rayon::current_num_threads()) / TILE_ROWS * TILE_ROWS);
-        yt.par_chunks_mut(block * t).enumerate().for_each(|(b, out)| self.tile(k, k4, &acts, b * block, t, out));
-        y.par_chunks_mut(self.rows).enumerate().for_each(|(tok, yr)| {
+        let pool = Pool::global();
+        let block = TILE_ROWS.max(self.rows.div_ceil(4 * pool.threads()) / TILE_ROWS * TILE_ROWS);
+        let tiles: Vec<Mutex<&mut [f32]>> = yt.chunks_mut(block * t).map(Mutex::new).collect();
+        pool.run(tiles.len(), &|b| {
+            let mut out = tiles[b].lock().unwrap_or_else(|e| e.into_inner());
+            self.tile(k, k4, &acts, b * block, t, &mut out);
+        });
+        drop(tiles);
+        for (tok, yr) in y.chunks_mut(self.rows).enumerate() {
             for (r, v) in yr.iter_mut().enumerate() {
                 *v = yt[r * t + tok];
             }
-        });
+        }
         Ok(())
     }
 
@@ -138,4 +129,52 @@ impl<'a> QMatrix<'a> {
             }
         }
     }
+}
+
+/// `ys[i] = mats[i] · x` for matrices sharing one input (e.g. a layer's q, k and v
+/// projections), on the best ISA: the input is quantized once per activation kind and the rows
+/// of all matrices run as one parallel loop on the [`Pool`].
+pub fn gemv_many(mats: &[QMatrix<'_>], x: &[f32], ys: &mut [&mut [f32]]) -> Result<()> {
+    gemv_many_with(Isa::detect(), mats, x, ys)
+}
+
+/// [`gemv_many`] on a given ISA (scalar when `isa` is not available here).
+pub fn gemv_many_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], ys: &mut [&mut [f32]]) -> Result<()> {
+    check_len("ys", ys.len(), mats.len())?;
+    let mut acts: Vec<(&'static str, QActs)> = Vec::new();
+    for (m, y) in mats.iter().zip(ys.iter()) {
+        check_len("x", x.len(), m.cols)?;
+        check_len("y", y.len(), m.rows)?;
+        let kind = kind_for(m.ty);
+        if !acts.iter().any(|(k, _)| *k == kind) {
+            acts.push((kind, QActs::quantize(m.ty, x, 1, m.cols)?));
+        }
+    }
+    let row_of = |m: &QMatrix<'_>| acts.iter().find(|(k, _)| *k == kind_for(m.ty)).map(|(_, a)| a.row(0));
+    let pool = Pool::global();
+    let weights: usize = mats.iter().map(|m| m.rows * m.cols).sum();
+    let rows: usize = mats.iter().map(|m| m.rows).sum();
+    let chunk = if weights < PAR_MIN_WEIGHTS { usize::MAX } else { rows.div_ceil(4 * pool.threads()).max(8) };
+    // (matrix, first row, outputs) per task.
+    let mut tasks = Vec::new();
+    for (i, y) in ys.iter_mut().enumerate() {
+        for (c, part) in y.chunks_mut(chunk.min(mats[i].rows.max(1))).enumerate() {
+            tasks.push(Mutex::new((i, c * chunk.min(mats[i].rows.max(1)), part)));
+        }
+    }
+    let run = |t: usize| {
+        let mut task = tasks[t].lock().unwrap_or_else(|e| e.into_inner());
+        let (i, r0, ref mut out) = *task;
+        let m = &mats[i];
+        let (k, Some(xr)) = (kernel(m.ty, isa), row_of(m)) else { return };
+        for (j, v) in out.iter_mut().enumerate() {
+            *v = k(m.row_bytes(r0 + j), xr);
+        }
+    };
+    if weights < PAR_MIN_WEIGHTS {
+        (0..tasks.len()).for_each(run)
+    } else {
+        pool.run(tasks.len(), &run)
+    }
+    Ok(())
 }

@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use half::f16;
-use needle_kernels_cpu::attn::{KvElem, flash_prefill_with};
-use needle_kernels_cpu::{Error, Isa, Pages, flash_prefill};
+use needle_kernels_cpu::attn::{KvElem, attend_rows_with, flash_prefill_with};
+use needle_kernels_cpu::{Error, Isa, Pages, attend_rows, flash_prefill};
 
 /// Cuts `len × dim` rows into pages of `page_rows` rows (last one partial, exactly sized).
 fn paginate<T: Copy>(rows: &[T], page_rows: usize, dim: usize) -> Vec<Vec<T>> {
@@ -111,4 +111,93 @@ fn bad_shapes_are_errors() {
     let e = flash_prefill(&q, &short, &kv, &mut out, 0, 3, 1.0).unwrap_err();
     assert!(matches!(e, Error::Invalid { param: "keys", .. }), "{e}"); // 1 page of 2 rows < 4
     flash_prefill(&q, &kv, &kv, &mut out, 0, 3, 1.0).unwrap();
+}
+
+/// Plain f64 attention of `g` heads over gathered rows with per-row bias.
+fn rows_reference(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], bias: Option<&[f32]>, scale: f32) -> Vec<f64> {
+    let dim = k.first().map_or(1, Vec::len);
+    let mut out = vec![0f64; q.len()];
+    if k.is_empty() {
+        return out;
+    }
+    for (h, qr) in q.chunks_exact(dim).enumerate() {
+        let s: Vec<f64> = k
+            .iter()
+            .enumerate()
+            .map(|(j, kr)| {
+                let d: f64 = qr.iter().zip(kr).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                d * f64::from(scale) + bias.map_or(0.0, |b| f64::from(b[j]))
+            })
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        for (ej, vr) in e.iter().zip(v) {
+            for (o, x) in out[h * dim..(h + 1) * dim].iter_mut().zip(vr) {
+                *o += ej / z * f64::from(*x);
+            }
+        }
+    }
+    out
+}
+
+fn check_rows<T: KvElem>(conv: fn(&[f32]) -> Vec<T>, back: fn(&[T]) -> Vec<f32>) {
+    let mut r = rng(11);
+    for g in [1, 3, 4] {
+        for dim in [64, 128, 20] {
+            for m in [0, 1, 7, 333] {
+                for biased in [false, true] {
+                    let q = randn(&mut r, g * dim);
+                    let kt: Vec<Vec<T>> = (0..m).map(|_| conv(&randn(&mut r, dim))).collect();
+                    let vt: Vec<Vec<T>> = (0..m).map(|_| conv(&randn(&mut r, dim))).collect();
+                    let bias: Vec<f32> = randn(&mut r, m).iter().map(|b| b - 2.0).collect();
+                    let bias = biased.then_some(bias.as_slice());
+                    let (kf, vf): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+                        (kt.iter().map(|x| back(x)).collect(), vt.iter().map(|x| back(x)).collect());
+                    let keys: Vec<&[T]> = kt.iter().map(Vec::as_slice).collect();
+                    let values: Vec<&[T]> = vt.iter().map(Vec::as_slice).collect();
+                    let scale = 1.0 / (dim as f32).sqrt();
+                    let want = rows_reference(&q, &kf, &vf, bias, scale);
+                    for isa in Isa::all_available() {
+                        let mut out = vec![f32::NAN; q.len()];
+                        let mut scores = Vec::new();
+                        attend_rows_with(isa, &q, &keys, &values, bias, scale, &mut scores, &mut out).unwrap();
+                        for (i, (o, w)) in out.iter().zip(&want).enumerate() {
+                            assert!(
+                                (f64::from(*o) - w).abs() <= 2e-5,
+                                "{isa:?} g {g} dim {dim} m {m} bias {biased} [{i}]: {o} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn attend_rows_f32_matches_f64_reference() {
+    check_rows::<f32>(|x| x.to_vec(), |x| x.to_vec());
+}
+
+#[test]
+fn attend_rows_f16_matches_f64_reference_of_the_rounded_rows() {
+    check_rows::<f16>(|x| x.iter().map(|v| f16::from_f32(*v)).collect(), |x| x.iter().map(|v| v.to_f32()).collect());
+}
+
+#[test]
+fn attend_rows_rejects_bad_shapes() {
+    let (k, q) = (vec![0f32; 8], vec![0f32; 16]);
+    let rows = [k.as_slice()];
+    let (mut out, mut s) = (vec![0f32; 16], Vec::new());
+    let e = attend_rows(&q, &rows, &[], None, 1.0, &mut s, &mut out).unwrap_err();
+    assert!(matches!(e, Error::Len { param: "values", .. }), "{e}");
+    let e = attend_rows(&q, &rows, &rows, Some(&[0.0, 1.0]), 1.0, &mut s, &mut out).unwrap_err();
+    assert!(matches!(e, Error::Len { param: "bias", .. }), "{e}");
+    let e = attend_rows(&q[..12], &rows, &rows, None, 1.0, &mut s, &mut out[..12]).unwrap_err();
+    assert!(matches!(e, Error::Invalid { param: "q", .. }), "{e}");
+    let short = [&k[..7]];
+    let e = attend_rows(&q, &rows, &short, None, 1.0, &mut s, &mut out).unwrap_err();
+    assert!(matches!(e, Error::Invalid { param: "keys/values", .. }), "{e}");
+    attend_rows(&q, &rows, &rows, None, 1.0, &mut s, &mut out).unwrap();
 }

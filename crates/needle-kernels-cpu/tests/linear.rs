@@ -102,3 +102,31 @@ fn shape_errors_name_the_parameter() {
     assert!(matches!(m.gemv(&[0.0; 32], &mut y[..1]), Err(Error::Len { param: "y", .. })));
     assert!(matches!(m.gemm(&[0.0; 64], 2, &mut y), Err(Error::Len { param: "y", .. })));
 }
+
+/// Matrices of mixed types sharing one input, big enough to run on the pool: each output equals
+/// that matrix's own gemv (same quantized input, same kernel), on every ISA.
+#[test]
+fn gemv_many_equals_separate_gemvs_for_mixed_types() {
+    let mut r = rng(9);
+    let cols = 512;
+    let specs = [(QuantType::Q4_1, 300), (QuantType::Q6_K, 70), (QuantType::Q8_0, 1), (QuantType::F32, 129)];
+    let ws: Vec<Vec<u8>> = specs.iter().map(|&(ty, rows)| random_weights(&mut r, ty, rows, cols)).collect();
+    let mats: Vec<QMatrix<'_>> =
+        specs.iter().zip(&ws).map(|(&(ty, rows), w)| QMatrix::new(ty, rows, cols, w).unwrap()).collect();
+    let x = randn(&mut r, cols);
+    for isa in Isa::all_available() {
+        let mut ys: Vec<Vec<f32>> = specs.iter().map(|&(_, rows)| vec![f32::NAN; rows]).collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
+        needle_kernels_cpu::linear::gemv_many_with(isa, &mats, &x, &mut outs).unwrap();
+        for (m, y) in mats.iter().zip(&ys) {
+            let mut want = vec![0f32; m.rows()];
+            m.gemv_with(isa, &x, &mut want).unwrap();
+            assert_eq!(*y, want, "{:?} {isa:?}", m.ty());
+        }
+    }
+    let mut short = vec![0f32; 3];
+    let e = needle_kernels_cpu::gemv_many(&mats[..1], &x, &mut [&mut short]).unwrap_err();
+    assert!(matches!(e, Error::Len { param: "y", .. }), "{e}");
+    let e = needle_kernels_cpu::gemv_many(&mats[..1], &x, &mut []).unwrap_err();
+    assert!(matches!(e, Error::Len { param: "ys", .. }), "{e}");
+}

@@ -35,6 +35,10 @@ pub trait NeedleBackend: Backend {
     /// `x · Wᵀ`: `x` is `[t, w.cols()]`, the result `[t, w.rows()]`.
     fn qlinear(x: Tensor<Self, 2>, w: &QWeight) -> Result<Tensor<Self, 2>>;
 
+    /// `x · W_iᵀ` for several weights sharing the input `x` (`[t, cols]`), e.g. a layer's q, k
+    /// and v: one call so a backend can quantize the input once and run one parallel loop.
+    fn qlinear_many(x: Tensor<Self, 2>, ws: &[&QWeight]) -> Result<Vec<Tensor<Self, 2>>>;
+
     /// RMSNorm of each row of `x` (`[t, n]`) scaled by `w` (`[1, n]`).
     fn fused_rms_norm(x: Tensor<Self, 2>, w: &Tensor<Self, 2>, eps: f32) -> Result<Tensor<Self, 2>>;
 
@@ -79,6 +83,13 @@ impl<B: Backend> NeedleBackend for B {
         match cast::<_, Tensor<Flex, 2>>(x) {
             Ok(x) => back(flex::qlinear(x, w)?),
             Err(x) => plain::qlinear(x, w),
+        }
+    }
+
+    fn qlinear_many(x: Tensor<B, 2>, ws: &[&QWeight]) -> Result<Vec<Tensor<B, 2>>> {
+        match cast::<_, Tensor<Flex, 2>>(x) {
+            Ok(x) => flex::qlinear_many(x, ws)?.into_iter().map(back).collect(),
+            Err(x) => ws.iter().map(|w| plain::qlinear(x.clone(), w)).collect(),
         }
     }
 
@@ -163,6 +174,20 @@ pub mod flex {
         }
         let y = read_host(&x, |xs| w.forward(xs, t))??;
         Ok(from_vec(y, [t, w.rows()]))
+    }
+
+    /// [`NeedleBackend::qlinear_many`] with [`QWeight::forward_many`].
+    pub fn qlinear_many(x: Tensor<Flex, 2>, ws: &[&QWeight]) -> Result<Vec<Tensor<Flex, 2>>> {
+        let [t, cols] = x.dims();
+        if let Some(w) = ws.iter().find(|w| w.cols() != cols) {
+            return Err(Error::Shape {
+                tensor: format!("input of {}", w.name()),
+                expected: vec![t, w.cols()],
+                got: vec![t, cols],
+            });
+        }
+        let ys = read_host(&x, |xs| QWeight::forward_many(ws, xs, t))??;
+        Ok(ys.into_iter().zip(ws).map(|(y, w)| from_vec(y, [t, w.rows()])).collect())
     }
 
     /// [`NeedleBackend::fused_rms_norm`] with [`ops::rms_norm`].

@@ -77,6 +77,9 @@ impl DecodeStats {
     }
 }
 
+/// Below this many cached rows in a layer (all KV heads), decode attention runs on one thread.
+const PAR_MIN_ROWS: usize = 2048;
+
 struct HeadCache {
     keys: PagedRows,
     values: PagedRows,
@@ -418,26 +421,29 @@ impl KvCache {
             return Err(Error::State("decode attention before the selectors were built (prefill first)".into()));
         }
         let (d, gqa, budget) = (self.head_dim, self.gqa, self.config.budget);
-        let t0 = Instant::now();
-        self.heads[layer].par_iter_mut().enumerate().try_for_each(|(j, h)| -> Result<()> {
+        // Select and attend per KV head in one parallel region (serial when small: waking a
+        // thread costs more than a few hundred keys).
+        let step = |(j, h): (usize, &mut HeadCache)| -> Result<(Vec<f32>, Duration, Duration)> {
             let qg = &q[gqa.group(j).start * d..gqa.group(j).end * d];
+            let t0 = Instant::now();
             h.selector.select(qg, &h.keys, &budget, &mut h.selection)?;
-            Ok(())
-        })?;
-        let t1 = Instant::now();
-        let outs = self.heads[layer]
-            .par_iter_mut()
-            .enumerate()
-            .map(|(j, h)| -> Result<Vec<f32>> {
-                let qg = &q[gqa.group(j).start * d..gqa.group(j).end * d];
-                let sp = h.selector.static_part();
-                Ok(attend_group(qg, &h.keys, &h.values, sp, &h.selection, scale, &mut h.scratch)?.to_vec())
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let t2 = Instant::now();
+            let t1 = Instant::now();
+            let sp = h.selector.static_part();
+            let out = attend_group(qg, &h.keys, &h.values, sp, &h.selection, scale, &mut h.scratch)?.to_vec();
+            Ok((out, t1 - t0, t1.elapsed()))
+        };
+        let heads = &mut self.heads[layer];
+        let rows: usize = heads.iter().map(|h| h.keys.len()).sum();
+        let outs: Vec<_> = if rows < PAR_MIN_ROWS {
+            heads.iter_mut().enumerate().map(step).collect::<Result<_>>()?
+        } else {
+            heads.par_iter_mut().enumerate().map(step).collect::<Result<_>>()?
+        };
         let s = &mut self.stats;
-        s.select_time += t1 - t0;
-        s.attend_time += t2 - t1;
+        for (_, sel, att) in &outs {
+            s.select_time += *sel;
+            s.attend_time += *att;
+        }
         for h in &self.heads[layer] {
             let n = h.keys.len();
             let dynamic = h.selector.static_part().dynamic_range(n).len();
@@ -447,7 +453,7 @@ impl KvCache {
             s.keys_selected += h.selection.ids.len() as u64;
             s.select += h.selection.stats;
         }
-        Ok(outs.concat())
+        Ok(outs.into_iter().flat_map(|o| o.0).collect())
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {

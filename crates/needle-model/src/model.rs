@@ -44,6 +44,15 @@ impl<B: Backend> Linear<B> {
     }
 }
 
+/// `x` through several linears sharing it: one fused call when all keep stored blocks.
+fn forward_many<B: Backend, const N: usize>(x: Tensor<B, 2>, ls: [&Linear<B>; N]) -> Result<[Tensor<B, 2>; N]> {
+    let outs = match ls.iter().map(|l| l.native.as_ref()).collect::<Option<Vec<_>>>() {
+        Some(ws) => B::qlinear_many(x, &ws)?,
+        None => ls.iter().map(|l| l.forward(x.clone())).collect::<Result<Vec<_>>>()?,
+    };
+    outs.try_into().map_err(|_| Error::State("a fused linear returned the wrong number of outputs".into()))
+}
+
 /// One transformer layer's weights.
 #[derive(Module, Debug)]
 struct Block<B: Backend> {
@@ -248,13 +257,14 @@ impl<B: Backend> Llama<B> {
         let rope = RopeTables::new(self.fused, &self.rope, pos0..pos0 + t, d, &device);
         for (l, b) in self.blocks.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &b.attn_norm)?;
-            let q = rope.apply(b.wq.forward(h.clone())?.reshape([t, nh, d]))?;
-            let k = rope.apply(b.wk.forward(h.clone())?.reshape([t, nkv, d]))?;
-            let v = b.wv.forward(h)?.reshape([t, nkv, d]);
+            let [q, k, v] = forward_many(h, [&b.wq, &b.wk, &b.wv])?;
+            let q = rope.apply(q.reshape([t, nh, d]))?;
+            let k = rope.apply(k.reshape([t, nkv, d]))?;
+            let v = v.reshape([t, nkv, d]);
             let attn = cached_attention(cache, l, q, k, v, self.scale())?;
             x = x + b.wo.forward(attn)?;
             let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
-            let (gate, up) = (b.w_gate.forward(h.clone())?, b.w_up.forward(h)?);
+            let [gate, up] = forward_many(h, [&b.w_gate, &b.w_up])?;
             let ff = if self.fused { B::fused_silu_mul(gate, up)? } else { plain::silu_mul(gate, up) };
             x = x + b.w_down.forward(ff)?;
         }

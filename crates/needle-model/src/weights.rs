@@ -139,6 +139,28 @@ impl QWeight {
         Ok(y)
     }
 
+    /// `Y_i = X W_iᵀ` for weights sharing the input `x` (`t × cols`), e.g. a layer's q, k and v:
+    /// for one token the input is quantized once and all rows run as one parallel loop
+    /// ([`gemv_many`](needle_kernels_cpu::gemv_many)).
+    pub fn forward_many(ws: &[&QWeight], x: &[f32], t: usize) -> Result<Vec<Vec<f32>>> {
+        if t != 1 {
+            return ws.iter().map(|w| w.forward(x, t)).collect();
+        }
+        let mats = ws.iter().map(|w| w.matrix()).collect::<Result<Vec<_>>>()?;
+        let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows]).collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
+        needle_kernels_cpu::gemv_many(&mats, x, &mut outs).map_err(|e| {
+            let names: Vec<&str> = ws.iter().map(|w| w.name()).collect();
+            Error::kernel(names.join(", "), e)
+        })?;
+        for (w, y) in ws.iter().zip(&mut ys) {
+            if let Some(heads) = w.rope_heads {
+                deinterleave(y, w.rows / heads);
+            }
+        }
+        Ok(ys)
+    }
+
     /// Row `r` (Hugging Face order) dequantized into `out` (`cols` floats).
     pub fn row(&self, r: usize, out: &mut [f32]) -> Result<()> {
         if r >= self.rows {
