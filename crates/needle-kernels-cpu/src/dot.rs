@@ -63,7 +63,7 @@ pub(crate) const TOKENS: usize = 4;
 pub(crate) fn kernel4(ty: QuantType, isa: Isa) -> Option<Kernel4> {
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
-        return x86::kernel4(ty);
+        return x86::kernel4(ty, isa.effective() == Isa::AvxVnni);
     }
     let _ = (ty, isa);
     None
@@ -256,7 +256,17 @@ mod x86 {
         }
     }
 
-    pub(super) fn kernel4(ty: QuantType) -> Option<super::Kernel4> {
+    pub(super) fn kernel4(ty: QuantType, vnni: bool) -> Option<super::Kernel4> {
+        if vnni {
+            // SAFETY (every closure here): `vnni` is only true once `Isa::AvxVnni` was detected
+            // (avxvnni and everything `Isa::Avx2` needs).
+            // Q8_0 keeps the AVX2 code: its sign trick leaves VNNI no instruction to save.
+            match ty {
+                QuantType::Q4_0 => return Some(|w, x| unsafe { multi_vnni::<1>(w, &x.map(q8)) }),
+                QuantType::Q4_1 => return Some(|w, x| unsafe { multi_vnni::<2>(w, &x.map(q8)) }),
+                _ => {}
+            }
+        }
         // SAFETY (every closure below): as in `kernel`, only handed out once Avx2 was detected.
         match ty {
             QuantType::Q8_0 => Some(|w, x| unsafe { multi_avx2::<0>(w, &x.map(q8)) }),
@@ -273,52 +283,82 @@ mod x86 {
     /// Needs avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn multi_avx2<const T: u8>(w: &[u8], x: &[&[BlockQ8]; super::TOKENS]) -> [f32; super::TOKENS] {
-        let bb = match T {
-            0 => 34,
-            1 => 18,
-            _ => 20,
-        };
-        let mut acc = [_mm256_setzero_ps(); super::TOKENS];
-        let mut corr = [0f32; super::TOKENS];
-        for (i, b) in w.chunks_exact(bb).enumerate() {
-            // (unsigned weight bytes, sign source for the activations, d, min)
-            let (u, sgn, d, m) = match T {
-                0 => {
-                    // SAFETY: b[2..34] is 32 bytes.
-                    let qx = unsafe { load32(&b[2..34]) };
-                    (_mm256_sign_epi8(qx, qx), Some(qx), h2f(b, 0), 0.0)
-                }
-                1 => {
-                    // SAFETY: b[2..18] is the block's 16 nibble bytes.
-                    (unsafe { nibbles(&b[2..18]) }, None, h2f(b, 0), 0.0)
-                }
-                _ => {
-                    let (d, m) = h2f_pair(b);
-                    // SAFETY: b[4..20] is the block's 16 nibble bytes.
-                    (unsafe { nibbles(&b[4..20]) }, None, d, m)
-                }
+        // SAFETY: the features the body needs are this fn's.
+        unsafe { multi_body::<T, false>(w, x) }
+    }
+
+    /// [`multi_avx2`] with each block's integer dot as one AVX-VNNI `vpdpbusd` (same sums: the
+    /// AVX2 pair of instructions never saturates on these ranges).
+    ///
+    /// # Safety
+    /// Needs avx2, fma, f16c and avxvnni.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn multi_vnni<const T: u8>(w: &[u8], x: &[&[BlockQ8]; super::TOKENS]) -> [f32; super::TOKENS] {
+        // SAFETY: the features the body needs are this fn's.
+        unsafe { multi_body::<T, true>(w, x) }
+    }
+
+    /// # Safety
+    /// Inlined only into fns enabling avx2, fma and f16c (and avxvnni when `VNNI`).
+    #[inline(always)]
+    unsafe fn multi_body<const T: u8, const VNNI: bool>(
+        w: &[u8],
+        x: &[&[BlockQ8]; super::TOKENS],
+    ) -> [f32; super::TOKENS] {
+        // SAFETY: the caller enables the target features (see `# Safety`); slices are whole blocks.
+        #[allow(unused_unsafe)]
+        unsafe {
+            let bb = match T {
+                0 => 34,
+                1 => 18,
+                _ => 20,
             };
-            for k in 0..super::TOKENS {
-                let y = &x[k][i];
-                let mut qy = load_i8x32(&y.qs);
-                if let Some(s) = sgn {
-                    qy = _mm256_sign_epi8(qy, s);
-                }
-                let p = _mm256_cvtepi32_ps(dot_u8i8(u, qy));
-                let dd = d * y.d;
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dd), p, acc[k]);
-                match T {
-                    0 => {}
-                    1 => corr[k] -= dd * (8 * y.sum) as f32,
-                    _ => corr[k] += m * y.s,
+            let mut acc = [_mm256_setzero_ps(); super::TOKENS];
+            let mut corr = [0f32; super::TOKENS];
+            for (i, b) in w.chunks_exact(bb).enumerate() {
+                // (unsigned weight bytes, sign source for the activations, d, min)
+                let (u, sgn, d, m) = match T {
+                    0 => {
+                        // SAFETY: b[2..34] is 32 bytes.
+                        let qx = unsafe { load32(&b[2..34]) };
+                        (_mm256_sign_epi8(qx, qx), Some(qx), h2f(b, 0), 0.0)
+                    }
+                    1 => {
+                        // SAFETY: b[2..18] is the block's 16 nibble bytes.
+                        (unsafe { nibbles(&b[2..18]) }, None, h2f(b, 0), 0.0)
+                    }
+                    _ => {
+                        let (d, m) = h2f_pair(b);
+                        // SAFETY: b[4..20] is the block's 16 nibble bytes.
+                        (unsafe { nibbles(&b[4..20]) }, None, d, m)
+                    }
+                };
+                for k in 0..super::TOKENS {
+                    let y = &x[k][i];
+                    let mut qy = load_i8x32(&y.qs);
+                    if let Some(s) = sgn {
+                        qy = _mm256_sign_epi8(qy, s);
+                    }
+                    let p = if VNNI {
+                        _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, qy))
+                    } else {
+                        _mm256_cvtepi32_ps(dot_u8i8(u, qy))
+                    };
+                    let dd = d * y.d;
+                    acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dd), p, acc[k]);
+                    match T {
+                        0 => {}
+                        1 => corr[k] -= dd * (8 * y.sum) as f32,
+                        _ => corr[k] += m * y.s,
+                    }
                 }
             }
+            let mut out = [0f32; super::TOKENS];
+            for k in 0..super::TOKENS {
+                out[k] = hsum_ps(acc[k]) + corr[k];
+            }
+            out
         }
-        let mut out = [0f32; super::TOKENS];
-        for k in 0..super::TOKENS {
-            out[k] = hsum_ps(acc[k]) + corr[k];
-        }
-        out
     }
 
     /// Q8_0 (`T = 0`), Q4_0 (`T = 1`), Q4_1 (`T = 2`) with AVX-512: two blocks per 512-bit

@@ -15,14 +15,18 @@ pub enum Isa {
     /// `*_with` kernels: [`Isa::detect`] does not pick it, as it measured 10–30 % slower than the
     /// AVX2 code on the one AVX-512 machine tried (gemv 1536×576 Q4_1: 88 µs vs 76 µs).
     Avx512,
+    /// [`Isa::Avx2`] plus AVX-VNNI (`vpdpbusd` on 256-bit registers): the multi-token Q4_0 /
+    /// Q4_1 GEMM micro-kernel does each block's integer dot in one instruction instead of
+    /// two; everything else runs the AVX2 code. Picked by [`Isa::detect`] where present.
+    AvxVnni,
 }
 
 impl Isa {
-    /// The instruction set the kernels use by default here (AVX2 where present, else scalar),
+    /// The instruction set the kernels use by default here (AVX-VNNI, else AVX2, else scalar),
     /// detected once and cached.
     pub fn detect() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| if Isa::Avx2.available() { Isa::Avx2 } else { Isa::Scalar })
+        *BEST.get_or_init(|| [Isa::AvxVnni, Isa::Avx2].into_iter().find(|i| i.available()).unwrap_or(Isa::Scalar))
     }
 
     /// Whether this machine can run `self`.
@@ -31,12 +35,13 @@ impl Isa {
             Isa::Scalar => true,
             Isa::Avx2 => avx2_available(),
             Isa::Avx512 => avx2_available() && avx512_available(),
+            Isa::AvxVnni => avx2_available() && avxvnni_available(),
         }
     }
 
     /// Every instruction set this machine can run, scalar first.
     pub fn all_available() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.available()).collect()
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::AvxVnni].into_iter().filter(|i| i.available()).collect()
     }
 
     /// `self` if available, else scalar: what a `*_with` kernel actually runs.
@@ -46,7 +51,7 @@ impl Isa {
 
     /// Whether the AVX2 code may run (true for AVX-512 too), after [`effective`](Self::effective).
     pub(crate) fn has_avx2(self) -> bool {
-        matches!(self.effective(), Isa::Avx2 | Isa::Avx512)
+        matches!(self.effective(), Isa::Avx2 | Isa::Avx512 | Isa::AvxVnni)
     }
 }
 
@@ -60,6 +65,16 @@ fn avx2_available() -> bool {
 #[cfg(target_arch = "x86_64")]
 fn avx512_available() -> bool {
     std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avxvnni_available() -> bool {
+    std::arch::is_x86_feature_detected!("avxvnni")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avxvnni_available() -> bool {
+    false
 }
 
 #[cfg(not(target_arch = "x86_64"))]
