@@ -335,9 +335,9 @@ impl KvCache {
                 ),
             ));
         }
-        let built = self.built;
-        for (j, h) in self.heads[layer].iter_mut().enumerate() {
-            for (k, v) in keys.chunks_exact(d).zip(values.chunks_exact(d)).skip(j).step_by(self.gqa.n_kv_heads) {
+        let (built, n_kv) = (self.built, self.gqa.n_kv_heads);
+        let push = |(j, h): (usize, &mut HeadCache)| -> Result<()> {
+            for (k, v) in keys.chunks_exact(d).zip(values.chunks_exact(d)).skip(j).step_by(n_kv) {
                 let before = h.selector.static_part().dynamic_range(h.keys.len());
                 h.keys.push(k)?;
                 h.values.push(v)?;
@@ -349,8 +349,14 @@ impl KvCache {
                     }
                 }
             }
+            Ok(())
+        };
+        // After the build, inserting into an index costs a search: the KV heads run in parallel.
+        if built {
+            self.heads[layer].par_iter_mut().enumerate().try_for_each(push)
+        } else {
+            self.heads[layer].iter_mut().enumerate().try_for_each(push)
         }
-        Ok(())
     }
 
     /// Keeps the queries of sampled prefill positions (`first_pos..first_pos + t`, row-major
