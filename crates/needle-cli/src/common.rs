@@ -155,7 +155,7 @@ pub fn prompt_tokens(p: &PromptArgs, tok: &needle_loader::Tokenizer) -> Result<V
     };
     let mut text = text;
     if let Some(n) = p.context_tokens {
-        let ids = tok.encode(&text, false)?;
+        let ids = tok.encode_prefix(&text, n + 1)?;
         if ids.len() > n {
             text = tok.decode(&ids[..n])?;
         }

@@ -170,17 +170,14 @@ pub fn fork<B: Backend>(model: &Llama<B>, base: &KvCache, spec: &str) -> Result<
 /// `CHAPTER I`, else the start).
 pub fn text_tokens(tok: &Tokenizer, text: &str, n: usize) -> Result<Vec<u32>> {
     let start = text.find("Chapter 1").or_else(|| text.find("CHAPTER I")).unwrap_or(0);
-    // Tokenize a prefix comfortably longer than needed (about 4 bytes per token in English).
-    let end = text.len().min(start + n * 8);
-    let end = (end..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
-    let ids = tok.encode(&text[start..end], false)?;
+    let ids = tok.encode_prefix(&text[start..], n)?;
     if ids.len() < n {
         return Err(Error::invalid(
             "context_tokens",
             format!("the text has only {} tokens after its start; {n} were asked for", ids.len()),
         ));
     }
-    Ok(ids[..n].to_vec())
+    Ok(ids)
 }
 
 /// What a run of decode steps produced.

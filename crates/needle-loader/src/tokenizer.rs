@@ -206,6 +206,31 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// The first `n` token ids of `text` (all of them when it has fewer), as
+    /// [`encode`](Self::encode) without added specials would give, without tokenizing a long
+    /// document whole: prefixes cut at whitespace and growing fourfold are encoded until one
+    /// yields more than `n` tokens plus a margin, so the tokens before the cut are final.
+    pub fn encode_prefix(&self, text: &str, n: usize) -> Result<Vec<u32>> {
+        // About four bytes per token in English text; the margin covers a pre-token split at the cut.
+        const MARGIN: usize = 64;
+        let mut len = (n + MARGIN).saturating_mul(8);
+        loop {
+            if len >= text.len() {
+                let mut ids = self.encode(text, false)?;
+                ids.truncate(n);
+                return Ok(ids);
+            }
+            let end = (0..=len).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+            let cut = text[..end].rfind(char::is_whitespace).filter(|&c| c > 0).unwrap_or(end);
+            let mut ids = self.encode(&text[..cut], false)?;
+            if ids.len() > n + MARGIN {
+                ids.truncate(n);
+                return Ok(ids);
+            }
+            len = len.saturating_mul(4);
+        }
+    }
+
     /// Text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| self.err(e))

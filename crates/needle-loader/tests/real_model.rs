@@ -178,6 +178,21 @@ fn tokenizer_vocab_and_round_trip() {
     assert!(plain.len() > 1 && !plain.contains(&1), "{plain:?}");
 }
 
+#[test]
+fn encode_prefix_equals_the_head_of_the_whole_encoding() {
+    let ck = open(&model_path()).unwrap();
+    let tok = ck.tokenizer().unwrap();
+    // A long text of varied words, numbers, punctuation and multi-byte characters.
+    let words = ["the", "ark", "naïve", "café", "1611", "Genesis:", "“quoted”", "日本語", "and\n", "  spaced", "🦀"];
+    let text: String = (0..30_000usize).map(|i| words[(i * 7 + i / 13) % words.len()]).collect::<Vec<_>>().join(" ");
+    let whole = tok.encode(&text, false).unwrap();
+    assert!(whole.len() > 20_000, "{}", whole.len());
+    for n in [0, 1, 7, 500, 4_000, 19_999, whole.len(), whole.len() + 10] {
+        let head = tok.encode_prefix(&text, n).unwrap();
+        assert_eq!(head, whole[..n.min(whole.len())], "n = {n}");
+    }
+}
+
 /// `tests/fixtures/tokenizer_cases.json` at the repository root: llama.cpp's ids on this GGUF.
 #[test]
 fn tokenizer_matches_llama_cpp_cases() {
