@@ -6,6 +6,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use needle_kernels_cpu::attn::KvElem;
 use needle_kernels_cpu::{Pages, QMatrix, QuantType, attend_rows, flash_prefill};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -100,22 +101,53 @@ fn gemm(c: &mut Criterion) {
     g.finish();
 }
 
+/// `2·hkv` KV heads of `t` random rows in pages of `page_rows`.
+fn kv_pages<T>(
+    rng: &mut StdRng,
+    hkv: usize,
+    t: usize,
+    page_rows: usize,
+    dim: usize,
+    conv: fn(f32) -> T,
+) -> Vec<Vec<Vec<T>>> {
+    (0..2 * hkv)
+        .map(|_| {
+            (0..t.div_ceil(page_rows))
+                .map(|_| (0..page_rows * dim).map(|_| conv(rng.random_range(-1f32..1.0))).collect())
+                .collect()
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_prefill<T: KvElem>(
+    c: &mut Criterion,
+    name: &str,
+    q: &[f32],
+    kv: &[Vec<Vec<T>>],
+    t: usize,
+    hq: usize,
+    page_rows: usize,
+    dim: usize,
+) {
+    let refs: Vec<Vec<&[T]>> = kv.iter().map(|ps| ps.iter().map(|p| p.as_slice()).collect()).collect();
+    let pages: Vec<Pages<'_, T>> = refs.iter().map(|p| Pages { pages: p, page_rows, len: t, dim }).collect();
+    let (k, v) = pages.split_at(kv.len() / 2);
+    let q = &q[..t * hq * dim];
+    let mut out = vec![0f32; q.len()];
+    c.bench_function(name, |b| b.iter(|| flash_prefill(black_box(q), k, v, &mut out, 0, hq, 0.125).unwrap()));
+}
+
 fn attn(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(3);
-    let (hq, hkv, dim, t, page_rows) = (9, 3, 64, 512, 256);
-    let q: Vec<f32> = (0..t * hq * dim).map(|_| rng.random_range(-1f32..1.0)).collect();
-    let kv: Vec<Vec<Vec<f32>>> = (0..2 * hkv)
-        .map(|_| {
-            (0..t / page_rows).map(|_| (0..page_rows * dim).map(|_| rng.random_range(-1f32..1.0)).collect()).collect()
-        })
-        .collect();
-    let refs: Vec<Vec<&[f32]>> = kv.iter().map(|ps| ps.iter().map(|p| p.as_slice()).collect()).collect();
-    let pages: Vec<Pages<'_>> = refs.iter().map(|p| Pages { pages: p, page_rows, len: t, dim }).collect();
-    let (k, v) = pages.split_at(hkv);
-    let mut out = vec![0f32; q.len()];
-    c.bench_function("flash_prefill_t512_9x3_d64", |b| {
-        b.iter(|| flash_prefill(black_box(&q), k, v, &mut out, 0, hq, 0.125).unwrap())
-    });
+    let (hq, hkv, dim, page_rows) = (9, 3, 64, 256);
+    let q: Vec<f32> = (0..2048 * hq * dim).map(|_| rng.random_range(-1f32..1.0)).collect();
+    let kv = kv_pages(&mut rng, hkv, 512, page_rows, dim, |x| x);
+    bench_prefill(c, "flash_prefill_t512_9x3_d64", &q, &kv, 512, hq, page_rows, dim);
+    let kv = kv_pages(&mut rng, hkv, 512, page_rows, dim, half::f16::from_f32);
+    bench_prefill(c, "flash_prefill_t512_9x3_d64_f16", &q, &kv, 512, hq, page_rows, dim);
+    let kv = kv_pages(&mut rng, hkv, 2048, page_rows, dim, |x| x);
+    bench_prefill(c, "flash_prefill_t2048_9x3_d64", &q, &kv, 2048, hq, page_rows, dim);
     // One decode step of one KV head: a group of 3 query heads over 545 gathered rows.
     let (g, m) = (3, 545);
     let rows: Vec<Vec<f32>> = (0..2 * m).map(|_| (0..dim).map(|_| rng.random_range(-1f32..1.0)).collect()).collect();

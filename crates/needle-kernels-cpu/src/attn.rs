@@ -175,7 +175,12 @@ impl<T: KvElem> Job<'_, '_, '_, T> {
     fn run(&self, isa: Isa, i0: usize, nq: usize, g: usize) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
         if isa.has_avx2() {
-            // SAFETY: `has_avx2()` means avx2 and fma were detected on this CPU.
+            if self.dim.is_multiple_of(8) {
+                // SAFETY: `has_avx2()` means avx2, fma and f16c were detected on this CPU; `dim`
+                // is a multiple of 8 and `flash_prefill_with` checked the shapes.
+                return unsafe { x86_prefill::run(self, i0, nq, g) };
+            }
+            // SAFETY: as above.
             return unsafe { self.run_avx2(i0, nq, g) };
         }
         let _ = isa;
@@ -268,6 +273,434 @@ impl<T: KvElem> Job<'_, '_, '_, T> {
             ar.iter_mut().for_each(|a| *a *= inv);
         }
         acc
+    }
+}
+
+/// AVX2 prefill for head dims that are a multiple of 8. A (query tile, KV head) job keeps its
+/// query rows as vector lanes: `Qᵀ` (dim × rows, scaled) is built once, scores are `Sᵀ` (keys ×
+/// rows) so the online softmax is plain vertical max/exp/sum over eight rows at a time, and key
+/// and value rows are read in place (broadcast keys, loaded values). Both products are register
+/// blocked: 6 keys × 16 rows for `Sᵀ = K·Qᵀ`, 6 rows × 16 dims for `O += P·V`.
+#[cfg(target_arch = "x86_64")]
+mod x86_prefill {
+    use std::any::TypeId;
+    use std::arch::x86_64::*;
+
+    use half::f16;
+    use half::slice::HalfFloatSliceExt;
+
+    use super::x86::exp8;
+    use super::{Job, KvElem, TILE_K};
+
+    /// Keys (of `Sᵀ`) resp. query rows (of `O`) per register block.
+    const R: usize = 6;
+
+    /// [`Job::run`] for `dim` a multiple of 8.
+    ///
+    /// # Safety
+    /// Needs avx2, fma and f16c; `job.dim` is a multiple of 8 and the shapes checked by
+    /// `flash_prefill_with` hold (query rows `i0..i0 + nq` exist, KV head `g` has `len ≥ pos0 +
+    /// i0 + nq` rows in pages of `dim`-element rows).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn run<T: KvElem>(job: &Job<'_, '_, '_, T>, i0: usize, nq: usize, g: usize) -> Vec<f32> {
+        let (dim, group) = (job.dim, job.group);
+        let rows = nq * group;
+        // Rows padded to whole vectors; padding rows have zero queries and see every key, so
+        // they stay finite and are dropped at the end.
+        let rp = rows.next_multiple_of(8);
+        let mut qt_buf = Vec::new();
+        let qt = aligned(&mut qt_buf, dim * rp);
+        let sv = _mm256_set1_ps(job.scale);
+        for r0 in (0..rp).step_by(8) {
+            let src: [Option<&[f32]>; 8] = std::array::from_fn(|u| {
+                let r = r0 + u;
+                let h = g * group + r % group;
+                (r < rows).then(|| &job.q[((i0 + r / group) * job.n_q_heads + h) * dim..][..dim])
+            });
+            for d0 in (0..dim).step_by(8) {
+                // SAFETY: each row has `dim` elements, `d0 + 8 ≤ dim`; column `d0 + k` of the
+                // block lands in `qt[(d0 + k)·rp + r0..][..8]`, inside `dim × rp`.
+                unsafe {
+                    let blk = std::array::from_fn(|u| {
+                        src[u].map_or(_mm256_setzero_ps(), |qr| _mm256_mul_ps(sv, _mm256_loadu_ps(qr.as_ptr().add(d0))))
+                    });
+                    for (k, col) in transpose8(blk).into_iter().enumerate() {
+                        _mm256_storeu_ps(qt.as_mut_ptr().add((d0 + k) * rp + r0), col);
+                    }
+                }
+            }
+        }
+        // Row `r` sees keys at positions `< pos1[r]`.
+        let pos1: Vec<usize> =
+            (0..rp).map(|r| if r < rows { job.pos0 + i0 + r / group + 1 } else { usize::MAX }).collect();
+        let mut lim = vec![0i32; rp];
+        let mut st_buf = Vec::new();
+        let st = aligned(&mut st_buf, TILE_K * rp);
+        let mut o = vec![0f32; rows * dim];
+        let mut m = vec![f32::NEG_INFINITY; rp];
+        let mut l = vec![0f32; rp];
+        let mut c = vec![0f32; rp];
+        let (kp, vp) = (&job.keys[g], &job.values[g]);
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        let kend = job.pos0 + i0 + nq;
+        let mut k0 = 0;
+        while k0 < kend {
+            let n = TILE_K.min(kend - k0).min(kp.page_rows - k0 % kp.page_rows).min(vp.page_rows - k0 % vp.page_rows);
+            // SAFETY: f16c is enabled in this fn.
+            let (kt, vt) = unsafe { (tile_f32(kp.rows(k0, n), &mut ks), tile_f32(vp.rows(k0, n), &mut vs)) };
+            for (lr, p) in lim.iter_mut().zip(&pos1) {
+                // At most TILE_K + 1, so it fits an i32.
+                *lr = p.saturating_sub(k0).min(TILE_K + 1) as i32;
+            }
+            // SAFETY: `kt` and `vt` hold `n` rows of `dim`; `qt` is `dim × rp`, `st` `TILE_K × rp`
+            // with `n ≤ TILE_K`, `o` is `rows × dim`, `lim`, `m`, `l`, `c` have `rp` entries; the
+            // features are this fn's.
+            unsafe {
+                scores(qt, kt, st, n, rp, dim);
+                softmax(st, &lim, &mut m, &mut l, &mut c, n, rp);
+                accumulate(st, vt, &mut o, &c, n, rp, rows, dim);
+            }
+            k0 += n;
+        }
+        for (orow, lr) in o.chunks_exact_mut(dim).zip(&l) {
+            let inv = 1.0 / lr;
+            orow.iter_mut().for_each(|x| *x *= inv);
+        }
+        o
+    }
+
+    /// `src` as f32 ([`KvElem::as_f32`], with F16C for f16 pages).
+    ///
+    /// # Safety
+    /// Needs avx and f16c.
+    #[inline(always)]
+    unsafe fn tile_f32<'b, T: KvElem>(src: &'b [T], scratch: &'b mut Vec<f32>) -> &'b [f32] {
+        if TypeId::of::<T>() != TypeId::of::<f16>() {
+            return T::as_f32(src, scratch);
+        }
+        // SAFETY: `T` is `f16` (equal type ids), so the slice is reinterpreted as itself.
+        let src = unsafe { &*(src as *const [T] as *const [f16]) };
+        scratch.resize(src.len(), 0.0);
+        let (mut ch, out) = (src.chunks_exact(8), scratch.chunks_exact_mut(8));
+        for (h, o) in (&mut ch).zip(out) {
+            // SAFETY: 8 halves in, 8 floats out; f16c per this fn's contract.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()))) };
+        }
+        let done = src.len() - ch.remainder().len();
+        ch.remainder().convert_to_f32_slice(&mut scratch[done..]);
+        scratch
+    }
+
+    /// A zeroed `n`-float slice of `buf` starting on a 64-byte boundary (whole vectors of it
+    /// then never straddle cache lines).
+    fn aligned(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+        buf.clear();
+        buf.resize(n + 15, 0.0);
+        let off = buf.as_ptr().align_offset(64).min(15);
+        &mut buf[off..off + n]
+    }
+
+    /// The 8×8 transpose: lane `u` of output `k` is lane `k` of input `u`.
+    #[inline(always)]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // SAFETY: only called from `run` (avx enabled there).
+        unsafe {
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ]
+        }
+    }
+
+    /// `Sᵀ[j][r] = Σ_d K[j][d] · Qᵀ[d][r]` for keys `j < n`, all `rp` rows.
+    ///
+    /// # Safety
+    /// Needs avx2 and fma; `k` has `n` rows of `dim`, `qt` is `dim × rp`, `st` has `n × rp`
+    /// entries, `rp` is a multiple of 8.
+    #[inline(always)]
+    unsafe fn scores(qt: &[f32], k: &[f32], st: &mut [f32], n: usize, rp: usize, dim: usize) {
+        debug_assert!(k.len() >= n * dim && qt.len() >= dim * rp && st.len() >= n * rp && rp.is_multiple_of(8));
+        let (qt, k, st) = (qt.as_ptr(), k.as_ptr(), st.as_mut_ptr());
+        let mut r0 = 0;
+        // SAFETY (the block): every block reads keys `j0..j0 + KR ≤ n` and rows `r0..r0 + 8·C ≤ rp`.
+        unsafe {
+            while r0 + 16 <= rp {
+                score_keys::<2>(qt, k, st, n, rp, dim, r0);
+                r0 += 16;
+            }
+            if r0 < rp {
+                score_keys::<1>(qt, k, st, n, rp, dim, r0);
+            }
+        }
+    }
+
+    /// [`scores`] for rows `r0..r0 + 8·C`.
+    ///
+    /// # Safety
+    /// As [`scores`], with `r0 + 8·C ≤ rp`.
+    #[inline(always)]
+    unsafe fn score_keys<const C: usize>(
+        qt: *const f32,
+        k: *const f32,
+        st: *mut f32,
+        n: usize,
+        rp: usize,
+        dim: usize,
+        r0: usize,
+    ) {
+        let mut j0 = 0;
+        // SAFETY (the block): as in `scores`, `j0 + KR ≤ n` for each call.
+        unsafe {
+            while j0 + R <= n {
+                score_block::<R, C>(qt, k, st, rp, dim, r0, j0);
+                j0 += R;
+            }
+            match n - j0 {
+                1 => score_block::<1, C>(qt, k, st, rp, dim, r0, j0),
+                2 => score_block::<2, C>(qt, k, st, rp, dim, r0, j0),
+                3 => score_block::<3, C>(qt, k, st, rp, dim, r0, j0),
+                4 => score_block::<4, C>(qt, k, st, rp, dim, r0, j0),
+                5 => score_block::<5, C>(qt, k, st, rp, dim, r0, j0),
+                _ => {}
+            }
+        }
+    }
+
+    /// Scores of keys `j0..j0 + KR` against rows `r0..r0 + 8·C`: `KR·C` accumulators, each key
+    /// element broadcast once per `C` FMAs and each query vector loaded once per `KR` FMAs.
+    ///
+    /// # Safety
+    /// As [`scores`], with `j0 + KR ≤ n` and `r0 + 8·C ≤ rp`.
+    #[inline(always)]
+    unsafe fn score_block<const KR: usize, const C: usize>(
+        qt: *const f32,
+        k: *const f32,
+        st: *mut f32,
+        rp: usize,
+        dim: usize,
+        r0: usize,
+        j0: usize,
+    ) {
+        // SAFETY (the block): the caller keeps keys and rows in range (see `scores`).
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); C]; KR];
+            for d in 0..dim {
+                let q: [__m256; C] = std::array::from_fn(|v| _mm256_loadu_ps(qt.add(d * rp + r0 + 8 * v)));
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let kb = _mm256_broadcast_ss(&*k.add((j0 + u) * dim + d));
+                    for (av, qv) in a.iter_mut().zip(q) {
+                        *av = _mm256_fmadd_ps(kb, qv, *av);
+                    }
+                }
+            }
+            for (u, a) in acc.iter().enumerate() {
+                for (v, av) in a.iter().enumerate() {
+                    _mm256_storeu_ps(st.add((j0 + u) * rp + r0 + 8 * v), *av);
+                }
+            }
+        }
+    }
+
+    /// Online softmax step over `Sᵀ` (`n × rp`), eight rows per vector: updates the running max
+    /// `m` and sum `l`, sets `c` to the factor the old accumulators are scaled by, and turns `Sᵀ`
+    /// into `Pᵀ` with keys `j ≥ lim[r]` zeroed.
+    ///
+    /// # Safety
+    /// Needs avx2 and fma; `st` has `n × rp` entries, `lim`, `m`, `l`, `c` have `rp`, `rp` is a
+    /// multiple of 8, every row has `lim ≥ 1` on the first tile.
+    #[inline(always)]
+    unsafe fn softmax(st: &mut [f32], lim: &[i32], m: &mut [f32], l: &mut [f32], c: &mut [f32], n: usize, rp: usize) {
+        debug_assert!(st.len() >= n * rp && lim.len() >= rp && m.len() >= rp && l.len() >= rp && c.len() >= rp);
+        let st = st.as_mut_ptr();
+        for r0 in (0..rp).step_by(8) {
+            // SAFETY: `r0 + 8 ≤ rp`; the rest as this fn's contract.
+            unsafe {
+                if lim[r0..r0 + 8].iter().all(|&x| x as usize >= n) {
+                    softmax_rows::<false>(st, lim, m, l, c, n, rp, r0);
+                } else {
+                    softmax_rows::<true>(st, lim, m, l, c, n, rp, r0);
+                }
+            }
+        }
+    }
+
+    /// [`softmax`] for rows `r0..r0 + 8`; `MASK` false when they all see every key of the tile.
+    ///
+    /// # Safety
+    /// As [`softmax`], with `r0 + 8 ≤ rp`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn softmax_rows<const MASK: bool>(
+        st: *mut f32,
+        lim: &[i32],
+        m: &mut [f32],
+        l: &mut [f32],
+        c: &mut [f32],
+        n: usize,
+        rp: usize,
+        r0: usize,
+    ) {
+        // SAFETY (the block): `r0 + 8 ≤ rp` and `j < n` for every access (see `softmax`).
+        unsafe {
+            let lv = _mm256_loadu_si256(lim.as_ptr().add(r0).cast());
+            let keep = |j: usize| _mm256_castsi256_ps(_mm256_cmpgt_epi32(lv, _mm256_set1_epi32(j as i32)));
+            let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut mt = ninf;
+            for j in 0..n {
+                let s = _mm256_loadu_ps(st.add(j * rp + r0));
+                mt = _mm256_max_ps(mt, if MASK { _mm256_blendv_ps(ninf, s, keep(j)) } else { s });
+            }
+            let mo = _mm256_loadu_ps(m.as_ptr().add(r0));
+            let mn = _mm256_max_ps(mo, mt);
+            // `mo` is −∞ before the first tile: exp8 clamps that to a tiny factor of zeros.
+            let cv = exp8(_mm256_sub_ps(mo, mn));
+            let mut sum = _mm256_setzero_ps();
+            for j in 0..n {
+                let p = st.add(j * rp + r0);
+                let mut e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), mn));
+                if MASK {
+                    e = _mm256_and_ps(e, keep(j));
+                }
+                _mm256_storeu_ps(p, e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            let lv = _mm256_fmadd_ps(_mm256_loadu_ps(l.as_ptr().add(r0)), cv, sum);
+            _mm256_storeu_ps(l.as_mut_ptr().add(r0), lv);
+            _mm256_storeu_ps(m.as_mut_ptr().add(r0), mn);
+            _mm256_storeu_ps(c.as_mut_ptr().add(r0), cv);
+        }
+    }
+
+    /// `O[r] = c[r]·O[r] + Σ_j Pᵀ[j][r] · V[j]` for rows `r < rows`.
+    ///
+    /// # Safety
+    /// Needs avx2 and fma; `v` has `n` rows of `dim` (a multiple of 8), `pt` `n × rp` entries,
+    /// `o` `rows × dim`, `c` `rows`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn accumulate(
+        pt: &[f32],
+        v: &[f32],
+        o: &mut [f32],
+        c: &[f32],
+        n: usize,
+        rp: usize,
+        rows: usize,
+        dim: usize,
+    ) {
+        debug_assert!(v.len() >= n * dim && pt.len() >= n * rp && o.len() >= rows * dim && c.len() >= rows);
+        let (pt, v, o, c) = (pt.as_ptr(), v.as_ptr(), o.as_mut_ptr(), c.as_ptr());
+        let mut d0 = 0;
+        // SAFETY (the block): every block touches rows `r0..r0 + RR ≤ rows` and dims
+        // `d0..d0 + 8·C ≤ dim`.
+        unsafe {
+            while d0 + 16 <= dim {
+                accumulate_rows::<2>(pt, v, o, c, n, rp, rows, dim, d0);
+                d0 += 16;
+            }
+            if d0 < dim {
+                accumulate_rows::<1>(pt, v, o, c, n, rp, rows, dim, d0);
+            }
+        }
+    }
+
+    /// [`accumulate`] for dims `d0..d0 + 8·C`.
+    ///
+    /// # Safety
+    /// As [`accumulate`], with `d0 + 8·C ≤ dim`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn accumulate_rows<const C: usize>(
+        pt: *const f32,
+        v: *const f32,
+        o: *mut f32,
+        c: *const f32,
+        n: usize,
+        rp: usize,
+        rows: usize,
+        dim: usize,
+        d0: usize,
+    ) {
+        let mut r0 = 0;
+        // SAFETY (the block): as in `accumulate`, `r0 + RR ≤ rows` for each call.
+        unsafe {
+            while r0 + R <= rows {
+                accumulate_block::<R, C>(pt, v, o, c, n, rp, dim, r0, d0);
+                r0 += R;
+            }
+            match rows - r0 {
+                1 => accumulate_block::<1, C>(pt, v, o, c, n, rp, dim, r0, d0),
+                2 => accumulate_block::<2, C>(pt, v, o, c, n, rp, dim, r0, d0),
+                3 => accumulate_block::<3, C>(pt, v, o, c, n, rp, dim, r0, d0),
+                4 => accumulate_block::<4, C>(pt, v, o, c, n, rp, dim, r0, d0),
+                5 => accumulate_block::<5, C>(pt, v, o, c, n, rp, dim, r0, d0),
+                _ => {}
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + RR` × dims `d0..d0 + 8·C` of `O`, held in `RR·C` registers over all `n`
+    /// keys: each value vector is loaded once per `RR` FMAs, each probability broadcast once per
+    /// `C`.
+    ///
+    /// # Safety
+    /// As [`accumulate`], with `r0 + RR ≤ rows` and `d0 + 8·C ≤ dim`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn accumulate_block<const RR: usize, const C: usize>(
+        pt: *const f32,
+        v: *const f32,
+        o: *mut f32,
+        c: *const f32,
+        n: usize,
+        rp: usize,
+        dim: usize,
+        r0: usize,
+        d0: usize,
+    ) {
+        // SAFETY (the block): the caller keeps rows, dims and keys in range (see `accumulate`).
+        unsafe {
+            let mut acc: [[__m256; C]; RR] = std::array::from_fn(|u| {
+                let cu = _mm256_broadcast_ss(&*c.add(r0 + u));
+                std::array::from_fn(|w| _mm256_mul_ps(cu, _mm256_loadu_ps(o.add((r0 + u) * dim + d0 + 8 * w))))
+            });
+            for j in 0..n {
+                let vv: [__m256; C] = std::array::from_fn(|w| _mm256_loadu_ps(v.add(j * dim + d0 + 8 * w)));
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let p = _mm256_broadcast_ss(&*pt.add(j * rp + r0 + u));
+                    for (aw, x) in a.iter_mut().zip(vv) {
+                        *aw = _mm256_fmadd_ps(p, x, *aw);
+                    }
+                }
+            }
+            for (u, a) in acc.iter().enumerate() {
+                for (w, aw) in a.iter().enumerate() {
+                    _mm256_storeu_ps(o.add((r0 + u) * dim + d0 + 8 * w), *aw);
+                }
+            }
+        }
     }
 }
 
@@ -560,8 +993,8 @@ mod x86 {
 
     /// [`super::exp_approx`] on eight lanes.
     #[inline(always)]
-    fn exp8(x: __m256) -> __m256 {
-        // SAFETY: avx2 and fma as above.
+    pub(super) fn exp8(x: __m256) -> __m256 {
+        // SAFETY: only called (inlined) from fns with avx2 and fma enabled.
         unsafe {
             let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_setzero_ps());
             let round = _mm256_set1_ps(12_582_912.0);

@@ -52,9 +52,14 @@ fn reference(
 
 fn check<T: KvElem>(conv: fn(&[f32]) -> Vec<T>, back: fn(&[T]) -> Vec<f32>, tol: f64) {
     let mut r = rng(5);
-    for (hq, hkv) in [(9, 3), (4, 4), (8, 2)] {
-        for dim in [64, 48, 128] {
-            for (t, pos0, page_rows, extra) in [(1, 0, 16, 0), (37, 0, 16, 3), (23, 41, 7, 0), (70, 5, 256, 1)] {
+    // Group sizes 3, 1, 4, 7 times the query tiles' lengths give row counts with every remainder
+    // of the AVX2 blocks (6 rows, 8-row vectors); dims 40 and 20 cover a lone 8-dim block and the
+    // generic path; t = 1 and odd page sizes give short key tiles.
+    for (hq, hkv) in [(9, 3), (4, 4), (8, 2), (7, 1)] {
+        for dim in [64, 48, 128, 40, 20] {
+            for (t, pos0, page_rows, extra) in
+                [(1, 0, 16, 0), (1, 40, 16, 2), (37, 0, 16, 3), (23, 41, 7, 0), (70, 5, 256, 1), (100, 130, 64, 0)]
+            {
                 let len = pos0 + t + extra;
                 let q = randn(&mut r, t * hq * dim);
                 let kt: Vec<Vec<T>> = (0..hkv).map(|_| conv(&randn(&mut r, len * dim))).collect();
