@@ -19,7 +19,8 @@
 //! ## Specs
 //! [`parse`] reads `name[:key=value,...]`. Common keys: `k` (top-k budget, default 100),
 //! `mass` (share of attention mass, `k` the cap), `sinks`, `window`, `dense_layers`,
-//! `train_positions`. Per selector:
+//! `train_positions` (prefill positions whose queries are kept for the build: 4096 by default,
+//! 0 for `full` and `streaming`, which learn nothing from them). Per selector:
 //! - `retrieval`: `index` (`graph` default, `hnsw`, `ivfpq`, `lsh`, `flat`, or a factory string
 //!   such as `IVF64,PQ16`), `effort` (the index's `SearchParams::effort`), `combine`
 //!   (`mean-rerank` default, `rerank`, `mean`, `split`: see [`GroupCombine`]), `min_index`.

@@ -170,11 +170,22 @@ impl SpecOptions {
     /// The parsed spec: `factory` with `budget` and the common model settings
     /// (`dense_layers`, `train_positions`).
     pub fn spec(&self, factory: Box<dyn SelectorFactory>, budget: Budget) -> Result<SelectorSpec> {
+        self.spec_training(factory, budget, DEFAULT_TRAIN_POSITIONS)
+    }
+
+    /// [`spec`](Self::spec) with another default for `train_positions` (0 for selectors that
+    /// learn nothing from prefill queries, so none are kept).
+    pub fn spec_training(
+        &self,
+        factory: Box<dyn SelectorFactory>,
+        budget: Budget,
+        train_positions: usize,
+    ) -> Result<SelectorSpec> {
         Ok(SelectorSpec {
             factory,
             budget,
             dense_layers: self.usize("dense_layers", 0)?,
-            train_positions: self.usize("train_positions", DEFAULT_TRAIN_POSITIONS)?,
+            train_positions: self.usize("train_positions", train_positions)?,
         })
     }
 }
@@ -276,12 +287,12 @@ pub fn parse(spec: &str) -> Result<SelectorSpec> {
     match o.name.as_str() {
         "full" | "dense" => {
             o.only(&["dense_layers", "train_positions"])?;
-            o.spec(Box::new(FullSelector), Budget::TopK(1))
+            o.spec_training(Box::new(FullSelector), Budget::TopK(1), 0)
         }
         "streaming" => {
             o.only(&["sinks", "window", "dense_layers", "train_positions"])?;
             let f = o.frame()?;
-            o.spec(Box::new(StreamingFactory::new(f.sinks, f.window)), Budget::TopK(1))
+            o.spec_training(Box::new(StreamingFactory::new(f.sinks, f.window)), Budget::TopK(1), 0)
         }
         "oracle" => {
             o.only(COMMON)?;
@@ -356,7 +367,9 @@ mod tests {
                 r => r.unwrap(),
             };
             assert_eq!(s.dense_layers, 0);
-            assert_eq!(s.train_positions, DEFAULT_TRAIN_POSITIONS);
+            // Selectors that learn nothing from prefill queries keep none.
+            let trains = !matches!(*name, "full" | "dense" | "streaming");
+            assert_eq!(s.train_positions, if trains { DEFAULT_TRAIN_POSITIONS } else { 0 }, "{name}");
             let d = s.factory.describe();
             assert_eq!(parse(&d).unwrap().factory.describe(), d, "{name}");
         }
