@@ -22,7 +22,8 @@ pub struct SelectionConfig {
     pub budget: Budget,
     /// The first `dense_layers` layers always attend to everything (as Quest and MagicPIG do).
     pub dense_layers: usize,
-    /// At most this many prefill positions contribute training queries (evenly spaced).
+    /// At most this many prefill positions contribute training queries (evenly spaced); 0 keeps
+    /// none (selectors that learn nothing from queries).
     pub train_positions: usize,
 }
 
@@ -47,12 +48,16 @@ pub struct DecodeStats {
     pub keys_selected: u64,
     /// What the selectors touched to choose.
     pub select: SearchStats,
-    /// Wall time choosing keys.
+    /// Wall time choosing keys. Heads run in parallel: the wall time of a layer's heads is split
+    /// between choosing and attending in proportion to their per-head times.
     #[serde(serialize_with = "secs")]
     pub select_time: Duration,
-    /// Wall time attending (static + selected, merged).
+    /// Wall time attending (static + selected, merged), split as above.
     #[serde(serialize_with = "secs")]
     pub attend_time: Duration,
+    /// Wall time inserting the tokens that leave the window into the selectors (decode).
+    #[serde(serialize_with = "secs")]
+    pub insert_time: Duration,
     /// Wall time building selectors after prefill.
     #[serde(serialize_with = "secs")]
     pub build_time: Duration,
@@ -353,7 +358,10 @@ impl KvCache {
         };
         // After the build, inserting into an index costs a search: the KV heads run in parallel.
         if built {
-            self.heads[layer].par_iter_mut().enumerate().try_for_each(push)
+            let t0 = Instant::now();
+            self.heads[layer].par_iter_mut().enumerate().try_for_each(push)?;
+            self.stats.insert_time += t0.elapsed();
+            Ok(())
         } else {
             self.heads[layer].iter_mut().enumerate().try_for_each(push)
         }
@@ -362,6 +370,9 @@ impl KvCache {
     /// Keeps the queries of sampled prefill positions (`first_pos..first_pos + t`, row-major
     /// `t × n_q_heads × dim`) as training queries of their KV heads.
     fn record_queries(&mut self, layer: usize, first_pos: usize, queries: &[f32]) {
+        if self.config.train_positions == 0 {
+            return;
+        }
         let d = self.head_dim;
         let row = self.gqa.n_q_heads * d;
         for (i, q) in queries.chunks_exact(row).enumerate() {
@@ -438,6 +449,7 @@ impl KvCache {
             let out = attend_group(qg, &h.keys, &h.values, sp, &h.selection, scale, &mut h.scratch)?.to_vec();
             Ok((out, t1 - t0, t1.elapsed()))
         };
+        let wall = Instant::now();
         let heads = &mut self.heads[layer];
         let rows: usize = heads.iter().map(|h| h.keys.len()).sum();
         let outs: Vec<_> = if rows < PAR_MIN_ROWS {
@@ -445,11 +457,12 @@ impl KvCache {
         } else {
             heads.par_iter_mut().enumerate().map(step).collect::<Result<_>>()?
         };
+        let wall = wall.elapsed();
         let s = &mut self.stats;
-        for (_, sel, att) in &outs {
-            s.select_time += *sel;
-            s.attend_time += *att;
-        }
+        let (sel, att): (Duration, Duration) = outs.iter().fold(Default::default(), |(a, b), o| (a + o.1, b + o.2));
+        let share = sel.as_secs_f64() / (sel + att).as_secs_f64().max(f64::MIN_POSITIVE);
+        s.select_time += wall.mul_f64(share);
+        s.attend_time += wall.mul_f64(1.0 - share);
         for h in &self.heads[layer] {
             let n = h.keys.len();
             let dynamic = h.selector.static_part().dynamic_range(n).len();
