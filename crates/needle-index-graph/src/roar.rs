@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::beam::{Adjacency, VisitedPool, Work, beam_search};
 use crate::cluster::{cluster_entries, spherical_kmeans};
 use crate::dist::{dot, row};
-use crate::graph::{FixedGraph, occlusion_prune, score_against};
+use crate::graph::{FixedGraph, occlusion_prune};
 use crate::knn::exact_knn;
 
 /// Extra entry points besides the best key for the mean training query: the keys that appear
@@ -281,12 +281,17 @@ impl RoarGraph {
                 linked_in = true;
                 continue;
             }
+            // A full list: the new key takes the last (lowest-priority) slot if it scores higher
+            // against `nb` than the key there. Lists keep their query-aware links first, so those
+            // survive; re-pruning the whole list instead (as the build does) costs `m²` inner
+            // products per neighbour, which made a decode-time insert dearer than a search.
             let mut ids = self.graph.get(nb).to_vec();
-            ids.push(id);
-            let mut c = score_against(&self.data, dim, nb, &ids);
-            let pruned = occlusion_prune(&self.data, dim, nb, &mut c, m, false);
-            if pruned.contains(&id) {
-                self.graph.set(nb, &pruned_keep_order(&ids, &pruned));
+            let base = row(&self.data, dim, nb);
+            if let Some(last) = ids.last_mut()
+                && dot(base, row(&self.data, dim, id)) > dot(base, row(&self.data, dim, *last))
+            {
+                *last = id;
+                self.graph.set(nb, &ids);
                 linked_in = true;
             }
         }
@@ -350,11 +355,6 @@ fn select(keys: &[f32], dim: usize, norms: &[f32], v: u32, cands: &[(u32, f32)],
     let room = m.saturating_sub(kept.len());
     kept.extend(dropped.into_iter().take(room));
     kept
-}
-
-/// Keeps `pruned`'s members in the order they had in `ids` (query-aware links first).
-fn pruned_keep_order(ids: &[u32], pruned: &[u32]) -> Vec<u32> {
-    ids.iter().copied().filter(|i| pruned.contains(i)).collect()
 }
 
 /// Where each key occurs in the training lists: `(query, rank)` pairs, grouped by key (CSR).
