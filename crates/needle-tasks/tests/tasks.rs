@@ -21,9 +21,12 @@ fn bytes4(s: &str) -> usize {
 /// A real book as filler: `$NEEDLE_DATA/sherlock-holmes.txt`, by default the shared data beside
 /// the checkout. Missing, the tests fail saying so rather than quietly testing a stand-in.
 fn book() -> Filler {
-    let dir = std::env::var_os("NEEDLE_DATA")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
+    let dir = std::env::var_os("NEEDLE_DATA").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        // Read at run time (cargo sets it for tests): a build cache shared by clones may hold
+        // a test binary built in another clone.
+        let manifest = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+        std::path::Path::new(&manifest).join("../../../shared/data")
+    });
     let p = dir.join("sherlock-holmes.txt");
     let t = std::fs::read_to_string(&p)
         .unwrap_or_else(|e| panic!("{}: {e} (set NEEDLE_DATA to a folder holding sherlock-holmes.txt)", p.display()));
