@@ -1,5 +1,6 @@
 //! Quantized linear layers over borrowed (memory-mapped) weight bytes.
 
+use std::ops::Range;
 use std::sync::Mutex;
 
 use crate::act::{QActs, kind_for};
@@ -87,49 +88,56 @@ impl<'a> QMatrix<'a> {
         }
         let acts = QActs::quantize(self.ty, x, t, self.cols)?;
         let (k, k4) = (kernel(self.ty, isa), kernel4(self.ty, isa));
-        // Results row-major by weight row (so row blocks are contiguous), transposed at the end.
-        let mut yt = vec![0f32; self.rows * t];
         let pool = Pool::global();
         let block = TILE_ROWS.max(self.rows.div_ceil(4 * pool.threads()) / TILE_ROWS * TILE_ROWS);
-        let tiles: Vec<Mutex<&mut [f32]>> = yt.chunks_mut(block * t).map(Mutex::new).collect();
-        pool.run(tiles.len(), &|b| {
-            let mut out = tiles[b].lock().unwrap_or_else(|e| e.into_inner());
-            self.tile(k, k4, &acts, b * block, t, &mut out);
+        let out = SharedOut(y.as_mut_ptr());
+        pool.run(self.rows.div_ceil(block), &|b| {
+            let rows = b * block..((b + 1) * block).min(self.rows);
+            // SAFETY: tasks own disjoint row ranges, and every index written is
+            // `tok · self.rows + r` with `tok < t`, `r < self.rows`: inside `y` (checked above).
+            unsafe { self.tile(k, k4, &acts, rows, t, &out) };
         });
-        drop(tiles);
-        for (tok, yr) in y.chunks_mut(self.rows).enumerate() {
-            for (r, v) in yr.iter_mut().enumerate() {
-                *v = yt[r * t + tok];
-            }
-        }
         Ok(())
     }
 
-    /// Rows `r0..r0 + out.len() / t` of `W Xᵀ` into `out` (row-major by weight row).
-    fn tile(&self, k: Kernel, k4: Option<Kernel4>, acts: &QActs, r0: usize, t: usize, out: &mut [f32]) {
-        let nrows = out.len() / t;
-        for rb in (0..nrows).step_by(TILE_ROWS) {
-            let re = (rb + TILE_ROWS).min(nrows);
+    /// Rows `rows` of `Y = X Wᵀ` for all `t` tokens, written into `out` (token-major, `t × rows`).
+    ///
+    /// # Safety
+    /// `out` must point at `t · self.rows` floats that no other thread writes in these rows.
+    unsafe fn tile(&self, k: Kernel, k4: Option<Kernel4>, acts: &QActs, rows: Range<usize>, t: usize, out: &SharedOut) {
+        let n = self.rows;
+        // SAFETY: the caller guarantees the index is inside `out` and these rows are ours.
+        let put = |tok: usize, r: usize, v: f32| unsafe { *out.0.add(tok * n + r) = v };
+        for rb in rows.clone().step_by(TILE_ROWS) {
+            let re = (rb + TILE_ROWS).min(rows.end);
             for tb in (0..t).step_by(TILE_TOKENS) {
                 let te = (tb + TILE_TOKENS).min(t);
                 for r in rb..re {
-                    let w = self.row_bytes(r0 + r);
+                    let w = self.row_bytes(r);
                     let mut tok = tb;
                     if let Some(k4) = k4 {
                         while tok + TOKENS <= te {
-                            let rows: [_; TOKENS] = std::array::from_fn(|j| acts.row(tok + j));
-                            out[r * t + tok..r * t + tok + TOKENS].copy_from_slice(&k4(w, &rows));
+                            let xs: [_; TOKENS] = std::array::from_fn(|j| acts.row(tok + j));
+                            for (j, v) in k4(w, &xs).into_iter().enumerate() {
+                                put(tok + j, r, v);
+                            }
                             tok += TOKENS;
                         }
                     }
                     for tok in tok..te {
-                        out[r * t + tok] = k(w, acts.row(tok));
+                        put(tok, r, k(w, acts.row(tok)));
                     }
                 }
             }
         }
     }
 }
+
+/// The output of one GEMM, shared by its tasks; each writes only its own weight rows.
+struct SharedOut(*mut f32);
+
+// SAFETY: tasks write disjoint elements (see `QMatrix::tile`), and `gemm_with` outlives them.
+unsafe impl Sync for SharedOut {}
 
 /// `ys[i] = mats[i] · x` for matrices sharing one input (e.g. a layer's q, k and v
 /// projections), on the best ISA: the input is quantized once per activation kind and the rows
