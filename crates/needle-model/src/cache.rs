@@ -356,8 +356,12 @@ impl KvCache {
             }
             Ok(())
         };
-        // After the build, inserting into an index costs a search: the KV heads run in parallel.
-        if built {
+        // After the build, inserting into an index costs a search: the KV heads run in parallel
+        // when any of them has a dynamic part to insert into (not for `full`, say).
+        let t = keys.len() / row;
+        let inserts = built
+            && self.heads[layer].iter().any(|h| !h.selector.static_part().dynamic_range(h.keys.len() + t).is_empty());
+        if inserts {
             let t0 = Instant::now();
             self.heads[layer].par_iter_mut().enumerate().try_for_each(push)?;
             self.stats.insert_time += t0.elapsed();
