@@ -89,8 +89,7 @@ pub fn attend_group<'s>(
         scratch.bias.push(if weighted { selection.log_weights[i] } else { 0.0 });
     }
     let out = &mut scratch.out;
-    out.clear();
-    out.resize(g * d, 0.0);
+    out.resize(g * d, 0.0); // sized only: attend_rows zeroes it
     let krows: Vec<&[f32]> = scratch.ids.iter().map(|&id| keys.row(id as usize)).collect();
     let vrows: Vec<&[f32]> = scratch.ids.iter().map(|&id| values.row(id as usize)).collect();
     let bias = weighted.then_some(scratch.bias.as_slice());

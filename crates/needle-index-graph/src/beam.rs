@@ -151,51 +151,8 @@ pub(crate) struct Work {
 ///
 /// With `pool`, every scored `(id, score)` is also pushed there, so a caller can re-rank all
 /// keys the search scored (exactly) and return more results than the beam holds.
-///
-/// Runs the same code compiled for AVX2+FMA where the CPU has them (the inner products are
-/// most of a search), picked at run time.
 #[allow(clippy::too_many_arguments)] // the hot path: plain arguments keep it monomorphic and simple
 pub(crate) fn beam_search<G: Adjacency>(
-    graph: &G,
-    data: &[f32],
-    dim: usize,
-    query: &[f32],
-    entries: &[u32],
-    ef: usize,
-    visited: &mut Visited,
-    work: &mut Work,
-    pool: Option<&mut Vec<(u32, f32)>>,
-) -> Beam {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: avx2 and fma were detected on this CPU.
-        return unsafe { beam_search_avx2(graph, data, dim, query, entries, ef, visited, work, pool) };
-    }
-    beam_search_body(graph, data, dim, query, entries, ef, visited, work, pool)
-}
-
-/// # Safety
-/// Needs avx2 and fma.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn beam_search_avx2<G: Adjacency>(
-    graph: &G,
-    data: &[f32],
-    dim: usize,
-    query: &[f32],
-    entries: &[u32],
-    ef: usize,
-    visited: &mut Visited,
-    work: &mut Work,
-    pool: Option<&mut Vec<(u32, f32)>>,
-) -> Beam {
-    beam_search_body(graph, data, dim, query, entries, ef, visited, work, pool)
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn beam_search_body<G: Adjacency>(
     graph: &G,
     data: &[f32],
     dim: usize,

@@ -866,7 +866,7 @@ mod x86 {
     }
 
     /// [`super::attend_rows`] after its checks: every row has `dim` elements, `dim` a multiple of
-    /// 8, `q` and `out` are `g × dim`, `bias` has one entry per row.
+    /// 8, `q` and `out` are `g × dim` (`out` zeroed), `bias` has one entry per row.
     ///
     /// # Safety
     /// Needs avx2, fma and f16c; the shapes above hold.
@@ -926,9 +926,8 @@ mod x86 {
         for srow in scores.chunks_exact_mut(m) {
             softmax(srow);
         }
-        // One pass over the value rows: each row is added into every head's output (in L1);
-        // the dim/8 chunks of a row are independent FMAs.
-        out.fill(0.0);
+        // One pass over the value rows: each row is added into every head's output (in L1,
+        // zeroed by the caller); the dim/8 chunks of a row are independent FMAs.
         for (j, v) in values.iter().enumerate() {
             for h in 0..g {
                 let p = _mm256_set1_ps(scores[h * m + j]);

@@ -166,8 +166,9 @@ pub fn gemv_many_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], ys: &mut [&mut 
     // (matrix, first row, outputs) per task.
     let mut tasks = Vec::new();
     for (i, y) in ys.iter_mut().enumerate() {
-        for (c, part) in y.chunks_mut(chunk.min(mats[i].rows.max(1))).enumerate() {
-            tasks.push(Mutex::new((i, c * chunk.min(mats[i].rows.max(1)), part)));
+        let per = chunk.min(mats[i].rows.max(1));
+        for (c, part) in y.chunks_mut(per).enumerate() {
+            tasks.push(Mutex::new((i, c * per, part)));
         }
     }
     let run = |t: usize| {

@@ -133,9 +133,7 @@ impl QWeight {
     pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
         let mut y = vec![0f32; t * self.rows];
         self.matrix()?.gemm(x, t, &mut y).map_err(|e| Error::kernel(&*self.name, e))?;
-        if let Some(heads) = self.rope_heads {
-            deinterleave(&mut y, self.rows / heads);
-        }
+        self.to_hf_order(&mut y);
         Ok(y)
     }
 
@@ -154,11 +152,16 @@ impl QWeight {
             Error::kernel(names.join(", "), e)
         })?;
         for (w, y) in ws.iter().zip(&mut ys) {
-            if let Some(heads) = w.rope_heads {
-                deinterleave(y, w.rows / heads);
-            }
+            w.to_hf_order(y);
         }
         Ok(ys)
+    }
+
+    /// Outputs of rows stored in llama.cpp's RoPE order, put back in Hugging Face order.
+    fn to_hf_order(&self, y: &mut [f32]) {
+        if let Some(heads) = self.rope_heads {
+            deinterleave(y, self.rows / heads);
+        }
     }
 
     /// Row `r` (Hugging Face order) dequantized into `out` (`cols` floats).
