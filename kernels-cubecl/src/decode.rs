@@ -1,0 +1,515 @@
+//! Gathered decode attention, GQA-aware, split in chunks (flash-decoding).
+//!
+//! One decode step: `n_q_heads` queries of one token attend, per KV head, to the rows named by
+//! that head's id list (static part + selection, any order, possibly empty), each with an
+//! optional additive log-weight. The result per query head is the normalised output and the
+//! log-sum-exp of its scaled scores, so the host can merge it with another partial
+//! ([`crate::merge`]).
+//!
+//! Layouts (f32, row-major):
+//! * KV store ([`DeviceKv`]): `k`, `v` are `[n_rows][n_kv_heads][head_dim]`, token-major, the
+//!   order a cache appends in. Row `r` of KV head `h` starts at `(r · n_kv_heads + h) · head_dim`.
+//! * queries: `[n_q_heads][head_dim]`; query head `q` reads KV head `q / group`,
+//!   `group = n_q_heads / n_kv_heads` (needle-core's `GqaLayout`).
+//! * id lists ([`DeviceRowLists`]): CSR. `ids` concatenates the lists of the KV heads,
+//!   `offsets[h]..offsets[h + 1]` is head `h`'s; `log_w`, when present, runs parallel to `ids`.
+//! * outputs: `out` `[n_q_heads][head_dim]`, `lse` `[n_q_heads]`; an empty list gives a zero
+//!   output and `lse = -inf`.
+//!
+//! Pass 1 ([`decode_partial_kernel`]): cube `(chunk, h)` takes `chunk_rows` ids of head `h` in
+//! tiles of [`DECODE_TILE`] rows, one unit per row. Each key row is read once for the whole
+//! query group (all `group` scores come from the same load), then an online softmax keeps the
+//! running max `m`, sum `l` and unnormalised output per query. Pass 2
+//! ([`decode_reduce_kernel`]) combines the chunks of each query head by log-sum-exp. No plane
+//! (subgroup) operation is used: lavapipe has none.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::error::{Result, check_len, invalid, to_u32};
+use crate::util::{buf_len, cube_linear, empty_f32, grid_1d, read_f32, upload_f32, upload_u32};
+
+/// Rows per tile of pass 1, and units per cube.
+pub const DECODE_TILE: usize = 64;
+
+/// Default rows per chunk (per cube) of pass 1: long enough to amortise the per-chunk
+/// write-out, short enough that a 10k-row context spreads over dozens of cubes.
+pub const DEFAULT_CHUNK_ROWS: usize = 256;
+
+/// Running max of a query before any row: finite, since WGSL forbids infinite literals.
+const NEG_BIG: f32 = -3.0e38;
+
+/// A KV store on the device, `[n_rows][n_kv_heads][head_dim]` f32 for keys and for values.
+#[derive(Debug, Clone)]
+pub struct DeviceKv {
+    /// Keys.
+    pub k: Handle,
+    /// Values.
+    pub v: Handle,
+    /// Rows (tokens).
+    pub n_rows: usize,
+    /// KV heads per row.
+    pub n_kv_heads: usize,
+    /// Numbers per head.
+    pub head_dim: usize,
+}
+
+impl DeviceKv {
+    /// Uploads keys and values, both `[n_rows][n_kv_heads][head_dim]`.
+    pub fn upload<R: Runtime>(
+        client: &ComputeClient<R>,
+        k: &[f32],
+        v: &[f32],
+        n_rows: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        if n_kv_heads == 0 {
+            return Err(invalid("n_kv_heads", "must be > 0"));
+        }
+        if head_dim == 0 {
+            return Err(invalid("head_dim", "must be > 0"));
+        }
+        let n = n_rows
+            .checked_mul(n_kv_heads)
+            .and_then(|x| x.checked_mul(head_dim))
+            .ok_or_else(|| invalid("n_rows", "KV store size overflows"))?;
+        to_u32("n_rows · n_kv_heads · head_dim", n)?;
+        check_len("k", k.len(), n)?;
+        check_len("v", v.len(), n)?;
+        Ok(Self { k: upload_f32(client, k), v: upload_f32(client, v), n_rows, n_kv_heads, head_dim })
+    }
+}
+
+/// Per-KV-head id lists on the device (CSR, see the module doc).
+#[derive(Debug, Clone)]
+pub struct DeviceRowLists {
+    /// Concatenated ids (at least one element long; unused when `n_ids == 0`).
+    pub ids: Handle,
+    /// `n_kv_heads + 1` offsets into `ids`.
+    pub offsets: Handle,
+    /// Additive log-weights parallel to `ids`, if any.
+    pub log_w: Option<Handle>,
+    /// Total ids.
+    pub n_ids: usize,
+    /// Longest list: sizes the grid.
+    pub max_len: usize,
+    /// Lists (one per KV head).
+    pub n_kv_heads: usize,
+}
+
+impl DeviceRowLists {
+    /// Uploads one list per KV head, with optional log-weights (one slice per list, same
+    /// lengths). Ids are checked against `n_rows`: the kernel would skip an out-of-range id.
+    pub fn upload<R: Runtime>(
+        client: &ComputeClient<R>,
+        lists: &[&[u32]],
+        log_weights: Option<&[&[f32]]>,
+        n_rows: usize,
+    ) -> Result<Self> {
+        let mut ids = Vec::with_capacity(lists.iter().map(|l| l.len()).sum());
+        let mut offsets = Vec::with_capacity(lists.len() + 1);
+        offsets.push(0u32);
+        for l in lists {
+            if let Some(&bad) = l.iter().find(|&&id| id as usize >= n_rows) {
+                return Err(invalid("lists", format!("row id {bad} out of range for {n_rows} rows")));
+            }
+            ids.extend_from_slice(l);
+            offsets.push(to_u32("lists (total ids)", ids.len())?);
+        }
+        let log_w = match log_weights {
+            None => None,
+            Some(ws) => {
+                check_len("log_weights (lists)", ws.len(), lists.len())?;
+                let mut flat = Vec::with_capacity(ids.len());
+                for (w, l) in ws.iter().zip(lists) {
+                    check_len("log_weights (one list)", w.len(), l.len())?;
+                    if w.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+                        return Err(invalid("log_weights", "NaN or +inf"));
+                    }
+                    flat.extend_from_slice(w);
+                }
+                Some(upload_f32(client, &flat))
+            }
+        };
+        Ok(Self {
+            ids: upload_u32(client, &ids),
+            offsets: upload_u32(client, &offsets),
+            log_w,
+            n_ids: ids.len(),
+            max_len: lists.iter().map(|l| l.len()).max().unwrap_or(0),
+            n_kv_heads: lists.len(),
+        })
+    }
+}
+
+/// Attention outputs read back to the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attention {
+    /// `[heads][head_dim]` normalised outputs.
+    pub out: Vec<f32>,
+    /// `[heads]` log-sum-exp of the scaled scores (`-inf` for an empty key set).
+    pub lse: Vec<f32>,
+}
+
+/// Pass 1: partial softmax state of one chunk of one KV head's ids, for its whole query group.
+///
+/// Writes `part_o[((h · n_chunks + c) · group + g) · d + i]` (unnormalised output) and
+/// `part_ml[((h · n_chunks + c) · group + g) · 2 + {0, 1}]` = (running max, sum); sum 0 means the
+/// chunk saw no row.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn decode_partial_kernel(
+    q: &Array<f32>,
+    k: &Array<f32>,
+    v: &Array<f32>,
+    ids: &Array<u32>,
+    offsets: &Array<u32>,
+    log_w: &Array<f32>,
+    part_o: &mut Array<f32>,
+    part_ml: &mut Array<f32>,
+    n_rows: u32,
+    n_kv: u32,
+    chunk_rows: u32,
+    n_chunks: u32,
+    scale: f32,
+    #[comptime] group: usize,
+    #[comptime] d: usize,
+    #[comptime] tile: usize,
+    #[comptime] weighted: bool,
+) {
+    let c = CUBE_POS_X as usize;
+    let h = CUBE_POS_Y as usize;
+    let u = UNIT_POS_X as usize;
+    let gd = comptime!(group * d);
+
+    let mut q_s = SharedMemory::<f32>::new(gd);
+    let mut acc = SharedMemory::<f32>::new(gd);
+    let mut s_s = SharedMemory::<f32>::new(comptime!(group * tile));
+    let mut row_s = SharedMemory::<u32>::new(tile);
+    let mut m_s = SharedMemory::<f32>::new(group);
+    let mut l_s = SharedMemory::<f32>::new(group);
+    let mut f_s = SharedMemory::<f32>::new(group);
+
+    let list_begin = offsets[h] as usize;
+    let list_end = offsets[h + 1] as usize;
+    let mut start = list_begin + c * chunk_rows as usize;
+    if start > list_end {
+        start = list_end;
+    }
+    let mut end = start + chunk_rows as usize;
+    if end > list_end {
+        end = list_end;
+    }
+
+    let q_base = h * gd;
+    let mut idx = u;
+    while idx < gd {
+        q_s[idx] = q[q_base + idx];
+        acc[idx] = 0.0;
+        idx += tile;
+    }
+    if u < group {
+        m_s[u] = NEG_BIG;
+        l_s[u] = 0.0;
+        f_s[u] = 0.0;
+    }
+    sync_cube();
+
+    let kv_stride = n_kv as usize * d;
+    let mut base = start;
+    while base < end {
+        // Scores: unit u takes row base + u and scores it against every query of the group.
+        let r = base + u;
+        let mut row = n_rows;
+        if r < end {
+            row = ids[r];
+        }
+        row_s[u] = row;
+        if row < n_rows {
+            let k_base = row as usize * kv_stride + h * d;
+            let mut w = 0.0f32;
+            if weighted {
+                w = log_w[r];
+            }
+            for g in 0..group {
+                let mut dot = 0.0f32;
+                for i in 0..d {
+                    dot += q_s[g * d + i] * k[k_base + i];
+                }
+                s_s[g * tile + u] = dot * scale + w;
+            }
+        }
+        sync_cube();
+
+        // Online softmax: one unit per query of the group.
+        let mut n_tile = end - base;
+        if n_tile > tile {
+            n_tile = tile;
+        }
+        if u < group {
+            let m_old = m_s[u];
+            let mut mx = m_old;
+            for j in 0..n_tile {
+                if row_s[j] < n_rows {
+                    let s = s_s[u * tile + j];
+                    if s > mx {
+                        mx = s;
+                    }
+                }
+            }
+            let l_old = l_s[u];
+            // l_old == 0: nothing seen yet, so nothing to rescale (and no inf arithmetic).
+            let mut f = 0.0f32;
+            if l_old > 0.0 {
+                f = (m_old - mx).exp();
+            }
+            let mut sum = 0.0f32;
+            for j in 0..n_tile {
+                let mut p = 0.0f32;
+                if row_s[j] < n_rows {
+                    p = (s_s[u * tile + j] - mx).exp();
+                }
+                s_s[u * tile + j] = p;
+                sum += p;
+            }
+            m_s[u] = mx;
+            l_s[u] = l_old * f + sum;
+            f_s[u] = f;
+        }
+        sync_cube();
+
+        // Output update: unit u owns elements u, u + tile, … of the group's outputs.
+        let mut e = u;
+        while e < gd {
+            let g = e / d;
+            let i = e % d;
+            let mut a = acc[e] * f_s[g];
+            for j in 0..n_tile {
+                let rj = row_s[j];
+                if rj < n_rows {
+                    a += s_s[g * tile + j] * v[rj as usize * kv_stride + h * d + i];
+                }
+            }
+            acc[e] = a;
+            e += tile;
+        }
+        sync_cube();
+        base += tile;
+    }
+
+    let part = (h * n_chunks as usize + c) * group;
+    let mut e = u;
+    while e < gd {
+        part_o[part * d + e] = acc[e];
+        e += tile;
+    }
+    if u < group {
+        part_ml[(part + u) * 2] = m_s[u];
+        part_ml[(part + u) * 2 + 1] = l_s[u];
+    }
+}
+
+/// Pass 2: combines the chunks of each query head by log-sum-exp into the normalised output and
+/// its log-sum-exp (`neg_inf` is `-inf`, passed at run time: WGSL has no infinite literal).
+#[cube(launch)]
+pub fn decode_reduce_kernel(
+    part_o: &Array<f32>,
+    part_ml: &Array<f32>,
+    out: &mut Array<f32>,
+    lse: &mut Array<f32>,
+    n_q: u32,
+    n_chunks: u32,
+    neg_inf: f32,
+    #[comptime] group: usize,
+    #[comptime] d: usize,
+) {
+    let hq = cube_linear();
+    if hq >= n_q as usize {
+        terminate!();
+    }
+    let h = hq / group;
+    let g = hq % group;
+    let nc = n_chunks as usize;
+    let part0 = h * nc * group + g;
+
+    let mut mx = f32::new(NEG_BIG);
+    let mut any = false;
+    for c in 0..nc {
+        let p = part0 + c * group;
+        if part_ml[p * 2 + 1] > 0.0 {
+            any = true;
+            let m = part_ml[p * 2];
+            if m > mx {
+                mx = m;
+            }
+        }
+    }
+    let mut total = 0.0f32;
+    for c in 0..nc {
+        let p = part0 + c * group;
+        let l = part_ml[p * 2 + 1];
+        if l > 0.0 {
+            total += l * (part_ml[p * 2] - mx).exp();
+        }
+    }
+    let mut i = UNIT_POS_X as usize;
+    while i < d {
+        let mut o = 0.0f32;
+        if any {
+            for c in 0..nc {
+                let p = part0 + c * group;
+                if part_ml[p * 2 + 1] > 0.0 {
+                    o += part_o[p * d + i] * (part_ml[p * 2] - mx).exp();
+                }
+            }
+            o /= total;
+        }
+        out[hq * d + i] = o;
+        i += CUBE_DIM_X as usize;
+    }
+    if UNIT_POS_X == 0 {
+        if any {
+            lse[hq] = mx + total.ln();
+        } else {
+            lse[hq] = neg_inf;
+        }
+    }
+}
+
+/// Shared memory pass 1 needs, in bytes.
+fn partial_smem_bytes(group: usize, d: usize, tile: usize) -> usize {
+    4 * (2 * group * d + group * tile + tile + 3 * group)
+}
+
+/// Launches both passes on device buffers: `q` `[n_q_heads][head_dim]`, writing `out`
+/// `[n_q_heads][head_dim]` and `lse` `[n_q_heads]`. `chunk_rows` is rounded up to a multiple of
+/// [`DECODE_TILE`] (and grown if the grid would exceed 65,535 chunks).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_decode<R: Runtime>(
+    client: &ComputeClient<R>,
+    kv: &DeviceKv,
+    q: &Handle,
+    n_q_heads: usize,
+    lists: &DeviceRowLists,
+    scale: f32,
+    chunk_rows: usize,
+    out: &Handle,
+    lse: &Handle,
+) -> Result<()> {
+    let (n_kv, d) = (kv.n_kv_heads, kv.head_dim);
+    if lists.n_kv_heads != n_kv {
+        return Err(invalid("lists", format!("{} lists for {n_kv} KV heads", lists.n_kv_heads)));
+    }
+    if n_q_heads == 0 || !n_q_heads.is_multiple_of(n_kv) {
+        return Err(invalid("n_q_heads", format!("{n_q_heads} is not a positive multiple of {n_kv} KV heads")));
+    }
+    if !scale.is_finite() {
+        return Err(invalid("scale", "not finite"));
+    }
+    if chunk_rows == 0 {
+        return Err(invalid("chunk_rows", "must be > 0"));
+    }
+    let group = n_q_heads / n_kv;
+    let smem = partial_smem_bytes(group, d, DECODE_TILE);
+    let limit = client.properties().hardware.max_shared_memory_size;
+    if smem > limit {
+        return Err(invalid(
+            "n_q_heads",
+            format!("group {group} × head_dim {d} needs {smem} B of shared memory, the device has {limit}"),
+        ));
+    }
+    let mut chunk = chunk_rows.div_ceil(DECODE_TILE) * DECODE_TILE;
+    let max_chunks = crate::util::MAX_CUBES_PER_AXIS as usize;
+    if lists.max_len.div_ceil(chunk) > max_chunks {
+        chunk = lists.max_len.div_ceil(max_chunks).div_ceil(DECODE_TILE) * DECODE_TILE;
+    }
+    let n_chunks = lists.max_len.div_ceil(chunk).max(1);
+    let n_parts = n_kv * n_chunks * group;
+    let part_o = empty_f32(client, n_parts * d);
+    let part_ml = empty_f32(client, n_parts * 2);
+    let n_store = kv.n_rows * n_kv * d;
+
+    // SAFETY (all `from_raw_parts`): every length is the element count the handle was made with.
+    unsafe {
+        decode_partial_kernel::launch::<R>(
+            client,
+            CubeCount::Static(to_u32("chunks", n_chunks)?, to_u32("n_kv_heads", n_kv)?, 1),
+            CubeDim::new_1d(DECODE_TILE as u32),
+            ArrayArg::from_raw_parts(q.clone(), n_q_heads * d),
+            ArrayArg::from_raw_parts(kv.k.clone(), buf_len(n_store)),
+            ArrayArg::from_raw_parts(kv.v.clone(), buf_len(n_store)),
+            ArrayArg::from_raw_parts(lists.ids.clone(), buf_len(lists.n_ids)),
+            ArrayArg::from_raw_parts(lists.offsets.clone(), n_kv + 1),
+            match &lists.log_w {
+                Some(w) => ArrayArg::from_raw_parts(w.clone(), buf_len(lists.n_ids)),
+                // Unread placeholder: a binding must exist even when the kernel has no weights.
+                None => ArrayArg::from_raw_parts(upload_f32(client, &[0.0]), 1),
+            },
+            ArrayArg::from_raw_parts(part_o.clone(), n_parts * d),
+            ArrayArg::from_raw_parts(part_ml.clone(), n_parts * 2),
+            to_u32("n_rows", kv.n_rows)?,
+            to_u32("n_kv_heads", n_kv)?,
+            to_u32("chunk_rows", chunk)?,
+            to_u32("chunks", n_chunks)?,
+            scale,
+            group,
+            d,
+            DECODE_TILE,
+            lists.log_w.is_some(),
+        );
+        decode_reduce_kernel::launch::<R>(
+            client,
+            grid_1d("n_q_heads", n_q_heads)?,
+            CubeDim::new_1d(d.next_power_of_two().clamp(32, 128) as u32),
+            ArrayArg::from_raw_parts(part_o, n_parts * d),
+            ArrayArg::from_raw_parts(part_ml, n_parts * 2),
+            ArrayArg::from_raw_parts(out.clone(), n_q_heads * d),
+            ArrayArg::from_raw_parts(lse.clone(), n_q_heads),
+            to_u32("n_q_heads", n_q_heads)?,
+            to_u32("chunks", n_chunks)?,
+            f32::NEG_INFINITY,
+            group,
+            d,
+        );
+    }
+    Ok(())
+}
+
+/// Options of [`decode_attention`].
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeOptions {
+    /// Rows per chunk (per cube); see [`launch_decode`].
+    pub chunk_rows: usize,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self { chunk_rows: DEFAULT_CHUNK_ROWS }
+    }
+}
+
+/// Uploads `q` (`[n_q_heads][head_dim]`) and the lists, runs [`launch_decode`] and reads back.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention<R: Runtime>(
+    client: &ComputeClient<R>,
+    kv: &DeviceKv,
+    q: &[f32],
+    n_q_heads: usize,
+    lists: &[&[u32]],
+    log_weights: Option<&[&[f32]]>,
+    scale: f32,
+    opts: DecodeOptions,
+) -> Result<Attention> {
+    check_len("q", q.len(), n_q_heads * kv.head_dim)?;
+    if q.iter().any(|x| !x.is_finite()) {
+        return Err(invalid("q", "not finite"));
+    }
+    check_len("lists", lists.len(), kv.n_kv_heads)?;
+    let dev_lists = DeviceRowLists::upload(client, lists, log_weights, kv.n_rows)?;
+    let q_h = upload_f32(client, q);
+    let out = empty_f32(client, n_q_heads * kv.head_dim);
+    let lse = empty_f32(client, n_q_heads);
+    launch_decode(client, kv, &q_h, n_q_heads, &dev_lists, scale, opts.chunk_rows, &out, &lse)?;
+    Ok(Attention { out: read_f32(client, out, n_q_heads * kv.head_dim)?, lse: read_f32(client, lse, n_q_heads)? })
+}

@@ -1,0 +1,90 @@
+//! Device, seeded random data, the f64 reference attention and the comparison helpers.
+
+use cubecl::prelude::ComputeClient;
+use cubecl::wgpu::WgpuRuntime;
+use needle_kernels_cubecl::cubecl;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+pub type Client = ComputeClient<WgpuRuntime>;
+
+/// The wgpu device, or `None` (test skipped) when there is none and `NEEDLE_SKIP_GPU_TESTS=1`.
+/// Without the variable a missing device fails the test: a silent pass would hide a broken CI.
+pub fn client() -> Option<Client> {
+    match needle_kernels_cubecl::wgpu_client() {
+        Ok(c) => Some(c),
+        Err(e) if std::env::var("NEEDLE_SKIP_GPU_TESTS").is_ok_and(|v| v == "1") => {
+            eprintln!("NEEDLE_SKIP_GPU_TESTS=1: skipping GPU test ({e})");
+            None
+        }
+        Err(e) => panic!(
+            "no wgpu adapter ({e}). Install a Vulkan driver (software: `apt-get install mesa-vulkan-drivers \
+             libvulkan1`) or set NEEDLE_SKIP_GPU_TESTS=1 to skip the GPU tests"
+        ),
+    }
+}
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// `n` standard-normal-ish values (sum of uniforms, good enough for attention data).
+pub fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * 1.7).collect()
+}
+
+/// f64 attention of one query over the rows `ids` of KV head `h` in a `[rows][n_kv][d]` store.
+/// Returns (output, lse); empty ids give zeros and `-inf`.
+#[allow(clippy::too_many_arguments)]
+pub fn ref_attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n_kv: usize,
+    d: usize,
+    h: usize,
+    ids: &[u32],
+    log_w: Option<&[f32]>,
+    scale: f32,
+) -> (Vec<f64>, f64) {
+    let row = |buf: &'_ [f32], r: u32| -> Vec<f64> {
+        let b = (r as usize * n_kv + h) * d;
+        buf[b..b + d].iter().map(|&x| x as f64).collect()
+    };
+    let scores: Vec<f64> = ids
+        .iter()
+        .enumerate()
+        .map(|(j, &r)| {
+            let kr = row(k, r);
+            let dot: f64 = q.iter().zip(&kr).map(|(&a, &b)| a as f64 * b).sum();
+            dot * scale as f64 + log_w.map_or(0.0, |w| w[j] as f64)
+        })
+        .collect();
+    let Some(m) = scores.iter().cloned().reduce(f64::max) else {
+        return (vec![0.0; d], f64::NEG_INFINITY);
+    };
+    let mut out = vec![0.0f64; d];
+    let mut sum = 0.0;
+    for (&s, &r) in scores.iter().zip(ids) {
+        let p = (s - m).exp();
+        sum += p;
+        for (o, x) in out.iter_mut().zip(row(v, r)) {
+            *o += p * x;
+        }
+    }
+    out.iter_mut().for_each(|o| *o /= sum);
+    (out, m + sum.ln())
+}
+
+/// Asserts `|got − want| ≤ tol · max(1, |want|)` elementwise, naming the first failure.
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w == f64::NEG_INFINITY {
+            assert_eq!(g, f32::NEG_INFINITY, "{what}[{i}]: want -inf, got {g}");
+            continue;
+        }
+        let err = (g as f64 - w).abs();
+        assert!(err <= tol * w.abs().max(1.0), "{what}[{i}]: got {g}, want {w}, error {err:e} > {tol:e}");
+    }
+}

@@ -1,0 +1,203 @@
+//! Gathered flash-decoding attention against the f64 reference.
+
+use needle_kernels_cubecl::{DecodeOptions, DeviceKv, Error, decode_attention};
+use rand::Rng;
+use rand::seq::SliceRandom;
+
+use crate::common::{assert_close, client, normal, ref_attend, rng};
+
+/// f32 attention against f64: outputs and LSE within 1e-4 (relative above 1).
+const TOL: f64 = 1e-4;
+
+struct Case {
+    n_rows: usize,
+    n_kv: usize,
+    group: usize,
+    d: usize,
+    /// Ids per KV head.
+    lists: Vec<Vec<u32>>,
+    weighted: bool,
+    /// Multiplies the queries: large values make scores of magnitude ~1e3–1e4.
+    q_gain: f32,
+    chunk_rows: usize,
+}
+
+fn random_list(rng: &mut rand::rngs::StdRng, n_rows: usize, len: usize) -> Vec<u32> {
+    (0..len).map(|_| rng.random_range(0..n_rows as u32)).collect()
+}
+
+/// Runs one case on the device and checks every query head against the reference.
+fn check(seed: u64, case: &Case) {
+    let Some(c) = client() else { return };
+    let mut r = rng(seed);
+    let (n_rows, n_kv, d, g) = (case.n_rows, case.n_kv, case.d, case.group);
+    let n_q = n_kv * g;
+    let k = normal(&mut r, n_rows * n_kv * d);
+    let v = normal(&mut r, n_rows * n_kv * d);
+    let q: Vec<f32> = normal(&mut r, n_q * d).into_iter().map(|x| x * case.q_gain).collect();
+    let weights: Vec<Vec<f32>> =
+        case.lists.iter().map(|l| l.iter().map(|_| r.random_range(-3.0f32..1.0)).collect()).collect();
+    let scale = 1.0 / (d as f32).sqrt();
+
+    let kv = DeviceKv::upload(&c, &k, &v, n_rows, n_kv, d).unwrap();
+    let lists: Vec<&[u32]> = case.lists.iter().map(Vec::as_slice).collect();
+    let wref: Vec<&[f32]> = weights.iter().map(Vec::as_slice).collect();
+    let got = decode_attention(
+        &c,
+        &kv,
+        &q,
+        n_q,
+        &lists,
+        case.weighted.then_some(wref.as_slice()),
+        scale,
+        DecodeOptions { chunk_rows: case.chunk_rows },
+    )
+    .unwrap();
+
+    for hq in 0..n_q {
+        let h = hq / g;
+        let (out, lse) = ref_attend(
+            &q[hq * d..(hq + 1) * d],
+            &k,
+            &v,
+            n_kv,
+            d,
+            h,
+            &case.lists[h],
+            case.weighted.then_some(weights[h].as_slice()),
+            scale,
+        );
+        let what = format!("seed {seed} head {hq} (d {d}, group {g}, {} ids)", case.lists[h].len());
+        assert_close(&format!("{what} out"), &got.out[hq * d..(hq + 1) * d], &out, TOL);
+        assert_close(&format!("{what} lse"), &got.lse[hq..hq + 1], &[lse], TOL);
+    }
+}
+
+#[test]
+fn decode_matches_reference_over_shapes_and_groups() {
+    let mut r = rng(1);
+    let mut seed = 100;
+    for d in [64, 80, 96] {
+        for group in [1, 3, 4] {
+            for weighted in [false, true] {
+                let n_rows = 333;
+                let n_kv = 3;
+                // Head 0: a random selection (odd length, duplicates possible); head 1: one row;
+                // head 2: a static-like prefix + window, not a multiple of the tile.
+                let lists = vec![
+                    random_list(&mut r, n_rows, 201),
+                    vec![r.random_range(0..n_rows as u32)],
+                    (0..4).chain(250..333).collect(),
+                ];
+                seed += 1;
+                check(seed, &Case { n_rows, n_kv, group, d, lists, weighted, q_gain: 1.0, chunk_rows: 128 });
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_empty_lists_give_zero_output_and_neg_inf_lse() {
+    let mut r = rng(2);
+    let lists = vec![vec![], random_list(&mut r, 50, 17), vec![]];
+    check(21, &Case { n_rows: 50, n_kv: 3, group: 4, d: 64, lists, weighted: true, q_gain: 1.0, chunk_rows: 64 });
+    // Every list empty (the id buffer itself is empty).
+    check(
+        22,
+        &Case { n_rows: 50, n_kv: 2, group: 3, d: 80, lists: vec![vec![], vec![]], weighted: false, q_gain: 1.0, chunk_rows: 64 },
+    );
+    // A store with no rows at all.
+    check(
+        23,
+        &Case { n_rows: 0, n_kv: 1, group: 1, d: 64, lists: vec![vec![]], weighted: false, q_gain: 1.0, chunk_rows: 64 },
+    );
+}
+
+#[test]
+fn decode_long_context_splits_into_many_chunks() {
+    let mut r = rng(3);
+    let n_rows = 10_000;
+    let mut all: Vec<u32> = (0..n_rows as u32).collect();
+    all.shuffle(&mut r);
+    let mut sparse = random_list(&mut r, n_rows, 2_500);
+    sparse.sort_unstable();
+    // 10,000 ids at 256 rows a chunk: 40 cubes for head 0; head 1 leaves chunks 10.. empty.
+    let lists = vec![all, sparse];
+    check(31, &Case { n_rows, n_kv: 2, group: 4, d: 64, lists, weighted: false, q_gain: 1.0, chunk_rows: 256 });
+}
+
+#[test]
+fn decode_is_stable_for_large_magnitude_scores() {
+    let mut r = rng(4);
+    let n_rows = 700;
+    let lists = vec![random_list(&mut r, n_rows, 650), (0..n_rows as u32).rev().collect()];
+    // q·k/√d of order 1e3: a naive exp overflows; the online max keeps it exact.
+    check(41, &Case { n_rows, n_kv: 2, group: 3, d: 96, lists, weighted: true, q_gain: 300.0, chunk_rows: 64 });
+}
+
+#[test]
+fn decode_chunking_does_not_change_the_result() {
+    let Some(c) = client() else { return };
+    let mut r = rng(5);
+    let (n_rows, d) = (1_500, 64);
+    let k = normal(&mut r, n_rows * d);
+    let v = normal(&mut r, n_rows * d);
+    let q = normal(&mut r, 4 * d);
+    let ids: Vec<u32> = (0..n_rows as u32).collect();
+    let kv = DeviceKv::upload(&c, &k, &v, n_rows, 1, d).unwrap();
+    let run = |chunk_rows| {
+        decode_attention(&c, &kv, &q, 4, &[&ids], None, 0.125, DecodeOptions { chunk_rows }).unwrap()
+    };
+    let one = run(1 << 20);
+    for chunk_rows in [1, 64, 200, 777] {
+        let many = run(chunk_rows);
+        let want: Vec<f64> = one.out.iter().map(|&x| x as f64).collect();
+        assert_close(&format!("chunk_rows {chunk_rows}"), &many.out, &want, 1e-5);
+        let want: Vec<f64> = one.lse.iter().map(|&x| x as f64).collect();
+        assert_close(&format!("chunk_rows {chunk_rows} lse"), &many.lse, &want, 1e-5);
+    }
+}
+
+#[test]
+fn decode_matches_needle_core_reference_attention() {
+    let Some(c) = client() else { return };
+    let mut r = rng(6);
+    let (n_rows, d) = (300, 80);
+    let k = normal(&mut r, n_rows * d);
+    let v = normal(&mut r, n_rows * d);
+    let q = normal(&mut r, d);
+    let ids = random_list(&mut r, n_rows, 123);
+    let w: Vec<f32> = ids.iter().map(|_| r.random_range(-2.0f32..0.0)).collect();
+    let kv = DeviceKv::upload(&c, &k, &v, n_rows, 1, d).unwrap();
+    let got = decode_attention(&c, &kv, &q, 1, &[&ids], Some(&[&w]), 0.1, DecodeOptions::default()).unwrap();
+    let keys = needle_core::Rows::new("k", &k, d).unwrap();
+    let values = needle_core::Rows::new("v", &v, d).unwrap();
+    let want = needle_core::attention::attend_weighted::<f64>(
+        &q,
+        &keys,
+        &values,
+        ids.iter().copied().zip(w.iter().copied()),
+        0.1,
+    )
+    .unwrap();
+    assert_close("out", &got.out, &want.out, TOL);
+    assert_close("lse", &got.lse, &[want.lse], TOL);
+}
+
+#[test]
+fn decode_rejects_bad_arguments() {
+    let Some(c) = client() else { return };
+    let kv = DeviceKv::upload(&c, &[0.0; 2 * 2 * 64], &[0.0; 2 * 2 * 64], 2, 2, 64).unwrap();
+    let q = vec![0.0; 4 * 64];
+    let opts = DecodeOptions::default();
+    let err = decode_attention(&c, &kv, &q, 4, &[&[0, 2], &[]], None, 1.0, opts).unwrap_err();
+    assert!(matches!(err, Error::Invalid { param: "lists", .. }), "{err}");
+    let err = decode_attention(&c, &kv, &q[..100], 4, &[&[0], &[]], None, 1.0, opts).unwrap_err();
+    assert_eq!(err, Error::Len { param: "q", got: 100, expected: 256 });
+    let err = decode_attention(&c, &kv, &q, 3, &[&[0], &[]], None, 1.0, opts).unwrap_err();
+    assert!(matches!(err, Error::Len { param: "q", .. }), "{err}");
+    let err = decode_attention(&c, &kv, &q, 4, &[&[0], &[1]], Some(&[&[0.0], &[]]), 1.0, opts).unwrap_err();
+    assert!(matches!(err, Error::Len { param: "log_weights (one list)", .. }), "{err}");
+    let err = DeviceKv::upload(&c, &[0.0; 10], &[0.0; 10], 2, 2, 64).unwrap_err();
+    assert!(matches!(err, Error::Len { param: "k", .. }), "{err}");
+}
