@@ -2,7 +2,9 @@
 //! pre-quantized ([`crate::act`]), products are integer per block and scaled per block.
 //!
 //! Each weight type has a scalar reference and an AVX2+FMA path doing the same integer math
-//! (results differ only by f32 summation order).
+//! (results differ only by f32 summation order). On aarch64 the float types, Q8_0, Q4_0 and Q4_1
+//! have NEON paths (and `sdot` ones where the dotprod extension is present); the K-quants
+//! (Q4_K, Q5_K, Q6_K) run their scalar code there.
 
 use half::{bf16, f16};
 
@@ -38,6 +40,12 @@ pub(crate) fn kernel(ty: QuantType, isa: Isa) -> Kernel {
     if isa.has_avx2() {
         return x86::kernel(ty, isa.effective() == Isa::Avx512);
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa.has_neon()
+        && let Some(k) = arm::kernel(ty, isa.effective() == Isa::NeonDot)
+    {
+        return k;
+    }
     let _ = isa;
     match ty {
         QuantType::F32 => |w, x| f32_scalar(w, f32s(x)),
@@ -59,11 +67,16 @@ pub(crate) type Kernel4 = fn(&[u8], &[QActRow<'_>; TOKENS]) -> [f32; TOKENS];
 /// Tokens per [`Kernel4`] call.
 pub(crate) const TOKENS: usize = 4;
 
-/// The multi-token kernel for `ty` on `isa`, where one exists (AVX2, 32-element block types).
+/// The multi-token kernel for `ty` on `isa`, where one exists (AVX2 and NEON, 32-element block
+/// types).
 pub(crate) fn kernel4(ty: QuantType, isa: Isa) -> Option<Kernel4> {
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
         return x86::kernel4(ty, isa.effective() == Isa::AvxVnni);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa.has_neon() {
+        return arm::kernel4(ty, isa.effective() == Isa::NeonDot);
     }
     let _ = (ty, isa);
     None
@@ -748,5 +761,327 @@ mod x86 {
             corr -= d * (32 * offs) as f32;
         }
         hsum_ps(acc) + corr
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    //! NEON kernels for the float rows and the 32-element block types (Q8_0, Q4_0, Q4_1); the
+    //! K-quants keep their scalar code on aarch64. `DOT` variants use the dotprod extension's
+    //! `sdot` through inline assembly (its intrinsic, `vdotq_s32`, is not stable Rust); the others
+    //! widen with `smull`/`smlal2` and add pairwise with `sadalp`. Both give the exact integer sums
+    //! of the scalar code; only the f32 accumulation order differs.
+
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    use super::{BlockQ8, Kernel, Kernel4, QuantType, TOKENS, f32s, q8};
+    use crate::neon::{f16_one, f16_pair, f16x8_to_f32};
+
+    /// The NEON kernel for `ty`, `None` where only scalar code exists (the K-quants).
+    pub(super) fn kernel(ty: QuantType, dot: bool) -> Option<Kernel> {
+        if dot {
+            // SAFETY (every closure here): `dot` is only true once `Isa::NeonDot` was detected
+            // (neon and dotprod), all the features these functions enable.
+            match ty {
+                QuantType::Q8_0 => return Some(|w, x| unsafe { q32_dot::<0>(w, q8(x)) }),
+                QuantType::Q4_0 => return Some(|w, x| unsafe { q32_dot::<1>(w, q8(x)) }),
+                QuantType::Q4_1 => return Some(|w, x| unsafe { q32_dot::<2>(w, q8(x)) }),
+                _ => {}
+            }
+        }
+        // SAFETY (every closure below): only handed out once `Isa::Neon` was detected.
+        Some(match ty {
+            QuantType::F32 => |w, x| unsafe { f32_neon(w, f32s(x)) },
+            QuantType::F16 => |w, x| unsafe { f16_neon(w, f32s(x)) },
+            QuantType::BF16 => |w, x| unsafe { bf16_neon(w, f32s(x)) },
+            QuantType::Q8_0 => |w, x| unsafe { q32_neon::<0>(w, q8(x)) },
+            QuantType::Q4_0 => |w, x| unsafe { q32_neon::<1>(w, q8(x)) },
+            QuantType::Q4_1 => |w, x| unsafe { q32_neon::<2>(w, q8(x)) },
+            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => return None,
+        })
+    }
+
+    /// The NEON multi-token kernel for `ty` (Q8_0, Q4_0, Q4_1).
+    pub(super) fn kernel4(ty: QuantType, dot: bool) -> Option<Kernel4> {
+        if dot {
+            // SAFETY (every closure here): as in `kernel`, `dot` means neon and dotprod.
+            return match ty {
+                QuantType::Q8_0 => Some(|w, x| unsafe { multi_dot::<0>(w, &x.map(q8)) }),
+                QuantType::Q4_0 => Some(|w, x| unsafe { multi_dot::<1>(w, &x.map(q8)) }),
+                QuantType::Q4_1 => Some(|w, x| unsafe { multi_dot::<2>(w, &x.map(q8)) }),
+                _ => None,
+            };
+        }
+        // SAFETY (every closure below): only handed out once `Isa::Neon` was detected.
+        match ty {
+            QuantType::Q8_0 => Some(|w, x| unsafe { multi_neon::<0>(w, &x.map(q8)) }),
+            QuantType::Q4_0 => Some(|w, x| unsafe { multi_neon::<1>(w, &x.map(q8)) }),
+            QuantType::Q4_1 => Some(|w, x| unsafe { multi_neon::<2>(w, &x.map(q8)) }),
+            _ => None,
+        }
+    }
+
+    /// Bytes per block of Q8_0 (`T = 0`), Q4_0 (`T = 1`) or Q4_1 (`T = 2`).
+    const fn block_bytes(t: u8) -> usize {
+        match t {
+            0 => 34,
+            1 => 18,
+            _ => 20,
+        }
+    }
+
+    /// 16 bytes of `b` from `off`.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn load16(b: &[u8], off: usize) -> uint8x16_t {
+        let s = &b[off..off + 16];
+        // SAFETY: `s` is 16 readable bytes; `vld1q_u8` has no alignment requirement.
+        unsafe { vld1q_u8(s.as_ptr()) }
+    }
+
+    /// The 32 quants of an activation block as two halves (elements 0..16, 16..32).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn load_y(q: &[i8; 32]) -> (int8x16_t, int8x16_t) {
+        // SAFETY: `q` is 32 readable bytes.
+        unsafe { (vld1q_s8(q.as_ptr()), vld1q_s8(q.as_ptr().add(16))) }
+    }
+
+    /// One weight block of type `T`: its 32 signed quants as two halves (elements 0..16, 16..32),
+    /// its scale and its min (0 but for Q4_1). Q4_0's offset −8 is applied here, so every type's
+    /// block product is plain `Σ q·y` (the same integer the scalar code ends up with).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn unpack<const T: u8>(b: &[u8]) -> (int8x16_t, int8x16_t, f32, f32) {
+        match T {
+            0 => {
+                let (lo, hi) = (load16(b, 2), load16(b, 18));
+                (vreinterpretq_s8_u8(lo), vreinterpretq_s8_u8(hi), f16_one(b, 0), 0.0)
+            }
+            1 => {
+                let v = load16(b, 2);
+                let lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F)));
+                let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
+                let eight = vdupq_n_s8(8);
+                (vsubq_s8(lo, eight), vsubq_s8(hi, eight), f16_one(b, 0), 0.0)
+            }
+            _ => {
+                let v = load16(b, 4);
+                let (d, m) = f16_pair(b);
+                (vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)), d, m)
+            }
+        }
+    }
+
+    /// `acc` plus the 16 products `a·b`, four per lane.
+    ///
+    /// # Safety
+    /// Inlined only into fns enabling neon, and dotprod when `DOT`.
+    #[inline(always)]
+    unsafe fn dot16<const DOT: bool>(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        // SAFETY: the caller enables the features (see `# Safety`); `sdot` touches only the named
+        // registers.
+        unsafe {
+            if DOT {
+                let mut acc = acc;
+                asm!(
+                    "sdot {0:v}.4s, {1:v}.16b, {2:v}.16b",
+                    inout(vreg) acc,
+                    in(vreg) a,
+                    in(vreg) b,
+                    options(pure, nomem, nostack, preserves_flags)
+                );
+                acc
+            } else {
+                // Two products per i16 lane: at most 2·128·127, which fits.
+                vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(a), vget_low_s8(b)), a, b))
+            }
+        }
+    }
+
+    /// `Σ q·y` of one block (quants in two halves) against an activation block, in four lanes.
+    ///
+    /// # Safety
+    /// As [`dot16`].
+    #[inline(always)]
+    unsafe fn block_dot<const DOT: bool>(lo: int8x16_t, hi: int8x16_t, y: &[i8; 32]) -> float32x4_t {
+        // SAFETY: as this fn's contract; `load_y` needs only neon.
+        unsafe {
+            let (y0, y1) = load_y(y);
+            vcvtq_f32_s32(dot16::<DOT>(dot16::<DOT>(vdupq_n_s32(0), lo, y0), hi, y1))
+        }
+    }
+
+    /// # Safety
+    /// Needs neon.
+    #[target_feature(enable = "neon")]
+    unsafe fn q32_neon<const T: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
+        // SAFETY: the features the body needs are this fn's.
+        unsafe { q32_body::<T, false>(w, x) }
+    }
+
+    /// # Safety
+    /// Needs neon and dotprod.
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn q32_dot<const T: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
+        // SAFETY: the features the body needs are this fn's.
+        unsafe { q32_body::<T, true>(w, x) }
+    }
+
+    /// One weight row of Q8_0 (`T = 0`), Q4_0 (`T = 1`) or Q4_1 (`T = 2`) against one token row.
+    ///
+    /// # Safety
+    /// As [`dot16`].
+    #[inline(always)]
+    unsafe fn q32_body<const T: u8, const DOT: bool>(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let bb = block_bytes(T);
+        // SAFETY: as this fn's contract; slices are whole blocks.
+        unsafe {
+            // Two accumulators: the FMA latency chain would otherwise bound the loop.
+            let mut acc = [vdupq_n_f32(0.0); 2];
+            let mut corr = 0f32;
+            let pairs = w.chunks_exact(2 * bb).zip(x.chunks_exact(2));
+            let nb = pairs.len() * 2;
+            for (b, y) in pairs {
+                for k in 0..2 {
+                    let (lo, hi, d, m) = unpack::<T>(&b[bb * k..bb * (k + 1)]);
+                    acc[k] = vfmaq_n_f32(acc[k], block_dot::<DOT>(lo, hi, &y[k].qs), d * y[k].d);
+                    if T == 2 {
+                        corr += m * y[k].s;
+                    }
+                }
+            }
+            for (b, y) in w[bb * nb..].chunks_exact(bb).zip(&x[nb..]) {
+                let (lo, hi, d, m) = unpack::<T>(b);
+                acc[0] = vfmaq_n_f32(acc[0], block_dot::<DOT>(lo, hi, &y.qs), d * y.d);
+                if T == 2 {
+                    corr += m * y.s;
+                }
+            }
+            vaddvq_f32(vaddq_f32(acc[0], acc[1])) + corr
+        }
+    }
+
+    /// # Safety
+    /// Needs neon.
+    #[target_feature(enable = "neon")]
+    unsafe fn multi_neon<const T: u8>(w: &[u8], x: &[&[BlockQ8]; TOKENS]) -> [f32; TOKENS] {
+        // SAFETY: the features the body needs are this fn's.
+        unsafe { multi_body::<T, false>(w, x) }
+    }
+
+    /// # Safety
+    /// Needs neon and dotprod.
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn multi_dot<const T: u8>(w: &[u8], x: &[&[BlockQ8]; TOKENS]) -> [f32; TOKENS] {
+        // SAFETY: the features the body needs are this fn's.
+        unsafe { multi_body::<T, true>(w, x) }
+    }
+
+    /// One weight row of type `T` against [`TOKENS`] token rows: each block is loaded and
+    /// unpacked once, then multiplied with the tokens' blocks.
+    ///
+    /// # Safety
+    /// As [`dot16`].
+    #[inline(always)]
+    unsafe fn multi_body<const T: u8, const DOT: bool>(w: &[u8], x: &[&[BlockQ8]; TOKENS]) -> [f32; TOKENS] {
+        // SAFETY: as this fn's contract; slices are whole blocks.
+        unsafe {
+            let mut acc = [vdupq_n_f32(0.0); TOKENS];
+            let mut corr = [0f32; TOKENS];
+            for (i, b) in w.chunks_exact(block_bytes(T)).enumerate() {
+                let (lo, hi, d, m) = unpack::<T>(b);
+                for k in 0..TOKENS {
+                    let y = &x[k][i];
+                    acc[k] = vfmaq_n_f32(acc[k], block_dot::<DOT>(lo, hi, &y.qs), d * y.d);
+                    if T == 2 {
+                        corr[k] += m * y.s;
+                    }
+                }
+            }
+            std::array::from_fn(|k| vaddvq_f32(acc[k]) + corr[k])
+        }
+    }
+
+    /// # Safety
+    /// Needs neon.
+    #[target_feature(enable = "neon")]
+    unsafe fn f32_neon(w: &[u8], x: &[f32]) -> f32 {
+        let n = x.len().min(w.len() / 4);
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                // SAFETY: i + 16 <= n, so 16 floats are readable from both rows (the weight
+                // bytes as little-endian f32, which aarch64 Linux is; `vld1q_u8` is unaligned).
+                let (wv, xv) = unsafe {
+                    let wv = vreinterpretq_f32_u8(vld1q_u8(w.as_ptr().add(4 * (i + 4 * k))));
+                    (wv, vld1q_f32(x.as_ptr().add(i + 4 * k)))
+                };
+                *a = vfmaq_f32(*a, wv, xv);
+            }
+            i += 16;
+        }
+        let mut s = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+        for (c, v) in w[4 * i..].chunks_exact(4).zip(&x[i..n]) {
+            s += f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * v;
+        }
+        s
+    }
+
+    /// # Safety
+    /// Needs neon.
+    #[target_feature(enable = "neon")]
+    unsafe fn f16_neon(w: &[u8], x: &[f32]) -> f32 {
+        let n = x.len().min(w.len() / 2);
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            for k in 0..2 {
+                // SAFETY: i + 16 <= n: 32 bytes of halves are readable (little endian, as
+                // aarch64 Linux is; `vld1q_u8` is unaligned).
+                let h = unsafe { vreinterpretq_u16_u8(vld1q_u8(w.as_ptr().add(2 * (i + 8 * k)))) };
+                let (w0, w1) = f16x8_to_f32(h);
+                // SAFETY: i + 16 <= n floats of `x` are readable.
+                let (x0, x1) =
+                    unsafe { (vld1q_f32(x.as_ptr().add(i + 8 * k)), vld1q_f32(x.as_ptr().add(i + 8 * k + 4))) };
+                acc[2 * k] = vfmaq_f32(acc[2 * k], w0, x0);
+                acc[2 * k + 1] = vfmaq_f32(acc[2 * k + 1], w1, x1);
+            }
+            i += 16;
+        }
+        let mut s = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+        for (c, v) in w[2 * i..].chunks_exact(2).zip(&x[i..n]) {
+            s += f16_one(c, 0) * v;
+        }
+        s
+    }
+
+    /// # Safety
+    /// Needs neon.
+    #[target_feature(enable = "neon")]
+    unsafe fn bf16_neon(w: &[u8], x: &[f32]) -> f32 {
+        let n = x.len().min(w.len() / 2);
+        let mut acc = [vdupq_n_f32(0.0); 2];
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n: 16 bytes of bf16 and 8 floats are readable.
+            let (h, x0, x1) = unsafe {
+                let xp = x.as_ptr().add(i);
+                (vreinterpretq_u16_u8(vld1q_u8(w.as_ptr().add(2 * i))), vld1q_f32(xp), vld1q_f32(xp.add(4)))
+            };
+            // A bf16 is the upper half of an f32.
+            let w0 = vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h)));
+            let w1 = vreinterpretq_f32_u32(vshll_high_n_u16::<16>(h));
+            acc[0] = vfmaq_f32(acc[0], w0, x0);
+            acc[1] = vfmaq_f32(acc[1], w1, x1);
+            i += 8;
+        }
+        let mut s = vaddvq_f32(vaddq_f32(acc[0], acc[1]));
+        for (c, v) in w[2 * i..].chunks_exact(2).zip(&x[i..n]) {
+            s += half::bf16::from_le_bytes([c[0], c[1]]).to_f32() * v;
+        }
+        s
     }
 }

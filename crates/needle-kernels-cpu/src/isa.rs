@@ -19,14 +19,29 @@ pub enum Isa {
     /// Q4_1 GEMM micro-kernel does each block's integer dot in one instruction instead of
     /// two; everything else runs the AVX2 code. Picked by [`Isa::detect`] where present.
     AvxVnni,
+    /// aarch64 NEON (Advanced SIMD, part of every aarch64 CPU). The Q8_0 / Q4_0 / Q4_1 dots and
+    /// their multi-token GEMM micro-kernel, the F32 / F16 / BF16 row dots, [`crate::attend_rows`]
+    /// and [`crate::flash_prefill`] have NEON code; the K-quant dots (Q4_K, Q5_K, Q6_K) and the
+    /// small [`crate::ops`] run their scalar code (which the compiler vectorizes for NEON anyway).
+    Neon,
+    /// [`Isa::Neon`] plus the `dotprod` extension (`sdot`, Armv8.2+ and most Armv8 server and
+    /// phone cores): the Q8_0 / Q4_0 / Q4_1 block dots take one instruction per 16 byte pairs
+    /// instead of a widening multiply and a pairwise add; everything else runs the NEON code.
+    /// Picked by [`Isa::detect`] where present.
+    NeonDot,
 }
 
 impl Isa {
-    /// The instruction set the kernels use by default here (AVX-VNNI, else AVX2, else scalar),
-    /// detected once and cached.
+    /// The instruction set the kernels use by default here (x86-64: AVX-VNNI, else AVX2; aarch64:
+    /// NEON with dotprod, else NEON; else scalar), detected once and cached.
     pub fn detect() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| [Isa::AvxVnni, Isa::Avx2].into_iter().find(|i| i.available()).unwrap_or(Isa::Scalar))
+        *BEST.get_or_init(|| {
+            [Isa::AvxVnni, Isa::Avx2, Isa::NeonDot, Isa::Neon]
+                .into_iter()
+                .find(|i| i.available())
+                .unwrap_or(Isa::Scalar)
+        })
     }
 
     /// Whether this machine can run `self`.
@@ -36,12 +51,17 @@ impl Isa {
             Isa::Avx2 => avx2_available(),
             Isa::Avx512 => avx2_available() && avx512_available(),
             Isa::AvxVnni => avx2_available() && avxvnni_available(),
+            Isa::Neon => neon_available(),
+            Isa::NeonDot => neon_available() && dotprod_available(),
         }
     }
 
     /// Every instruction set this machine can run, scalar first.
     pub fn all_available() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::AvxVnni].into_iter().filter(|i| i.available()).collect()
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::AvxVnni, Isa::Neon, Isa::NeonDot]
+            .into_iter()
+            .filter(|i| i.available())
+            .collect()
     }
 
     /// `self` if available, else scalar: what a `*_with` kernel actually runs.
@@ -50,8 +70,16 @@ impl Isa {
     }
 
     /// Whether the AVX2 code may run (true for AVX-512 too), after [`effective`](Self::effective).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn has_avx2(self) -> bool {
         matches!(self.effective(), Isa::Avx2 | Isa::Avx512 | Isa::AvxVnni)
+    }
+
+    /// Whether the NEON code may run (true for [`Isa::NeonDot`] too), after
+    /// [`effective`](Self::effective).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub(crate) fn has_neon(self) -> bool {
+        matches!(self.effective(), Isa::Neon | Isa::NeonDot)
     }
 }
 
@@ -84,5 +112,25 @@ fn avx2_available() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn avx512_available() -> bool {
+    false
+}
+
+#[cfg(target_arch = "aarch64")]
+fn neon_available() -> bool {
+    std::arch::is_aarch64_feature_detected!("neon")
+}
+
+#[cfg(target_arch = "aarch64")]
+fn dotprod_available() -> bool {
+    std::arch::is_aarch64_feature_detected!("dotprod")
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn neon_available() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn dotprod_available() -> bool {
     false
 }

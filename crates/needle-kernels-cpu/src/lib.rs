@@ -2,17 +2,26 @@
 //!
 //! * [`quant`]: ggml-compatible block formats ([`QuantType`]) and the one scalar dequantizer.
 //! * [`act`]: activations quantized on the fly to 8-bit blocks (Q8_0-style and Q8_K-style).
-//! * [`dot`]: fused quantized dot products, one per weight type, scalar reference + AVX2/FMA.
+//! * [`dot`]: fused quantized dot products, one per weight type, scalar reference + AVX2/FMA
+//!   (+ NEON on aarch64 for the float types, Q8_0, Q4_0 and Q4_1).
 //! * [`linear`]: [`QMatrix`], a borrowed view of quantized weight rows, with `gemv` and `gemm`.
 //! * [`attn`]: causal, GQA-aware flash prefill reading KV pages in place, and decode attention
 //!   of a query group over gathered rows ([`attend_rows`]).
 //! * [`ops`]: RMSNorm, rotate-half RoPE, SiLU·up.
 //! * [`pool`]: the spinning thread pool the linears' parallel loops run on.
 //!
-//! SIMD paths are picked at run time ([`Isa::detect`], once: AVX2+FMA+F16C where present), so one
-//! binary is fast on any x86-64 without `target-cpu=native`. Every kernel has a `*_with(isa, …)`
-//! variant so tests can compare paths explicitly; [`Isa::Avx512`] is opt-in there (see its doc).
-//! On non-x86 targets every kernel runs its scalar path: NEON is not done.
+//! SIMD paths are picked at run time ([`Isa::detect`], once: AVX2+FMA+F16C where present on
+//! x86-64; NEON, with the dotprod extension where present, on aarch64), so one binary is fast on
+//! any such CPU without `target-cpu=native`. Every kernel has a `*_with(isa, …)` variant so tests
+//! can compare paths explicitly; [`Isa::Avx512`] is opt-in there (see its doc).
+//!
+//! On aarch64, [`Isa::Neon`] / [`Isa::NeonDot`] cover the Q8_0 / Q4_0 / Q4_1 dots and their
+//! multi-token GEMM micro-kernel, the F32 / F16 / BF16 row dots, [`attend_rows`] and
+//! [`flash_prefill`] (head dims that are a multiple of 4); the K-quant dots (Q4_K, Q5_K, Q6_K),
+//! the [`ops`] and attention with other head dims run the scalar code (auto-vectorized: NEON is
+//! part of every aarch64 CPU). The tests run under qemu-user (`cargo xtask ci` does this when the
+//! cross tools are installed); NEON speed has not been measured on real hardware. Other targets
+//! run the scalar code everywhere.
 
 pub mod act;
 pub mod attn;
@@ -23,6 +32,8 @@ pub mod pool;
 pub mod quant;
 
 mod isa;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 pub use act::{BlockQ8, BlockQ8K, QActs};
 pub use attn::{Pages, attend_rows, flash_prefill};

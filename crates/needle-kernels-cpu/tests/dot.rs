@@ -38,10 +38,21 @@ fn fused_dot_matches_dequantized_f64_dot_within_quantization_bound() {
 fn simd_dot_matches_scalar_reference() {
     let isas = Isa::all_available();
     assert_eq!(isas[0], Isa::Scalar);
-    if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx2") {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
         assert!(isas.contains(&Isa::Avx2), "AVX2 machine but the AVX2 path is not offered");
         if std::arch::is_x86_feature_detected!("avx512bw") {
             assert!(isas.contains(&Isa::Avx512), "AVX-512 machine but the AVX-512 path is not offered");
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        assert!(isas.contains(&Isa::Neon), "aarch64 but the NEON path is not offered");
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            assert!(isas.contains(&Isa::NeonDot), "dotprod CPU but the NEON dotprod path is not offered");
+            assert_eq!(Isa::detect(), Isa::NeonDot);
+        } else {
+            assert_eq!(Isa::detect(), Isa::Neon);
         }
     }
     let mut r = rng(2);
