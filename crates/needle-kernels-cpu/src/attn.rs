@@ -183,6 +183,13 @@ impl<T: KvElem> Job<'_, '_, '_, T> {
             // SAFETY: as above.
             return unsafe { self.run_avx2(i0, nq, g) };
         }
+        #[cfg(target_arch = "aarch64")]
+        if isa.has_neon() && self.dim.is_multiple_of(4) {
+            // SAFETY: `has_neon()` means neon was detected on this CPU; `dim` is a multiple of 4
+            // and `flash_prefill_with` checked the shapes.
+            return unsafe { arm_prefill::run(self, i0, nq, g) };
+        }
+        // (On aarch64 NEON is a baseline feature, so this generic code is compiled for it too.)
         let _ = isa;
         self.run_dims(i0, nq, g)
     }
@@ -758,6 +765,12 @@ pub fn attend_rows_with<T: KvElem>(
         unsafe { rows.run_avx2(scores, out) };
         return Ok(());
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa.has_neon() {
+        // SAFETY: `has_neon()` means neon was detected on this CPU.
+        unsafe { rows.run_neon(scores, out) };
+        return Ok(());
+    }
     let _ = isa;
     rows.run_dims(scores, out);
     Ok(())
@@ -790,6 +803,27 @@ impl<T: KvElem> Rows<'_, T> {
             if TypeId::of::<T>() == TypeId::of::<f16>() {
                 let (k, v) = unsafe { (&*(k as *const [&[f16]]), &*(v as *const [&[f16]])) };
                 return unsafe { x86::attend_rows(self.q, k, v, self.bias, self.scale, scores, out) };
+            }
+        }
+        self.run_dims(scores, out)
+    }
+
+    /// # Safety
+    /// Needs neon.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn run_neon(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+        use std::any::TypeId;
+        if self.dim.is_multiple_of(4) {
+            let (k, v) = (self.keys as *const [&[T]], self.values as *const [&[T]]);
+            // SAFETY (both casts): `T` is exactly the type cast to (equal type ids), so the slices
+            // are reinterpreted as themselves; neon per this fn's contract.
+            if TypeId::of::<T>() == TypeId::of::<f32>() {
+                let (k, v) = unsafe { (&*(k as *const [&[f32]]), &*(v as *const [&[f32]])) };
+                return unsafe { arm::attend_rows(self.q, k, v, self.bias, self.scale, scores, out) };
+            }
+            if TypeId::of::<T>() == TypeId::of::<f16>() {
+                let (k, v) = unsafe { (&*(k as *const [&[f16]]), &*(v as *const [&[f16]])) };
+                return unsafe { arm::attend_rows(self.q, k, v, self.bias, self.scale, scores, out) };
             }
         }
         self.run_dims(scores, out)
@@ -1010,6 +1044,526 @@ mod x86 {
                 23,
             ));
             _mm256_mul_ps(e, pow)
+        }
+    }
+}
+
+/// NEON decode attention over gathered rows (head dims that are a multiple of 4).
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    use half::f16;
+
+    use crate::neon::{exp4, f16x4_to_f32};
+
+    /// Four row elements as f32.
+    pub(super) trait Load4: Copy {
+        /// # Safety
+        /// `p` must have 4 readable elements; needs neon.
+        unsafe fn load4(p: *const Self) -> float32x4_t;
+    }
+
+    impl Load4 for f32 {
+        #[inline(always)]
+        unsafe fn load4(p: *const f32) -> float32x4_t {
+            // SAFETY: the caller guarantees 4 readable floats and neon.
+            unsafe { vld1q_f32(p) }
+        }
+    }
+
+    impl Load4 for f16 {
+        #[inline(always)]
+        unsafe fn load4(p: *const f16) -> float32x4_t {
+            // SAFETY: the caller guarantees 4 readable halves (an `f16` is its `u16` bits) and neon.
+            unsafe { f16x4_to_f32(vld1_u16(p.cast())) }
+        }
+    }
+
+    /// [`super::attend_rows`] after its checks: every row has `dim` elements, `dim` a multiple of
+    /// 4, `q` and `out` are `g × dim` (`out` zeroed), `bias` has one entry per row.
+    ///
+    /// # Safety
+    /// Needs neon; the shapes above hold.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn attend_rows<T: Load4>(
+        q: &[f32],
+        keys: &[&[T]],
+        values: &[&[T]],
+        bias: Option<&[f32]>,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let m = keys.len();
+        let dim = keys[0].len();
+        let (g, c4) = (q.len() / dim, dim / 4);
+        scores.clear();
+        scores.resize(g * m, 0.0);
+        // Eight keys at a time for every head (the 8 rows stay in L1 across heads): eight
+        // accumulators, then pairwise adds into 8 scores.
+        let mut j = 0;
+        while j + 8 <= m {
+            for h in 0..g {
+                let qh = &q[h * dim..(h + 1) * dim];
+                let mut acc = [vdupq_n_f32(0.0); 8];
+                for c in 0..c4 {
+                    // SAFETY: rows and `qh` have `dim` = 4·c4 elements.
+                    let qv = unsafe { vld1q_f32(qh.as_ptr().add(4 * c)) };
+                    for (u, a) in acc.iter_mut().enumerate() {
+                        *a = vfmaq_f32(*a, qv, unsafe { T::load4(keys[j + u].as_ptr().add(4 * c)) });
+                    }
+                }
+                let s = [sum4(&acc[..4]), sum4(&acc[4..])];
+                for (k, sv) in s.into_iter().enumerate() {
+                    let mut sv = vmulq_n_f32(sv, scale);
+                    if let Some(b) = bias {
+                        // SAFETY: `b` has `m ≥ j + 8` entries.
+                        sv = vaddq_f32(sv, unsafe { vld1q_f32(b.as_ptr().add(j + 4 * k)) });
+                    }
+                    // SAFETY: row `h` of `scores` has `m ≥ j + 8` entries.
+                    unsafe { vst1q_f32(scores.as_mut_ptr().add(h * m + j + 4 * k), sv) };
+                }
+            }
+            j += 8;
+        }
+        for jj in j..m {
+            for h in 0..g {
+                let qh = &q[h * dim..(h + 1) * dim];
+                let mut a = vdupq_n_f32(0.0);
+                for c in 0..c4 {
+                    // SAFETY: as above.
+                    let (qv, kv) =
+                        unsafe { (vld1q_f32(qh.as_ptr().add(4 * c)), T::load4(keys[jj].as_ptr().add(4 * c))) };
+                    a = vfmaq_f32(a, qv, kv);
+                }
+                scores[h * m + jj] = vaddvq_f32(a) * scale + bias.map_or(0.0, |b| b[jj]);
+            }
+        }
+        for srow in scores.chunks_exact_mut(m) {
+            softmax(srow);
+        }
+        // One pass over the value rows: each row is added into every head's output (in L1,
+        // zeroed by the caller); the dim/4 chunks of a row are independent FMAs.
+        for (j, v) in values.iter().enumerate() {
+            for h in 0..g {
+                let p = scores[h * m + j];
+                let o = out[h * dim..(h + 1) * dim].as_mut_ptr();
+                for c in 0..c4 {
+                    // SAFETY: value rows and each head's output have `dim` elements.
+                    unsafe {
+                        let acc = vfmaq_n_f32(vld1q_f32(o.add(4 * c)), T::load4(v.as_ptr().add(4 * c)), p);
+                        vst1q_f32(o.add(4 * c), acc);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The four horizontal sums of `a[0..4]`, in order.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn sum4(a: &[float32x4_t]) -> float32x4_t {
+        vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]))
+    }
+
+    /// In-place softmax of `s` with [`exp4`] four lanes at a time.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn softmax(s: &mut [f32]) {
+        let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let (mv, mut acc, mut i) = (vdupq_n_f32(mx), vdupq_n_f32(0.0), 0);
+        while i + 4 <= s.len() {
+            // SAFETY: `i + 4 ≤ s.len()`.
+            unsafe {
+                let e = exp4(vsubq_f32(vld1q_f32(s.as_ptr().add(i)), mv));
+                vst1q_f32(s.as_mut_ptr().add(i), e);
+                acc = vaddq_f32(acc, e);
+            }
+            i += 4;
+        }
+        let mut sum = vaddvq_f32(acc);
+        for x in &mut s[i..] {
+            *x = super::exp_approx(*x - mx);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        s.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// NEON prefill for head dims that are a multiple of 4, the layout of the AVX2 one: a (query
+/// tile, KV head) job keeps its query rows as vector lanes (`Qᵀ`, dim × rows, scaled, built once),
+/// scores are `Sᵀ` (keys × rows) so the online softmax is vertical over four rows at a time, and
+/// key and value rows are read in place. Both products are register blocked: 6 keys × 16 rows for
+/// `Sᵀ = K·Qᵀ`, 6 rows × 16 dims for `O += P·V` (24 of the 32 vector registers).
+#[cfg(target_arch = "aarch64")]
+mod arm_prefill {
+    use std::any::TypeId;
+    use std::arch::aarch64::*;
+
+    use half::f16;
+    use half::slice::HalfFloatSliceExt;
+
+    use super::{Job, KvElem, TILE_K};
+    use crate::neon::{exp4, f16x8_to_f32};
+
+    /// Keys (of `Sᵀ`) resp. query rows (of `O`) per register block.
+    const R: usize = 6;
+
+    /// [`Job::run`] for `dim` a multiple of 4.
+    ///
+    /// # Safety
+    /// Needs neon; `job.dim` is a multiple of 4 and the shapes checked by `flash_prefill_with`
+    /// hold (query rows `i0..i0 + nq` exist, KV head `g` has `len ≥ pos0 + i0 + nq` rows in pages
+    /// of `dim`-element rows).
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn run<T: KvElem>(job: &Job<'_, '_, '_, T>, i0: usize, nq: usize, g: usize) -> Vec<f32> {
+        let (dim, group) = (job.dim, job.group);
+        let rows = nq * group;
+        // Rows padded to whole vectors; padding rows have zero queries and see every key, so
+        // they stay finite and are dropped at the end.
+        let rp = rows.next_multiple_of(4);
+        let mut qt = vec![0f32; dim * rp];
+        for r in 0..rows {
+            let h = g * group + r % group;
+            let qr = &job.q[((i0 + r / group) * job.n_q_heads + h) * dim..][..dim];
+            for (d, v) in qr.iter().enumerate() {
+                qt[d * rp + r] = v * job.scale;
+            }
+        }
+        // Row `r` sees keys at positions `< pos1[r]`.
+        let pos1: Vec<usize> =
+            (0..rp).map(|r| if r < rows { job.pos0 + i0 + r / group + 1 } else { usize::MAX }).collect();
+        let mut lim = vec![0i32; rp];
+        let mut st = vec![0f32; TILE_K * rp];
+        let mut o = vec![0f32; rows * dim];
+        let mut m = vec![f32::NEG_INFINITY; rp];
+        let mut l = vec![0f32; rp];
+        let mut c = vec![0f32; rp];
+        let (kp, vp) = (&job.keys[g], &job.values[g]);
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        let kend = job.pos0 + i0 + nq;
+        let mut k0 = 0;
+        while k0 < kend {
+            let n = TILE_K.min(kend - k0).min(kp.page_rows - k0 % kp.page_rows).min(vp.page_rows - k0 % vp.page_rows);
+            let (kt, vt) = (tile_f32(kp.rows(k0, n), &mut ks), tile_f32(vp.rows(k0, n), &mut vs));
+            for (lr, p) in lim.iter_mut().zip(&pos1) {
+                // At most TILE_K + 1, so it fits an i32.
+                *lr = p.saturating_sub(k0).min(TILE_K + 1) as i32;
+            }
+            // SAFETY: `kt` and `vt` hold `n` rows of `dim`; `qt` is `dim × rp`, `st` `TILE_K × rp`
+            // with `n ≤ TILE_K`, `o` is `rows × dim`, `lim`, `m`, `l`, `c` have `rp` entries; the
+            // features are this fn's.
+            unsafe {
+                scores(&qt, kt, &mut st, n, rp, dim);
+                softmax(&mut st, &lim, &mut m, &mut l, &mut c, n, rp);
+                accumulate(&st, vt, &mut o, &c, n, rp, rows, dim);
+            }
+            k0 += n;
+        }
+        for (orow, lr) in o.chunks_exact_mut(dim).zip(&l) {
+            let inv = 1.0 / lr;
+            orow.iter_mut().for_each(|x| *x *= inv);
+        }
+        o
+    }
+
+    /// `src` as f32 ([`KvElem::as_f32`], converting f16 pages with `fcvtl`).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn tile_f32<'b, T: KvElem>(src: &'b [T], scratch: &'b mut Vec<f32>) -> &'b [f32] {
+        if TypeId::of::<T>() != TypeId::of::<f16>() {
+            return T::as_f32(src, scratch);
+        }
+        // SAFETY: `T` is `f16` (equal type ids), so the slice is reinterpreted as itself.
+        let src = unsafe { &*(src as *const [T] as *const [f16]) };
+        scratch.resize(src.len(), 0.0);
+        let (mut ch, out) = (src.chunks_exact(8), scratch.chunks_exact_mut(8));
+        for (h, o) in (&mut ch).zip(out) {
+            // SAFETY: 8 halves in (an `f16` is its `u16` bits), 8 floats out.
+            unsafe {
+                let (a, b) = f16x8_to_f32(vld1q_u16(h.as_ptr().cast()));
+                vst1q_f32(o.as_mut_ptr(), a);
+                vst1q_f32(o.as_mut_ptr().add(4), b);
+            }
+        }
+        let done = src.len() - ch.remainder().len();
+        ch.remainder().convert_to_f32_slice(&mut scratch[done..]);
+        scratch
+    }
+
+    /// `Sᵀ[j][r] = Σ_d K[j][d] · Qᵀ[d][r]` for keys `j < n`, all `rp` rows.
+    ///
+    /// # Safety
+    /// Needs neon; `k` has `n` rows of `dim`, `qt` is `dim × rp`, `st` has `n × rp` entries, `rp`
+    /// is a multiple of 4.
+    #[inline(always)]
+    unsafe fn scores(qt: &[f32], k: &[f32], st: &mut [f32], n: usize, rp: usize, dim: usize) {
+        debug_assert!(k.len() >= n * dim && qt.len() >= dim * rp && st.len() >= n * rp && rp.is_multiple_of(4));
+        let (qt, k, st) = (qt.as_ptr(), k.as_ptr(), st.as_mut_ptr());
+        let mut r0 = 0;
+        // SAFETY (the block): every block reads keys `j0..j0 + KR ≤ n` and rows `r0..r0 + 4·C ≤ rp`.
+        unsafe {
+            while r0 + 16 <= rp {
+                score_keys::<4>(qt, k, st, n, rp, dim, r0);
+                r0 += 16;
+            }
+            match (rp - r0) / 4 {
+                1 => score_keys::<1>(qt, k, st, n, rp, dim, r0),
+                2 => score_keys::<2>(qt, k, st, n, rp, dim, r0),
+                3 => score_keys::<3>(qt, k, st, n, rp, dim, r0),
+                _ => {}
+            }
+        }
+    }
+
+    /// [`scores`] for rows `r0..r0 + 4·C`.
+    ///
+    /// # Safety
+    /// As [`scores`], with `r0 + 4·C ≤ rp`.
+    #[inline(always)]
+    unsafe fn score_keys<const C: usize>(
+        qt: *const f32,
+        k: *const f32,
+        st: *mut f32,
+        n: usize,
+        rp: usize,
+        dim: usize,
+        r0: usize,
+    ) {
+        let mut j0 = 0;
+        // SAFETY (the block): as in `scores`, `j0 + KR ≤ n` for each call.
+        unsafe {
+            while j0 + R <= n {
+                score_block::<R, C>(qt, k, st, rp, dim, r0, j0);
+                j0 += R;
+            }
+            match n - j0 {
+                1 => score_block::<1, C>(qt, k, st, rp, dim, r0, j0),
+                2 => score_block::<2, C>(qt, k, st, rp, dim, r0, j0),
+                3 => score_block::<3, C>(qt, k, st, rp, dim, r0, j0),
+                4 => score_block::<4, C>(qt, k, st, rp, dim, r0, j0),
+                5 => score_block::<5, C>(qt, k, st, rp, dim, r0, j0),
+                _ => {}
+            }
+        }
+    }
+
+    /// Scores of keys `j0..j0 + KR` against rows `r0..r0 + 4·C`: `KR·C` accumulators, each key
+    /// element used by `C` FMAs (by lane) and each query vector loaded once per `KR` FMAs.
+    ///
+    /// # Safety
+    /// As [`scores`], with `j0 + KR ≤ n` and `r0 + 4·C ≤ rp`.
+    #[inline(always)]
+    unsafe fn score_block<const KR: usize, const C: usize>(
+        qt: *const f32,
+        k: *const f32,
+        st: *mut f32,
+        rp: usize,
+        dim: usize,
+        r0: usize,
+        j0: usize,
+    ) {
+        // SAFETY (the block): the caller keeps keys and rows in range (see `scores`).
+        unsafe {
+            let mut acc = [[vdupq_n_f32(0.0); C]; KR];
+            for d in 0..dim {
+                let q: [float32x4_t; C] = std::array::from_fn(|v| vld1q_f32(qt.add(d * rp + r0 + 4 * v)));
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let kd = *k.add((j0 + u) * dim + d);
+                    for (av, qv) in a.iter_mut().zip(q) {
+                        *av = vfmaq_n_f32(*av, qv, kd);
+                    }
+                }
+            }
+            for (u, a) in acc.iter().enumerate() {
+                for (v, av) in a.iter().enumerate() {
+                    vst1q_f32(st.add((j0 + u) * rp + r0 + 4 * v), *av);
+                }
+            }
+        }
+    }
+
+    /// Online softmax step over `Sᵀ` (`n × rp`), four rows per vector: updates the running max
+    /// `m` and sum `l`, sets `c` to the factor the old accumulators are scaled by, and turns `Sᵀ`
+    /// into `Pᵀ` with keys `j ≥ lim[r]` zeroed.
+    ///
+    /// # Safety
+    /// Needs neon; `st` has `n × rp` entries, `lim`, `m`, `l`, `c` have `rp`, `rp` is a multiple
+    /// of 4, every row has `lim ≥ 1` on the first tile.
+    #[inline(always)]
+    unsafe fn softmax(st: &mut [f32], lim: &[i32], m: &mut [f32], l: &mut [f32], c: &mut [f32], n: usize, rp: usize) {
+        debug_assert!(st.len() >= n * rp && lim.len() >= rp && m.len() >= rp && l.len() >= rp && c.len() >= rp);
+        let st = st.as_mut_ptr();
+        for r0 in (0..rp).step_by(4) {
+            // SAFETY: `r0 + 4 ≤ rp`; the rest as this fn's contract.
+            unsafe {
+                if lim[r0..r0 + 4].iter().all(|&x| x as usize >= n) {
+                    softmax_rows::<false>(st, lim, m, l, c, n, rp, r0);
+                } else {
+                    softmax_rows::<true>(st, lim, m, l, c, n, rp, r0);
+                }
+            }
+        }
+    }
+
+    /// [`softmax`] for rows `r0..r0 + 4`; `MASK` false when they all see every key of the tile.
+    ///
+    /// # Safety
+    /// As [`softmax`], with `r0 + 4 ≤ rp`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn softmax_rows<const MASK: bool>(
+        st: *mut f32,
+        lim: &[i32],
+        m: &mut [f32],
+        l: &mut [f32],
+        c: &mut [f32],
+        n: usize,
+        rp: usize,
+        r0: usize,
+    ) {
+        // SAFETY (the block): `r0 + 4 ≤ rp` and `j < n` for every access (see `softmax`).
+        unsafe {
+            let lv = vld1q_s32(lim.as_ptr().add(r0));
+            let keep = |j: usize| vcgtq_s32(lv, vdupq_n_s32(j as i32));
+            let ninf = vdupq_n_f32(f32::NEG_INFINITY);
+            let mut mt = ninf;
+            for j in 0..n {
+                let s = vld1q_f32(st.add(j * rp + r0));
+                mt = vmaxq_f32(mt, if MASK { vbslq_f32(keep(j), s, ninf) } else { s });
+            }
+            let mo = vld1q_f32(m.as_ptr().add(r0));
+            let mn = vmaxq_f32(mo, mt);
+            // `mo` is −∞ before the first tile: exp4 clamps that to a tiny factor of zeros.
+            let cv = exp4(vsubq_f32(mo, mn));
+            let mut sum = vdupq_n_f32(0.0);
+            for j in 0..n {
+                let p = st.add(j * rp + r0);
+                let mut e = exp4(vsubq_f32(vld1q_f32(p), mn));
+                if MASK {
+                    e = vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(e), keep(j)));
+                }
+                vst1q_f32(p, e);
+                sum = vaddq_f32(sum, e);
+            }
+            let lv = vfmaq_f32(sum, vld1q_f32(l.as_ptr().add(r0)), cv);
+            vst1q_f32(l.as_mut_ptr().add(r0), lv);
+            vst1q_f32(m.as_mut_ptr().add(r0), mn);
+            vst1q_f32(c.as_mut_ptr().add(r0), cv);
+        }
+    }
+
+    /// `O[r] = c[r]·O[r] + Σ_j Pᵀ[j][r] · V[j]` for rows `r < rows`.
+    ///
+    /// # Safety
+    /// Needs neon; `v` has `n` rows of `dim` (a multiple of 4), `pt` `n × rp` entries, `o`
+    /// `rows × dim`, `c` `rows`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn accumulate(
+        pt: &[f32],
+        v: &[f32],
+        o: &mut [f32],
+        c: &[f32],
+        n: usize,
+        rp: usize,
+        rows: usize,
+        dim: usize,
+    ) {
+        debug_assert!(v.len() >= n * dim && pt.len() >= n * rp && o.len() >= rows * dim && c.len() >= rows);
+        let (pt, v, o, c) = (pt.as_ptr(), v.as_ptr(), o.as_mut_ptr(), c.as_ptr());
+        let mut d0 = 0;
+        // SAFETY (the block): every block touches rows `r0..r0 + RR ≤ rows` and dims
+        // `d0..d0 + 4·C ≤ dim`.
+        unsafe {
+            while d0 + 16 <= dim {
+                accumulate_rows::<4>(pt, v, o, c, n, rp, rows, dim, d0);
+                d0 += 16;
+            }
+            match (dim - d0) / 4 {
+                1 => accumulate_rows::<1>(pt, v, o, c, n, rp, rows, dim, d0),
+                2 => accumulate_rows::<2>(pt, v, o, c, n, rp, rows, dim, d0),
+                3 => accumulate_rows::<3>(pt, v, o, c, n, rp, rows, dim, d0),
+                _ => {}
+            }
+        }
+    }
+
+    /// [`accumulate`] for dims `d0..d0 + 4·C`.
+    ///
+    /// # Safety
+    /// As [`accumulate`], with `d0 + 4·C ≤ dim`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn accumulate_rows<const C: usize>(
+        pt: *const f32,
+        v: *const f32,
+        o: *mut f32,
+        c: *const f32,
+        n: usize,
+        rp: usize,
+        rows: usize,
+        dim: usize,
+        d0: usize,
+    ) {
+        let mut r0 = 0;
+        // SAFETY (the block): as in `accumulate`, `r0 + RR ≤ rows` for each call.
+        unsafe {
+            while r0 + R <= rows {
+                accumulate_block::<R, C>(pt, v, o, c, n, rp, dim, r0, d0);
+                r0 += R;
+            }
+            match rows - r0 {
+                1 => accumulate_block::<1, C>(pt, v, o, c, n, rp, dim, r0, d0),
+                2 => accumulate_block::<2, C>(pt, v, o, c, n, rp, dim, r0, d0),
+                3 => accumulate_block::<3, C>(pt, v, o, c, n, rp, dim, r0, d0),
+                4 => accumulate_block::<4, C>(pt, v, o, c, n, rp, dim, r0, d0),
+                5 => accumulate_block::<5, C>(pt, v, o, c, n, rp, dim, r0, d0),
+                _ => {}
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + RR` × dims `d0..d0 + 4·C` of `O`, held in `RR·C` registers over all `n`
+    /// keys: each value vector is loaded once per `RR` FMAs.
+    ///
+    /// # Safety
+    /// As [`accumulate`], with `r0 + RR ≤ rows` and `d0 + 4·C ≤ dim`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn accumulate_block<const RR: usize, const C: usize>(
+        pt: *const f32,
+        v: *const f32,
+        o: *mut f32,
+        c: *const f32,
+        n: usize,
+        rp: usize,
+        dim: usize,
+        r0: usize,
+        d0: usize,
+    ) {
+        // SAFETY (the block): the caller keeps rows, dims and keys in range (see `accumulate`).
+        unsafe {
+            let mut acc: [[float32x4_t; C]; RR] = std::array::from_fn(|u| {
+                let cu = *c.add(r0 + u);
+                std::array::from_fn(|w| vmulq_n_f32(vld1q_f32(o.add((r0 + u) * dim + d0 + 4 * w)), cu))
+            });
+            for j in 0..n {
+                let vv: [float32x4_t; C] = std::array::from_fn(|w| vld1q_f32(v.add(j * dim + d0 + 4 * w)));
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let p = *pt.add(j * rp + r0 + u);
+                    for (aw, x) in a.iter_mut().zip(vv) {
+                        *aw = vfmaq_n_f32(*aw, x, p);
+                    }
+                }
+            }
+            for (u, a) in acc.iter().enumerate() {
+                for (w, aw) in a.iter().enumerate() {
+                    vst1q_f32(o.add((r0 + u) * dim + d0 + 4 * w), *aw);
+                }
+            }
         }
     }
 }

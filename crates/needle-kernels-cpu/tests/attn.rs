@@ -53,10 +53,11 @@ fn reference(
 fn check<T: KvElem>(conv: fn(&[f32]) -> Vec<T>, back: fn(&[T]) -> Vec<f32>, tol: f64) {
     let mut r = rng(5);
     // Group sizes 3, 1, 4, 7 times the query tiles' lengths give row counts with every remainder
-    // of the AVX2 blocks (6 rows, 8-row vectors); dims 40 and 20 cover a lone 8-dim block and the
-    // generic path; t = 1 and odd page sizes give short key tiles.
+    // of the AVX2 and NEON blocks (6 rows; 8-row resp. 4-row vectors, 16-row NEON blocks); dim 24
+    // covers a lone 8-dim block, 20 and 28 the generic AVX2 path and the NEON 4- and 12-dim
+    // remainders; t = 1 and odd page sizes give short key tiles.
     for (hq, hkv) in [(9, 3), (4, 4), (8, 2), (7, 1)] {
-        for dim in [64, 48, 128, 40, 20] {
+        for dim in [64, 48, 128, 24, 20, 28] {
             for (t, pos0, page_rows, extra) in
                 [(1, 0, 16, 0), (1, 40, 16, 2), (37, 0, 16, 3), (23, 41, 7, 0), (70, 5, 256, 1), (100, 130, 64, 0)]
             {
@@ -149,7 +150,8 @@ fn rows_reference(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], bias: Option<&[f32]
 fn check_rows<T: KvElem>(conv: fn(&[f32]) -> Vec<T>, back: fn(&[T]) -> Vec<f32>) {
     let mut r = rng(11);
     for g in [1, 3, 4] {
-        for dim in [64, 128, 20] {
+        // 20 and 12: multiples of 4, not of 8 (NEON code, generic AVX2 code); 18: generic code.
+        for dim in [64, 128, 20, 12, 18] {
             for m in [0, 1, 7, 333] {
                 for biased in [false, true] {
                     let q = randn(&mut r, g * dim);
