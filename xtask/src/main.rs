@@ -1,7 +1,8 @@
 //! `cargo xtask <task>`: the project's chores in one place, cheapest checks first.
 //!
 //! - `ci`: rustfmt check, clippy (warnings are errors), fetch the model, the workspace tests,
-//!   and the downstream example crates. `.ci/run` runs exactly this.
+//!   the kernel crate's aarch64 (NEON) tests under qemu where the cross tools are installed, and
+//!   the downstream example crates. `.ci/run` runs exactly this.
 //! - `fetch-model`: puts the verified SmolLM2 GGUF and the default document in the cache (see
 //!   `needle-fetch`).
 //! - `test-gpu [--build-only] [--out DIR]`: the GPU test suite (see the command's message).
@@ -34,9 +35,16 @@ fn root() -> PathBuf {
 }
 
 fn cargo(args: &[&str], dir: &Path) -> Result<()> {
-    eprintln!("\n==> cargo {} ({})", args.join(" "), dir.display());
+    cargo_env(args, dir, &[])
+}
+
+/// [`cargo`] with extra environment variables.
+fn cargo_env(args: &[&str], dir: &Path, envs: &[(&str, &str)]) -> Result<()> {
+    let shown: Vec<String> = envs.iter().map(|(k, v)| format!("{k}='{v}' ")).collect();
+    eprintln!("\n==> {}cargo {} ({})", shown.concat(), args.join(" "), dir.display());
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo).args(args).current_dir(dir).status().context("running cargo")?;
+    let status =
+        Command::new(cargo).args(args).envs(envs.iter().copied()).current_dir(dir).status().context("running cargo")?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }
@@ -74,11 +82,49 @@ fn ci() -> Result<()> {
     cargo(&["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"], &root)?;
     fetch_model()?;
     cargo(&["test", "--workspace", "--locked"], &root)?;
+    aarch64_tests(&root)?;
     for ex in example_crates(&root) {
         cargo(&["test"], &ex)?;
     }
     eprintln!("\nci: all checks passed");
     Ok(())
+}
+
+/// The kernel crate's tests built for aarch64 and run under qemu-user: all of them on qemu's
+/// default CPU (dotprod present, so both NEON ISAs are compared with the scalar reference), then
+/// the dot tests on a Cortex-A53 (no dotprod: detection must fall back to plain NEON). Skipped,
+/// saying why, when the Rust target, qemu or the cross linker is missing. The build goes to the
+/// CI's target dir (`CARGO_TARGET_DIR`, inherited) under `aarch64-unknown-linux-gnu/`.
+fn aarch64_tests(root: &Path) -> Result<()> {
+    const TARGET: &str = "aarch64-unknown-linux-gnu";
+    let mut missing = Vec::new();
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == TARGET));
+    if !installed {
+        missing.push(format!("rust target {TARGET} (rustup target add {TARGET})"));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for tool in ["qemu-aarch64", "aarch64-linux-gnu-gcc"] {
+        if !std::env::split_paths(&path).any(|d| d.join(tool).is_file()) {
+            missing.push(format!(
+                "`{tool}` on PATH (apt-get install qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross)"
+            ));
+        }
+    }
+    if !missing.is_empty() {
+        eprintln!("\n==> aarch64: SKIPPED the NEON kernel tests under qemu; missing: {}", missing.join("; "));
+        return Ok(());
+    }
+    let args = ["test", "-p", "needle-kernels-cpu", "--target", TARGET, "--locked"];
+    let base = [
+        ("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", "aarch64-linux-gnu-gcc"),
+        ("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER", "qemu-aarch64 -L /usr/aarch64-linux-gnu"),
+    ];
+    cargo_env(&args, root, &base)?;
+    let dot_only = [&args[..], &["--test", "dot"]].concat();
+    cargo_env(&dot_only, root, &[base[0], base[1], ("QEMU_CPU", "cortex-a53")])
 }
 
 fn test_gpu(args: &[String]) -> Result<()> {
