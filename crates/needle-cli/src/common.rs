@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use needle_model::{Cpu, KvCache, Llama, LoadOptions, Weights, selector_from_spec};
+use needle_model::{Cpu, KvCache, KvDtype, Llama, LoadOptions, Weights, selector_from_spec};
 
 #[derive(Args)]
 pub struct ModelArgs {
@@ -22,6 +22,10 @@ pub struct ModelArgs {
     /// dequantizes every weight, the exact reference path for fidelity work.
     #[arg(long, value_enum, default_value_t = WeightsArg::Native)]
     pub weights: WeightsArg,
+    /// Precision of the KV cache's host pages: `f32` (exact) or `f16` (half the bytes). In
+    /// `eval`, the pages the selectors decode from; the full-attention reference keeps f32.
+    #[arg(long, default_value_t = KvDtype::F32)]
+    pub kv: KvDtype,
 }
 
 /// How weights are held (`--weights`).
@@ -203,8 +207,9 @@ pub fn peak_rss() -> Option<u64> {
 }
 
 /// An empty cache for `model` with the selector a spec names.
-pub fn new_cache<B: Backend>(model: &Llama<B>, spec: &str) -> Result<KvCache> {
-    let (factory, sel) = selector_from_spec(spec)?;
+pub fn new_cache<B: Backend>(model: &Llama<B>, spec: &str, kv: KvDtype) -> Result<KvCache> {
+    let (factory, mut sel) = selector_from_spec(spec)?;
+    sel.kv = kv;
     let cfg = model.config();
     Ok(KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?)
 }

@@ -129,7 +129,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
             };
             let tokens = needle_eval::eval::text_tokens(&tokenizer, &text, a.context_tokens)
                 .context("--text / --context-tokens")?;
-            let cfg = FidelityConfig { steps: a.steps, attn_layers: a.attn_layers.clone(), chunk: a.chunk };
+            let (steps, chunk, kv) = (a.steps, a.chunk, a.model.kv);
+            let cfg = FidelityConfig { steps, attn_layers: a.attn_layers.clone(), chunk, kv };
             let (pp, ps) = (progress_bar(tokens.len(), "prefill"), progress_bar(selectors.len(), "selectors"));
             report.fidelity = needle_eval::eval::fidelity(
                 &model,
@@ -150,6 +151,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 seeds: a.seeds.clone(),
                 answer_tokens: a.answer_tokens,
                 chunk: a.chunk,
+                kv: a.model.kv,
             };
             let pb = progress_bar(0, "prompts");
             let rows = needle_eval::eval::run_tasks(&model, &tokenizer, &selectors, specs, &cfg, &mut |d, t| {

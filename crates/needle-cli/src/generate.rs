@@ -58,7 +58,7 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
         let why = if prompt.len() >= AUTO_RETRIEVAL_FROM { "≥" } else { "<" };
         tracing::info!("selector auto → {} ({} prompt tokens {why} {AUTO_RETRIEVAL_FROM})", a.selector, prompt.len());
     }
-    let mut cache = new_cache(&model, &a.selector)?;
+    let mut cache = new_cache(&model, &a.selector, a.model.kv)?;
     let gen_cfg = GenerateConfig {
         max_tokens: a.max_tokens,
         sampling: SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
@@ -92,6 +92,7 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
         let v = serde_json::json!({
             "model": a.model.model,
             "selector": a.selector,
+            "kv": a.model.kv,
             "prompt_tokens": out.prompt_tokens,
             "text": out.text,
             "token_ids": out.tokens,
@@ -111,7 +112,7 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
         println!();
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         eprintln!(
-            "\n[needle] context {} tokens | prefill {:.1} tok/s ({:.2}s) | decode {:.1} tok/s ({} tokens, {:.2}s) | selector {} | keys touched {:.1}% | KV {:.0} MiB, selector {:.1} MiB, peak RSS {}",
+            "\n[needle] context {} tokens | prefill {:.1} tok/s ({:.2}s) | decode {:.1} tok/s ({} tokens, {:.2}s) | selector {} | keys touched {:.1}% | KV {} {:.0} MiB, selector {:.1} MiB, peak RSS {}",
             out.prompt_tokens + out.tokens.len(),
             out.prefill_tps(),
             out.prefill_secs,
@@ -120,6 +121,7 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
             out.decode_secs,
             a.selector,
             100.0 * out.stats.share_touched(),
+            a.model.kv,
             mib(kv_bytes as u64),
             mib(sel_bytes as u64),
             peak_rss().map_or("n/a".into(), |b| format!("{:.0} MiB", mib(b))),

@@ -38,6 +38,9 @@ pub fn run(a: TraceArgs) -> Result<()> {
     if a.out.exists() && !a.force {
         bail!("{} exists; pass --force to overwrite it", a.out.display());
     }
+    if a.model.kv != needle_model::KvDtype::F32 {
+        bail!("--kv {}: traces record the f32 keys of a full-attention run; drop --kv", a.model.kv);
+    }
     let Loaded { model, tokenizer } = load(&a.model)?;
     let prompt = prompt_tokens(&a.prompt, &tokenizer)?;
     if prompt.len() > model.max_positions() {

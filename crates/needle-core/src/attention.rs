@@ -7,7 +7,7 @@
 //! The accumulator type `T` is `f32` for speed or `f64` for checks.
 
 use crate::error::{Error, Result, check_finite, check_len};
-use crate::kv::RowSource;
+use crate::kv::{Row, RowSource};
 
 /// Floating-point accumulator for reference attention (`f32` or `f64`).
 pub trait Real:
@@ -81,11 +81,12 @@ impl<T: Real> Partial<T> {
     }
 }
 
-/// Scaled dot product `scale · q·k` accumulated in `T`.
+/// Scaled dot product `scale · q·k` accumulated in `T` (`k` an `f32` slice or a stored [`Row`]).
 #[inline]
-pub fn score<T: Real>(q: &[f32], k: &[f32], scale: f32) -> T {
+pub fn score<'a, T: Real>(q: &[f32], k: impl Into<Row<'a>>, scale: f32) -> T {
+    let k = k.into();
     let mut acc = T::ZERO;
-    for (&a, &b) in q.iter().zip(k) {
+    for (&a, b) in q.iter().zip(k.iter()) {
         acc += T::from_f32(a) * T::from_f32(b);
     }
     acc * T::from_f32(scale)
@@ -119,7 +120,7 @@ pub fn attend_weighted<T: Real>(
     for &(id, s) in &scored {
         let p = (s - max).exp();
         denom += p;
-        for (o, &v) in out.out.iter_mut().zip(values.row(id as usize)) {
+        for (o, v) in out.out.iter_mut().zip(values.row(id as usize).iter()) {
             *o += p * T::from_f32(v);
         }
     }

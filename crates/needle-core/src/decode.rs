@@ -7,7 +7,7 @@
 //! [`attend_selected`]: crate::attend_selected
 
 use crate::error::{Error, Result, check_finite, check_len};
-use crate::kv::RowSource;
+use crate::kv::{KvDtype, Row, RowSource};
 use crate::selector::{Selection, StaticPart};
 
 /// Reusable buffers of [`attend_group`] so the decode hot path does not allocate.
@@ -90,13 +90,36 @@ pub fn attend_group<'s>(
     }
     let out = &mut scratch.out;
     out.resize(g * d, 0.0); // sized only: attend_rows zeroes it
-    let krows: Vec<&[f32]> = scratch.ids.iter().map(|&id| keys.row(id as usize)).collect();
-    let vrows: Vec<&[f32]> = scratch.ids.iter().map(|&id| values.row(id as usize)).collect();
     let bias = weighted.then_some(scratch.bias.as_slice());
-    needle_kernels_cpu::attend_rows(queries, &krows, &vrows, bias, scale, &mut scratch.scores, out).map_err(|e| {
-        Error::InvalidParameter { name: "keys/values".into(), reason: format!("decode attention: {e}") }
-    })?;
+    let ids = &scratch.ids;
+    let done = match (keys.dtype(), values.dtype()) {
+        (KvDtype::F32, KvDtype::F32) => {
+            let (k, v) = (gather(ids, keys, as_f32), gather(ids, values, as_f32));
+            needle_kernels_cpu::attend_rows(queries, &k, &v, bias, scale, &mut scratch.scores, out)
+        }
+        (KvDtype::F16, KvDtype::F16) => {
+            let (k, v) = (gather(ids, keys, as_f16), gather(ids, values, as_f16));
+            needle_kernels_cpu::attend_rows(queries, &k, &v, bias, scale, &mut scratch.scores, out)
+        }
+        (k, v) => return Err(Error::invalid("keys/values", format!("keys stored as {k}, values as {v}"))),
+    };
+    done.map_err(|e| Error::InvalidParameter { name: "keys/values".into(), reason: format!("decode attention: {e}") })?;
     Ok(out)
+}
+
+/// The rows `ids` of `rows` as slices of one stored precision.
+fn gather<'r, T>(ids: &[u32], rows: &'r dyn RowSource, typed: fn(Row<'r>) -> &'r [T]) -> Vec<&'r [T]> {
+    ids.iter().map(|&id| typed(rows.row(id as usize))).collect()
+}
+
+// A `RowSource` stores every row at its `dtype()`, so the other arm is unreachable; an empty
+// slice would still fail the kernel's length check rather than read wrong data.
+fn as_f32(r: Row<'_>) -> &[f32] {
+    if let Row::F32(s) = r { s } else { &[] }
+}
+
+fn as_f16(r: Row<'_>) -> &[half::f16] {
+    if let Row::F16(s) = r { s } else { &[] }
 }
 
 #[cfg(test)]

@@ -8,10 +8,9 @@
 
 use std::ops::Range;
 
-use crate::decode::dot;
 use crate::error::{Error, Result};
 use crate::index::{SearchStats, check_batch};
-use crate::kv::RowSource;
+use crate::kv::{Row, RowSource};
 use crate::selector::{Budget, Selection, StaticPart};
 
 /// Sinks every built-in selector keeps by default (RetrievalAttention's static part), so that
@@ -23,8 +22,9 @@ pub const DEFAULT_WINDOW: usize = 512;
 /// The group's score of a key: the largest `q·k` over the group's query rows (unscaled).
 /// A key any head of the group attends strongly to is worth fetching once for all of them.
 #[inline]
-pub fn group_max(queries: &[f32], dim: usize, key: &[f32]) -> f32 {
-    queries.chunks_exact(dim).map(|q| dot(q, key)).fold(f32::NEG_INFINITY, f32::max)
+pub fn group_max<'a>(queries: &[f32], dim: usize, key: impl Into<Row<'a>>) -> f32 {
+    let key = key.into();
+    queries.chunks_exact(dim).map(|q| key.dot(q)).fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// Validates a decode query group (`g × dim`, finite, `g >= 1`) and returns `g`.

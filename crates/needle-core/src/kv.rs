@@ -1,19 +1,161 @@
-//! Views of keys and values: one row of `dim` floats per token, for one KV head.
+//! Views of keys and values: one row of `dim` numbers per token, for one KV head.
 //!
 //! Selectors and reference attention read rows through [`RowSource`], so they work the same
 //! over a contiguous slice ([`Rows`]) or over fixed-size pages ([`PagedRows`]) that a storage
-//! tier can move, spill or reload one page at a time.
+//! tier can move, spill or reload one page at a time. A row comes at its stored precision
+//! ([`Row`]: `f32` or `f16`, see [`KvDtype`]); readers that need `f32` convert it ([`Row::dot`],
+//! [`Row::extend_into`]), and the decode kernels read either precision directly.
+
+use std::str::FromStr;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::error::{Error, Result, check_finite, check_len};
 
-/// Read access to `len()` rows of `dim()` floats, addressed by token position.
+/// Precision of stored key and value rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// 32-bit floats: exact, the default.
+    #[default]
+    F32,
+    /// IEEE half precision: half the bytes; values beyond ±65504 are rejected on insert.
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per stored number.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+
+    /// The name `--kv` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for KvDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            _ => Err(Error::invalid("kv", format!("unknown KV precision `{s}` (expected f32 or f16)"))),
+        }
+    }
+}
+
+/// One stored row at its stored precision.
+#[derive(Debug, Clone, Copy)]
+pub enum Row<'a> {
+    /// Stored as `f32`.
+    F32(&'a [f32]),
+    /// Stored as `f16`.
+    F16(&'a [f16]),
+}
+
+impl<'a> From<&'a [f32]> for Row<'a> {
+    fn from(r: &'a [f32]) -> Self {
+        Row::F32(r)
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for Row<'a> {
+    fn from(r: &'a Vec<f32>) -> Self {
+        Row::F32(r)
+    }
+}
+
+impl Row<'_> {
+    /// Numbers in the row.
+    pub fn len(&self) -> usize {
+        match self {
+            Row::F32(r) => r.len(),
+            Row::F16(r) => r.len(),
+        }
+    }
+
+    /// True for a row of no numbers.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `j` as `f32`.
+    pub fn get(&self, j: usize) -> f32 {
+        match self {
+            Row::F32(r) => r[j],
+            Row::F16(r) => r[j].to_f32(),
+        }
+    }
+
+    /// The elements as `f32`, one by one (for reference code; hot paths use [`Row::dot`] or
+    /// [`Row::extend_into`]).
+    pub fn iter(&self) -> impl Iterator<Item = f32> + '_ {
+        (0..self.len()).map(|j| self.get(j))
+    }
+
+    /// Inner product with `q` in `f32` (the shorter length wins), as [`crate::decode::dot`].
+    #[inline]
+    pub fn dot(&self, q: &[f32]) -> f32 {
+        match self {
+            Row::F32(r) => crate::decode::dot(q, r),
+            Row::F16(r) => {
+                let n = q.len().min(r.len());
+                let mut acc = 0.0f32;
+                let mut buf = [0f32; 16];
+                for (qs, rs) in q[..n].chunks(16).zip(r[..n].chunks(16)) {
+                    rs.convert_to_f32_slice(&mut buf[..rs.len()]);
+                    acc += crate::decode::dot(qs, &buf[..rs.len()]);
+                }
+                acc
+            }
+        }
+    }
+
+    /// Appends the row to `out` as `f32`.
+    pub fn extend_into(&self, out: &mut Vec<f32>) {
+        match self {
+            Row::F32(r) => out.extend_from_slice(r),
+            Row::F16(r) => {
+                let start = out.len();
+                out.resize(start + r.len(), 0.0);
+                r.convert_to_f32_slice(&mut out[start..]);
+            }
+        }
+    }
+
+    /// The row as a new `f32` vector.
+    pub fn to_vec(&self) -> Vec<f32> {
+        let mut v = Vec::with_capacity(self.len());
+        self.extend_into(&mut v);
+        v
+    }
+}
+
+/// Read access to `len()` rows of `dim()` numbers, addressed by token position.
 pub trait RowSource: Sync {
-    /// Floats per row.
+    /// Numbers per row.
     fn dim(&self) -> usize;
     /// Number of rows.
     fn len(&self) -> usize;
+    /// Precision the rows are stored in: every [`RowSource::row`] has this variant.
+    fn dtype(&self) -> KvDtype;
     /// Row `i`. Panics if `i >= len()`; callers check ids with [`RowSource::check_id`].
-    fn row(&self, i: usize) -> &[f32];
+    fn row(&self, i: usize) -> Row<'_>;
     /// True when there are no rows.
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -64,31 +206,62 @@ impl RowSource for Rows<'_> {
     fn len(&self) -> usize {
         self.data.len() / self.dim
     }
-    fn row(&self, i: usize) -> &[f32] {
-        &self.data[i * self.dim..(i + 1) * self.dim]
+    fn dtype(&self) -> KvDtype {
+        KvDtype::F32
+    }
+    fn row(&self, i: usize) -> Row<'_> {
+        Row::F32(&self.data[i * self.dim..(i + 1) * self.dim])
     }
 }
 
 /// Owned rows kept in fixed-size pages of `page_size` rows, so growth never copies old rows
-/// and a page is the unit a storage tier moves.
+/// and a page is the unit a storage tier moves. Rows are stored at one [`KvDtype`].
 #[derive(Debug, Clone)]
 pub struct PagedRows {
     dim: usize,
     page_size: usize,
-    pages: Vec<Box<[f32]>>,
+    pages: Pages,
     len: usize,
 }
 
+/// The pages of a [`PagedRows`], at their stored precision; the last page may be partly filled.
+#[derive(Debug, Clone)]
+pub enum Pages {
+    /// `f32` pages.
+    F32(Vec<Box<[f32]>>),
+    /// `f16` pages.
+    F16(Vec<Box<[f16]>>),
+}
+
+impl Pages {
+    /// Pages held.
+    pub fn count(&self) -> usize {
+        match self {
+            Pages::F32(p) => p.len(),
+            Pages::F16(p) => p.len(),
+        }
+    }
+}
+
 impl PagedRows {
-    /// Empty storage for rows of `dim` floats in pages of `page_size` rows.
+    /// Empty `f32` storage for rows of `dim` floats in pages of `page_size` rows.
     pub fn new(dim: usize, page_size: usize) -> Result<Self> {
+        Self::with_dtype(dim, page_size, KvDtype::F32)
+    }
+
+    /// Empty storage for rows of `dim` numbers in pages of `page_size` rows, stored as `dtype`.
+    pub fn with_dtype(dim: usize, page_size: usize, dtype: KvDtype) -> Result<Self> {
         if dim == 0 {
             return Err(Error::invalid("dim", "must be at least 1"));
         }
         if page_size == 0 {
             return Err(Error::invalid("page_size", "must be at least 1"));
         }
-        Ok(Self { dim, page_size, pages: Vec::new(), len: 0 })
+        let pages = match dtype {
+            KvDtype::F32 => Pages::F32(Vec::new()),
+            KvDtype::F16 => Pages::F16(Vec::new()),
+        };
+        Ok(Self { dim, page_size, pages, len: 0 })
     }
 
     /// Rows per page.
@@ -96,22 +269,41 @@ impl PagedRows {
         self.page_size
     }
 
-    /// The pages; the last one may be partly filled (see [`PagedRows::len`]).
-    pub fn pages(&self) -> &[Box<[f32]>] {
+    /// The pages; the last one may be partly filled (see [`RowSource::len`]).
+    pub fn pages(&self) -> &Pages {
         &self.pages
     }
 
-    /// Appends one row and returns its position. Rejects wrong lengths and non-finite values.
+    /// Appends one row and returns its position. Rejects wrong lengths, non-finite values, and
+    /// values an `f16` store cannot hold.
     pub fn push(&mut self, row: &[f32]) -> Result<u32> {
         check_len("PagedRows::push row", self.dim, row.len())?;
         check_finite("PagedRows::push row", row)?;
-        let slot = self.len % self.page_size;
-        if slot == 0 {
-            self.pages.push(vec![0.0; self.page_size * self.dim].into_boxed_slice());
-        }
-        let page = self.pages.last_mut().ok_or_else(|| Error::invalid("page", "missing"))?;
-        page[slot * self.dim..(slot + 1) * self.dim].copy_from_slice(row);
         let id = u32::try_from(self.len).map_err(|_| Error::invalid("len", "more than u32::MAX rows"))?;
+        let (slot, d, ps) = (self.len % self.page_size, self.dim, self.page_size);
+        let span = slot * d..(slot + 1) * d;
+        match &mut self.pages {
+            Pages::F32(pages) => {
+                if slot == 0 {
+                    pages.push(vec![0.0; ps * d].into_boxed_slice());
+                }
+                let page = pages.last_mut().ok_or_else(|| Error::invalid("page", "missing"))?;
+                page[span].copy_from_slice(row);
+            }
+            Pages::F16(pages) => {
+                if let Some((i, &x)) = row.iter().enumerate().find(|(_, x)| x.abs() > f16::MAX.to_f32()) {
+                    return Err(Error::invalid(
+                        "kv",
+                        format!("row {id} holds {x} at column {i}, beyond f16's range (±65504): store this KV as f32"),
+                    ));
+                }
+                if slot == 0 {
+                    pages.push(vec![f16::ZERO; ps * d].into_boxed_slice());
+                }
+                let page = pages.last_mut().ok_or_else(|| Error::invalid("page", "missing"))?;
+                page[span].convert_from_f32_slice(row);
+            }
+        }
         self.len += 1;
         Ok(id)
     }
@@ -119,23 +311,43 @@ impl PagedRows {
     /// Appends every row of a row-major slice.
     pub fn extend_from_slice(&mut self, rows: &[f32]) -> Result<()> {
         let view = Rows::new("PagedRows::extend_from_slice", rows, self.dim)?;
-        for i in 0..view.len() {
-            self.push(view.row(i))?;
+        for row in view.as_slice().chunks_exact(self.dim) {
+            self.push(row)?;
         }
         Ok(())
+    }
+
+    /// The same rows stored as `dtype` (a clone when already so); errors as [`PagedRows::push`]
+    /// on values `dtype` cannot hold.
+    pub fn to_dtype(&self, dtype: KvDtype) -> Result<Self> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        let mut out = Self::with_dtype(self.dim, self.page_size, dtype)?;
+        let mut row = Vec::with_capacity(self.dim);
+        for i in 0..self.len {
+            row.clear();
+            self.row(i).extend_into(&mut row);
+            out.push(&row)?;
+        }
+        Ok(out)
     }
 
     /// Drops every row after the first `len` (used to roll back a speculative step).
     pub fn truncate(&mut self, len: usize) {
         if len < self.len {
             self.len = len;
-            self.pages.truncate(len.div_ceil(self.page_size));
+            let keep = len.div_ceil(self.page_size);
+            match &mut self.pages {
+                Pages::F32(p) => p.truncate(keep),
+                Pages::F16(p) => p.truncate(keep),
+            }
         }
     }
 
     /// Bytes held, counting whole pages.
     pub fn bytes(&self) -> usize {
-        self.pages.len() * self.page_size * self.dim * std::mem::size_of::<f32>()
+        self.pages.count() * self.page_size * self.dim * self.dtype().bytes()
     }
 }
 
@@ -146,10 +358,20 @@ impl RowSource for PagedRows {
     fn len(&self) -> usize {
         self.len
     }
-    fn row(&self, i: usize) -> &[f32] {
+    fn dtype(&self) -> KvDtype {
+        match self.pages {
+            Pages::F32(_) => KvDtype::F32,
+            Pages::F16(_) => KvDtype::F16,
+        }
+    }
+    fn row(&self, i: usize) -> Row<'_> {
         assert!(i < self.len, "row {i} out of range ({} rows)", self.len);
         let (p, s) = (i / self.page_size, i % self.page_size);
-        &self.pages[p][s * self.dim..(s + 1) * self.dim]
+        let span = s * self.dim..(s + 1) * self.dim;
+        match &self.pages {
+            Pages::F32(pages) => Row::F32(&pages[p][span]),
+            Pages::F16(pages) => Row::F16(&pages[p][span]),
+        }
     }
 }
 
@@ -165,10 +387,10 @@ mod tests {
             assert_eq!(id, i);
         }
         assert_eq!(p.len(), 5);
-        assert_eq!(p.pages().len(), 3);
-        assert_eq!(p.row(4), &[4.0, 1.0, 2.0]);
+        assert_eq!(p.pages().count(), 3);
+        assert_eq!(p.row(4).to_vec(), [4.0, 1.0, 2.0]);
         p.truncate(3);
-        assert_eq!(p.pages().len(), 2);
+        assert_eq!(p.pages().count(), 2);
         assert_eq!(p.len(), 3);
         assert!(p.check_id("keys", 3).is_err());
     }
@@ -180,5 +402,40 @@ mod tests {
         assert!(matches!(p.push(&[f32::NAN, 1.0]), Err(Error::NonFinite { index: 0, .. })));
         assert!(Rows::new("k", &[1.0, 2.0, 3.0], 2).is_err());
         assert!(PagedRows::new(0, 4).is_err());
+    }
+
+    #[test]
+    fn f16_rows_round_to_half_precision_and_reject_what_it_cannot_hold() {
+        let mut p = PagedRows::with_dtype(37, 4, KvDtype::F16).unwrap();
+        let rows: Vec<Vec<f32>> =
+            (0..9).map(|r| (0..37).map(|j| ((r * 37 + j) as f32 * 0.731).sin() * 300.0).collect()).collect();
+        for r in &rows {
+            p.push(r).unwrap();
+        }
+        assert_eq!((p.dtype(), p.pages().count(), p.bytes()), (KvDtype::F16, 3, 3 * 4 * 37 * 2));
+        let q: Vec<f32> = (0..37).map(|j| (j as f32 * 0.3).cos()).collect();
+        for (i, r) in rows.iter().enumerate() {
+            let got = p.row(i).to_vec();
+            for (a, b) in got.iter().zip(r) {
+                assert!((a - b).abs() <= b.abs() * 2f32.powi(-11) + 1e-7, "row {i}: {a} vs {b}");
+            }
+            // `dot` over the stored row equals the f64 dot of its f32 expansion, at every tail.
+            for n in [0, 1, 15, 16, 17, 37] {
+                let exact: f64 = got[..n].iter().zip(&q).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                assert!((f64::from(p.row(i).dot(&q[..n])) - exact).abs() < 1e-3, "row {i} n {n}");
+            }
+        }
+        let mut big = rows[0].clone();
+        big[5] = 7.0e4;
+        let err = p.push(&big).unwrap_err().to_string();
+        assert!(err.contains("f16") && err.contains("column 5"), "{err}");
+        assert_eq!(p.len(), 9, "a rejected row is not stored");
+        let wide = p.to_dtype(KvDtype::F32).unwrap();
+        assert_eq!(wide.dtype(), KvDtype::F32);
+        assert!((0..9).all(|i| wide.row(i).to_vec() == p.row(i).to_vec()), "f16 → f32 is exact");
+        let back = wide.to_dtype(KvDtype::F16).unwrap();
+        assert!((0..9).all(|i| back.row(i).to_vec() == p.row(i).to_vec()), "and back again");
+        assert_eq!("F16".parse::<KvDtype>().unwrap(), KvDtype::F16);
+        assert!("q4".parse::<KvDtype>().is_err());
     }
 }

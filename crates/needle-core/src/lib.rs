@@ -8,7 +8,8 @@
 //!   [`StaticPart`] (sinks + window).
 //! - [`VectorIndex`]: maximum-inner-product search (build with optional training queries,
 //!   batch search, insert), with [`FlatIndex`] as exact oracle.
-//! - [`RowSource`], [`Rows`], [`PagedRows`]: KV rows by token position, in fixed-size pages.
+//! - [`RowSource`], [`Rows`], [`PagedRows`]: KV rows by token position, in fixed-size pages,
+//!   stored as `f32` or `f16` ([`KvDtype`], read as a [`Row`]).
 //! - [`attention`]: dense, sparse and weighted attention with log-sum-exp, the exact merge,
 //!   causal prefill chunks, GQA layout; accumulate in `f32` or `f64`.
 //! - [`kit`]: what every selector needs — input checks, group scores, top-k, budgets, costs.
@@ -46,7 +47,7 @@ pub use error::{Error, Result, check_finite, check_len};
 pub use index::{
     BuildStats, FlatIndex, NO_LABEL, SearchParams, SearchResult, SearchStats, VectorIndex, check_batch, check_search,
 };
-pub use kv::{PagedRows, RowSource, Rows};
+pub use kv::{KvDtype, PagedRows, Pages, Row, RowSource, Rows};
 pub use selector::{
     AttentionSelector, Budget, BuildContext, FullSelector, HeadId, Selection, SelectorFactory, StaticPart,
     attend_selected,

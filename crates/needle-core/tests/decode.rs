@@ -1,7 +1,7 @@
 //! The decode fast path against the f64 reference, on fresh random input.
 
 use needle_core::decode::{GroupScratch, attend_group};
-use needle_core::{PagedRows, Selection, StaticPart, attend_selected};
+use needle_core::{KvDtype, PagedRows, Selection, StaticPart, attend_selected};
 use proptest::prelude::*;
 
 proptest! {
@@ -13,12 +13,15 @@ proptest! {
         window in 0usize..64,
         seed in any::<u64>(),
         weighted in any::<bool>(),
+        half in any::<bool>(),
     ) {
         use rand::{Rng, SeedableRng, rngs::StdRng};
         let d = 16;
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut keys = PagedRows::new(d, 32).unwrap();
-        let mut values = PagedRows::new(d, 32).unwrap();
+        // f16 pages are read as f16 by the kernel and widened exactly by the reference.
+        let kv = if half { KvDtype::F16 } else { KvDtype::F32 };
+        let mut keys = PagedRows::with_dtype(d, 32, kv).unwrap();
+        let mut values = PagedRows::with_dtype(d, 32, kv).unwrap();
         for _ in 0..n {
             let k: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
             let v: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
@@ -53,4 +56,16 @@ fn selection_outside_the_dynamic_part_is_rejected() {
     let mut s = GroupScratch::default();
     assert!(attend_group(&[1.0, 0.0], &keys, &keys, sp, &sel, 1.0, &mut s).is_err());
     assert!(attend_group(&[f32::NAN, 0.0], &keys, &keys, sp, &Selection::default(), 1.0, &mut s).is_err());
+}
+
+#[test]
+fn keys_and_values_of_different_precisions_are_an_error() {
+    let mut keys = PagedRows::with_dtype(2, 4, KvDtype::F16).unwrap();
+    let mut values = PagedRows::new(2, 4).unwrap();
+    keys.push(&[1.0, 2.0]).unwrap();
+    values.push(&[1.0, 2.0]).unwrap();
+    let sp = StaticPart { sinks: 1, window: 0 };
+    let mut scratch = GroupScratch::default();
+    let err = attend_group(&[0.5, 0.5], &keys, &values, sp, &Selection::default(), 1.0, &mut scratch);
+    assert!(err.unwrap_err().to_string().contains("f16"));
 }

@@ -19,7 +19,7 @@ use needle_core::attention::{Partial, dense, scores, top_k};
 use needle_core::metrics::{attention_mass, kl_divergence, recall, relative_error};
 use needle_core::{RowSource, attend_selected};
 use needle_loader::Tokenizer;
-use needle_model::{KvCache, Llama, argmax, selector_from_spec};
+use needle_model::{KvCache, KvDtype, Llama, argmax, selector_from_spec};
 use needle_tasks::{Filler, TaskSpec};
 use serde::Serialize;
 
@@ -121,11 +121,14 @@ pub struct FidelityConfig {
     pub attn_layers: Vec<usize>,
     /// Prefill chunk size.
     pub chunk: usize,
+    /// Precision of the KV pages the compared selectors decode from (the full-attention teacher
+    /// and the prefill keep `f32`).
+    pub kv: KvDtype,
 }
 
 impl Default for FidelityConfig {
     fn default() -> Self {
-        Self { steps: 64, attn_layers: Vec::new(), chunk: 512 }
+        Self { steps: 64, attn_layers: Vec::new(), chunk: 512, kv: KvDtype::F32 }
     }
 }
 
@@ -142,6 +145,8 @@ pub struct TaskConfig {
     pub answer_tokens: usize,
     /// Prefill chunk size.
     pub chunk: usize,
+    /// Precision of the KV pages the selectors decode from (the prefill keeps `f32`).
+    pub kv: KvDtype,
 }
 
 /// Prefills `tokens` densely once, keeping what forks need.
@@ -160,9 +165,10 @@ pub fn prefill_base<B: Backend>(
     Ok((base, logits))
 }
 
-/// A cache with the selector `spec` built over `base`'s prefill.
-pub fn fork<B: Backend>(model: &Llama<B>, base: &KvCache, spec: &str) -> Result<KvCache> {
-    let (factory, config) = selector_from_spec(spec).during(|| format!("selector `{spec}`"))?;
+/// A cache with the selector `spec` built over `base`'s prefill, its pages stored as `kv`.
+pub fn fork<B: Backend>(model: &Llama<B>, base: &KvCache, spec: &str, kv: KvDtype) -> Result<KvCache> {
+    let (factory, mut config) = selector_from_spec(spec).during(|| format!("selector `{spec}`"))?;
+    config.kv = kv;
     base.fork(factory.as_ref(), config, model.scale()).during(|| format!("building selector `{spec}`"))
 }
 
@@ -291,14 +297,14 @@ pub fn fidelity<B: Backend>(
         cfg.steps
     );
     // Full attention first: its greedy tokens drive every selector.
-    let mut full = fork(model, &base, "full")?;
+    let mut full = fork(model, &base, "full", KvDtype::F32)?;
     let teacher = decode_steps(model, &mut full, &first, cfg.steps, None, &[])?;
     tracing::info!("full attention: {:.1} ms per step", teacher.wall.as_secs_f64() * 1e3 / cfg.steps.max(1) as f64);
     let d = model.config().head_dim as f64;
     let mut rows = Vec::new();
     for (i, spec) in selectors.iter().enumerate() {
         let t = Instant::now();
-        let mut c = fork(model, &base, spec)?;
+        let mut c = fork(model, &base, spec, cfg.kv)?;
         let build_s = t.elapsed().as_secs_f64();
         let Decoded { logits, metrics, wall, .. } =
             decode_steps(model, &mut c, &first, cfg.steps, Some(&teacher.tokens), &layers)?;
@@ -308,7 +314,7 @@ pub fn fidelity<B: Backend>(
         let s = &c.stats;
         let steps = s.steps.max(1) as f64;
         let ms = |x: Duration| x.as_secs_f64() * 1e3 / steps;
-        let bytes = s.select.bytes_read as f64 + s.keys_attended as f64 * d * 4.0 * 2.0;
+        let bytes = s.select.bytes_read as f64 + s.keys_attended as f64 * d * cfg.kv.bytes() as f64 * 2.0;
         let wall_ms = wall.as_secs_f64() * 1e3 / steps;
         rows.push(FidelityRow {
             selector: spec.clone(),
@@ -351,7 +357,7 @@ pub fn run_tasks<B: Backend>(
             let tokens = tok.encode(&inst.prompt, false)?;
             let (base, first) = prefill_base(model, &tokens, cfg.chunk, &mut |_, _| {})?;
             for sel in selectors {
-                let mut c = fork(model, &base, sel)?;
+                let mut c = fork(model, &base, sel, cfg.kv)?;
                 let generated = answer(model, tok, &mut c, &first, cfg.answer_tokens)?;
                 let score = needle_tasks::score(spec, &generated, &inst);
                 tracing::info!("{} {sel}: {:.2} ({:?} vs {})", inst.id, score, generated.trim(), inst.answer);

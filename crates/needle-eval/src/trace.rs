@@ -338,7 +338,7 @@ pub fn record<B: Backend>(
         for h in 0..gqa.n_kv_heads {
             let rows = cache.keys(layer, h);
             for r in 0..rows.len() {
-                keys.extend_from_slice(rows.row(r));
+                rows.row(r).extend_into(&mut keys);
             }
         }
         out.push(TraceLayer {

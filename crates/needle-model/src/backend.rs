@@ -19,6 +19,8 @@ use std::any::{Any, TypeId};
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use needle_core::Pages as CachePages;
+use needle_kernels_cpu::attn::KvElem;
 use needle_kernels_cpu::{Pages, flash_prefill, ops};
 
 use crate::cache::KvCache;
@@ -239,23 +241,62 @@ pub mod flex {
                 got: vec![t, nh, d],
             });
         }
-        let slices = |values: bool| -> Vec<Vec<&[f32]>> {
+        let pages = |values: bool| -> Vec<&CachePages> {
             (0..gqa.n_kv_heads)
-                .map(|j| {
-                    let rows = if values { cache.values(layer, j) } else { cache.keys(layer, j) };
-                    rows.pages().iter().map(|p| &p[..]).collect()
-                })
+                .map(|j| if values { cache.values(layer, j) } else { cache.keys(layer, j) }.pages())
                 .collect()
         };
-        let (kp, vp) = (slices(false), slices(true));
+        let (kp, vp) = (pages(false), pages(true));
         let page_rows = cache.keys(layer, 0).page_size();
-        let keys: Vec<Pages<'_>> = kp.iter().map(|pg| Pages { pages: pg, page_rows, len: n, dim: d }).collect();
-        let values: Vec<Pages<'_>> = vp.iter().map(|pg| Pages { pages: pg, page_rows, len: n, dim: d }).collect();
         let mut out = vec![0f32; t * nh * d];
-        read_host(&q, |qs| flash_prefill(qs, &keys, &values, &mut out, n - t, nh, scale))?
-            .map_err(|e| Error::kernel("prefill attention", e))?;
+        let shape = PageShape { page_rows, len: n, dim: d };
+        let run = |qs: &[f32]| match kp.first() {
+            Some(CachePages::F16(_)) => prefill_typed(qs, &kp, &vp, as_f16, shape, &mut out, n - t, nh, scale),
+            _ => prefill_typed(qs, &kp, &vp, as_f32, shape, &mut out, n - t, nh, scale),
+        };
+        read_host(&q, run)?.map_err(|e| Error::kernel("prefill attention", e))?;
         Ok(from_vec(out, [t, nh * d]))
     }
+}
+
+/// Rows per page, rows in all and elements per row of one layer's cached pages.
+#[derive(Clone, Copy)]
+struct PageShape {
+    page_rows: usize,
+    len: usize,
+    dim: usize,
+}
+
+/// [`flash_prefill`] over cached pages of one stored precision `T` (`pick` yields no pages for
+/// a head stored otherwise, which then fails the kernel's length check).
+#[allow(clippy::too_many_arguments)]
+fn prefill_typed<'a, T: KvElem>(
+    queries: &[f32],
+    keys: &[&'a CachePages],
+    values: &[&'a CachePages],
+    pick: fn(&'a CachePages) -> &'a [Box<[T]>],
+    shape: PageShape,
+    out: &mut [f32],
+    first_pos: usize,
+    n_q_heads: usize,
+    scale: f32,
+) -> std::result::Result<(), needle_kernels_cpu::Error> {
+    let slices = |heads: &[&'a CachePages]| -> Vec<Vec<&'a [T]>> {
+        heads.iter().map(|p| pick(p).iter().map(|b| &b[..]).collect()).collect()
+    };
+    let (ks, vs) = (slices(keys), slices(values));
+    let PageShape { page_rows, len, dim } = shape;
+    let k: Vec<Pages<'_, T>> = ks.iter().map(|pages| Pages { pages, page_rows, len, dim }).collect();
+    let v: Vec<Pages<'_, T>> = vs.iter().map(|pages| Pages { pages, page_rows, len, dim }).collect();
+    flash_prefill(queries, &k, &v, out, first_pos, n_q_heads, scale)
+}
+
+fn as_f32(p: &CachePages) -> &[Box<[f32]>] {
+    if let CachePages::F32(v) = p { v } else { &[] }
+}
+
+fn as_f16(p: &CachePages) -> &[Box<[half::f16]>] {
+    if let CachePages::F16(v) = p { v } else { &[] }
 }
 
 /// The plain Burn-op implementations: every backend but Flex, and the reference the Flex kernels
@@ -344,7 +385,7 @@ pub mod plain {
         for j in 0..kvh {
             let rows = if values { cache.values(layer, j) } else { cache.keys(layer, j) };
             for i in 0..n {
-                data.extend_from_slice(rows.row(i));
+                rows.row(i).extend_into(&mut data);
             }
         }
         let t: Tensor<B, 4> = Tensor::from_data(TensorData::new(data, [1, kvh, n, d]), device);

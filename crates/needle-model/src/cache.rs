@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use needle_core::decode::{GroupScratch, attend_group};
 use needle_core::{
-    AttentionSelector, Budget, BuildContext, BuildStats, FullSelector, GqaLayout, HeadId, PagedRows, RowSource,
-    SearchStats, Selection, SelectorFactory,
+    AttentionSelector, Budget, BuildContext, BuildStats, FullSelector, GqaLayout, HeadId, KvDtype, PagedRows,
+    RowSource, SearchStats, Selection, SelectorFactory,
 };
 use rayon::prelude::*;
 
@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 /// Rows per KV page (the unit a storage tier moves).
 pub const PAGE_SIZE: usize = 256;
 
-/// How a generation uses its selectors.
+/// How a generation uses its selectors, and how its KV pages are stored.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SelectionConfig {
     /// Dynamic-part budget of every selector.
@@ -25,11 +25,13 @@ pub struct SelectionConfig {
     /// At most this many prefill positions contribute training queries (evenly spaced); 0 keeps
     /// none (selectors that learn nothing from queries).
     pub train_positions: usize,
+    /// Precision of the host KV pages (keys and values, prefill and decode alike).
+    pub kv: KvDtype,
 }
 
 impl Default for SelectionConfig {
     fn default() -> Self {
-        Self { budget: Budget::TopK(100), dense_layers: 0, train_positions: 4096 }
+        Self { budget: Budget::TopK(100), dense_layers: 0, train_positions: 4096, kv: KvDtype::F32 }
     }
 }
 
@@ -165,7 +167,8 @@ impl KvCache {
         config: SelectionConfig,
     ) -> Result<Self> {
         let empty = || -> Result<_> {
-            Ok((PagedRows::new(head_dim, PAGE_SIZE)?, PagedRows::new(head_dim, PAGE_SIZE)?, Vec::new()))
+            let rows = || PagedRows::with_dtype(head_dim, PAGE_SIZE, config.kv);
+            Ok((rows()?, rows()?, Vec::new()))
         };
         let heads = make_heads(n_layers, gqa.n_kv_heads, head_dim, factory, &config, |_, _| empty())?;
         Ok(Self {
@@ -188,7 +191,9 @@ impl KvCache {
     }
 
     /// A copy of this prefilled cache with fresh selectors from `factory`, built over the same
-    /// keys and training queries: compares selectors without prefilling again. Needs
+    /// keys and training queries: compares selectors without prefilling again. Pages are
+    /// converted to `config.kv` when it differs (the prefill itself ran at this cache's
+    /// precision). Needs
     /// [`KvCache::retain_training_queries`] before the prefill (else the selectors train on no queries).
     pub fn fork(&self, factory: &dyn SelectorFactory, config: SelectionConfig, scale: f32) -> Result<KvCache> {
         if !self.built {
@@ -199,7 +204,7 @@ impl KvCache {
         }
         let heads = make_heads(self.heads.len(), self.gqa.n_kv_heads, self.head_dim, factory, &config, |l, j| {
             let h = &self.heads[l][j];
-            Ok((h.keys.clone(), h.values.clone(), h.train_queries.clone()))
+            Ok((h.keys.to_dtype(config.kv)?, h.values.to_dtype(config.kv)?, h.train_queries.clone()))
         })?;
         let mut c = KvCache {
             heads,

@@ -53,7 +53,7 @@ pub use generate::{GenerateConfig, Generation, StopReason, generate};
 pub use model::Llama;
 /// The query/KV head layout a [`KvCache`] is made for (re-exported so a model needs no
 /// `needle-core` dependency to build one).
-pub use needle_core::GqaLayout;
+pub use needle_core::{GqaLayout, KvDtype};
 pub use rope::Rope;
 pub use sampling::{Sampler, SamplingConfig, argmax};
 pub use spec::{AUTO_RETRIEVAL_FROM, SELECTORS, resolve_auto, selector_from_spec};

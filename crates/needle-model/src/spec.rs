@@ -28,7 +28,12 @@ pub fn resolve_auto(spec: &str, context_len: usize) -> String {
 /// Builds the selector factory and selection configuration a spec describes.
 pub fn selector_from_spec(spec: &str) -> Result<(Box<dyn SelectorFactory>, SelectionConfig)> {
     let s = needle_select::parse(spec)?;
-    let config = SelectionConfig { budget: s.budget, dense_layers: s.dense_layers, train_positions: s.train_positions };
+    let config = SelectionConfig {
+        budget: s.budget,
+        dense_layers: s.dense_layers,
+        train_positions: s.train_positions,
+        ..SelectionConfig::default()
+    };
     Ok((s.factory, config))
 }
 

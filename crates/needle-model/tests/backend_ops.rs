@@ -4,7 +4,7 @@
 mod common;
 
 use burn::tensor::{Tensor, TensorData};
-use needle_core::GqaLayout;
+use needle_core::{GqaLayout, KvDtype, RowSource};
 use needle_model::backend::{flex, plain};
 use needle_model::{Cpu, KvCache, NeedleBackend, QWeight, selector_from_spec};
 use rand::rngs::StdRng;
@@ -60,22 +60,26 @@ fn f32_linear_matches_matmul_and_dispatch_picks_flex() {
 }
 
 #[test]
-fn paged_prefill_attention_matches_burn_attention_across_chunks() {
-    let mut rng = StdRng::seed_from_u64(9);
-    let (gqa, d) = (GqaLayout::new(6, 2).unwrap(), 16);
-    let (factory, sel) = selector_from_spec("full").unwrap();
-    let mut cache = KvCache::new(1, gqa, d, factory.as_ref(), sel).unwrap();
-    // Two chunks, the second crossing a page (256 rows).
-    for t in [200, 100] {
-        let k = rand_vec(&mut rng, t * 2 * d);
-        let v = rand_vec(&mut rng, t * 2 * d);
-        cache.append(0, &k, &v).unwrap();
-        let q = tensor(rand_vec(&mut rng, t * 6 * d), [t, 6, d]);
-        let scale = 0.3;
-        let a = flex::prefill_attention(&cache, 0, q.clone(), scale).unwrap();
-        let b = plain::prefill_attention(&cache, 0, q, scale).unwrap();
-        let e = max_diff(a, b);
-        assert!(e < 1e-4, "chunk of {t}: {e}");
+fn paged_prefill_attention_matches_burn_attention_across_chunks_at_each_kv_precision() {
+    for kv in [KvDtype::F32, KvDtype::F16] {
+        let mut rng = StdRng::seed_from_u64(9);
+        let (gqa, d) = (GqaLayout::new(6, 2).unwrap(), 16);
+        let (factory, mut sel) = selector_from_spec("full").unwrap();
+        sel.kv = kv;
+        let mut cache = KvCache::new(1, gqa, d, factory.as_ref(), sel).unwrap();
+        // Two chunks, the second crossing a page (256 rows).
+        for t in [200, 100] {
+            let k = rand_vec(&mut rng, t * 2 * d);
+            let v = rand_vec(&mut rng, t * 2 * d);
+            cache.append(0, &k, &v).unwrap();
+            assert_eq!(cache.keys(0, 1).dtype(), kv);
+            let q = tensor(rand_vec(&mut rng, t * 6 * d), [t, 6, d]);
+            let scale = 0.3;
+            let a = flex::prefill_attention(&cache, 0, q.clone(), scale).unwrap();
+            let b = plain::prefill_attention(&cache, 0, q, scale).unwrap();
+            let e = max_diff(a, b);
+            assert!(e < 1e-4, "{kv}, chunk of {t}: {e}");
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use needle_core::{
     StaticPart, check_len,
 };
 
-use crate::common::{Frame, SelectStep, begin_select, default_scale, dot, full_cost, group_max, keep_top};
+use crate::common::{Frame, SelectStep, begin_select, default_scale, full_cost, group_max, keep_top};
 
 /// Default block size in tokens (InfLLM's).
 pub const DEFAULT_BLOCK: usize = 128;
@@ -117,16 +117,16 @@ impl BlockSelector {
         if queries.is_empty() {
             let mut mean = vec![0.0f32; d];
             for p in range.clone() {
-                mean.iter_mut().zip(keys.row(p as usize)).for_each(|(m, &x)| *m += x);
+                mean.iter_mut().zip(keys.row(p as usize).iter()).for_each(|(m, x)| *m += x);
             }
             for (w, p) in self.weights.iter_mut().zip(range.clone()) {
-                *w = dot(&mean, keys.row(p as usize));
+                *w = keys.row(p as usize).dot(&mean);
             }
         } else {
             // Attention each key receives inside the block: softmax per query, summed.
             for q in queries.chunks_exact(d) {
                 self.probs.clear();
-                self.probs.extend(range.clone().map(|p| self.scale * dot(q, keys.row(p as usize))));
+                self.probs.extend(range.clone().map(|p| self.scale * keys.row(p as usize).dot(q)));
                 let m = self.probs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let z: f32 = self.probs.iter().map(|&s| (s - m).exp()).sum();
                 for (w, &s) in self.weights.iter_mut().zip(&self.probs) {
@@ -141,7 +141,7 @@ impl BlockSelector {
             // A short block repeats its last representative so that every block has `reps`.
             let p = self.cands.get(j).or(self.cands.last()).map_or(range.start, |c| c.0);
             self.rep_pos.push(p);
-            self.rep_keys.extend_from_slice(keys.row(p as usize));
+            keys.row(p as usize).extend_into(&mut self.rep_keys);
         }
     }
 

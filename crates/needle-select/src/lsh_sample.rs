@@ -125,7 +125,7 @@ impl LshSampleSelector {
         check_len("keys dim", self.dim, keys.dim())?;
         self.rows.clear();
         for p in self.covered.end..end {
-            self.rows.extend_from_slice(keys.row(p as usize));
+            keys.row(p as usize).extend_into(&mut self.rows);
         }
         let ids = self.index.insert(&self.rows)?;
         check_len("LSH ids", self.covered.len(), ids.start as usize)?;
@@ -146,7 +146,7 @@ impl AttentionSelector for LshSampleSelector {
         check_len("keys dim", self.dim, ctx.keys.dim())?;
         self.rows.clear();
         for p in dynamic.clone() {
-            self.rows.extend_from_slice(ctx.keys.row(p as usize));
+            ctx.keys.row(p as usize).extend_into(&mut self.rows);
         }
         let stats = self.index.build(&self.rows, None)?;
         self.rows = Vec::new();

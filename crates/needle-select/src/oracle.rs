@@ -8,7 +8,7 @@ use needle_core::{
     StaticPart,
 };
 
-use crate::common::{Frame, SelectStep, begin_select, default_scale, dot, full_cost, group_max, keep_top};
+use crate::common::{Frame, SelectStep, begin_select, default_scale, full_cost, group_max, keep_top};
 
 /// Makes [`OracleSelector`]s; spec `oracle:k=K` or `oracle:mass=0.9,k=MAX`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,7 +68,7 @@ impl OracleSelector {
         let g = queries.len() / dim;
         self.scores.clear();
         for q in queries.chunks_exact(dim) {
-            self.scores.extend(dynamic.clone().map(|p| self.scale * dot(q, keys.row(p as usize))));
+            self.scores.extend(dynamic.clone().map(|p| self.scale * keys.row(p as usize).dot(q)));
         }
         self.probs.clear();
         self.probs.resize(n, 0.0);

@@ -114,11 +114,11 @@ impl QuestSelector {
             let i = (page - self.first_page) as usize;
             let key = keys.row(p as usize);
             if i == self.pages() {
-                self.mins.extend_from_slice(key);
-                self.maxs.extend_from_slice(key);
+                key.extend_into(&mut self.mins);
+                key.extend_into(&mut self.maxs);
             } else {
                 let (lo, hi) = (&mut self.mins[i * d..(i + 1) * d], &mut self.maxs[i * d..(i + 1) * d]);
-                for ((l, h), &x) in lo.iter_mut().zip(hi.iter_mut()).zip(key) {
+                for ((l, h), x) in lo.iter_mut().zip(hi.iter_mut()).zip(key.iter()) {
                     *l = l.min(x);
                     *h = h.max(x);
                 }

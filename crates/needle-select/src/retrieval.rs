@@ -198,7 +198,7 @@ impl RetrievalSelector {
     fn build_index(&mut self, keys: &dyn RowSource) -> Result<BuildStats> {
         self.rows.clear();
         for p in self.covered.clone() {
-            self.rows.extend_from_slice(keys.row(p as usize));
+            keys.row(p as usize).extend_into(&mut self.rows);
         }
         self.index = index_factory(self.dim, &self.cfg.index)?;
         let train = if self.train.is_empty() { None } else { Some(self.train.as_slice()) };
@@ -220,7 +220,7 @@ impl RetrievalSelector {
         if self.built {
             self.rows.clear();
             for p in self.covered.end..end {
-                self.rows.extend_from_slice(keys.row(p as usize));
+                keys.row(p as usize).extend_into(&mut self.rows);
             }
             let ids = self.index.insert(&self.rows)?;
             check_len("index ids after insert", self.positions.len(), ids.start as usize)?;

@@ -164,7 +164,7 @@ impl AttentionSelector for TokenSelectSelector {
         self.votes.extend(dynamic.clone().map(|p| (p, 0.0)));
         for q in queries.chunks_exact(d) {
             self.scores.clear();
-            self.scores.extend(dynamic.clone().map(|p| self.scale * dot(q, keys.row(p as usize))));
+            self.scores.extend(dynamic.clone().map(|p| self.scale * keys.row(p as usize).dot(q)));
             let m = self.scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let z: f32 = self.scores.iter().map(|&s| (s - m).exp()).sum();
             for (v, &s) in self.votes.iter_mut().zip(&self.scores) {

@@ -128,7 +128,7 @@ impl StridedRerank {
             return Ok(());
         }
         self.probe_pos.push(position);
-        self.probe_keys.extend_from_slice(keys.row(position as usize));
+        keys.row(position as usize).extend_into(&mut self.probe_keys);
         Ok(())
     }
 }
