@@ -67,6 +67,15 @@ pub enum Error {
         /// Who was asked.
         implementation: String,
     },
+    /// Saved state (a selector's or an index's) that cannot be loaded: truncated, of another
+    /// kind or version, or inconsistent with the keys it is loaded over.
+    #[error("corrupt {what}: {reason}")]
+    Corrupt {
+        /// What was being loaded (kind and field).
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Result with needle-core's [`Error`].
@@ -76,6 +85,11 @@ impl Error {
     /// Shorthand for [`Error::InvalidParameter`].
     pub fn invalid(name: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidParameter { name: name.into(), reason: reason.into() }
+    }
+
+    /// Shorthand for [`Error::Corrupt`].
+    pub fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Corrupt { what: what.into(), reason: reason.into() }
     }
 }
 

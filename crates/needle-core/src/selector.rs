@@ -167,6 +167,21 @@ pub trait AttentionSelector: Send + Sync {
     fn memory_bytes(&self) -> usize {
         0
     }
+    /// Appends this selector's built state (what `build` and every `insert` since made) to `out`,
+    /// so that `load_state` on a selector from the same factory and head restores it without
+    /// building again. Key rows are not written: `load_state` gets them back from `keys`.
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        let _ = out;
+        Err(Error::Unsupported { operation: "save_state".into(), implementation: self.describe() })
+    }
+    /// Restores state written by `save_state` into a fresh selector made by the same factory for
+    /// the same head, over `keys` (the rows it was built and inserted on; `keys.len()` is the
+    /// context length at save time). Bad or foreign bytes are an `Error::Corrupt` naming what is
+    /// wrong — never a panic, never a silently different selector.
+    fn load_state(&mut self, state: &[u8], keys: &dyn RowSource) -> Result<()> {
+        let _ = (state, keys);
+        Err(Error::Unsupported { operation: "load_state".into(), implementation: self.describe() })
+    }
 }
 
 /// Makes one selector per layer and KV head; what a model is configured with.
@@ -197,6 +212,17 @@ impl AttentionSelector for FullSelector {
     fn select(&mut self, _q: &[f32], _k: &dyn RowSource, _b: &Budget, out: &mut Selection) -> Result<()> {
         out.clear();
         Ok(())
+    }
+    // Full attention builds nothing: its state is empty.
+    fn save_state(&self, _out: &mut Vec<u8>) -> Result<()> {
+        Ok(())
+    }
+    fn load_state(&mut self, state: &[u8], _keys: &dyn RowSource) -> Result<()> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::corrupt("full selector state", format!("expected no bytes, got {}", state.len())))
+        }
     }
 }
 
@@ -258,6 +284,16 @@ mod tests {
         assert_eq!(s.static_ids(3).collect::<Vec<_>>(), vec![0, 1, 2]);
         assert_eq!(StaticPart::ALL.dynamic_range(50), 0..0);
         assert_eq!(StaticPart::ALL.static_ids(3).count(), 3);
+    }
+
+    #[test]
+    fn full_selector_state_is_empty() {
+        let keys = crate::Rows::new("k", &[1.0, 2.0], 2).unwrap();
+        let mut out = Vec::new();
+        FullSelector.save_state(&mut out).unwrap();
+        assert!(out.is_empty());
+        FullSelector.load_state(&out, &keys).unwrap();
+        assert!(matches!(FullSelector.load_state(&[1], &keys), Err(Error::Corrupt { .. })));
     }
 
     #[test]
