@@ -38,7 +38,9 @@ pub fn lse_merge_kernel(
         terminate!();
     }
     let head = pos / d as usize;
-    let first = pos % d as usize == 0;
+    // (`is_multiple_of` has no CubeCL expansion.)
+    let col = pos % d as usize;
+    let first = col == 0;
     let a = lse1[head];
     let b = lse2[head];
     let a_ok = a > EMPTY_LSE;
@@ -113,7 +115,12 @@ pub fn launch_lse_merge<R: Runtime>(
 }
 
 /// Uploads two partials, merges them on the device and reads the result back.
-pub fn lse_merge<R: Runtime>(client: &ComputeClient<R>, head_dim: usize, a: &Attention, b: &Attention) -> Result<Attention> {
+pub fn lse_merge<R: Runtime>(
+    client: &ComputeClient<R>,
+    head_dim: usize,
+    a: &Attention,
+    b: &Attention,
+) -> Result<Attention> {
     let heads = a.lse.len();
     check_len("a.out", a.out.len(), heads * head_dim)?;
     check_len("b.lse", b.lse.len(), heads)?;
@@ -123,8 +130,12 @@ pub fn lse_merge<R: Runtime>(client: &ComputeClient<R>, head_dim: usize, a: &Att
             return Err(invalid(param, "NaN or +inf"));
         }
     }
-    let (o1, l1, o2, l2) =
-        (upload_f32(client, &a.out), upload_f32(client, &a.lse), upload_f32(client, &b.out), upload_f32(client, &b.lse));
+    let (o1, l1, o2, l2) = (
+        upload_f32(client, &a.out),
+        upload_f32(client, &a.lse),
+        upload_f32(client, &b.out),
+        upload_f32(client, &b.lse),
+    );
     let out = empty_f32(client, heads * head_dim);
     let lse = empty_f32(client, heads);
     launch_lse_merge(client, heads, head_dim, &o1, &l1, &o2, &l2, &out, &lse)?;

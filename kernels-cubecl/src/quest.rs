@@ -188,7 +188,13 @@ pub fn launch_top_k<R: Runtime>(
 
 /// Uploads `scores` (`[n_rows][n]`), runs [`launch_top_k`], reads back `[n_rows][min(k, n)]`
 /// ids. `k == 0` or `n == 0` gives empty rows without touching the device.
-pub fn top_k<R: Runtime>(client: &ComputeClient<R>, scores: &[f32], n_rows: usize, n: usize, k: usize) -> Result<Vec<u32>> {
+pub fn top_k<R: Runtime>(
+    client: &ComputeClient<R>,
+    scores: &[f32],
+    n_rows: usize,
+    n: usize,
+    k: usize,
+) -> Result<Vec<u32>> {
     check_len("scores", scores.len(), n_rows * n)?;
     if scores.iter().any(|s| s.is_nan()) {
         return Err(invalid("scores", "NaN"));
@@ -202,4 +208,3 @@ pub fn top_k<R: Runtime>(client: &ComputeClient<R>, scores: &[f32], n_rows: usiz
     launch_top_k(client, &sh, n_rows, n, k, &ids)?;
     read_u32(client, ids, n_rows * k)
 }
-

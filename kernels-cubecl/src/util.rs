@@ -28,12 +28,20 @@ pub(crate) fn cube_linear() -> usize {
 /// Uploads `data` (never an empty buffer: WebGPU rejects zero-sized bindings, so an empty slice
 /// becomes one unused zero).
 pub(crate) fn upload_f32<R: Runtime>(client: &ComputeClient<R>, data: &[f32]) -> Handle {
-    if data.is_empty() { client.create_from_slice(f32::as_bytes(&[0.0])) } else { client.create_from_slice(f32::as_bytes(data)) }
+    if data.is_empty() {
+        client.create_from_slice(f32::as_bytes(&[0.0]))
+    } else {
+        client.create_from_slice(f32::as_bytes(data))
+    }
 }
 
 /// As [`upload_f32`] for `u32`.
 pub(crate) fn upload_u32<R: Runtime>(client: &ComputeClient<R>, data: &[u32]) -> Handle {
-    if data.is_empty() { client.create_from_slice(u32::as_bytes(&[0])) } else { client.create_from_slice(u32::as_bytes(data)) }
+    if data.is_empty() {
+        client.create_from_slice(u32::as_bytes(&[0]))
+    } else {
+        client.create_from_slice(u32::as_bytes(data))
+    }
 }
 
 /// An uninitialised buffer of `n` f32 (at least one).

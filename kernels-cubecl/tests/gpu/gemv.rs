@@ -14,7 +14,11 @@ fn random_blocks(r: &mut StdRng, ty: QuantType, rows: usize, cols: usize) -> Vec
     let n_blocks = rows * cols / 32;
     let mut out = Vec::with_capacity(n_blocks * ty.block_bytes());
     for b in 0..n_blocks {
-        let d = if b % 7 == 3 { f16::from_bits(r.random_range(1..1024)) } else { f16::from_f32(r.random_range(-0.05..0.05)) };
+        let d = if b % 7 == 3 {
+            f16::from_bits(r.random_range(1..1024))
+        } else {
+            f16::from_f32(r.random_range(-0.05..0.05))
+        };
         out.extend_from_slice(&d.to_le_bytes());
         if ty == QuantType::Q4_1 {
             out.extend_from_slice(&f16::from_f32(r.random_range(-0.5..0.5)).to_le_bytes());

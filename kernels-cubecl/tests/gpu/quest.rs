@@ -34,7 +34,9 @@ fn quest_scores_match_reference_and_bound_every_key() {
                 let want = (0..group)
                     .map(|g| {
                         let qh = &q[(h * group + g) * d..(h * group + g + 1) * d];
-                        (0..d).map(|i| (qh[i] as f64 * mn[b + i] as f64).max(qh[i] as f64 * mx[b + i] as f64)).sum::<f64>()
+                        (0..d)
+                            .map(|i| (qh[i] as f64 * mn[b + i] as f64).max(qh[i] as f64 * mx[b + i] as f64))
+                            .sum::<f64>()
                     })
                     .fold(f64::NEG_INFINITY, f64::max);
                 let s = got[h * n_pages + p];
