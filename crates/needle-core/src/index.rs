@@ -140,6 +140,19 @@ pub trait VectorIndex: Send + Sync {
     fn search(&self, queries: &[f32], k: usize, params: &SearchParams) -> Result<SearchResult>;
     /// Bytes held by the index, vectors included.
     fn memory_bytes(&self) -> usize;
+    /// Appends the index's built state (what `build` and every `insert` since made) to `out`,
+    /// without the vectors themselves: [`VectorIndex::load_state`] gets those back.
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        let _ = out;
+        Err(Error::Unsupported { operation: "save_state".into(), implementation: self.describe() })
+    }
+    /// Restores state written by `save_state` into an index made with the same parameters,
+    /// over `keys` (row-major, the vectors it held, in id order). Bad or foreign bytes are an
+    /// [`Error::Corrupt`]; on any error the index is left as it was.
+    fn load_state(&mut self, state: &[u8], keys: &[f32]) -> Result<()> {
+        let _ = (state, keys);
+        Err(Error::Unsupported { operation: "load_state".into(), implementation: self.describe() })
+    }
 }
 
 /// Checks a row-major batch: non-empty rows of `dim` finite floats. Returns the row count.
@@ -233,7 +246,42 @@ impl VectorIndex for FlatIndex {
     fn memory_bytes(&self) -> usize {
         self.data.len() * 4
     }
+    // The state is the vector count alone: the vectors come back from `keys`.
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        out.extend_from_slice(FLAT_TAG);
+        out.extend_from_slice(&FLAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.len() as u64).to_le_bytes());
+        Ok(())
+    }
+    fn load_state(&mut self, state: &[u8], keys: &[f32]) -> Result<()> {
+        let bad = |reason: String| Error::Corrupt { what: "Flat index state".into(), reason };
+        if state.len() != 20 {
+            return Err(bad(format!("{} bytes where 20 are required", state.len())));
+        }
+        if &state[..8] != FLAT_TAG {
+            let tag: String = state[..8].iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '?' }).collect();
+            return Err(bad(format!("found tag `{tag}`, expected `ndl.flat`: the state of another index")));
+        }
+        let mut v = [0u8; 4];
+        v.copy_from_slice(&state[8..12]);
+        let version = u32::from_le_bytes(v);
+        if version != FLAT_VERSION {
+            return Err(bad(format!("format version {version}, this build reads {FLAT_VERSION}")));
+        }
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&state[12..20]);
+        let n = u64::from_le_bytes(n);
+        let rows = check_batch("keys", keys, self.dim)?;
+        if n != rows as u64 {
+            return Err(bad(format!("{n} vectors saved, {rows} key rows given")));
+        }
+        self.data = keys.to_vec();
+        Ok(())
+    }
 }
+
+const FLAT_TAG: &[u8; 8] = b"ndl.flat";
+const FLAT_VERSION: u32 = 1;
 
 #[cfg(test)]
 mod tests {
@@ -261,6 +309,28 @@ mod tests {
         f.build(&[1.0, 0.0], None).unwrap();
         assert!(matches!(f.search(&[1.0, 0.0], 2, &SearchParams::default()), Err(Error::BudgetTooLarge { .. })));
         assert!(matches!(f.search(&[f32::NAN, 0.0], 1, &SearchParams::default()), Err(Error::NonFinite { .. })));
+    }
+
+    #[test]
+    fn flat_state_round_trips_and_rejects_bad_bytes() {
+        let keys = [1.0, 0.0, 0.0, 1.0, -1.0, 0.5];
+        let mut f = FlatIndex::new(2);
+        f.build(&keys, None).unwrap();
+        let mut state = Vec::new();
+        f.save_state(&mut state).unwrap();
+        let mut g = FlatIndex::new(2);
+        g.load_state(&state, &keys).unwrap();
+        assert_eq!(g.data, f.data);
+        for n in 0..state.len() {
+            assert!(matches!(FlatIndex::new(2).load_state(&state[..n], &keys), Err(Error::Corrupt { .. })));
+        }
+        assert!(matches!(g.load_state(&state, &keys[..4]), Err(Error::Corrupt { .. })));
+        let mut other = state.clone();
+        other[4] = b'x';
+        assert!(g.load_state(&other, &keys).unwrap_err().to_string().contains("another index"));
+        let mut newer = state.clone();
+        newer[8] = 2;
+        assert!(matches!(g.load_state(&newer, &keys), Err(Error::Corrupt { .. })));
     }
 
     #[test]
