@@ -32,20 +32,28 @@ pub use quest::{launch_quest_scores, launch_top_k, quest_scores, top_k};
 /// Re-export of the CubeCL version this crate is built against.
 pub use cubecl;
 
+/// Opens `device` of runtime `R`, turning CubeCL's panic when there is no adapter or driver
+/// into [`Error::NoDevice`].
+pub fn open_client<R: cubecl::prelude::Runtime>(device: &R::Device) -> Result<cubecl::prelude::ComputeClient<R>> {
+    // AssertUnwindSafe: `device` is only read, and after a panic nothing of it is used again.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(device))).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "client creation panicked".into());
+        Error::NoDevice(msg)
+    })
+}
+
 /// Opens the default wgpu device (a real GPU when there is one, else e.g. lavapipe).
-///
-/// CubeCL panics when no adapter exists; this turns that into [`Error::NoDevice`].
 #[cfg(feature = "wgpu")]
 pub fn wgpu_client() -> Result<cubecl::prelude::ComputeClient<cubecl::wgpu::WgpuRuntime>> {
-    use cubecl::prelude::Runtime;
-    std::panic::catch_unwind(|| cubecl::wgpu::WgpuRuntime::client(&cubecl::wgpu::WgpuDevice::DefaultDevice)).map_err(
-        |p| {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "adapter creation panicked".into());
-            Error::NoDevice(msg)
-        },
-    )
+    open_client::<cubecl::wgpu::WgpuRuntime>(&cubecl::wgpu::WgpuDevice::DefaultDevice)
+}
+
+/// Opens CUDA device 0.
+#[cfg(feature = "cuda")]
+pub fn cuda_client() -> Result<cubecl::prelude::ComputeClient<cubecl::cuda::CudaRuntime>> {
+    open_client::<cubecl::cuda::CudaRuntime>(&cubecl::cuda::CudaDevice { index: 0 })
 }

@@ -1,25 +1,41 @@
 //! Device, seeded random data, the f64 reference attention and the comparison helpers.
 
+use std::sync::OnceLock;
+
 use cubecl::prelude::ComputeClient;
-use cubecl::wgpu::WgpuRuntime;
 use needle_kernels_cubecl::cubecl;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-pub type Client = ComputeClient<WgpuRuntime>;
+/// The runtime under test: wgpu (default feature), or CUDA when built with
+/// `--no-default-features --features cuda`.
+#[cfg(feature = "wgpu")]
+pub type Client = ComputeClient<cubecl::wgpu::WgpuRuntime>;
+#[cfg(not(feature = "wgpu"))]
+pub type Client = ComputeClient<cubecl::cuda::CudaRuntime>;
 
-/// The wgpu device, or `None` (test skipped) when there is none and `NEEDLE_SKIP_GPU_TESTS=1`.
+/// The device, or `None` (test skipped) when there is none and `NEEDLE_SKIP_GPU_TESTS=1`.
 /// Without the variable a missing device fails the test: a silent pass would hide a broken CI.
 pub fn client() -> Option<Client> {
-    match needle_kernels_cubecl::wgpu_client() {
-        Ok(c) => Some(c),
+    // Opened once for the whole binary. CubeCL opens the device on its own thread: a missing
+    // adapter panics there (its message goes to stderr) and reaches us as a dead channel.
+    static OPENED: OnceLock<Result<Client, String>> = OnceLock::new();
+    let opened = OPENED.get_or_init(|| {
+        #[cfg(feature = "wgpu")]
+        let opened = needle_kernels_cubecl::wgpu_client();
+        #[cfg(not(feature = "wgpu"))]
+        let opened = needle_kernels_cubecl::cuda_client();
+        opened.map_err(|e| e.to_string())
+    });
+    match opened {
+        Ok(c) => Some(c.clone()),
         Err(e) if std::env::var("NEEDLE_SKIP_GPU_TESTS").is_ok_and(|v| v == "1") => {
             eprintln!("NEEDLE_SKIP_GPU_TESTS=1: skipping GPU test ({e})");
             None
         }
         Err(e) => panic!(
-            "no wgpu adapter ({e}). Install a Vulkan driver (software: `apt-get install mesa-vulkan-drivers \
-             libvulkan1`) or set NEEDLE_SKIP_GPU_TESTS=1 to skip the GPU tests"
+            "no GPU device ({e}; CubeCL's own panic above, from its device thread, names the cause). For wgpu install a Vulkan driver (software: `apt-get install \
+             mesa-vulkan-drivers libvulkan1`) or set NEEDLE_SKIP_GPU_TESTS=1 to skip the GPU tests"
         ),
     }
 }

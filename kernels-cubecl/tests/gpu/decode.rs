@@ -223,3 +223,31 @@ fn decode_rejects_bad_arguments() {
     let err = DeviceKv::upload(&c, &[0.0; 10], &[0.0; 10], 2, 2, 64).unwrap_err();
     assert!(matches!(err, Error::Len { param: "k", .. }), "{err}");
 }
+
+#[test]
+fn decode_neg_inf_log_weights_drop_their_rows() {
+    let Some(c) = client() else { return };
+    let mut r = rng(7);
+    let (n_rows, d) = (400, 64);
+    let k = normal(&mut r, n_rows * d);
+    let v = values(&mut r, n_rows * d);
+    let q = normal(&mut r, 3 * d);
+    let ids = random_list(&mut r, n_rows, 300);
+    // Every third weight is -inf (weight 0): those rows must not count at all.
+    let w: Vec<f32> =
+        (0..ids.len()).map(|j| if j % 3 == 0 { f32::NEG_INFINITY } else { r.random_range(-1.0f32..1.0) }).collect();
+    let kv = DeviceKv::upload(&c, &k, &v, n_rows, 1, d).unwrap();
+    let got = decode_attention(&c, &kv, &q, 3, &[&ids], Some(&[&w]), 0.125, DecodeOptions { chunk_rows: 64 }).unwrap();
+    let (kept, kept_w): (Vec<u32>, Vec<f32>) =
+        ids.iter().zip(&w).filter(|(_, w)| w.is_finite()).map(|(&i, &w)| (i, w)).unzip();
+    for hq in 0..3 {
+        let (out, lse) = ref_attend(&q[hq * d..(hq + 1) * d], &k, &v, 1, d, 0, &kept, Some(&kept_w), 0.125);
+        assert_close(&format!("head {hq} out"), &got.out[hq * d..(hq + 1) * d], &out, TOL);
+        assert_close(&format!("head {hq} lse"), &got.lse[hq..hq + 1], &[lse], TOL);
+    }
+    // All weights -inf: an empty key set.
+    let all_zero = vec![f32::NEG_INFINITY; ids.len()];
+    let got = decode_attention(&c, &kv, &q, 3, &[&ids], Some(&[&all_zero]), 0.125, DecodeOptions::default()).unwrap();
+    assert!(got.lse.iter().all(|&l| l == f32::NEG_INFINITY), "{:?}", got.lse);
+    assert!(got.out.iter().all(|&x| x == 0.0));
+}
