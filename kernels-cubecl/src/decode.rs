@@ -411,6 +411,10 @@ pub fn launch_decode<R: Runtime>(
         return Err(invalid("chunk_rows", "must be > 0"));
     }
     let group = n_q_heads / n_kv;
+    if group > DECODE_TILE {
+        // One unit per query runs the softmax update: a cube has DECODE_TILE units.
+        return Err(invalid("n_q_heads", format!("group {group} exceeds {DECODE_TILE} query heads per KV head")));
+    }
     let smem = partial_smem_bytes(group, d, DECODE_TILE);
     let limit = client.properties().hardware.max_shared_memory_size;
     if smem > limit {
