@@ -87,3 +87,9 @@ fn gemv_rejects_unsupported_types_and_bad_shapes() {
     let err = gemv(&c, &w, &[0.0; 63]).unwrap_err();
     assert_eq!(err, Error::Len { param: "x", got: 63, expected: 64 });
 }
+
+#[test]
+fn gemv_with_more_rows_than_one_grid_axis_holds() {
+    // 70,000 rows: more cubes than the 65,535 of one axis, so the grid wraps onto y.
+    check(74, QuantType::Q4_1, 70_000, 32);
+}

@@ -80,3 +80,31 @@ fn merge_rejects_mismatched_partials() {
     let err = lse_merge(&c, 64, &a, &b).unwrap_err();
     assert!(matches!(err, needle_kernels_cubecl::Error::Len { param: "b.out", .. }), "{err}");
 }
+
+#[test]
+fn merge_over_a_grid_wider_than_one_axis() {
+    let Some(c) = client() else { return };
+    let mut r = rng(13);
+    // 66,000 heads × 64 = 66,000 cubes of 64 units: the grid wraps onto y.
+    let (heads, d) = (66_000, 64);
+    let lse = |r: &mut rand::rngs::StdRng| -> Vec<f32> {
+        (0..heads).map(|h| if h % 5 == 0 { f32::NEG_INFINITY } else { r.random_range(-5.0f32..5.0) }).collect()
+    };
+    let a = Attention { out: normal(&mut r, heads * d), lse: lse(&mut r) };
+    let b = Attention { out: normal(&mut r, heads * d), lse: lse(&mut r) };
+    let m = lse_merge(&c, d, &a, &b).unwrap();
+    for h in (0..heads).step_by(97).chain([heads - 1]) {
+        let (la, lb) = (a.lse[h] as f64, b.lse[h] as f64);
+        let (oa, ob) = (&a.out[h * d..(h + 1) * d], &b.out[h * d..(h + 1) * d]);
+        let (want, want_lse): (Vec<f64>, f64) = if la == f64::NEG_INFINITY && lb == f64::NEG_INFINITY {
+            (vec![0.0; d], f64::NEG_INFINITY)
+        } else {
+            let mx = la.max(lb);
+            let (wa, wb) = ((la - mx).exp(), (lb - mx).exp());
+            let s = wa + wb;
+            (oa.iter().zip(ob).map(|(&x, &y)| (wa * x as f64 + wb * y as f64) / s).collect(), mx + s.ln())
+        };
+        assert_close(&format!("head {h} out"), &m.out[h * d..(h + 1) * d], &want, 1e-5);
+        assert_close(&format!("head {h} lse"), &m.lse[h..h + 1], &[want_lse], 1e-6);
+    }
+}
