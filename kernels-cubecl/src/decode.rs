@@ -46,8 +46,10 @@ pub struct DeviceKv {
     pub k: Handle,
     /// Values.
     pub v: Handle,
-    /// Rows (tokens).
+    /// Rows (tokens) stored.
     pub n_rows: usize,
+    /// Rows the buffers have room for (`≥ n_rows`).
+    pub capacity: usize,
     /// KV heads per row.
     pub n_kv_heads: usize,
     /// Numbers per head.
@@ -77,7 +79,78 @@ impl DeviceKv {
         to_u32("n_rows · n_kv_heads · head_dim", n)?;
         check_len("k", k.len(), n)?;
         check_len("v", v.len(), n)?;
-        Ok(Self { k: upload_f32(client, k), v: upload_f32(client, v), n_rows, n_kv_heads, head_dim })
+        Ok(Self { k: upload_f32(client, k), v: upload_f32(client, v), n_rows, capacity: n_rows, n_kv_heads, head_dim })
+    }
+
+    /// An empty store with room for `capacity` rows, filled by [`DeviceKv::append`].
+    pub fn with_capacity<R: Runtime>(
+        client: &ComputeClient<R>,
+        capacity: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        if n_kv_heads == 0 || head_dim == 0 {
+            return Err(invalid("n_kv_heads", "n_kv_heads and head_dim must be > 0"));
+        }
+        let n = capacity
+            .checked_mul(n_kv_heads)
+            .and_then(|x| x.checked_mul(head_dim))
+            .ok_or_else(|| invalid("capacity", "KV store size overflows"))?;
+        to_u32("capacity · n_kv_heads · head_dim", n)?;
+        Ok(Self { k: empty_f32(client, n), v: empty_f32(client, n), n_rows: 0, capacity, n_kv_heads, head_dim })
+    }
+
+    /// Elements in each buffer.
+    pub(crate) fn buffer_len(&self) -> usize {
+        buf_len(self.capacity * self.n_kv_heads * self.head_dim)
+    }
+
+    /// Appends rows (`k`, `v`: `[n][n_kv_heads][head_dim]`) after the stored ones, copying on
+    /// the device; errors past the capacity.
+    pub fn append<R: Runtime>(&mut self, client: &ComputeClient<R>, k: &[f32], v: &[f32]) -> Result<()> {
+        let row = self.n_kv_heads * self.head_dim;
+        if !k.len().is_multiple_of(row) {
+            return Err(invalid("k", format!("length {} is not a multiple of n_kv_heads · head_dim = {row}", k.len())));
+        }
+        check_len("v", v.len(), k.len())?;
+        let n = k.len() / row;
+        if self.n_rows + n > self.capacity {
+            return Err(invalid("k", format!("{} + {n} rows exceed the capacity {}", self.n_rows, self.capacity)));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let offset = to_u32("offset", self.n_rows * row)?;
+        let count = to_u32("k", k.len())?;
+        for (src, dst) in [(k, &self.k), (v, &self.v)] {
+            let src_h = upload_f32(client, src);
+            // SAFETY: every length is the element count the handle was made with.
+            unsafe {
+                copy_kernel::launch::<R>(
+                    client,
+                    grid_1d("k", k.len().div_ceil(COPY_UNITS as usize))?,
+                    CubeDim::new_1d(COPY_UNITS),
+                    ArrayArg::from_raw_parts(src_h, src.len()),
+                    ArrayArg::from_raw_parts(dst.clone(), self.buffer_len()),
+                    offset,
+                    count,
+                );
+            }
+        }
+        self.n_rows += n;
+        Ok(())
+    }
+}
+
+/// Units per cube of [`copy_kernel`].
+const COPY_UNITS: u32 = 64;
+
+/// `dst[offset + i] = src[i]` for `i < n`.
+#[cube(launch)]
+pub fn copy_kernel(src: &Array<f32>, dst: &mut Array<f32>, offset: u32, n: u32) {
+    let i = cube_linear() * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    if i < n as usize {
+        dst[offset as usize + i] = src[i];
     }
 }
 
@@ -432,7 +505,7 @@ pub fn launch_decode<R: Runtime>(
     let n_parts = n_kv * n_chunks * group;
     let part_o = empty_f32(client, n_parts * d);
     let part_ml = empty_f32(client, n_parts * 2);
-    let n_store = kv.n_rows * n_kv * d;
+    let n_store = kv.buffer_len();
 
     // SAFETY (all `from_raw_parts`): every length is the element count the handle was made with.
     unsafe {
@@ -441,8 +514,8 @@ pub fn launch_decode<R: Runtime>(
             CubeCount::Static(to_u32("chunks", n_chunks)?, to_u32("n_kv_heads", n_kv)?, 1),
             CubeDim::new_1d(DECODE_TILE as u32),
             ArrayArg::from_raw_parts(q.clone(), n_q_heads * d),
-            ArrayArg::from_raw_parts(kv.k.clone(), buf_len(n_store)),
-            ArrayArg::from_raw_parts(kv.v.clone(), buf_len(n_store)),
+            ArrayArg::from_raw_parts(kv.k.clone(), n_store),
+            ArrayArg::from_raw_parts(kv.v.clone(), n_store),
             ArrayArg::from_raw_parts(lists.ids.clone(), buf_len(lists.n_ids)),
             ArrayArg::from_raw_parts(lists.offsets.clone(), n_kv + 1),
             match &lists.log_w {

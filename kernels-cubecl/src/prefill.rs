@@ -226,7 +226,7 @@ pub fn launch_prefill<R: Runtime>(
     if tiles > MAX_CUBES_PER_AXIS as usize {
         return Err(invalid("t", format!("{t} tokens in one chunk is more than this grid allows")));
     }
-    let n_store = (kv.n_rows * n_kv * d).max(1);
+    let n_store = kv.buffer_len();
     // SAFETY: every length is the element count the handle was made with.
     unsafe {
         prefill_kernel::launch::<R>(

@@ -251,3 +251,37 @@ fn decode_neg_inf_log_weights_drop_their_rows() {
     assert!(got.lse.iter().all(|&l| l == f32::NEG_INFINITY), "{:?}", got.lse);
     assert!(got.out.iter().all(|&x| x == 0.0));
 }
+
+#[test]
+fn decode_over_a_store_filled_by_device_appends() {
+    let Some(c) = client() else { return };
+    let mut r = rng(8);
+    let (n_kv, d, group) = (2, 80, 3);
+    let k = normal(&mut r, 88 * n_kv * d);
+    let v = values(&mut r, 88 * n_kv * d);
+    let mut kv = DeviceKv::with_capacity(&c, 100, n_kv, d).unwrap();
+    // Prefill chunk, one decode token, another chunk: rows land in order.
+    for (a, b) in [(0, 37), (37, 38), (38, 88)] {
+        let span = a * n_kv * d..b * n_kv * d;
+        kv.append(&c, &k[span.clone()], &v[span]).unwrap();
+    }
+    assert_eq!(kv.n_rows, 88);
+    let q = normal(&mut r, n_kv * group * d);
+    let all: Vec<u32> = (0..88).collect();
+    let got =
+        decode_attention(&c, &kv, &q, n_kv * group, &[&all, &all[10..]], None, 0.1, DecodeOptions::default()).unwrap();
+    for hq in 0..n_kv * group {
+        let h = hq / group;
+        let ids = if h == 0 { &all[..] } else { &all[10..] };
+        let (out, lse) = ref_attend(&q[hq * d..(hq + 1) * d], &k, &v, n_kv, d, h, ids, None, 0.1);
+        assert_close(&format!("head {hq} out"), &got.out[hq * d..(hq + 1) * d], &out, TOL);
+        assert_close(&format!("head {hq} lse"), &got.lse[hq..hq + 1], &[lse], TOL);
+    }
+    // Rows past n_rows are not addressable, and the capacity holds.
+    let err =
+        decode_attention(&c, &kv, &q, n_kv * group, &[&[88], &[]], None, 0.1, DecodeOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::Invalid { param: "lists", .. }), "{err}");
+    let err = kv.append(&c, &k[..13 * n_kv * d], &v[..13 * n_kv * d]).unwrap_err();
+    assert!(matches!(err, Error::Invalid { param: "k", .. }), "{err}");
+    assert_eq!(kv.n_rows, 88);
+}
