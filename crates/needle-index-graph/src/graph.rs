@@ -2,7 +2,10 @@
 //! rows in one flat array, so a node's links are one contiguous read.
 
 use crate::beam::Adjacency;
+use needle_core::Result;
+
 use crate::dist::{dot, row};
+use crate::state::{Reader, Writer};
 
 /// Out-links of `n` nodes, at most `degree` each, in one row-major `n × degree` array.
 #[derive(Debug, Clone, Default)]
@@ -65,6 +68,37 @@ impl FixedGraph {
 
     pub fn bytes(&self) -> usize {
         (self.counts.len() + self.links.len()) * 4
+    }
+
+    /// Writes the degree, the counts and the link rows.
+    pub fn save(&self, w: &mut Writer<'_>) {
+        w.len(self.degree);
+        w.u32s(&self.counts);
+        w.u32s(&self.links);
+    }
+
+    /// Reads a graph of `rows` rows of `degree` links written by [`FixedGraph::save`]: every
+    /// count at most `degree`, every link below `bound`, unused slots empty.
+    pub fn load(r: &mut Reader<'_>, field: &str, degree: usize, rows: usize, bound: usize) -> Result<Self> {
+        let d = r.len(field, usize::MAX)?;
+        if d != degree {
+            return Err(r.fail(field, format!("degree {d}, this index has {degree}")));
+        }
+        let counts = r.u32s_exact(field, rows)?;
+        let links = r.u32s_exact(field, rows.saturating_mul(degree))?;
+        for (i, (&c, row)) in counts.iter().zip(links.chunks_exact(degree.max(1))).enumerate() {
+            let c = c as usize;
+            if c > degree {
+                return Err(r.fail(field, format!("row {i} holds {c} links, more than the degree {degree}")));
+            }
+            if let Some(&bad) = row[..c].iter().find(|&&x| x as usize >= bound) {
+                return Err(r.fail(field, format!("row {i} links to {bad}, not below {bound}")));
+            }
+            if row[c..].iter().any(|&x| x != u32::MAX) {
+                return Err(r.fail(field, format!("row {i} has links past its count {c}")));
+            }
+        }
+        Ok(Self { degree, counts, links })
     }
 
     #[cfg(test)]

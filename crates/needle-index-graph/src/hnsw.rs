@@ -14,6 +14,7 @@ use crate::beam::{Adjacency, Beam, Visited, VisitedPool, Work, beam_search};
 use crate::dist::{dot, row};
 use crate::graph::{FixedGraph, occlusion_prune, score_against};
 use crate::roar::{positive, stats};
+use crate::state::{Reader, Writer};
 
 /// Highest layer a node may get (probability `m^-16`: never reached in practice).
 const MAX_LEVEL: usize = 16;
@@ -272,6 +273,94 @@ impl Hnsw {
     }
 }
 
+const HNSW_TAG: &[u8; 8] = b"ndl.hnsw";
+const HNSW_VERSION: u32 = 1;
+
+impl Hnsw {
+    /// Everything but the keys: parameters (checked at load), levels, both graphs and the
+    /// entry point. The level generator is not written: it has drawn once per node, so the
+    /// load replays that many draws from the seed (and checks them against the levels).
+    fn save(&self, out: &mut Vec<u8>) {
+        let mut w = Writer::new(out, HNSW_TAG, HNSW_VERSION);
+        let p = self.params;
+        for v in [p.m, p.ef_construction, p.ef_search, self.dim] {
+            w.len(v);
+        }
+        w.u64(p.seed);
+        w.bytes(&self.levels);
+        self.level0.save(&mut w);
+        self.upper.save(&mut w);
+        w.u32(self.enterpoint_node.unwrap_or(u32::MAX));
+        w.len(self.max_level);
+    }
+
+    fn load(&mut self, state: &[u8], keys: &[f32]) -> Result<()> {
+        let mut r = Reader::new("HNSW index", state, HNSW_TAG, HNSW_VERSION)?;
+        let mut f = |name: &str| r.len(name, usize::MAX);
+        let (m, ef_construction, ef_search, dim) = (f("m")?, f("ef_construction")?, f("ef_search")?, f("dim")?);
+        let params = HnswParams { m, ef_construction, ef_search, seed: r.u64("seed")? };
+        if params != self.params || dim != self.dim {
+            return Err(r.fail(
+                "params",
+                format!("saved with {params:?} at dim {dim}, this index has {:?} at dim {}", self.params, self.dim),
+            ));
+        }
+        let n = check_batch("keys", keys, self.dim)?;
+        let levels = r.bytes_exact("levels", n)?.to_vec();
+        // The generator's draws are the levels: replaying them restores its state.
+        let mut fresh = Self::new(self.dim, self.params)?;
+        for (i, &l) in levels.iter().enumerate() {
+            if fresh.random_level() != l {
+                return Err(r.fail("levels", format!("node {i} has level {l}, not the one its seed draws")));
+            }
+        }
+        let mut upper_offset = Vec::with_capacity(n);
+        let mut rows = 0usize;
+        for &l in &levels {
+            upper_offset.push(rows as u32);
+            rows += l as usize;
+        }
+        let level0 = FixedGraph::load(&mut r, "level0", 2 * m, n, n)?;
+        let upper = FixedGraph::load(&mut r, "upper", m, rows, n)?;
+        // A link on layer `l` must reach a node that has layer `l`, or the walk reads another
+        // node's row.
+        for (v, &lv) in levels.iter().enumerate() {
+            for l in 1..=lv as usize {
+                let row = upper.get(upper_offset[v] + l as u32 - 1);
+                if let Some(&bad) = row.iter().find(|&&u| (levels[u as usize] as usize) < l) {
+                    return Err(
+                        r.fail("upper", format!("node {v} links on layer {l} to node {bad}, which has no such layer"))
+                    );
+                }
+            }
+        }
+        let ep = r.u32("enterpoint")?;
+        let max_level = r.len("max_level", MAX_LEVEL)?;
+        let top = levels.iter().copied().max().map_or(0, usize::from);
+        let enterpoint_node = match ep {
+            u32::MAX if n == 0 => None,
+            e if (e as usize) < n && levels[e as usize] as usize == max_level && max_level == top => Some(e),
+            e => {
+                return Err(
+                    r.fail("enterpoint", format!("node {e} at max_level {max_level} does not fit the {n} levels"))
+                );
+            }
+        };
+        r.finish()?;
+        *self = Self {
+            data: keys.to_vec(),
+            levels,
+            level0,
+            upper_offset,
+            upper,
+            enterpoint_node,
+            max_level,
+            ..fresh
+        };
+        Ok(())
+    }
+}
+
 impl VectorIndex for Hnsw {
     fn describe(&self) -> String {
         format!("HNSW{}", self.params.m)
@@ -332,5 +421,12 @@ impl VectorIndex for Hnsw {
             + self.level0.bytes()
             + self.upper.bytes()
             + self.visited.bytes()
+    }
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        self.save(out);
+        Ok(())
+    }
+    fn load_state(&mut self, state: &[u8], keys: &[f32]) -> Result<()> {
+        self.load(state, keys)
     }
 }

@@ -41,6 +41,7 @@ mod graph;
 mod hnsw;
 mod knn;
 mod roar;
+mod state;
 #[cfg(test)]
 mod tests;
 

@@ -21,6 +21,7 @@ use crate::cluster::{cluster_entries, spherical_kmeans};
 use crate::dist::{dot, row};
 use crate::graph::{FixedGraph, occlusion_prune};
 use crate::knn::exact_knn;
+use crate::state::{Reader, Writer};
 
 /// Extra entry points besides the best key for the mean training query: the keys that appear
 /// most often among the training queries' top 10.
@@ -422,6 +423,83 @@ pub(crate) fn sample_rows(xs: &[f32], dim: usize, max: usize, seed: u64) -> Vec<
     idx.iter().flat_map(|&i| xs[i * dim..(i + 1) * dim].iter().copied()).collect()
 }
 
+const ROAR_TAG: &[u8; 8] = b"ndl.roar";
+const ROAR_VERSION: u32 = 1;
+
+impl RoarGraphParams {
+    fn save(&self, w: &mut Writer<'_>) {
+        for v in [self.m, self.n_q, self.ef_construction, self.ef_search, self.pivots, self.max_train] {
+            w.len(v);
+        }
+        w.u64(self.seed);
+        for v in [self.clusters, self.entry_keys, self.probe] {
+            w.len(v);
+        }
+    }
+
+    fn load(r: &mut Reader<'_>) -> Result<Self> {
+        let mut f = |name: &str| r.len(name, usize::MAX);
+        let (m, n_q, ef_construction, ef_search) = (f("m")?, f("n_q")?, f("ef_construction")?, f("ef_search")?);
+        let (pivots, max_train) = (f("pivots")?, f("max_train")?);
+        let seed = r.u64("seed")?;
+        let mut f = |name: &str| r.len(name, usize::MAX);
+        let (clusters, entry_keys, probe) = (f("clusters")?, f("entry_keys")?, f("probe")?);
+        Ok(Self { m, n_q, ef_construction, ef_search, pivots, max_train, seed, clusters, entry_keys, probe })
+    }
+}
+
+impl RoarGraph {
+    /// Everything but the keys: parameters (checked at load), the graph, entry points and
+    /// cluster entries.
+    fn save(&self, out: &mut Vec<u8>) {
+        let mut w = Writer::new(out, ROAR_TAG, ROAR_VERSION);
+        self.params.save(&mut w);
+        w.len(self.dim);
+        w.len(self.n());
+        self.graph.save(&mut w);
+        w.u32s(&self.entries);
+        w.f32s(&self.centroids);
+        w.len(self.entry_width);
+        w.u32s(&self.cluster_entries);
+    }
+
+    fn load(&mut self, state: &[u8], keys: &[f32]) -> Result<()> {
+        let mut r = Reader::new("RoarGraph index", state, ROAR_TAG, ROAR_VERSION)?;
+        let params = RoarGraphParams::load(&mut r)?;
+        if params != self.params {
+            return Err(r.fail("params", format!("saved with {params:?}, this index has {:?}", self.params)));
+        }
+        let dim = r.len("dim", usize::MAX)?;
+        if dim != self.dim {
+            return Err(r.fail("dim", format!("saved for dim {dim}, this index has {}", self.dim)));
+        }
+        let n = check_batch("keys", keys, self.dim)?;
+        let saved = r.len("n", usize::MAX)?;
+        if saved != n {
+            return Err(r.fail("n", format!("{saved} keys saved, {n} key rows given")));
+        }
+        let graph = FixedGraph::load(&mut r, "graph", params.m, n, n)?;
+        let entries = r.u32s("entries", n)?;
+        r.check_below("entries", &entries, n)?;
+        let centroids = r.f32s("centroids", params.clusters.saturating_mul(dim))?;
+        if !centroids.len().is_multiple_of(dim) {
+            return Err(r.fail("centroids", format!("{} floats are not rows of {dim}", centroids.len())));
+        }
+        let entry_width = r.len("entry_width", n)?;
+        let cluster_entries = r.u32s_exact("cluster_entries", (centroids.len() / dim).saturating_mul(entry_width))?;
+        r.check_below("cluster_entries", &cluster_entries, n)?;
+        r.finish()?;
+        self.data = keys.to_vec();
+        self.graph = graph;
+        self.entries = entries;
+        self.centroids = centroids;
+        self.entry_width = entry_width;
+        self.cluster_entries = cluster_entries;
+        self.visited = VisitedPool::default();
+        Ok(())
+    }
+}
+
 impl VectorIndex for RoarGraph {
     fn describe(&self) -> String {
         format!("RoarGraph{}", self.params.m)
@@ -671,6 +749,13 @@ impl VectorIndex for RoarGraph {
             + self.graph.bytes()
             + (self.entries.len() + self.cluster_entries.len() + self.centroids.len()) * 4
             + self.visited.bytes()
+    }
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        self.save(out);
+        Ok(())
+    }
+    fn load_state(&mut self, state: &[u8], keys: &[f32]) -> Result<()> {
+        self.load(state, keys)
     }
 }
 

@@ -309,3 +309,127 @@ fn cluster_entries_and_rerank_pool_serve_narrow_beams() {
         assert!(r.stats.full_scored < full.stats.full_scored);
     }
 }
+
+/// Saves `built` (built on `keys[..n0]`, then grown to `keys[..n1]` by insert), loads the
+/// state into `fresh`, and checks that both search alike, keep doing so after more inserts up
+/// to `keys.len()`, and save the same bytes. Returns the state at `n1`.
+fn assert_round_trip(
+    built: &mut dyn VectorIndex,
+    fresh: &mut dyn VectorIndex,
+    keys: &[f32],
+    n1: usize,
+    queries: &[f32],
+) -> Vec<u8> {
+    let mut state = Vec::new();
+    built.save_state(&mut state).unwrap();
+    let t = std::time::Instant::now();
+    fresh.load_state(&state, &keys[..n1 * DIM]).unwrap();
+    let load_s = t.elapsed().as_secs_f64();
+    let mut again = Vec::new();
+    fresh.save_state(&mut again).unwrap();
+    assert!(again == state, "{}: save → load → save changed the bytes", built.describe());
+    let p = SearchParams::default();
+    assert_eq!(built.search(queries, 20, &p).unwrap(), fresh.search(queries, 20, &p).unwrap());
+    built.insert(&keys[n1 * DIM..]).unwrap();
+    fresh.insert(&keys[n1 * DIM..]).unwrap();
+    assert_eq!(built.search(queries, 20, &p).unwrap(), fresh.search(queries, 20, &p).unwrap());
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    built.save_state(&mut a).unwrap();
+    fresh.save_state(&mut b).unwrap();
+    assert!(a == b, "{}: states differ after the same inserts", built.describe());
+    eprintln!("{}: {} keys, state {} bytes, load {:.2} ms", built.describe(), n1, state.len(), load_s * 1e3);
+    state
+}
+
+/// Truncations (every length up to 256, then strided) and single-bit flips of `state` never
+/// panic; truncations are always `Corrupt`.
+fn assert_corruption_is_caught(make: &dyn Fn() -> Box<dyn VectorIndex>, state: &[u8], keys: &[f32]) {
+    let step = (state.len() / 300).max(1);
+    for n in (0..state.len().min(256)).chain((256..state.len()).step_by(step)) {
+        let r = make().load_state(&state[..n], keys);
+        assert!(matches!(r, Err(Error::Corrupt { .. })), "truncated to {n}: {r:?}");
+    }
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut flipped = state.to_vec();
+    for _ in 0..300 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bit = (x % (state.len() as u64 * 8)) as usize;
+        flipped[bit / 8] ^= 1 << (bit % 8);
+        let mut idx = make();
+        if idx.load_state(&flipped, keys).is_ok() {
+            // A flip that stays valid (a float payload) still gives a usable index.
+            let _ = idx.search(&keys[..DIM], 5, &SearchParams::default());
+        }
+        flipped[bit / 8] ^= 1 << (bit % 8);
+    }
+    let mut newer = state.to_vec();
+    newer[8] = newer[8].wrapping_add(1);
+    let e = make().load_state(&newer, keys).unwrap_err();
+    assert!(matches!(e, Error::Corrupt { .. }) && e.to_string().contains("newer"), "{e}");
+}
+
+#[test]
+fn roargraph_state_round_trips() {
+    let f = fixture(1200, 400, 12);
+    let params = RoarGraphParams { clusters: 4, ..Default::default() };
+    let make = || -> Box<dyn VectorIndex> { Box::new(RoarGraph::with_params(DIM, params).unwrap()) };
+    let mut built = make();
+    built.build(&f.keys[..1000 * DIM], Some(&f.train)).unwrap();
+    built.insert(&f.keys[1000 * DIM..1100 * DIM]).unwrap();
+    let state = assert_round_trip(built.as_mut(), make().as_mut(), &f.keys, 1100, &f.test);
+    assert_corruption_is_caught(&make, &state, &f.keys[..1100 * DIM]);
+    // Other parameters, another kind, other keys.
+    let e = RoarGraph::new(DIM).unwrap().load_state(&state, &f.keys[..1100 * DIM]).unwrap_err();
+    assert!(e.to_string().contains("params"), "{e}");
+    let e = make().load_state(&state, &f.keys[..1000 * DIM]).unwrap_err();
+    assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+    let e = Hnsw::with_m(DIM, 16).unwrap().load_state(&state, &f.keys[..1100 * DIM]).unwrap_err();
+    assert!(e.to_string().contains("another kind"), "{e}");
+}
+
+#[test]
+fn hnsw_state_round_trips() {
+    let f = fixture(1200, 10, 12);
+    let make = || -> Box<dyn VectorIndex> { Box::new(Hnsw::with_m(DIM, 8).unwrap()) };
+    let mut built = make();
+    built.build(&f.keys[..1000 * DIM], None).unwrap();
+    built.insert(&f.keys[1000 * DIM..1100 * DIM]).unwrap();
+    let state = assert_round_trip(built.as_mut(), make().as_mut(), &f.keys, 1100, &f.test);
+    assert_corruption_is_caught(&make, &state, &f.keys[..1100 * DIM]);
+    let e = RoarGraph::new(DIM).unwrap().load_state(&state, &f.keys[..1100 * DIM]).unwrap_err();
+    assert!(e.to_string().contains("another kind"), "{e}");
+    // An unbuilt index saves and loads as empty.
+    let mut empty = Vec::new();
+    make().save_state(&mut empty).unwrap();
+    make().load_state(&empty, &[]).unwrap();
+}
+
+/// Load time against build time on an 8K-key head (printed with `--nocapture`; not asserted).
+#[test]
+fn load_is_cheaper_than_build_at_8k() {
+    let f = fixture(8192, 2048, 1);
+    for make in [
+        &(|| Box::new(RoarGraph::new(DIM).unwrap()) as Box<dyn VectorIndex>) as &dyn Fn() -> Box<dyn VectorIndex>,
+        &|| Box::new(Hnsw::with_m(DIM, 16).unwrap()),
+    ] {
+        let mut idx = make();
+        let t = std::time::Instant::now();
+        idx.build(&f.keys, Some(&f.train)).unwrap();
+        let build_s = t.elapsed().as_secs_f64();
+        let mut state = Vec::new();
+        idx.save_state(&mut state).unwrap();
+        let mut fresh = make();
+        let t = std::time::Instant::now();
+        fresh.load_state(&state, &f.keys).unwrap();
+        let load_s = t.elapsed().as_secs_f64();
+        eprintln!(
+            "{} at 8192 keys: build {:.1} ms, load {:.2} ms, state {} KiB",
+            idx.describe(),
+            build_s * 1e3,
+            load_s * 1e3,
+            state.len() / 1024
+        );
+    }
+}
