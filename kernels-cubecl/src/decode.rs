@@ -305,12 +305,22 @@ pub fn decode_partial_kernel(
             if weighted {
                 w = log_w[r];
             }
+            // Each key element is loaded once and used for every query of the group.
+            let mut dots = Array::<f32>::new(group);
+            #[unroll]
             for g in 0..group {
-                let mut dot = 0.0f32;
-                for i in 0..d {
-                    dot += q_s[g * d + i] * k[k_base + i];
+                dots[g] = 0.0;
+            }
+            for i in 0..d {
+                let kx = k[k_base + i];
+                #[unroll]
+                for g in 0..group {
+                    dots[g] += q_s[g * d + i] * kx;
                 }
-                s_s[g * tile + u] = dot * scale + w;
+            }
+            #[unroll]
+            for g in 0..group {
+                s_s[g * tile + u] = dots[g] * scale + w;
             }
         }
         sync_cube();
@@ -352,20 +362,30 @@ pub fn decode_partial_kernel(
         }
         sync_cube();
 
-        // Output update: unit u owns elements u, u + tile, … of the group's outputs.
-        let mut e = u;
-        while e < gd {
-            let g = e / d;
-            let i = e % d;
-            let mut a = acc[e] * f_s[g];
+        // Output update: unit u owns columns u, u + tile, … for every query of the group, so
+        // each value element is loaded once per group.
+        let mut i = u;
+        while i < d {
+            let mut a = Array::<f32>::new(group);
+            #[unroll]
+            for g in 0..group {
+                a[g] = acc[g * d + i] * f_s[g];
+            }
             for j in 0..n_tile {
                 let rj = row_s[j];
                 if rj < n_rows {
-                    a += s_s[g * tile + j] * v[rj as usize * kv_stride + h * d + i];
+                    let vx = v[rj as usize * kv_stride + h * d + i];
+                    #[unroll]
+                    for g in 0..group {
+                        a[g] += s_s[g * tile + j] * vx;
+                    }
                 }
             }
-            acc[e] = a;
-            e += tile;
+            #[unroll]
+            for g in 0..group {
+                acc[g * d + i] = a[g];
+            }
+            i += tile;
         }
         sync_cube();
         base += tile;
