@@ -285,3 +285,13 @@ fn decode_over_a_store_filled_by_device_appends() {
     assert!(matches!(err, Error::Invalid { param: "k", .. }), "{err}");
     assert_eq!(kv.n_rows, 88);
 }
+
+#[test]
+fn decode_and_prefill_at_a_llama_like_shape() {
+    // 32 query heads over 8 KV heads of 128: the shape of the default model family.
+    let mut r = rng(9);
+    let n_rows = 3_000;
+    let lists: Vec<Vec<u32>> = (0..8).map(|h| random_list(&mut r, n_rows, 500 + 300 * h)).collect();
+    check(91, &Case { n_rows, n_kv: 8, group: 4, d: 128, lists, weighted: true, q_gain: 1.0, chunk_rows: 256 });
+    crate::prefill::check(92, 40, 100, 8, 4, 128, 1.0);
+}

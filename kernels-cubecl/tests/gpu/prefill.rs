@@ -5,7 +5,7 @@ use needle_kernels_cubecl::{DeviceKv, Error, prefill_attention};
 use crate::common::{assert_close, client, normal, ref_attend, rng, values};
 use crate::decode::{TOL, TOL_LARGE};
 
-fn check(seed: u64, t: usize, start: usize, n_kv: usize, group: usize, d: usize, q_gain: f32) {
+pub fn check(seed: u64, t: usize, start: usize, n_kv: usize, group: usize, d: usize, q_gain: f32) {
     let Some(c) = client() else { return };
     let mut r = rng(seed);
     let n_rows = start + t + 3; // rows past the chunk exist and must stay unseen
