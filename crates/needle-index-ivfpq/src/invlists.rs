@@ -43,6 +43,11 @@ impl InvertedLists {
             codes.extend_from_slice(code);
         }
     }
+    /// Lists from their ids and codes (`ids[l].len() × code_size` bytes in `codes[l]`); the
+    /// caller has checked the sizes.
+    pub(crate) fn from_parts(code_size: usize, ids: Vec<Vec<u32>>, codes: Vec<Vec<u8>>) -> Self {
+        Self { code_size, ids, codes }
+    }
     /// Total entries.
     pub fn total(&self) -> usize {
         self.ids.iter().map(Vec::len).sum()

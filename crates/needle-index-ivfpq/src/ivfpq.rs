@@ -20,6 +20,7 @@ use crate::invlists::InvertedLists;
 use crate::kmeans::{KMeans, KMeansInit};
 use crate::linalg::{dot, nearest, row_norms};
 use crate::pq::{ProductQuantizer, lut_score};
+use crate::state::{Reader, Writer};
 use crate::transform::QueryTransform;
 
 /// Fewer keys per list than this and the coarse quantizer shrinks (lists of one or two keys
@@ -353,6 +354,133 @@ impl IvfPqIndex {
     }
 }
 
+const IVFPQ_TAG: &[u8; 8] = b"ndl.ivpq";
+const IVFPQ_VERSION: u32 = 1;
+
+impl IvfPqIndex {
+    /// Everything but the full vectors: parameters (those that shape the build are checked at
+    /// load; `nprobe` and `rerank` are restored), the query transform, coarse centroids, PQ
+    /// codebooks and the lists' ids and codes. Centroid norms are recomputed at load.
+    fn save(&self, out: &mut Vec<u8>) {
+        let mut w = Writer::new(out, IVFPQ_TAG, IVFPQ_VERSION);
+        let p = &self.params;
+        for v in [self.dim, p.nlist, p.m, p.nbits, p.kmeans_iters, p.nprobe, p.rerank] {
+            w.len(v);
+        }
+        w.bool(p.query_aware);
+        w.f32(p.qa_reg);
+        w.u64(p.seed);
+        w.len(self.len());
+        w.bool(self.is_trained());
+        if !self.is_trained() {
+            return;
+        }
+        match &self.transform {
+            None => w.bool(false),
+            Some(t) => {
+                w.bool(true);
+                let (k, q) = t.maps();
+                w.f32s(k);
+                w.f32s(q);
+            }
+        }
+        w.f32s(&self.coarse);
+        w.len(self.pq.ksub());
+        w.f32s(self.pq.centroids());
+        let nl = self.lists.nlist();
+        let lens: Vec<u32> = (0..nl).map(|l| self.lists.list_len(l) as u32).collect();
+        w.u32s(&lens);
+        let ids: Vec<u32> = (0..nl).flat_map(|l| self.lists.ids(l).iter().copied()).collect();
+        w.u32s(&ids);
+        let codes: Vec<u8> = (0..nl).flat_map(|l| self.lists.codes(l).iter().copied()).collect();
+        w.bytes(&codes);
+    }
+
+    fn load(&mut self, state: &[u8], keys: &[f32]) -> Result<()> {
+        let mut r = Reader::new("IVF-PQ index", state, IVFPQ_TAG, IVFPQ_VERSION)?;
+        let mut f = |name: &str| r.len(name, usize::MAX);
+        let (dim, nlist, m, nbits, iters) = (f("dim")?, f("nlist")?, f("m")?, f("nbits")?, f("kmeans_iters")?);
+        let (nprobe, rerank) = (f("nprobe")?, f("rerank")?);
+        let (query_aware, qa_reg, seed) = (r.bool("query_aware")?, r.f32("qa_reg")?, r.u64("seed")?);
+        let p = self.params;
+        let saved = IvfPqParams { nlist, m, nbits, nprobe, rerank, query_aware, qa_reg, kmeans_iters: iters, seed };
+        let shaping = IvfPqParams { nprobe: p.nprobe, rerank: p.rerank, ..saved };
+        if dim != self.dim || shaping != p {
+            return Err(r.fail(
+                "params",
+                format!("saved with {saved:?} at dim {dim}, this index has {p:?} at dim {}", self.dim),
+            ));
+        }
+        if nprobe == 0 {
+            return Err(r.fail("nprobe", "must be at least 1"));
+        }
+        let n = check_batch("keys", keys, dim)?;
+        let saved_n = r.len("n", usize::MAX)?;
+        if saved_n != n {
+            return Err(r.fail("n", format!("{saved_n} vectors saved, {n} key rows given")));
+        }
+        if !r.bool("trained")? {
+            if n != 0 {
+                return Err(r.fail("trained", format!("an untrained index cannot hold {n} vectors")));
+            }
+            r.finish()?;
+            *self = Self::new(dim, saved)?;
+            return Ok(());
+        }
+        let transform = if r.bool("transform")? {
+            let key_map = r.f32s_exact("transform key map", dim * dim)?;
+            let query_map = r.f32s_exact("transform query map", dim * dim)?;
+            Some(QueryTransform::from_maps(dim, key_map, query_map))
+        } else {
+            None
+        };
+        let coarse = r.f32s("coarse centroids", nlist.saturating_mul(dim))?;
+        if coarse.is_empty() || !coarse.len().is_multiple_of(dim) {
+            return Err(
+                r.fail("coarse centroids", format!("{} floats are not 1..={nlist} rows of {dim}", coarse.len()))
+            );
+        }
+        let nl = coarse.len() / dim;
+        let ksub = r.len("ksub", 1 << nbits)?;
+        if ksub == 0 {
+            return Err(r.fail("ksub", "a trained quantizer has at least one centroid per subspace"));
+        }
+        let centroids = r.f32s_exact("pq centroids", ksub * dim)?;
+        let lens = r.u32s_exact("list lengths", nl)?;
+        let total: u64 = lens.iter().map(|&l| u64::from(l)).sum();
+        if total != n as u64 {
+            return Err(r.fail("list lengths", format!("lists hold {total} entries for {n} vectors")));
+        }
+        let ids = r.u32s_exact("list ids", n)?;
+        r.check_below("list ids", &ids, n)?;
+        let codes = r.bytes_exact("codes", n * m)?;
+        if let Some(i) = codes.iter().position(|&c| c as usize >= ksub) {
+            return Err(r.fail("codes", format!("byte {i} is {}, not below ksub = {ksub}", codes[i])));
+        }
+        r.finish()?;
+        let (mut list_ids, mut list_codes) = (Vec::with_capacity(nl), Vec::with_capacity(nl));
+        let mut at = 0;
+        for &l in &lens {
+            let l = l as usize;
+            list_ids.push(ids[at..at + l].to_vec());
+            list_codes.push(codes[at * m..(at + l) * m].to_vec());
+            at += l;
+        }
+        let pq = ProductQuantizer::new(dim, m, nbits)?.with_centroids(ksub, centroids);
+        *self = Self {
+            dim,
+            params: saved,
+            transform,
+            coarse_norms: row_norms(&coarse, dim),
+            coarse,
+            pq,
+            lists: InvertedLists::from_parts(m, list_ids, list_codes),
+            vectors: keys.to_vec(),
+        };
+        Ok(())
+    }
+}
+
 impl VectorIndex for IvfPqIndex {
     fn describe(&self) -> String {
         self.params.describe()
@@ -479,6 +607,13 @@ impl VectorIndex for IvfPqIndex {
             + (self.coarse.len() + self.coarse_norms.len()) * 4
             + self.pq.memory_bytes()
             + self.transform.as_ref().map_or(0, QueryTransform::memory_bytes)
+    }
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        self.save(out);
+        Ok(())
+    }
+    fn load_state(&mut self, state: &[u8], keys: &[f32]) -> Result<()> {
+        self.load(state, keys)
     }
 }
 

@@ -120,6 +120,20 @@ impl ProductQuantizer {
         Ok(())
     }
 
+    /// Sub-centroids, `m × ksub × dsub` (empty before training).
+    pub(crate) fn centroids(&self) -> &[f32] {
+        &self.centroids
+    }
+
+    /// A trained quantizer from its sub-centroids (`m × ksub × dsub`, `ksub >= 1`); the norms
+    /// are recomputed as training computes them.
+    pub(crate) fn with_centroids(mut self, ksub: usize, centroids: Vec<f32>) -> Self {
+        self.norms = row_norms(&centroids, self.dsub);
+        self.centroids = centroids;
+        self.ksub = ksub;
+        self
+    }
+
     fn check_trained(&self) -> Result<()> {
         if self.is_trained() {
             Ok(())

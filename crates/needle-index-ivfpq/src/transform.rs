@@ -60,6 +60,16 @@ impl QueryTransform {
         Ok(Self { dim, key_map, query_map: inv.iter().map(|&v| v as f32).collect() })
     }
 
+    /// `(Lᵀ, L⁻¹)`, row-major.
+    pub(crate) fn maps(&self) -> (&[f32], &[f32]) {
+        (&self.key_map, &self.query_map)
+    }
+
+    /// A transform from its two maps (each `dim × dim`, checked by the caller).
+    pub(crate) fn from_maps(dim: usize, key_map: Vec<f32>, query_map: Vec<f32>) -> Self {
+        Self { dim, key_map, query_map }
+    }
+
     /// `Lᵀ k` into `out`.
     #[inline]
     pub fn map_key(&self, k: &[f32], out: &mut [f32]) {

@@ -266,3 +266,109 @@ fn describe_and_memory() {
     assert_eq!(index.memory_bytes(), expected);
     assert_eq!(stats.bytes, expected);
 }
+
+/// Build on `keys[..n0]`, insert up to `n1`, save; a fresh index loads it, searches alike, saves
+/// the same bytes, and keeps agreeing after inserting the rest.
+fn round_trip(
+    make: &dyn Fn() -> IvfPqIndex,
+    d: &AttentionLike,
+    train: Option<&[f32]>,
+    n0: usize,
+    n1: usize,
+) -> Vec<u8> {
+    let mut built = make();
+    built.build(&d.keys[..n0 * DIM], train).unwrap();
+    built.insert(&d.keys[n0 * DIM..n1 * DIM]).unwrap();
+    let mut state = Vec::new();
+    built.save_state(&mut state).unwrap();
+    let mut fresh = make();
+    fresh.load_state(&state, &d.keys[..n1 * DIM]).unwrap();
+    let mut again = Vec::new();
+    fresh.save_state(&mut again).unwrap();
+    assert!(again == state, "save → load → save changed the bytes");
+    let p = SearchParams::default();
+    assert_eq!(built.search(&d.queries, K, &p).unwrap(), fresh.search(&d.queries, K, &p).unwrap());
+    assert_eq!(built.estimated_scores(&d.queries[..DIM]).unwrap(), fresh.estimated_scores(&d.queries[..DIM]).unwrap());
+    built.insert(&d.keys[n1 * DIM..]).unwrap();
+    fresh.insert(&d.keys[n1 * DIM..]).unwrap();
+    assert_eq!(built.search(&d.queries, K, &p).unwrap(), fresh.search(&d.queries, K, &p).unwrap());
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    built.save_state(&mut a).unwrap();
+    fresh.save_state(&mut b).unwrap();
+    assert!(a == b, "states differ after the same inserts");
+    state
+}
+
+#[test]
+fn state_round_trips_query_aware_plain_and_unbuilt() {
+    let d = data();
+    let make = || IvfPqIndex::new(DIM, params(true)).unwrap();
+    let state = round_trip(&make, &d, Some(&d.train_queries), 2000, 2500);
+    round_trip(&|| IvfPqIndex::new(DIM, params(false)).unwrap(), &d, None, 2000, 2500);
+    round_trip(
+        &|| IvfPqIndex::new(DIM, IvfPqParams { nlist: 1, ..params(true) }).unwrap(),
+        &d,
+        Some(&d.train_queries),
+        200,
+        300,
+    );
+    // Unbuilt: an empty state, and an insert then builds as it would have.
+    let mut empty = Vec::new();
+    make().save_state(&mut empty).unwrap();
+    let mut e = make();
+    e.load_state(&empty, &[]).unwrap();
+    assert!(!e.is_trained());
+    assert!(matches!(e.load_state(&empty, &d.keys[..DIM]), Err(Error::Corrupt { .. })));
+
+    let keys = &d.keys[..2500 * DIM];
+    // Corruption: truncations and bit flips never panic.
+    let step = (state.len() / 300).max(1);
+    for n in (0..state.len().min(256)).chain((256..state.len()).step_by(step)) {
+        assert!(matches!(make().load_state(&state[..n], keys), Err(Error::Corrupt { .. })), "truncated to {n}");
+    }
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut flipped = state.clone();
+    for _ in 0..300 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bit = (x % (state.len() as u64 * 8)) as usize;
+        flipped[bit / 8] ^= 1 << (bit % 8);
+        let mut idx = make();
+        if idx.load_state(&flipped, keys).is_ok() {
+            let _ = idx.search(&d.queries[..DIM], K, &SearchParams::default());
+        }
+        flipped[bit / 8] ^= 1 << (bit % 8);
+    }
+    let mut newer = state.clone();
+    newer[8] += 1;
+    assert!(make().load_state(&newer, keys).unwrap_err().to_string().contains("newer"));
+    let mut other = state.clone();
+    other[..8].copy_from_slice(b"ndl.roar");
+    assert!(make().load_state(&other, keys).unwrap_err().to_string().contains("another kind"));
+    let e = IvfPqIndex::new(DIM, IvfPqParams { seed: 9, ..params(true) }).unwrap().load_state(&state, keys);
+    assert!(e.unwrap_err().to_string().contains("params"));
+}
+
+/// Load time against build time on an 8K-key head (printed with `--nocapture`; not asserted).
+#[test]
+#[allow(clippy::print_stderr)] // The timings are what this test is for.
+fn load_is_cheaper_than_build_at_8k() {
+    let d = attention_like(8192, 1, 2048, 64, 5);
+    let make = || IvfPqIndex::from_factory(64, "IVF256,PQ16").unwrap();
+    let mut idx = make();
+    let t = std::time::Instant::now();
+    idx.build(&d.keys, Some(&d.train_queries)).unwrap();
+    let build_s = t.elapsed().as_secs_f64();
+    let mut state = Vec::new();
+    idx.save_state(&mut state).unwrap();
+    let t = std::time::Instant::now();
+    make().load_state(&state, &d.keys).unwrap();
+    let load_s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "IVF256,PQ16 at 8192 keys: build {:.1} ms, load {:.2} ms, state {} KiB",
+        build_s * 1e3,
+        load_s * 1e3,
+        state.len() / 1024
+    );
+}
