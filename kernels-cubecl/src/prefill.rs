@@ -5,10 +5,11 @@
 //! query `i` sees keys `0..=start + i`. Layouts: `q` and `out` `[t][n_q_heads][head_dim]`,
 //! `lse` `[t][n_q_heads]`.
 //!
-//! Cube `(tile, h)` holds `bq` query tokens × the `group` query heads of KV head `h` (so each
-//! key row is read once for all of them) and walks the keys in tiles of [`PREFILL_KEY_TILE`]
-//! with an online softmax, as in flash attention; keys past the last query of the tile are
-//! never visited. No plane operations.
+//! Cube `(tile, h)` holds `bq` query tokens × the `group` query heads of KV head `h` and walks
+//! the keys in tiles of `bk` rows (at most [`PREFILL_KEY_TILE`]), each K/V tile staged once in
+//! shared memory for all of those query rows, with an online softmax, as in flash attention;
+//! keys past the last query of the tile are never visited. `bq` and `bk` shrink to fit the
+//! device's shared memory. No plane operations.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -61,6 +62,8 @@ pub fn prefill_kernel(
     let mut q_s = SharedMemory::<f32>::new(rd);
     let mut acc = SharedMemory::<f32>::new(rd);
     let mut s_s = SharedMemory::<f32>::new(comptime!(bq * group * bk));
+    let mut k_s = SharedMemory::<f32>::new(comptime!(bk * d));
+    let mut v_s = SharedMemory::<f32>::new(comptime!(bk * d));
     let mut m_s = SharedMemory::<f32>::new(rows);
     let mut l_s = SharedMemory::<f32>::new(rows);
     let mut f_s = SharedMemory::<f32>::new(rows);
@@ -94,6 +97,23 @@ pub fn prefill_kernel(
     let kmax = start as usize + last_q;
     let mut kt = 0usize;
     while kt < kmax {
+        // Stage the key and value tile (zeros past kmax, never used: those scores are masked).
+        let mut e = u;
+        while e < comptime!(bk * d) {
+            let kpos = kt + e / d;
+            let mut kx = 0.0f32;
+            let mut vx = 0.0f32;
+            if kpos < kmax {
+                let src = kpos * kv_stride + h * d + e % d;
+                kx = k[src];
+                vx = v[src];
+            }
+            k_s[e] = kx;
+            v_s[e] = vx;
+            e += units;
+        }
+        sync_cube();
+
         let mut e = u;
         while e < comptime!(bq * group * bk) {
             let r = e / bk;
@@ -102,10 +122,9 @@ pub fn prefill_kernel(
             let kpos = kt + j;
             let mut s = f32::new(MASKED);
             if qi < tq && kpos <= start as usize + qi {
-                let kb = kpos * kv_stride + h * d;
                 let mut dot = 0.0f32;
                 for i in 0..d {
-                    dot += q_s[r * d + i] * k[kb + i];
+                    dot += q_s[r * d + i] * k_s[j * d + i];
                 }
                 s = dot * scale;
             }
@@ -150,11 +169,7 @@ pub fn prefill_kernel(
             let i = e % d;
             let mut a = acc[e] * f_s[r];
             for j in 0..bk {
-                let p = s_s[r * bk + j];
-                let kpos = kt + j;
-                if p > 0.0 && kpos < kmax {
-                    a += p * v[kpos * kv_stride + h * d + i];
-                }
+                a += s_s[r * bk + j] * v_s[j * d + i];
             }
             acc[e] = a;
             e += units;
@@ -181,13 +196,22 @@ pub fn prefill_kernel(
     }
 }
 
-/// Query tokens per cube for a group size and head dim, within `smem_limit` bytes.
-fn tile_queries(group: usize, d: usize, smem_limit: usize) -> Option<usize> {
-    let rows_max = MAX_ROWS.max(group);
-    (1..=rows_max / group)
-        .rev()
-        .find(|&bq| 4 * (2 * bq * group * d + bq * group * PREFILL_KEY_TILE + 3 * bq * group) <= smem_limit)
-        .filter(|&bq| bq * group <= UNITS)
+/// Shared memory of [`prefill_kernel`] in bytes.
+fn smem_bytes(rows: usize, d: usize, bk: usize) -> usize {
+    4 * (2 * rows * d + rows * bk + 3 * rows + 2 * bk * d)
+}
+
+/// `(bq, bk)`: query tokens and keys per tile for a group size and head dim within
+/// `smem_limit` bytes; the largest key tile first (it sets how often the cube synchronises),
+/// then the most query rows (each staged tile serves them all).
+fn tiles(group: usize, d: usize, smem_limit: usize) -> Option<(usize, usize)> {
+    if group > UNITS {
+        return None;
+    }
+    let bq_max = (MAX_ROWS.max(group) / group).max(1);
+    [PREFILL_KEY_TILE, 16, 8, 4]
+        .into_iter()
+        .find_map(|bk| (1..=bq_max).rev().find(|&bq| smem_bytes(bq * group, d, bk) <= smem_limit).map(|bq| (bq, bk)))
 }
 
 /// Launches causal prefill on device buffers (`q`, `out`: `t · n_q_heads · head_dim`;
@@ -219,7 +243,7 @@ pub fn launch_prefill<R: Runtime>(
     }
     let group = n_q_heads / n_kv;
     let limit = client.properties().hardware.max_shared_memory_size;
-    let bq = tile_queries(group, d, limit).ok_or_else(|| {
+    let (bq, bk) = tiles(group, d, limit).ok_or_else(|| {
         invalid("n_q_heads", format!("group {group} × head_dim {d} does not fit {limit} B of shared memory"))
     })?;
     let tiles = t.div_ceil(bq);
@@ -245,7 +269,7 @@ pub fn launch_prefill<R: Runtime>(
             group,
             bq,
             d,
-            PREFILL_KEY_TILE,
+            bk,
             UNITS,
         );
     }
@@ -275,4 +299,32 @@ pub fn prefill_attention<R: Runtime>(
     let lse = empty_f32(client, t * n_q_heads);
     launch_prefill(client, kv, &qh, n_q_heads, t, start, scale, &out, &lse)?;
     Ok(Attention { out: read_f32(client, out, q.len())?, lse: read_f32(client, lse, t * n_q_heads)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_the_shared_memory_and_prefer_big_key_tiles() {
+        // WebGPU's minimum (16 KB), lavapipe (32 KB), a CUDA block (48 KB).
+        for limit in [16_384, 32_768, 49_152] {
+            for d in [64, 80, 96, 128] {
+                for group in [1, 3, 4, 8] {
+                    let (bq, bk) = tiles(group, d, limit).unwrap();
+                    assert!(smem_bytes(bq * group, d, bk) <= limit, "limit {limit} d {d} group {group}");
+                    assert!(bq * group <= UNITS);
+                    // Nothing larger along bq fits at this bk.
+                    if bq * group < MAX_ROWS.max(group) && (bq + 1) * group <= MAX_ROWS.max(group) {
+                        assert!(smem_bytes((bq + 1) * group, d, bk) > limit, "limit {limit} d {d} group {group}");
+                    }
+                }
+            }
+        }
+        assert_eq!(tiles(4, 64, 32_768), Some((4, 32)));
+        assert_eq!(tiles(4, 128, 32_768), Some((3, 16)));
+        assert_eq!(tiles(4, 128, 16_384), Some((1, 8)));
+        assert_eq!(tiles(65, 64, 1 << 20), None);
+        assert_eq!(tiles(1, 4096, 16_384), None);
+    }
 }
