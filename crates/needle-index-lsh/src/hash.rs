@@ -30,6 +30,15 @@ impl SimHash {
     /// Signatures of `x` in the first `out.len()` tables. A tie `h·x = 0` (a zero vector,
     /// in practice) sets the bit, which is what the zero-vector convention of
     /// [`crate::angle`] relies on.
+    /// Hyperplanes drawn elsewhere (`l_tables × k_bits × dim`, checked by the caller).
+    pub(crate) fn from_planes(dim: usize, k_bits: usize, l_tables: usize, planes: Vec<f32>) -> Self {
+        Self { dim, k_bits, l_tables, planes }
+    }
+
+    pub(crate) fn planes(&self) -> &[f32] {
+        &self.planes
+    }
+
     pub(crate) fn sign_into(&self, x: &[f32], out: &mut [u32]) {
         let row = self.k_bits * self.dim;
         for (t, sig) in out.iter_mut().enumerate().take(self.l_tables) {

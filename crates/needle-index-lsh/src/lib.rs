@@ -45,6 +45,7 @@
 mod hash;
 mod index;
 mod prob;
+mod state;
 mod table;
 
 pub use hash::MAX_K_BITS;

@@ -13,6 +13,10 @@
 
 use std::collections::HashMap;
 
+use needle_core::Result;
+
+use crate::state::{Reader, Writer};
+
 /// Smallest tail that triggers a merge: below it the merge would cost more than it saves.
 const MIN_TAIL: usize = 1024;
 
@@ -95,6 +99,64 @@ impl Table {
     }
 
     /// Keys held.
+    /// Writes the bulk arrays, then the tail as ascending signatures, run lengths and ids.
+    pub(crate) fn save(&self, w: &mut Writer<'_>) {
+        w.u32s(&self.sigs);
+        w.u32s(&self.starts);
+        w.u32s(&self.ids);
+        let mut tail: Vec<(&u32, &Vec<u32>)> = self.tail.iter().collect();
+        tail.sort_unstable_by_key(|t| *t.0);
+        w.u32s(&tail.iter().map(|t| *t.0).collect::<Vec<_>>());
+        w.u32s(&tail.iter().map(|t| t.1.len() as u32).collect::<Vec<_>>());
+        w.u32s(&tail.iter().flat_map(|t| t.1.iter().copied()).collect::<Vec<_>>());
+    }
+
+    /// Reads a table over `n` keys with `k_bits`-bit signatures: every key once, signatures
+    /// ascending and in range, bucket offsets consistent.
+    pub(crate) fn load(r: &mut Reader<'_>, field: &str, n: usize, k_bits: usize) -> Result<Self> {
+        let sig_bound = 1u64 << k_bits;
+        let sorted_sigs = |r: &Reader<'_>, sigs: &[u32]| -> Result<()> {
+            if let Some(i) = sigs.windows(2).position(|w| w[0] >= w[1]) {
+                return Err(r.fail(field, format!("signatures not ascending at {}", i + 1)));
+            }
+            match sigs.last() {
+                Some(&s) if u64::from(s) >= sig_bound => {
+                    Err(r.fail(field, format!("signature {s} has more than {k_bits} bits")))
+                }
+                _ => Ok(()),
+            }
+        };
+        let sigs = r.u32s(field, n)?;
+        sorted_sigs(r, &sigs)?;
+        let starts = r.u32s_exact(field, sigs.len() + 1)?;
+        let ids = r.u32s(field, n)?;
+        if starts[0] != 0 || starts.windows(2).any(|w| w[0] > w[1]) || starts[sigs.len()] as usize != ids.len() {
+            return Err(r.fail(field, "bucket offsets are not ascending from 0 to the id count"));
+        }
+        r.check_below(field, &ids, n)?;
+        let tail_sigs = r.u32s(field, n - ids.len())?;
+        sorted_sigs(r, &tail_sigs)?;
+        let lens = r.u32s_exact(field, tail_sigs.len())?;
+        let tail_len = lens.iter().map(|&l| l as usize).sum::<usize>();
+        if lens.contains(&0) || tail_len + ids.len() != n {
+            return Err(r.fail(field, format!("{} bulk and {tail_len} tail entries for {n} keys", ids.len())));
+        }
+        let tail_ids = r.u32s_exact(field, tail_len)?;
+        r.check_below(field, &tail_ids, n)?;
+        let mut tail = HashMap::with_capacity(tail_sigs.len());
+        let mut at = 0;
+        for (&sig, &l) in tail_sigs.iter().zip(&lens) {
+            tail.insert(sig, tail_ids[at..at + l as usize].to_vec());
+            at += l as usize;
+        }
+        Ok(Self { sigs, starts, ids, tail, tail_len })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_tail_empty(&self) -> bool {
+        self.tail.is_empty()
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.ids.len() + self.tail_len
