@@ -3,7 +3,8 @@
 //! `W` is `rows × cols`, each row `cols / 32` ggml blocks packed back to back exactly as in the
 //! GGUF file (see `needle_kernels_cpu::quant`), the whole matrix uploaded as bytes in
 //! little-endian `u32` words (zero-padded to a whole word). Blocks of 34 (Q8_0) and 18 (Q4_0)
-//! bytes are not word aligned, so the kernel extracts bytes from words; Q4_1 (20 bytes) is.
+//! bytes are not word aligned, so the kernel extracts bytes from words; Q4_1 (20 bytes) is, and
+//! its blocks are read a word at a time.
 //! `x` is `cols` f32, `y` is `rows` f32.
 //!
 //! One cube per output row; its units stride over the row's blocks, each block dotted whole
@@ -37,10 +38,15 @@ fn byte_at(w: &Array<u32>, b: usize) -> u32 {
     (w[b / 4] >> (((b % 4) * 8) as u32)) & 0xff
 }
 
-/// The little-endian f16 at byte `b`, as f32 (normals, subnormals, zero; inf/NaN keep their bits).
+/// The little-endian f16 at byte `b`, as f32.
 #[cube]
 fn f16_at(w: &Array<u32>, b: usize) -> f32 {
-    let h = byte_at(w, b) | (byte_at(w, b + 1) << 8);
+    f16_bits_to_f32(byte_at(w, b) | (byte_at(w, b + 1) << 8))
+}
+
+/// f16 bits (low 16 bits of `h`) as f32: normals, subnormals, zero; inf/NaN keep their bits.
+#[cube]
+fn f16_bits_to_f32(h: u32) -> f32 {
     let sign = h >> 15;
     let e = (h >> 10) & 31;
     let m = h & 1023;
@@ -98,9 +104,30 @@ pub fn gemv_q_kernel(
                 s += qv * x[xb + j];
             }
             acc += d * s;
+        } else if kind == 2 {
+            // Q4_1 blocks are 20 bytes, so word aligned: one load per 4 bytes.
+            let wb = base / 4;
+            let dm = w[wb];
+            let d = f16_bits_to_f32(dm & 0xffff);
+            let m = f16_bits_to_f32(dm >> 16);
+            let mut s = 0.0f32;
+            let mut sx = 0.0f32;
+            #[unroll]
+            for j in 0..4usize {
+                let word = w[wb + 1 + j];
+                #[unroll]
+                for t in 0..4usize {
+                    let byte = (word >> comptime!(8 * t as u32)) & 0xff;
+                    let x0 = x[xb + 4 * j + t];
+                    let x1 = x[xb + 4 * j + t + 16];
+                    s += f32::cast_from(byte & 15) * x0 + f32::cast_from(byte >> 4) * x1;
+                    sx += x0 + x1;
+                }
+            }
+            acc += d * s + m * sx;
         } else {
             let d = f16_at(w, base);
-            let qs = base + comptime!(if kind == 1 { 2usize } else { 4usize });
+            let qs = base + 2;
             let mut s = 0.0f32;
             let mut sx = 0.0f32;
             for j in 0..16usize {
@@ -110,12 +137,7 @@ pub fn gemv_q_kernel(
                 s += f32::cast_from(byte & 15) * x0 + f32::cast_from(byte >> 4) * x1;
                 sx += x0 + x1;
             }
-            if kind == 1 {
-                acc += d * (s - 8.0 * sx);
-            } else {
-                let m = f16_at(w, base + 2);
-                acc += d * s + m * sx;
-            }
+            acc += d * (s - 8.0 * sx);
         }
         b += units;
     }
