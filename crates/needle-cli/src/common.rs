@@ -28,6 +28,16 @@ pub struct ModelArgs {
     pub kv: KvDtype,
 }
 
+impl WeightsArg {
+    /// The name `--weights` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightsArg::Native => "native",
+            WeightsArg::F32 => "f32",
+        }
+    }
+}
+
 /// How weights are held (`--weights`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightsArg {
@@ -86,7 +96,7 @@ pub fn missing_backend<T>(kind: DeviceKind) -> Result<T> {
     )
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct PromptArgs {
     /// Prompt text.
     #[arg(long, conflicts_with = "prompt_file")]
@@ -175,6 +185,25 @@ pub fn prompt_tokens(p: &PromptArgs, tok: &needle_loader::Tokenizer) -> Result<V
         bail!("the prompt is empty after tokenization");
     }
     Ok(ids)
+}
+
+/// The tokens of a context to save (the prompt without a question) and, with --chat, the
+/// template's text that follows a question asked of it later.
+pub fn context_prompt(p: &PromptArgs, tok: &needle_loader::Tokenizer) -> Result<(Vec<u32>, String)> {
+    let plain = PromptArgs { chat: false, question: None, ..p.clone() };
+    let ids = prompt_tokens(&plain, tok)?;
+    if !p.chat {
+        return Ok((ids, String::new()));
+    }
+    let full = tok.chat_prompt(p.system.as_deref(), &format!("{}\u{1}", tok.decode(&ids)?));
+    let (head, tail) = full.split_once('\u{1}').unwrap_or((&full, ""));
+    Ok((tok.encode(head, true)?, tail.to_string()))
+}
+
+/// The digest of the weights a `--model` spec names (what a saved context is checked against).
+pub fn model_digest(spec: &str) -> Result<String> {
+    let path = model_path(spec)?;
+    Ok(needle_loader::open(&path)?.digest()?)
 }
 
 /// The text of a document needle provides by name (`default`).

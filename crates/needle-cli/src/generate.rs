@@ -5,9 +5,18 @@ use std::io::Write;
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use clap::Args;
-use needle_model::{AUTO_RETRIEVAL_FROM, GenerateConfig, SamplingConfig, generate, resolve_auto};
+use std::path::PathBuf;
+use std::time::Instant;
 
-use crate::common::{Loaded, ModelArgs, PromptArgs, load_on, new_cache, peak_rss, progress_bar, prompt_tokens};
+use anyhow::{Context, bail};
+use needle_model::context;
+use needle_model::{
+    AUTO_RETRIEVAL_FROM, GenerateConfig, Generation, KvCache, SamplingConfig, generate, generate_from, resolve_auto,
+};
+
+use crate::common::{
+    Loaded, ModelArgs, PromptArgs, load_on, model_digest, new_cache, peak_rss, progress_bar, prompt_tokens,
+};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -43,6 +52,10 @@ pub struct GenerateArgs {
     /// Print one JSON object (text, token ids, timings) instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Continue from a context saved by `needle prefill` (its selector and KV precision) and
+    /// ask it --question, instead of prefilling a prompt.
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_file", "document", "context_tokens"])]
+    pub context: Option<PathBuf>,
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -51,6 +64,50 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
 fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
     let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, a.model.weights, device)?;
+    let gen_cfg = GenerateConfig {
+        max_tokens: a.max_tokens,
+        sampling: SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        stop: a.stop.clone(),
+        chunk: a.chunk,
+    };
+    if let Some(path) = a.context.clone() {
+        let t = Instant::now();
+        let saved = context::load(&path, &model, &model_digest(&a.model.model)?, a.model.weights.name())
+            .with_context(|| format!("--context {}", path.display()))?;
+        let (load_s, mut cache) = (t.elapsed().as_secs_f64(), saved.cache);
+        for (flag, asked, file) in [
+            ("--selector", &a.selector, &saved.info.selector),
+            ("--kv", &a.model.kv.to_string(), &saved.info.kv.to_string()),
+        ] {
+            if asked != file && !(flag == "--selector" && asked == "auto") {
+                bail!("{flag} {asked}: the context was saved with `{file}`; prefill it again to change it");
+            }
+        }
+        let question = a.prompt.question.as_ref().map_or(String::new(), |q| format!("\n\n{q}")) + &saved.info.suffix;
+        let ids = if question.is_empty() { Vec::new() } else { tokenizer.encode(&question, false)? };
+        let logits =
+            if ids.is_empty() { saved.last_logits } else { model.extend(&ids, &mut cache, a.chunk, &mut |_, _| {})? };
+        tracing::info!(
+            "context {} loaded in {load_s:.2}s ({} tokens), question {} tokens",
+            path.display(),
+            saved.tokens.len(),
+            ids.len()
+        );
+        a.selector = saved.info.selector;
+        let n = saved.tokens.len() + ids.len();
+        let mut on_text = stream_text(a.json);
+        let out = generate_from(
+            &model,
+            &tokenizer,
+            logits,
+            n,
+            t.elapsed().as_secs_f64(),
+            &mut cache,
+            &gen_cfg,
+            &mut on_text,
+        )?;
+        return report(&a, &out, &cache, Some(load_s));
+    }
     let prompt = prompt_tokens(&a.prompt, &tokenizer)?;
     let asked = a.selector.clone();
     a.selector = resolve_auto(&asked, prompt.len());
@@ -59,12 +116,6 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
         tracing::info!("selector auto → {} ({} prompt tokens {why} {AUTO_RETRIEVAL_FROM})", a.selector, prompt.len());
     }
     let mut cache = new_cache(&model, &a.selector, a.model.kv)?;
-    let gen_cfg = GenerateConfig {
-        max_tokens: a.max_tokens,
-        sampling: SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
-        stop: a.stop.clone(),
-        chunk: a.chunk,
-    };
     if prompt.len() > model.max_positions() {
         tracing::warn!(
             "prompt of {} tokens is past the model's trained length of {}",
@@ -73,22 +124,31 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
         );
     }
     let pb = progress_bar(prompt.len(), "prefill");
-    let mut stdout = std::io::stdout();
-    let json = a.json;
-    let mut on_text = |s: &str| {
-        if !json {
-            let _ = write!(stdout, "{s}");
-            let _ = stdout.flush();
-        }
-    };
+    let mut on_text = stream_text(a.json);
     let out = generate(&model, &tokenizer, &prompt, &mut cache, &gen_cfg, &mut on_text, &mut |done, _| {
         pb.set_position(done as u64);
         if done == prompt.len() {
             pb.finish_and_clear();
         }
     })?;
+    report(&a, &out, &cache, None)
+}
+
+/// Prints generated text as it forms (not with --json).
+fn stream_text(json: bool) -> impl FnMut(&str) {
+    let mut stdout = std::io::stdout();
+    move |s: &str| {
+        if !json {
+            let _ = write!(stdout, "{s}");
+            let _ = stdout.flush();
+        }
+    }
+}
+
+/// The closing report: one JSON object with --json, else one line on stderr.
+fn report(a: &GenerateArgs, out: &Generation, cache: &KvCache, context_load_s: Option<f64>) -> Result<()> {
     let (kv_bytes, sel_bytes) = cache.memory_bytes();
-    if json {
+    if a.json {
         let v = serde_json::json!({
             "model": a.model.model,
             "selector": a.selector,
@@ -106,6 +166,7 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
             "kv_cache_bytes": kv_bytes,
             "selector_bytes": sel_bytes,
             "peak_rss_bytes": peak_rss(),
+            "context_load_seconds": context_load_s,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {

@@ -11,6 +11,7 @@ mod common;
 mod eval;
 mod generate;
 mod logits;
+mod prefill;
 mod trace;
 
 use anyhow::Result;
@@ -27,6 +28,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt (or a long document) and report speed and memory.
     Generate(generate::GenerateArgs),
+    /// Prefill a document once and save the context for `generate --context` ("ask many").
+    Prefill(prefill::PrefillArgs),
     /// Print the top-K next-token logits of a prompt's last position (for cross-checks).
     Logits(logits::LogitsArgs),
     /// Record post-RoPE keys, prefill queries and decode queries into a safetensors file.
@@ -61,6 +64,7 @@ where
         .try_init();
     match Cli::try_parse_from(args).unwrap_or_else(|e| e.exit()).command {
         Command::Generate(a) => generate::run(a),
+        Command::Prefill(a) => prefill::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Trace(a) => trace::run(a),
         Command::Eval(a) => eval::run(a),

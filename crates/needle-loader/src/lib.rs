@@ -134,6 +134,35 @@ impl Checkpoint {
         }
     }
 
+    /// Identity of the weights: xxh3-64 over the checkpoint's bytes (the GGUF file, or every
+    /// file of the folder in name order), as 16 hex digits. Files saved for one model (a
+    /// prefilled context) carry it, so they are never used with another.
+    pub fn digest(&self) -> Result<String> {
+        let (mut files, folder) = (vec![self.path().to_path_buf()], matches!(self, Checkpoint::Safetensors(_)));
+        if let Checkpoint::Safetensors(s) = self {
+            let entries = std::fs::read_dir(s.path()).map_err(|e| Error::io(s.path(), e))?;
+            files = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+            files.sort();
+        }
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for f in &files {
+            use std::io::Read;
+            let mut file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
+            if folder {
+                h.update(f.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
+            }
+            loop {
+                let n = file.read(&mut buf).map_err(|e| Error::io(f, e))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+        }
+        Ok(format!("{:016x}", h.digest()))
+    }
+
     /// The file or folder it was opened from.
     pub fn path(&self) -> &Path {
         match self {

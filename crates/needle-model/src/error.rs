@@ -9,6 +9,21 @@ pub enum Error {
     /// A core contract rejected its input (shapes, budgets, non-finite queries).
     #[error(transparent)]
     Core(#[from] needle_core::Error),
+    /// A context file could not be written or read.
+    #[error(transparent)]
+    Kv(#[from] needle_kv::Error),
+    /// A context file was made for another model, weights mode or layout.
+    #[error("{path} was saved {what} `{file}`, not `{expected}`: prefill it again for this one")]
+    ContextMismatch {
+        /// The context file.
+        path: std::path::PathBuf,
+        /// What differs (`for the model`, `with weights`, …).
+        what: &'static str,
+        /// What the file holds.
+        file: String,
+        /// What this run has.
+        expected: String,
+    },
     /// A weight's shape disagrees with the model configuration.
     #[error("tensor `{tensor}` has shape {got:?}, the configuration implies {expected:?}")]
     Shape {

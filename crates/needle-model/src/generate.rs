@@ -85,10 +85,26 @@ pub fn generate<B: Backend>(
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
-    let mut sampler = Sampler::new(cfg.sampling)?;
     let t0 = Instant::now();
-    let mut logits = model.prefill(prompt, cache, cfg.chunk, &[prompt.len() - 1], progress)?;
-    let prefill_secs = t0.elapsed().as_secs_f64();
+    let logits = model.prefill(prompt, cache, cfg.chunk, &[prompt.len() - 1], progress)?;
+    generate_from(model, tokenizer, logits, prompt.len(), t0.elapsed().as_secs_f64(), cache, cfg, on_text)
+}
+
+/// Generates from a prefilled `cache` whose next-token logits are `logits` (a loaded context,
+/// say); `prompt_tokens` and `prefill_secs` are what the report shows for the prompt.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_from<B: Backend>(
+    model: &Llama<B>,
+    tokenizer: &Tokenizer,
+    logits: Vec<f32>,
+    prompt_tokens: usize,
+    prefill_secs: f64,
+    cache: &mut KvCache,
+    cfg: &GenerateConfig,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let mut logits = logits;
+    let mut sampler = Sampler::new(cfg.sampling)?;
     let t1 = Instant::now();
     let mut stream = tokenizer.decode_stream();
     let (mut tokens, mut text) = (Vec::new(), String::new());
@@ -119,7 +135,7 @@ pub fn generate<B: Backend>(
         logits = model.decode(next, cache)?;
     }
     Ok(Generation {
-        prompt_tokens: prompt.len(),
+        prompt_tokens,
         tokens,
         text,
         stop_reason,

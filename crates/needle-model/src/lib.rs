@@ -37,6 +37,7 @@
 mod attention;
 pub mod backend;
 mod cache;
+pub mod context;
 mod error;
 mod generate;
 mod model;
@@ -49,7 +50,7 @@ pub use attention::cached_attention;
 pub use backend::NeedleBackend;
 pub use cache::{DecodeStats, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
 pub use error::{Error, Result};
-pub use generate::{GenerateConfig, Generation, StopReason, generate};
+pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_from};
 pub use model::Llama;
 /// The query/KV head layout a [`KvCache`] is made for (re-exported so a model needs no
 /// `needle-core` dependency to build one).

@@ -306,6 +306,41 @@ impl<B: Backend> Llama<B> {
         }
         let start = cache.len();
         cache.plan_training(start + tokens.len());
+        let logits = self.run_chunks(tokens, cache, chunk, logit_positions, progress)?;
+        cache.build(self.scale())?;
+        Ok(logits)
+    }
+
+    /// Feeds `tokens` to a prefilled (built) cache in chunks of `chunk` tokens — a question
+    /// after a saved document, say — and returns the logits after the last one. Each chunk
+    /// attends densely to everything before it, as prefill does; the tokens that leave the
+    /// window join the selectors as decode tokens do.
+    pub fn extend(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        chunk: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
+        if !cache.is_built() {
+            return Err(Error::State("extend needs a prefilled cache: prefill (or load) one first".into()));
+        }
+        if tokens.is_empty() || chunk == 0 {
+            return Err(Error::invalid("tokens/chunk", "extend needs at least one token and a chunk of at least 1"));
+        }
+        self.run_chunks(tokens, cache, chunk, &[tokens.len() - 1], progress)
+    }
+
+    /// The forward passes of [`Llama::prefill`] and [`Llama::extend`]: chunk by chunk, keeping
+    /// the logits at `logit_positions`.
+    fn run_chunks(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        chunk: usize,
+        logit_positions: &[usize],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
         let mut logits = vec![Vec::new(); logit_positions.len()];
         for (c, part) in tokens.chunks(chunk).enumerate() {
             let first = c * chunk;
@@ -325,7 +360,6 @@ impl<B: Backend> Llama<B> {
             }
             progress(first + part.len(), tokens.len());
         }
-        cache.build(self.scale())?;
         Ok(logits.concat())
     }
 

@@ -1,0 +1,174 @@
+//! A saved context continues exactly as the cache it was saved from, on the real model; a file
+//! for another model or a damaged one is a named error.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::ops::Range;
+use std::path::Path;
+
+use needle_core::kit::{begin_select, group_max, keep_top};
+use needle_core::{
+    AttentionSelector, Budget, BuildContext, BuildStats, HeadId, RowSource, Selection, SelectorFactory, StaticPart,
+};
+use needle_model::context::{self, ContextInfo};
+use needle_model::{Error, KvCache, KvDtype, argmax, selector_from_spec};
+
+fn text_tokens(n: usize) -> Vec<u32> {
+    let text: String = (0..n).map(|i| format!("Line {i}: the river passes stone {}. ", i * 7 % 101)).collect();
+    let ids = common::native().tok.encode(&text, false).unwrap();
+    ids[..n].to_vec()
+}
+
+fn new_cache(spec: &str, kv: KvDtype) -> KvCache {
+    let m = &common::native().model;
+    let (f, mut sel) = selector_from_spec(spec).unwrap();
+    sel.kv = kv;
+    let c = m.config();
+    let mut cache = KvCache::new(c.num_hidden_layers, m.gqa(), c.head_dim, f.as_ref(), sel).unwrap();
+    cache.retain_training_queries();
+    cache
+}
+
+/// The question, then `steps` greedy tokens: their ids and every logit row.
+fn ask(cache: &mut KvCache, question: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let m = &common::native().model;
+    let mut logits = m.extend(question, cache, 64, &mut |_, _| {}).unwrap();
+    let (mut ids, mut rows) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let next = argmax(&logits).unwrap();
+        ids.push(next);
+        rows.push(logits);
+        logits = m.decode(next, cache).unwrap();
+    }
+    (ids, rows)
+}
+
+fn save_then_compare(spec: &str, kv: KvDtype, dir: &Path) {
+    let r = common::native();
+    let digest = r.ck.digest().unwrap();
+    let doc = text_tokens(700);
+    let mut cache = new_cache(spec, kv);
+    let logits = r.model.prefill(&doc, &mut cache, 256, &[doc.len() - 1], &mut |_, _| {}).unwrap();
+    let path = dir.join(format!("{}-{kv}.needle", spec.replace([':', ',', '='], "_")));
+    let info = ContextInfo::new(&r.model, &digest, "native", spec, &cache);
+    context::save(&path, false, &info, &doc, &logits, &cache, &mut |_, _| {}).unwrap();
+    let question = r.tok.encode(" Question: what passes stone 14? Answer:", false).unwrap();
+    let (want_ids, want_logits) = ask(&mut cache, &question, 8);
+    let mut saved = context::load(&path, &r.model, &digest, "native").unwrap();
+    assert_eq!((saved.info.clone(), &saved.tokens, &saved.last_logits), (info, &doc, &logits));
+    assert_eq!(saved.cache.config().kv, kv);
+    let (ids, rows) = ask(&mut saved.cache, &question, 8);
+    assert_eq!(ids, want_ids, "{spec} ({kv}): greedy tokens after loading");
+    assert_eq!(rows, want_logits, "{spec} ({kv}): logits after loading are bit-identical");
+}
+
+#[test]
+fn a_loaded_context_continues_exactly_as_the_saved_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    for (spec, kv) in [
+        ("retrieval:sinks=16,window=64,k=32", KvDtype::F32),
+        ("quest:sinks=16,window=64,k=64", KvDtype::F16),
+        ("full", KvDtype::F16),
+    ] {
+        save_then_compare(spec, kv, dir.path());
+    }
+}
+
+/// Top-k by group score plus a bias towards the mean training query: built from training
+/// queries, with no saved state (the default `save_state`), so loading rebuilds it from the
+/// training queries the file keeps.
+struct MeanBias {
+    mean: Vec<f32>,
+    cands: Vec<(u32, f32)>,
+}
+
+impl AttentionSelector for MeanBias {
+    fn describe(&self) -> String {
+        "mean-bias".into()
+    }
+    fn static_part(&self) -> StaticPart {
+        StaticPart { sinks: 8, window: 32 }
+    }
+    fn build(&mut self, ctx: &BuildContext<'_>) -> needle_core::Result<BuildStats> {
+        let d = ctx.keys.dim();
+        let n = (ctx.train_queries.len() / d).max(1) as f32;
+        self.mean = vec![0.0; d];
+        for q in ctx.train_queries.chunks_exact(d) {
+            self.mean.iter_mut().zip(q).for_each(|(m, x)| *m += x / n);
+        }
+        assert!(self.mean.iter().any(|&x| x != 0.0), "built from training queries");
+        Ok(BuildStats::default())
+    }
+    fn insert(&mut self, _keys: &dyn RowSource, _positions: Range<u32>) -> needle_core::Result<()> {
+        Ok(())
+    }
+    fn select(
+        &mut self,
+        queries: &[f32],
+        keys: &dyn RowSource,
+        budget: &Budget,
+        out: &mut Selection,
+    ) -> needle_core::Result<()> {
+        let d = keys.dim();
+        let Some(step) = begin_select(self.static_part(), queries, d, keys, budget, out)? else { return Ok(()) };
+        self.cands.clear();
+        for p in step.dynamic.clone() {
+            let k = keys.row(p as usize);
+            self.cands.push((p, group_max(queries, d, k) + 0.1 * k.dot(&self.mean)));
+        }
+        keep_top(&mut self.cands, step.budget.max_ids());
+        out.ids.extend(self.cands.iter().map(|c| c.0));
+        Ok(())
+    }
+}
+
+struct MeanBiasFactory;
+
+impl SelectorFactory for MeanBiasFactory {
+    fn describe(&self) -> String {
+        "mean-bias".into()
+    }
+    fn create(&self, _head: HeadId, _dim: usize) -> needle_core::Result<Box<dyn AttentionSelector>> {
+        Ok(Box::new(MeanBias { mean: Vec::new(), cands: Vec::new() }))
+    }
+}
+
+#[test]
+fn a_selector_without_saved_state_is_rebuilt_from_its_training_queries() {
+    needle_select::register_selector("mean-bias", "test: top-k biased to the mean training query", |o| {
+        o.spec(Box::new(MeanBiasFactory), Budget::TopK(16))
+    })
+    .unwrap();
+    save_then_compare("mean-bias", KvDtype::F32, tempfile::tempdir().unwrap().path());
+}
+
+#[test]
+fn contexts_for_another_model_or_damaged_files_are_named_errors() {
+    let r = common::native();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctx.needle");
+    let doc = text_tokens(300);
+    let mut cache = new_cache("full", KvDtype::F32);
+    let logits = r.model.prefill(&doc, &mut cache, 128, &[doc.len() - 1], &mut |_, _| {}).unwrap();
+    let info = ContextInfo::new(&r.model, "0123456789abcdef", "native", "full", &cache);
+    context::save(&path, false, &info, &doc, &logits, &cache, &mut |_, _| {}).unwrap();
+    let again = context::save(&path, false, &info, &doc, &logits, &cache, &mut |_, _| {});
+    assert!(matches!(again, Err(Error::Kv(needle_kv::Error::Exists { .. }))));
+    let load = |p: &Path, digest: &str, weights: &str| context::load(p, &r.model, digest, weights).err().unwrap();
+    assert!(
+        matches!(load(&path, "fedcba9876543210", "native"), Error::ContextMismatch { what, .. } if what.contains("model"))
+    );
+    assert!(matches!(load(&path, "0123456789abcdef", "f32"), Error::ContextMismatch { what: "with weights", .. }));
+    let bytes = std::fs::read(&path).unwrap();
+    let bad = dir.path().join("bad.needle");
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(load(&bad, "0123456789abcdef", "native"), Error::Kv(needle_kv::Error::Truncated { .. })));
+    // A flipped bit inside the first layer's keys: the error names that section.
+    let mut flipped = bytes.clone();
+    let at = bytes.windows(4).position(|w| w == b"info").unwrap_or(0).max(4096);
+    flipped[at] ^= 0x10;
+    std::fs::write(&bad, &flipped).unwrap();
+    let e = load(&bad, "0123456789abcdef", "native").to_string();
+    assert!(e.contains("bad.needle") && e.contains("corrupt"), "{e}");
+}
