@@ -9,7 +9,13 @@ use needle_core::{
     StaticPart, check_len,
 };
 
-use crate::common::{Frame, SelectStep, begin_select, default_scale, full_cost, group_max, keep_top};
+use crate::common::{
+    Frame, SelectStep, begin_select, begin_state, default_scale, full_cost, gather, group_max, keep_top, open_state,
+    read_range, write_range,
+};
+
+const TAG: &[u8; 8] = b"sel.blck";
+const VERSION: u32 = 1;
 
 /// Default block size in tokens (InfLLM's).
 pub const DEFAULT_BLOCK: usize = 128;
@@ -237,6 +243,47 @@ impl AttentionSelector for BlockSelector {
             let r = self.block_positions(c.0 as usize);
             out.ids.extend(r.start.max(dynamic.start)..r.end.min(dynamic.end));
         }
+        Ok(())
+    }
+    // Representatives are written by position; their keys come back from `keys`.
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        let mut w = begin_state(out, TAG, VERSION, &self.describe());
+        w.f32(self.scale);
+        w.u32(self.first_block);
+        write_range(&mut w, &self.covered);
+        w.u32s(&self.rep_pos);
+        Ok(())
+    }
+    fn load_state(&mut self, state: &[u8], keys: &dyn RowSource) -> Result<()> {
+        let mut r = open_state("block selector", state, TAG, VERSION, &self.describe(), keys, self.dim)?;
+        let scale = r.f32("scale")?;
+        let first_block = r.u32("first_block")?;
+        let covered = read_range(&mut r, "covered", keys.len())?;
+        let (b, reps) = (self.cfg.block as u64, self.cfg.reps);
+        // Every complete block of the covered positions has representatives, no other does.
+        let mut blocks = Vec::new();
+        if !covered.is_empty() {
+            if u64::from(first_block) != u64::from(covered.start) / b {
+                return Err(r.fail(
+                    "first_block",
+                    format!("{first_block}, but the covered positions start in block {}", u64::from(covered.start) / b),
+                ));
+            }
+            let mut start = u64::from(first_block) * b;
+            while start + b <= u64::from(covered.end) {
+                blocks.push(start.max(u64::from(covered.start)) as u32..(start + b) as u32);
+                start += b;
+            }
+        }
+        let rep_pos = r.u32s_exact("rep_pos", blocks.len() * reps)?;
+        for (i, (block, rp)) in blocks.iter().zip(rep_pos.chunks_exact(reps)).enumerate() {
+            if let Some(&p) = rp.iter().find(|p| !block.contains(p)) {
+                return Err(r.fail("rep_pos", format!("representative {p} of block {i} lies outside {block:?}")));
+            }
+        }
+        r.finish()?;
+        self.rep_keys = gather(keys, rep_pos.iter().copied());
+        (self.scale, self.first_block, self.covered, self.rep_pos) = (scale, first_block, covered, rep_pos);
         Ok(())
     }
     fn memory_bytes(&self) -> usize {

@@ -69,6 +69,9 @@ mod policy;
 mod quest;
 mod retrieval;
 mod spec;
+mod state;
+#[cfg(test)]
+mod state_tests;
 mod streaming;
 #[cfg(test)]
 mod testutil;

@@ -11,9 +11,13 @@ use needle_core::{
     StaticPart, VectorIndex, check_len,
 };
 use needle_index_lsh::LshIndex;
-use rand::{SeedableRng, rngs::StdRng};
+use rand::SeedableRng;
+use rand_chacha::ChaCha12Rng;
 
-use crate::common::{Frame, SelectStep, begin_select};
+use crate::common::{Frame, SelectStep, begin_select, begin_state, gather, open_state, read_range, write_range};
+
+const TAG: &[u8; 8] = b"sel.lshs";
+const VERSION: u32 = 1;
 
 /// Default signature bits `K`.
 pub const DEFAULT_BITS: usize = needle_index_lsh::DEFAULT_K_BITS;
@@ -94,7 +98,9 @@ pub struct LshSampleSelector {
     dim: usize,
     index: LshIndex,
     covered: Range<u32>,
-    rng: StdRng,
+    /// `StdRng`'s generator, whose position can be saved.
+    rng: ChaCha12Rng,
+    rng_seed: u64,
     mean: Vec<f32>,
     rows: Vec<f32>,
     picks: Vec<(u32, f32)>,
@@ -110,7 +116,8 @@ impl LshSampleSelector {
             cfg,
             dim,
             covered: 0..0,
-            rng: StdRng::seed_from_u64(seed.rotate_left(17)),
+            rng: ChaCha12Rng::seed_from_u64(seed.rotate_left(17)),
+            rng_seed: seed.rotate_left(17),
             mean: Vec::new(),
             rows: Vec::new(),
             picks: Vec::new(),
@@ -200,6 +207,26 @@ impl AttentionSelector for LshSampleSelector {
             out.ids.extend(self.picks.iter().map(|c| c.0));
             out.log_weights.extend(self.picks.iter().map(|c| c.1));
         }
+        Ok(())
+    }
+    // The sampler's position is written with the LSH tables, so that the loaded selector
+    // thins the same samples the same way.
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        let mut w = begin_state(out, TAG, VERSION, &self.describe());
+        write_range(&mut w, &self.covered);
+        w.u128(self.rng.get_word_pos());
+        w.nested(|o| self.index.save_state(o))
+    }
+    fn load_state(&mut self, state: &[u8], keys: &dyn RowSource) -> Result<()> {
+        let mut r = open_state("lsh-sample selector", state, TAG, VERSION, &self.describe(), keys, self.dim)?;
+        let covered = read_range(&mut r, "covered", keys.len())?;
+        let word_pos = r.u128("rng")?;
+        let mut index = self.index.clone();
+        index.load_state(r.nested("index")?, &gather(keys, covered.clone()))?;
+        r.finish()?;
+        let mut rng = ChaCha12Rng::seed_from_u64(self.rng_seed);
+        rng.set_word_pos(word_pos);
+        (self.covered, self.index, self.rng) = (covered, index, rng);
         Ok(())
     }
     fn memory_bytes(&self) -> usize {

@@ -8,7 +8,12 @@ use needle_core::{
     StaticPart,
 };
 
-use crate::common::{Frame, SelectStep, begin_select, default_scale, full_cost, group_max, keep_top};
+use crate::common::{
+    Frame, SelectStep, begin_select, begin_state, default_scale, full_cost, group_max, keep_top, open_state,
+};
+
+const TAG: &[u8; 8] = b"sel.orcl";
+const VERSION: u32 = 1;
 
 /// Makes [`OracleSelector`]s; spec `oracle:k=K` or `oracle:mass=0.9,k=MAX`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -109,6 +114,18 @@ impl AttentionSelector for OracleSelector {
         let dynamic = self.static_part().dynamic_range(ctx.keys.len());
         self.scale = ctx.scale;
         Ok(BuildStats { vectors: dynamic.len(), ..Default::default() })
+    }
+    // The attention scale is all a build sets.
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        begin_state(out, TAG, VERSION, &self.describe()).f32(self.scale);
+        Ok(())
+    }
+    fn load_state(&mut self, state: &[u8], keys: &dyn RowSource) -> Result<()> {
+        let mut r = open_state("oracle selector", state, TAG, VERSION, &self.describe(), keys, self.dim)?;
+        let scale = r.f32("scale")?;
+        r.finish()?;
+        self.scale = scale;
+        Ok(())
     }
     fn insert(&mut self, _keys: &dyn RowSource, _positions: Range<u32>) -> Result<()> {
         Ok(())

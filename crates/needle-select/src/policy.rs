@@ -144,6 +144,13 @@ impl AttentionSelector for WithBudget {
     fn memory_bytes(&self) -> usize {
         self.inner.memory_bytes()
     }
+    // The budget comes from the policy, not the build: the state is the inner selector's.
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        self.inner.save_state(out)
+    }
+    fn load_state(&mut self, state: &[u8], keys: &dyn RowSource) -> Result<()> {
+        self.inner.load_state(state, keys)
+    }
 }
 
 /// A DuoAttention-style policy from per-head measurements: `outside_mass` holds, per head, the

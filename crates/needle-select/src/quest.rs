@@ -10,7 +10,10 @@ use needle_core::{
     SelectorFactory, StaticPart, check_len,
 };
 
-use crate::common::{Frame, SelectStep, begin_select, keep_top};
+use crate::common::{Frame, SelectStep, begin_select, begin_state, keep_top, open_state, read_range, write_range};
+
+const TAG: &[u8; 8] = b"sel.qest";
+const VERSION: u32 = 1;
 
 /// Default page size in tokens (Quest's).
 pub const DEFAULT_PAGE: usize = 16;
@@ -178,6 +181,40 @@ impl AttentionSelector for QuestSelector {
         }
         out.stats =
             SearchStats { full_scored: 0, codes_scored: (pages * g) as u64, bytes_read: (pages * 2 * d * 4) as u64 };
+        Ok(())
+    }
+    // The page bounds are written (recomputing them reads every key again).
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        let mut w = begin_state(out, TAG, VERSION, &self.describe());
+        w.u32(self.first_page);
+        write_range(&mut w, &self.covered);
+        w.f32s(&self.mins);
+        w.f32s(&self.maxs);
+        Ok(())
+    }
+    fn load_state(&mut self, state: &[u8], keys: &dyn RowSource) -> Result<()> {
+        let mut r = open_state("quest selector", state, TAG, VERSION, &self.describe(), keys, self.dim)?;
+        let first_page = r.u32("first_page")?;
+        let covered = read_range(&mut r, "covered", keys.len())?;
+        let page = self.cfg.page as u32;
+        // Pages run from the covered start's page to the last covered position's.
+        let pages = if covered.is_empty() {
+            0
+        } else if first_page != covered.start / page {
+            return Err(r.fail(
+                "first_page",
+                format!("{first_page}, but the covered positions start on page {}", covered.start / page),
+            ));
+        } else {
+            ((covered.end - 1) / page - first_page + 1) as usize
+        };
+        let mins = r.f32s_exact("mins", pages * self.dim)?;
+        let maxs = r.f32s_exact("maxs", pages * self.dim)?;
+        if let Some(i) = mins.iter().zip(&maxs).position(|(lo, hi)| lo > hi) {
+            return Err(r.fail("mins", format!("page bound {i}: minimum {} above maximum {}", mins[i], maxs[i])));
+        }
+        r.finish()?;
+        (self.first_page, self.covered, self.mins, self.maxs) = (first_page, covered, mins, maxs);
         Ok(())
     }
     fn memory_bytes(&self) -> usize {

@@ -10,7 +10,8 @@ use needle_core::{
 };
 
 use crate::common::{
-    Frame, SelectStep, apply_budget, begin_select, dedup_ids, default_scale, full_cost, group_max, keep_top,
+    Frame, SelectStep, apply_budget, begin_select, begin_state, dedup_ids, default_scale, full_cost, gather, group_max,
+    keep_top, open_state, read_range, write_range,
 };
 use crate::index::{index_factory, resolve};
 
@@ -356,11 +357,62 @@ impl AttentionSelector for RetrievalSelector {
         out.ids.extend(self.cands.iter().map(|c| c.0));
         Ok(())
     }
+    // Index ids map to the covered positions in order, so `positions` is not written; the
+    // index's own state follows, and its vectors come back from `keys` at load.
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        let mut w = begin_state(out, TAG, VERSION, &self.describe());
+        w.f32(self.scale);
+        write_range(&mut w, &self.covered);
+        w.f32s(&self.train);
+        w.bool(self.built);
+        if self.built {
+            w.nested(|o| self.index.save_state(o))?;
+        }
+        Ok(())
+    }
+    fn load_state(&mut self, state: &[u8], keys: &dyn RowSource) -> Result<()> {
+        let mut r = open_state("retrieval selector", state, TAG, VERSION, &self.describe(), keys, self.dim)?;
+        let scale = r.f32("scale")?;
+        let covered = read_range(&mut r, "covered", keys.len())?;
+        let train = r.f32s("train", usize::MAX)?;
+        if !train.len().is_multiple_of(self.dim) {
+            return Err(r.fail("train", format!("{} floats are not rows of {}", train.len(), self.dim)));
+        }
+        let built = r.bool("built")?;
+        let min = self.cfg.min_index.max(1);
+        // A build happens as soon as `min_index` positions are covered, and drops the queries.
+        if built != (covered.len() >= min) || (built && !train.is_empty()) {
+            return Err(r.fail(
+                "built",
+                format!(
+                    "built = {built} with {} positions covered (min_index {min}) and {} training floats",
+                    covered.len(),
+                    train.len()
+                ),
+            ));
+        }
+        let mut index = index_factory(self.dim, &self.cfg.index)?;
+        if built {
+            let nested = r.nested("index")?;
+            index.load_state(nested, &gather(keys, covered.clone()))?;
+        }
+        r.finish()?;
+        self.scale = scale;
+        self.positions = if built { covered.clone().collect() } else { Vec::new() };
+        self.covered = covered;
+        self.train = train;
+        self.built = built;
+        self.index = index;
+        Ok(())
+    }
     fn memory_bytes(&self) -> usize {
         let own = self.positions.capacity() * 4 + self.train.capacity() * 4;
         own + if self.built { self.index.memory_bytes() } else { 0 }
     }
 }
+
+const TAG: &[u8; 8] = b"sel.retr";
+const VERSION: u32 = 1;
 
 #[cfg(test)]
 mod tests {

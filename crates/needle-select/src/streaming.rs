@@ -8,7 +8,7 @@ use needle_core::{
     StaticPart,
 };
 
-use crate::common::Frame;
+use crate::common::{Frame, begin_state, open_state};
 
 /// Makes [`StreamingSelector`]s; spec `streaming:sinks=S,window=W`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -55,7 +55,18 @@ impl AttentionSelector for StreamingSelector {
         out.clear();
         Ok(())
     }
+    // Nothing is built: the state is the header alone.
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        begin_state(out, TAG, VERSION, &self.describe());
+        Ok(())
+    }
+    fn load_state(&mut self, state: &[u8], keys: &dyn RowSource) -> Result<()> {
+        open_state("streaming selector", state, TAG, VERSION, &self.describe(), keys, keys.dim())?.finish()
+    }
 }
+
+const TAG: &[u8; 8] = b"sel.strm";
+const VERSION: u32 = 1;
 
 #[cfg(test)]
 mod tests {

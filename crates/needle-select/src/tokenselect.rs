@@ -11,7 +11,13 @@ use needle_core::{
     SelectorFactory, StaticPart,
 };
 
-use crate::common::{Frame, SelectStep, begin_select, default_scale, dot, full_cost, keep_top};
+use crate::common::{
+    Frame, SelectStep, begin_select, begin_state, default_scale, dot, full_cost, keep_top, open_state, read_range,
+    write_range,
+};
+
+const TAG: &[u8; 8] = b"sel.toks";
+const VERSION: u32 = 1;
 
 /// Default cosine similarity above which a cached selection is reused.
 pub const DEFAULT_THRESHOLD: f32 = 0.9;
@@ -190,6 +196,57 @@ impl AttentionSelector for TokenSelectSelector {
         self.cached_ids.extend_from_slice(&out.ids);
         self.cached_budget = Some(*budget);
         self.cached_dynamic = dynamic;
+        Ok(())
+    }
+    // Nothing is built but the scale; the selection cache and its counters are written too, so
+    // that a loaded selector hits and misses exactly as the saved one would have.
+    fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        let mut w = begin_state(out, TAG, VERSION, &self.describe());
+        w.f32(self.scale);
+        w.u64(self.hits);
+        w.u64(self.misses);
+        match self.cached_budget {
+            None => w.u8(0),
+            Some(Budget::TopK(k)) => {
+                w.u8(1);
+                w.len(k);
+            }
+            Some(Budget::Mass { target, max }) => {
+                w.u8(2);
+                w.f32(target);
+                w.len(max);
+            }
+        }
+        write_range(&mut w, &self.cached_dynamic);
+        w.f32s(&self.cached_queries);
+        w.u32s(&self.cached_ids);
+        Ok(())
+    }
+    fn load_state(&mut self, state: &[u8], keys: &dyn RowSource) -> Result<()> {
+        let mut r = open_state("tokenselect selector", state, TAG, VERSION, &self.describe(), keys, self.dim)?;
+        let scale = r.f32("scale")?;
+        let (hits, misses) = (r.u64("hits")?, r.u64("misses")?);
+        let budget = match r.u8("cached_budget")? {
+            0 => None,
+            1 => Some(Budget::TopK(r.len("cached_budget", keys.len())?)),
+            2 => Some(Budget::Mass { target: r.f32("cached_budget")?, max: r.len("cached_budget", keys.len())? }),
+            t => return Err(r.fail("cached_budget", format!("unknown budget kind {t}"))),
+        };
+        if let Some(b) = &budget {
+            b.validate(keys.len()).map_err(|e| r.fail("cached_budget", e.to_string()))?;
+        }
+        let dynamic = read_range(&mut r, "cached_dynamic", keys.len())?;
+        let queries = r.f32s("cached_queries", usize::MAX)?;
+        if !queries.len().is_multiple_of(self.dim) {
+            return Err(r.fail("cached_queries", format!("{} floats are not rows of {}", queries.len(), self.dim)));
+        }
+        let ids = r.u32s("cached_ids", dynamic.len())?;
+        if let Some(&p) = ids.iter().find(|p| !dynamic.contains(p)) {
+            return Err(r.fail("cached_ids", format!("{p} lies outside the cached dynamic part {dynamic:?}")));
+        }
+        r.finish()?;
+        (self.scale, self.hits, self.misses, self.cached_budget) = (scale, hits, misses, budget);
+        (self.cached_dynamic, self.cached_queries, self.cached_ids) = (dynamic, queries, ids);
         Ok(())
     }
     fn memory_bytes(&self) -> usize {
