@@ -347,16 +347,7 @@ impl Hnsw {
             }
         };
         r.finish()?;
-        *self = Self {
-            data: keys.to_vec(),
-            levels,
-            level0,
-            upper_offset,
-            upper,
-            enterpoint_node,
-            max_level,
-            ..fresh
-        };
+        *self = Self { data: keys.to_vec(), levels, level0, upper_offset, upper, enterpoint_node, max_level, ..fresh };
         Ok(())
     }
 }
