@@ -13,6 +13,7 @@
 //! - [`attention`]: dense, sparse and weighted attention with log-sum-exp, the exact merge,
 //!   causal prefill chunks, GQA layout; accumulate in `f32` or `f64`.
 //! - [`kit`]: what every selector needs — input checks, group scores, top-k, budgets, costs.
+//! - [`state`]: the binary form selectors and indexes save their built state in.
 //! - [`metrics`]: recall, attention mass, relative error, KL divergence, token agreement.
 //!
 //! ```
@@ -39,6 +40,7 @@ pub mod kit;
 mod kv;
 pub mod metrics;
 mod selector;
+pub mod state;
 #[cfg(feature = "synth")]
 pub mod synth;
 

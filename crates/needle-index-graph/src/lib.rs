@@ -41,7 +41,7 @@ mod graph;
 mod hnsw;
 mod knn;
 mod roar;
-mod state;
+use needle_core::state;
 #[cfg(test)]
 mod tests;
 

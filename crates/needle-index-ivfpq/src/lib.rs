@@ -37,7 +37,7 @@ mod ivfpq;
 mod kmeans;
 mod linalg;
 mod pq;
-mod state;
+use needle_core::state;
 mod transform;
 
 pub use factory::{from_factory, parse as parse_factory};

@@ -45,7 +45,7 @@
 mod hash;
 mod index;
 mod prob;
-mod state;
+use needle_core::state;
 mod table;
 
 pub use hash::MAX_K_BITS;

@@ -23,7 +23,7 @@
 //! 0 for `full` and `streaming`, which learn nothing from them). Per selector:
 //! - `retrieval`: `index` (`graph` default, `hnsw`, `ivfpq`, `lsh`, `flat`, or a factory string
 //!   such as `IVF64,PQ16`), `effort` (the index's `SearchParams::effort`), `combine`
-//!   (`mean-rerank` default, `rerank`, `mean`, `split`: see [`GroupCombine`]), `min_index`.
+//!   (`mean-rerank` default, `rerank`, `mean`, `split`: see [`GroupCombine`]), `min_index`, `tail` (decode keys scanned exactly before one batch insert).
 //! - `quest`: `page` (16). `block`: `block` (128), `reps` (4).
 //! - `lsh-sample`: `bits`, `tables`, `min_collisions`, `seed`. `tokenselect`: `threshold` (0.9).
 //! - `policy`: `file` (a [`HeadPolicy`] as JSON). `streaming`: `sinks`, `window` only.
@@ -69,7 +69,7 @@ mod policy;
 mod quest;
 mod retrieval;
 mod spec;
-mod state;
+use needle_core::state;
 #[cfg(test)]
 mod state_tests;
 mod streaming;
@@ -85,7 +85,7 @@ pub use lsh_sample::{DEFAULT_BITS, DEFAULT_MIN_COLLISIONS, DEFAULT_TABLES, LshSa
 pub use oracle::{OracleFactory, OracleSelector};
 pub use policy::{HeadPolicy, HeadRule, PolicyFactory, rank_heads};
 pub use quest::{DEFAULT_PAGE, QuestFactory, QuestSelector, page_bound};
-pub use retrieval::{DEFAULT_MIN_INDEX, GroupCombine, RetrievalFactory, RetrievalSelector};
+pub use retrieval::{DEFAULT_MIN_INDEX, DEFAULT_TAIL, GroupCombine, RetrievalFactory, RetrievalSelector};
 pub use spec::{
     DEFAULT_K, DEFAULT_TRAIN_POSITIONS, SELECTORS, SelectorBuilder, SelectorSpec, SpecOptions, parse,
     register_selector, selector_names,

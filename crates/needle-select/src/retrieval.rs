@@ -20,6 +20,11 @@ use crate::index::{index_factory, resolve};
 /// needs more points than that.
 pub const DEFAULT_MIN_INDEX: usize = 1024;
 
+/// Keys that left the window during decode wait in an exactly scanned tail until this many are
+/// pending, then join the index in one insert: a typical answer inserts nothing, and a long one
+/// pays the index insertions in batches (docs/benchmarks.md §10).
+pub const DEFAULT_TAIL: usize = 256;
+
 /// How one retrieval serves the query heads of a GQA group (one index per KV head).
 ///
 /// `split`, `mean` and `mean-rerank` have recall ceilings (the group's top-k is neither the
@@ -77,6 +82,7 @@ pub struct RetrievalFactory {
     effort: Option<usize>,
     combine: GroupCombine,
     min_index: usize,
+    tail: usize,
 }
 
 impl RetrievalFactory {
@@ -90,6 +96,7 @@ impl RetrievalFactory {
             effort: None,
             combine: GroupCombine::default(),
             min_index: DEFAULT_MIN_INDEX,
+            tail: DEFAULT_TAIL,
         })
     }
     /// Sets the static part.
@@ -112,6 +119,12 @@ impl RetrievalFactory {
         self.min_index = min_index;
         self
     }
+    /// Sets how many decode keys wait in the exactly scanned tail before one batch insert into
+    /// the index (see [`DEFAULT_TAIL`]; 1 inserts every key at once).
+    pub fn with_tail(mut self, tail: usize) -> Self {
+        self.tail = tail.max(1);
+        self
+    }
 
     fn describe_opts(&self) -> String {
         let mut s = format!("index={},combine={},{}", self.index, self.combine.name(), self.frame.describe());
@@ -120,6 +133,9 @@ impl RetrievalFactory {
         }
         if self.min_index != DEFAULT_MIN_INDEX {
             s += &format!(",min_index={}", self.min_index);
+        }
+        if self.tail != DEFAULT_TAIL {
+            s += &format!(",tail={}", self.tail);
         }
         s
     }
@@ -219,6 +235,11 @@ impl RetrievalSelector {
         }
         keys.check_id("keys", end - 1)?;
         if self.built {
+            // Until `tail` keys are pending, `select` scans them exactly (they are past
+            // `covered`); then they join the index together.
+            if ((end - self.covered.end) as usize) < self.cfg.tail {
+                return Ok(());
+            }
             self.rows.clear();
             for p in self.covered.end..end {
                 keys.row(p as usize).extend_into(&mut self.rows);
@@ -507,9 +528,11 @@ mod tests {
         assert!(m > 0.55 && m < r, "IVF-PQ recall, mean-rerank: {m} (rerank {r})");
     }
 
+    /// Whether a decode key joins the index at once (`tail=1`) or waits in the exactly scanned
+    /// tail, it is selectable as soon as it leaves the window.
     #[test]
     fn inserted_tokens_become_selectable() {
-        for index in ["flat", "graph", "ivfpq", "lsh"] {
+        for (index, tail) in ["flat", "graph", "ivfpq", "lsh"].into_iter().flat_map(|i| [(i, 1), (i, DEFAULT_TAIL)]) {
             if crate::index::resolve(index).is_err() {
                 continue; // not compiled in
             }
@@ -517,8 +540,8 @@ mod tests {
             let data = uniform(300, 3, dim, 7);
             let mut keys = PagedRows::new(dim, 64).unwrap();
             keys.extend_from_slice(&data.keys).unwrap();
-            let f = factory(index);
-            let mut sel = f.create(HEAD, dim).unwrap();
+            let f = factory(index).with_tail(tail);
+            let mut sel = RetrievalSelector::new(f, HEAD, dim).unwrap();
             let sp = sel.static_part();
             let ctx = BuildContext { head: HEAD, keys: &keys, train_queries: &data.train, scale: 0.25 };
             sel.build(&ctx).unwrap();
@@ -530,10 +553,14 @@ mod tests {
                 keys.push(&data.keys[..dim]).unwrap();
             }
             let before = sp.dynamic_range(301).end;
-            sel.insert(&keys, before..sp.dynamic_range(keys.len()).end).unwrap();
+            let after = sp.dynamic_range(keys.len()).end;
+            assert!(((after - before) as usize) < DEFAULT_TAIL);
+            sel.insert(&keys, before..after).unwrap();
+            let indexed = if tail == 1 { after } else { sp.dynamic_range(300).end };
+            assert_eq!(sel.covered.end, indexed, "{index}, tail {tail}: what the index holds");
             let mut out = Selection::default();
             sel.select(q, &keys, &Budget::TopK(5), &mut out).unwrap();
-            assert_eq!(out.ids.first(), Some(&pos), "{index}");
+            assert_eq!(out.ids.first(), Some(&pos), "{index}, tail {tail}");
         }
     }
 

@@ -300,7 +300,7 @@ pub fn parse(spec: &str) -> Result<SelectorSpec> {
             o.spec(Box::new(OracleFactory::new(f.sinks, f.window)), o.budget()?)
         }
         "retrieval" => {
-            o.only(&with(&["index", "effort", "combine", "min_index"]))?;
+            o.only(&with(&["index", "effort", "combine", "min_index", "tail"]))?;
             let f = o.frame()?;
             let effort = match o.str("effort") {
                 None => None,
@@ -311,7 +311,8 @@ pub fn parse(spec: &str) -> Result<SelectorSpec> {
                 .with_static(f.sinks, f.window)
                 .with_effort(effort)
                 .with_combine(combine)
-                .with_min_index(o.usize("min_index", crate::retrieval::DEFAULT_MIN_INDEX)?);
+                .with_min_index(o.usize("min_index", crate::retrieval::DEFAULT_MIN_INDEX)?)
+                .with_tail(o.usize("tail", crate::retrieval::DEFAULT_TAIL)?);
             o.spec(Box::new(factory), o.budget()?)
         }
         "quest" => {

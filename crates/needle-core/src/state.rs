@@ -2,21 +2,19 @@
 //! tag and a `u32` format version first, then fields; arrays are a `u64` length followed by
 //! their elements, read back by bulk copies.
 //!
-//! The same file is carried by needle-select and each index crate (needle-core does not export
-//! a codec), so each crate uses a subset of it.
-#![allow(dead_code)]
+//! needle-select and the index crates write their states with it.
 
-use needle_core::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Bytes of the tag and version at the start of every state.
-pub(crate) const HEADER_LEN: usize = 12;
+pub const HEADER_LEN: usize = 12;
 
 fn tag_text(tag: &[u8]) -> String {
     tag.iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '?' }).collect()
 }
 
 /// Appends fields of one state to a buffer.
-pub(crate) struct Writer<'a> {
+pub struct Writer<'a> {
     out: &'a mut Vec<u8>,
 }
 
@@ -27,34 +25,44 @@ impl<'a> Writer<'a> {
         out.extend_from_slice(&version.to_le_bytes());
         Self { out }
     }
+    /// Appends a byte.
     pub fn u8(&mut self, v: u8) {
         self.out.push(v);
     }
+    /// Appends a flag as one byte.
     pub fn bool(&mut self, v: bool) {
         self.out.push(u8::from(v));
     }
+    /// Appends a `u32`.
     pub fn u32(&mut self, v: u32) {
         self.out.extend_from_slice(&v.to_le_bytes());
     }
+    /// Appends a `u64`.
     pub fn u64(&mut self, v: u64) {
         self.out.extend_from_slice(&v.to_le_bytes());
     }
+    /// Appends a `u128`.
     pub fn u128(&mut self, v: u128) {
         self.out.extend_from_slice(&v.to_le_bytes());
     }
+    /// Appends a length (as `u64`).
     pub fn len(&mut self, n: usize) {
         self.u64(n as u64);
     }
+    /// Appends an `f32`.
     pub fn f32(&mut self, v: f32) {
         self.out.extend_from_slice(&v.to_le_bytes());
     }
+    /// Appends length-prefixed bytes.
     pub fn bytes(&mut self, v: &[u8]) {
         self.len(v.len());
         self.out.extend_from_slice(v);
     }
+    /// Appends a length-prefixed UTF-8 string.
     pub fn str(&mut self, s: &str) {
         self.bytes(s.as_bytes());
     }
+    /// Appends a length-prefixed `u32` array.
     pub fn u32s(&mut self, v: &[u32]) {
         self.len(v.len());
         if cfg!(target_endian = "little") {
@@ -63,6 +71,7 @@ impl<'a> Writer<'a> {
             v.iter().for_each(|x| self.out.extend_from_slice(&x.to_le_bytes()));
         }
     }
+    /// Appends a length-prefixed `f32` array.
     pub fn f32s(&mut self, v: &[f32]) {
         self.len(v.len());
         if cfg!(target_endian = "little") {
@@ -83,7 +92,7 @@ impl<'a> Writer<'a> {
 }
 
 /// Reads the fields of one state, checking every length against the bytes left and its bound.
-pub(crate) struct Reader<'a> {
+pub struct Reader<'a> {
     kind: &'static str,
     buf: &'a [u8],
 }
@@ -121,6 +130,7 @@ impl<'a> Reader<'a> {
         Error::Corrupt { what: format!("{} state ({field})", self.kind), reason: reason.into() }
     }
 
+    /// Bytes not read yet.
     pub fn remaining(&self) -> usize {
         self.buf.len()
     }
@@ -140,9 +150,11 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
 
+    /// Reads a byte.
     pub fn u8(&mut self, field: &str) -> Result<u8> {
         Ok(self.array::<1>(field)?[0])
     }
+    /// Reads a flag byte (0 or 1).
     pub fn bool(&mut self, field: &str) -> Result<bool> {
         match self.u8(field)? {
             0 => Ok(false),
@@ -150,12 +162,15 @@ impl<'a> Reader<'a> {
             b => Err(self.fail(field, format!("flag byte {b} is neither 0 nor 1"))),
         }
     }
+    /// Reads a `u32`.
     pub fn u32(&mut self, field: &str) -> Result<u32> {
         Ok(u32::from_le_bytes(self.array(field)?))
     }
+    /// Reads a `u64`.
     pub fn u64(&mut self, field: &str) -> Result<u64> {
         Ok(u64::from_le_bytes(self.array(field)?))
     }
+    /// Reads a `u128`.
     pub fn u128(&mut self, field: &str) -> Result<u128> {
         Ok(u128::from_le_bytes(self.array(field)?))
     }
@@ -197,14 +212,17 @@ impl<'a> Reader<'a> {
         Ok(got)
     }
 
+    /// Reads length-prefixed bytes, at most `max`.
     pub fn bytes(&mut self, field: &str, max: usize) -> Result<&'a [u8]> {
         let n = self.array_len(field, 1, max)?;
         self.take(field, n)
     }
+    /// Reads length-prefixed bytes that must number `n`.
     pub fn bytes_exact(&mut self, field: &str, n: usize) -> Result<&'a [u8]> {
         let n = self.exact(field, 1, n)?;
         self.take(field, n)
     }
+    /// Reads a length-prefixed UTF-8 string of at most `max` bytes.
     pub fn str(&mut self, field: &str, max: usize) -> Result<&'a str> {
         let b = self.bytes(field, max)?;
         std::str::from_utf8(b).map_err(|e| self.fail(field, format!("not UTF-8: {e}")))
