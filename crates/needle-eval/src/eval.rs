@@ -19,7 +19,7 @@ use needle_core::attention::{Partial, dense, scores, top_k};
 use needle_core::metrics::{attention_mass, kl_divergence, recall, relative_error};
 use needle_core::{RowSource, attend_selected};
 use needle_loader::Tokenizer;
-use needle_model::{KvCache, KvDtype, Llama, argmax, selector_from_spec};
+use needle_model::{KvCache, KvDtype, Llama, SelectionConfig, argmax, selector_from_spec};
 use needle_tasks::{Filler, TaskSpec};
 use serde::Serialize;
 
@@ -156,7 +156,9 @@ pub fn prefill_base<B: Backend>(
     chunk: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(KvCache, Vec<f32>)> {
-    let (factory, sel) = selector_from_spec("full").during(|| "selector `full`".into())?;
+    let (factory, mut sel) = selector_from_spec("full").during(|| "selector `full`".into())?;
+    // `full` itself trains on nothing; the forks' selectors train on this prefill's queries.
+    sel.train_positions = SelectionConfig::default().train_positions;
     let cfg = model.config();
     let mut base = KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?;
     base.retain_training_queries();
@@ -418,6 +420,21 @@ pub fn mean_score(rows: &[TaskRow], task: Option<&str>, selector: &str, length: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Forks train on the base prefill's queries, although `full` (the base) trains on none.
+    #[test]
+    fn forks_of_the_base_prefill_get_training_queries() {
+        let path = needle_fetch::default_model_path().unwrap();
+        assert!(path.is_file(), "{} is missing: run `cargo xtask fetch-model`", path.display());
+        let ck = needle_loader::open(&path).unwrap();
+        let model = Llama::<needle_model::Cpu>::load(&ck, &Default::default()).unwrap();
+        let tokens: Vec<u32> = (0..200).map(|i| 1000 + (i * 37) % 5000).collect();
+        let (base, _) = prefill_base(&model, &tokens, 64, &mut |_, _| {}).unwrap();
+        let fork = fork(&model, &base, "retrieval:sinks=8,window=16,k=8,min_index=16", KvDtype::F16).unwrap();
+        let layers = model.config().num_hidden_layers * model.gqa().n_kv_heads;
+        assert!(fork.stats.build.train_queries >= 200 * layers, "{:?}", fork.stats.build);
+        assert_eq!(fork.keys(0, 0).dtype(), KvDtype::F16);
+    }
 
     #[test]
     fn selector_lists_parse_and_reject_bad_specs() {
