@@ -2,10 +2,12 @@
 //!
 //! - `ci`: rustfmt check, clippy (warnings are errors), fetch the model, the workspace tests,
 //!   the kernel crate's aarch64 (NEON) tests under qemu where the cross tools are installed, and
-//!   the downstream example crates. `.ci/run` runs exactly this.
+//!   the downstream example crates, and `kernels-cubecl`'s fmt, clippy and tests on wgpu
+//!   (lavapipe). `.ci/run` runs exactly this.
 //! - `fetch-model`: puts the verified SmolLM2 GGUF and the default document in the cache (see
 //!   `needle-fetch`).
-//! - `test-gpu [--build-only] [--out DIR]`: the GPU test suite (see the command's message).
+//! - `test-gpu [--build-only] [--out DIR]`: the CubeCL kernel tests on CUDA, or a bundle of them
+//!   to carry to a GPU machine.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
@@ -83,6 +85,12 @@ fn ci() -> Result<()> {
     fetch_model()?;
     cargo(&["test", "--workspace", "--locked"], &root)?;
     aarch64_tests(&root)?;
+    // The CubeCL kernels (their own workspace, kept out of the CPU build) on wgpu over Mesa's
+    // software Vulkan; .ci/run installs it. The CUDA build is `cargo xtask test-gpu`'s.
+    let kc = root.join("kernels-cubecl");
+    cargo(&["fmt", "--check"], &kc)?;
+    cargo(&["clippy", "--all-targets", "--locked", "--", "-D", "warnings"], &kc)?;
+    cargo(&["test", "--locked"], &kc)?;
     for ex in example_crates(&root) {
         cargo(&["test"], &ex)?;
     }
@@ -127,13 +135,48 @@ fn aarch64_tests(root: &Path) -> Result<()> {
     cargo_env(&dot_only, root, &[base[0], base[1], ("QEMU_CPU", "cortex-a53")])
 }
 
+/// The CubeCL kernel tests on the `cuda` runtime. `--build-only [--out DIR]` builds them into a
+/// bundle instead (test binaries and `run.sh`; the machine that runs it needs the CUDA driver,
+/// not Rust), for a GPU machine without a toolchain or network.
 fn test_gpu(args: &[String]) -> Result<()> {
-    let build_only = args.iter().any(|a| a == "--build-only");
-    let _out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1));
-    // Honest until kernels-cubecl lands: there is no CUDA test suite to build or run yet.
-    eprintln!(
-        "test-gpu: needle has no GPU test suite yet (kernels-cubecl is not built; see README status).{}",
-        if build_only { " Nothing to bundle." } else { " Nothing to run." }
+    let kc = root().join("kernels-cubecl");
+    let cuda = ["--locked", "--no-default-features", "--features", "cuda"];
+    if !args.iter().any(|a| a == "--build-only") {
+        return cargo(&[&["test"][..], &cuda].concat(), &kc);
+    }
+    let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1));
+    let out = out.map_or_else(|| root().join("target/gpu-bundle"), PathBuf::from);
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo_bin)
+        .args([&["test", "--no-run", "--message-format=json"][..], &cuda].concat())
+        .current_dir(&kc)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !built.status.success() {
+        bail!("building the CUDA test binaries failed");
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut script = String::from(
+        "#!/bin/sh\n# Runs needle's CubeCL kernel tests on this machine's CUDA GPU.\nset -e\ncd \"$(dirname \"$0\")\"\n",
     );
+    for line in String::from_utf8_lossy(&built.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let (Some(exe), true) = (msg["executable"].as_str(), msg["profile"]["test"].as_bool() == Some(true)) else {
+            continue;
+        };
+        let exe = Path::new(exe);
+        let name = exe.file_name().context("test binary name")?;
+        std::fs::copy(exe, out.join(name)).with_context(|| format!("copying {}", exe.display()))?;
+        script.push_str(&format!("./{} \"$@\"\n", name.to_string_lossy()));
+    }
+    let run = out.join("run.sh");
+    std::fs::write(&run, script).with_context(|| format!("writing {}", run.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?;
+    }
+    eprintln!("test-gpu: bundle in {} (run ./run.sh there)", out.display());
     Ok(())
 }
