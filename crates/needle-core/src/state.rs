@@ -288,6 +288,32 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Checks a `load_state` against damaged copies of `state`, for the tests of selectors and
+/// indexes (here and in plugin crates): every truncation up to 256 bytes and a strided sample of
+/// longer ones must be an [`Error::Corrupt`], and `flips` single-bit flips (a xorshift sequence
+/// from `seed`) must either fail or load into something usable. `load` loads one copy into a
+/// fresh object and, when that succeeds, uses it (a search, a selection); panics name the copy.
+pub fn check_damage(state: &[u8], flips: usize, seed: u64, mut load: impl FnMut(&[u8]) -> Result<()>) {
+    let step = (state.len() / 300).max(1);
+    for n in (0..state.len().min(256)).chain((256..state.len()).step_by(step)) {
+        let r = load(&state[..n]);
+        assert!(matches!(r, Err(Error::Corrupt { .. })), "truncated to {n} of {} bytes: {r:?}", state.len());
+    }
+    if state.is_empty() {
+        return;
+    }
+    let (mut x, mut flipped) = (seed | 1, state.to_vec());
+    for _ in 0..flips {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bit = (x % (state.len() as u64 * 8)) as usize;
+        flipped[bit / 8] ^= 1 << (bit % 8);
+        let _ = load(&flipped);
+        flipped[bit / 8] ^= 1 << (bit % 8);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

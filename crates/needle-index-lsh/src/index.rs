@@ -816,25 +816,13 @@ mod tests {
         assert!(a == b);
 
         let keys = &keys[..2300 * dim];
-        let step = (state.len() / 300).max(1);
-        for n in (0..state.len().min(256)).chain((256..state.len()).step_by(step)) {
-            assert!(matches!(make().load_state(&state[..n], keys), Err(Error::Corrupt { .. })), "truncated to {n}");
-        }
-        let mut x = 0x853c_49e6_748f_ea9bu64;
-        let mut flipped = state.clone();
-        for _ in 0..300 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let bit = (x % (state.len() as u64 * 8)) as usize;
-            flipped[bit / 8] ^= 1 << (bit % 8);
+        needle_core::state::check_damage(&state, 300, 0x853c_49e6_748f_ea9b, |s| {
             let mut idx = make();
-            if idx.load_state(&flipped, keys).is_ok() {
-                let _ = idx.search(&queries[..dim], 10, &p);
-                let _ = idx.sample_min_collisions(&queries[..dim], 2);
-            }
-            flipped[bit / 8] ^= 1 << (bit % 8);
-        }
+            idx.load_state(s, keys)?;
+            let _ = idx.search(&queries[..dim], 10, &p);
+            let _ = idx.sample_min_collisions(&queries[..dim], 2);
+            Ok(())
+        });
         let mut newer = state.clone();
         newer[8] += 1;
         assert!(make().load_state(&newer, keys).unwrap_err().to_string().contains("newer"));

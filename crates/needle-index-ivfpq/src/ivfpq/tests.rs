@@ -322,24 +322,12 @@ fn state_round_trips_query_aware_plain_and_unbuilt() {
 
     let keys = &d.keys[..2500 * DIM];
     // Corruption: truncations and bit flips never panic.
-    let step = (state.len() / 300).max(1);
-    for n in (0..state.len().min(256)).chain((256..state.len()).step_by(step)) {
-        assert!(matches!(make().load_state(&state[..n], keys), Err(Error::Corrupt { .. })), "truncated to {n}");
-    }
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut flipped = state.clone();
-    for _ in 0..300 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let bit = (x % (state.len() as u64 * 8)) as usize;
-        flipped[bit / 8] ^= 1 << (bit % 8);
+    needle_core::state::check_damage(&state, 300, 0x2545_f491_4f6c_dd1d, |s| {
         let mut idx = make();
-        if idx.load_state(&flipped, keys).is_ok() {
-            let _ = idx.search(&d.queries[..DIM], K, &SearchParams::default());
-        }
-        flipped[bit / 8] ^= 1 << (bit % 8);
-    }
+        idx.load_state(s, keys)?;
+        let _ = idx.search(&d.queries[..DIM], K, &SearchParams::default());
+        Ok(())
+    });
     let mut newer = state.clone();
     newer[8] += 1;
     assert!(make().load_state(&newer, keys).unwrap_err().to_string().contains("newer"));
