@@ -22,10 +22,18 @@ pub struct ModelArgs {
     /// dequantizes every weight, the exact reference path for fidelity work.
     #[arg(long, value_enum, default_value_t = WeightsArg::Native)]
     pub weights: WeightsArg,
-    /// Precision of the KV cache's host pages: `f32` (exact) or `f16` (half the bytes). In
-    /// `eval`, the pages the selectors decode from; the full-attention reference keeps f32.
-    #[arg(long, default_value_t = KvDtype::F32)]
-    pub kv: KvDtype,
+    /// Precision of the KV cache's host pages: `f32` (exact, the default) or `f16` (half the
+    /// bytes). In `eval`, the pages the selectors decode from; the full-attention reference keeps
+    /// f32. With `generate --context`, the context's own.
+    #[arg(long)]
+    pub kv: Option<KvDtype>,
+}
+
+impl ModelArgs {
+    /// The `--kv` asked for, f32 if none.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv.unwrap_or_default()
+    }
 }
 
 impl WeightsArg {

@@ -129,7 +129,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             };
             let tokens = needle_eval::eval::text_tokens(&tokenizer, &text, a.context_tokens)
                 .context("--text / --context-tokens")?;
-            let (steps, chunk, kv) = (a.steps, a.chunk, a.model.kv);
+            let (steps, chunk, kv) = (a.steps, a.chunk, a.model.kv_dtype());
             let cfg = FidelityConfig { steps, attn_layers: a.attn_layers.clone(), chunk, kv };
             let (pp, ps) = (progress_bar(tokens.len(), "prefill"), progress_bar(selectors.len(), "selectors"));
             report.fidelity = needle_eval::eval::fidelity(
@@ -151,7 +151,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 seeds: a.seeds.clone(),
                 answer_tokens: a.answer_tokens,
                 chunk: a.chunk,
-                kv: a.model.kv,
+                kv: a.model.kv_dtype(),
             };
             let pb = progress_bar(0, "prompts");
             let rows = needle_eval::eval::run_tasks(&model, &tokenizer, &selectors, specs, &cfg, &mut |d, t| {

@@ -75,11 +75,12 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
         let saved = context::load(&path, &model, &model_digest(&a.model.model)?, a.model.weights.name())
             .with_context(|| format!("--context {}", path.display()))?;
         let (load_s, mut cache) = (t.elapsed().as_secs_f64(), saved.cache);
+        let kv = a.model.kv.map(|k| k.to_string());
         for (flag, asked, file) in [
-            ("--selector", &a.selector, &saved.info.selector),
-            ("--kv", &a.model.kv.to_string(), &saved.info.kv.to_string()),
+            ("--selector", Some(&a.selector).filter(|s| *s != "auto"), saved.info.selector.clone()),
+            ("--kv", kv.as_ref(), saved.info.kv.to_string()),
         ] {
-            if asked != file && !(flag == "--selector" && asked == "auto") {
+            if let Some(asked) = asked.filter(|s| **s != file) {
                 bail!("{flag} {asked}: the context was saved with `{file}`; prefill it again to change it");
             }
         }
@@ -115,7 +116,7 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
         let why = if prompt.len() >= AUTO_RETRIEVAL_FROM { "≥" } else { "<" };
         tracing::info!("selector auto → {} ({} prompt tokens {why} {AUTO_RETRIEVAL_FROM})", a.selector, prompt.len());
     }
-    let mut cache = new_cache(&model, &a.selector, a.model.kv)?;
+    let mut cache = new_cache(&model, &a.selector, a.model.kv_dtype())?;
     if prompt.len() > model.max_positions() {
         tracing::warn!(
             "prompt of {} tokens is past the model's trained length of {}",
@@ -152,7 +153,7 @@ fn report(a: &GenerateArgs, out: &Generation, cache: &KvCache, context_load_s: O
         let v = serde_json::json!({
             "model": a.model.model,
             "selector": a.selector,
-            "kv": a.model.kv,
+            "kv": cache.config().kv,
             "prompt_tokens": out.prompt_tokens,
             "text": out.text,
             "token_ids": out.tokens,
@@ -182,7 +183,7 @@ fn report(a: &GenerateArgs, out: &Generation, cache: &KvCache, context_load_s: O
             out.decode_secs,
             a.selector,
             100.0 * out.stats.share_touched(),
-            a.model.kv,
+            cache.config().kv,
             mib(kv_bytes as u64),
             mib(sel_bytes as u64),
             peak_rss().map_or("n/a".into(), |b| format!("{:.0} MiB", mib(b))),

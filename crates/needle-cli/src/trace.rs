@@ -38,8 +38,8 @@ pub fn run(a: TraceArgs) -> Result<()> {
     if a.out.exists() && !a.force {
         bail!("{} exists; pass --force to overwrite it", a.out.display());
     }
-    if a.model.kv != needle_model::KvDtype::F32 {
-        bail!("--kv {}: traces record the f32 keys of a full-attention run; drop --kv", a.model.kv);
+    if let Some(kv) = a.model.kv.filter(|&k| k != needle_model::KvDtype::F32) {
+        bail!("--kv {kv}: traces record the f32 keys of a full-attention run; drop --kv");
     }
     let Loaded { model, tokenizer } = load(&a.model)?;
     let prompt = prompt_tokens(&a.prompt, &tokenizer)?;

@@ -77,3 +77,29 @@ fn unknown_documents_selectors_and_missing_backends_are_clear_errors() {
         assert!(stderr(&o).contains(&format!("--features {device}")), "{}", stderr(&o));
     }
 }
+
+#[test]
+fn a_saved_context_answers_questions_and_keeps_its_own_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("bible.needle");
+    let ctx = ctx.to_str().unwrap();
+    let prefill = |extra: &[&str]| {
+        let args = ["prefill", "--document", "default", "--context-tokens", "600", "--chat", "--kv", "f16"];
+        let sel = ["--selector", "quest:sinks=16,window=64,k=32", "--save", ctx];
+        needle(&[&args[..], &sel, extra].concat())
+    };
+    let o = prefill(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("saved") && stderr(&o).contains("KV f16"), "{}", stderr(&o));
+    let again = prefill(&[]);
+    assert!(!again.status.success() && stderr(&again).contains("--force"), "{}", stderr(&again));
+    let o = needle(&["generate", "--context", ctx, "--question", "Who built the ark?", "--max-tokens", "4", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["selector"].as_str(), v["kv"].as_str()), (Some("quest:sinks=16,window=64,k=32"), Some("f16")));
+    assert!(v["prompt_tokens"].as_u64().unwrap() > 600, "the question and the chat turn's end follow");
+    assert!(v["context_load_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 4);
+    let o = needle(&["generate", "--context", ctx, "--kv", "f32", "--max-tokens", "1"]);
+    assert!(!o.status.success() && stderr(&o).contains("saved with `f16`"), "{}", stderr(&o));
+}
