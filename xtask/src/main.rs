@@ -2,8 +2,8 @@
 //!
 //! - `ci`: rustfmt check, clippy (warnings are errors), fetch the model, the workspace tests,
 //!   the kernel crate's aarch64 (NEON) tests under qemu where the cross tools are installed, and
-//!   the downstream example crates, and `kernels-cubecl`'s fmt, clippy and tests on wgpu
-//!   (lavapipe). `.ci/run` runs exactly this.
+//!   the downstream example crates, `kernels-cubecl`'s fmt, clippy and tests on wgpu (lavapipe),
+//!   and the CUDA test bundle (built, not run). `.ci/run` runs exactly this.
 //! - `fetch-model`: puts the verified SmolLM2 GGUF and the default document in the cache (see
 //!   `needle-fetch`).
 //! - `test-gpu [--build-only] [--out DIR]`: the CubeCL kernel tests on CUDA, or a bundle of them
@@ -91,6 +91,8 @@ fn ci() -> Result<()> {
     cargo(&["fmt", "--check"], &kc)?;
     cargo(&["clippy", "--all-targets", "--locked", "--", "-D", "warnings"], &kc)?;
     cargo(&["test", "--locked"], &kc)?;
+    // No GPU here: the CUDA bundle must still build.
+    test_gpu(&["--build-only".into()])?;
     for ex in example_crates(&root) {
         cargo(&["test"], &ex)?;
     }
@@ -145,7 +147,8 @@ fn test_gpu(args: &[String]) -> Result<()> {
         return cargo(&[&["test"][..], &cuda].concat(), &kc);
     }
     let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1));
-    let out = out.map_or_else(|| root().join("target/gpu-bundle"), PathBuf::from);
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let out = out.map_or_else(|| target.join("gpu-bundle"), PathBuf::from);
     let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = Command::new(cargo_bin)
         .args([&["test", "--no-run", "--message-format=json"][..], &cuda].concat())
