@@ -2,12 +2,12 @@
 //!
 //! - `ci`: rustfmt check, clippy (warnings are errors), fetch the model, the workspace tests,
 //!   the kernel crate's aarch64 (NEON) tests under qemu where the cross tools are installed, and
-//!   the downstream example crates, `kernels-cubecl`'s fmt, clippy and tests on wgpu (lavapipe),
+//!   the downstream example crates, `kernels-cubecl`'s fmt check and tests on wgpu (lavapipe),
 //!   and the CUDA test bundle (built, not run). `.ci/run` runs exactly this.
 //! - `fetch-model`: puts the verified SmolLM2 GGUF and the default document in the cache (see
 //!   `needle-fetch`).
-//! - `test-gpu [--build-only] [--out DIR]`: the CubeCL kernel tests on CUDA, or a bundle of them
-//!   to carry to a GPU machine.
+//! - `test-gpu [--build-only] [--out DIR]`: `kernels-cubecl`'s clippy (wgpu and cuda features)
+//!   and its tests on CUDA, or a bundle of the tests to carry to a GPU machine.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
@@ -86,10 +86,10 @@ fn ci() -> Result<()> {
     cargo(&["test", "--workspace", "--locked"], &root)?;
     aarch64_tests(&root)?;
     // The CubeCL kernels (their own workspace, kept out of the CPU build) on wgpu over Mesa's
-    // software Vulkan; .ci/run installs it. The CUDA build is `cargo xtask test-gpu`'s.
+    // software Vulkan; .ci/run installs it. Their clippy pass is `test-gpu`'s: it would build a
+    // second set of cubecl artifacts, minutes of a cold CI run.
     let kc = root.join("kernels-cubecl");
     cargo(&["fmt", "--check"], &kc)?;
-    cargo(&["clippy", "--all-targets", "--locked", "--", "-D", "warnings"], &kc)?;
     cargo(&["test", "--locked"], &kc)?;
     // No GPU here: the CUDA bundle must still build.
     test_gpu(&["--build-only".into()])?;
@@ -137,13 +137,16 @@ fn aarch64_tests(root: &Path) -> Result<()> {
     cargo_env(&dot_only, root, &[base[0], base[1], ("QEMU_CPU", "cortex-a53")])
 }
 
-/// The CubeCL kernel tests on the `cuda` runtime. `--build-only [--out DIR]` builds them into a
+/// `kernels-cubecl`'s clippy and its tests on the `cuda` runtime. `--build-only [--out DIR]` builds the tests into a
 /// bundle instead (test binaries and `run.sh`; the machine that runs it needs the CUDA driver,
 /// not Rust), for a GPU machine without a toolchain or network.
 fn test_gpu(args: &[String]) -> Result<()> {
     let kc = root().join("kernels-cubecl");
     let cuda = ["--locked", "--no-default-features", "--features", "cuda"];
     if !args.iter().any(|a| a == "--build-only") {
+        for features in [&["--locked"][..], &cuda] {
+            cargo(&[&["clippy", "--all-targets"][..], features, &["--", "-D", "warnings"]].concat(), &kc)?;
+        }
         return cargo(&[&["test"][..], &cuda].concat(), &kc);
     }
     let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1));
