@@ -76,6 +76,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A KV storage tier failed (a spill file could not be written, a budget is exhausted).
+    #[error("KV storage: {0}")]
+    Storage(String),
 }
 
 /// Result with needle-core's [`Error`].

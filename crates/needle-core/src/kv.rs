@@ -10,6 +10,7 @@ use std::str::FromStr;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use needle_kv::{PageBuf, SpillFile};
 
 use crate::error::{Error, Result, check_finite, check_len};
 
@@ -215,7 +216,9 @@ impl RowSource for Rows<'_> {
 }
 
 /// Owned rows kept in fixed-size pages of `page_size` rows, so growth never copies old rows
-/// and a page is the unit a storage tier moves. Rows are stored at one [`KvDtype`].
+/// and a page is the unit a storage tier moves. Rows are stored at one [`KvDtype`]. A full page
+/// can leave RAM for a [`SpillFile`] ([`PagedRows::spill_page`]) and is then read in place from
+/// its map; readers see no difference.
 #[derive(Debug, Clone)]
 pub struct PagedRows {
     dim: usize,
@@ -228,9 +231,9 @@ pub struct PagedRows {
 #[derive(Debug, Clone)]
 pub enum Pages {
     /// `f32` pages.
-    F32(Vec<Box<[f32]>>),
+    F32(Vec<PageBuf<f32>>),
     /// `f16` pages.
-    F16(Vec<Box<[f16]>>),
+    F16(Vec<PageBuf<f16>>),
 }
 
 impl Pages {
@@ -239,6 +242,14 @@ impl Pages {
         match self {
             Pages::F32(p) => p.len(),
             Pages::F16(p) => p.len(),
+        }
+    }
+
+    /// True when page `i` is in RAM (false past the end).
+    pub fn is_host(&self, i: usize) -> bool {
+        match self {
+            Pages::F32(p) => p.get(i).is_some_and(PageBuf::is_host),
+            Pages::F16(p) => p.get(i).is_some_and(PageBuf::is_host),
         }
     }
 }
@@ -282,13 +293,15 @@ impl PagedRows {
         let id = u32::try_from(self.len).map_err(|_| Error::invalid("len", "more than u32::MAX rows"))?;
         let (slot, d, ps) = (self.len % self.page_size, self.dim, self.page_size);
         let span = slot * d..(slot + 1) * d;
+        let missing = || Error::invalid("page", "missing");
         match &mut self.pages {
             Pages::F32(pages) => {
                 if slot == 0 {
-                    pages.push(vec![0.0; ps * d].into_boxed_slice());
+                    pages.push(PageBuf::host(vec![0.0; ps * d].into_boxed_slice()));
                 }
-                let page = pages.last_mut().ok_or_else(|| Error::invalid("page", "missing"))?;
-                page[span].copy_from_slice(row);
+                let page = pages.last_mut().ok_or_else(missing)?;
+                page.make_host();
+                page.host_mut().ok_or_else(missing)?[span].copy_from_slice(row);
             }
             Pages::F16(pages) => {
                 if let Some((i, &x)) = row.iter().enumerate().find(|(_, x)| x.abs() > f16::MAX.to_f32()) {
@@ -298,10 +311,11 @@ impl PagedRows {
                     ));
                 }
                 if slot == 0 {
-                    pages.push(vec![f16::ZERO; ps * d].into_boxed_slice());
+                    pages.push(PageBuf::host(vec![f16::ZERO; ps * d].into_boxed_slice()));
                 }
-                let page = pages.last_mut().ok_or_else(|| Error::invalid("page", "missing"))?;
-                page[span].convert_from_f32_slice(row);
+                let page = pages.last_mut().ok_or_else(missing)?;
+                page.make_host();
+                page.host_mut().ok_or_else(missing)?[span].convert_from_f32_slice(row);
             }
         }
         self.len += 1;
@@ -345,9 +359,74 @@ impl PagedRows {
         }
     }
 
-    /// Bytes held, counting whole pages.
+    /// Bytes held on every tier, counting whole pages.
     pub fn bytes(&self) -> usize {
-        self.pages.count() * self.page_size * self.dim * self.dtype().bytes()
+        self.pages.count() * self.page_bytes()
+    }
+
+    /// Bytes of one page.
+    pub fn page_bytes(&self) -> usize {
+        self.page_size * self.dim * self.dtype().bytes()
+    }
+
+    /// Bytes held in RAM (the host tier), counting whole pages.
+    pub fn host_bytes(&self) -> usize {
+        (0..self.pages.count()).filter(|&i| self.pages.is_host(i)).count() * self.page_bytes()
+    }
+
+    /// Pages that are full, so never written again: the ones that may leave RAM.
+    pub fn full_pages(&self) -> usize {
+        self.len / self.page_size
+    }
+
+    /// Moves full page `i` from RAM to `spill`; returns whether it moved (a page already on
+    /// disk, or the page still being filled, stays where it is).
+    pub fn spill_page(&mut self, i: usize, spill: &mut SpillFile) -> Result<bool> {
+        if i >= self.full_pages() || !self.pages.is_host(i) {
+            return Ok(false);
+        }
+        let err = |e: needle_kv::Error| Error::Storage(e.to_string());
+        match &mut self.pages {
+            Pages::F32(p) => p[i] = spill.store(&p[i]).map_err(err)?,
+            Pages::F16(p) => p[i] = spill.store(&p[i]).map_err(err)?,
+        }
+        Ok(true)
+    }
+
+    /// Rows read in place from pages of a mapped file (a loaded context): `len` rows of `dim`
+    /// numbers in pages of `page_size` rows, every page full but the last, which may hold only
+    /// its rows. A partly filled last page is copied into RAM (appending writes to it).
+    pub fn from_pages(dim: usize, page_size: usize, mut pages: Pages, len: usize) -> Result<Self> {
+        let mut rows = Self::with_dtype(dim, page_size, KvDtype::F32)?;
+        let (count, per_page) = (pages.count(), page_size * dim);
+        let last_rows = len - len.saturating_sub(1) / page_size * page_size;
+        let fits = |i: usize, n: usize| n == per_page || (i + 1 == count && n == last_rows * dim);
+        let sizes_ok = match &pages {
+            Pages::F32(p) => p.iter().enumerate().all(|(i, b)| fits(i, b.len())),
+            Pages::F16(p) => p.iter().enumerate().all(|(i, b)| fits(i, b.len())),
+        };
+        if count != len.div_ceil(page_size) || !sizes_ok {
+            return Err(Error::invalid(
+                "pages",
+                format!("{count} pages do not hold {len} rows of {dim} numbers in pages of {page_size} rows"),
+            ));
+        }
+        fn pad<T: bytemuck::Pod>(p: &mut [PageBuf<T>], per_page: usize) {
+            if let Some(last) = p.last_mut()
+                && last.len() < per_page
+            {
+                let mut full = vec![T::zeroed(); per_page];
+                full[..last.len()].copy_from_slice(last);
+                *last = PageBuf::host(full.into_boxed_slice());
+            }
+        }
+        match &mut pages {
+            Pages::F32(p) => pad(p, per_page),
+            Pages::F16(p) => pad(p, per_page),
+        }
+        rows.pages = pages;
+        rows.len = len;
+        Ok(rows)
     }
 }
 
@@ -437,5 +516,55 @@ mod tests {
         assert!((0..9).all(|i| back.row(i).to_vec() == p.row(i).to_vec()), "and back again");
         assert_eq!("F16".parse::<KvDtype>().unwrap(), KvDtype::F16);
         assert!("q4".parse::<KvDtype>().is_err());
+    }
+
+    #[test]
+    fn spilled_pages_read_as_before_and_a_truncated_spilled_page_is_written_in_ram() {
+        let dir = tempfile::tempdir().unwrap();
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let row = |i: usize| -> Vec<f32> { (0..5).map(|j| ((i * 5 + j) as f32 * 0.37).sin()).collect() };
+            let mut p = PagedRows::with_dtype(5, 4, dtype).unwrap();
+            (0..11).for_each(|i| drop(p.push(&row(i)).unwrap()));
+            let before: Vec<Vec<f32>> = (0..11).map(|i| p.row(i).to_vec()).collect();
+            let mut spill = SpillFile::create(dir.path(), None).unwrap();
+            let moved: Vec<bool> = [0, 1, 2, 0].iter().map(|&i| p.spill_page(i, &mut spill).unwrap()).collect();
+            assert_eq!(
+                moved,
+                [true, true, false, false],
+                "the page being filled stays, a spilled one is not spilled again"
+            );
+            assert_eq!((p.host_bytes(), p.bytes()), (p.page_bytes(), 3 * p.page_bytes()));
+            assert!((0..11).all(|i| p.row(i).to_vec() == before[i]), "{dtype}");
+            p.truncate(6);
+            p.push(&row(99)).unwrap();
+            assert!(p.pages().is_host(1), "a spilled page written again comes back into RAM");
+            assert_eq!(
+                p.row(6).to_vec(),
+                PagedRows::with_dtype(5, 4, dtype)
+                    .map(|mut q| {
+                        q.push(&row(99)).unwrap();
+                        q.row(0).to_vec()
+                    })
+                    .unwrap()
+            );
+            assert!((0..6).all(|i| p.row(i).to_vec() == before[i]));
+            let clone = p.clone();
+            assert!((0..7).all(|i| clone.row(i).to_vec() == p.row(i).to_vec()));
+        }
+    }
+
+    #[test]
+    fn from_pages_takes_a_short_last_page_and_rejects_pages_that_do_not_fit() {
+        let page = |n: usize, x: f32| PageBuf::host(vec![x; n].into_boxed_slice());
+        let p = PagedRows::from_pages(2, 4, Pages::F32(vec![page(8, 1.0), page(2, 2.0)]), 5).unwrap();
+        assert_eq!((p.len(), p.row(4).to_vec(), p.pages().count()), (5, vec![2.0, 2.0], 2));
+        let mut p = p;
+        p.push(&[3.0, 3.0]).unwrap();
+        assert_eq!(p.row(5).to_vec(), [3.0, 3.0]);
+        for (pages, len) in
+            [(vec![page(8, 1.0), page(4, 2.0)], 5), (vec![page(6, 1.0), page(2, 2.0)], 5), (vec![page(8, 1.0)], 5)]
+        {
+            assert!(PagedRows::from_pages(2, 4, Pages::F32(pages), len).is_err());
+        }
     }
 }

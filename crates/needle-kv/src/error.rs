@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-/// What went wrong with a context file.
+/// What went wrong with a context file, a page or a tier.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The operating system refused an operation.
@@ -68,6 +68,32 @@ pub enum Error {
     BadSection {
         /// The section.
         name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A page view that does not fit its map (a bug of the caller, or a corrupt table).
+    #[error("bad page: {reason}")]
+    BadPage {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tier is full: the KV cache needs more than the budgets allow.
+    #[error(
+        "the {tier} tier's budget of {limit} bytes cannot hold {need} more bytes of KV pages (raise --kv-budget {tier}=…)"
+    )]
+    Budget {
+        /// `host` or `disk`.
+        tier: &'static str,
+        /// The budget.
+        limit: u64,
+        /// Bytes asked for beyond what it holds.
+        need: u64,
+    },
+    /// A budget spec that does not parse.
+    #[error("--kv-budget `{spec}`: {reason}")]
+    BadBudget {
+        /// The spec as given.
+        spec: String,
         /// What is wrong.
         reason: String,
     },

@@ -1,7 +1,13 @@
 //! # needle-kv
 //!
-//! KV storage beyond one process's RAM. Today: the **context file**, a prefilled KV cache and
-//! its selectors' built state saved once and loaded many times ("prefill once, ask many").
+//! KV storage beyond one process's RAM.
+//!
+//! - The **page** ([`PageBuf`]), the unit a tier holds and moves: in RAM (host tier) or read in
+//!   place from a memory-mapped file (disk tier).
+//! - The **disk tier** ([`SpillFile`]): pages that leave the host budget ([`TierBudget`]) are
+//!   written once to an unnamed temporary file and read back through its maps on demand.
+//! - The **context file**: a prefilled KV cache and its selectors' built state saved once and
+//!   loaded many times ("prefill once, ask many").
 //! [`ContextWriter`] writes named sections into a temporary file and renames it into place only
 //! after an fsync, so a save killed midway leaves the previous file intact; [`ContextReader`]
 //! maps the file, checks its table, and checks every section page by page (xxh3) as it is read,
@@ -13,6 +19,10 @@
 
 mod error;
 mod file;
+mod page;
+mod tier;
 
 pub use error::{Error, Result};
 pub use file::{ContextReader, ContextWriter, VERSION};
+pub use page::PageBuf;
+pub use tier::{SpillFile, TierBudget, parse_bytes};

@@ -22,6 +22,7 @@ use burn::tensor::{Tensor, TensorData};
 use needle_core::Pages as CachePages;
 use needle_kernels_cpu::attn::KvElem;
 use needle_kernels_cpu::{Pages, flash_prefill, ops};
+use needle_kv::PageBuf;
 
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
@@ -274,7 +275,7 @@ fn prefill_typed<'a, T: KvElem>(
     queries: &[f32],
     keys: &[&'a CachePages],
     values: &[&'a CachePages],
-    pick: fn(&'a CachePages) -> &'a [Box<[T]>],
+    pick: fn(&'a CachePages) -> &'a [PageBuf<T>],
     shape: PageShape,
     out: &mut [f32],
     first_pos: usize,
@@ -291,11 +292,11 @@ fn prefill_typed<'a, T: KvElem>(
     flash_prefill(queries, &k, &v, out, first_pos, n_q_heads, scale)
 }
 
-fn as_f32(p: &CachePages) -> &[Box<[f32]>] {
+fn as_f32(p: &CachePages) -> &[PageBuf<f32>] {
     if let CachePages::F32(v) = p { v } else { &[] }
 }
 
-fn as_f16(p: &CachePages) -> &[Box<[half::f16]>] {
+fn as_f16(p: &CachePages) -> &[PageBuf<half::f16>] {
     if let CachePages::F16(v) = p { v } else { &[] }
 }
 
