@@ -2,12 +2,14 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::{Error, Isa, Result, check_len};
 
 /// Query positions per tile (times the GQA group size gives the query rows sharing a key tile).
-const TILE_Q: usize = 16;
+pub(crate) const TILE_Q: usize = 16;
 /// Keys per tile (at most; tiles never straddle a page).
 const TILE_K: usize = 64;
 
@@ -106,6 +108,44 @@ pub fn flash_prefill_with<T: KvElem>(
     n_q_heads: usize,
     scale: f32,
 ) -> Result<()> {
+    let Shape { dim, n_kv, row, .. } = check_shapes(q, keys, values, out, pos0, n_q_heads)?;
+    let job = Job { q, keys, values, pos0, n_q_heads, group: n_q_heads / n_kv, dim, scale };
+    let isa = isa.effective();
+    out.par_chunks_mut(TILE_Q * row).enumerate().for_each(|(qt, out_tile)| {
+        let i0 = qt * TILE_Q;
+        let nq = out_tile.len() / row;
+        let all = 0..pos0 + i0 + nq;
+        let spans = std::slice::from_ref(&all);
+        let heads: Vec<Vec<f32>> = (0..n_kv).into_par_iter().map(|g| job.run(isa, i0, nq, g, spans)).collect();
+        for (g, res) in heads.iter().enumerate() {
+            job.scatter(g, res, out_tile);
+        }
+    });
+    Ok(())
+}
+
+/// What [`check_shapes`] derives from the arguments of a prefill.
+pub(crate) struct Shape {
+    /// Query positions.
+    pub t: usize,
+    /// Head dim.
+    pub dim: usize,
+    /// KV heads.
+    pub n_kv: usize,
+    /// Floats per query position (`n_q_heads × dim`).
+    pub row: usize,
+}
+
+/// The argument checks of a causal prefill over pages ([`flash_prefill_with`] and the
+/// block-sparse one share them).
+pub(crate) fn check_shapes<T>(
+    q: &[f32],
+    keys: &[Pages<'_, T>],
+    values: &[Pages<'_, T>],
+    out: &[f32],
+    pos0: usize,
+    n_q_heads: usize,
+) -> Result<Shape> {
     let n_kv = keys.len();
     if n_kv == 0 {
         return Err(Error::Invalid { param: "keys", why: "no KV heads".into() });
@@ -139,82 +179,80 @@ pub fn flash_prefill_with<T: KvElem>(
             }
         }
     }
-    let group = n_q_heads / n_kv;
-    let job = Job { q, keys, values, pos0, n_q_heads, group, dim, scale };
-    let isa = isa.effective();
-    out.par_chunks_mut(TILE_Q * row).enumerate().for_each(|(qt, out_tile)| {
-        let i0 = qt * TILE_Q;
-        let nq = out_tile.len() / row;
-        let heads: Vec<Vec<f32>> = (0..n_kv).into_par_iter().map(|g| job.run(isa, i0, nq, g)).collect();
-        for (g, res) in heads.iter().enumerate() {
-            for i in 0..nq {
-                for j in 0..group {
-                    let h = g * group + j;
-                    let src = &res[(i * group + j) * dim..(i * group + j + 1) * dim];
-                    out_tile[(i * n_q_heads + h) * dim..(i * n_q_heads + h + 1) * dim].copy_from_slice(src);
-                }
-            }
-        }
-    });
-    Ok(())
+    Ok(Shape { t, dim, n_kv, row })
 }
 
-struct Job<'q, 'k, 'p, T> {
-    q: &'q [f32],
-    keys: &'k [Pages<'p, T>],
-    values: &'k [Pages<'p, T>],
-    pos0: usize,
-    n_q_heads: usize,
-    group: usize,
-    dim: usize,
-    scale: f32,
+/// One prefill: the query rows (`t × n_q_heads × dim`, positions `pos0..`) and the pages; a
+/// (query tile, KV head, key spans) piece of it runs with [`Job::run`].
+pub(crate) struct Job<'q, 'k, 'p, T> {
+    pub q: &'q [f32],
+    pub keys: &'k [Pages<'p, T>],
+    pub values: &'k [Pages<'p, T>],
+    pub pos0: usize,
+    pub n_q_heads: usize,
+    pub group: usize,
+    pub dim: usize,
+    pub scale: f32,
 }
 
 impl<T: KvElem> Job<'_, '_, '_, T> {
-    /// Query positions `i0..i0 + nq`, KV head `g`: `nq × group × dim` outputs.
-    fn run(&self, isa: Isa, i0: usize, nq: usize, g: usize) -> Vec<f32> {
+    /// Writes `res` (KV head `g`'s `nq × group × dim` outputs from [`Job::run`]) into its heads'
+    /// places in `out_tile` (`nq × n_q_heads × dim`).
+    pub(crate) fn scatter(&self, g: usize, res: &[f32], out_tile: &mut [f32]) {
+        let (dim, group, n_q_heads) = (self.dim, self.group, self.n_q_heads);
+        for (i, out_row) in out_tile.chunks_exact_mut(n_q_heads * dim).enumerate() {
+            let src = &res[i * group * dim..(i + 1) * group * dim];
+            out_row[g * group * dim..(g + 1) * group * dim].copy_from_slice(src);
+        }
+    }
+
+    /// Query positions `i0..i0 + nq`, KV head `g`, over the keys in `spans` (ascending, disjoint,
+    /// each ending at most at `pos0 + i0 + nq`): `nq × group × dim` outputs. The first key of the
+    /// first span must be visible to every query row (at most its position): the online softmax
+    /// starts from there. Keys after a row's position are masked, as in dense prefill.
+    pub(crate) fn run(&self, isa: Isa, i0: usize, nq: usize, g: usize, spans: &[Range<usize>]) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
         if isa.has_avx2() {
             if self.dim.is_multiple_of(8) {
                 // SAFETY: `has_avx2()` means avx2, fma and f16c were detected on this CPU; `dim`
                 // is a multiple of 8 and `flash_prefill_with` checked the shapes.
-                return unsafe { x86_prefill::run(self, i0, nq, g) };
+                return unsafe { x86_prefill::run(self, i0, nq, g, spans) };
             }
             // SAFETY: as above.
-            return unsafe { self.run_avx2(i0, nq, g) };
+            return unsafe { self.run_avx2(i0, nq, g, spans) };
         }
         #[cfg(target_arch = "aarch64")]
         if isa.has_neon() && self.dim.is_multiple_of(4) {
             // SAFETY: `has_neon()` means neon was detected on this CPU; `dim` is a multiple of 4
             // and `flash_prefill_with` checked the shapes.
-            return unsafe { arm_prefill::run(self, i0, nq, g) };
+            return unsafe { arm_prefill::run(self, i0, nq, g, spans) };
         }
         // (On aarch64 NEON is a baseline feature, so this generic code is compiled for it too.)
         let _ = isa;
-        self.run_dims(i0, nq, g)
+        self.run_dims(i0, nq, g, spans)
     }
 
     /// # Safety
     /// Needs avx2 and fma.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(&self, i0: usize, nq: usize, g: usize) -> Vec<f32> {
-        self.run_dims(i0, nq, g)
+    unsafe fn run_avx2(&self, i0: usize, nq: usize, g: usize, spans: &[Range<usize>]) -> Vec<f32> {
+        self.run_dims(i0, nq, g, spans)
     }
 
     /// Head dims 64 and 128 get loops of constant length; any other dim runs the general code.
     #[inline(always)]
-    fn run_dims(&self, i0: usize, nq: usize, g: usize) -> Vec<f32> {
+    fn run_dims(&self, i0: usize, nq: usize, g: usize, spans: &[Range<usize>]) -> Vec<f32> {
         match self.dim {
-            64 => self.body::<64>(i0, nq, g),
-            128 => self.body::<128>(i0, nq, g),
-            _ => self.body::<0>(i0, nq, g),
+            64 => self.body::<64>(i0, nq, g, spans),
+            128 => self.body::<128>(i0, nq, g, spans),
+            _ => self.body::<0>(i0, nq, g, spans),
         }
     }
 
     /// `D` is the head dim, or 0 for "read it from `self.dim`".
     #[inline(always)]
-    fn body<const D: usize>(&self, i0: usize, nq: usize, g: usize) -> Vec<f32> {
+    fn body<const D: usize>(&self, i0: usize, nq: usize, g: usize, spans: &[Range<usize>]) -> Vec<f32> {
         let dim = if D == 0 { self.dim } else { D };
         let group = self.group;
         let nrows = nq * group;
@@ -227,10 +265,7 @@ impl<T: KvElem> Job<'_, '_, '_, T> {
         let mut s = [0f32; TILE_K];
         let (kp, vp) = (&self.keys[g], &self.values[g]);
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        let kend = self.pos0 + i0 + nq;
-        let mut k0 = 0;
-        while k0 < kend {
-            let n = TILE_K.min(kend - k0).min(kp.page_rows - k0 % kp.page_rows).min(vp.page_rows - k0 % vp.page_rows);
+        for (k0, n) in key_tiles(spans, kp.page_rows, vp.page_rows) {
             let ktile = T::as_f32(kp.rows(k0, n), &mut ks);
             let vt = T::as_f32(vp.rows(k0, n), &mut vs);
             for (j, kr) in ktile.chunks_exact(dim).enumerate() {
@@ -273,7 +308,6 @@ impl<T: KvElem> Job<'_, '_, '_, T> {
                     }
                 }
             }
-            k0 += n;
         }
         for (ar, &lr) in acc.chunks_exact_mut(dim).zip(&l) {
             let inv = 1.0 / lr;
@@ -281,6 +315,21 @@ impl<T: KvElem> Job<'_, '_, '_, T> {
         }
         acc
     }
+}
+
+/// The key tiles `(first position, rows)` of `spans`: at most [`TILE_K`] rows, never straddling a
+/// key or value page.
+fn key_tiles(spans: &[Range<usize>], k_page: usize, v_page: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    spans.iter().flat_map(move |s| {
+        let mut k0 = s.start;
+        std::iter::from_fn(move || {
+            (k0 < s.end).then(|| {
+                let n = TILE_K.min(s.end - k0).min(k_page - k0 % k_page).min(v_page - k0 % v_page);
+                k0 += n;
+                (k0 - n, n)
+            })
+        })
+    })
 }
 
 /// AVX2 prefill for head dims that are a multiple of 8. A (query tile, KV head) job keeps its
@@ -297,7 +346,7 @@ mod x86_prefill {
     use half::slice::HalfFloatSliceExt;
 
     use super::x86::exp8;
-    use super::{Job, KvElem, TILE_K};
+    use super::{Job, KvElem, Range, TILE_K, key_tiles};
 
     /// Keys (of `Sᵀ`) resp. query rows (of `O`) per register block.
     const R: usize = 6;
@@ -309,7 +358,13 @@ mod x86_prefill {
     /// `flash_prefill_with` hold (query rows `i0..i0 + nq` exist, KV head `g` has `len ≥ pos0 +
     /// i0 + nq` rows in pages of `dim`-element rows).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn run<T: KvElem>(job: &Job<'_, '_, '_, T>, i0: usize, nq: usize, g: usize) -> Vec<f32> {
+    pub(super) unsafe fn run<T: KvElem>(
+        job: &Job<'_, '_, '_, T>,
+        i0: usize,
+        nq: usize,
+        g: usize,
+        spans: &[Range<usize>],
+    ) -> Vec<f32> {
         let (dim, group) = (job.dim, job.group);
         let rows = nq * group;
         // Rows padded to whole vectors; padding rows have zero queries and see every key, so
@@ -349,10 +404,7 @@ mod x86_prefill {
         let mut c = vec![0f32; rp];
         let (kp, vp) = (&job.keys[g], &job.values[g]);
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        let kend = job.pos0 + i0 + nq;
-        let mut k0 = 0;
-        while k0 < kend {
-            let n = TILE_K.min(kend - k0).min(kp.page_rows - k0 % kp.page_rows).min(vp.page_rows - k0 % vp.page_rows);
+        for (k0, n) in key_tiles(spans, kp.page_rows, vp.page_rows) {
             // SAFETY: f16c is enabled in this fn.
             let (kt, vt) = unsafe { (tile_f32(kp.rows(k0, n), &mut ks), tile_f32(vp.rows(k0, n), &mut vs)) };
             for (lr, p) in lim.iter_mut().zip(&pos1) {
@@ -367,7 +419,6 @@ mod x86_prefill {
                 softmax(st, &lim, &mut m, &mut l, &mut c, n, rp);
                 accumulate(st, vt, &mut o, &c, n, rp, rows, dim);
             }
-            k0 += n;
         }
         for (orow, lr) in o.chunks_exact_mut(dim).zip(&l) {
             let inv = 1.0 / lr;
@@ -1205,7 +1256,7 @@ mod arm_prefill {
     use half::f16;
     use half::slice::HalfFloatSliceExt;
 
-    use super::{Job, KvElem, TILE_K};
+    use super::{Job, KvElem, Range, TILE_K, key_tiles};
     use crate::neon::{exp4, f16x8_to_f32};
 
     /// Keys (of `Sᵀ`) resp. query rows (of `O`) per register block.
@@ -1218,7 +1269,13 @@ mod arm_prefill {
     /// hold (query rows `i0..i0 + nq` exist, KV head `g` has `len ≥ pos0 + i0 + nq` rows in pages
     /// of `dim`-element rows).
     #[target_feature(enable = "neon")]
-    pub(super) unsafe fn run<T: KvElem>(job: &Job<'_, '_, '_, T>, i0: usize, nq: usize, g: usize) -> Vec<f32> {
+    pub(super) unsafe fn run<T: KvElem>(
+        job: &Job<'_, '_, '_, T>,
+        i0: usize,
+        nq: usize,
+        g: usize,
+        spans: &[Range<usize>],
+    ) -> Vec<f32> {
         let (dim, group) = (job.dim, job.group);
         let rows = nq * group;
         // Rows padded to whole vectors; padding rows have zero queries and see every key, so
@@ -1243,10 +1300,7 @@ mod arm_prefill {
         let mut c = vec![0f32; rp];
         let (kp, vp) = (&job.keys[g], &job.values[g]);
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        let kend = job.pos0 + i0 + nq;
-        let mut k0 = 0;
-        while k0 < kend {
-            let n = TILE_K.min(kend - k0).min(kp.page_rows - k0 % kp.page_rows).min(vp.page_rows - k0 % vp.page_rows);
+        for (k0, n) in key_tiles(spans, kp.page_rows, vp.page_rows) {
             let (kt, vt) = (tile_f32(kp.rows(k0, n), &mut ks), tile_f32(vp.rows(k0, n), &mut vs));
             for (lr, p) in lim.iter_mut().zip(&pos1) {
                 // At most TILE_K + 1, so it fits an i32.
@@ -1260,7 +1314,6 @@ mod arm_prefill {
                 softmax(&mut st, &lim, &mut m, &mut l, &mut c, n, rp);
                 accumulate(&st, vt, &mut o, &c, n, rp, rows, dim);
             }
-            k0 += n;
         }
         for (orow, lr) in o.chunks_exact_mut(dim).zip(&l) {
             let inv = 1.0 / lr;

@@ -7,6 +7,8 @@
 //! * [`linear`]: [`QMatrix`], a borrowed view of quantized weight rows, with `gemv` and `gemm`.
 //! * [`attn`]: causal, GQA-aware flash prefill reading KV pages in place, and decode attention
 //!   of a query group over gathered rows ([`attend_rows`]).
+//! * [`sparse`]: block-sparse causal prefill ([`sparse_prefill`]): the same tile loop over the
+//!   key blocks a [`BlockLayout`] chooses for each query block.
 //! * [`ops`]: RMSNorm, rotate-half RoPE, SiLU·up.
 //! * [`pool`]: the spinning thread pool the linears' parallel loops run on.
 //!
@@ -30,6 +32,7 @@ pub mod linear;
 pub mod ops;
 pub mod pool;
 pub mod quant;
+pub mod sparse;
 
 mod isa;
 #[cfg(target_arch = "aarch64")]
@@ -41,6 +44,7 @@ pub use isa::Isa;
 pub use linear::{QMatrix, gemv_many};
 pub use pool::Pool;
 pub use quant::{QuantType, dequantize_row};
+pub use sparse::{BlockLayout, sparse_prefill};
 
 /// Errors of the kernels: a bad shape or length, naming the parameter.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
