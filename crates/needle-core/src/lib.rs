@@ -39,6 +39,7 @@ mod index;
 pub mod kit;
 mod kv;
 pub mod metrics;
+pub mod prefill;
 mod selector;
 pub mod state;
 #[cfg(feature = "synth")]
