@@ -1,0 +1,165 @@
+//! # needle-prefill
+//!
+//! Sparse prefill patterns: implementations of [`needle_core::prefill::PrefillPattern`], the
+//! plug-in point that decides, per layer and KV head, which key blocks each query block of a
+//! prefill chunk attends to (the engine then runs block-sparse causal attention over them).
+//!
+//! | spec | idea |
+//! |---|---|
+//! | `dense` | no pattern: dense causal prefill |
+//! | `vertical-slash[:block=64,last_q=64,vertical=512,slash=512]` | MInference: the top vertical keys and slash offsets of the last queries' attention ([`VerticalSlash`]) |
+//! | `flex[:gamma=0.9,tau=0.1,block=64]` | FlexPrefill: per head query-aware (pooled blocks) or vertical-slash by Jensen–Shannon divergence, cumulative attention budget `gamma` ([`Flex`]) |
+//!
+//! Whatever the pattern, the first block (sinks), the diagonal block and the chunk's last query
+//! block are attended ([`needle_core::prefill::plan_chunk`]).
+//!
+//! ```
+//! let spec = needle_prefill::parse("flex:gamma=0.95")?;
+//! assert_eq!(spec.describe(), "flex:gamma=0.95,tau=0.1,block=64");
+//! assert!(needle_prefill::parse("dense")?.pattern().is_none());
+//! # Ok::<(), needle_core::Error>(())
+//! ```
+#![warn(missing_docs)]
+#![doc(test(attr(deny(warnings))))]
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use needle_core::prefill::{PrefillPattern, PrefillSpec};
+use needle_core::{Error, Result};
+
+pub mod estimate;
+mod flex;
+mod vertical_slash;
+
+pub use flex::Flex;
+pub use vertical_slash::VerticalSlash;
+
+/// The pattern names [`parse`] knows, with a line on each.
+pub const PATTERNS: &[(&str, &str)] = &[
+    ("dense", "dense causal prefill (no pattern)"),
+    (
+        "vertical-slash",
+        "MInference: vertical keys and slash offsets from the last queries (block, last_q, vertical, slash)",
+    ),
+    ("flex", "FlexPrefill: query-aware or vertical-slash per head by JS divergence (gamma, tau, block)"),
+];
+
+/// `name[:key=value,...]` split, options in order.
+fn split(spec: &str) -> Result<(String, Vec<(String, String)>)> {
+    let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
+    let mut opts = Vec::new();
+    for kv in rest.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| Error::invalid(format!("prefill option `{kv}`"), "options are key=value"))?;
+        opts.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    Ok((name.trim().to_ascii_lowercase(), opts))
+}
+
+/// Reads option `key` of pattern `name` as a `T`, `default` when absent.
+fn opt<T: std::str::FromStr>(name: &str, opts: &[(String, String)], key: &str, default: T) -> Result<T> {
+    match opts.iter().rev().find(|(k, _)| k == key) {
+        None => Ok(default),
+        Some((_, v)) => {
+            v.parse().map_err(|_| Error::invalid(format!("{name} option `{key}`"), format!("`{v}` is not valid")))
+        }
+    }
+}
+
+/// Parses a prefill spec (see the crate docs) into the `Copy` handle a
+/// `SelectionConfig` holds. The same spec always yields the same pattern object: each distinct
+/// pattern is allocated once for the life of the process.
+pub fn parse(spec: &str) -> Result<PrefillSpec> {
+    let (name, opts) = split(spec)?;
+    let allowed: &[&str] = match name.as_str() {
+        "dense" => &[],
+        "vertical-slash" => &["block", "last_q", "vertical", "slash"],
+        "flex" => &["gamma", "tau", "block"],
+        _ => {
+            let names: Vec<&str> = PATTERNS.iter().map(|p| p.0).collect();
+            return Err(Error::invalid("prefill", format!("unknown pattern `{name}`; valid: {}", names.join(", "))));
+        }
+    };
+    if let Some((k, _)) = opts.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        return Err(Error::invalid(format!("{name} option `{k}`"), format!("unknown; valid: {}", allowed.join(", "))));
+    }
+    let pattern: Box<dyn PrefillPattern> = match name.as_str() {
+        "dense" => return Ok(PrefillSpec::DENSE),
+        "vertical-slash" => {
+            let d = VerticalSlash::default();
+            Box::new(VerticalSlash {
+                block: opt(&name, &opts, "block", d.block)?,
+                last_q: opt(&name, &opts, "last_q", d.last_q)?,
+                vertical: opt(&name, &opts, "vertical", d.vertical)?,
+                slash: opt(&name, &opts, "slash", d.slash)?,
+            })
+        }
+        _ => {
+            let d = Flex::default();
+            let f = Flex {
+                gamma: opt(&name, &opts, "gamma", d.gamma)?,
+                tau: opt(&name, &opts, "tau", d.tau)?,
+                block: opt(&name, &opts, "block", d.block)?,
+            };
+            if !(f.gamma > 0.0 && f.gamma <= 1.0) {
+                return Err(Error::invalid("flex option `gamma`", format!("{} is not in (0, 1]", f.gamma)));
+            }
+            if !(f.tau >= 0.0) {
+                return Err(Error::invalid("flex option `tau`", format!("{} is not ≥ 0", f.tau)));
+            }
+            Box::new(f)
+        }
+    };
+    if pattern.block() == 0 {
+        return Err(Error::invalid(format!("{name} option `block`"), "must be at least 1"));
+    }
+    Ok(PrefillSpec::new(intern(pattern)))
+}
+
+/// The one shared copy of a pattern, by its description.
+fn intern(pattern: Box<dyn PrefillPattern>) -> &'static dyn PrefillPattern {
+    static SEEN: OnceLock<Mutex<HashMap<String, &'static dyn PrefillPattern>>> = OnceLock::new();
+    let mut seen = SEEN.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    *seen.entry(pattern.describe()).or_insert_with(|| Box::leak(pattern))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn specs_parse_with_defaults_and_options() {
+        assert_eq!(parse("dense").unwrap(), PrefillSpec::DENSE);
+        assert_eq!(
+            parse("vertical-slash").unwrap().describe(),
+            "vertical-slash:block=64,last_q=64,vertical=512,slash=512"
+        );
+        assert_eq!(
+            parse("Vertical-Slash:slash=100, block=128").unwrap().describe(),
+            "vertical-slash:block=128,last_q=64,vertical=512,slash=100"
+        );
+        assert_eq!(parse("flex:gamma=0.95,tau=0.2").unwrap().describe(), "flex:gamma=0.95,tau=0.2,block=64");
+        let (a, b) = (parse("flex").unwrap().pattern().unwrap(), parse("flex:gamma=0.9").unwrap().pattern().unwrap());
+        assert!(std::ptr::addr_eq(a, b), "one object per distinct pattern");
+    }
+
+    #[test]
+    fn bad_specs_name_what_is_wrong() {
+        for (spec, names) in [
+            ("sparse", "prefill"),
+            ("flex:gamma=2", "flex option `gamma`"),
+            ("flex:gamma=x", "flex option `gamma`"),
+            ("flex:k=3", "flex option `k`"),
+            ("vertical-slash:block=0", "vertical-slash option `block`"),
+            ("dense:block=64", "dense option `block`"),
+            ("flex:gamma", "prefill option `gamma`"),
+        ] {
+            let e = parse(spec).unwrap_err();
+            assert!(matches!(&e, Error::InvalidParameter { name, .. } if name == names), "{spec}: {e}");
+        }
+    }
+}
