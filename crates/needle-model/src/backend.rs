@@ -20,9 +20,11 @@ use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use needle_core::Pages as CachePages;
+use needle_core::prefill::{BlockMask, PrefillChunk, PrefillPattern, plan_chunk};
 use needle_kernels_cpu::attn::KvElem;
-use needle_kernels_cpu::{Pages, flash_prefill, ops};
+use needle_kernels_cpu::{BlockLayout, Pages, flash_prefill, ops, sparse_prefill};
 use needle_kv::PageBuf;
+use rayon::prelude::*;
 
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
@@ -230,7 +232,9 @@ pub mod flex {
     }
 
     /// [`NeedleBackend::paged_attention`] with [`flash_prefill`] over the cache's pages, read
-    /// in place.
+    /// in place; during a prefill with a pattern (`SelectionConfig::prefill`), with
+    /// [`sparse_prefill`] over the key blocks the pattern chooses per KV head. Chunks fed to a
+    /// built cache (`Llama::extend`: a question after a document) stay dense.
     pub fn prefill_attention(cache: &KvCache, layer: usize, q: Tensor<Flex, 3>, scale: f32) -> Result<Tensor<Flex, 2>> {
         let [t, nh, d] = q.dims();
         let n = cache.layer_len(layer)?;
@@ -251,13 +255,75 @@ pub mod flex {
         let page_rows = cache.keys(layer, 0).page_size();
         let mut out = vec![0f32; t * nh * d];
         let shape = PageShape { page_rows, len: n, dim: d };
-        let run = |qs: &[f32]| match kp.first() {
-            Some(CachePages::F16(_)) => prefill_typed(qs, &kp, &vp, as_f16, shape, &mut out, n - t, nh, scale),
-            _ => prefill_typed(qs, &kp, &vp, as_f32, shape, &mut out, n - t, nh, scale),
+        let pattern = cache.config().prefill.pattern().filter(|_| !cache.is_built());
+        let run = |qs: &[f32]| -> Result<()> {
+            let masks = pattern.map(|p| plan_masks(cache, layer, p, qs, n - t, scale)).transpose()?;
+            let layouts: Option<Vec<BlockLayout<'_>>> =
+                masks.as_ref().map(|m| m.iter().map(BlockMask::layout).collect());
+            let layouts = layouts.as_deref();
+            match kp.first() {
+                Some(CachePages::F16(_)) => {
+                    prefill_typed(qs, &kp, &vp, as_f16, shape, &mut out, n - t, nh, scale, layouts)
+                }
+                _ => prefill_typed(qs, &kp, &vp, as_f32, shape, &mut out, n - t, nh, scale, layouts),
+            }
+            .map_err(|e| Error::kernel("prefill attention", e))
         };
-        read_host(&q, run)?.map_err(|e| Error::kernel("prefill attention", e))?;
+        read_host(&q, run)??;
         Ok(from_vec(out, [t, nh * d]))
     }
+}
+
+/// Key blocks attended by sparse prefill and the blocks dense prefill would have attended, summed
+/// over every chunk, layer and KV head since the process started (read with
+/// [`sparse_prefill_blocks`]).
+static SPARSE_BLOCKS: [std::sync::atomic::AtomicU64; 2] =
+    [std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)];
+
+/// `(attended, dense)`: key blocks sparse prefill attended and the blocks a dense prefill of the
+/// same chunks would have, summed over every chunk, layer and KV head so far (take the
+/// difference around a prefill for its density).
+pub fn sparse_prefill_blocks() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (SPARSE_BLOCKS[0].load(Relaxed), SPARSE_BLOCKS[1].load(Relaxed))
+}
+
+/// The pattern's block mask of each of `layer`'s KV heads for a chunk of `queries` (positions
+/// `pos0..`), the heads in parallel.
+fn plan_masks(
+    cache: &KvCache,
+    layer: usize,
+    pattern: &dyn PrefillPattern,
+    queries: &[f32],
+    pos0: usize,
+    scale: f32,
+) -> Result<Vec<BlockMask>> {
+    let (gqa, dim) = (cache.gqa(), cache.head_dim());
+    let keys: Vec<&needle_core::PagedRows> = (0..gqa.n_kv_heads).map(|j| cache.keys(layer, j)).collect();
+    let masks = keys
+        .par_iter()
+        .enumerate()
+        .map(|(kv_head, &keys)| {
+            let chunk = PrefillChunk {
+                layer,
+                kv_head,
+                queries,
+                n_q_heads: gqa.n_q_heads,
+                heads: gqa.group(kv_head),
+                dim,
+                pos0,
+                keys,
+                scale,
+            };
+            plan_chunk(pattern, &chunk)
+        })
+        .collect::<needle_core::Result<Vec<_>>>()?;
+    for m in &masks {
+        let (kept, all) = m.density();
+        SPARSE_BLOCKS[0].fetch_add(kept as u64, std::sync::atomic::Ordering::Relaxed);
+        SPARSE_BLOCKS[1].fetch_add(all as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(masks)
 }
 
 /// Rows per page, rows in all and elements per row of one layer's cached pages.
@@ -268,10 +334,11 @@ struct PageShape {
     dim: usize,
 }
 
-/// [`flash_prefill`] over cached pages of one stored precision `T` (`pick` yields no pages for
-/// a head stored otherwise, which then fails the kernel's length check).
+/// [`flash_prefill`] (or [`sparse_prefill`] over `layouts`, one per KV head) over cached pages of
+/// one stored precision `T` (`pick` yields no pages for a head stored otherwise, which then fails
+/// the kernel's length check).
 #[allow(clippy::too_many_arguments)]
-fn prefill_typed<'a, T: KvElem>(
+fn prefill_typed<'a, T: KvElem + bytemuck::Pod>(
     queries: &[f32],
     keys: &[&'a CachePages],
     values: &[&'a CachePages],
@@ -281,6 +348,7 @@ fn prefill_typed<'a, T: KvElem>(
     first_pos: usize,
     n_q_heads: usize,
     scale: f32,
+    layouts: Option<&[BlockLayout<'_>]>,
 ) -> std::result::Result<(), needle_kernels_cpu::Error> {
     let slices = |heads: &[&'a CachePages]| -> Vec<Vec<&'a [T]>> {
         heads.iter().map(|p| pick(p).iter().map(|b| &b[..]).collect()).collect()
@@ -289,7 +357,10 @@ fn prefill_typed<'a, T: KvElem>(
     let PageShape { page_rows, len, dim } = shape;
     let k: Vec<Pages<'_, T>> = ks.iter().map(|pages| Pages { pages, page_rows, len, dim }).collect();
     let v: Vec<Pages<'_, T>> = vs.iter().map(|pages| Pages { pages, page_rows, len, dim }).collect();
-    flash_prefill(queries, &k, &v, out, first_pos, n_q_heads, scale)
+    match layouts {
+        Some(l) => sparse_prefill(queries, &k, &v, out, first_pos, n_q_heads, scale, l),
+        None => flash_prefill(queries, &k, &v, out, first_pos, n_q_heads, scale),
+    }
 }
 
 fn as_f32(p: &CachePages) -> &[PageBuf<f32>] {
@@ -392,5 +463,77 @@ pub mod plain {
         let t: Tensor<B, 4> = Tensor::from_data(TensorData::new(data, [1, kvh, n, d]), device);
         let g = gqa.group_size();
         t.unsqueeze_dim::<5>(2).expand([1, kvh, g, n, d]).reshape([1, kvh * g, n, d])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use needle_core::prefill::PrefillSpec;
+    use needle_core::{FullSelector, GqaLayout, KvDtype};
+
+    use super::*;
+    use crate::cache::SelectionConfig;
+
+    /// Marks nothing (`all` false) or every block: sinks, diagonal and the last block only, or dense.
+    #[derive(Debug)]
+    struct Fixed {
+        all: bool,
+    }
+
+    impl PrefillPattern for Fixed {
+        fn describe(&self) -> String {
+            format!("fixed:{}", self.all)
+        }
+        fn block(&self) -> usize {
+            32
+        }
+        fn choose(&self, _: &PrefillChunk<'_>, mask: &mut BlockMask) -> needle_core::Result<()> {
+            if self.all {
+                mask.query_blocks().for_each(|qb| mask.add_all(qb));
+            }
+            Ok(())
+        }
+    }
+
+    static ALL: Fixed = Fixed { all: true };
+    static NONE: Fixed = Fixed { all: false };
+
+    #[test]
+    fn a_prefill_pattern_routes_the_chunk_through_the_sparse_kernel() {
+        let (gqa, d, pos0, t) = (GqaLayout::new(6, 2).unwrap(), 16, 100, 200);
+        for kv in [KvDtype::F32, KvDtype::F16] {
+            let mut r = 0x9e37_79b9u32;
+            let mut rand = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| {
+                        r ^= r << 13;
+                        r ^= r >> 17;
+                        r ^= r << 5;
+                        (r as f32 / u32::MAX as f32) * 2.0 - 1.0
+                    })
+                    .collect()
+            };
+            let (k, v, q) = (rand((pos0 + t) * 2 * d), rand((pos0 + t) * 2 * d), rand(t * 6 * d));
+            let run = |prefill: PrefillSpec| -> Vec<f32> {
+                let config = SelectionConfig { kv, prefill, ..SelectionConfig::default() };
+                let mut cache = KvCache::new(1, gqa, d, &FullSelector, config).unwrap();
+                cache.append(0, &k, &v).unwrap();
+                let q = Tensor::<Flex, 3>::from_data(TensorData::new(q.clone(), [t, 6, d]), &Default::default());
+                plain::to_vec(flex::prefill_attention(&cache, 0, q, 0.3).unwrap()).unwrap()
+            };
+            let dense = run(PrefillSpec::DENSE);
+            assert_eq!(run(PrefillSpec::new(&ALL)), dense, "{kv}: every block is dense prefill");
+            let before = sparse_prefill_blocks();
+            let sparse = run(PrefillSpec::new(&NONE));
+            let after = sparse_prefill_blocks();
+            assert!(after.0 > before.0 && after.1 - before.1 > after.0 - before.0, "{before:?} → {after:?}");
+            let row = 6 * d;
+            // Positions 288..300 are the chunk's last query block: dense; position 200 (block 6)
+            // saw only blocks 0 and 6.
+            assert_eq!(sparse[(288 - pos0) * row..], dense[(288 - pos0) * row..], "{kv}");
+            assert_ne!(sparse[(200 - pos0) * row..][..row], dense[(200 - pos0) * row..][..row], "{kv}");
+        }
     }
 }

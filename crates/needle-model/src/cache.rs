@@ -29,11 +29,19 @@ pub struct SelectionConfig {
     pub train_positions: usize,
     /// Precision of the host KV pages (keys and values, prefill and decode alike).
     pub kv: KvDtype,
+    /// How prefill attends: dense, or block-sparse through a pattern (`needle-prefill`).
+    pub prefill: needle_core::prefill::PrefillSpec,
 }
 
 impl Default for SelectionConfig {
     fn default() -> Self {
-        Self { budget: Budget::TopK(100), dense_layers: 0, train_positions: 4096, kv: KvDtype::F32 }
+        Self {
+            budget: Budget::TopK(100),
+            dense_layers: 0,
+            train_positions: 4096,
+            kv: KvDtype::F32,
+            prefill: needle_core::prefill::PrefillSpec::DENSE,
+        }
     }
 }
 
