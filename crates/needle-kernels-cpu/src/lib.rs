@@ -32,6 +32,7 @@ pub mod linear;
 pub mod ops;
 pub mod pool;
 pub mod quant;
+pub mod quantize;
 pub mod sparse;
 
 mod isa;
@@ -44,6 +45,7 @@ pub use isa::Isa;
 pub use linear::{QMatrix, gemv_many};
 pub use pool::Pool;
 pub use quant::{QuantType, dequantize_row};
+pub use quantize::{can_quantize, quantize_row};
 pub use sparse::{BlockLayout, sparse_prefill};
 
 /// Errors of the kernels: a bad shape or length, naming the parameter.
