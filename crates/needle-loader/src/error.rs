@@ -163,6 +163,26 @@ pub enum Error {
         /// Detail.
         reason: String,
     },
+    /// A model architecture needle does not run.
+    #[error("{}: unsupported architecture {arch:?} (supported: {supported})", path.display())]
+    UnsupportedArchitecture {
+        /// Checkpoint file or folder.
+        path: PathBuf,
+        /// The name the checkpoint gives (`general.architecture`, `model_type`).
+        arch: String,
+        /// The names that are supported.
+        supported: &'static str,
+    },
+    /// A RoPE scaling type needle does not implement (YaRN, dynamic NTK, LongRoPE, …).
+    #[error("{}: unsupported RoPE scaling {rope_type:?} (supported: {supported})", path.display())]
+    UnsupportedRopeScaling {
+        /// Checkpoint file or config.
+        path: PathBuf,
+        /// The type the checkpoint asks for.
+        rope_type: String,
+        /// The types that are supported.
+        supported: &'static str,
+    },
     /// A tensor whose shape disagrees with the model config.
     #[error("{}: tensor {tensor:?} has shape {got:?}, config implies {expected:?}", path.display())]
     ShapeMismatch {

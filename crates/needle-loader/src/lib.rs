@@ -29,14 +29,16 @@
 mod config;
 mod error;
 pub mod gguf;
+mod memory;
 mod safetensors_dir;
 mod tokenizer;
 
 use std::path::Path;
 
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::{Architecture, LlamaConfig, PRESETS, RopeScaling, SUPPORTED_ROPE_SCALING};
 pub use error::{Error, Result};
 pub use gguf::{GgufFile, RawTensor};
+pub use memory::{MemoryCheckpoint, layout};
 pub use safetensors_dir::SafetensorsDir;
 pub use tokenizer::{DecodeStream, Tokenizer};
 
@@ -56,6 +58,8 @@ pub enum Checkpoint {
     Gguf(GgufFile),
     /// A Hugging Face folder with safetensors weights.
     Safetensors(SafetensorsDir),
+    /// Tensors made in memory ([`Checkpoint::random`]); it has no tokenizer.
+    Memory(MemoryCheckpoint),
 }
 
 /// Opens a checkpoint: a `.gguf` file (or any file starting with the GGUF magic), or a folder
@@ -70,11 +74,19 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
 }
 
 impl Checkpoint {
+    /// A random-weight checkpoint of `config`'s shape, linear weights in `ty` (see
+    /// [`MemoryCheckpoint::random`]): e.g. `Checkpoint::random(&LlamaConfig::preset("llama3-8b")?,
+    /// QuantType::Q4_K, 7)` for a Llama-3-8B-shaped model without a download.
+    pub fn random(config: &LlamaConfig, ty: needle_kernels_cpu::QuantType, seed: u64) -> Result<Self> {
+        Ok(Checkpoint::Memory(MemoryCheckpoint::random(config, ty, seed)?))
+    }
+
     /// The validated model config.
     pub fn config(&self) -> &LlamaConfig {
         match self {
             Checkpoint::Gguf(g) => g.config(),
             Checkpoint::Safetensors(s) => s.config(),
+            Checkpoint::Memory(m) => m.config(),
         }
     }
 
@@ -87,6 +99,7 @@ impl Checkpoint {
         let t = match self {
             Checkpoint::Gguf(g) => g.hf_tensor(hf_name)?,
             Checkpoint::Safetensors(s) => s.tensor(hf_name)?,
+            Checkpoint::Memory(m) => m.tensor(hf_name)?,
         };
         self.check_shape(hf_name, &t.shape)?;
         Ok(t)
@@ -107,22 +120,26 @@ impl Checkpoint {
 
     /// A tensor by its Hugging Face name as stored, without dequantising: `Some` for GGUF files
     /// (a view of the memory map, see [`RawTensor`]; Q and K projections carry
-    /// [`RawTensor::rope_heads`]), `None` for safetensors folders (use [`Checkpoint::tensor`]).
+    /// [`RawTensor::rope_heads`] when the architecture's converter permutes them), blocks of a
+    /// [`Checkpoint::Memory`], `None` for safetensors folders (use [`Checkpoint::tensor`]).
     /// The shape is checked against the config like [`Checkpoint::tensor`]'s.
     pub fn tensor_blocks(&self, hf_name: &str) -> Result<Option<RawTensor>> {
-        let Checkpoint::Gguf(g) = self else { return Ok(None) };
+        let g = match self {
+            Checkpoint::Gguf(g) => g,
+            Checkpoint::Safetensors(_) => return Ok(None),
+            Checkpoint::Memory(m) => {
+                let t = m.tensor_blocks(hf_name)?;
+                self.check_shape(hf_name, &t.shape)?;
+                return Ok(Some(t));
+            }
+        };
         let gname = gguf::hf_to_gguf(hf_name).unwrap_or_else(|| hf_name.to_string());
         let mut t = g.tensor_blocks(&gname).map_err(|e| match e {
             Error::MissingTensor { path, .. } => Error::MissingTensor { path, tensor: hf_name.into() },
             e => e,
         })?;
         self.check_shape(hf_name, &t.shape)?;
-        let c = self.config();
-        if hf_name.ends_with("self_attn.q_proj.weight") {
-            t.rope_heads = Some(c.num_attention_heads);
-        } else if hf_name.ends_with("self_attn.k_proj.weight") {
-            t.rope_heads = Some(c.num_key_value_heads);
-        }
+        t.rope_heads = gguf::permuted_heads(self.config(), hf_name);
         Ok(Some(t))
     }
 
@@ -131,6 +148,11 @@ impl Checkpoint {
         match self {
             Checkpoint::Gguf(g) => Tokenizer::from_gguf(g),
             Checkpoint::Safetensors(s) => s.tokenizer(),
+            Checkpoint::Memory(m) => Err(Error::Unsupported {
+                path: m.path().into(),
+                what: "tokenizer".into(),
+                reason: "a checkpoint made in memory has none; feed token ids".into(),
+            }),
         }
     }
 
@@ -138,6 +160,9 @@ impl Checkpoint {
     /// file of the folder in name order), as 16 hex digits. Files saved for one model (a
     /// prefilled context) carry it, so they are never used with another.
     pub fn digest(&self) -> Result<String> {
+        if let Checkpoint::Memory(m) = self {
+            return Ok(m.digest());
+        }
         let (mut files, folder) = (vec![self.path().to_path_buf()], matches!(self, Checkpoint::Safetensors(_)));
         if let Checkpoint::Safetensors(s) = self {
             let entries = std::fs::read_dir(s.path()).map_err(|e| Error::io(s.path(), e))?;
@@ -168,6 +193,7 @@ impl Checkpoint {
         match self {
             Checkpoint::Gguf(g) => g.path(),
             Checkpoint::Safetensors(s) => s.path(),
+            Checkpoint::Memory(m) => m.path(),
         }
     }
 
@@ -175,8 +201,14 @@ impl Checkpoint {
     pub fn describe(&self) -> String {
         let c = self.config();
         let model = format!(
-            "{} layers, hidden {}, {} q / {} kv heads × {}, vocab {}",
-            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size
+            "{}, {} layers, hidden {}, {} q / {} kv heads × {}, vocab {}",
+            c.architecture.name(),
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.vocab_size
         );
         match self {
             Checkpoint::Gguf(g) => format!(
@@ -192,6 +224,12 @@ impl Checkpoint {
                 s.shard_count(),
                 s.tensor_count(),
                 s.type_summary()
+            ),
+            Checkpoint::Memory(m) => format!(
+                "{}: in memory, {} tensors ({}); {model}",
+                m.path().display(),
+                m.tensors_len(),
+                m.type_summary()
             ),
         }
     }
@@ -211,15 +249,9 @@ impl GgufFile {
             e => e,
         })?;
         let c = self.config();
-        let heads = if hf_name.ends_with("self_attn.q_proj.weight") {
-            Some(c.num_attention_heads)
-        } else if hf_name.ends_with("self_attn.k_proj.weight") {
-            Some(c.num_key_value_heads)
-        } else {
-            None
-        };
-        if let Some(n_head) = heads {
-            let expected = vec![n_head * c.head_dim, c.hidden_size];
+        if let Some(n_head) = gguf::permuted_heads(c, hf_name) {
+            let cols = if hf_name.ends_with(".bias") { 1 } else { c.hidden_size };
+            let expected = if cols == 1 { vec![n_head * c.head_dim] } else { vec![n_head * c.head_dim, cols] };
             if t.shape != expected {
                 return Err(Error::ShapeMismatch {
                     path: self.path().into(),
@@ -228,7 +260,7 @@ impl GgufFile {
                     got: t.shape,
                 });
             }
-            t.data = gguf::unpermute_rows(&t.data, n_head, c.head_dim, c.hidden_size);
+            t.data = gguf::unpermute_rows(&t.data, n_head, c.head_dim, cols);
         }
         Ok(t)
     }

@@ -165,7 +165,7 @@ fn bad_config_metadata() {
     let cases: [(&str, Meta); 3] = [
         ("llama.attention.head_count_kv", Meta::U32(3)),
         ("llama.embedding_length", s("wide")),
-        ("general.architecture", s("qwen2")),
+        ("general.architecture", s("gemma2")),
     ];
     for (key, val) in cases {
         let mut meta = model.metadata();
@@ -173,9 +173,18 @@ fn bad_config_metadata() {
         let (b, _) = write_gguf(3, &meta, &model.gguf_tensors());
         let e = open(&write(dir.path(), "cfg.gguf", &b)).unwrap_err();
         let msg = e.to_string();
-        assert!(matches!(e, Error::InvalidConfig(_) | Error::BadMetadata { .. } | Error::Unsupported { .. }), "{msg}");
+        assert!(
+            matches!(e, Error::InvalidConfig(_) | Error::BadMetadata { .. } | Error::UnsupportedArchitecture { .. }),
+            "{msg}"
+        );
         assert!(msg.contains("cfg.gguf"), "{msg}");
     }
+    let mut meta = model.metadata();
+    meta.push(("llama.rope.scaling.type".into(), s("yarn")));
+    let (b, _) = write_gguf(3, &meta, &model.gguf_tensors());
+    let e = open(&write(dir.path(), "yarn.gguf", &b)).unwrap_err();
+    assert!(matches!(e, Error::UnsupportedRopeScaling { ref rope_type, .. } if rope_type == "yarn"), "{e}");
+    assert!(e.to_string().contains("llama3"), "the error lists what is supported: {e}");
     let mut meta = model.metadata();
     meta.retain(|(k, _)| k != "llama.block_count");
     let (b, _) = write_gguf(3, &meta, &model.gguf_tensors());

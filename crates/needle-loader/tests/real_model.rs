@@ -22,7 +22,7 @@ fn reference() -> Value {
 fn gguf(ck: &Checkpoint) -> &GgufFile {
     match ck {
         Checkpoint::Gguf(g) => g,
-        Checkpoint::Safetensors(_) => panic!("expected GGUF"),
+        _ => panic!("expected GGUF"),
     }
 }
 

@@ -50,7 +50,7 @@ fn sharded_safetensors_agree() {
     let h = open(&hf_path).unwrap();
     match &h {
         Checkpoint::Safetensors(s) => assert_eq!(s.shard_count(), 3),
-        Checkpoint::Gguf(_) => panic!("expected safetensors"),
+        _ => panic!("expected safetensors"),
     }
     check_same(&open(&gguf_path).unwrap(), &h, &model);
 }
@@ -185,14 +185,75 @@ fn hf_config_defaults_and_llama3_scaling() {
     assert_eq!((c.num_key_value_heads, c.head_dim, c.rope_theta), (4, 16, 10_000.0));
     assert!(!c.tie_word_embeddings);
     assert_eq!(c.eos_token_ids, [2, 3]);
-    let s = c.rope_scaling.unwrap();
     assert_eq!(
-        (s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings),
-        (8.0, 1.0, 4.0, 8192)
+        c.rope_scaling,
+        Some(needle_loader::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192
+        })
     );
     let bad = json.replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 4, \"num_key_value_heads\": 3");
     assert!(matches!(
         needle_loader::LlamaConfig::from_hf_json(&bad, "config.json".as_ref()),
         Err(Error::InvalidConfig(_))
     ));
+}
+
+#[test]
+fn hf_config_families_and_refusals() {
+    use needle_loader::{Architecture, LlamaConfig};
+    let base = r#"{"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6 EXTRA}"#;
+    let parse = |extra: &str| LlamaConfig::from_hf_json(&base.replace(" EXTRA", extra), "config.json".as_ref());
+
+    let c = parse(r#", "model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": false"#).unwrap();
+    assert_eq!((c.architecture, c.qkv_bias, c.qk_norm, c.sliding_window), (Architecture::Qwen2, true, false, None));
+    let c = parse(r#", "architectures": ["Qwen3ForCausalLM"], "head_dim": 32, "attention_bias": false"#).unwrap();
+    assert_eq!((c.architecture, c.qkv_bias, c.qk_norm, c.head_dim), (Architecture::Qwen3, false, true, 32));
+    let c = parse(r#", "model_type": "mistral", "sliding_window": 4096"#).unwrap();
+    assert_eq!((c.architecture, c.sliding_window), (Architecture::Mistral, Some(4096)));
+    let c = parse(r#", "rope_scaling": {"type": "linear", "factor": 4.0}"#).unwrap();
+    assert_eq!(c.rope_scaling, Some(needle_loader::RopeScaling::Linear { factor: 4.0 }));
+
+    let e = parse(r#", "model_type": "gemma2""#).unwrap_err();
+    assert!(matches!(e, Error::UnsupportedArchitecture { ref arch, .. } if arch == "gemma2"), "{e}");
+    assert!(e.to_string().contains("qwen3"), "lists what is supported: {e}");
+    let e =
+        parse(r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}"#)
+            .unwrap_err();
+    assert!(matches!(e, Error::UnsupportedRopeScaling { ref rope_type, .. } if rope_type == "yarn"), "{e}");
+    let e = parse(r#", "model_type": "llama", "attention_bias": true"#).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+}
+
+#[test]
+fn presets_and_random_checkpoints() {
+    use needle_kernels_cpu::QuantType;
+    use needle_loader::LlamaConfig;
+    for name in ["llama3-8b", "qwen2.5-7b", "qwen3-8b", "smollm2-135m"] {
+        LlamaConfig::preset(name).unwrap();
+    }
+    assert!(matches!(LlamaConfig::preset("gpt2"), Err(Error::InvalidConfig(_))));
+    // A small model: every tensor of the layout, seeded, in the asked type where rows allow it.
+    let mut c = LlamaConfig::preset("qwen2.5-7b").unwrap();
+    (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) = (64, 512, 256, 2);
+    (c.num_attention_heads, c.num_key_value_heads, c.head_dim) = (4, 2, 128);
+    (c.bos_token_id, c.eos_token_ids) = (None, vec![]);
+    let a = Checkpoint::random(&c, QuantType::Q4_K, 7).unwrap();
+    let b = Checkpoint::random(&c, QuantType::Q4_K, 7).unwrap();
+    let other = Checkpoint::random(&c, QuantType::Q4_K, 8).unwrap();
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    assert_ne!(a.digest().unwrap(), other.digest().unwrap());
+    for (name, shape) in needle_loader::layout(&c) {
+        let (x, y) = (a.tensor(&name).unwrap(), b.tensor(&name).unwrap());
+        assert_eq!((x.shape.clone(), &x.data), (shape, &y.data), "{name}");
+        assert_ne!(x.data, other.tensor(&name).unwrap().data, "{name}");
+        let blocks = a.tensor_blocks(&name).unwrap().unwrap();
+        let want = if name.ends_with(".bias") || name.contains("norm") { "F32" } else { "Q4_K" };
+        assert_eq!(blocks.ty.name, want, "{name}");
+    }
+    assert!(a.describe().contains("Q4_K"), "{}", a.describe());
+    assert!(matches!(a.tokenizer(), Err(Error::Unsupported { .. })));
 }

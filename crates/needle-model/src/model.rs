@@ -1,5 +1,7 @@
 //! Llama-family transformer on Burn: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP,
-//! tied or separate output head (Touvron et al. 2023; the Hugging Face Llama layout).
+//! tied or separate output head (Touvron et al. 2023; the Hugging Face Llama layout), with the
+//! switches of the other supported families: q/k/v biases (Qwen2), per-head q/k RMSNorm before
+//! RoPE (Qwen3), and Mistral's sliding window (contexts past it are refused).
 //!
 //! The model is a Burn [`Module`]. With [`Weights::Native`] (the default) on the CPU backend, the
 //! linear weights stay in the checkpoint's blocks (a GGUF memory map) and run through
@@ -65,6 +67,13 @@ struct Block<B: Backend> {
     w_gate: Linear<B>,
     w_up: Linear<B>,
     w_down: Linear<B>,
+    /// Biases `[1, out]` of the q, k and v projections (Qwen2).
+    bias_q: Option<Param<Tensor<B, 2>>>,
+    bias_k: Option<Param<Tensor<B, 2>>>,
+    bias_v: Option<Param<Tensor<B, 2>>>,
+    /// RMSNorm weights `[1, head_dim]` of every query and key head, before RoPE (Qwen3).
+    q_norm: Option<Param<Tensor<B, 2>>>,
+    k_norm: Option<Param<Tensor<B, 2>>>,
 }
 
 impl<B: Backend> Block<B> {
@@ -160,10 +169,16 @@ impl<B: Backend> Llama<B> {
             (Linear { dense: Some(param(embed_host.data, [cfg.vocab_size, h])), native: None }, head)
         };
         let (qd, kvd, ff) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size);
+        let optional = |on: bool, name: &str, n: usize| on.then(|| vector(name, n)).transpose();
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let p = |s: &str| format!("model.layers.{i}.{s}");
                 Ok(Block {
+                    bias_q: optional(cfg.qkv_bias, &p("self_attn.q_proj.bias"), qd)?,
+                    bias_k: optional(cfg.qkv_bias, &p("self_attn.k_proj.bias"), kvd)?,
+                    bias_v: optional(cfg.qkv_bias, &p("self_attn.v_proj.bias"), kvd)?,
+                    q_norm: optional(cfg.qk_norm, &p("self_attn.q_norm.weight"), d)?,
+                    k_norm: optional(cfg.qk_norm, &p("self_attn.k_norm.weight"), d)?,
                     attn_norm: vector(&p("input_layernorm.weight"), h)?,
                     wq: linear(&p("self_attn.q_proj.weight"), qd, h)?,
                     wk: linear(&p("self_attn.k_proj.weight"), kvd, h)?,
@@ -178,6 +193,43 @@ impl<B: Backend> Llama<B> {
             .collect::<Result<Vec<_>>>()?;
         let norm = vector("model.norm.weight", h)?;
         Ok(Self { rope: Rope::new(&cfg), gqa, config: cfg, embed, blocks, norm, lm_head, fused: native })
+    }
+
+    /// A model of `config`'s shape with seeded random weights, linear weights quantized to `ty`
+    /// in memory ([`Checkpoint::random`]); no file, no tokenizer. For benchmarks and memory runs
+    /// at real shapes: `Llama::random(&LlamaConfig::preset("smollm2-135m")?, QuantType::Q8_0, 7, &device)`.
+    pub fn random(
+        config: &LlamaConfig,
+        ty: needle_kernels_cpu::QuantType,
+        seed: u64,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Self::load(&Checkpoint::random(config, ty, seed)?, device)
+    }
+
+    /// The same weights under a changed config: RoPE (`rope_theta`, `rope_scaling`), the
+    /// sliding window, the special ids. Anything that shapes the weights must stay as it is.
+    pub fn with_config(mut self, config: LlamaConfig) -> Result<Self> {
+        config.validate()?;
+        let shape = |c: &LlamaConfig| {
+            (
+                (c.architecture, c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+                (
+                    c.num_attention_heads,
+                    c.num_key_value_heads,
+                    c.head_dim,
+                    c.tie_word_embeddings,
+                    c.qkv_bias,
+                    c.qk_norm,
+                ),
+            )
+        };
+        if shape(&config) != shape(&self.config) {
+            return Err(Error::invalid("config", "with_config changes RoPE, the sliding window and special ids only"));
+        }
+        self.rope = Rope::new(&config);
+        self.config = config;
+        Ok(self)
     }
 
     /// How the weights are kept: [`Weights::Native`] when the fused kernels run on stored blocks.
@@ -219,6 +271,15 @@ impl<B: Backend> Llama<B> {
         if self.fused { B::fused_rms_norm(x, &w.val(), eps) } else { Ok(plain::rms_norm(x, &w.val(), eps)) }
     }
 
+    /// `[t, heads × dim]` → `[t, heads, dim]`, each head RMS-normalised when `norm` is given.
+    fn heads(&self, x: Tensor<B, 2>, heads: usize, norm: &Option<Param<Tensor<B, 2>>>) -> Result<Tensor<B, 3>> {
+        let (t, d) = (x.dims()[0], self.config.head_dim);
+        Ok(match norm {
+            Some(w) => self.rms_norm(x.reshape([t * heads, d]), w)?.reshape([t, heads, d]),
+            None => x.reshape([t, heads, d]),
+        })
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> B::Device {
         self.norm.val().device()
@@ -251,6 +312,18 @@ impl<B: Backend> Llama<B> {
     pub(crate) fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor<B, 2>> {
         self.check_tokens(tokens)?;
         let (t, pos0) = (tokens.len(), cache.len());
+        if let Some(w) = self.config.sliding_window
+            && pos0 + t > w
+        {
+            return Err(Error::invalid(
+                "sliding_window",
+                format!(
+                    "the model attends to its last {w} positions only and needle attends to all: \
+                     {} tokens is past the window (contexts up to {w} are exact)",
+                    pos0 + t
+                ),
+            ));
+        }
         let (nh, nkv, d) = (self.gqa.n_q_heads, self.gqa.n_kv_heads, self.config.head_dim);
         let device = self.device();
         let mut x = self.embed(tokens)?;
@@ -258,8 +331,13 @@ impl<B: Backend> Llama<B> {
         for (l, b) in self.blocks.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &b.attn_norm)?;
             let [q, k, v] = forward_many(h, [&b.wq, &b.wk, &b.wv])?;
-            let q = rope.apply(q.reshape([t, nh, d]))?;
-            let k = rope.apply(k.reshape([t, nkv, d]))?;
+            let bias = |x: Tensor<B, 2>, b: &Option<Param<Tensor<B, 2>>>| match b {
+                Some(b) => x + b.val(),
+                None => x,
+            };
+            let (q, k, v) = (bias(q, &b.bias_q), bias(k, &b.bias_k), bias(v, &b.bias_v));
+            let q = rope.apply(self.heads(q, nh, &b.q_norm)?)?;
+            let k = rope.apply(self.heads(k, nkv, &b.k_norm)?)?;
             let v = v.reshape([t, nkv, d]);
             let attn = cached_attention(cache, l, q, k, v, self.scale())?;
             x = x + b.wo.forward(attn)?;

@@ -1,7 +1,8 @@
 //! Rotary position embedding tables, in the Hugging Face "rotate-half" layout
-//! (dimension `i` pairs with `i + d/2`), with Llama-3 frequency scaling when configured.
+//! (dimension `i` pairs with `i + d/2`), with the configured frequency scaling (Llama 3's, linear,
+//! or llama.cpp's precomputed per-frequency factors).
 
-use needle_loader::LlamaConfig;
+use needle_loader::{LlamaConfig, RopeScaling};
 
 /// Precomputed inverse frequencies; cos/sin rows are produced per position on demand.
 #[derive(Debug, Clone)]
@@ -14,18 +15,31 @@ impl Rope {
     pub fn new(cfg: &LlamaConfig) -> Self {
         let d = cfg.head_dim;
         let mut inv_freq: Vec<f64> = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
-        if let Some(s) = &cfg.rope_scaling {
-            // Llama 3.1: long wavelengths are divided by `factor`, short ones kept, a smooth ramp between.
-            let old = s.original_max_position_embeddings as f64;
-            let (low_wl, high_wl) = (old / s.low_freq_factor, old / s.high_freq_factor);
-            for f in &mut inv_freq {
-                let wl = 2.0 * std::f64::consts::PI / *f;
-                if wl > low_wl {
-                    *f /= s.factor;
-                } else if wl >= high_wl {
-                    let smooth = (old / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+        match &cfg.rope_scaling {
+            None => {}
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                // Llama 3.1: long wavelengths are divided by `factor`, short ones kept, a smooth ramp between.
+                let old = *original_max_position_embeddings as f64;
+                let (low_wl, high_wl) = (old / low_freq_factor, old / high_freq_factor);
+                for f in &mut inv_freq {
+                    let wl = 2.0 * std::f64::consts::PI / *f;
+                    if wl > low_wl {
+                        *f /= factor;
+                    } else if wl >= high_wl {
+                        let smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
                 }
+            }
+            Some(RopeScaling::Linear { factor }) => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            // llama.cpp divides each angle by its factor (`rope_freqs.weight`).
+            Some(RopeScaling::FreqFactors(div)) => {
+                inv_freq.iter_mut().zip(div).for_each(|(f, &d)| *f /= f64::from(d));
             }
         }
         Self { inv_freq }

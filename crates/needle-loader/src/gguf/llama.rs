@@ -1,11 +1,12 @@
-//! Llama on GGUF: the model config from `llama.*` metadata, Hugging Face ↔ GGUF tensor names,
-//! and the inverse of llama.cpp's Q/K row permutation.
+//! The Llama family on GGUF: the model config from `{arch}.*` metadata (llama, qwen2, qwen3),
+//! Hugging Face ↔ GGUF tensor names, and the inverse of llama.cpp's Q/K row permutation.
 
 use super::{GgufFile, Value};
+use crate::config::{Architecture, RopeScaling, SUPPORTED_ROPE_SCALING};
 use crate::{Error, LlamaConfig, Result};
 
 /// Leaves of a decoder block: (Hugging Face, GGUF).
-const LAYER_LEAVES: [(&str, &str); 9] = [
+const LAYER_LEAVES: [(&str, &str); 14] = [
     ("self_attn.q_proj.weight", "attn_q.weight"),
     ("self_attn.k_proj.weight", "attn_k.weight"),
     ("self_attn.v_proj.weight", "attn_v.weight"),
@@ -15,6 +16,11 @@ const LAYER_LEAVES: [(&str, &str); 9] = [
     ("mlp.down_proj.weight", "ffn_down.weight"),
     ("input_layernorm.weight", "attn_norm.weight"),
     ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("self_attn.q_proj.bias", "attn_q.bias"),
+    ("self_attn.k_proj.bias", "attn_k.bias"),
+    ("self_attn.v_proj.bias", "attn_v.bias"),
+    ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+    ("self_attn.k_norm.weight", "attn_k_norm.weight"),
 ];
 
 const GLOBAL: [(&str, &str); 3] = [
@@ -43,6 +49,21 @@ pub fn gguf_to_hf(gguf: &str) -> Option<String> {
     let layer: usize = layer.parse().ok()?;
     let (h, _) = LAYER_LEAVES.iter().find(|(_, g)| *g == leaf)?;
     Some(format!("model.layers.{layer}.{h}"))
+}
+
+/// `Some(n_head)` when the GGUF rows of `hf_name` are in llama.cpp's RoPE order: the Q and K
+/// projections (and their biases) of an architecture whose converter permutes them.
+pub fn permuted_heads(c: &LlamaConfig, hf_name: &str) -> Option<usize> {
+    if !c.architecture.gguf_permutes_qk() {
+        return None;
+    }
+    if hf_name.ends_with("self_attn.q_proj.weight") || hf_name.ends_with("self_attn.q_proj.bias") {
+        Some(c.num_attention_heads)
+    } else if hf_name.ends_with("self_attn.k_proj.weight") || hf_name.ends_with("self_attn.k_proj.bias") {
+        Some(c.num_key_value_heads)
+    } else {
+        None
+    }
 }
 
 /// Undoes llama.cpp's `permute(w, n_head)` on the rows of a `[n_head * head_dim, cols]` matrix.
@@ -81,6 +102,48 @@ pub fn permute_rows(data: &[f32], n_head: usize, head_dim: usize, cols: usize) -
 }
 
 impl GgufFile {
+    /// RoPE scaling from `{arch}.rope.scaling.*` and llama.cpp's `rope_freqs.weight` (the
+    /// per-frequency divisors its converter precomputes from Llama 3's `rope_scaling`).
+    fn rope_scaling(&self, k: &dyn Fn(&str) -> String, head_dim: usize) -> Result<Option<RopeScaling>> {
+        let type_key = k("rope.scaling.type");
+        let ty = match self.get(&type_key) {
+            None => None,
+            Some(v) => Some(v.as_str().ok_or_else(|| self.bad(&type_key, format!("expected a string, found {v:?}")))?),
+        };
+        let refuse = |rope_type: &str| Error::UnsupportedRopeScaling {
+            path: self.path.clone(),
+            rope_type: rope_type.into(),
+            supported: SUPPORTED_ROPE_SCALING,
+        };
+        let mut scaling = match ty {
+            None | Some("none") => None,
+            Some("linear") => {
+                let factor_key = k("rope.scaling.factor");
+                let factor = self
+                    .meta_f64(&factor_key)?
+                    .ok_or_else(|| Error::MissingMetadata { path: self.path.clone(), key: factor_key })?;
+                // llama.cpp treats a factor of 0 or 1 as no scaling.
+                (factor != 0.0 && factor != 1.0).then_some(RopeScaling::Linear { factor })
+            }
+            Some(other) => return Err(refuse(other)),
+        };
+        if let Some(info) = self.tensor_info("rope_freqs.weight") {
+            if scaling.is_some() {
+                return Err(refuse("linear together with rope_freqs.weight"));
+            }
+            if info.shape() != [head_dim / 2] {
+                return Err(Error::ShapeMismatch {
+                    path: self.path.clone(),
+                    tensor: info.name.clone(),
+                    expected: vec![head_dim / 2],
+                    got: info.shape(),
+                });
+            }
+            scaling = Some(RopeScaling::FreqFactors(self.tensor_f32("rope_freqs.weight")?.data));
+        }
+        Ok(scaling)
+    }
+
     fn need(&self, key: &str) -> Result<&Value> {
         self.get(key).ok_or_else(|| Error::MissingMetadata { path: self.path.clone(), key: key.into() })
     }
@@ -118,19 +181,23 @@ impl GgufFile {
             .transpose()
     }
 
-    /// Builds the Llama config from `{arch}.*` metadata and validates it, together with the
-    /// shapes of all Llama tensors present.
+    /// Builds the config from `{arch}.*` metadata and validates it, together with the shapes
+    /// of all Llama-layout tensors present.
     pub(crate) fn llama_config(&self) -> Result<LlamaConfig> {
         let arch_key = "general.architecture";
-        let arch = self.need(arch_key)?.as_str().ok_or_else(|| self.bad(arch_key, "not a string".into()))?;
-        if arch != "llama" {
-            return Err(Error::Unsupported {
-                path: self.path.clone(),
-                what: "architecture".into(),
-                reason: format!("{arch:?} (only \"llama\" is supported)"),
-            });
-        }
-        let k = |s: &str| format!("llama.{s}");
+        let arch_name = self.need(arch_key)?.as_str().ok_or_else(|| self.bad(arch_key, "not a string".into()))?;
+        let architecture = match Architecture::from_name(arch_name) {
+            // llama.cpp converts Mistral 7B as `llama`; a `mistral` GGUF is not one it writes.
+            Some(a) if a != Architecture::Mistral => a,
+            _ => {
+                return Err(Error::UnsupportedArchitecture {
+                    path: self.path.clone(),
+                    arch: arch_name.into(),
+                    supported: "llama (also Mistral 7B), qwen2, qwen3",
+                });
+            }
+        };
+        let k = |s: &str| format!("{arch_name}.{s}");
         let hidden = self.need_usize(&k("embedding_length"))?;
         let heads = self.need_usize(&k("attention.head_count"))?;
         let kv_heads = self.meta_usize(&k("attention.head_count_kv"))?.unwrap_or(heads);
@@ -153,21 +220,8 @@ impl GgufFile {
             .meta_f64(&eps_key)?
             .ok_or_else(|| Error::MissingMetadata { path: self.path.clone(), key: eps_key.clone() })?;
         let rope_theta = self.meta_f64(&k("rope.freq_base"))?.unwrap_or(10_000.0);
-        let scaling_key = k("rope.scaling.type");
-        match self.get(&scaling_key).map(|v| v.as_str()) {
-            None | Some(Some("none")) => {}
-            Some(other) => {
-                return Err(Error::Unsupported {
-                    path: self.path.clone(),
-                    what: scaling_key,
-                    reason: format!("{other:?}: only unscaled RoPE is read from GGUF"),
-                });
-            }
-        }
-        if self.tensor_info("rope_freqs.weight").is_some() {
-            // llama.cpp stores Llama-3 scaling as precomputed per-frequency factors.
-            tracing::warn!(path = %self.path.display(), "GGUF has rope_freqs.weight (Llama-3 RoPE scaling); config.rope_scaling stays None, read the factors with tensor(\"rope_freqs.weight\")");
-        }
+        let rope_scaling = self.rope_scaling(&k, head_dim)?;
+        let sliding_window = self.meta_usize(&k("attention.sliding_window"))?;
         let bos = self.meta_u32("tokenizer.ggml.bos_token_id")?;
         let mut eos = Vec::new();
         for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
@@ -178,6 +232,7 @@ impl GgufFile {
             }
         }
         let cfg = LlamaConfig {
+            architecture,
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: self.need_usize(&k("feed_forward_length"))?,
@@ -187,9 +242,12 @@ impl GgufFile {
             head_dim,
             rms_norm_eps,
             rope_theta,
-            rope_scaling: None,
+            rope_scaling,
             max_position_embeddings: self.need_usize(&k("context_length"))?,
             tie_word_embeddings: self.tensor_info("output.weight").is_none(),
+            qkv_bias: self.tensor_info("blk.0.attn_q.bias").is_some(),
+            qk_norm: self.tensor_info("blk.0.attn_q_norm.weight").is_some(),
+            sliding_window,
             bos_token_id: bos,
             eos_token_ids: eos,
         };

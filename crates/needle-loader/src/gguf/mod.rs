@@ -16,7 +16,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 pub use dequant::dequantize;
-pub use llama::{gguf_to_hf, hf_to_gguf, permute_rows, unpermute_rows};
+pub use llama::{gguf_to_hf, hf_to_gguf, permute_rows, permuted_heads, unpermute_rows};
 pub use types::GgmlType;
 pub(crate) use types::SUPPORTED_NAMES;
 
@@ -147,11 +147,20 @@ impl TensorInfo {
     }
 }
 
+/// What a [`RawTensor`]'s bytes live in.
+#[derive(Clone)]
+enum Backing {
+    /// A GGUF file's memory map.
+    Map(Arc<Mmap>),
+    /// Blocks made in memory ([`MemoryCheckpoint`](crate::MemoryCheckpoint)).
+    Owned(Arc<[u8]>),
+}
+
 /// A tensor's bytes as stored in a GGUF file (whole ggml blocks, rows of `shape[last]` elements),
-/// borrowed from the shared memory map.
+/// borrowed from the shared memory map, or blocks made in memory.
 #[derive(Clone)]
 pub struct RawTensor {
-    map: Arc<Mmap>,
+    backing: Backing,
     start: usize,
     len: usize,
     /// Element type.
@@ -168,7 +177,24 @@ pub struct RawTensor {
 impl RawTensor {
     /// The stored bytes.
     pub fn bytes(&self) -> &[u8] {
-        &self.map[self.start..self.start + self.len]
+        let all: &[u8] = match &self.backing {
+            Backing::Map(m) => m,
+            Backing::Owned(b) => b,
+        };
+        &all[self.start..self.start + self.len]
+    }
+
+    /// Blocks held in memory: `bytes` are whole blocks of `ty` for `shape` (checked).
+    pub(crate) fn owned(bytes: Arc<[u8]>, ty: GgmlType, shape: Vec<usize>) -> Option<Self> {
+        let n: u64 = shape.iter().map(|&d| d as u64).product();
+        (ty.bytes_for(n) == Some(bytes.len() as u64)).then(|| Self {
+            len: bytes.len(),
+            backing: Backing::Owned(bytes),
+            start: 0,
+            ty,
+            shape,
+            rope_heads: None,
+        })
     }
 }
 
@@ -517,7 +543,7 @@ impl GgufFile {
             .tensor_info(name)
             .ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
         Ok(RawTensor {
-            map: Arc::clone(&self.map),
+            backing: Backing::Map(Arc::clone(&self.map)),
             start: info.offset as usize,
             len: info.size as usize,
             ty: info.ty,
@@ -572,6 +598,7 @@ impl GgufFile {
 /// Stands in until `llama_config` has run; never visible outside `GgufFile::open`.
 fn placeholder_config() -> crate::LlamaConfig {
     crate::LlamaConfig {
+        architecture: crate::Architecture::Llama,
         vocab_size: 0,
         hidden_size: 0,
         intermediate_size: 0,
@@ -584,6 +611,9 @@ fn placeholder_config() -> crate::LlamaConfig {
         rope_scaling: None,
         max_position_embeddings: 0,
         tie_word_embeddings: false,
+        qkv_bias: false,
+        qk_norm: false,
+        sliding_window: None,
         bos_token_id: None,
         eos_token_ids: Vec::new(),
     }

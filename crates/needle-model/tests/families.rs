@@ -1,0 +1,158 @@
+//! Each supported family against llama.cpp on tiny random-weight models
+//! (tests/fixtures/families/, written by tests/reference/make_family_fixtures.py): the GGUF
+//! loaded with its weights as stored (fused kernels) and as f32 Burn parameters, and the same
+//! weights from the Hugging Face folder, which has the config.json form of each option (Llama 3
+//! `rope_scaling` where the GGUF has `rope_freqs.weight`, unpermuted Q/K rows).
+//!
+//! Weights are F32 and llama.cpp ran with an F32 K/V cache, so the two are the same arithmetic
+//! up to summation order: every logit row (prefill positions and greedy decode steps) must have
+//! the same argmax and agree to [`TOL`].
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{cache_for, repo_root};
+use needle_loader::{Architecture, Checkpoint, RopeScaling};
+use needle_model::{Cpu, Llama, LoadOptions, Weights, argmax};
+use serde_json::Value;
+
+/// Largest |needle − llama.cpp| allowed on any logit.
+const TOL: f32 = 1e-3;
+
+fn dir() -> PathBuf {
+    repo_root().join("tests/fixtures/families")
+}
+
+fn fixture(family: &str) -> Value {
+    let p = dir().join(format!("{family}.json"));
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn load(ck: &Checkpoint, weights: Weights) -> Llama<Cpu> {
+    Llama::<Cpu>::load_with(ck, &Default::default(), &LoadOptions { weights }).unwrap()
+}
+
+/// Every fixture row (expected) next to needle's (got): prefill positions, then decode steps
+/// fed llama.cpp's greedy tokens.
+fn rows(model: &Llama<Cpu>, fx: &Value) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let vocab = model.config().vocab_size;
+    let mut out = Vec::new();
+    for p in fx["prompts"].as_array().unwrap() {
+        let prompt = ids(&p["ids"]);
+        let pos: Vec<usize> =
+            p["positions"].as_array().unwrap().iter().map(|r| r["pos"].as_u64().unwrap() as usize).collect();
+        let mut cache = cache_for(model, "full");
+        let logits = model.prefill(&prompt, &mut cache, 64, &pos, &mut |_, _| {}).unwrap();
+        for (r, got) in p["positions"].as_array().unwrap().iter().zip(logits.chunks_exact(vocab)) {
+            out.push((floats(&r["logits"]), got.to_vec()));
+        }
+        let greedy = ids(&p["greedy_ids"]);
+        for (tok, want) in greedy.iter().zip(p["decode_logits"].as_array().unwrap()) {
+            out.push((floats(want), model.decode(*tok, &mut cache).unwrap()));
+        }
+    }
+    out
+}
+
+/// Max |Δlogit| over all rows; panics where the argmax differs.
+fn compare(what: &str, rows: &[(Vec<f32>, Vec<f32>)]) -> f32 {
+    let mut worst = 0f32;
+    for (i, (want, got)) in rows.iter().enumerate() {
+        assert_eq!(want.len(), got.len(), "{what} row {i}: vocab");
+        assert_eq!(argmax(want), argmax(got), "{what} row {i}: top-1 differs");
+        worst = want.iter().zip(got).fold(worst, |m, (a, b)| m.max((a - b).abs()));
+    }
+    worst
+}
+
+fn check_family(family: &str, arch: Architecture) -> f32 {
+    let fx = fixture(family);
+    let gguf = needle_loader::open(&dir().join(format!("{family}.gguf"))).unwrap();
+    let hf = needle_loader::open(&dir().join(format!("{family}-hf"))).unwrap();
+    assert_eq!(hf.config().architecture, arch);
+    let mut worst = 0f32;
+    for (name, ck, weights) in
+        [("gguf native", &gguf, Weights::Native), ("gguf f32", &gguf, Weights::F32), ("hf", &hf, Weights::Native)]
+    {
+        let d = compare(&format!("{family} {name}"), &rows(&load(ck, weights), &fx));
+        eprintln!("{family} {name}: max |Δlogit| vs llama.cpp {d:.2e}");
+        assert!(d <= TOL, "{family} {name}: max |Δlogit| {d} > {TOL}");
+        worst = worst.max(d);
+    }
+    worst
+}
+
+#[test]
+fn llama3_rope_scaling_matches_llama_cpp() {
+    check_family("llama3", Architecture::Llama);
+    let gguf = needle_loader::open(&dir().join("llama3.gguf")).unwrap();
+    let hf = needle_loader::open(&dir().join("llama3-hf")).unwrap();
+    assert!(matches!(gguf.config().rope_scaling, Some(RopeScaling::FreqFactors(ref f)) if f.len() == 4));
+    assert!(matches!(hf.config().rope_scaling, Some(RopeScaling::Llama3 { .. })));
+    // The fixture depends on the scaling: without it the long prompt's logits move well past TOL.
+    let fx = fixture("llama3");
+    let mut model = load(&gguf, Weights::F32);
+    let mut cfg = model.config().clone();
+    cfg.rope_scaling = None;
+    model = model.with_config(cfg).unwrap();
+    let rows = rows(&model, &fx);
+    let d = rows.iter().flat_map(|(w, g)| w.iter().zip(g).map(|(a, b)| (a - b).abs())).fold(0f32, f32::max);
+    assert!(d > 100.0 * TOL, "unscaled RoPE is only {d} away: the fixture does not test the scaling");
+}
+
+#[test]
+fn qwen2_biases_match_llama_cpp() {
+    check_family("qwen2", Architecture::Qwen2);
+    let ck = needle_loader::open(&dir().join("qwen2.gguf")).unwrap();
+    assert!(ck.config().qkv_bias && ck.config().tie_word_embeddings);
+}
+
+#[test]
+fn qwen3_qk_norm_matches_llama_cpp() {
+    check_family("qwen3", Architecture::Qwen3);
+    let c = needle_loader::open(&dir().join("qwen3.gguf")).unwrap().config().clone();
+    assert!(c.qk_norm && c.head_dim * c.num_attention_heads != c.hidden_size);
+}
+
+#[test]
+fn mistral_matches_llama_cpp_and_refuses_past_its_window() {
+    check_family("mistral", Architecture::Mistral);
+    let hf = needle_loader::open(&dir().join("mistral-hf")).unwrap();
+    assert_eq!(hf.config().sliding_window, Some(4096));
+    let mut model = load(&hf, Weights::F32);
+    let mut cfg = model.config().clone();
+    cfg.sliding_window = Some(8);
+    model = model.with_config(cfg).unwrap();
+    let mut cache = cache_for(&model, "full");
+    assert!(model.prefill(&[1; 8], &mut cache, 4, &[7], &mut |_, _| {}).is_ok());
+    let e = model.decode(3, &mut cache).unwrap_err().to_string();
+    assert!(e.contains("sliding_window") && e.contains('9'), "{e}");
+}
+
+#[test]
+fn safetensors_and_gguf_give_the_same_logits() {
+    for family in ["llama3", "qwen2", "qwen3", "mistral"] {
+        let a = needle_loader::open(&dir().join(format!("{family}.gguf"))).unwrap();
+        let b = needle_loader::open(&dir().join(format!("{family}-hf"))).unwrap();
+        let (ma, mb) = (load(&a, Weights::F32), load(&b, Weights::F32));
+        let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 250).collect();
+        let (mut ca, mut cb) = (cache_for(&ma, "full"), cache_for(&mb, "full"));
+        let la = ma.prefill(&prompt, &mut ca, 16, &[0, 39], &mut |_, _| {}).unwrap();
+        let lb = mb.prefill(&prompt, &mut cb, 16, &[0, 39], &mut |_, _| {}).unwrap();
+        let d = la.iter().zip(&lb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        eprintln!("{family}: safetensors vs GGUF max |Δlogit| {d:.2e}");
+        // Llama 3 scaling goes through two formulas (config.json's parameters in f64, the GGUF's
+        // f32 factors); everything else is the same f32 arithmetic.
+        assert!(d <= 1e-4, "{family}: safetensors and GGUF differ by {d}");
+    }
+}
