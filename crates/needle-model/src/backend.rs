@@ -271,7 +271,7 @@ struct PageShape {
 /// [`flash_prefill`] over cached pages of one stored precision `T` (`pick` yields no pages for
 /// a head stored otherwise, which then fails the kernel's length check).
 #[allow(clippy::too_many_arguments)]
-fn prefill_typed<'a, T: KvElem>(
+fn prefill_typed<'a, T: KvElem + bytemuck::Pod>(
     queries: &[f32],
     keys: &[&'a CachePages],
     values: &[&'a CachePages],
