@@ -15,11 +15,16 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{Error, Result};
+use crate::page::PageBuf;
+
+// Pages are read in place as native numbers, which the file stores little-endian.
+const _: () = assert!(cfg!(target_endian = "little"), "context files are read in place on little-endian hosts only");
 
 const MAGIC: &[u8; 8] = b"NEEDLECX";
 const END_MAGIC: &[u8; 8] = b"NEEDLEND";
@@ -168,7 +173,7 @@ impl Drop for ContextWriter {
 /// page by page when read.
 pub struct ContextReader {
     path: PathBuf,
-    map: Mmap,
+    map: Arc<Mmap>,
     entries: HashMap<String, Entry>,
 }
 
@@ -231,7 +236,7 @@ impl ContextReader {
             }
             entries.insert(name.to_string(), Entry { name: name.to_string(), offset, len: slen, page_bytes, checks });
         }
-        Ok(Self { path: path.to_path_buf(), map, entries })
+        Ok(Self { path: path.to_path_buf(), map: Arc::new(map), entries })
     }
 
     /// The file's path.
@@ -264,6 +269,25 @@ impl ContextReader {
             }
         }
         Ok(bytes)
+    }
+
+    /// A paged section's pages, each checked as in [`ContextReader::section`], then read in
+    /// place as numbers of type `T` (no copy: the file is their disk tier).
+    pub fn mapped_pages<T: bytemuck::Pod>(&self, name: &str) -> Result<Vec<PageBuf<T>>> {
+        let bytes = self.section(name)?;
+        let e = &self.entries[name];
+        let corrupt = |reason: String| Error::Corrupt { path: self.path.clone(), section: name.into(), reason };
+        let (page_bytes, size) = (e.page_bytes as usize, size_of::<T>());
+        if page_bytes == 0 || !page_bytes.is_multiple_of(size) || !bytes.len().is_multiple_of(size) {
+            return Err(corrupt(format!("pages of {page_bytes} bytes do not hold whole numbers of {size} bytes")));
+        }
+        (0..bytes.len().div_ceil(page_bytes))
+            .map(|i| {
+                let len = (bytes.len() - i * page_bytes).min(page_bytes);
+                PageBuf::mapped(self.map.clone(), e.offset as usize + i * page_bytes, len / size)
+                    .map_err(|err| corrupt(format!("page {i}: {err}")))
+            })
+            .collect()
     }
 }
 

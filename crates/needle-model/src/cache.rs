@@ -10,7 +10,7 @@ use needle_core::{
 };
 use rayon::prelude::*;
 
-use needle_kv::{ContextReader, ContextWriter};
+use needle_kv::{ContextReader, ContextWriter, SpillFile, TierBudget};
 
 use crate::error::{Error, Result};
 
@@ -75,6 +75,11 @@ pub struct DecodeStats {
     pub build_time: Duration,
     /// What the selectors' builds reported, summed over heads (vectors, training queries, bytes).
     pub build: BuildStats,
+    /// KV pages (keys and values counted apart) that decode attention read from the disk tier,
+    /// summed over layers, heads and steps; counted only under a host budget.
+    pub pages_faulted: u64,
+    /// KV pages moved from RAM to the disk tier so far.
+    pub pages_spilled: u64,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -100,6 +105,8 @@ const PAR_MIN_ROWS: usize = 2048;
 struct HeadCache {
     keys: PagedRows,
     values: PagedRows,
+    /// Per page: the tier clock when decode last read it (kept only under a host budget).
+    last_read: Vec<u64>,
     selector: Box<dyn AttentionSelector>,
     /// Prefill queries of this head's group at sampled positions, row-major.
     train_queries: Vec<f32>,
@@ -124,6 +131,14 @@ impl QueryTrace {
     }
 }
 
+/// The host budget and the disk tier pages go to past it.
+struct Tiers {
+    budget: TierBudget,
+    spill: SpillFile,
+    /// Advances once per forward pass: the "time" of [`HeadCache::last_read`].
+    clock: u64,
+}
+
 /// KV cache plus selectors for one sequence.
 pub struct KvCache {
     heads: Vec<Vec<HeadCache>>,
@@ -134,6 +149,7 @@ pub struct KvCache {
     train_stride: usize,
     retain_training: bool,
     trace: Option<QueryTrace>,
+    tiers: Option<Tiers>,
     /// Decode cost so far.
     pub stats: DecodeStats,
 }
@@ -159,7 +175,7 @@ fn make_heads(
                     };
                     let (keys, values, train_queries) = state(layer, kv_head)?;
                     let (selection, scratch) = (Selection::default(), GroupScratch::default());
-                    Ok(HeadCache { keys, values, selector, train_queries, selection, scratch })
+                    Ok(HeadCache { keys, values, last_read: Vec::new(), selector, train_queries, selection, scratch })
                 })
                 .collect()
         })
@@ -190,8 +206,104 @@ impl KvCache {
             train_stride: 1,
             retain_training: false,
             trace: None,
+            tiers: None,
             stats: DecodeStats::default(),
         })
+    }
+
+    /// Holds the KV pages in RAM to `budget.host` bytes: past it, the pages decode read least
+    /// recently (static parts last) move to an unnamed spill file in `dir`, at most
+    /// `budget.disk` bytes, and are read back in place when a selector picks them. Applies at
+    /// once and after every forward pass. A budget with no host limit removes the tiering (pages
+    /// already spilled stay where they are).
+    pub fn set_kv_budget(&mut self, budget: TierBudget, dir: &std::path::Path) -> Result<()> {
+        if budget.host.is_none() {
+            self.tiers = None;
+            return Ok(());
+        }
+        let spill = SpillFile::create(dir, budget.disk)?;
+        self.tiers = Some(Tiers { budget, spill, clock: 0 });
+        self.enforce_budget()
+    }
+
+    /// Bytes of KV pages in RAM and on the disk tier (spilled, or read in place from a loaded
+    /// context file).
+    pub fn tier_bytes(&self) -> (usize, usize) {
+        let heads = self.heads.iter().flatten();
+        heads.fold((0, 0), |(host, disk), h| {
+            let (all, ram) = (h.keys.bytes() + h.values.bytes(), h.keys.host_bytes() + h.values.host_bytes());
+            (host + ram, disk + all - ram)
+        })
+    }
+
+    /// Spills the coldest full pages until the host tier is within its budget.
+    fn enforce_budget(&mut self) -> Result<()> {
+        let Some(tiers) = self.tiers.as_mut() else { return Ok(()) };
+        tiers.spill.release();
+        tiers.clock += 1;
+        let Some(limit) = tiers.budget.host else { return Ok(()) };
+        let host: usize = self.heads.iter().flatten().map(|h| h.keys.host_bytes() + h.values.host_bytes()).sum();
+        if host as u64 <= limit {
+            return Ok(());
+        }
+        // (static part?, last read, page, layer, head): pages outside the static parts go
+        // first, least recently read first, older pages first among equals.
+        let mut candidates = Vec::new();
+        for (layer, row) in self.heads.iter_mut().enumerate() {
+            for (j, h) in row.iter_mut().enumerate() {
+                let (n, ps) = (h.keys.len(), h.keys.page_size());
+                h.last_read.resize(h.keys.pages().count(), 0);
+                let dynamic = h.selector.static_part().dynamic_range(n);
+                let (ds, de) = (dynamic.start as usize, dynamic.end as usize);
+                for p in (0..h.keys.full_pages()).filter(|&p| h.keys.pages().is_host(p) || h.values.pages().is_host(p))
+                {
+                    let in_static = p * ps < ds || (p + 1) * ps > de;
+                    candidates.push((in_static, h.last_read[p], p, layer, j));
+                }
+            }
+        }
+        candidates.sort_unstable();
+        let mut over = host as u64 - limit;
+        for (_, _, p, layer, j) in candidates {
+            let h = &mut self.heads[layer][j];
+            let page = h.keys.page_bytes() as u64;
+            for rows in [&mut h.keys, &mut h.values] {
+                if rows.spill_page(p, &mut tiers.spill)? {
+                    self.stats.pages_spilled += 1;
+                    over = over.saturating_sub(page);
+                }
+            }
+            if over == 0 {
+                return Ok(());
+            }
+        }
+        tracing::warn!("the KV pages being filled exceed the host budget of {limit} bytes by {over}");
+        Ok(())
+    }
+
+    /// Stamps the pages decode attention read for each head of `layer` and counts those it
+    /// read from the disk tier.
+    fn note_reads(&mut self, layer: usize) {
+        let Some(tiers) = self.tiers.as_ref() else { return };
+        let mut pages: Vec<u32> = Vec::new();
+        for h in &mut self.heads[layer] {
+            let (n, ps) = (h.keys.len(), h.keys.page_size() as u32);
+            h.last_read.resize(h.keys.pages().count(), 0);
+            let dynamic = h.selector.static_part().dynamic_range(n);
+            pages.clear();
+            pages.extend(0..dynamic.start.div_ceil(ps));
+            if (dynamic.end as usize) < n {
+                pages.extend(dynamic.end / ps..=(n as u32 - 1) / ps);
+            }
+            pages.extend(h.selection.ids.iter().map(|id| id / ps));
+            pages.sort_unstable();
+            pages.dedup();
+            for &p in &pages {
+                h.last_read[p as usize] = tiers.clock;
+                let on_disk = [&h.keys, &h.values].iter().filter(|r| !r.pages().is_host(p as usize)).count();
+                self.stats.pages_faulted += on_disk as u64;
+            }
+        }
     }
 
     /// Keeps the training queries after the build, so that [`KvCache::fork`] can build other
@@ -229,6 +341,7 @@ impl KvCache {
                 prefill: t.prefill.clone(),
                 decode: vec![Vec::new(); t.layers.len()],
             }),
+            tiers: None,
             stats: DecodeStats::default(),
         };
         c.build(scale)?;
@@ -380,10 +493,14 @@ impl KvCache {
             let t0 = Instant::now();
             self.heads[layer].par_iter_mut().enumerate().try_for_each(push)?;
             self.stats.insert_time += t0.elapsed();
-            Ok(())
         } else {
-            self.heads[layer].iter_mut().enumerate().try_for_each(push)
+            self.heads[layer].iter_mut().enumerate().try_for_each(push)?;
         }
+        if let Some(tiers) = &self.tiers {
+            // The previous layer's attention is done with the spilled pages it read.
+            tiers.spill.release();
+        }
+        if layer + 1 == self.heads.len() { self.enforce_budget() } else { Ok(()) }
     }
 
     /// Keeps the queries of sampled prefill positions (`first_pos..first_pos + t`, row-major
@@ -491,6 +608,7 @@ impl KvCache {
             s.keys_selected += h.selection.ids.len() as u64;
             s.select += h.selection.stats;
         }
+        self.note_reads(layer);
         Ok(outs.into_iter().flat_map(|o| o.0).collect())
     }
 
@@ -621,29 +739,15 @@ fn write_rows(w: &mut ContextWriter, name: &str, rows: &PagedRows) -> Result<()>
     Ok(())
 }
 
-/// Appends the `len` rows a section holds, in `rows`' own precision, to the empty `rows`.
+/// The `len` rows a section holds, in `rows`' own precision and page size, read in place
+/// from the file's map (every page checked first); `rows` must be empty.
 fn read_rows(r: &ContextReader, name: &str, rows: &mut PagedRows, len: usize) -> Result<()> {
-    let bytes = r.section(name)?;
-    let row_bytes = rows.dim() * rows.dtype().bytes();
-    if bytes.len() != len * row_bytes {
-        return Err(corrupt(r, name, format!("{} bytes, {len} rows of {row_bytes} expected", bytes.len())));
-    }
-    let mut row = vec![0f32; rows.dim()];
-    for chunk in bytes.chunks_exact(row_bytes) {
-        match rows.dtype() {
-            KvDtype::F32 => {
-                for (x, b) in row.iter_mut().zip(chunk.chunks_exact(4)) {
-                    *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-            }
-            KvDtype::F16 => {
-                for (x, b) in row.iter_mut().zip(chunk.chunks_exact(2)) {
-                    *x = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                }
-            }
-        }
-        rows.push(&row).map_err(|e| corrupt(r, name, e.to_string()))?;
-    }
+    let (dim, ps) = (rows.dim(), rows.page_size());
+    let pages = match rows.dtype() {
+        KvDtype::F32 => Pages::F32(r.mapped_pages(name)?),
+        KvDtype::F16 => Pages::F16(r.mapped_pages(name)?),
+    };
+    *rows = PagedRows::from_pages(dim, ps, pages, len).map_err(|e| corrupt(r, name, e.to_string()))?;
     Ok(())
 }
 
