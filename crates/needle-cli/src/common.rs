@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use needle_model::{Cpu, KvCache, KvDtype, Llama, LoadOptions, Weights, selector_from_spec};
+use needle_model::{Cpu, KvCache, KvDtype, Llama, LoadOptions, TierBudget, Weights, selector_from_spec};
 
 #[derive(Args)]
 pub struct ModelArgs {
@@ -27,12 +27,30 @@ pub struct ModelArgs {
     /// f32. With `generate --context`, the context's own.
     #[arg(long)]
     pub kv: Option<KvDtype>,
+    /// Memory budgets of the KV tiers, e.g. `host=4GiB,disk=100GiB`: past the host budget the
+    /// pages decode read least recently go to a spill file (in --kv-spill-dir) and are read back
+    /// in place when picked. Unbounded when absent.
+    #[arg(long)]
+    pub kv_budget: Option<TierBudget>,
+    /// Where the spill file of --kv-budget goes (an unnamed temporary file: nothing is left
+    /// behind). Default: the system's temporary directory.
+    #[arg(long)]
+    pub kv_spill_dir: Option<PathBuf>,
 }
 
 impl ModelArgs {
     /// The `--kv` asked for, f32 if none.
     pub fn kv_dtype(&self) -> KvDtype {
         self.kv.unwrap_or_default()
+    }
+
+    /// Applies `--kv-budget` to `cache` (nothing when absent).
+    pub fn apply_kv_budget(&self, cache: &mut KvCache) -> Result<()> {
+        if let Some(budget) = self.kv_budget {
+            let dir = self.kv_spill_dir.clone().unwrap_or_else(std::env::temp_dir);
+            cache.set_kv_budget(budget, &dir).with_context(|| format!("--kv-budget {budget}"))?;
+        }
+        Ok(())
     }
 }
 

@@ -75,6 +75,7 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
         let saved = context::load(&path, &model, &model_digest(&a.model.model)?, a.model.weights.name())
             .with_context(|| format!("--context {}", path.display()))?;
         let (load_s, mut cache) = (t.elapsed().as_secs_f64(), saved.cache);
+        a.model.apply_kv_budget(&mut cache)?;
         let kv = a.model.kv.map(|k| k.to_string());
         for (flag, asked, file) in [
             ("--selector", Some(&a.selector).filter(|s| *s != "auto"), saved.info.selector.clone()),
@@ -117,6 +118,7 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
         tracing::info!("selector auto → {} ({} prompt tokens {why} {AUTO_RETRIEVAL_FROM})", a.selector, prompt.len());
     }
     let mut cache = new_cache(&model, &a.selector, a.model.kv_dtype())?;
+    a.model.apply_kv_budget(&mut cache)?;
     if prompt.len() > model.max_positions() {
         tracing::warn!(
             "prompt of {} tokens is past the model's trained length of {}",
@@ -149,6 +151,8 @@ fn stream_text(json: bool) -> impl FnMut(&str) {
 /// The closing report: one JSON object with --json, else one line on stderr.
 fn report(a: &GenerateArgs, out: &Generation, cache: &KvCache, context_load_s: Option<f64>) -> Result<()> {
     let (kv_bytes, sel_bytes) = cache.memory_bytes();
+    let (host_bytes, disk_bytes) = cache.tier_bytes();
+    let faulted_per_step = out.stats.pages_faulted as f64 / out.stats.steps.max(1) as f64;
     if a.json {
         let v = serde_json::json!({
             "model": a.model.model,
@@ -165,6 +169,10 @@ fn report(a: &GenerateArgs, out: &Generation, cache: &KvCache, context_load_s: O
             "share_of_keys_touched": out.stats.share_touched(),
             "stats": out.stats,
             "kv_cache_bytes": kv_bytes,
+            "kv_host_bytes": host_bytes,
+            "kv_disk_bytes": disk_bytes,
+            "kv_budget": a.model.kv_budget.map(|b| b.to_string()),
+            "pages_faulted_per_step": faulted_per_step,
             "selector_bytes": sel_bytes,
             "peak_rss_bytes": peak_rss(),
             "context_load_seconds": context_load_s,
@@ -188,6 +196,14 @@ fn report(a: &GenerateArgs, out: &Generation, cache: &KvCache, context_load_s: O
             mib(sel_bytes as u64),
             peak_rss().map_or("n/a".into(), |b| format!("{:.0} MiB", mib(b))),
         );
+        if disk_bytes > 0 {
+            eprintln!(
+                "[needle] KV tiers: host {:.0} MiB, disk {:.0} MiB | {faulted_per_step:.1} pages read from disk per step, {} pages spilled",
+                mib(host_bytes as u64),
+                mib(disk_bytes as u64),
+                out.stats.pages_spilled,
+            );
+        }
     }
     Ok(())
 }

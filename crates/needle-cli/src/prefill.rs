@@ -43,6 +43,7 @@ pub fn run(a: PrefillArgs) -> Result<()> {
     let spec = resolve_auto(&a.selector, tokens.len());
     let mut cache = new_cache(&model, &spec, a.model.kv_dtype())?;
     cache.retain_training_queries();
+    a.model.apply_kv_budget(&mut cache)?;
     let t = Instant::now();
     let pb = progress_bar(tokens.len(), "prefill");
     let n = tokens.len();
