@@ -59,7 +59,7 @@ fn run_on<B: Backend>(a: CalibrateArgs, device: &B::Device) -> Result<()> {
         bail!("the calibration prompt has {n} tokens: it needs more than --sinks + --window = {}", a.sinks + a.window);
     }
     let (layers, gqa, d) = (model.config().num_hidden_layers, model.gqa(), model.config().head_dim);
-    let mut cache = new_cache(model, "full", a.model.kv_dtype())?;
+    let mut cache = new_cache(model, "full", &a.model)?;
     cache.trace_queries((0..layers).collect())?;
     let pb = progress_bar(n, "prefill");
     model.prefill(&tokens, &mut cache, 512, &[n - 1], &mut |done, _| pb.set_position(done as u64))?;

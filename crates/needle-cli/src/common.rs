@@ -36,6 +36,12 @@ pub struct ModelArgs {
     /// behind). Default: the system's temporary directory.
     #[arg(long)]
     pub kv_spill_dir: Option<PathBuf>,
+    /// Prefill attention: `dense` (the default) or a sparse pattern (`vertical-slash[:…]`,
+    /// `flex[:gamma=0.9,…]`; see needle-prefill). The sinks, the local window and each chunk's
+    /// last query block stay dense. In `eval`, patterns separated by `;`, each compared against
+    /// dense prefill.
+    #[arg(long, default_value = "dense")]
+    pub prefill: String,
 }
 
 impl ModelArgs {
@@ -51,6 +57,11 @@ impl ModelArgs {
             cache.set_kv_budget(budget, &dir).with_context(|| format!("--kv-budget {budget}"))?;
         }
         Ok(())
+    }
+
+    /// The `--prefill` pattern (one spec).
+    pub fn prefill_spec(&self) -> Result<needle_core::prefill::PrefillSpec> {
+        needle_prefill::parse(&self.prefill).with_context(|| format!("--prefill {}", self.prefill))
     }
 }
 
@@ -261,10 +272,12 @@ pub fn peak_rss() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
-/// An empty cache for `model` with the selector a spec names.
-pub fn new_cache<B: Backend>(model: &Llama<B>, spec: &str, kv: KvDtype) -> Result<KvCache> {
+/// An empty cache for `model` with the selector a spec names, the KV precision (`--kv`) and the
+/// prefill pattern (`--prefill`) of `args`.
+pub fn new_cache<B: Backend>(model: &Llama<B>, spec: &str, args: &ModelArgs) -> Result<KvCache> {
     let (factory, mut sel) = selector_from_spec(spec)?;
-    sel.kv = kv;
+    sel.kv = args.kv_dtype();
+    sel.prefill = args.prefill_spec()?;
     let cfg = model.config();
     Ok(KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?)
 }

@@ -1,11 +1,14 @@
 //! `needle eval`: selectors against full attention (fidelity, passkey, RULER-style tasks) and
-//! the context-length sweep; the work is in `needle_eval`, this module parses and prints.
+//! the context-length sweep; with `--prefill PATTERNS`, sparse prefill patterns against dense
+//! prefill instead (fidelity, tasks, `--prefill-times`). The work is in `needle_eval`, this
+//! module parses and prints.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use needle_eval::eval::{FidelityConfig, FidelityRow, TaskConfig, TaskRow, mean_score, parse_selectors};
+use needle_eval::prefill::{PrefillRow, PrefillTime, parse_patterns};
 use needle_eval::sweep::{SweepConfig, SweepReport, parse_tokens};
 use needle_tasks::TaskSpec;
 use serde::Serialize;
@@ -99,6 +102,10 @@ pub struct EvalArgs {
     /// Sweep: check every decode output against the exact f64 reference (slow).
     #[arg(long)]
     pub sweep_verify: bool,
+    /// With `--prefill`: prefill wall time of each pattern and of dense prefill (alternating) at
+    /// these prompt lengths of the text (`K` = 1024).
+    #[arg(long, value_delimiter = ',', value_parser = parse_tokens)]
+    pub prefill_times: Vec<usize>,
 }
 
 #[derive(Serialize, Default)]
@@ -109,10 +116,15 @@ struct Report {
     passkey: Vec<TaskRow>,
     ruler: Vec<TaskRow>,
     sweep: Option<SweepReport>,
+    prefill: Vec<PrefillRow>,
+    prefill_times: Vec<PrefillTime>,
 }
 
 /// Runs `needle eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
+    if a.model.prefill.trim() != "dense" || !a.prefill_times.is_empty() {
+        return run_prefill(a);
+    }
     let selectors = parse_selectors(&a.selectors).context("--selectors")?;
     let any = a.fidelity || a.passkey || a.ruler || a.sweep;
     let (fidelity, passkey) = if any { (a.fidelity, a.passkey) } else { (true, true) };
@@ -215,6 +227,122 @@ pub fn run(a: EvalArgs) -> Result<()> {
         write_new(path, &serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// `needle eval --prefill PATTERNS`: each pattern against dense prefill, decoding with full
+/// attention (`--selectors` is not used).
+fn run_prefill(a: EvalArgs) -> Result<()> {
+    let patterns = parse_patterns(&a.model.prefill).context("--prefill")?;
+    let names: Vec<String> = patterns.iter().map(|p| p.0.clone()).collect();
+    let any = a.fidelity || a.passkey || a.ruler || !a.prefill_times.is_empty();
+    let (fidelity, passkey) = if any { (a.fidelity, a.passkey) } else { (true, true) };
+    let mut report = Report { selectors: names.clone(), context_tokens: a.context_tokens, ..Default::default() };
+    let Loaded { model, tokenizer } = load(&a.model)?;
+    let text = || -> Result<String> {
+        match &a.text {
+            Some(p) => std::fs::read_to_string(p).with_context(|| format!("--text {}", p.display())),
+            None => crate::common::read_document("default"),
+        }
+    };
+    if fidelity {
+        let tokens = needle_eval::eval::text_tokens(&tokenizer, &text()?, a.context_tokens)
+            .context("--text / --context-tokens")?;
+        let pb = progress_bar(patterns.len(), "patterns");
+        report.prefill =
+            needle_eval::prefill::prefill_fidelity(&model, &tokens, &patterns, a.steps, a.chunk, &mut |d, _| {
+                pb.set_position(d as u64)
+            })?;
+        pb.finish_and_clear();
+        print_prefill(&report.prefill, a.context_tokens, a.steps);
+    }
+    if !a.prefill_times.is_empty() {
+        let longest = a.prefill_times.iter().copied().max().unwrap_or(0);
+        let tokens =
+            needle_eval::eval::text_tokens(&tokenizer, &text()?, longest).context("--text / --prefill-times")?;
+        let pb = progress_bar(a.prefill_times.len() * patterns.len(), "prefills");
+        report.prefill_times =
+            needle_eval::prefill::prefill_times(&model, &tokens, &a.prefill_times, &patterns, a.chunk, &mut |d, _| {
+                pb.set_position(d as u64)
+            })?;
+        pb.finish_and_clear();
+        print_prefill_times(&report.prefill_times);
+    }
+    let tasks = |specs: &[TaskSpec], lengths: &[usize], depths: &[f64]| -> Result<Vec<TaskRow>> {
+        let cfg = TaskConfig {
+            lengths: lengths.to_vec(),
+            depths: depths.to_vec(),
+            seeds: a.seeds.clone(),
+            answer_tokens: a.answer_tokens,
+            chunk: a.chunk,
+            kv: a.model.kv_dtype(),
+        };
+        let pb = progress_bar(0, "prompts");
+        let rows = needle_eval::prefill::prefill_tasks(&model, &tokenizer, &patterns, specs, &cfg, &mut |d, t| {
+            pb.set_length(t as u64);
+            pb.set_position(d as u64);
+        })?;
+        pb.finish_and_clear();
+        Ok(rows)
+    };
+    if passkey {
+        report.passkey = tasks(&["passkey".parse()?], &a.lengths, &a.depths)?;
+        print_tasks("passkey retrieval by prefill pattern", &report.passkey, &names);
+    }
+    if a.ruler {
+        let specs = a
+            .tasks
+            .split(';')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().parse())
+            .collect::<Result<Vec<TaskSpec>, _>>()
+            .context("--tasks")?;
+        report.ruler = tasks(&specs, &a.ruler_lengths, &a.ruler_depths)?;
+        print_tasks("RULER-style tasks by prefill pattern", &report.ruler, &names);
+    }
+    if let Some(path) = &a.json {
+        write_new(path, &serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+fn print_prefill(rows: &[PrefillRow], context: usize, steps: usize) {
+    println!(
+        "\nSparse prefill against dense prefill ({context}-token prompt; KL of the next token and of {steps} teacher-forced steps, full-attention decode)"
+    );
+    println!(
+        "{:<52} {:>9} {:>9} {:>9} {:>7} {:>8} {:>9} {:>9} {:>8}",
+        "pattern", "next KL", "mean KL", "max KL", "agree", "blocks", "prefill s", "dense s", "speedup"
+    );
+    for r in rows {
+        println!(
+            "{:<52} {:>9.2e} {:>9.2e} {:>9.2e} {:>6.1}% {:>7.1}% {:>9.2} {:>9.2} {:>7.2}×",
+            r.pattern,
+            r.first_kl,
+            r.mean_kl,
+            r.max_kl,
+            100.0 * r.agreement,
+            100.0 * r.density,
+            r.prefill_s,
+            r.dense_s,
+            r.dense_s / r.prefill_s.max(1e-9)
+        );
+    }
+}
+
+fn print_prefill_times(rows: &[PrefillTime]) {
+    println!("\nPrefill time (dense and pattern alternating)");
+    println!("{:<52} {:>8} {:>9} {:>9} {:>8} {:>8}", "pattern", "tokens", "prefill s", "dense s", "speedup", "blocks");
+    for r in rows {
+        println!(
+            "{:<52} {:>8} {:>9.2} {:>9.2} {:>7.2}× {:>7.1}%",
+            r.pattern,
+            r.tokens,
+            r.prefill_s,
+            r.dense_s,
+            r.dense_s / r.prefill_s.max(1e-9),
+            100.0 * r.density
+        );
+    }
 }
 
 fn print_sweep(report: &SweepReport) {

@@ -117,7 +117,7 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
         let why = if prompt.len() >= AUTO_RETRIEVAL_FROM { "≥" } else { "<" };
         tracing::info!("selector auto → {} ({} prompt tokens {why} {AUTO_RETRIEVAL_FROM})", a.selector, prompt.len());
     }
-    let mut cache = new_cache(&model, &a.selector, a.model.kv_dtype())?;
+    let mut cache = new_cache(&model, &a.selector, &a.model)?;
     a.model.apply_kv_budget(&mut cache)?;
     if prompt.len() > model.max_positions() {
         tracing::warn!(

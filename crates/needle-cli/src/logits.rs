@@ -30,7 +30,7 @@ pub fn run(a: LogitsArgs) -> Result<()> {
 fn run_on<B: Backend>(a: LogitsArgs, device: &B::Device) -> Result<()> {
     let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, a.model.weights, device)?;
     let prompt = prompt_tokens(&a.prompt, &tokenizer)?;
-    let mut cache = new_cache(&model, "full", a.model.kv_dtype())?;
+    let mut cache = new_cache(&model, "full", &a.model)?;
     let pb = progress_bar(prompt.len(), "prefill");
     let logits =
         model.prefill(&prompt, &mut cache, a.chunk, &[prompt.len() - 1], &mut |d, _| pb.set_position(d as u64))?;

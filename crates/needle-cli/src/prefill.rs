@@ -41,7 +41,7 @@ pub fn run(a: PrefillArgs) -> Result<()> {
     let Loaded { model, tokenizer } = load(&a.model)?;
     let (tokens, suffix) = context_prompt(&a.prompt, &tokenizer)?;
     let spec = resolve_auto(&a.selector, tokens.len());
-    let mut cache = new_cache(&model, &spec, a.model.kv_dtype())?;
+    let mut cache = new_cache(&model, &spec, &a.model)?;
     cache.retain_training_queries();
     a.model.apply_kv_budget(&mut cache)?;
     let t = Instant::now();

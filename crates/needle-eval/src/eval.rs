@@ -9,8 +9,8 @@
 //! - **passkey** and **RULER-style** tasks ([`run_tasks`], `needle-tasks`): each prompt is
 //!   prefilled once and every selector answers from a fork; exact-match or recall-of-all scoring.
 //!
-//! Prefill is dense for every selector (sparse prefill is not implemented), so the selectors
-//! differ only in decode attention.
+//! Prefill is dense for every selector, so the selectors differ only in decode attention (sparse
+//! prefill patterns are compared in [`crate::prefill`]).
 
 use std::time::{Duration, Instant};
 

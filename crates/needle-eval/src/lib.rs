@@ -9,6 +9,8 @@
 //!   scanned, latency, build cost) and the arithmetic of the results.
 //! - [`eval`]: fidelity of selectors against full attention (KL, agreement, top-k recall,
 //!   attention mass, output error, cost) and passkey / RULER-style tasks.
+//! - [`prefill`]: sparse prefill patterns against dense prefill (KL of the next token and of
+//!   teacher-forced steps, tasks, prefill time per context length).
 //! - [`sweep`]: decode-attention time of one layer against context length, per selector,
 //!   through the model's own [`needle_model::KvCache`] decode step.
 //! - [`plot`] (feature `plot`, default): PNG plots of the above.
@@ -33,6 +35,7 @@ mod error;
 pub mod eval;
 #[cfg(feature = "plot")]
 pub mod plot;
+pub mod prefill;
 pub mod stats;
 pub mod sweep;
 pub mod trace;
