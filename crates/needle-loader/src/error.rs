@@ -232,6 +232,14 @@ pub enum Error {
         /// Parser error, as text.
         reason: String,
     },
+    /// A chat template that does not compile or raised while rendering.
+    #[error("chat template ({origin}): {reason}")]
+    ChatTemplate {
+        /// Where the template came from (GGUF file, `tokenizer_config.json`).
+        origin: String,
+        /// The template engine's message.
+        reason: String,
+    },
     /// The tokenizer could not be built or failed to encode/decode.
     #[error("tokenizer ({source_desc}): {reason}")]
     Tokenizer {

@@ -11,7 +11,8 @@
 //!   quantised tensors (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) are dequantised, and the Q/K row
 //!   permutation llama.cpp applies is undone, so both formats give the same layout.
 //! - [`Checkpoint::tokenizer`] gives a [`Tokenizer`] (from `tokenizer.json`, or rebuilt from the
-//!   GGUF's embedded BPE vocabulary) with ChatML prompts and streaming detokenisation.
+//!   GGUF's embedded BPE vocabulary) with the model's own chat template ([`ChatTemplate`],
+//!   rendered by minijinja; ChatML when the checkpoint has none) and streaming detokenisation.
 //!
 //! ```no_run
 //! let ckpt = needle_loader::open("model.gguf".as_ref())?;
@@ -20,12 +21,12 @@
 //! assert_eq!(wq.shape, [cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size]);
 //! let tok = ckpt.tokenizer()?;
 //! let ids = tok.encode(&tok.chat_prompt(None, "Hi"), false)?;
-//! assert_eq!(tok.token_to_id("<|im_start|>"), Some(ids[0]));
 //! # Ok::<(), needle_loader::Error>(())
 //! ```
 #![warn(missing_docs)]
 #![doc(test(attr(deny(warnings))))]
 
+mod chat;
 mod config;
 mod error;
 pub mod gguf;
@@ -35,6 +36,7 @@ mod tokenizer;
 
 use std::path::Path;
 
+pub use chat::{ChatTemplate, Message};
 pub use config::{Architecture, LlamaConfig, PRESETS, RopeScaling, SUPPORTED_ROPE_SCALING};
 pub use error::{Error, Result};
 pub use gguf::{GgufFile, RawTensor};

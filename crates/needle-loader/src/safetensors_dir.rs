@@ -199,12 +199,19 @@ impl SafetensorsDir {
         Ok(HostTensor { shape: info.shape.clone(), data })
     }
 
-    /// `tokenizer.json` from the folder, with the config's eos ids.
+    /// `tokenizer.json` from the folder, with the config's eos ids and the chat template of
+    /// `tokenizer_config.json` when it has one.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
-        Tokenizer::from_file(
+        let tok = Tokenizer::from_file(
             &self.dir.join("tokenizer.json"),
             self.config.bos_token_id,
             self.config.eos_token_ids.clone(),
-        )
+        )?;
+        Ok(tok.with_chat_template(self.chat_template()?))
+    }
+
+    /// The chat template of `tokenizer_config.json`, if the folder has one.
+    pub fn chat_template(&self) -> Result<Option<crate::ChatTemplate>> {
+        crate::ChatTemplate::from_tokenizer_config(&self.dir.join("tokenizer_config.json"))
     }
 }

@@ -6,9 +6,9 @@ use std::path::Path;
 use serde_json::{Value as Json, json};
 
 use crate::gguf::{GgufFile, Value};
-use crate::{Error, Result};
+use crate::{ChatTemplate, Error, Message, Result};
 
-/// A tokenizer with the model's special ids, ChatML prompts and streaming decode.
+/// A tokenizer with the model's special ids, its chat template and streaming decode.
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -20,6 +20,7 @@ pub struct Tokenizer {
     manual_bos: bool,
     eos: Vec<u32>,
     source: String,
+    chat: Option<ChatTemplate>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -29,6 +30,7 @@ impl std::fmt::Debug for Tokenizer {
             .field("vocab", &self.inner.get_vocab_size(true))
             .field("bos", &self.bos)
             .field("eos", &self.eos)
+            .field("chat_template", &self.chat.is_some())
             .finish()
     }
 }
@@ -59,6 +61,19 @@ fn pre_tokenizer(pre: &str) -> Option<Json> {
                 byte_level(false)
             ]
         }),
+        // As llama-bpe with digits one at a time (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2).
+        "qwen2" | "deepseek-r1-qwen" => json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"},
+                    "behavior": "Isolated",
+                    "invert": false
+                },
+                byte_level(false)
+            ]
+        }),
         _ => return None,
     })
 }
@@ -82,7 +97,7 @@ impl Tokenizer {
         }
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
-        Self { inner, plain, bos, manual_bos, eos, source }
+        Self { inner, plain, bos, manual_bos, eos, source, chat: None }
     }
 
     /// Loads a Hugging Face `tokenizer.json`. `bos`/`eos` come from the model config.
@@ -111,7 +126,9 @@ impl Tokenizer {
         let pre = pre_tokenizer(pre_name).ok_or_else(|| Error::Unsupported {
             path: g.path().into(),
             what: "tokenizer.ggml.pre".into(),
-            reason: format!("{pre_name:?} (known: gpt2, smollm, starcoder, refact, codeshell, llama3, llama-bpe)"),
+            reason: format!(
+                "{pre_name:?} (known: gpt2, smollm, starcoder, refact, codeshell, llama3, llama-bpe, qwen2)"
+            ),
         })?;
         let strings = |key: &str| -> Result<Vec<&str>> {
             let arr = g
@@ -176,7 +193,19 @@ impl Tokenizer {
         let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
         let cfg = g.config();
         tracing::debug!(pre = pre_name, vocab = tokens.len(), add_bos, "built tokenizer from GGUF");
-        Ok(Self::new(inner, cfg.bos_token_id, add_bos, cfg.eos_token_ids.clone(), source))
+        let tok = Self::new(inner, cfg.bos_token_id, add_bos, cfg.eos_token_ids.clone(), source);
+        Ok(tok.with_chat_template(gguf_chat_template(g)?))
+    }
+
+    /// The same tokenizer with `chat` as its chat template (`None`: ChatML).
+    pub fn with_chat_template(mut self, chat: Option<ChatTemplate>) -> Self {
+        self.chat = chat;
+        self
+    }
+
+    /// The model's chat template, if its checkpoint has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat.as_ref()
     }
 
     fn err(&self, e: tokenizers::Error) -> Error {
@@ -196,9 +225,11 @@ impl Tokenizer {
         let tok = if parse_special { &self.inner } else { &self.plain };
         let enc = tok.encode(text, add_special && !self.manual_bos).map_err(|e| self.err(e))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
+        // A chat template prints the BOS itself: never add a second one.
         if add_special
             && self.manual_bos
             && let Some(b) = self.bos
+            && enc.get_ids().first() != Some(&b)
         {
             ids.push(b);
         }
@@ -267,21 +298,66 @@ impl Tokenizer {
         &self.inner
     }
 
-    /// A ChatML prompt ending where the assistant's answer starts:
-    /// `<|im_start|>system\n…<|im_end|>\n<|im_start|>user\n…<|im_end|>\n<|im_start|>assistant\n`.
+    /// The prompt for one question, ending where the assistant's answer starts, in the model's
+    /// own chat template. Without one (or when the template fails, logged as a warning) it is
+    /// ChatML: `<|im_start|>system\n…<|im_end|>\n<|im_start|>user\n…<|im_end|>\n<|im_start|>assistant\n`.
+    /// [`Tokenizer::render_chat`] reports a failing template as an error instead.
     pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> String {
-        let mut s = String::new();
-        if let Some(sys) = system {
-            s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+        let mut messages: Vec<Message> = system.map(|s| Message::new("system", s)).into_iter().collect();
+        messages.push(Message::new("user", user));
+        match self.render_chat(&messages, true) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "the model's chat template failed; using ChatML");
+                chatml(&messages)
+            }
         }
-        s.push_str(&format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"));
-        s
+    }
+
+    /// `messages` in the model's chat template (ChatML when it has none); with
+    /// `add_generation_prompt` the text ends where the assistant's answer starts.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        match &self.chat {
+            Some(t) => t.render(messages, add_generation_prompt),
+            None => {
+                let mut s = chatml(messages);
+                if !add_generation_prompt {
+                    s.truncate(s.len() - "<|im_start|>assistant\n".len());
+                }
+                Ok(s)
+            }
+        }
     }
 
     /// An incremental detokenizer for generated ids.
     pub fn decode_stream(&self) -> DecodeStream<'_> {
         DecodeStream { tok: self, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
     }
+}
+
+/// ChatML with the generation prompt.
+fn chatml(messages: &[Message]) -> String {
+    let mut s = String::new();
+    for m in messages {
+        s.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+    }
+    s.push_str("<|im_start|>assistant\n");
+    s
+}
+
+/// `tokenizer.chat_template` of a GGUF with the texts of its BOS and EOS tokens.
+fn gguf_chat_template(g: &GgufFile) -> Result<Option<ChatTemplate>> {
+    let Some(source) = g.get("tokenizer.chat_template").and_then(Value::as_str) else { return Ok(None) };
+    let tokens = g.get("tokenizer.ggml.tokens").and_then(Value::as_array).unwrap_or(&[]);
+    let text = |key: &str| -> Result<String> {
+        Ok(match g.meta_u32(key)? {
+            Some(id) => tokens.get(id as usize).and_then(Value::as_str).unwrap_or_default().to_string(),
+            None => String::new(),
+        })
+    };
+    let origin = format!("{} tokenizer.chat_template", g.path().display());
+    ChatTemplate::new(source, &text("tokenizer.ggml.bos_token_id")?, &text("tokenizer.ggml.eos_token_id")?, &origin)
+        .map(Some)
 }
 
 /// Turns ids into text as they are generated, emitting only complete UTF-8 text: a character

@@ -138,6 +138,12 @@ fn tokenizer_vocab_and_round_trip() {
         prompt,
         "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     );
+    // SmolLM2's own template (in the GGUF) adds its default system prompt when there is none.
+    assert_eq!(
+        tok.chat_prompt(None, "Hi"),
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
     let ids = tok.encode(&prompt, false).unwrap();
     assert_eq!(ids[0], 1);
     assert_eq!(ids.iter().filter(|&&i| i == 1).count(), 3, "{ids:?}");
