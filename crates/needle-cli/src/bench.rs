@@ -1,5 +1,6 @@
 //! `needle bench index`: every index backend on the keys and queries of a `needle trace` file
 //! (the benchmark is `needle_eval::bench`; this module parses, runs the peers and prints).
+//! `needle bench model`: prefill and decode speed of a random-weight model of a real shape.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,12 +27,16 @@ pub struct BenchArgs {
 enum BenchCommand {
     /// Recall@k, keys scanned, latency and build cost of index backends on a `needle trace` file.
     Index(IndexArgs),
+    /// Prefill and decode tokens/s and memory of a random-weight model of a real shape
+    /// (`llama3-8b`, `qwen2.5-7b`, `qwen3-8b`, `smollm2-135m`), built in memory: no download.
+    Model(ModelBenchArgs),
 }
 
 /// Runs `needle bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.command {
         BenchCommand::Index(a) => index(a),
+        BenchCommand::Model(a) => model(a),
     }
 }
 
@@ -217,4 +222,125 @@ mod tests {
         let e = err(args(&["--trace", ps, "--k", "5", "--indexes", "Nope"]));
         assert!(e.contains("Nope"), "{e}");
     }
+}
+
+/// Arguments of `needle bench model`.
+#[derive(Args)]
+pub struct ModelBenchArgs {
+    /// The model's shape: a config preset (llama3-8b, qwen2.5-7b, qwen3-8b, smollm2-135m).
+    #[arg(long)]
+    pub shape: String,
+    /// Prompt tokens to prefill (random ids).
+    #[arg(long, default_value_t = 1024)]
+    pub context: usize,
+    /// Tokens to decode after the prompt.
+    #[arg(long, default_value_t = 16)]
+    pub decode: usize,
+    /// Selector spec (`auto`: retrieval from 2,048 tokens, full below).
+    #[arg(long, default_value = "auto")]
+    pub selector: String,
+    /// Block type of the linear weights and the embedding: q4_k, q4_0, q8_0, f16 or f32 (rows
+    /// that are not a whole number of blocks fall back to q8_0, then f32).
+    #[arg(long, default_value = "q4_k")]
+    pub quant: String,
+    /// Seed of the weights and the prompt.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Prefill chunk size.
+    #[arg(long, default_value_t = 512)]
+    pub chunk: usize,
+    /// Precision of the KV cache's host pages.
+    #[arg(long, default_value = "f32")]
+    pub kv: needle_model::KvDtype,
+    /// Also write the result as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn parse_quant(s: &str) -> Result<needle_model::QuantType> {
+    use needle_model::QuantType as Q;
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "q4_k" => Q::Q4_K,
+        "q4_0" => Q::Q4_0,
+        "q8_0" => Q::Q8_0,
+        "f16" => Q::F16,
+        "f32" => Q::F32,
+        other => anyhow::bail!("unknown --quant {other:?} (q4_k, q4_0, q8_0, f16, f32)"),
+    })
+}
+
+/// Runs `needle bench model`: build, prefill `--context` random tokens, decode `--decode` greedily.
+fn model(a: ModelBenchArgs) -> Result<()> {
+    use needle_model::{Cpu, KvCache, Llama, argmax, resolve_auto, selector_from_spec};
+    ensure!(a.context > 0, "--context must be at least 1");
+    let cfg = needle_loader::LlamaConfig::preset(&a.shape)?;
+    let quant = parse_quant(&a.quant)?;
+    let t0 = Instant::now();
+    let model = Llama::<Cpu>::random(&cfg, quant, a.seed, &Default::default())
+        .with_context(|| format!("building a random {} model", a.shape))?;
+    let build_s = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "{}: {} layers, hidden {}, {} q / {} kv heads, vocab {}; weights {:.2} GiB ({}) made in {build_s:.1} s",
+        a.shape,
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.vocab_size,
+        model.weight_bytes() as f64 / (1u64 << 30) as f64,
+        a.quant
+    );
+    let spec = resolve_auto(&a.selector, a.context);
+    let (factory, mut sel) = selector_from_spec(&spec)?;
+    sel.kv = a.kv;
+    let mut cache = KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?;
+    // SplitMix64 over the seed: the same prompt for every run of a seed.
+    let mut s = a.seed ^ 0x5EED;
+    let prompt: Vec<u32> = (0..a.context)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) % cfg.vocab_size as u64) as u32
+        })
+        .collect();
+    let t0 = Instant::now();
+    let logits = model.prefill(&prompt, &mut cache, a.chunk, &[a.context - 1], &mut |_, _| {})?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut next = argmax(&logits).context("empty logits")?;
+    let t0 = Instant::now();
+    for _ in 0..a.decode {
+        next = argmax(&model.decode(next, &mut cache)?).context("empty logits")?;
+    }
+    let decode_s = t0.elapsed().as_secs_f64();
+    let (kv_bytes, selector_bytes) = cache.memory_bytes();
+    let rss = crate::common::peak_rss();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let prefill_tps = a.context as f64 / prefill_s;
+    let decode_tps = if a.decode > 0 { a.decode as f64 / decode_s } else { 0.0 };
+    println!(
+        "| {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {} |",
+        a.shape,
+        a.quant,
+        a.context,
+        spec,
+        prefill_tps,
+        decode_tps,
+        gib(model.weight_bytes() as u64),
+        gib((kv_bytes + selector_bytes) as u64),
+        rss.map_or("?".into(), |r| format!("{:.2}", gib(r)))
+    );
+    if let Some(path) = &a.json {
+        let v = json!({
+            "shape": a.shape, "quant": a.quant, "context": a.context, "decode_tokens": a.decode, "selector": spec,
+            "kv": format!("{:?}", a.kv), "seed": a.seed, "chunk": a.chunk, "build_seconds": build_s,
+            "prefill_seconds": prefill_s, "prefill_tokens_per_second": prefill_tps,
+            "decode_seconds": decode_s, "decode_tokens_per_second": decode_tps,
+            "weight_bytes": model.weight_bytes(), "kv_bytes": kv_bytes, "selector_bytes": selector_bytes,
+            "peak_rss_bytes": rss, "threads": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        });
+        crate::common::write_new(path, &serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
 }

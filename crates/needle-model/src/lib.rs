@@ -55,6 +55,8 @@ pub use model::Llama;
 /// The query/KV head layout a [`KvCache`] is made for (re-exported so a model needs no
 /// `needle-core` dependency to build one).
 pub use needle_core::{GqaLayout, KvDtype};
+/// The ggml block types weights are kept in ([`Llama::random`] takes one).
+pub use needle_kernels_cpu::QuantType;
 /// Memory budgets of the KV tiers ([`KvCache::set_kv_budget`]).
 pub use needle_kv::TierBudget;
 pub use rope::Rope;
