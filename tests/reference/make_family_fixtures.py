@@ -10,8 +10,10 @@ For each family (llama3, qwen2, qwen3, mistral) it writes under tests/fixtures/f
   <family>-hf/         the same weights as a Hugging Face folder: config.json,
                        model.safetensors (written by hand: u64 header length, JSON header,
                        raw little-endian data), tokenizer_config.json with the chat template
-  <family>.json        llama.cpp's logits on a few prompts, and the chat template rendered by
-                       jinja2 (what transformers uses) for a fixed conversation
+  <family>.json        llama.cpp's logits on a few prompts, the chat template rendered by
+                       jinja2 (what transformers uses) for fixed conversations, and (BPE
+                       vocabularies) llama.cpp's tokenization of strings whose ids depend on the
+                       pre-tokenizer (digits, contractions, unicode, whitespace runs)
 
 The families differ where the real ones do:
   llama3   Llama 3.1 RoPE scaling: config.json has rope_scaling {rope_type: llama3}; the GGUF
@@ -24,7 +26,7 @@ The families differ where the real ones do:
            SentencePiece vocabulary; config.json says model_type "mistral" with sliding_window.
 
 Shapes: 2 layers, hidden 32, 4 query heads, 2 KV heads, head_dim 8 (16 for qwen3), FFN 64,
-vocab 280 (byte-level BPE: 256 bytes, a few merges, special tokens; mistral: SentencePiece).
+vocab ~300 (byte-level BPE: 256 bytes, merges, special tokens; mistral: SentencePiece).
 Weights: seeded normal, F32, so llama.cpp (F32 K/V cache, no flash attention) is an f32
 reference of the same arithmetic.
 
@@ -258,7 +260,12 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def bpe_vocab(specials: list[str]) -> tuple[list[str], list[int], list[str]]:
     alphabet = list(bytes_to_unicode().values())
-    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "r e", "a t", "Ġ c", "e n", "o r", "Ġ w"]
+    # Merges that only apply when the pre-tokenizer keeps their parts together, so the ids show
+    # how text was split: digit runs (llama-bpe keeps up to 3 digits together, qwen2 one),
+    # contractions, whitespace runs, and a two-byte character.
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "r e", "a t", "Ġ c", "e n", "o r", "Ġ w",
+              "1 2", "12 3", "123 4", "4 5", "Ġ 1", "' s", "' t", "' re", "' ll", "' S", "l l", "Ġ Ġ", "ĠĠ Ġ",
+              "ĠĠ ĠĠ", "Ċ Ċ", "Ġ Ċ", "Ã ©", "c af", "a f", "caf Ã©", "! !", "Ġ !", "d on", "Ġ d", "Ġd on"]
     tokens = alphabet + ["".join(m.split(" ")) for m in merges]
     types = [1] * len(tokens)
     tokens += specials
@@ -445,6 +452,21 @@ def write_hf(folder: str, name: str, fam: dict, tensors: dict, vocab: dict) -> N
 
 # --------------------------------------------------------------------------- runs --
 
+TOKENIZER_CASES = [
+    "1234567890", "12 345 6789", "x1234y", "3.14159", "in 2024, 1/3", "don't can't I'll we're SHE'S it's",
+    "O'Neil's 'quoted'", "café Café CAFÉ", "naïve façade", "日本語 テキスト", "Привет мир", "🦀 emoji",
+    "a  b   c    d", "  leading", "trailing  ", "\n\nnew\n\n\nlines\n", "tabs\tand \t spaces", "\r\n windows",
+    "Hello!! World!!!", "the the  the   the", " ", "",
+]
+
+
+def tokenizer_cases(path: str) -> list[dict]:
+    llm, _ = C.load_llama(path, n_ctx=64, vocab_only=True)
+    out = [{"text": t, "ids": llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)} for t in TOKENIZER_CASES]
+    del llm
+    return out
+
+
 def run_llama_cpp(path: str, prompts: list[list[int]]) -> tuple[list[dict], dict]:
     llm, _ = C.load_llama(path, n_ctx=N_CTX, logits_all=True, kv_f32=True, n_batch=N_CTX, seed=SEED)
     out = []
@@ -527,6 +549,9 @@ def main() -> None:
             "llama_cpp_metadata": meta["metadata"],
         }
         obj = {"header": header, "prompts": runs, "chat": render_templates(fam, vocab)}
+        if vocab["kind"] == "bpe":
+            # llama_tokenize(text, add_bos=False, special=False) on this vocab and pre-tokenizer.
+            obj["tokenizer"] = tokenizer_cases(gguf_path)
         path = os.path.join(OUT_DIR, f"{name}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(obj, f, ensure_ascii=False, separators=(",", ":"))
