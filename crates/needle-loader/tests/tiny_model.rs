@@ -257,3 +257,25 @@ fn presets_and_random_checkpoints() {
     assert!(a.describe().contains("Q4_K"), "{}", a.describe());
     assert!(matches!(a.tokenizer(), Err(Error::Unsupported { .. })));
 }
+
+#[test]
+fn gguf_linear_rope_scaling() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel::new(13);
+    let mut meta = model.metadata();
+    meta.push(("llama.rope.scaling.type".into(), s("linear")));
+    meta.push(("llama.rope.scaling.factor".into(), Meta::F32(4.0)));
+    let (bytes, _) = write_gguf(3, &meta, &model.gguf_tensors());
+    let path = dir.path().join("linear.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let c = open(&path).unwrap().config().clone();
+    assert_eq!(c.rope_scaling, Some(needle_loader::RopeScaling::Linear { factor: 4.0 }));
+    // A factor of 1 is no scaling (as llama.cpp reads it); a missing factor is named.
+    meta.last_mut().unwrap().1 = Meta::F32(1.0);
+    std::fs::write(&path, write_gguf(3, &meta, &model.gguf_tensors()).0).unwrap();
+    assert_eq!(open(&path).unwrap().config().rope_scaling, None);
+    meta.pop();
+    std::fs::write(&path, write_gguf(3, &meta, &model.gguf_tensors()).0).unwrap();
+    let e = open(&path).unwrap_err();
+    assert!(matches!(e, Error::MissingMetadata { ref key, .. } if key == "llama.rope.scaling.factor"), "{e}");
+}

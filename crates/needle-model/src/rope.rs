@@ -97,3 +97,59 @@ impl Rope {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(scaling: Option<RopeScaling>) -> LlamaConfig {
+        let mut c = LlamaConfig::preset("llama3-8b").expect("preset");
+        c.rope_scaling = scaling;
+        c
+    }
+
+    /// Angles at a long position, where scaled and unscaled frequencies differ most.
+    fn angles(r: &Rope) -> Vec<f32> {
+        let (cos, sin) = r.half_tables(100_000..100_001);
+        cos.into_iter().chain(sin).collect()
+    }
+
+    #[test]
+    fn llama3_formula_equals_llama_cpp_factors_and_linear_divides() {
+        let plain = Rope::new(&config(None));
+        let (factor, low, high, old) = (8.0f64, 1.0f64, 4.0f64, 8192.0f64);
+        let llama3 = Rope::new(&config(Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_max_position_embeddings: old as usize,
+        })));
+        // llama.cpp's converter (LlamaModel.generate_extra_tensors): one divisor per frequency.
+        let divisors: Vec<f32> = plain
+            .inv_freq
+            .iter()
+            .map(|&f| {
+                let wl = 2.0 * std::f64::consts::PI / f;
+                if wl < old / high {
+                    1.0
+                } else if wl > old / low {
+                    factor as f32
+                } else {
+                    let smooth = (old / wl - low) / (high - low);
+                    (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                }
+            })
+            .collect();
+        assert!(divisors.iter().any(|&d| d == 1.0) && divisors.iter().any(|&d| d == 8.0));
+        assert!(divisors.iter().any(|&d| d > 1.0 && d < 8.0), "the ramp is exercised");
+        let factors = Rope::new(&config(Some(RopeScaling::FreqFactors(divisors))));
+        for (a, b) in llama3.inv_freq.iter().zip(&factors.inv_freq) {
+            assert!((a - b).abs() <= 1e-6 * a, "{a} vs {b}");
+        }
+        assert_ne!(angles(&plain), angles(&llama3));
+        let linear = Rope::new(&config(Some(RopeScaling::Linear { factor: 4.0 })));
+        for (a, b) in plain.inv_freq.iter().zip(&linear.inv_freq) {
+            assert_eq!(a / 4.0, *b);
+        }
+    }
+}
