@@ -524,7 +524,7 @@ mod tests {
         for dtype in [KvDtype::F32, KvDtype::F16] {
             let row = |i: usize| -> Vec<f32> { (0..5).map(|j| ((i * 5 + j) as f32 * 0.37).sin()).collect() };
             let mut p = PagedRows::with_dtype(5, 4, dtype).unwrap();
-            (0..11).for_each(|i| drop(p.push(&row(i)).unwrap()));
+            (0..11).for_each(|i| assert_eq!(p.push(&row(i)).unwrap(), i as u32));
             let before: Vec<Vec<f32>> = (0..11).map(|i| p.row(i).to_vec()).collect();
             let mut spill = SpillFile::create(dir.path(), None).unwrap();
             let moved: Vec<bool> = [0, 1, 2, 0].iter().map(|&i| p.spill_page(i, &mut spill).unwrap()).collect();

@@ -65,6 +65,7 @@ impl ContextWriter {
         tmp_name.push(name);
         tmp_name.push(format!(".{}.tmp", std::process::id()));
         let tmp = dest.with_file_name(tmp_name);
+        remove_stale_temporaries(dest, &name.to_string_lossy());
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, "creating", e))?;
         let mut w = Self {
             out: BufWriter::with_capacity(1 << 20, file),
@@ -157,6 +158,28 @@ impl ContextWriter {
         }
         self.tmp = PathBuf::new();
         Ok(())
+    }
+}
+
+/// Removes `.NAME.PID.tmp` files beside `dest` left by saves whose process is gone (killed
+/// midway: the rename never came). Only where a process's liveness can be read (`/proc`).
+fn remove_stale_temporaries(dest: &Path, name: &str) {
+    let proc = Path::new("/proc/self");
+    let dir = dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let (Ok(entries), true) = (std::fs::read_dir(dir), proc.exists()) else { return };
+    let prefix = format!(".{name}.");
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let pid = file.to_str().and_then(|f| f.strip_prefix(&prefix)?.strip_suffix(".tmp")?.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !Path::new("/proc").join(pid.to_string()).exists()
+        {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!("removed {}, left by an unfinished save", entry.path().display()),
+                Err(e) => tracing::debug!("could not remove {}: {e}", entry.path().display()),
+            }
+        }
     }
 }
 

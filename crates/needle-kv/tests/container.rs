@@ -132,4 +132,13 @@ fn killed_saves_leave_a_complete_file() {
         let body = r.section("body").unwrap();
         assert!(body.iter().all(|&b| b == tag), "a complete save of tag {tag}");
     }
+    // The killed children left their temporary files; the next save removes them.
+    let names = || -> Vec<String> {
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    };
+    assert!(names().len() > 1, "killed saves leave temporaries: {:?}", names());
+    let mut w = ContextWriter::create(&path, true).unwrap();
+    w.section("tag", &[1]).unwrap();
+    w.finish().unwrap();
+    assert_eq!(names(), ["ctx.needle"], "only the saved file remains");
 }

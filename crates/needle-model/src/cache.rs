@@ -137,6 +137,8 @@ struct Tiers {
     spill: SpillFile,
     /// Advances once per forward pass: the "time" of [`HeadCache::last_read`].
     clock: u64,
+    /// Whether the budget was found too small for the pages being filled (said once).
+    warned: bool,
 }
 
 /// KV cache plus selectors for one sequence.
@@ -222,7 +224,7 @@ impl KvCache {
             return Ok(());
         }
         let spill = SpillFile::create(dir, budget.disk)?;
-        self.tiers = Some(Tiers { budget, spill, clock: 0 });
+        self.tiers = Some(Tiers { budget, spill, clock: 0, warned: false });
         self.enforce_budget()
     }
 
@@ -277,7 +279,11 @@ impl KvCache {
                 return Ok(());
             }
         }
-        tracing::warn!("the KV pages being filled exceed the host budget of {limit} bytes by {over}");
+        if !std::mem::replace(&mut tiers.warned, true) {
+            tracing::warn!(
+                "the KV pages being filled (one per layer, KV head, keys and values) exceed the host budget of {limit} bytes by {over}"
+            );
+        }
         Ok(())
     }
 
