@@ -140,7 +140,7 @@ mod tests {
                 }
             })
             .collect();
-        assert!(divisors.iter().any(|&d| d == 1.0) && divisors.iter().any(|&d| d == 8.0));
+        assert!(divisors.contains(&1.0) && divisors.contains(&8.0));
         assert!(divisors.iter().any(|&d| d > 1.0 && d < 8.0), "the ramp is exercised");
         let factors = Rope::new(&config(Some(RopeScaling::FreqFactors(divisors))));
         for (a, b) in llama3.inv_freq.iter().zip(&factors.inv_freq) {
