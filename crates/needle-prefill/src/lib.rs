@@ -106,7 +106,7 @@ pub fn parse(spec: &str) -> Result<PrefillSpec> {
             if !(f.gamma > 0.0 && f.gamma <= 1.0) {
                 return Err(Error::invalid("flex option `gamma`", format!("{} is not in (0, 1]", f.gamma)));
             }
-            if !(f.tau >= 0.0) {
+            if f.tau.is_nan() || f.tau < 0.0 {
                 return Err(Error::invalid("flex option `tau`", format!("{} is not ≥ 0", f.tau)));
             }
             Box::new(f)
@@ -152,6 +152,8 @@ mod tests {
         for (spec, names) in [
             ("sparse", "prefill"),
             ("flex:gamma=2", "flex option `gamma`"),
+            ("flex:tau=-1", "flex option `tau`"),
+            ("flex:tau=NaN", "flex option `tau`"),
             ("flex:gamma=x", "flex option `gamma`"),
             ("flex:k=3", "flex option `k`"),
             ("vertical-slash:block=0", "vertical-slash option `block`"),
