@@ -11,9 +11,9 @@ For each family (llama3, qwen2, qwen3, mistral) it writes under tests/fixtures/f
                        model.safetensors (written by hand: u64 header length, JSON header,
                        raw little-endian data), tokenizer_config.json with the chat template
   <family>.json        llama.cpp's logits on a few prompts, the chat template rendered by
-                       jinja2 (what transformers uses) for fixed conversations, and (BPE
-                       vocabularies) llama.cpp's tokenization of strings whose ids depend on the
-                       pre-tokenizer (digits, contractions, unicode, whitespace runs)
+                       jinja2 (what transformers uses) for fixed conversations, and llama.cpp's
+                       tokenization of strings whose ids depend on the pre-tokenizer (digits,
+                       contractions, unicode, whitespace runs; SentencePiece for mistral)
 
 The families differ where the real ones do:
   llama3   Llama 3.1 RoPE scaling: config.json has rope_scaling {rope_type: llama3}; the GGUF
@@ -276,7 +276,8 @@ def bpe_vocab(specials: list[str]) -> tuple[list[str], list[int], list[str]]:
 def spm_vocab() -> tuple[list[str], list[float], list[int]]:
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [2, 3, 3] + [6] * 256
-    pieces = ["▁", "▁t", "he", "▁the", "in", "▁a", "er", "on", "▁s", "re", "e", "t", "a", "o", "n", "s", "h", "r"]
+    pieces = ["▁", "▁t", "he", "▁the", "in", "▁a", "er", "on", "▁s", "re", "e", "t", "a", "o", "n", "s", "h", "r",
+              "i", "▁c", "c", "af", "f", "é", "▁caf", "▁café", "1", "2", "12", "'", "'s", "▁'", "▁▁", "▁▁▁▁"]
     tokens += pieces
     types += [1] * len(pieces)
     scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
@@ -549,9 +550,8 @@ def main() -> None:
             "llama_cpp_metadata": meta["metadata"],
         }
         obj = {"header": header, "prompts": runs, "chat": render_templates(fam, vocab)}
-        if vocab["kind"] == "bpe":
-            # llama_tokenize(text, add_bos=False, special=False) on this vocab and pre-tokenizer.
-            obj["tokenizer"] = tokenizer_cases(gguf_path)
+        # llama_tokenize(text, add_bos=False, special=False) on this vocab and pre-tokenizer.
+        obj["tokenizer"] = tokenizer_cases(gguf_path)
         path = os.path.join(OUT_DIR, f"{name}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(obj, f, ensure_ascii=False, separators=(",", ":"))

@@ -20,7 +20,9 @@
 //! let wq = ckpt.tensor("model.layers.0.self_attn.q_proj.weight")?;
 //! assert_eq!(wq.shape, [cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size]);
 //! let tok = ckpt.tokenizer()?;
-//! let ids = tok.encode(&tok.chat_prompt(None, "Hi"), false)?;
+//! // The model's own chat template (ChatML when the checkpoint has none).
+//! let ids = tok.encode(&tok.chat_prompt(None, "Hi"), true)?;
+//! assert!(!ids.is_empty());
 //! # Ok::<(), needle_loader::Error>(())
 //! ```
 #![warn(missing_docs)]

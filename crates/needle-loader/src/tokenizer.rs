@@ -110,26 +110,20 @@ impl Tokenizer {
         Ok(Self::new(inner, bos, false, eos, path.display().to_string()))
     }
 
-    /// Rebuilds the GGUF's embedded GPT-2 style BPE tokenizer (`tokenizer.ggml.model = "gpt2"`).
+    /// Rebuilds the GGUF's embedded tokenizer: byte-level BPE (`tokenizer.ggml.model = "gpt2"`,
+    /// with its `tokenizer.ggml.pre` pre-tokenizer) or SentencePiece (`"llama"`: Llama 2,
+    /// Mistral), so it tokenises as llama.cpp does.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let source = format!("{} (embedded)", g.path().display());
         let fail = |reason: String| Error::Tokenizer { source_desc: source.clone(), reason };
         let model = g.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(Error::Unsupported {
                 path: g.path().into(),
                 what: "tokenizer.ggml.model".into(),
-                reason: format!("{model:?} (only byte-level BPE \"gpt2\" is supported)"),
+                reason: format!("{model:?} (supported: \"gpt2\" byte-level BPE, \"llama\" SentencePiece)"),
             });
         }
-        let pre_name = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-        let pre = pre_tokenizer(pre_name).ok_or_else(|| Error::Unsupported {
-            path: g.path().into(),
-            what: "tokenizer.ggml.pre".into(),
-            reason: format!(
-                "{pre_name:?} (known: gpt2, smollm, starcoder, refact, codeshell, llama3, llama-bpe, qwen2)"
-            ),
-        })?;
         let strings = |key: &str| -> Result<Vec<&str>> {
             let arr = g
                 .get(key)
@@ -146,7 +140,6 @@ impl Tokenizer {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
             Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
@@ -167,30 +160,42 @@ impl Tokenizer {
                 }));
             }
         }
-        let merges: Vec<Json> = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ').map(|(a, b)| json!([a, b])).ok_or_else(|| fail(format!("merge {m:?} has no space")))
-            })
-            .collect::<Result<_>>()?;
-        let spec = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {
-                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                "vocab": vocab, "merges": merges
-            }
-        });
+        let (pre_name, spec) = if model == "gpt2" {
+            let pre_name = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+            let pre = pre_tokenizer(pre_name).ok_or_else(|| Error::Unsupported {
+                path: g.path().into(),
+                what: "tokenizer.ggml.pre".into(),
+                reason: format!(
+                    "{pre_name:?} (known: gpt2, smollm, starcoder, refact, codeshell, llama3, llama-bpe, qwen2)"
+                ),
+            })?;
+            let merges: Vec<Json> = strings("tokenizer.ggml.merges")?
+                .iter()
+                .map(|m| {
+                    m.split_once(' ')
+                        .map(|(a, b)| json!([a, b]))
+                        .ok_or_else(|| fail(format!("merge {m:?} has no space")))
+                })
+                .collect::<Result<_>>()?;
+            let spec = json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                "normalizer": null,
+                "pre_tokenizer": pre,
+                "post_processor": null,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {
+                    "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                    "vocab": vocab, "merges": merges
+                }
+            });
+            (pre_name, spec)
+        } else {
+            ("spm", spm_spec(g, &tokens, &types, vocab, added)?)
+        };
         let text = serde_json::to_string(&spec).map_err(|e| fail(e.to_string()))?;
         let inner: tokenizers::Tokenizer = text.parse().map_err(|e: tokenizers::Error| fail(e.to_string()))?;
-        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(model == "llama");
         let cfg = g.config();
         tracing::debug!(pre = pre_name, vocab = tokens.len(), add_bos, "built tokenizer from GGUF");
         let tok = Self::new(inner, cfg.bos_token_id, add_bos, cfg.eos_token_ids.clone(), source);
@@ -333,6 +338,68 @@ impl Tokenizer {
     pub fn decode_stream(&self) -> DecodeStream<'_> {
         DecodeStream { tok: self, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
     }
+}
+
+/// SentencePiece as llama.cpp runs it (`llm_tokenizer_spm`), in HF `tokenizers` terms: a space
+/// before the text and `▁` for every space, then BPE whose merges are every split of a piece
+/// into two pieces, best piece score first (how `transformers` converts a SentencePiece model),
+/// with unknown characters as `<0xXX>` byte tokens. One difference: llama.cpp can merge two
+/// characters that are not pieces themselves into a piece; here they stay bytes. In a trained
+/// SentencePiece vocabulary every character of a piece is a piece.
+fn spm_spec(
+    g: &GgufFile,
+    tokens: &[&str],
+    types: &[i64],
+    vocab: serde_json::Map<String, Json>,
+    added: Vec<Json>,
+) -> Result<Json> {
+    let scores: Vec<f64> = match g.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+        Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+        None => {
+            return Err(Error::MissingMetadata { path: g.path().into(), key: "tokenizer.ggml.scores".into() });
+        }
+    };
+    let add_prefix = g.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+    let ids: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    // Only normal pieces (type 1) merge; control, byte and unknown tokens never come out of BPE.
+    let normal = |id: usize| types.get(id).copied().unwrap_or(1) == 1;
+    let mut merges: Vec<(f64, usize, &str, &str)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate().filter(|(id, _)| normal(*id)) {
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(cut);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r))
+                && normal(li)
+                && normal(ri)
+            {
+                merges.push((scores.get(id).copied().unwrap_or(0.0), id, l, r));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let merges: Vec<Json> = merges.iter().map(|(_, _, l, r)| json!([l, r])).collect();
+    let unk = types.iter().position(|&t| t == 2).and_then(|i| tokens.get(i)).map(|s| s.to_string());
+    let mut normalizers = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_prefix {
+        normalizers.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": merges
+        }
+    }))
 }
 
 /// ChatML with the generation prompt.

@@ -44,7 +44,7 @@ fn templates_render_as_jinja2_does() {
 
 #[test]
 fn gguf_tokenizers_use_their_template() {
-    for family in ["llama3", "qwen2", "qwen3"] {
+    for family in ["llama3", "qwen2", "qwen3", "mistral"] {
         let tok = open(&dir().join(format!("{family}.gguf"))).unwrap().tokenizer().unwrap();
         let t = tok.chat_template().unwrap();
         for (msgs, want) in cases(family) {
@@ -52,6 +52,9 @@ fn gguf_tokenizers_use_their_template() {
         }
         // The one-question prompt the CLI's --chat builds is the template's.
         let (msgs, want) = cases(family).pop().unwrap();
+        if family == "mistral" {
+            continue; // its template takes the system text into the first [INST] (checked above)
+        }
         assert_eq!(tok.chat_prompt(Some(&msgs[0].content), &msgs[1].content), want, "{family}");
     }
     // Llama 3's template prints <|begin_of_text|>: encoding with specials adds no second BOS.

@@ -1,7 +1,9 @@
-//! The llama-bpe and qwen2 pre-tokenizers against llama.cpp's tokenizer on the tiny family
-//! vocabularies (tests/fixtures/families/, from tests/reference/make_family_fixtures.py). Their
-//! merges only apply where the pre-tokenizer keeps the parts together (digit runs,
-//! contractions, whitespace runs, a two-byte character), so the ids show how text was split.
+//! The llama-bpe and qwen2 pre-tokenizers and SentencePiece against llama.cpp's tokenizer on the
+//! tiny family vocabularies (tests/fixtures/families/, from
+//! tests/reference/make_family_fixtures.py). The BPE merges only apply where the pre-tokenizer
+//! keeps the parts together (digit runs, contractions, whitespace runs, a two-byte character),
+//! so the ids show how text was split; the SentencePiece vocabulary (mistral) has pieces of
+//! competing scores and falls back to byte tokens for what it lacks.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -15,7 +17,7 @@ fn dir() -> PathBuf {
 #[test]
 fn llama_bpe_and_qwen2_split_as_llama_cpp_does() {
     let mut by_family = Vec::new();
-    for family in ["llama3", "qwen2", "qwen3"] {
+    for family in ["llama3", "qwen2", "qwen3", "mistral"] {
         let fx: Value =
             serde_json::from_str(&std::fs::read_to_string(dir().join(format!("{family}.json"))).unwrap()).unwrap();
         let tok = needle_loader::open(&dir().join(format!("{family}.gguf"))).unwrap().tokenizer().unwrap();
