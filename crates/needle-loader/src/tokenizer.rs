@@ -239,6 +239,14 @@ impl Tokenizer {
             ids.push(b);
         }
         ids.extend_from_slice(enc.get_ids());
+        // The same when the tokenizer's own post-processor added it (tokenizer.json).
+        if add_special
+            && let Some(b) = self.bos
+            && ids.len() >= 2
+            && ids[..2] == [b, b]
+        {
+            ids.remove(0);
+        }
         Ok(ids)
     }
 

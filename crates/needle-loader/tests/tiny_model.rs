@@ -279,3 +279,24 @@ fn gguf_linear_rope_scaling() {
     let e = open(&path).unwrap_err();
     assert!(matches!(e, Error::MissingMetadata { ref key, .. } if key == "llama.rope.scaling.factor"), "{e}");
 }
+
+#[test]
+fn a_bos_printed_by_the_text_is_not_added_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, hf) = TinyModel::new(14).write_both(dir.path(), 1);
+    // tokenizer.json with a post-processor that adds BOS (id 1), as Llama 3's does.
+    let path = hf.join("tokenizer.json");
+    let mut spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    spec["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}
+    });
+    std::fs::write(&path, spec.to_string()).unwrap();
+    let tok = needle_loader::Tokenizer::from_file(&path, Some(1), vec![2]).unwrap();
+    let plain = tok.encode("Hello", false).unwrap();
+    assert_eq!(tok.encode("Hello", true).unwrap(), [&[1][..], &plain].concat());
+    let printed = tok.encode("<|im_start|>Hello", true).unwrap();
+    assert_eq!(printed, [&[1][..], &plain].concat(), "one BOS, not two");
+}
