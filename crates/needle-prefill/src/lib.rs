@@ -9,6 +9,7 @@
 //! | `dense` | no pattern: dense causal prefill |
 //! | `vertical-slash[:block=64,last_q=64,vertical=512,slash=512]` | MInference: the top vertical keys and slash offsets of the last queries' attention ([`VerticalSlash`]) |
 //! | `flex[:gamma=0.9,tau=0.1,block=64]` | FlexPrefill: per head query-aware (pooled blocks) or vertical-slash by Jensen–Shannon divergence, cumulative attention budget `gamma` ([`Flex`]) |
+//! | `anchor[:theta=8,stride=32,block=64]` | AnchorAttention: key blocks holding a stripe within `theta` of the anchor (best score over the sinks and the diagonal block) ([`Anchor`]) |
 //!
 //! Whatever the pattern, the first block (sinks), the diagonal block and the chunk's last query
 //! block are attended ([`needle_core::prefill::plan_chunk`]).
@@ -28,10 +29,12 @@ use std::sync::{Mutex, OnceLock};
 use needle_core::prefill::{PrefillPattern, PrefillSpec};
 use needle_core::{Error, Result};
 
+mod anchor;
 pub mod estimate;
 mod flex;
 mod vertical_slash;
 
+pub use anchor::Anchor;
 pub use flex::Flex;
 pub use vertical_slash::VerticalSlash;
 
@@ -43,6 +46,7 @@ pub const PATTERNS: &[(&str, &str)] = &[
         "MInference: vertical keys and slash offsets from the last queries (block, last_q, vertical, slash)",
     ),
     ("flex", "FlexPrefill: query-aware or vertical-slash per head by JS divergence (gamma, tau, block)"),
+    ("anchor", "AnchorAttention: blocks with a stripe within theta of the sink/diagonal anchor (theta, stride, block)"),
 ];
 
 /// `name[:key=value,...]` split, options in order.
@@ -77,6 +81,7 @@ pub fn parse(spec: &str) -> Result<PrefillSpec> {
         "dense" => &[],
         "vertical-slash" => &["block", "last_q", "vertical", "slash"],
         "flex" => &["gamma", "tau", "block"],
+        "anchor" => &["theta", "stride", "block"],
         _ => {
             let names: Vec<&str> = PATTERNS.iter().map(|p| p.0).collect();
             return Err(Error::invalid("prefill", format!("unknown pattern `{name}`; valid: {}", names.join(", "))));
@@ -95,6 +100,18 @@ pub fn parse(spec: &str) -> Result<PrefillSpec> {
                 vertical: opt(&name, &opts, "vertical", d.vertical)?,
                 slash: opt(&name, &opts, "slash", d.slash)?,
             })
+        }
+        "anchor" => {
+            let d = Anchor::default();
+            let a = Anchor {
+                theta: opt(&name, &opts, "theta", d.theta)?,
+                stride: opt(&name, &opts, "stride", d.stride)?,
+                block: opt(&name, &opts, "block", d.block)?,
+            };
+            if a.theta.is_nan() || a.theta < 0.0 || a.stride == 0 {
+                return Err(Error::invalid("anchor option `theta`/`stride`", "theta must be ≥ 0 and stride ≥ 1"));
+            }
+            Box::new(a)
         }
         _ => {
             let d = Flex::default();
@@ -143,6 +160,7 @@ mod tests {
             "vertical-slash:block=128,last_q=64,vertical=512,slash=100"
         );
         assert_eq!(parse("flex:gamma=0.95,tau=0.2").unwrap().describe(), "flex:gamma=0.95,tau=0.2,block=64");
+        assert_eq!(parse("anchor:theta=4").unwrap().describe(), "anchor:theta=4,stride=32,block=64");
         let (a, b) = (parse("flex").unwrap().pattern().unwrap(), parse("flex:gamma=0.9").unwrap().pattern().unwrap());
         assert!(std::ptr::addr_eq(a, b), "one object per distinct pattern");
     }
@@ -153,6 +171,7 @@ mod tests {
             ("sparse", "prefill"),
             ("flex:gamma=2", "flex option `gamma`"),
             ("flex:tau=-1", "flex option `tau`"),
+            ("anchor:stride=0", "anchor option `theta`/`stride`"),
             ("flex:tau=NaN", "flex option `tau`"),
             ("flex:gamma=x", "flex option `gamma`"),
             ("flex:k=3", "flex option `k`"),

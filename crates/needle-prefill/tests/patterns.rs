@@ -21,12 +21,16 @@ fn unit(r: &mut StdRng) -> Vec<f32> {
     v.into_iter().map(|x| x / n).collect()
 }
 
-fn data(seed: u64) -> (Vec<f32>, Vec<f32>) {
+/// With `sink`, key 0 is the vertical line's direction too (an attention sink).
+fn data(seed: u64, sink: bool) -> (Vec<f32>, Vec<f32>) {
     let mut r = StdRng::seed_from_u64(seed);
     let dirs: Vec<Vec<f32>> = (0..N).map(|_| unit(&mut r)).collect();
     let u = unit(&mut r);
     let mut keys: Vec<f32> = dirs.concat();
     keys[VERTICAL * DIM..(VERTICAL + 1) * DIM].copy_from_slice(&u);
+    if sink {
+        keys[..DIM].copy_from_slice(&u);
+    }
     let mut q = Vec::new();
     for i in 0..N - POS0 {
         let pos = POS0 + i;
@@ -38,7 +42,11 @@ fn data(seed: u64) -> (Vec<f32>, Vec<f32>) {
 }
 
 fn mask(pattern: &str, seed: u64) -> BlockMask {
-    let (keys, q) = data(seed);
+    mask_with(pattern, seed, false)
+}
+
+fn mask_with(pattern: &str, seed: u64, sink: bool) -> BlockMask {
+    let (keys, q) = data(seed, sink);
     let rows = Rows::new("keys", &keys, DIM).unwrap();
     let chunk = PrefillChunk {
         layer: 0,
@@ -64,6 +72,21 @@ fn vertical_slash_finds_the_planted_line_and_diagonal() {
         // The chunk's last query block is dense.
         assert_eq!(m.key_blocks(15).len(), 16);
     }
+}
+
+#[test]
+fn anchor_finds_the_planted_stripes_and_grows_with_theta() {
+    // The anchor is the sink's score (as in trained models); random keys score far below it.
+    let m = mask_with("anchor:theta=4", 5, true);
+    for qb in 8..15 {
+        let kb = m.key_blocks(qb);
+        let diag = (qb * 64 - SLASH) / 64;
+        assert!(kb.contains(&3) && kb.contains(&(diag as u32)), "block {qb}: {kb:?}");
+        assert!(kb.len() <= 6, "block {qb}: {kb:?}");
+    }
+    let (few, many) =
+        (mask_with("anchor:theta=1", 5, true).density(), mask_with("anchor:theta=100", 5, true).density());
+    assert!(few.0 < many.0 && many.0 == many.1, "{few:?} {many:?}");
 }
 
 #[test]
@@ -108,7 +131,7 @@ fn flex_divergence_is_small_when_pooling_is_faithful() {
     };
     let d = Flex::default().divergences(&chunk);
     assert!(d.iter().all(|&x| x < 0.1), "{d:?}");
-    let (keys, q) = data(4);
+    let (keys, q) = data(4, false);
     let rows = Rows::new("keys", &keys, DIM).unwrap();
     let planted = PrefillChunk { queries: &q, keys: &rows, ..chunk };
     assert!(Flex::default().divergences(&planted).iter().all(|&x| x > 0.1), "a slash is not what pooling sees");
