@@ -248,7 +248,10 @@ mod tests {
     #[test]
     fn pattern_lists_parse_and_reject_bad_specs() {
         let p = parse_patterns("dense; flex:gamma=0.95").unwrap();
-        assert_eq!(p.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), ["dense", "flex:gamma=0.95,tau=0.1,block=64"]);
+        assert_eq!(
+            p.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(),
+            ["dense", "flex:gamma=0.95,tau=0.1,block=64,local=2"]
+        );
         let e = parse_patterns("flex;nope").unwrap_err().to_string();
         assert!(e.contains("prefill") && e.contains("nope"), "{e}");
         assert!(parse_patterns(" ; ").is_err());

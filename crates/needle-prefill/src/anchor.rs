@@ -9,7 +9,7 @@
 use needle_core::Result;
 use needle_core::prefill::{BlockMask, PrefillChunk, PrefillPattern};
 
-/// `anchor:theta=8,stride=32,block=64`.
+/// `anchor:theta=8,stride=32,block=64,local=2`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Anchor {
     /// How far below the anchor (in scaled logits, so `e^-theta` in weight) a stripe may score.
@@ -18,21 +18,28 @@ pub struct Anchor {
     pub stride: usize,
     /// Tokens per block.
     pub block: usize,
+    /// Blocks of the local window, the diagonal one included: each query sees at least the
+    /// `(local − 1)·block` tokens before its own block.
+    pub local: usize,
 }
 
 impl Default for Anchor {
     fn default() -> Self {
-        Self { theta: 8.0, stride: 32, block: 64 }
+        Self { theta: 8.0, stride: 32, block: 64, local: 2 }
     }
 }
 
 impl PrefillPattern for Anchor {
     fn describe(&self) -> String {
-        format!("anchor:theta={},stride={},block={}", self.theta, self.stride, self.block)
+        format!("anchor:theta={},stride={},block={},local={}", self.theta, self.stride, self.block, self.local)
     }
 
     fn block(&self) -> usize {
         self.block
+    }
+
+    fn local_blocks(&self) -> usize {
+        self.local
     }
 
     fn choose(&self, chunk: &PrefillChunk<'_>, mask: &mut BlockMask) -> Result<()> {

@@ -16,7 +16,7 @@ use needle_core::prefill::{BlockMask, PrefillChunk, PrefillPattern};
 
 use crate::estimate::{HeadStats, cumulative, js_divergence, last_queries, mark_vertical_slash};
 
-/// `flex:gamma=0.9,tau=0.1,block=64`.
+/// `flex:gamma=0.9,tau=0.1,block=64,local=2`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Flex {
     /// Attention mass each selection keeps (cumulative budget).
@@ -25,11 +25,14 @@ pub struct Flex {
     pub tau: f64,
     /// Tokens per block (also the estimating query block's size).
     pub block: usize,
+    /// Blocks of the local window, the diagonal one included: each query sees at least the
+    /// `(local − 1)·block` tokens before its own block.
+    pub local: usize,
 }
 
 impl Default for Flex {
     fn default() -> Self {
-        Self { gamma: 0.9, tau: 0.1, block: 64 }
+        Self { gamma: 0.9, tau: 0.1, block: 64, local: 2 }
     }
 }
 
@@ -89,11 +92,15 @@ impl Flex {
 
 impl PrefillPattern for Flex {
     fn describe(&self) -> String {
-        format!("flex:gamma={},tau={},block={}", self.gamma, self.tau, self.block)
+        format!("flex:gamma={},tau={},block={},local={}", self.gamma, self.tau, self.block, self.local)
     }
 
     fn block(&self) -> usize {
         self.block
+    }
+
+    fn local_blocks(&self) -> usize {
+        self.local
     }
 
     fn choose(&self, chunk: &PrefillChunk<'_>, mask: &mut BlockMask) -> Result<()> {

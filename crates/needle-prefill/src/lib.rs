@@ -7,16 +7,17 @@
 //! | spec | idea |
 //! |---|---|
 //! | `dense` | no pattern: dense causal prefill |
-//! | `vertical-slash[:block=64,last_q=64,vertical=512,slash=512]` | MInference: the top vertical keys and slash offsets of the last queries' attention ([`VerticalSlash`]) |
-//! | `flex[:gamma=0.9,tau=0.1,block=64]` | FlexPrefill: per head query-aware (pooled blocks) or vertical-slash by Jensen–Shannon divergence, cumulative attention budget `gamma` ([`Flex`]) |
-//! | `anchor[:theta=8,stride=32,block=64]` | AnchorAttention: key blocks holding a stripe within `theta` of the anchor (best score over the sinks and the diagonal block) ([`Anchor`]) |
+//! | `vertical-slash[:block=64,last_q=64,vertical=512,slash=512,local=2]` | MInference: the top vertical keys and slash offsets of the last queries' attention ([`VerticalSlash`]) |
+//! | `flex[:gamma=0.9,tau=0.1,block=64,local=2]` | FlexPrefill: per head query-aware (pooled blocks) or vertical-slash by Jensen–Shannon divergence, cumulative attention budget `gamma` ([`Flex`]) |
+//! | `anchor[:theta=8,stride=32,block=64,local=2]` | AnchorAttention: key blocks holding a stripe within `theta` of the anchor (best score over the sinks and the diagonal block) ([`Anchor`]) |
 //!
-//! Whatever the pattern, the first block (sinks), the diagonal block and the chunk's last query
-//! block are attended ([`needle_core::prefill::plan_chunk`]).
+//! Whatever the pattern, the first block (sinks), the local window (`local` blocks: the diagonal
+//! one and the one before it by default, so that the first queries of a block keep their
+//! context) and the chunk's last query block are attended ([`needle_core::prefill::plan_chunk`]).
 //!
 //! ```
 //! let spec = needle_prefill::parse("flex:gamma=0.95")?;
-//! assert_eq!(spec.describe(), "flex:gamma=0.95,tau=0.1,block=64");
+//! assert_eq!(spec.describe(), "flex:gamma=0.95,tau=0.1,block=64,local=2");
 //! assert!(needle_prefill::parse("dense")?.pattern().is_none());
 //! # Ok::<(), needle_core::Error>(())
 //! ```
@@ -79,9 +80,9 @@ pub fn parse(spec: &str) -> Result<PrefillSpec> {
     let (name, opts) = split(spec)?;
     let allowed: &[&str] = match name.as_str() {
         "dense" => &[],
-        "vertical-slash" => &["block", "last_q", "vertical", "slash"],
-        "flex" => &["gamma", "tau", "block"],
-        "anchor" => &["theta", "stride", "block"],
+        "vertical-slash" => &["block", "last_q", "vertical", "slash", "local"],
+        "flex" => &["gamma", "tau", "block", "local"],
+        "anchor" => &["theta", "stride", "block", "local"],
         _ => {
             let names: Vec<&str> = PATTERNS.iter().map(|p| p.0).collect();
             return Err(Error::invalid("prefill", format!("unknown pattern `{name}`; valid: {}", names.join(", "))));
@@ -99,6 +100,7 @@ pub fn parse(spec: &str) -> Result<PrefillSpec> {
                 last_q: opt(&name, &opts, "last_q", d.last_q)?,
                 vertical: opt(&name, &opts, "vertical", d.vertical)?,
                 slash: opt(&name, &opts, "slash", d.slash)?,
+                local: opt(&name, &opts, "local", d.local)?,
             })
         }
         "anchor" => {
@@ -107,6 +109,7 @@ pub fn parse(spec: &str) -> Result<PrefillSpec> {
                 theta: opt(&name, &opts, "theta", d.theta)?,
                 stride: opt(&name, &opts, "stride", d.stride)?,
                 block: opt(&name, &opts, "block", d.block)?,
+                local: opt(&name, &opts, "local", d.local)?,
             };
             if a.theta.is_nan() || a.theta < 0.0 || a.stride == 0 {
                 return Err(Error::invalid("anchor option `theta`/`stride`", "theta must be ≥ 0 and stride ≥ 1"));
@@ -119,6 +122,7 @@ pub fn parse(spec: &str) -> Result<PrefillSpec> {
                 gamma: opt(&name, &opts, "gamma", d.gamma)?,
                 tau: opt(&name, &opts, "tau", d.tau)?,
                 block: opt(&name, &opts, "block", d.block)?,
+                local: opt(&name, &opts, "local", d.local)?,
             };
             if !(f.gamma > 0.0 && f.gamma <= 1.0) {
                 return Err(Error::invalid("flex option `gamma`", format!("{} is not in (0, 1]", f.gamma)));
@@ -131,6 +135,9 @@ pub fn parse(spec: &str) -> Result<PrefillSpec> {
     };
     if pattern.block() == 0 {
         return Err(Error::invalid(format!("{name} option `block`"), "must be at least 1"));
+    }
+    if pattern.local_blocks() == 0 {
+        return Err(Error::invalid(format!("{name} option `local`"), "must be at least 1 (the diagonal block)"));
     }
     Ok(PrefillSpec::new(intern(pattern)))
 }
@@ -153,14 +160,14 @@ mod tests {
         assert_eq!(parse("dense").unwrap(), PrefillSpec::DENSE);
         assert_eq!(
             parse("vertical-slash").unwrap().describe(),
-            "vertical-slash:block=64,last_q=64,vertical=512,slash=512"
+            "vertical-slash:block=64,last_q=64,vertical=512,slash=512,local=2"
         );
         assert_eq!(
             parse("Vertical-Slash:slash=100, block=128").unwrap().describe(),
-            "vertical-slash:block=128,last_q=64,vertical=512,slash=100"
+            "vertical-slash:block=128,last_q=64,vertical=512,slash=100,local=2"
         );
-        assert_eq!(parse("flex:gamma=0.95,tau=0.2").unwrap().describe(), "flex:gamma=0.95,tau=0.2,block=64");
-        assert_eq!(parse("anchor:theta=4").unwrap().describe(), "anchor:theta=4,stride=32,block=64");
+        assert_eq!(parse("flex:gamma=0.95,tau=0.2").unwrap().describe(), "flex:gamma=0.95,tau=0.2,block=64,local=2");
+        assert_eq!(parse("anchor:theta=4").unwrap().describe(), "anchor:theta=4,stride=32,block=64,local=2");
         let (a, b) = (parse("flex").unwrap().pattern().unwrap(), parse("flex:gamma=0.9").unwrap().pattern().unwrap());
         assert!(std::ptr::addr_eq(a, b), "one object per distinct pattern");
     }
@@ -177,6 +184,7 @@ mod tests {
             ("flex:k=3", "flex option `k`"),
             ("vertical-slash:block=0", "vertical-slash option `block`"),
             ("dense:block=64", "dense option `block`"),
+            ("flex:local=0", "flex option `local`"),
             ("flex:gamma", "prefill option `gamma`"),
         ] {
             let e = parse(spec).unwrap_err();

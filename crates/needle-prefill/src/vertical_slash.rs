@@ -11,7 +11,7 @@ use needle_core::prefill::{BlockMask, PrefillChunk, PrefillPattern};
 
 use crate::estimate::{last_queries, mark_vertical_slash, top};
 
-/// `vertical-slash:block=64,last_q=64,vertical=512,slash=512`.
+/// `vertical-slash:block=64,last_q=64,vertical=512,slash=512,local=2`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VerticalSlash {
     /// Tokens per block.
@@ -22,24 +22,31 @@ pub struct VerticalSlash {
     pub vertical: usize,
     /// Slash offsets kept.
     pub slash: usize,
+    /// Blocks of the local window, the diagonal one included: each query sees at least the
+    /// `(local − 1)·block` tokens before its own block.
+    pub local: usize,
 }
 
 impl Default for VerticalSlash {
     fn default() -> Self {
-        Self { block: 64, last_q: 64, vertical: 512, slash: 512 }
+        Self { block: 64, last_q: 64, vertical: 512, slash: 512, local: 2 }
     }
 }
 
 impl PrefillPattern for VerticalSlash {
     fn describe(&self) -> String {
         format!(
-            "vertical-slash:block={},last_q={},vertical={},slash={}",
-            self.block, self.last_q, self.vertical, self.slash
+            "vertical-slash:block={},last_q={},vertical={},slash={},local={}",
+            self.block, self.last_q, self.vertical, self.slash, self.local
         )
     }
 
     fn block(&self) -> usize {
         self.block
+    }
+
+    fn local_blocks(&self) -> usize {
+        self.local
     }
 
     fn choose(&self, chunk: &PrefillChunk<'_>, mask: &mut BlockMask) -> Result<()> {
