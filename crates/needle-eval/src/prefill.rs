@@ -257,6 +257,49 @@ mod tests {
         assert!(parse_patterns(" ; ").is_err());
     }
 
+    /// Dense against sparse prefill attention of the last 2,048-query chunk of a 32K prompt on
+    /// one layer of SmolLM2's shape (random queries and keys: the patterns' choices are not
+    /// those of a real model), mask planning included: the attention share of the speed-up
+    /// (docs/benchmarks.md §11). Slow; run with
+    /// `cargo test -p needle-eval --lib -- --ignored --nocapture prefill_attention_time`.
+    #[test]
+    #[ignore]
+    fn prefill_attention_time_at_32k() {
+        use burn::tensor::{Tensor, TensorData};
+        use needle_core::{FullSelector, GqaLayout};
+        use needle_model::SelectionConfig;
+        use needle_model::backend::flex;
+
+        let (gqa, d, n, t) = (GqaLayout::new(9, 3).unwrap(), 64, 32768, 2048);
+        let mut r = 0x2545_f491u32;
+        let mut rand = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    r ^= r << 13;
+                    r ^= r >> 17;
+                    r ^= r << 5;
+                    (r as f32 / u32::MAX as f32) * 2.0 - 1.0
+                })
+                .collect()
+        };
+        let (k, v, q) = (rand(n * 3 * d), rand(n * 3 * d), rand(t * 9 * d));
+        let specs = parse_patterns("dense;vertical-slash:vertical=64,slash=64;anchor").unwrap();
+        for (name, prefill) in specs {
+            let config = SelectionConfig { prefill, ..SelectionConfig::default() };
+            let mut cache = KvCache::new(1, gqa, d, &FullSelector, config).unwrap();
+            cache.append(0, &k, &v).unwrap();
+            let qt =
+                Tensor::<needle_model::Cpu, 3>::from_data(TensorData::new(q.clone(), [t, 9, d]), &Default::default());
+            let before = sparse_prefill_blocks();
+            let t0 = Instant::now();
+            flex::prefill_attention(&cache, 0, qt, 0.125).unwrap();
+            let after = sparse_prefill_blocks();
+            let blocks =
+                if after.1 == before.1 { 1.0 } else { (after.0 - before.0) as f64 / (after.1 - before.1) as f64 };
+            eprintln!("{name}: {:.3} s, blocks {:.1} %", t0.elapsed().as_secs_f64(), 100.0 * blocks);
+        }
+    }
+
     /// On the real model: a pattern that keeps every block is dense prefill (KL 0), a sparse one
     /// attends fewer blocks and stays close.
     #[test]
