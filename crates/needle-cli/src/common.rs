@@ -215,13 +215,22 @@ pub fn prompt_tokens(p: &PromptArgs, tok: &needle_loader::Tokenizer) -> Result<V
         text = format!("{text}\n\n{q}");
     }
     if p.chat {
-        text = tok.chat_prompt(p.system.as_deref(), &text);
+        text = chat_text(tok, p.system.as_deref(), &text)?;
     }
     let ids = tok.encode(&text, p.chat)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
     Ok(ids)
+}
+
+/// One question in the model's own chat template (ChatML for a model without one), ending
+/// where the answer starts. A template that fails to render is an error, not a silent ChatML.
+fn chat_text(tok: &needle_loader::Tokenizer, system: Option<&str>, user: &str) -> Result<String> {
+    let mut messages: Vec<needle_loader::Message> =
+        system.map(|s| needle_loader::Message::new("system", s)).into_iter().collect();
+    messages.push(needle_loader::Message::new("user", user));
+    tok.render_chat(&messages, true).context("--chat: rendering the model's chat template")
 }
 
 /// The tokens of a context to save (the prompt without a question) and, with --chat, the
@@ -232,7 +241,7 @@ pub fn context_prompt(p: &PromptArgs, tok: &needle_loader::Tokenizer) -> Result<
     if !p.chat {
         return Ok((ids, String::new()));
     }
-    let full = tok.chat_prompt(p.system.as_deref(), &format!("{}\u{1}", tok.decode(&ids)?));
+    let full = chat_text(tok, p.system.as_deref(), &format!("{}\u{1}", tok.decode(&ids)?))?;
     let (head, tail) = full.split_once('\u{1}').unwrap_or((&full, ""));
     Ok((tok.encode(head, true)?, tail.to_string()))
 }
