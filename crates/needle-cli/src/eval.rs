@@ -157,14 +157,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             print_fidelity(&report.fidelity, a.context_tokens);
         }
         let tasks = |specs: &[TaskSpec], lengths: &[usize], depths: &[f64]| -> Result<Vec<TaskRow>> {
-            let cfg = TaskConfig {
-                lengths: lengths.to_vec(),
-                depths: depths.to_vec(),
-                seeds: a.seeds.clone(),
-                answer_tokens: a.answer_tokens,
-                chunk: a.chunk,
-                kv: a.model.kv_dtype(),
-            };
+            let cfg = task_config(&a, lengths, depths);
             let pb = progress_bar(0, "prompts");
             let rows = needle_eval::eval::run_tasks(&model, &tokenizer, &selectors, specs, &cfg, &mut |d, t| {
                 pb.set_length(t as u64);
@@ -178,13 +171,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             print_tasks("passkey retrieval", &report.passkey, &selectors);
         }
         if a.ruler {
-            let specs = a
-                .tasks
-                .split(';')
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| s.trim().parse())
-                .collect::<Result<Vec<TaskSpec>, _>>()
-                .context("--tasks")?;
+            let specs = ruler_tasks(&a)?;
             report.ruler = tasks(&specs, &a.ruler_lengths, &a.ruler_depths)?;
             print_tasks("RULER-style tasks", &report.ruler, &selectors);
         }
@@ -268,14 +255,7 @@ fn run_prefill(a: EvalArgs) -> Result<()> {
         print_prefill_times(&report.prefill_times);
     }
     let tasks = |specs: &[TaskSpec], lengths: &[usize], depths: &[f64]| -> Result<Vec<TaskRow>> {
-        let cfg = TaskConfig {
-            lengths: lengths.to_vec(),
-            depths: depths.to_vec(),
-            seeds: a.seeds.clone(),
-            answer_tokens: a.answer_tokens,
-            chunk: a.chunk,
-            kv: a.model.kv_dtype(),
-        };
+        let cfg = task_config(&a, lengths, depths);
         let pb = progress_bar(0, "prompts");
         let rows = needle_eval::prefill::prefill_tasks(&model, &tokenizer, &patterns, specs, &cfg, &mut |d, t| {
             pb.set_length(t as u64);
@@ -289,13 +269,7 @@ fn run_prefill(a: EvalArgs) -> Result<()> {
         print_tasks("passkey retrieval by prefill pattern", &report.passkey, &names);
     }
     if a.ruler {
-        let specs = a
-            .tasks
-            .split(';')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| s.trim().parse())
-            .collect::<Result<Vec<TaskSpec>, _>>()
-            .context("--tasks")?;
+        let specs = ruler_tasks(&a)?;
         report.ruler = tasks(&specs, &a.ruler_lengths, &a.ruler_depths)?;
         print_tasks("RULER-style tasks by prefill pattern", &report.ruler, &names);
     }
@@ -411,6 +385,28 @@ fn print_tasks(title: &str, rows: &[TaskRow], selectors: &[String]) {
             println!("  {sel:<32} {} {:>8}", cells.join(" "), cell(mean_score(rows, Some(task), sel, None)));
         }
     }
+}
+
+/// The task settings of `a` for one grid of `lengths` × `depths`.
+fn task_config(a: &EvalArgs, lengths: &[usize], depths: &[f64]) -> TaskConfig {
+    TaskConfig {
+        lengths: lengths.to_vec(),
+        depths: depths.to_vec(),
+        seeds: a.seeds.clone(),
+        answer_tokens: a.answer_tokens,
+        chunk: a.chunk,
+        kv: a.model.kv_dtype(),
+    }
+}
+
+/// The `--tasks` list (`;`-separated task specs).
+fn ruler_tasks(a: &EvalArgs) -> Result<Vec<TaskSpec>> {
+    a.tasks
+        .split(';')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()
+        .context("--tasks")
 }
 
 #[cfg(test)]

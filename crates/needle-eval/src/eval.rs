@@ -349,6 +349,28 @@ pub fn run_tasks<B: Backend>(
     cfg: &TaskConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<TaskRow>> {
+    score_tasks(tok, specs, cfg, progress, |tokens| {
+        let (base, first) = prefill_base(model, tokens, cfg.chunk, &mut |_, _| {})?;
+        selectors
+            .iter()
+            .map(|sel| {
+                let mut c = fork(model, &base, sel, cfg.kv)?;
+                Ok((sel.clone(), answer(model, tok, &mut c, &first, cfg.answer_tokens)?))
+            })
+            .collect()
+    })
+}
+
+/// Each task of `specs` at each grid point: `answers(prompt tokens)` gives one (variant name,
+/// generated text) per variant compared (a selector, a prefill pattern), each scored into a row.
+/// `progress(done, total)` counts prompts.
+pub(crate) fn score_tasks(
+    tok: &Tokenizer,
+    specs: &[TaskSpec],
+    cfg: &TaskConfig,
+    progress: &mut dyn FnMut(usize, usize),
+    mut answers: impl FnMut(&[u32]) -> Result<Vec<(String, String)>>,
+) -> Result<Vec<TaskRow>> {
     let count = |s: &str| tok.encode(s, false).map_or(0, |t| t.len());
     let points = needle_tasks::grid(&cfg.lengths, &cfg.depths, &cfg.seeds);
     let total = specs.len() * points.len();
@@ -357,14 +379,11 @@ pub fn run_tasks<B: Backend>(
         for (pi, &p) in points.iter().enumerate() {
             let inst = spec.instance(p, &Filler::Landmark, &count)?;
             let tokens = tok.encode(&inst.prompt, false)?;
-            let (base, first) = prefill_base(model, &tokens, cfg.chunk, &mut |_, _| {})?;
-            for sel in selectors {
-                let mut c = fork(model, &base, sel, cfg.kv)?;
-                let generated = answer(model, tok, &mut c, &first, cfg.answer_tokens)?;
+            for (name, generated) in answers(&tokens)? {
                 let score = needle_tasks::score(spec, &generated, &inst);
-                tracing::info!("{} {sel}: {:.2} ({:?} vs {})", inst.id, score, generated.trim(), inst.answer);
+                tracing::info!("{} {name}: {:.2} ({:?} vs {})", inst.id, score, generated.trim(), inst.answer);
                 rows.push(TaskRow {
-                    selector: sel.clone(),
+                    selector: name,
                     task: spec.to_string(),
                     tokens: tokens.len(),
                     length: p.length,

@@ -19,11 +19,11 @@ use needle_core::prefill::PrefillSpec;
 use needle_loader::Tokenizer;
 use needle_model::backend::sparse_prefill_blocks;
 use needle_model::{KvCache, Llama, argmax, selector_from_spec};
-use needle_tasks::{Filler, TaskSpec};
+use needle_tasks::TaskSpec;
 use serde::Serialize;
 
 use crate::error::{Context, Error, Result};
-use crate::eval::{TaskConfig, TaskRow, answer, mean};
+use crate::eval::{TaskConfig, TaskRow, answer, mean, score_tasks};
 
 /// Prefill pattern specs separated by `;`, each checked (`dense` is the reference and is always
 /// compared against; listing it is allowed).
@@ -208,35 +208,15 @@ pub fn prefill_tasks<B: Backend>(
     cfg: &TaskConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<TaskRow>> {
-    let count = |s: &str| tok.encode(s, false).map_or(0, |t| t.len());
-    let points = needle_tasks::grid(&cfg.lengths, &cfg.depths, &cfg.seeds);
-    let total = specs.len() * points.len();
-    let mut rows = Vec::new();
-    for (si, spec) in specs.iter().enumerate() {
-        for (pi, &p) in points.iter().enumerate() {
-            let inst = spec.instance(p, &Filler::Landmark, &count)?;
-            let tokens = tok.encode(&inst.prompt, false)?;
-            for (name, pattern) in patterns {
-                let mut pre = prefill(model, &tokens, *pattern, cfg.chunk)?;
-                let generated = answer(model, tok, &mut pre.cache, &pre.logits, cfg.answer_tokens)?;
-                let score = needle_tasks::score(spec, &generated, &inst);
-                tracing::info!("{} prefill {name}: {:.2} ({:?} vs {})", inst.id, score, generated.trim(), inst.answer);
-                rows.push(TaskRow {
-                    selector: name.clone(),
-                    task: spec.to_string(),
-                    tokens: tokens.len(),
-                    length: p.length,
-                    depth: p.depth,
-                    seed: p.seed,
-                    score,
-                    generated,
-                    answer: inst.answer.clone(),
-                });
-            }
-            progress(si * points.len() + pi + 1, total);
-        }
-    }
-    Ok(rows)
+    score_tasks(tok, specs, cfg, progress, |tokens| {
+        patterns
+            .iter()
+            .map(|(name, pattern)| {
+                let mut pre = prefill(model, tokens, *pattern, cfg.chunk)?;
+                Ok((name.clone(), answer(model, tok, &mut pre.cache, &pre.logits, cfg.answer_tokens)?))
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]
