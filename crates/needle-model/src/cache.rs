@@ -133,7 +133,8 @@ impl QueryTrace {
 
 /// The host budget and the disk tier pages go to past it.
 struct Tiers {
-    budget: TierBudget,
+    /// Bytes of pages the host tier may hold.
+    host: u64,
     spill: SpillFile,
     /// Advances once per forward pass: the "time" of [`HeadCache::last_read`].
     clock: u64,
@@ -219,12 +220,12 @@ impl KvCache {
     /// once and after every forward pass. A budget with no host limit removes the tiering (pages
     /// already spilled stay where they are).
     pub fn set_kv_budget(&mut self, budget: TierBudget, dir: &std::path::Path) -> Result<()> {
-        if budget.host.is_none() {
+        let Some(host) = budget.host else {
             self.tiers = None;
             return Ok(());
-        }
+        };
         let spill = SpillFile::create(dir, budget.disk)?;
-        self.tiers = Some(Tiers { budget, spill, clock: 0, warned: false });
+        self.tiers = Some(Tiers { host, spill, clock: 0, warned: false });
         self.enforce_budget()
     }
 
@@ -241,9 +242,8 @@ impl KvCache {
     /// Spills the coldest full pages until the host tier is within its budget.
     fn enforce_budget(&mut self) -> Result<()> {
         let Some(tiers) = self.tiers.as_mut() else { return Ok(()) };
-        tiers.spill.release();
         tiers.clock += 1;
-        let Some(limit) = tiers.budget.host else { return Ok(()) };
+        let limit = tiers.host;
         let host: usize = self.heads.iter().flatten().map(|h| h.keys.host_bytes() + h.values.host_bytes()).sum();
         if host as u64 <= limit {
             return Ok(());
