@@ -142,6 +142,80 @@ impl DeviceKv {
     }
 }
 
+impl DeviceKv {
+    /// Appends `n` rows already on the device (`k`, `v`: handles of at least
+    /// `n · n_kv_heads · head_dim` f32, token-major as the store), copying on the device;
+    /// errors past the capacity.
+    pub fn append_device<R: Runtime>(
+        &mut self,
+        client: &ComputeClient<R>,
+        k: &Handle,
+        v: &Handle,
+        n: usize,
+    ) -> Result<()> {
+        if self.n_rows + n > self.capacity {
+            return Err(invalid("n", format!("{} + {n} rows exceed the capacity {}", self.n_rows, self.capacity)));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let count = n * self.n_kv_heads * self.head_dim;
+        let offset = to_u32("offset", self.n_rows * self.n_kv_heads * self.head_dim)?;
+        for (src, dst) in [(k, &self.k), (v, &self.v)] {
+            copy_rows(client, src, count, dst, self.buffer_len(), offset, count)?;
+        }
+        self.n_rows += n;
+        Ok(())
+    }
+
+    /// Grows the buffers to room for at least `capacity` rows, keeping the stored rows (copied
+    /// on the device); no-op when they already have room.
+    pub fn reserve<R: Runtime>(&mut self, client: &ComputeClient<R>, capacity: usize) -> Result<()> {
+        if capacity <= self.capacity {
+            return Ok(());
+        }
+        let mut grown = DeviceKv::with_capacity(client, capacity, self.n_kv_heads, self.head_dim)?;
+        let count = self.n_rows * self.n_kv_heads * self.head_dim;
+        if count > 0 {
+            for (src, dst) in [(&self.k, &grown.k), (&self.v, &grown.v)] {
+                copy_rows(client, src, self.buffer_len(), dst, grown.buffer_len(), 0, count)?;
+            }
+        }
+        grown.n_rows = self.n_rows;
+        *self = grown;
+        Ok(())
+    }
+}
+
+/// `dst[offset..offset + count] = src[..count]` on the device (`src_len`, `dst_len`: the handles'
+/// element counts).
+fn copy_rows<R: Runtime>(
+    client: &ComputeClient<R>,
+    src: &Handle,
+    src_len: usize,
+    dst: &Handle,
+    dst_len: usize,
+    offset: u32,
+    count: usize,
+) -> Result<()> {
+    if count > src_len || offset as usize + count > dst_len {
+        return Err(invalid("count", format!("{count} elements at {offset} exceed {src_len} / {dst_len}")));
+    }
+    // SAFETY: the lengths were checked against the element counts the handles were made with.
+    unsafe {
+        copy_kernel::launch::<R>(
+            client,
+            grid_1d("count", count.div_ceil(COPY_UNITS as usize))?,
+            CubeDim::new_1d(COPY_UNITS),
+            ArrayArg::from_raw_parts(src.clone(), src_len),
+            ArrayArg::from_raw_parts(dst.clone(), dst_len),
+            offset,
+            to_u32("count", count)?,
+        );
+    }
+    Ok(())
+}
+
 /// Units per cube of [`copy_kernel`].
 const COPY_UNITS: u32 = 64;
 

@@ -17,7 +17,7 @@ use cubecl::server::Handle;
 use needle_kernels_cpu::QuantType;
 
 use crate::error::{Result, check_len, invalid, to_u32};
-use crate::util::{cube_linear, empty_f32, grid_1d, read_f32, upload_f32};
+use crate::util::{MAX_CUBES_PER_AXIS, cube_linear, empty_f32, grid_1d, read_f32, upload_f32};
 
 /// Units per cube (power of two, for the tree sum).
 const GEMV_UNITS: usize = 64;
@@ -64,7 +64,7 @@ fn f16_bits_to_f32(h: u32) -> f32 {
     out
 }
 
-/// One cube per row; see the module doc.
+/// One cube per (row, token): rows along the x/y grid, tokens along z; see the module doc.
 #[cube(launch)]
 pub fn gemv_q_kernel(
     w: &Array<u32>,
@@ -81,6 +81,8 @@ pub fn gemv_q_kernel(
     }
     let u = UNIT_POS_X as usize;
     let nb = blocks_per_row as usize;
+    let tok = CUBE_POS_Z as usize;
+    let x0 = tok * nb * 32;
     let block_bytes = comptime!(match kind {
         0 => 34usize,
         1 => 18usize,
@@ -91,7 +93,7 @@ pub fn gemv_q_kernel(
     let mut b = u;
     while b < nb {
         let base = row_base + b * block_bytes;
-        let xb = b * 32;
+        let xb = x0 + b * 32;
         if kind == 0 {
             let d = f16_at(w, base);
             let mut s = 0.0f32;
@@ -154,7 +156,7 @@ pub fn gemv_q_kernel(
         stride /= 2;
     }
     if u == 0 {
-        y[row] = red[0];
+        y[tok * rows as usize + row] = red[0];
     }
 }
 
@@ -204,16 +206,35 @@ impl DeviceQMatrix {
 
 /// Launches `y = W · x` on device buffers (`x`: `cols` f32, `y`: `rows` f32).
 pub fn launch_gemv<R: Runtime>(client: &ComputeClient<R>, w: &DeviceQMatrix, x: &Handle, y: &Handle) -> Result<()> {
+    launch_gemm(client, w, x, y, 1)
+}
+
+/// Launches `Y = X · Wᵀ` for `t` tokens on device buffers (`x`: `t × cols` f32, `y`: `t × rows`
+/// f32, row-major): one GEMV per token, so the blocks are read `t` times (a prefill path, not a
+/// tuned GEMM).
+pub fn launch_gemm<R: Runtime>(
+    client: &ComputeClient<R>,
+    w: &DeviceQMatrix,
+    x: &Handle,
+    y: &Handle,
+    t: usize,
+) -> Result<()> {
     let kind = kind_of(w.ty)?;
+    if t == 0 || t > MAX_CUBES_PER_AXIS as usize {
+        return Err(invalid("t", format!("{t} tokens: 1..={MAX_CUBES_PER_AXIS} per launch")));
+    }
+    let CubeCount::Static(gx, gy, _) = grid_1d("rows", w.rows)? else {
+        return Err(invalid("rows", "grid_1d gives a static grid"));
+    };
     // SAFETY: every length is the element count the handle was made with.
     unsafe {
         gemv_q_kernel::launch::<R>(
             client,
-            grid_1d("rows", w.rows)?,
+            CubeCount::Static(gx, gy, to_u32("t", t)?),
             CubeDim::new_1d(GEMV_UNITS as u32),
             ArrayArg::from_raw_parts(w.words.clone(), w.n_words),
-            ArrayArg::from_raw_parts(x.clone(), w.cols),
-            ArrayArg::from_raw_parts(y.clone(), w.rows),
+            ArrayArg::from_raw_parts(x.clone(), t * w.cols),
+            ArrayArg::from_raw_parts(y.clone(), t * w.rows),
             to_u32("rows", w.rows)?,
             to_u32("cols / 32", w.cols / 32)?,
             kind,
@@ -230,4 +251,13 @@ pub fn gemv<R: Runtime>(client: &ComputeClient<R>, w: &DeviceQMatrix, x: &[f32])
     let y = empty_f32(client, w.rows);
     launch_gemv(client, w, &xh, &y)?;
     read_f32(client, y, w.rows)
+}
+
+/// Uploads `x` (`t × cols`), runs [`launch_gemm`] and reads `y` (`t × rows`) back.
+pub fn gemm<R: Runtime>(client: &ComputeClient<R>, w: &DeviceQMatrix, x: &[f32], t: usize) -> Result<Vec<f32>> {
+    check_len("x", x.len(), t * w.cols)?;
+    let xh = upload_f32(client, x);
+    let y = empty_f32(client, t * w.rows);
+    launch_gemm(client, w, &xh, &y, t)?;
+    read_f32(client, y, t * w.rows)
 }

@@ -3,7 +3,8 @@
 //! * [`decode`]: gathered decode attention over per-KV-head id lists, GQA-aware,
 //!   flash-decoding (chunks in separate cubes, then a log-sum-exp reduction); output and LSE.
 //! * [`merge`]: exact LSE merge of two partials (device static part + host retrieved part).
-//! * [`gemv`]: `y = W·x` straight from GGUF Q8_0 / Q4_0 / Q4_1 blocks.
+//! * [`gemv`]: `y = W·x` (and `Y = X·Wᵀ` for a few tokens) straight from GGUF Q8_0 / Q4_0 /
+//!   Q4_1 blocks.
 //! * [`prefill`]: causal prefill attention (tiled flash attention), GQA-aware, with LSE.
 //! * [`quest`]: Quest page upper-bound scores and a deterministic top-k.
 //!
@@ -24,7 +25,7 @@ mod util;
 
 pub use decode::{Attention, DecodeOptions, DeviceKv, DeviceRowLists, decode_attention, launch_decode};
 pub use error::{Error, Result};
-pub use gemv::{DeviceQMatrix, gemv, launch_gemv};
+pub use gemv::{DeviceQMatrix, gemm, gemv, launch_gemm, launch_gemv};
 pub use merge::{launch_lse_merge, lse_merge};
 pub use prefill::{launch_prefill, prefill_attention};
 pub use quest::{launch_quest_scores, launch_top_k, quest_scores, top_k};

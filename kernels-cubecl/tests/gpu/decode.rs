@@ -1,5 +1,6 @@
 //! Gathered flash-decoding attention against the f64 reference.
 
+use needle_kernels_cubecl::cubecl::prelude::*;
 use needle_kernels_cubecl::{DecodeOptions, DeviceKv, Error, decode_attention};
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -284,6 +285,44 @@ fn decode_over_a_store_filled_by_device_appends() {
     let err = kv.append(&c, &k[..13 * n_kv * d], &v[..13 * n_kv * d]).unwrap_err();
     assert!(matches!(err, Error::Invalid { param: "k", .. }), "{err}");
     assert_eq!(kv.n_rows, 88);
+}
+
+#[test]
+fn decode_over_a_store_grown_on_the_device_from_device_rows() {
+    let Some(c) = client() else { return };
+    let mut r = rng(10);
+    let (n_kv, d, group) = (3, 64, 2);
+    let k = normal(&mut r, 150 * n_kv * d);
+    let v = values(&mut r, 150 * n_kv * d);
+    let (kh, vh) = (c.create_from_slice(f32::as_bytes(&k)), c.create_from_slice(f32::as_bytes(&v)));
+    let mut kv = DeviceKv::with_capacity(&c, 16, n_kv, d).unwrap();
+    kv.append(&c, &k[..5 * n_kv * d], &v[..5 * n_kv * d]).unwrap();
+    // Rows already on the device (a model's new keys): the first `n` rows of the handles.
+    let err = kv.append_device(&c, &kh, &vh, 12).unwrap_err();
+    assert!(matches!(err, Error::Invalid { param: "n", .. }), "{err}");
+    kv.reserve(&c, 40).unwrap();
+    assert_eq!((kv.n_rows, kv.capacity), (5, 40));
+    let (k2, v2) = (normal(&mut r, 30 * n_kv * d), values(&mut r, 30 * n_kv * d));
+    let (kh2, vh2) = (c.create_from_slice(f32::as_bytes(&k2)), c.create_from_slice(f32::as_bytes(&v2)));
+    kv.append_device(&c, &kh2, &vh2, 30).unwrap();
+    kv.reserve(&c, 20).unwrap(); // no-op: room already
+    kv.reserve(&c, 200).unwrap();
+    kv.append_device(&c, &kh, &vh, 0).unwrap();
+    kv.append_device(&c, &kh, &vh, 150).unwrap();
+    assert_eq!((kv.n_rows, kv.capacity), (185, 200));
+    let row = n_kv * d;
+    let all_k = [&k[..5 * row], &k2[..], &k[..]].concat();
+    let all_v = [&v[..5 * row], &v2[..], &v[..]].concat();
+    let q = normal(&mut r, n_kv * group * d);
+    let ids: Vec<u32> = (0..185).collect();
+    let lists = [&ids[..], &ids[3..40], &ids[100..]];
+    let got = decode_attention(&c, &kv, &q, n_kv * group, &lists, None, 0.1, DecodeOptions::default()).unwrap();
+    for hq in 0..n_kv * group {
+        let h = hq / group;
+        let (out, lse) = ref_attend(&q[hq * d..(hq + 1) * d], &all_k, &all_v, n_kv, d, h, lists[h], None, 0.1);
+        assert_close(&format!("head {hq} out"), &got.out[hq * d..(hq + 1) * d], &out, TOL);
+        assert_close(&format!("head {hq} lse"), &got.lse[hq..hq + 1], &[lse], TOL);
+    }
 }
 
 #[test]

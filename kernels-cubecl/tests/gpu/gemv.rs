@@ -2,7 +2,7 @@
 
 use half::f16;
 use needle_kernels_cpu::{QuantType, dequantize_row};
-use needle_kernels_cubecl::{DeviceQMatrix, Error, gemv};
+use needle_kernels_cubecl::{DeviceQMatrix, Error, gemm, gemv};
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -92,4 +92,26 @@ fn gemv_rejects_unsupported_types_and_bad_shapes() {
 fn gemv_with_more_rows_than_one_grid_axis_holds() {
     // 70,000 rows: more cubes than the 65,535 of one axis, so the grid wraps onto y.
     check(74, QuantType::Q4_1, 70_000, 32);
+}
+
+#[test]
+fn gemm_over_several_tokens_is_one_gemv_per_token() {
+    let Some(c) = client() else { return };
+    for (seed, ty, rows, cols, t) in
+        [(81, QuantType::Q4_1, 37, 416, 5), (82, QuantType::Q8_0, 70, 96, 3), (83, QuantType::Q4_0, 9, 64, 17)]
+    {
+        let mut r = rng(seed);
+        let bytes = random_blocks(&mut r, ty, rows, cols);
+        let x = normal(&mut r, t * cols);
+        let w = DeviceQMatrix::upload(&c, ty, rows, cols, &bytes).unwrap();
+        let y = gemm(&c, &w, &x, t).unwrap();
+        assert_eq!(y.len(), t * rows);
+        for (i, xi) in x.chunks_exact(cols).enumerate() {
+            // The same kernel per token: bit-identical to a lone GEMV of that token.
+            assert_eq!(&y[i * rows..(i + 1) * rows], &gemv(&c, &w, xi).unwrap()[..], "{ty:?} token {i}");
+        }
+    }
+    let w = DeviceQMatrix::upload(&c, QuantType::Q8_0, 2, 64, &[0; 136]).unwrap();
+    assert_eq!(gemm(&c, &w, &[0.0; 127], 2).unwrap_err(), Error::Len { param: "x", got: 127, expected: 128 });
+    assert!(matches!(gemm(&c, &w, &[], 0).unwrap_err(), Error::Invalid { param: "t", .. }));
 }
