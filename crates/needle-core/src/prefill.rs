@@ -9,8 +9,9 @@
 //! attends to. [`plan_chunk`] then adds what is always attended, whatever the pattern says:
 //! - the first block (attention sinks),
 //! - the local window: the diagonal block and the [`PrefillPattern::local_blocks`]` − 1` before it,
-//! - every key block for the chunk's last query block (the block holding its last position, so the
-//!   prompt's last query block — whose output the next token is read from — is always dense).
+//! - every key block for the prompt's last query block (the block holding its last position, whose
+//!   output the next token is read from), in the chunk that holds it. When the prompt's length is
+//!   not known ([`PrefillChunk::prompt_end`] is `None`) every chunk's last query block is dense.
 //!
 //! The engine computes block-sparse causal attention over exactly those blocks
 //! (`needle_kernels_cpu::sparse_prefill`, fed [`BlockMask::layout`]). One mask serves the KV
@@ -46,6 +47,9 @@ pub struct PrefillChunk<'a> {
     pub keys: &'a dyn RowSource,
     /// The softmax scale of `q·k`.
     pub scale: f32,
+    /// The position after the prompt's last token, when the engine knows it: only the query
+    /// block holding the prompt's last position is made dense, not every chunk's last block.
+    pub prompt_end: Option<usize>,
 }
 
 impl PrefillChunk<'_> {
@@ -145,17 +149,18 @@ impl BlockMask {
         (kept, self.query_blocks().map(|qb| qb + 1).sum())
     }
 
-    /// Sorts and dedups every list, adds what is always attended (see the module docs) and
-    /// builds the kernel's form.
-    fn finish(&mut self, local_blocks: usize) {
-        let last = self.first + self.lists.len() - 1;
+    /// Sorts and dedups every list, adds what is always attended (see the module docs; `dense` is
+    /// the query block made dense, if any) and builds the kernel's form.
+    fn finish(&mut self, local_blocks: usize, dense: Option<usize>) {
         for qb in self.query_blocks() {
             self.add(qb, 0);
             for kb in qb.saturating_sub(local_blocks.max(1) - 1)..=qb {
                 self.add(qb, kb);
             }
         }
-        self.add_all(last);
+        if let Some(qb) = dense {
+            self.add_all(qb);
+        }
         self.offsets = vec![0];
         self.blocks.clear();
         for list in &mut self.lists {
@@ -187,7 +192,7 @@ pub trait PrefillPattern: Send + Sync + fmt::Debug {
     }
 
     /// Marks in `mask` (empty, over the chunk's query blocks) the key blocks each query block
-    /// should attend to. The sinks, the local window and the chunk's last query block are added
+    /// should attend to. The sinks, the local window and the prompt's last query block are added
     /// afterwards ([`plan_chunk`]), so a pattern need not mark them.
     fn choose(&self, chunk: &PrefillChunk<'_>, mask: &mut BlockMask) -> Result<()>;
 }
@@ -198,7 +203,14 @@ pub fn plan_chunk(pattern: &dyn PrefillPattern, chunk: &PrefillChunk<'_>) -> Res
     chunk.check()?;
     let mut mask = BlockMask::new(pattern.block(), chunk.pos0, chunk.t())?;
     pattern.choose(chunk, &mut mask)?;
-    mask.finish(pattern.local_blocks());
+    // The prompt's last position when this chunk holds it, or the chunk's own last one when the
+    // prompt's end is not known.
+    let end = chunk.pos0 + chunk.t();
+    let last = match chunk.prompt_end {
+        None => Some(end - 1),
+        Some(p) => (p > chunk.pos0 && p <= end).then(|| p - 1),
+    };
+    mask.finish(pattern.local_blocks(), last.map(|p| p / mask.block));
     Ok(mask)
 }
 
@@ -281,6 +293,7 @@ mod tests {
             pos0: 300,
             keys: &rows,
             scale: 0.5,
+            prompt_end: None,
         };
         let mask = plan_chunk(&Nothing(64, 2), &chunk).unwrap();
         assert_eq!(mask.query_blocks(), 4..11);
@@ -292,6 +305,14 @@ mod tests {
         assert_eq!((l.block, l.first, l.offsets.len()), (64, 4, 8));
         let one = plan_chunk(&Nothing(64, 1), &chunk).unwrap();
         assert_eq!(one.key_blocks(5), [0, 5]);
+        // A chunk before the prompt's last one has no dense block; the last chunk's dense block
+        // is the one holding the prompt's last position.
+        let early = plan_chunk(&Nothing(64, 1), &PrefillChunk { prompt_end: Some(2000), ..chunk.clone() }).unwrap();
+        assert_eq!(early.key_blocks(10), [0, 10]);
+        assert_eq!(early.density(), (2 * 7, (5..=11).sum()));
+        let last = plan_chunk(&Nothing(64, 1), &PrefillChunk { prompt_end: Some(600), ..chunk.clone() }).unwrap();
+        assert_eq!(last.key_blocks(9), (0..=9).collect::<Vec<u32>>(), "position 599 is in block 9");
+        assert_eq!(last.key_blocks(10), [0, 10]);
     }
 
     #[test]
@@ -309,6 +330,7 @@ mod tests {
             pos0: 5,
             keys: &rows,
             scale: 1.0,
+            prompt_end: None,
         };
         assert!(matches!(plan_chunk(&Nothing(4, 1), &chunk), Err(Error::InvalidParameter { .. })), "13 > 10 keys");
         let chunk = PrefillChunk { pos0: 2, heads: 0..2, ..chunk };

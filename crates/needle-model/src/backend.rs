@@ -314,6 +314,7 @@ fn plan_masks(
                 pos0,
                 keys,
                 scale,
+                prompt_end: cache.prompt_end(),
             };
             plan_chunk(pattern, &chunk)
         })

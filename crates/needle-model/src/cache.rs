@@ -150,6 +150,7 @@ pub struct KvCache {
     config: SelectionConfig,
     built: bool,
     train_stride: usize,
+    prompt_end: Option<usize>,
     retain_training: bool,
     trace: Option<QueryTrace>,
     tiers: Option<Tiers>,
@@ -207,6 +208,7 @@ impl KvCache {
             config,
             built: false,
             train_stride: 1,
+            prompt_end: None,
             retain_training: false,
             trace: None,
             tiers: None,
@@ -341,6 +343,7 @@ impl KvCache {
             config,
             built: false,
             train_stride: self.train_stride,
+            prompt_end: self.prompt_end,
             retain_training: self.retain_training,
             trace: self.trace.as_ref().map(|t| QueryTrace {
                 layers: t.layers.clone(),
@@ -452,10 +455,17 @@ impl KvCache {
         &self.heads[layer][kv_head].values
     }
 
-    /// Sets how prefill queries are sampled for a prompt of `prompt_len` tokens. Call before
-    /// the prefill's first [`KvCache::observe_queries`].
+    /// Plans a prefill of a prompt ending at position `prompt_len`: how prefill queries are
+    /// sampled, and where a sparse prefill pattern's dense last query block is. Call before the
+    /// prefill's first [`KvCache::observe_queries`].
     pub fn plan_training(&mut self, prompt_len: usize) {
         self.train_stride = prompt_len.div_ceil(self.config.train_positions.max(1)).max(1);
+        self.prompt_end = Some(prompt_len);
+    }
+
+    /// The position after the planned prompt's last token ([`KvCache::plan_training`]), if known.
+    pub fn prompt_end(&self) -> Option<usize> {
+        self.prompt_end
     }
 
     /// Appends `t` tokens' keys and values (row-major `t × n_kv_heads × dim`) to `layer`.

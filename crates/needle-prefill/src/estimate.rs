@@ -175,6 +175,7 @@ mod tests {
             pos0,
             keys: &rows,
             scale: 0.4,
+            prompt_end: None,
         };
         let got = last_queries(&chunk, 4, block);
         assert_eq!(got.len(), 3);

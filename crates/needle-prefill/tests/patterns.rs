@@ -58,6 +58,7 @@ fn mask_with(pattern: &str, seed: u64, sink: bool) -> BlockMask {
         pos0: POS0,
         keys: &rows,
         scale: 1.0 / (DIM as f32).sqrt(),
+        prompt_end: None,
     };
     plan_chunk(parse(pattern).unwrap().pattern().unwrap(), &chunk).unwrap()
 }
@@ -128,6 +129,7 @@ fn flex_divergence_is_small_when_pooling_is_faithful() {
         pos0: POS0,
         keys: &rows,
         scale: 0.125,
+        prompt_end: None,
     };
     let d = Flex::default().divergences(&chunk);
     assert!(d.iter().all(|&x| x < 0.1), "{d:?}");
