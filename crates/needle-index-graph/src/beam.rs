@@ -161,13 +161,27 @@ pub(crate) fn beam_search<G: Adjacency>(
     ef: usize,
     visited: &mut Visited,
     work: &mut Work,
+    pool: Option<&mut Vec<(u32, f32)>>,
+) -> Beam {
+    beam_search_by(graph, |id| dot(query, row(data, dim, id)), entries, ef, visited, work, pool)
+}
+
+/// [`beam_search`] with any score of a key id (`score(id)`: larger is better), e.g. over
+/// compressed copies of the keys.
+pub(crate) fn beam_search_by<G: Adjacency>(
+    graph: &G,
+    mut score: impl FnMut(u32) -> f32,
+    entries: &[u32],
+    ef: usize,
+    visited: &mut Visited,
+    work: &mut Work,
     mut pool: Option<&mut Vec<(u32, f32)>>,
 ) -> Beam {
     let mut beam = Beam::new(ef);
     for &e in entries {
         if visited.insert(e) {
             work.scored += 1;
-            let s = dot(query, row(data, dim, e));
+            let s = score(e);
             if let Some(p) = pool.as_deref_mut() {
                 p.push((e, s));
             }
@@ -190,7 +204,7 @@ pub(crate) fn beam_search<G: Adjacency>(
                 continue;
             }
             work.scored += 1;
-            let s = dot(query, row(data, dim, nb));
+            let s = score(nb);
             if let Some(p) = pool.as_deref_mut() {
                 p.push((nb, s));
             }

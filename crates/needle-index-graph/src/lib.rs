@@ -40,6 +40,7 @@ mod dist;
 mod graph;
 mod hnsw;
 mod knn;
+mod reduce;
 mod roar;
 use needle_core::state;
 #[cfg(test)]
@@ -51,9 +52,10 @@ pub use roar::{RoarGraph, RoarGraphParams};
 use needle_core::{Error, FlatIndex, Result, VectorIndex};
 
 /// Valid factory strings, for error messages.
-const FACTORY_FORMS: &str = "\"RoarGraph<m>\" (e.g. \"RoarGraph32\"), \"HNSW<m>\" (e.g. \"HNSW16\"), \"Flat\"";
+const FACTORY_FORMS: &str = "\"RoarGraph<m>\" (e.g. \"RoarGraph32\"), \"RoarGraph<m>r<dims>[p<percent>][f]\" (a walk over 8-bit codes of <dims> projected dimensions (f: f32), <percent> of the beam re-ranked, e.g. \"RoarGraph32r16p50\"), \"HNSW<m>\" (e.g. \"HNSW16\"), \"Flat\"";
 
-/// Builds an empty index from a factory string: `"RoarGraph<m>"`, `"HNSW<m>"` (`m` = maximum
+/// Builds an empty index from a factory string: `"RoarGraph<m>"`, `"RoarGraph<m>r<dims>"` (the
+/// beam walks in `dims` projected dimensions, see `ALGO_PARAMS.md`), `"HNSW<m>"` (`m` = maximum
 /// degree, other parameters at their defaults) or `"Flat"` (exact scan).
 ///
 /// Unknown strings give [`Error::InvalidParameter`] naming `spec` and listing the valid forms.
@@ -72,7 +74,23 @@ pub fn from_factory(dim: usize, spec: &str) -> Result<Box<dyn VectorIndex>> {
         digits.parse::<usize>().map_err(|e| Error::invalid("spec", format!("degree in `{spec}`: {e}")))
     };
     if let Some(rest) = s.strip_prefix("RoarGraph") {
-        return Ok(Box::new(RoarGraph::with_m(dim, parse_m(rest)?)?));
+        // A trailing `f`: the walk reads f32 projections instead of 8-bit codes.
+        let (rest, walk_bits) = match rest.strip_suffix('f') {
+            Some(r) if r.contains('r') => (r, 32),
+            _ => (rest, 8),
+        };
+        let (m, reduce, rerank) = match rest.split_once('r') {
+            Some((m, r)) => match r.split_once('p') {
+                Some((r, p)) => (parse_m(m)?, parse_m(r)?, parse_m(p)?),
+                None => (parse_m(m)?, parse_m(r)?, 100),
+            },
+            None => (parse_m(rest)?, 0, 100),
+        };
+        if reduce == 0 && rest.contains('r') {
+            return Err(Error::invalid("spec", format!("`{spec}`: the projected dimensions must be at least 1")));
+        }
+        let params = RoarGraphParams { m, reduce, rerank, walk_bits, ..Default::default() };
+        return Ok(Box::new(RoarGraph::with_params(dim, params)?));
     }
     if let Some(rest) = s.strip_prefix("HNSW") {
         return Ok(Box::new(Hnsw::with_m(dim, parse_m(rest)?)?));

@@ -16,11 +16,12 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rayon::prelude::*;
 
-use crate::beam::{Adjacency, VisitedPool, Work, beam_search};
+use crate::beam::{Adjacency, VisitedPool, Work, beam_search, beam_search_by};
 use crate::cluster::{cluster_entries, spherical_kmeans};
 use crate::dist::{dot, row};
 use crate::graph::{FixedGraph, occlusion_prune};
 use crate::knn::exact_knn;
+use crate::reduce::{Codes8, Projection};
 use crate::state::{Reader, Writer};
 
 /// Extra entry points besides the best key for the mean training query: the keys that appear
@@ -54,6 +55,15 @@ pub struct RoarGraphParams {
     pub entry_keys: usize,
     /// Clusters whose entry keys seed a search (the best by cosine to the query).
     pub probe: usize,
+    /// Dimensions of the query-aware projection the beam walks in (0: the walk scores full
+    /// vectors). The keys the walk ends with are re-ranked with their full vectors.
+    pub reduce: usize,
+    /// With `reduce`: percent of the beam (the best by projected score, at least `k` keys)
+    /// re-ranked with full vectors.
+    pub rerank: usize,
+    /// With `reduce`: bits per projected coordinate the walk reads, 8 (codes with a scale per
+    /// key) or 32 (`f32`).
+    pub walk_bits: usize,
 }
 
 impl Default for RoarGraphParams {
@@ -69,6 +79,9 @@ impl Default for RoarGraphParams {
             clusters: 0,
             entry_keys: 32,
             probe: 1,
+            reduce: 0,
+            rerank: 100,
+            walk_bits: 8,
         }
     }
 }
@@ -82,6 +95,13 @@ impl RoarGraphParams {
         positive("ef_search", self.ef_search)?;
         positive("max_train", self.max_train)?;
         positive("entry_keys", self.entry_keys)?;
+        positive("rerank", self.rerank)?;
+        if ![8, 32].contains(&self.walk_bits) {
+            return Err(Error::invalid("walk_bits", format!("{}: 8 or 32", self.walk_bits)));
+        }
+        if self.rerank > 100 {
+            return Err(Error::invalid("rerank", format!("{}: a percent of the beam, 1..=100", self.rerank)));
+        }
         positive("probe", self.probe)
     }
 }
@@ -119,6 +139,9 @@ pub struct RoarGraph {
     /// Entry keys of each cluster, row-major `clusters × entry_width`.
     cluster_entries: Vec<u32>,
     entry_width: usize,
+    /// The walk's projection (`params.reduce > 0`) and the projected keys the walk reads.
+    projection: Option<Projection>,
+    walk: WalkKeys,
     visited: VisitedPool,
 }
 
@@ -137,6 +160,9 @@ impl RoarGraph {
     pub fn with_params(dim: usize, params: RoarGraphParams) -> Result<Self> {
         positive("dim", dim)?;
         params.validate()?;
+        if params.reduce > dim {
+            return Err(Error::invalid("reduce", format!("{} dimensions for vectors of {dim}", params.reduce)));
+        }
         Ok(Self {
             dim,
             params,
@@ -146,6 +172,8 @@ impl RoarGraph {
             centroids: Vec::new(),
             cluster_entries: Vec::new(),
             entry_width: 0,
+            projection: None,
+            walk: WalkKeys::None,
             visited: VisitedPool::default(),
         })
     }
@@ -224,6 +252,68 @@ impl RoarGraph {
         }
         pool.sort_unstable_by(better);
         (pool, stats(work, self.dim))
+    }
+
+    /// A walk over the projected keys, then an exact re-rank of the best `max(ef·rerank%, k)`
+    /// keys it scored. Projected scores count as codes; projecting the query counts as `reduce` full
+    /// inner products (it reads `reduce` rows of `dim` floats), unless the maps are the identity.
+    fn search_reduced(&self, p: &Projection, q: &[f32], k: usize, ef: usize) -> (Vec<(u32, f32)>, SearchStats) {
+        let mut qp = Vec::with_capacity(p.r);
+        p.query_into(q, &mut qp);
+        let mut visited = self.visited.get(self.n());
+        let mut work = Work::default();
+        let entries = self.entries_for(q, &mut work);
+        let centroids = work.scored;
+        work.scored = 0;
+        let mut pool = Vec::new();
+        let (g, pool_ref) = (&self.graph, Some(&mut pool));
+        let code_bytes = match &self.walk {
+            WalkKeys::F32(x) => {
+                beam_search_by(g, |i| dot(&qp, row(x, p.r, i)), &entries, ef, &mut visited, &mut work, pool_ref);
+                4 * p.r as u64
+            }
+            WalkKeys::Codes(c) => {
+                beam_search_by(g, |i| c.score(&qp, i), &entries, ef, &mut visited, &mut work, pool_ref);
+                p.r as u64 + 4
+            }
+            WalkKeys::None => 0,
+        };
+        self.visited.put(visited);
+        let better = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let keep = (ef * self.params.rerank).div_ceil(100).max(k);
+        if pool.len() > keep {
+            pool.select_nth_unstable_by(keep - 1, better);
+            pool.truncate(keep);
+        }
+        for c in &mut pool {
+            c.1 = dot(q, row(&self.data, self.dim, c.0));
+        }
+        pool.sort_unstable_by(better);
+        let projecting = if p.is_identity() { 0 } else { p.r as u64 };
+        let full = centroids + projecting + pool.len() as u64;
+        pool.truncate(k);
+        let stats = SearchStats {
+            full_scored: full,
+            codes_scored: work.scored,
+            bytes_read: full * self.dim as u64 * 4 + work.scored * code_bytes + work.links * 4,
+        };
+        (pool, stats)
+    }
+
+    /// Appends the walk's copies of `keys` (rows just added to `data`), when there is a projection.
+    fn push_walk(&mut self, keys: &[f32]) {
+        let Some(p) = &self.projection else { return };
+        let mut projected = Vec::with_capacity(keys.len() / self.dim * p.r);
+        p.keys_into(keys, &mut projected);
+        if matches!(self.walk, WalkKeys::None) {
+            self.walk =
+                if self.params.walk_bits == 8 { WalkKeys::Codes(Codes8::new(p.r)) } else { WalkKeys::F32(Vec::new()) };
+        }
+        match &mut self.walk {
+            WalkKeys::F32(x) => x.extend_from_slice(&projected),
+            WalkKeys::Codes(c) => c.push(&projected),
+            WalkKeys::None => {}
+        }
     }
 
     /// Links every key not reachable from the entry points, so no key is lost to a search.
@@ -322,6 +412,27 @@ impl RoarGraph {
         own.pop();
         own.push(u);
         self.graph.set(v, &own);
+    }
+}
+
+/// The keys as the projected walk reads them.
+#[derive(Debug, Clone)]
+enum WalkKeys {
+    /// No projection.
+    None,
+    /// `n × reduce` floats.
+    F32(Vec<f32>),
+    /// `n × reduce` 8-bit codes.
+    Codes(Codes8),
+}
+
+impl WalkKeys {
+    fn bytes(&self) -> usize {
+        match self {
+            WalkKeys::None => 0,
+            WalkKeys::F32(x) => x.len() * 4,
+            WalkKeys::Codes(c) => c.bytes(),
+        }
     }
 }
 
@@ -444,7 +555,21 @@ impl RoarGraphParams {
         let seed = r.u64("seed")?;
         let mut f = |name: &str| r.len(name, usize::MAX);
         let (clusters, entry_keys, probe) = (f("clusters")?, f("entry_keys")?, f("probe")?);
-        Ok(Self { m, n_q, ef_construction, ef_search, pivots, max_train, seed, clusters, entry_keys, probe })
+        Ok(Self {
+            m,
+            n_q,
+            ef_construction,
+            ef_search,
+            pivots,
+            max_train,
+            seed,
+            clusters,
+            entry_keys,
+            probe,
+            reduce: 0,
+            rerank: 100,
+            walk_bits: 8,
+        })
     }
 }
 
@@ -461,14 +586,17 @@ impl RoarGraph {
         w.f32s(&self.centroids);
         w.len(self.entry_width);
         w.u32s(&self.cluster_entries);
+        // Last and only when on, so states saved before the projection existed still load.
+        if let Some(p) = &self.projection {
+            w.len(self.params.rerank);
+            w.len(self.params.walk_bits);
+            p.save(&mut w);
+        }
     }
 
     fn load(&mut self, state: &[u8], keys: &[f32]) -> Result<()> {
         let mut r = Reader::new("RoarGraph index", state, ROAR_TAG, ROAR_VERSION)?;
-        let params = RoarGraphParams::load(&mut r)?;
-        if params != self.params {
-            return Err(r.fail("params", format!("saved with {params:?}, this index has {:?}", self.params)));
-        }
+        let mut params = RoarGraphParams::load(&mut r)?;
         let dim = r.len("dim", usize::MAX)?;
         if dim != self.dim {
             return Err(r.fail("dim", format!("saved for dim {dim}, this index has {}", self.dim)));
@@ -488,7 +616,24 @@ impl RoarGraph {
         let entry_width = r.len("entry_width", n)?;
         let cluster_entries = r.u32s_exact("cluster_entries", (centroids.len() / dim).saturating_mul(entry_width))?;
         r.check_below("cluster_entries", &cluster_entries, n)?;
+        // The re-rank share is only saved (and used) with a projection.
+        let projection = if r.remaining() > 0 {
+            params.rerank = r.len("rerank", 100)?;
+            params.walk_bits = r.len("walk_bits", 32)?;
+            Some(Projection::load(&mut r, dim)?)
+        } else {
+            params.rerank = self.params.rerank;
+            params.walk_bits = self.params.walk_bits;
+            None
+        };
+        params.reduce = projection.as_ref().map_or(0, |p| p.r);
+        if params != self.params {
+            return Err(r.fail("params", format!("saved with {params:?}, this index has {:?}", self.params)));
+        }
         r.finish()?;
+        self.projection = projection;
+        self.walk = WalkKeys::None;
+        self.push_walk(keys);
         self.data = keys.to_vec();
         self.graph = graph;
         self.entries = entries;
@@ -502,7 +647,14 @@ impl RoarGraph {
 
 impl VectorIndex for RoarGraph {
     fn describe(&self) -> String {
-        format!("RoarGraph{}", self.params.m)
+        match self.params.reduce {
+            0 => format!("RoarGraph{}", self.params.m),
+            r => {
+                let p = if self.params.rerank == 100 { String::new() } else { format!("p{}", self.params.rerank) };
+                let f = if self.params.walk_bits == 32 { "f" } else { "" };
+                format!("RoarGraph{}r{r}{p}{f}", self.params.m)
+            }
+        }
     }
     fn dim(&self) -> usize {
         self.dim
@@ -694,6 +846,14 @@ impl VectorIndex for RoarGraph {
         // 5. Every key reachable from the entry point.
         let t_rep = Instant::now();
         self.repair_reachability();
+
+        // 6. The walk's projection, learned from the same queries.
+        self.projection = None;
+        self.walk = WalkKeys::None;
+        if p.reduce > 0 {
+            self.projection = Some(Projection::fit(keys, &queries, dim, p.reduce)?);
+            self.push_walk(keys);
+        }
         tracing::debug!(
             keys = n,
             train = n_train,
@@ -733,6 +893,7 @@ impl VectorIndex for RoarGraph {
             let id = self.graph.push_row();
             self.link_new(id);
         }
+        self.push_walk(keys);
         Ok(start as u32..(start + n_new) as u32)
     }
 
@@ -740,7 +901,10 @@ impl VectorIndex for RoarGraph {
         check_search(queries, self.dim, k, self.n())?;
         // An effort below `k` is a narrower beam whose scored keys are re-ranked (see `search_one`).
         let ef = params.effort.unwrap_or(self.params.ef_search).max(1);
-        let rows: Vec<_> = queries.par_chunks_exact(self.dim).map(|q| self.search_one(q, k, ef)).collect();
+        let rows: Vec<_> = match &self.projection {
+            Some(p) => queries.par_chunks_exact(self.dim).map(|q| self.search_reduced(p, q, k, ef)).collect(),
+            None => queries.par_chunks_exact(self.dim).map(|q| self.search_one(q, k, ef)).collect(),
+        };
         Ok(SearchResult::from_rows(k, rows))
     }
 
@@ -748,6 +912,8 @@ impl VectorIndex for RoarGraph {
         self.data.len() * 4
             + self.graph.bytes()
             + (self.entries.len() + self.cluster_entries.len() + self.centroids.len()) * 4
+            + self.walk.bytes()
+            + self.projection.as_ref().map_or(0, Projection::floats) * 4
             + self.visited.bytes()
     }
     fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {

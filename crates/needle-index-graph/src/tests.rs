@@ -257,6 +257,99 @@ fn factory_parses_known_forms_only() {
 }
 
 #[test]
+fn factory_parses_projected_walks() {
+    assert_eq!(from_factory(64, "RoarGraph32r16").unwrap().describe(), "RoarGraph32r16");
+    assert_eq!(from_factory(64, "RoarGraph32r16p50").unwrap().describe(), "RoarGraph32r16p50");
+    assert_eq!(from_factory(64, "RoarGraph32r16p100").unwrap().describe(), "RoarGraph32r16");
+    assert_eq!(from_factory(64, "RoarGraph32r16f").unwrap().describe(), "RoarGraph32r16f");
+    assert_eq!(from_factory(64, "RoarGraph32r16p50f").unwrap().describe(), "RoarGraph32r16p50f");
+    for bad in [
+        "RoarGraph32r0",
+        "RoarGraph32r",
+        "RoarGraphr16",
+        "RoarGraph32r16r2",
+        "RoarGraph8r65",
+        "RoarGraph32r16p0",
+        "RoarGraph32r16p101",
+        "RoarGraph32f",
+        "RoarGraph32r16ff",
+    ] {
+        match from_factory(64, bad) {
+            Err(Error::InvalidParameter { name, .. }) => {
+                assert!(["spec", "reduce", "rerank"].contains(&name.as_str()), "{bad}: {name}")
+            }
+            _ => panic!("`{bad}` accepted"),
+        }
+    }
+}
+
+#[test]
+fn projected_walk_at_full_rank_matches_the_full_walk() {
+    // With as many projected dimensions as the keys have, projected scores rank keys exactly as
+    // full ones do, so the fast path must return what the plain walk returns.
+    let f = fixture(2048, 2048, 30);
+    let mut full = RoarGraph::new(DIM).unwrap();
+    full.build(&f.keys, Some(&f.train)).unwrap();
+    let exact = RoarGraphParams { reduce: DIM, walk_bits: 32, ..Default::default() };
+    let mut same = RoarGraph::with_params(DIM, exact).unwrap();
+    same.build(&f.keys, Some(&f.train)).unwrap();
+    // 8-bit codes of the same projection rank nearly as the floats do.
+    let mut coded = RoarGraph::with_params(DIM, RoarGraphParams { walk_bits: 8, ..exact }).unwrap();
+    coded.build(&f.keys, Some(&f.train)).unwrap();
+    for ef in [100, 160] {
+        let p = SearchParams::effort(ef);
+        let (a, b) = (full.search(&f.test, 100, &p).unwrap(), same.search(&f.test, 100, &p).unwrap());
+        let agree = recall(&a, &b, 100);
+        assert!(agree >= 0.995, "ef {ef}: the full-rank projected walk returned {agree} of the full walk's keys");
+        let c = coded.search(&f.test, 100, &p).unwrap();
+        let agree = recall(&a, &c, 100);
+        assert!(agree >= 0.97, "ef {ef}: the full-rank coded walk returned {agree} of the full walk's keys");
+        assert!(c.stats.bytes_read < b.stats.bytes_read);
+        // Scores returned are the exact inner products, not projected ones.
+        for i in 0..b.n_queries() {
+            for (l, s) in b.labels_of(i).iter().zip(&b.scores[i * 100..(i + 1) * 100]) {
+                let k = &f.keys[*l as usize * DIM..(*l as usize + 1) * DIM];
+                let exact: f32 = f.test[i * DIM..(i + 1) * DIM].iter().zip(k).map(|(x, y)| x * y).sum();
+                assert!((exact - s).abs() <= 1e-4 * (1.0 + exact.abs()), "{exact} vs {s}");
+            }
+        }
+        // Cost: the walk's scores are codes; only the re-ranked keys are full inner products
+        // (at full rank the maps are the identity: the query is not projected).
+        assert_eq!(b.stats.full_scored, (b.n_queries() * ef) as u64);
+        assert!(b.stats.codes_scored >= a.stats.full_scored / 2, "{:?} vs {:?}", b.stats, a.stats);
+    }
+}
+
+#[test]
+fn projected_walk_keeps_recall_scoring_few_full_keys() {
+    let f = fixture(4096, 4096, 40);
+    let mut roar = RoarGraph::with_params(DIM, RoarGraphParams { reduce: 16, ..Default::default() }).unwrap();
+    roar.build(&f.keys, Some(&f.train)).unwrap();
+    let r = roar.search(&f.test, 100, &SearchParams::effort(200)).unwrap();
+    let (r100, rs) = (recall(&f.truth, &r, 100), scanned(&r, f.n));
+    assert!(r100 >= 0.85, "recall@100 {r100}");
+    assert!(rs <= (200.0 + 16.0) / 4096.0 + 1e-9, "full share {rs}");
+    assert!(r.stats.codes_scored > 0);
+    // Inserted keys are projected too: twice each test query's best key becomes its new best.
+    let extra: Vec<f32> = (0..f.test.len() / DIM)
+        .flat_map(|i| {
+            let best = f.truth.labels_of(i)[0] as usize;
+            f.keys[best * DIM..(best + 1) * DIM].iter().map(|x| 2.0 * x).collect::<Vec<_>>()
+        })
+        .collect();
+    // The plain walk over the same inserts is the reference.
+    let mut plain = RoarGraph::new(DIM).unwrap();
+    plain.build(&f.keys, Some(&f.train)).unwrap();
+    let found = |g: &mut RoarGraph| {
+        assert_eq!(g.insert(&extra).unwrap(), 4096..4136);
+        let hit = g.search(&f.test, 1, &SearchParams::effort(200)).unwrap();
+        (0..40).filter(|&i| hit.labels_of(i) == [4096 + i as u32]).count()
+    };
+    let (got, want) = (found(&mut roar), found(&mut plain));
+    assert!(got + 2 >= want && got >= 20, "{got} of 40 inserted best keys found, the plain walk {want}");
+}
+
+#[test]
 fn cluster_entries_and_rerank_pool_serve_narrow_beams() {
     let f = fixture(2000, 2000, 40);
     let exact = |q: usize, id: u32| -> f32 {
@@ -370,6 +463,19 @@ fn roargraph_state_round_trips() {
     assert!(matches!(e, Error::Corrupt { .. }), "{e}");
     let e = Hnsw::with_m(DIM, 16).unwrap().load_state(&state, &f.keys[..1100 * DIM]).unwrap_err();
     assert!(e.to_string().contains("another kind"), "{e}");
+    // The projected walk's maps travel with the state; a state without them does not load into
+    // an index that walks projected, nor the other way round.
+    let reduced = RoarGraphParams { reduce: 8, rerank: 60, ..params };
+    let make_r = || -> Box<dyn VectorIndex> { Box::new(RoarGraph::with_params(DIM, reduced).unwrap()) };
+    let mut built = make_r();
+    built.build(&f.keys[..1000 * DIM], Some(&f.train)).unwrap();
+    built.insert(&f.keys[1000 * DIM..1100 * DIM]).unwrap();
+    let state_r = assert_round_trip(built.as_mut(), make_r().as_mut(), &f.keys, 1100, &f.test);
+    assert_corruption_is_caught(&make_r, &state_r, &f.keys[..1100 * DIM]);
+    let e = make_r().load_state(&state, &f.keys[..1100 * DIM]).unwrap_err();
+    assert!(e.to_string().contains("params"), "{e}");
+    let e = make().load_state(&state_r, &f.keys[..1100 * DIM]).unwrap_err();
+    assert!(e.to_string().contains("params"), "{e}");
 }
 
 #[test]
