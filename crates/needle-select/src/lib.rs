@@ -61,6 +61,7 @@
 
 mod block;
 mod common;
+mod hip;
 mod index;
 #[cfg(feature = "lsh")]
 mod lsh_sample;
@@ -79,6 +80,7 @@ mod tokenselect;
 
 pub use block::{BlockFactory, BlockSelector, DEFAULT_BLOCK, DEFAULT_REPS};
 pub use common::{DEFAULT_SINKS, DEFAULT_WINDOW};
+pub use hip::{DEFAULT_HIP_BLOCK, DEFAULT_HIP_WIDTH, HipFactory, HipSelector};
 pub use index::{INDEXES, IndexBuilder, index_factory, register_index, registered_indexes};
 #[cfg(feature = "lsh")]
 pub use lsh_sample::{DEFAULT_BITS, DEFAULT_MIN_COLLISIONS, DEFAULT_TABLES, LshSampleFactory, LshSampleSelector};

@@ -5,6 +5,7 @@ use needle_core::{Budget, Error, FullSelector, Result, SelectorFactory};
 
 use crate::block::BlockFactory;
 use crate::common::Frame;
+use crate::hip::HipFactory;
 use crate::oracle::OracleFactory;
 use crate::policy::{HeadPolicy, PolicyFactory};
 use crate::quest::QuestFactory;
@@ -21,6 +22,7 @@ pub const SELECTORS: &[(&str, &str)] = &[
     ("retrieval", "RetrievalAttention: sinks + window + top-k from a vector index (index=graph|hnsw|ivfpq|lsh|flat)"),
     ("quest", "Quest: pages of `page` keys with min/max bounds; top pages by upper bound"),
     ("block", "InfLLM: blocks of `block` tokens with `reps` representative keys; top blocks"),
+    ("hip", "HiP: hierarchical pruning, halved spans scored by their middle key down to `block` keys"),
     ("lsh-sample", "MagicPIG: SimHash sampling with importance weights (needs the `lsh` feature)"),
     ("tokenselect", "TokenSelect: per-head Q·K soft voting across the group, selection cache"),
     ("policy", "per-head selectors from a JSON file (file=heads.json), DuoAttention-style"),
@@ -327,6 +329,13 @@ pub fn parse(spec: &str) -> Result<SelectorSpec> {
             let b = o.usize("block", crate::block::DEFAULT_BLOCK)?;
             let r = o.usize("reps", crate::block::DEFAULT_REPS)?;
             o.spec(Box::new(BlockFactory::new(f.sinks, f.window, b, r)?), o.budget()?)
+        }
+        "hip" => {
+            o.only(&with(&["block", "width"]))?;
+            let f = o.frame()?;
+            let b = o.usize("block", crate::hip::DEFAULT_HIP_BLOCK)?;
+            let w = o.usize("width", crate::hip::DEFAULT_HIP_WIDTH)?;
+            o.spec(Box::new(HipFactory::new(f.sinks, f.window, b, w)?), o.budget()?)
         }
         "lsh-sample" => {
             o.only(&with(&["bits", "tables", "min_collisions", "seed"]))?;
