@@ -246,6 +246,18 @@ pub fn context_prompt(p: &PromptArgs, tok: &needle_loader::Tokenizer) -> Result<
     Ok((tok.encode(head, true)?, tail.to_string()))
 }
 
+/// The token ids of `question` asked of a saved context: after a blank line, then the
+/// context's saved suffix (the chat template's assistant turn, when it was prefilled with
+/// `--chat`). Empty when there is neither.
+pub fn context_question(
+    tok: &needle_loader::Tokenizer,
+    question: Option<&str>,
+    info: &needle_model::context::ContextInfo,
+) -> Result<Vec<u32>> {
+    let text = question.map_or(String::new(), |q| format!("\n\n{q}")) + &info.suffix;
+    Ok(if text.is_empty() { Vec::new() } else { tok.encode(&text, false)? })
+}
+
 /// The digest of the weights a `--model` spec names (what a saved context is checked against).
 pub fn model_digest(spec: &str) -> Result<String> {
     let path = model_path(spec)?;

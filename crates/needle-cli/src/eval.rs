@@ -13,16 +13,25 @@ use needle_eval::sweep::{SweepConfig, SweepReport, parse_tokens};
 use needle_tasks::TaskSpec;
 use serde::Serialize;
 
-use crate::common::{Loaded, ModelArgs, load, progress_bar, write_new};
+use crate::common::{Loaded, ModelArgs, context_question, load, model_digest, progress_bar, write_new};
 
 /// Arguments of `needle eval`.
 #[derive(Args)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Selector specs separated by `;` (specs contain commas), or `all`.
-    #[arg(long, default_value = "full;streaming;oracle;retrieval")]
-    pub selectors: String,
+    /// Selector specs separated by `;` (specs contain commas), or `all` [default:
+    /// full;streaming;oracle;retrieval; with `--context`, none besides the context's own].
+    #[arg(long)]
+    pub selectors: Option<String>,
+    /// A context saved by `needle prefill --save`: `--fidelity` compares its selector as saved
+    /// (its index not rebuilt) and any `--selectors` against full attention over its pages,
+    /// without prefilling again.
+    #[arg(long, conflicts_with_all = ["text", "passkey", "ruler", "sweep", "prefill_times"])]
+    pub context: Option<PathBuf>,
+    /// With `--context`: a question asked of the context before the compared steps.
+    #[arg(long, requires = "context")]
+    pub question: Option<String>,
     /// Run the fidelity comparison.
     #[arg(long)]
     pub fidelity: bool,
@@ -122,10 +131,13 @@ struct Report {
 
 /// Runs `needle eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
+    if let Some(path) = a.context.clone() {
+        return run_context(a, &path);
+    }
     if a.model.prefill.trim() != "dense" || !a.prefill_times.is_empty() {
         return run_prefill(a);
     }
-    let selectors = parse_selectors(&a.selectors).context("--selectors")?;
+    let selectors = parse_selectors(a.selectors.as_deref().unwrap_or(DEFAULT_SELECTORS)).context("--selectors")?;
     let any = a.fidelity || a.passkey || a.ruler || a.sweep;
     let (fidelity, passkey) = if any { (a.fidelity, a.passkey) } else { (true, true) };
     let mut report = Report { selectors: selectors.clone(), context_tokens: a.context_tokens, ..Default::default() };
@@ -210,6 +222,43 @@ pub fn run(a: EvalArgs) -> Result<()> {
             plot::tasks(&report.ruler, &selectors, "RULER-style score by context length", &dir.join("ruler.png"))?;
         }
     }
+    if let Some(path) = &a.json {
+        write_new(path, &serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+/// The selectors `needle eval` compares when `--selectors` is not given.
+const DEFAULT_SELECTORS: &str = "full;streaming;oracle;retrieval";
+
+/// `needle eval --context FILE --fidelity`: the saved context's selector (and `--selectors`)
+/// against full attention over the context's pages.
+fn run_context(a: EvalArgs, path: &std::path::Path) -> Result<()> {
+    if a.model.prefill.trim() != "dense" {
+        anyhow::bail!("--prefill: a saved context is already prefilled; compare patterns on a text instead");
+    }
+    if !a.fidelity {
+        anyhow::bail!("--context: only --fidelity can run on a saved context (tasks need prompts of their own)");
+    }
+    let selectors = match &a.selectors {
+        Some(s) => parse_selectors(s).context("--selectors")?,
+        None => Vec::new(),
+    };
+    let Loaded { model, tokenizer } = load(&a.model)?;
+    let saved = needle_model::context::load(path, &model, &model_digest(&a.model.model)?, a.model.weights.name())
+        .with_context(|| format!("--context {}", path.display()))?;
+    let question = context_question(&tokenizer, a.question.as_deref(), &saved.info)?;
+    let context_tokens = saved.tokens.len();
+    let kv = a.model.kv.unwrap_or(saved.info.kv);
+    let cfg = FidelityConfig { steps: a.steps, attn_layers: a.attn_layers.clone(), chunk: a.chunk, kv };
+    let pb = progress_bar(selectors.len() + 1, "selectors");
+    let rows = needle_eval::eval::fidelity_of_context(&model, saved, &question, &selectors, &cfg, &mut |d, _| {
+        pb.set_position(d as u64)
+    })?;
+    pb.finish_and_clear();
+    print_fidelity(&rows, context_tokens);
+    let names = rows.iter().map(|r| r.selector.clone()).collect();
+    let report = Report { selectors: names, context_tokens, fidelity: rows, ..Default::default() };
     if let Some(path) = &a.json {
         write_new(path, &serde_json::to_string_pretty(&report)?)?;
     }

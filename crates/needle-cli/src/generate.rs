@@ -15,7 +15,8 @@ use needle_model::{
 };
 
 use crate::common::{
-    Loaded, ModelArgs, PromptArgs, load_on, model_digest, new_cache, peak_rss, progress_bar, prompt_tokens,
+    Loaded, ModelArgs, PromptArgs, context_question, load_on, model_digest, new_cache, peak_rss, progress_bar,
+    prompt_tokens,
 };
 
 #[derive(Args)]
@@ -85,8 +86,7 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
                 bail!("{flag} {asked}: the context was saved with `{file}`; prefill it again to change it");
             }
         }
-        let question = a.prompt.question.as_ref().map_or(String::new(), |q| format!("\n\n{q}")) + &saved.info.suffix;
-        let ids = if question.is_empty() { Vec::new() } else { tokenizer.encode(&question, false)? };
+        let ids = context_question(&tokenizer, a.prompt.question.as_deref(), &saved.info)?;
         let logits =
             if ids.is_empty() { saved.last_logits } else { model.extend(&ids, &mut cache, a.chunk, &mut |_, _| {})? };
         tracing::info!(

@@ -102,4 +102,25 @@ fn a_saved_context_answers_questions_and_keeps_its_own_settings() {
     assert_eq!(v["token_ids"].as_array().unwrap().len(), 4);
     let o = needle(&["generate", "--context", ctx, "--kv", "f32", "--max-tokens", "1"]);
     assert!(!o.status.success() && stderr(&o).contains("saved with `f16`"), "{}", stderr(&o));
+
+    // The saved selector (its index as saved) and others built over the same pages, against
+    // full attention over them, after a question.
+    let json = dir.path().join("eval.json");
+    let sel = "full;streaming:sinks=4,window=16";
+    let args = ["eval", "--context", ctx, "--fidelity", "--steps", "3", "--question", "Who built the ark?"];
+    let o = needle(&[&args[..], &["--selectors", sel, "--kv", "f32", "--json", json.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["fidelity"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["selector"].as_str().unwrap()).collect();
+    assert_eq!(names, ["quest:sinks=16,window=64,k=32 (saved)", "full", "streaming:sinks=4,window=16"]);
+    assert!(v["context_tokens"].as_u64().unwrap() >= 600);
+    // `full` over the same f32 pages is the teacher itself: exactly no divergence.
+    assert_eq!((rows[1]["mean_kl"].as_f64(), rows[1]["agreement"].as_f64()), (Some(0.0), Some(1.0)));
+    assert!(rows[2]["mean_kl"].as_f64().unwrap() > 0.0, "a 16-token window differs from full attention");
+    assert_eq!(rows[0]["build_s"].as_f64(), Some(0.0), "the saved index is not rebuilt");
+    let o = needle(&["eval", "--context", ctx, "--ruler"]);
+    assert!(!o.status.success() && stderr(&o).contains("--ruler"), "{}", stderr(&o));
+    let o = needle(&["eval", "--context", ctx]);
+    assert!(!o.status.success() && stderr(&o).contains("only --fidelity"), "{}", stderr(&o));
 }

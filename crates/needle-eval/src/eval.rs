@@ -6,6 +6,8 @@
 //!   of the greedy token, and — on chosen layers, per query head — recall of the true top-k keys
 //!   of the dynamic part, attention mass captured, relative error of the attention output.
 //!   Cost: keys touched, bytes read, time split into selection, attention and the rest.
+//!   [`fidelity_of_context`] does the same from a saved context: its own selector as loaded,
+//!   and others built over its pages, after an optional question.
 //! - **passkey** and **RULER-style** tasks ([`run_tasks`], `needle-tasks`): each prompt is
 //!   prefilled once and every selector answers from a fork; exact-match or recall-of-all scoring.
 //!
@@ -19,6 +21,7 @@ use needle_core::attention::{Partial, dense, scores, top_k};
 use needle_core::metrics::{attention_mass, kl_divergence, recall, relative_error};
 use needle_core::{RowSource, attend_selected};
 use needle_loader::Tokenizer;
+use needle_model::context::SavedContext;
 use needle_model::{KvCache, KvDtype, Llama, SelectionConfig, argmax, selector_from_spec};
 use needle_tasks::{Filler, TaskSpec};
 use serde::Serialize;
@@ -279,47 +282,46 @@ pub fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-/// Fidelity of each selector against full attention on the prompt `tokens`.
-/// `prefill(done, total)` reports prefill tokens; `selectors(done, total)` selectors finished.
-pub fn fidelity<B: Backend>(
-    model: &Llama<B>,
-    tokens: &[u32],
-    selectors: &[String],
-    cfg: &FidelityConfig,
-    prefill: &mut dyn FnMut(usize, usize),
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<Vec<FidelityRow>> {
-    let n_layers = model.config().num_hidden_layers;
-    let layers: Vec<usize> =
-        if cfg.attn_layers.is_empty() { (0..n_layers).step_by(4).collect() } else { cfg.attn_layers.clone() };
-    let (base, first) = prefill_base(model, tokens, cfg.chunk, prefill)?;
-    tracing::info!(
-        "fidelity: {} prompt tokens, {} steps, attention compared on layers {layers:?}",
-        tokens.len(),
-        cfg.steps
-    );
-    // Full attention first: its greedy tokens drive every selector.
-    let mut full = fork(model, &base, "full", KvDtype::F32)?;
-    let teacher = decode_steps(model, &mut full, &first, cfg.steps, None, &[])?;
-    tracing::info!("full attention: {:.1} ms per step", teacher.wall.as_secs_f64() * 1e3 / cfg.steps.max(1) as f64);
-    let d = model.config().head_dim as f64;
-    let mut rows = Vec::new();
-    for (i, spec) in selectors.iter().enumerate() {
-        let t = Instant::now();
-        let mut c = fork(model, &base, spec, cfg.kv)?;
-        let build_s = t.elapsed().as_secs_f64();
+/// Full attention's greedy decode, which every compared selector follows (teacher forcing).
+struct Teacher<'m, B: Backend> {
+    model: &'m Llama<B>,
+    cfg: &'m FidelityConfig,
+    layers: Vec<usize>,
+    first: Vec<f32>,
+    decoded: Decoded,
+}
+
+impl<'m, B: Backend> Teacher<'m, B> {
+    /// Decodes `cfg.steps` greedy tokens with `full` (a full-attention cache) from `first`.
+    fn new(model: &'m Llama<B>, mut full: KvCache, first: Vec<f32>, cfg: &'m FidelityConfig) -> Result<Self> {
+        let n_layers = model.config().num_hidden_layers;
+        let layers =
+            if cfg.attn_layers.is_empty() { (0..n_layers).step_by(4).collect() } else { cfg.attn_layers.clone() };
+        let decoded = decode_steps(model, &mut full, &first, cfg.steps, None, &[])?;
+        tracing::info!(
+            "full attention: {:.1} ms per step; attention compared on layers {layers:?}",
+            decoded.wall.as_secs_f64() * 1e3 / cfg.steps.max(1) as f64
+        );
+        Ok(Self { model, cfg, layers, first, decoded })
+    }
+
+    /// Decodes the teacher's tokens with `cache` (selector `spec`, built in `build_s` seconds)
+    /// and compares.
+    fn compare(&self, spec: &str, mut cache: KvCache, build_s: f64) -> Result<FidelityRow> {
+        let (model, cfg, teacher) = (self.model, self.cfg, &self.decoded);
         let Decoded { logits, metrics, wall, .. } =
-            decode_steps(model, &mut c, &first, cfg.steps, Some(&teacher.tokens), &layers)?;
+            decode_steps(model, &mut cache, &self.first, cfg.steps, Some(&teacher.tokens), &self.layers)?;
         let kls =
             logits.iter().zip(&teacher.logits).map(|(q, p)| kl_divergence(p, q)).collect::<Result<Vec<_>, _>>()?;
         let agree = logits.iter().zip(&teacher.logits).filter(|(q, p)| argmax(q) == argmax(p)).count();
-        let s = &c.stats;
+        let s = &cache.stats;
         let steps = s.steps.max(1) as f64;
         let ms = |x: Duration| x.as_secs_f64() * 1e3 / steps;
-        let bytes = s.select.bytes_read as f64 + s.keys_attended as f64 * d * cfg.kv.bytes() as f64 * 2.0;
+        let d = model.config().head_dim as f64;
+        let bytes = s.select.bytes_read as f64 + s.keys_attended as f64 * d * cache.config().kv.bytes() as f64 * 2.0;
         let wall_ms = wall.as_secs_f64() * 1e3 / steps;
-        rows.push(FidelityRow {
-            selector: spec.clone(),
+        Ok(FidelityRow {
+            selector: spec.to_string(),
             steps: cfg.steps,
             mean_kl: mean(kls.iter().copied()).unwrap_or(0.0),
             max_kl: kls.iter().copied().fold(0.0, f64::max),
@@ -333,9 +335,72 @@ pub fn fidelity<B: Backend>(
             attend_ms: ms(s.attend_time),
             other_ms: wall_ms - ms(s.select_time) - ms(s.attend_time),
             build_s,
-        });
+        })
+    }
+}
+
+/// Fidelity of each selector against full attention on the prompt `tokens`.
+/// `prefill(done, total)` reports prefill tokens; `selectors(done, total)` selectors finished.
+pub fn fidelity<B: Backend>(
+    model: &Llama<B>,
+    tokens: &[u32],
+    selectors: &[String],
+    cfg: &FidelityConfig,
+    prefill: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<FidelityRow>> {
+    let (base, first) = prefill_base(model, tokens, cfg.chunk, prefill)?;
+    tracing::info!("fidelity: {} prompt tokens, {} steps", tokens.len(), cfg.steps);
+    let teacher = Teacher::new(model, fork(model, &base, "full", KvDtype::F32)?, first, cfg)?;
+    let mut rows = Vec::new();
+    for (i, spec) in selectors.iter().enumerate() {
+        let t = Instant::now();
+        let c = fork(model, &base, spec, cfg.kv)?;
+        rows.push(teacher.compare(spec, c, t.elapsed().as_secs_f64())?);
         progress(i + 1, selectors.len());
     }
+    Ok(rows)
+}
+
+/// Fidelity of a saved context's own selector — the cache as loaded, its index not rebuilt; the
+/// row's spec ends in ` (saved)` — and of each of `selectors` built over the same pages, against
+/// full attention over them. With a `question` (token ids), every cache is first extended by it
+/// ([`Llama::extend`]), so the steps compared are the answer to it. `progress(done, total)`
+/// counts selectors.
+pub fn fidelity_of_context<B: Backend>(
+    model: &Llama<B>,
+    saved: SavedContext,
+    question: &[u32],
+    selectors: &[String],
+    cfg: &FidelityConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<FidelityRow>> {
+    let SavedContext { info, last_logits, cache: mut own, .. } = saved;
+    let ask = |c: &mut KvCache, first: Vec<f32>| -> Result<Vec<f32>> {
+        if question.is_empty() {
+            return Ok(first);
+        }
+        model.extend(question, c, cfg.chunk, &mut |_, _| ()).during(|| "question".into())
+    };
+    tracing::info!("fidelity of a saved context: {} tokens, `{}`, {} steps", info.tokens, info.selector, cfg.steps);
+    let mut full = fork(model, &own, "full", KvDtype::F32)?;
+    let first = ask(&mut full, last_logits)?;
+    let teacher = Teacher::new(model, full, first.clone(), cfg)?;
+    let total = selectors.len() + 1;
+    let mut rows = Vec::new();
+    // Other selectors are built over the context's pages, before the question (as a fresh
+    // prefill's are built over the prompt), then asked it.
+    for (i, spec) in selectors.iter().enumerate() {
+        let t = Instant::now();
+        let mut c = fork(model, &own, spec, cfg.kv)?;
+        let build_s = t.elapsed().as_secs_f64();
+        ask(&mut c, Vec::new())?;
+        rows.push(teacher.compare(spec, c, build_s)?);
+        progress(i + 1, total);
+    }
+    ask(&mut own, Vec::new())?;
+    rows.insert(0, teacher.compare(&format!("{} (saved)", info.selector), own, 0.0)?);
+    progress(total, total);
     Ok(rows)
 }
 
