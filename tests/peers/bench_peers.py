@@ -63,13 +63,23 @@ def timed(f):
 
 
 def bench_head(keys, test, k, layer, head, args, faiss, hnswlib):
-    n, d = keys.shape
-    nq = test.shape[0]
     truth = exact_topk(keys, test, k)
     rows = []
     threads = faiss.omp_get_max_threads()
+    if "faiss-hnsw" in args.engines:
+        rows += bench_faiss_hnsw(keys, test, truth, k, layer, head, args, faiss, threads)
+    if "faiss-ivfpq" in args.engines:
+        rows += bench_faiss_ivfpq(keys, test, truth, k, layer, head, args, faiss, threads)
+    if "hnswlib" in args.engines:
+        rows += bench_hnswlib(keys, test, truth, k, layer, head, args, hnswlib, threads)
+    return rows
 
-    # faiss HNSW, inner product; efConstruction as needle's HNSW (200).
+
+def bench_faiss_hnsw(keys, test, truth, k, layer, head, args, faiss, threads):
+    """faiss HNSW, inner product; efConstruction as needle's HNSW (200)."""
+    n, d = keys.shape
+    nq = test.shape[0]
+    rows = []
     faiss.omp_set_num_threads(threads)
     idx = faiss.IndexHNSWFlat(d, args.m, faiss.METRIC_INNER_PRODUCT)
     idx.hnsw.efConstruction = 200
@@ -84,7 +94,14 @@ def bench_head(keys, test, k, layer, head, args, faiss, hnswlib):
         rows.append(row("faiss", f"HNSW{args.m}", layer, head, ef, recalls(labels, truth), ndis / (nq * n), 0.0,
                         1e6 * secs / nq, build, bpk, n, nq))
 
-    # faiss IVF-PQ, inner product, plain and with exact re-scoring of k_factor * k candidates.
+    return rows
+
+
+def bench_faiss_ivfpq(keys, test, truth, k, layer, head, args, faiss, threads):
+    """faiss IVF-PQ, inner product, plain and with exact re-scoring of k_factor * k candidates."""
+    n, d = keys.shape
+    nq = test.shape[0]
+    rows = []
     nlist = args.nlist  # as needle's IVF256 (faiss warns below 39 keys per list)
     faiss.omp_set_num_threads(threads)
     quant = faiss.IndexFlatIP(d)
@@ -118,7 +135,14 @@ def bench_head(keys, test, k, layer, head, args, faiss, hnswlib):
                         min(1.0, args.k_factor * k / n), ndis / (nq * n), 1e6 * secs / nq, build,
                         codes_bpk + d * 4, n, nq))
 
-    # hnswlib, inner product.
+    return rows
+
+
+def bench_hnswlib(keys, test, truth, k, layer, head, args, hnswlib, threads):
+    """hnswlib, inner product."""
+    n, d = keys.shape
+    nq = test.shape[0]
+    rows = []
     h = hnswlib.Index(space="ip", dim=d)
     h.init_index(max_elements=n, ef_construction=200, M=args.m, random_seed=100)
     h.set_num_threads(threads)
@@ -149,8 +173,14 @@ def main():
     ap.add_argument("--nlist", type=int, default=256)
     ap.add_argument("--pq-m", type=int, default=16)
     ap.add_argument("--k-factor", type=int, default=8, help="exact re-scores per result for RFlat (needle: rerank=8)")
+    ap.add_argument("--engines", default="faiss-hnsw,faiss-ivfpq,hnswlib",
+                    help="comma-separated subset of faiss-hnsw, faiss-ivfpq, hnswlib")
     ap.add_argument("--json")
     args = ap.parse_args()
+    engines = {"faiss-hnsw", "faiss-ivfpq", "hnswlib"}
+    args.engines = {e.strip() for e in args.engines.split(",") if e.strip()}
+    if not args.engines or not args.engines <= engines:
+        sys.exit(f"bench_peers.py: --engines {sorted(args.engines)}: choose from {sorted(engines)}")
     args.graph_efforts = sorted({int(x) for x in args.graph_efforts.split(",") if x})
     args.ivf_nprobes = sorted({int(x) for x in args.ivf_nprobes.split(",") if x})
     try:

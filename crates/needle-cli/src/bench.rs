@@ -82,6 +82,9 @@ pub struct IndexArgs {
     /// The peer script (default: tests/peers/bench_peers.py of this source tree).
     #[arg(long)]
     pub peers_script: Option<PathBuf>,
+    /// Peer engines to run with --peers, comma-separated: faiss-hnsw, faiss-ivfpq, hnswlib.
+    #[arg(long, default_value = "faiss-hnsw,faiss-ivfpq,hnswlib")]
+    pub peers_engines: String,
 }
 
 /// Runs the peer script and returns its rows.
@@ -99,6 +102,7 @@ fn run_peers(a: &IndexArgs, layers: &[usize], out_dir: &Path) -> Result<Vec<Row>
         .args(["--trace".as_ref(), a.trace.as_os_str()])
         .args(["--k", &a.k.to_string(), "--layers", &join(layers)])
         .args(["--graph-efforts", &join(&a.graph_efforts), "--ivf-nprobes", &join(&a.ivf_nprobes)])
+        .args(["--engines", &a.peers_engines])
         .args(["--json".as_ref(), out.as_os_str()])
         // Its own table would repeat the merged one; progress still shows on stderr.
         .stdout(std::process::Stdio::null())
