@@ -23,12 +23,16 @@ fn specs(policy: &std::path::Path) -> Vec<String> {
         format!("retrieval:index=graph,k=20,min_index=1080,{f}"),
         format!("quest:k=32,page=16,{f}"),
         format!("block:k=48,block=16,reps=2,{f}"),
+        format!("hip:k=20,block=4,width=2,{f}"),
         format!("tokenselect:k=20,threshold=0.5,{f}"),
         format!("tokenselect:k=40,mass=0.8,threshold=0.5,{f}"),
         format!("policy:file={},k=20", policy.display()),
     ];
     if cfg!(feature = "graph") {
         v.push(format!("retrieval:index=RoarGraph16,k=20,min_index=64,{f}"));
+        // Compressed walks over 8-bit codes of projections to 16 and 4 of 32 dims (maps saved).
+        v.push(format!("retrieval:index=RoarGraph16r16p50,k=20,min_index=64,{f}"));
+        v.push(format!("retrieval:index=RoarGraph16r4,k=20,min_index=64,{f}"));
         v.push(format!("retrieval:index=hnsw,k=20,min_index=64,combine=rerank,{f}"));
     }
     if cfg!(feature = "ivfpq") {
