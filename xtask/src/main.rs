@@ -3,11 +3,13 @@
 //! - `ci`: rustfmt check, clippy (warnings are errors), fetch the model, the workspace tests,
 //!   the kernel crate's aarch64 (NEON) tests under qemu where the cross tools are installed, and
 //!   the downstream example crates, `kernels-cubecl`'s fmt check and tests on wgpu (lavapipe),
-//!   and the CUDA test bundle (built, not run). `.ci/run` runs exactly this.
+//!   needle-model's CubeCL arm on wgpu (its ops against the CPU references and the default model
+//!   against the CPU path), and the CUDA test bundle (built, not run). `.ci/run` runs exactly this.
 //! - `fetch-model`: puts the verified SmolLM2 GGUF and the default document in the cache (see
 //!   `needle-fetch`).
-//! - `test-gpu [--build-only] [--out DIR]`: `kernels-cubecl`'s clippy (wgpu and cuda features)
-//!   and its tests on CUDA, or a bundle of the tests to carry to a GPU machine.
+//! - `test-gpu [--build-only] [--out DIR]`: `kernels-cubecl`'s clippy (wgpu and cuda features),
+//!   needle-model's clippy with each of them, and the kernel tests on CUDA, or a bundle of the
+//!   kernel tests to carry to a GPU machine.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
@@ -91,6 +93,10 @@ fn ci() -> Result<()> {
     let kc = root.join("kernels-cubecl");
     cargo(&["fmt", "--check"], &kc)?;
     cargo(&["test", "--locked"], &kc)?;
+    // The CubeCL arm of needle-model's backend on wgpu (lavapipe): each op against the CPU
+    // reference, and the default model against the CPU path (tokens and logits).
+    let arm = ["test", "-p", "needle-model", "--features", "wgpu", "--locked", "--lib", "--test", "wgpu_arms"];
+    cargo(&[&arm[..], &["--test", "wgpu_model"]].concat(), &root)?;
     // No GPU here: the CUDA bundle must still build.
     test_gpu(&["--build-only".into()])?;
     for ex in example_crates(&root) {
@@ -137,7 +143,8 @@ fn aarch64_tests(root: &Path) -> Result<()> {
     cargo_env(&dot_only, root, &[base[0], base[1], ("QEMU_CPU", "cortex-a53")])
 }
 
-/// `kernels-cubecl`'s clippy and its tests on the `cuda` runtime. `--build-only [--out DIR]` builds the tests into a
+/// `kernels-cubecl`'s clippy, needle-model's clippy with `wgpu` and with `cuda`, and the kernel
+/// tests on the `cuda` runtime. `--build-only [--out DIR]` builds the tests into a
 /// bundle instead (test binaries and `run.sh`; the machine that runs it needs the CUDA driver,
 /// not Rust), for a GPU machine without a toolchain or network.
 fn test_gpu(args: &[String]) -> Result<()> {
@@ -146,6 +153,10 @@ fn test_gpu(args: &[String]) -> Result<()> {
     if !args.iter().any(|a| a == "--build-only") {
         for features in [&["--locked"][..], &cuda] {
             cargo(&[&["clippy", "--all-targets"][..], features, &["--", "-D", "warnings"]].concat(), &kc)?;
+        }
+        for feature in ["wgpu", "cuda"] {
+            let args = ["clippy", "-p", "needle-model", "--all-targets", "--locked", "--features", feature];
+            cargo(&[&args[..], &["--", "-D", "warnings"]].concat(), &root())?;
         }
         return cargo(&[&["test"][..], &cuda].concat(), &kc);
     }

@@ -4,8 +4,8 @@
 //! log-sum-exp) at decode. [`Llama`](crate::Llama) uses it for every layer; a model of your own
 //! does the same (see `examples/downstream-burn` and docs/burn-integration.md).
 
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 
 use crate::backend::NeedleBackend;
 use crate::cache::KvCache;
@@ -38,7 +38,7 @@ pub fn cached_attention<B: Backend>(
 ) -> Result<Tensor<B, 2>> {
     let gqa = cache.gqa();
     let d = cache.head_dim();
-    let [t, nh, _] = q.dims();
+    let [t, ..] = q.dims();
     for (name, dims, heads) in
         [("q", q.dims(), gqa.n_q_heads), ("k", k.dims(), gqa.n_kv_heads), ("v", v.dims(), gqa.n_kv_heads)]
     {
@@ -46,15 +46,10 @@ pub fn cached_attention<B: Backend>(
             return Err(Error::Shape { tensor: name.into(), expected: vec![t, heads, d], got: dims.to_vec() });
         }
     }
-    let device = q.device();
     let pos0 = cache.layer_len(layer)?;
     B::with_host(k, |ks| B::with_host(v, |vs| cache.append(layer, ks, vs)))???;
     if t == 1 && cache.is_built() {
-        let out = B::with_host(q, |qs| {
-            cache.observe_queries(layer, pos0, qs);
-            cache.attend_decode(layer, qs, scale)
-        })??;
-        return Ok(Tensor::from_data(TensorData::new(out, [1, nh * d]), &device));
+        return B::decode_attention(cache, layer, pos0, q, scale);
     }
     if cache.wants_queries(layer) {
         B::with_host(q.clone(), |qs| cache.observe_queries(layer, pos0, qs))?;

@@ -10,9 +10,12 @@
 //!   read in place when contiguous; outputs are fresh buffers wrapped without a copy. Linear
 //!   weights stay in their blocks (memory-mapped), prefill attention reads the cache's pages in
 //!   place (no copy of the cache, no GQA expansion).
-//! - any other backend (`Wgpu`, `Cuda`, …): the [`plain`] Burn-op implementations; linear weights
-//!   are dequantized to f32 parameters at load ([`NeedleBackend::fuses_linear`] is false).
-//!   CubeCL kernels are a later step: they plug in as another arm of the same dispatch.
+//! - burn's CubeCL backends `Wgpu` and `Cuda` (features `wgpu`, `cuda`): needle-kernels-cubecl
+//!   (module `cube`): linear weights stay in their blocks on the device, prefill attention and
+//!   decode attention run over a device copy of the cache's rows, decode as a hybrid step (device
+//!   static part, host selection, one merge); norms, RoPE and SiLU are Burn ops on the device.
+//! - any other backend: the [`plain`] Burn-op implementations; linear weights are dequantized to
+//!   f32 parameters at load ([`NeedleBackend::fuses_linear`] is false).
 
 use std::any::{Any, TypeId};
 
@@ -59,19 +62,38 @@ pub trait NeedleBackend: Backend {
     /// reads KV head `h / group`. Returns `[t, n_q_heads · dim]`.
     fn paged_attention(cache: &KvCache, layer: usize, q: Tensor<Self, 3>, scale: f32) -> Result<Tensor<Self, 2>>;
 
+    /// One decode step's attention of `layer` through the cache's selectors (static part +
+    /// selection, merged exactly), the token's keys and values already appended; `q` is
+    /// `[1, n_q_heads, dim]` at position `pos`. Returns `[1, n_q_heads · dim]`.
+    fn decode_attention(
+        cache: &mut KvCache,
+        layer: usize,
+        pos: usize,
+        q: Tensor<Self, 3>,
+        scale: f32,
+    ) -> Result<Tensor<Self, 2>>;
+
     /// Calls `f` with the values of `t` (row-major f32) on the host: in place when the backend
     /// holds them there contiguously, else read back.
     fn with_host<const D: usize, R>(t: Tensor<Self, D>, f: impl FnOnce(&[f32]) -> R) -> Result<R>;
 }
 
 /// `s` as a `T` when `S` and `T` are the same type (zero cost), else `s` back.
-fn cast<S: 'static, T: 'static>(s: S) -> std::result::Result<T, S> {
+pub(crate) fn cast<S: 'static, T: 'static>(s: S) -> std::result::Result<T, S> {
     if TypeId::of::<S>() != TypeId::of::<T>() {
         return Err(s);
     }
     let mut slot = Some(s);
     let taken = (&mut slot as &mut dyn Any).downcast_mut::<Option<T>>().and_then(Option::take);
     Ok(taken.expect("equal type ids: the downcast succeeds"))
+}
+
+/// True when `B` is served by the CubeCL arm (features `wgpu`, `cuda`).
+fn cube_arm<B: 'static>() -> bool {
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    return crate::cube::is_cube::<B>();
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    false
 }
 
 /// Casts back after a Flex op (B is Flex whenever this is called).
@@ -81,12 +103,15 @@ fn back<B: Backend, const D: usize>(t: Tensor<Flex, D>) -> Result<Tensor<B, D>> 
 
 impl<B: Backend> NeedleBackend for B {
     fn fuses_linear() -> bool {
-        TypeId::of::<B>() == TypeId::of::<Flex>()
+        TypeId::of::<B>() == TypeId::of::<Flex>() || cube_arm::<B>()
     }
 
     fn qlinear(x: Tensor<B, 2>, w: &QWeight) -> Result<Tensor<B, 2>> {
         match cast::<_, Tensor<Flex, 2>>(x) {
             Ok(x) => back(flex::qlinear(x, w)?),
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            Err(x) => crate::cube::qlinear(x, w).unwrap_or_else(|x| plain::qlinear(x, w)),
+            #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
             Err(x) => plain::qlinear(x, w),
         }
     }
@@ -94,7 +119,7 @@ impl<B: Backend> NeedleBackend for B {
     fn qlinear_many(x: Tensor<B, 2>, ws: &[&QWeight]) -> Result<Vec<Tensor<B, 2>>> {
         match cast::<_, Tensor<Flex, 2>>(x) {
             Ok(x) => flex::qlinear_many(x, ws)?.into_iter().map(back).collect(),
-            Err(x) => ws.iter().map(|w| plain::qlinear(x.clone(), w)).collect(),
+            Err(x) => ws.iter().map(|w| Self::qlinear(x.clone(), w)).collect(),
         }
     }
 
@@ -129,8 +154,34 @@ impl<B: Backend> NeedleBackend for B {
     fn paged_attention(cache: &KvCache, layer: usize, q: Tensor<B, 3>, scale: f32) -> Result<Tensor<B, 2>> {
         match cast::<_, Tensor<Flex, 3>>(q) {
             Ok(q) => back(flex::prefill_attention(cache, layer, q, scale)?),
+            #[cfg(any(feature = "wgpu", feature = "cuda"))]
+            Err(q) => crate::cube::paged_attention(cache, layer, q, scale)
+                .unwrap_or_else(|q| plain::prefill_attention(cache, layer, q, scale)),
+            #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
             Err(q) => plain::prefill_attention(cache, layer, q, scale),
         }
+    }
+
+    fn decode_attention(
+        cache: &mut KvCache,
+        layer: usize,
+        pos: usize,
+        q: Tensor<B, 3>,
+        scale: f32,
+    ) -> Result<Tensor<B, 2>> {
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        let q = match crate::cube::decode_attention(cache, layer, pos, q, scale) {
+            Ok(out) => return out,
+            Err(q) => q,
+        };
+        // On the host: Flex's buffer is read in place, other backends read back.
+        let [_, nh, d] = q.dims();
+        let device = q.device();
+        let out = Self::with_host(q, |qs| {
+            cache.observe_queries(layer, pos, qs);
+            cache.attend_decode(layer, qs, scale)
+        })??;
+        Ok(Tensor::from_data(TensorData::new(out, [1, nh * d]), &device))
     }
 
     fn with_host<const D: usize, R>(t: Tensor<B, D>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -265,6 +316,13 @@ pub mod flex {
                 Some(CachePages::F16(_)) => {
                     prefill_typed(qs, &kp, &vp, as_f16, shape, &mut out, n - t, nh, scale, layouts)
                 }
+                Some(CachePages::Q8(_)) => {
+                    // The prefill kernels read f32 or f16: this layer's q8 pages are widened
+                    // for the chunk.
+                    let (kw, vw) = (widen_q8(&kp, d), widen_q8(&vp, d));
+                    let (kw, vw): (Vec<&CachePages>, Vec<&CachePages>) = (kw.iter().collect(), vw.iter().collect());
+                    prefill_typed(qs, &kw, &vw, as_f32, shape, &mut out, n - t, nh, scale, layouts)
+                }
                 _ => prefill_typed(qs, &kp, &vp, as_f32, shape, &mut out, n - t, nh, scale, layouts),
             }
             .map_err(|e| Error::kernel("prefill attention", e))
@@ -366,6 +424,20 @@ fn prefill_typed<'a, T: KvElem + bytemuck::Pod>(
 
 fn as_f32(p: &CachePages) -> &[PageBuf<f32>] {
     if let CachePages::F32(v) = p { v } else { &[] }
+}
+
+/// `q8` pages (rows of `dim` numbers) as `f32` pages of the same rows.
+fn widen_q8(heads: &[&CachePages], dim: usize) -> Vec<CachePages> {
+    let stride = needle_core::KvDtype::Q8.row_bytes(dim);
+    let widen = |page: &PageBuf<u8>| -> PageBuf<f32> {
+        let mut rows = Vec::with_capacity(page.len() / stride * dim);
+        page.chunks_exact(stride).for_each(|r| needle_core::Row::Q8(r).extend_into(&mut rows));
+        PageBuf::host(rows.into_boxed_slice())
+    };
+    heads
+        .iter()
+        .map(|p| CachePages::F32(if let CachePages::Q8(v) = p { v.iter().map(widen).collect() } else { Vec::new() }))
+        .collect()
 }
 
 fn as_f16(p: &CachePages) -> &[PageBuf<half::f16>] {

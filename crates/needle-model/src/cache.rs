@@ -99,6 +99,23 @@ impl DecodeStats {
     }
 }
 
+/// What [`KvCache::decode_dynamic`] returns for one layer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DynamicPart {
+    /// Per KV head, the rows its selector picked (all in the dynamic part).
+    pub ids: Vec<Vec<u32>>,
+    /// Per KV head, additive log-weights parallel to `ids` (empty when the selector weights none).
+    pub log_weights: Vec<Vec<f32>>,
+    /// When the host attended: outputs `[n_q_heads × dim]` over the picked rows alone and their
+    /// log-sum-exp `[n_q_heads]` (`-inf` and zeros where nothing was picked).
+    pub host: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Backend state kept beside the cache (the CubeCL arm's device copy of the KV rows): not
+/// saved, not forked; a backend rebuilds it from the host rows when it is missing or behind.
+#[derive(Default)]
+pub(crate) struct DeviceSlot(pub(crate) std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>);
+
 /// Below this many cached rows in a layer (all KV heads), decode attention runs on one thread.
 const PAR_MIN_ROWS: usize = 2048;
 
@@ -154,6 +171,7 @@ pub struct KvCache {
     retain_training: bool,
     trace: Option<QueryTrace>,
     tiers: Option<Tiers>,
+    pub(crate) device: DeviceSlot,
     /// Decode cost so far.
     pub stats: DecodeStats,
 }
@@ -212,6 +230,7 @@ impl KvCache {
             retain_training: false,
             trace: None,
             tiers: None,
+            device: DeviceSlot::default(),
             stats: DecodeStats::default(),
         })
     }
@@ -351,6 +370,7 @@ impl KvCache {
                 decode: vec![Vec::new(); t.layers.len()],
             }),
             tiers: None,
+            device: DeviceSlot::default(),
             stats: DecodeStats::default(),
         };
         c.build(scale)?;
@@ -609,9 +629,15 @@ impl KvCache {
         } else {
             heads.par_iter_mut().enumerate().map(step).collect::<Result<_>>()?
         };
-        let wall = wall.elapsed();
-        let s = &mut self.stats;
         let (sel, att): (Duration, Duration) = outs.iter().fold(Default::default(), |(a, b), o| (a + o.1, b + o.2));
+        self.account_step(layer, wall.elapsed(), sel, att);
+        Ok(outs.into_iter().flat_map(|o| o.0).collect())
+    }
+
+    /// Adds one layer's decode step to the stats (`wall` split between selection and attention
+    /// as the per-head times `sel` and `att` are) and marks the pages it read.
+    fn account_step(&mut self, layer: usize, wall: Duration, sel: Duration, att: Duration) {
+        let s = &mut self.stats;
         let share = sel.as_secs_f64() / (sel + att).as_secs_f64().max(f64::MIN_POSITIVE);
         s.select_time += wall.mul_f64(share);
         s.attend_time += wall.mul_f64(1.0 - share);
@@ -625,7 +651,64 @@ impl KvCache {
             s.select += h.selection.stats;
         }
         self.note_reads(layer);
-        Ok(outs.into_iter().flat_map(|o| o.0).collect())
+    }
+
+    /// The host's half of a split decode step: every KV head's selector picks from its dynamic
+    /// part for the query group in `q` (`[n_q_heads × dim]`), and with `attend` the host also
+    /// attends to the picked rows alone, giving a partial (output and log-sum-exp) that an exact
+    /// merge combines with the static part's, attended elsewhere (the CubeCL arm's device).
+    pub fn decode_dynamic(&mut self, layer: usize, q: &[f32], scale: f32, attend: bool) -> Result<DynamicPart> {
+        self.check_layer(layer)?;
+        let (d, gqa, budget) = (self.head_dim, self.gqa, self.config.budget);
+        if q.len() != gqa.n_q_heads * d {
+            return Err(Error::invalid(
+                "q",
+                format!("{} floats; decode attention takes n_q_heads × dim = {}", q.len(), gqa.n_q_heads * d),
+            ));
+        }
+        if !self.built {
+            return Err(Error::State("decode attention before the selectors were built (prefill first)".into()));
+        }
+        type Head = (Vec<f32>, Vec<f32>, Duration, Duration);
+        let step = |(j, h): (usize, &mut HeadCache)| -> Result<Head> {
+            let qg = &q[gqa.group(j).start * d..gqa.group(j).end * d];
+            let t0 = Instant::now();
+            h.selector.select(qg, &h.keys, &budget, &mut h.selection)?;
+            let t1 = Instant::now();
+            let (mut out, mut lse) = (Vec::new(), Vec::new());
+            if attend {
+                let sel = &h.selection;
+                let weighted = !sel.log_weights.is_empty();
+                for qi in qg.chunks_exact(d) {
+                    let ids = sel
+                        .ids
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &id)| (id, if weighted { sel.log_weights[i] } else { 0.0 }));
+                    let p = needle_core::attention::attend_weighted::<f32>(qi, &h.keys, &h.values, ids, scale)?;
+                    out.extend_from_slice(&p.out);
+                    lse.push(p.lse);
+                }
+            }
+            Ok((out, lse, t1 - t0, t1.elapsed()))
+        };
+        let wall = Instant::now();
+        let heads = &mut self.heads[layer];
+        let rows: usize = heads.iter().map(|h| h.keys.len()).sum();
+        let outs: Vec<Head> = if rows < PAR_MIN_ROWS {
+            heads.iter_mut().enumerate().map(step).collect::<Result<_>>()?
+        } else {
+            heads.par_iter_mut().enumerate().map(step).collect::<Result<_>>()?
+        };
+        let (sel, att): (Duration, Duration) = outs.iter().fold(Default::default(), |(a, b), o| (a + o.2, b + o.3));
+        self.account_step(layer, wall.elapsed(), sel, att);
+        let selections = self.heads[layer].iter().map(|h| (h.selection.ids.clone(), h.selection.log_weights.clone()));
+        let (ids, log_weights) = selections.unzip();
+        let host = attend.then(|| {
+            let (o, l): (Vec<_>, Vec<_>) = outs.into_iter().map(|o| (o.0, o.1)).unzip();
+            (o.concat(), l.concat())
+        });
+        Ok(DynamicPart { ids, log_weights, host })
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {

@@ -11,8 +11,10 @@
 //! ## Features
 //! - `graph`, `ivfpq`, `lsh` (default): index crates that `retrieval:index=…` and `lsh-sample`
 //!   can use; a spec naming one that is not compiled in is an error naming the feature.
-//! - `wgpu`, `cuda`: the `burn::backend::Wgpu` / `Cuda` backends (decode attention still runs on
-//!   the host tier; [`NeedleBackend`] ops run as plain Burn ops on f32 weights there).
+//! - `wgpu`, `cuda`: the `burn::backend::Wgpu` / `Cuda` backends with needle's CubeCL kernels as
+//!   their [`NeedleBackend`] arm (module `cube`): weights stay quantized on the device, the
+//!   cache's rows are mirrored there, decode is a hybrid step (device static part, host
+//!   selection and retrieved rows, one merge).
 //!
 //! ## Engine
 //! [`Llama::load`] keeps GGUF weights in their blocks ([`Weights::Native`]); on the CPU backend
@@ -38,6 +40,8 @@ mod attention;
 pub mod backend;
 mod cache;
 pub mod context;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod cube;
 mod error;
 mod generate;
 mod model;
@@ -48,7 +52,7 @@ mod weights;
 
 pub use attention::cached_attention;
 pub use backend::NeedleBackend;
-pub use cache::{DecodeStats, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
+pub use cache::{DecodeStats, DynamicPart, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_from};
 pub use model::Llama;

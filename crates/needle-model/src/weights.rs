@@ -53,6 +53,9 @@ pub struct QWeight {
     rows: usize,
     cols: usize,
     rope_heads: Option<usize>,
+    /// A device copy made by a GPU arm of `NeedleBackend` on first use, shared by clones (the
+    /// tied embedding and output head upload once).
+    device: Arc<std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for QWeight {
@@ -75,7 +78,8 @@ impl QWeight {
             return Err(Error::Shape { tensor: name.into(), expected: vec![0, 0], got: raw.shape.clone() });
         };
         let rope_heads = raw.rope_heads;
-        let w = Self { name: name.into(), store: Store::Map(raw), ty, rows, cols, rope_heads };
+        let w =
+            Self { name: name.into(), store: Store::Map(raw), ty, rows, cols, rope_heads, device: Default::default() };
         w.check()?;
         Ok(w)
     }
@@ -83,8 +87,15 @@ impl QWeight {
     /// Owned f32 weights, row-major `rows × cols`.
     pub fn from_f32(name: &str, data: &[f32], rows: usize, cols: usize) -> Result<Self> {
         let bytes: Arc<[u8]> = bytemuck::cast_slice::<f32, u8>(data).into();
-        let w =
-            Self { name: name.into(), store: Store::Owned(bytes), ty: QuantType::F32, rows, cols, rope_heads: None };
+        let w = Self {
+            name: name.into(),
+            store: Store::Owned(bytes),
+            ty: QuantType::F32,
+            rows,
+            cols,
+            rope_heads: None,
+            device: Default::default(),
+        };
         w.check()?;
         Ok(w)
     }
@@ -122,6 +133,16 @@ impl QWeight {
     /// Bytes of the weight as stored.
     pub fn bytes(&self) -> usize {
         self.store.bytes().len()
+    }
+
+    /// Heads whose rows are stored in llama.cpp's RoPE order (de-interleaved on output), if any.
+    pub(crate) fn rope_heads(&self) -> Option<usize> {
+        self.rope_heads
+    }
+
+    /// The slot a GPU arm keeps this weight's device copy in.
+    pub(crate) fn device_slot(&self) -> &std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>> {
+        &self.device
     }
 
     /// The kernel's view of the bytes.

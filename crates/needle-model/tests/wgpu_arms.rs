@@ -1,0 +1,341 @@
+//! The CubeCL arm of `NeedleBackend` on wgpu (lavapipe in CI) against the CPU references on
+//! fresh random inputs: the quantized linear from GGUF blocks (and the dequantized fallback),
+//! causal prefill attention over the cache's rows, decode attention through selectors in both
+//! decode modes, and random-weight models end to end. `NEEDLE_SKIP_GPU_TESTS=1` skips them.
+#![cfg(feature = "wgpu")]
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+use std::sync::Mutex;
+
+use burn::backend::wgpu::WgpuDevice;
+use burn::tensor::{Tensor, TensorData};
+use needle_core::{GqaLayout, RowSource};
+use needle_loader::{Checkpoint, LlamaConfig};
+use needle_model::backend::plain;
+use needle_model::cube::{DecodeMode, WgpuCube, set_decode_mode};
+use needle_model::{Cpu, KvCache, Llama, NeedleBackend, QWeight, QuantType, argmax, selector_from_spec};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+type G = WgpuCube;
+
+/// The decode mode is process-wide: tests that decode hold this.
+static MODE: Mutex<()> = Mutex::new(());
+
+fn skip() -> bool {
+    let skip = std::env::var_os("NEEDLE_SKIP_GPU_TESTS").is_some_and(|v| v == "1");
+    if skip {
+        eprintln!("NEEDLE_SKIP_GPU_TESTS=1: skipped");
+    }
+    skip
+}
+
+fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn gpu<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<G, D> {
+    Tensor::from_data(TensorData::new(data, shape), &WgpuDevice::default())
+}
+
+/// A small model config of the Llama family: 2 layers, 6 query heads over 2 KV heads of 32.
+fn tiny() -> LlamaConfig {
+    let mut c = LlamaConfig::preset("smollm2-135m").unwrap();
+    c.vocab_size = 300;
+    c.hidden_size = 192;
+    c.intermediate_size = 256;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 6;
+    c.num_key_value_heads = 2;
+    c.head_dim = 32;
+    c
+}
+
+#[test]
+fn the_cube_arm_serves_burns_wgpu_type_and_keeps_weights_in_blocks() {
+    // `needle --device wgpu` runs `burn::backend::Wgpu`: with burn's `fusion` feature it would
+    // be another type, which this arm does not serve.
+    assert_eq!(std::any::TypeId::of::<burn::backend::Wgpu>(), std::any::TypeId::of::<G>());
+    assert!(<G as NeedleBackend>::fuses_linear());
+}
+
+#[test]
+fn quantized_linear_on_the_device_matches_the_dequantized_weight() {
+    if skip() {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(1);
+    for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_K] {
+        let ck = Checkpoint::random(&tiny(), ty, 11).unwrap();
+        // Random checkpoints come in these block types (Q4_1, the default model's, is covered by
+        // tests/wgpu_model.rs); q_proj carries llama.cpp's RoPE row order only in GGUF files.
+        for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"] {
+            let w = QWeight::from_raw(name, ck.tensor_blocks(name).unwrap().unwrap()).unwrap();
+            let (rows, cols) = (w.rows(), w.cols());
+            let deq = w.dequantize().unwrap();
+            for t in [1, 5] {
+                let x = rand_vec(&mut rng, t * cols);
+                let got = plain::to_vec(<G as NeedleBackend>::qlinear(gpu(x.clone(), [t, cols]), &w).unwrap()).unwrap();
+                assert_eq!(got.len(), t * rows);
+                for (i, xi) in x.chunks_exact(cols).enumerate() {
+                    for (r, wr) in deq.chunks_exact(cols).enumerate() {
+                        let want: f64 = wr.iter().zip(xi).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let mag: f64 = wr.iter().zip(xi).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                        let e = (got[i * rows + r] as f64 - want).abs();
+                        assert!(e <= 2e-6 * mag + 1e-6, "{ty:?} {name} t {t} token {i} row {r}: |Δ| {e:e}");
+                    }
+                }
+            }
+        }
+    }
+    // A wrong input width is an error naming the weight.
+    let w = QWeight::from_f32("w", &[0.0; 64], 2, 32).unwrap();
+    let err = <G as NeedleBackend>::qlinear(gpu(vec![0.0; 33], [1, 33]), &w).unwrap_err();
+    assert!(err.to_string().contains("input of w"), "{err}");
+}
+
+/// A cache of one layer holding `n` random rows, selectors of `spec` built.
+fn filled_cache(spec: &str, gqa: GqaLayout, d: usize, k: &[f32], v: &[f32]) -> KvCache {
+    let (f, sel) = selector_from_spec(spec).unwrap();
+    let mut cache = KvCache::new(1, gqa, d, f.as_ref(), sel).unwrap();
+    cache.append(0, k, v).unwrap();
+    cache
+}
+
+#[test]
+fn prefill_attention_on_the_device_matches_the_cpu_kernel() {
+    if skip() {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(2);
+    for (nq, nkv, d, n, t) in [(6, 2, 32, 90, 90), (6, 2, 32, 200, 37), (4, 4, 64, 50, 1), (8, 1, 16, 70, 9)] {
+        let gqa = GqaLayout::new(nq, nkv).unwrap();
+        let (k, v) = (rand_vec(&mut rng, n * nkv * d), rand_vec(&mut rng, n * nkv * d));
+        let q = rand_vec(&mut rng, t * nq * d);
+        let cache = filled_cache("full", gqa, d, &k, &v);
+        let scale = 0.3;
+        let want = plain::to_vec(
+            <Cpu as NeedleBackend>::paged_attention(
+                &cache,
+                0,
+                Tensor::from_data(TensorData::new(q.clone(), [t, nq, d]), &Default::default()),
+                scale,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let got = plain::to_vec(<G as NeedleBackend>::paged_attention(&cache, 0, gpu(q, [t, nq, d]), scale).unwrap())
+            .unwrap();
+        let e = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(e < 1e-5, "{nq}/{nkv} heads d {d} n {n} t {t}: max |Δ| {e}");
+    }
+}
+
+#[test]
+fn decode_attention_on_the_device_matches_the_host_in_both_modes() {
+    if skip() {
+        return;
+    }
+    let _mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = StdRng::seed_from_u64(3);
+    let (nq, nkv, d, n) = (6, 2, 32, 700);
+    let gqa = GqaLayout::new(nq, nkv).unwrap();
+    let (k, v) = (rand_vec(&mut rng, (n + 1) * nkv * d), rand_vec(&mut rng, (n + 1) * nkv * d));
+    let q = rand_vec(&mut rng, nq * d);
+    let row = nkv * d;
+    // Full attention (no dynamic part), a static part alone, a top-k selection, and weighted
+    // samples (log-weights).
+    for spec in ["full", "streaming:sinks=4,window=64", "oracle:k=40,sinks=4,window=64", "lsh-sample:sinks=4,window=64"]
+    {
+        let scale = 0.2;
+        let host = {
+            let mut c = filled_cache(spec, gqa, d, &k[..n * row], &v[..n * row]);
+            c.build(scale).unwrap();
+            c.append(0, &k[n * row..], &v[n * row..]).unwrap();
+            c.attend_decode(0, &q, scale).unwrap()
+        };
+        for mode in [DecodeMode::Hybrid, DecodeMode::Device] {
+            set_decode_mode(mode);
+            let mut c = filled_cache(spec, gqa, d, &k[..n * row], &v[..n * row]);
+            c.build(scale).unwrap();
+            c.append(0, &k[n * row..], &v[n * row..]).unwrap();
+            let got = plain::to_vec(
+                <G as NeedleBackend>::decode_attention(&mut c, 0, n, gpu(q.clone(), [1, nq, d]), scale).unwrap(),
+            )
+            .unwrap();
+            let e = got.iter().zip(&host).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(e < 2e-5, "{spec} {mode:?}: max |Δ| {e}");
+            if spec.starts_with("oracle") {
+                assert!(c.stats.keys_selected > 0, "{spec} {mode:?}: the host selected");
+            }
+        }
+    }
+    set_decode_mode(DecodeMode::Hybrid);
+}
+
+#[test]
+fn a_loaded_cache_is_mirrored_to_the_device_on_first_use() {
+    if skip() {
+        return;
+    }
+    let _mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
+    // The device mirror is rebuilt from the host rows whenever it is behind: a cache filled on
+    // the host (as a loaded context is) decodes on the device as on the host.
+    let mut rng = StdRng::seed_from_u64(4);
+    let (nq, nkv, d, n) = (4, 2, 64, 300);
+    let gqa = GqaLayout::new(nq, nkv).unwrap();
+    let row = nkv * d;
+    let (k, v) = (rand_vec(&mut rng, (n + 2) * row), rand_vec(&mut rng, (n + 2) * row));
+    let mut c = filled_cache("full", gqa, d, &k[..n * row], &v[..n * row]);
+    c.build(0.125).unwrap();
+    let mut outs = Vec::new();
+    for step in 0..2 {
+        let r = (n + step) * row..(n + step + 1) * row;
+        c.append(0, &k[r.clone()], &v[r]).unwrap();
+        let q = rand_vec(&mut rng, nq * d);
+        let got = plain::to_vec(
+            <G as NeedleBackend>::decode_attention(&mut c, 0, n + step, gpu(q.clone(), [1, nq, d]), 0.125).unwrap(),
+        )
+        .unwrap();
+        let ids: Vec<u32> = (0..(n + step + 1) as u32).collect();
+        for h in 0..nq {
+            let j = gqa.kv_head_of(h);
+            let p = needle_core::attention::attend::<f64>(
+                &q[h * d..(h + 1) * d],
+                c.keys(0, j) as &dyn RowSource,
+                c.values(0, j),
+                ids.iter().copied(),
+                0.125,
+            )
+            .unwrap();
+            for (a, b) in got[h * d..(h + 1) * d].iter().zip(&p.out) {
+                assert!((*a as f64 - b).abs() < 1e-5, "step {step} head {h}");
+            }
+        }
+        outs.push(got);
+    }
+    assert_ne!(outs[0], outs[1]);
+}
+
+/// Prefill (`step(cache, None)`), then 4 greedy decode steps: the logits of each.
+fn greedy_logits(step: &dyn Fn(&mut KvCache, Option<u32>) -> Vec<f32>, spec: &str) -> Vec<Vec<f32>> {
+    let (f, sel) = selector_from_spec(spec).unwrap();
+    let mut cache = KvCache::new(2, GqaLayout::new(6, 2).unwrap(), 32, f.as_ref(), sel).unwrap();
+    let mut out = vec![step(&mut cache, None)];
+    for _ in 0..4 {
+        let next = argmax(out.last().unwrap()).unwrap();
+        out.push(step(&mut cache, Some(next)));
+    }
+    out
+}
+
+#[test]
+fn random_weight_models_on_wgpu_match_the_cpu() {
+    if skip() {
+        return;
+    }
+    let _mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = tiny();
+    let prompt: Vec<u32> = (0..23).map(|i| (i * 37 % 300) as u32).collect();
+    for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_K] {
+        for mode in [DecodeMode::Hybrid, DecodeMode::Device] {
+            set_decode_mode(mode);
+            let cpu = Llama::<Cpu>::load_with(
+                &Checkpoint::random(&cfg, ty, 5).unwrap(),
+                &Default::default(),
+                &needle_model::LoadOptions { weights: needle_model::Weights::F32 },
+            )
+            .unwrap();
+            let dev = Llama::<G>::random(&cfg, ty, 5, &WgpuDevice::default()).unwrap();
+            for spec in ["full", "oracle:k=4,sinks=2,window=8"] {
+                let cpu_step = |c: &mut KvCache, t: Option<u32>| match t {
+                    None => cpu.prefill(&prompt, c, 7, &[prompt.len() - 1], &mut |_, _| {}).unwrap(),
+                    Some(t) => cpu.decode(t, c).unwrap(),
+                };
+                let dev_step = |c: &mut KvCache, t: Option<u32>| match t {
+                    None => dev.prefill(&prompt, c, 7, &[prompt.len() - 1], &mut |_, _| {}).unwrap(),
+                    Some(t) => dev.decode(t, c).unwrap(),
+                };
+                let want = greedy_logits(&cpu_step, spec);
+                let got = greedy_logits(&dev_step, spec);
+                let top = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+                let e =
+                    want.iter().flatten().zip(got.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                // Against the f32 CPU path only float rounding differs.
+                assert!(e <= 1e-4 * top.max(1.0), "{ty:?} {mode:?} {spec}: max |Δlogit| {e} (largest {top})");
+                for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+                    assert_eq!(argmax(a), argmax(b), "{ty:?} {mode:?} {spec}: top-1 at step {i}");
+                }
+            }
+        }
+    }
+    set_decode_mode(DecodeMode::Hybrid);
+}
+
+/// Times one layer's hybrid decode step against its two halves run alone: the device's static
+/// part (kernel, read back) and the host's selection + attention of the picked rows. Prints
+/// the medians; `hybrid < device + host` is overlap. Ignored (a timing, not a check): run with
+/// `cargo test -p needle-model --features wgpu --test wgpu_arms -- --ignored --nocapture overlap`.
+/// `NEEDLE_OVERLAP_ROWS` sets the context (default 32,768 rows).
+#[test]
+#[ignore]
+fn hybrid_decode_overlap() {
+    use needle_kernels_cubecl::{DecodeOptions, DeviceKv, decode_attention, wgpu_client};
+    use std::time::Instant;
+    let _mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
+    set_decode_mode(DecodeMode::Hybrid);
+    let n: usize = std::env::var("NEEDLE_OVERLAP_ROWS").ok().and_then(|s| s.parse().ok()).unwrap_or(32_768);
+    // One layer of Llama-3-8B's attention shape: 32 query heads over 8 KV heads of 128.
+    let (nq, nkv, d) = (32, 8, 128);
+    let gqa = GqaLayout::new(nq, nkv).unwrap();
+    let row = nkv * d;
+    let mut rng = StdRng::seed_from_u64(6);
+    let (k, v) = (rand_vec(&mut rng, (n + 1) * row), rand_vec(&mut rng, (n + 1) * row));
+    // The retrieval frame (128 sinks, 512 window) with an exact top-100 over the dynamic part:
+    // the host scans every dynamic key, as a flat index would.
+    let spec = "oracle:k=100,sinks=128,window=512";
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut c = filled_cache(spec, gqa, d, &k[..n * row], &v[..n * row]);
+    c.build(scale).unwrap();
+    c.append(0, &k[n * row..], &v[n * row..]).unwrap();
+    let statics: Vec<Vec<u32>> = (0..nkv).map(|j| c.static_part(0, j).static_ids(n + 1).collect()).collect();
+    let lists: Vec<&[u32]> = statics.iter().map(Vec::as_slice).collect();
+    let client = wgpu_client().unwrap();
+    let kv = DeviceKv::upload(&client, &k, &v, n + 1, nkv, d).unwrap();
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    let (mut dev, mut host, mut hybrid) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..12 {
+        let q = rand_vec(&mut rng, nq * d);
+        let t = Instant::now();
+        decode_attention(&client, &kv, &q, nq, &lists, None, scale, DecodeOptions::default()).unwrap();
+        let t_dev = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        c.decode_dynamic(0, &q, scale, true).unwrap();
+        let t_host = t.elapsed().as_secs_f64();
+        let qt = gpu(q, [1, nq, d]);
+        // The query is on the device before the clock starts, as after the q projection.
+        let qt = Tensor::<G, 3>::from_data(qt.into_data(), &WgpuDevice::default());
+        let t = Instant::now();
+        plain::to_vec(<G as NeedleBackend>::decode_attention(&mut c, 0, n, qt, scale).unwrap()).unwrap();
+        let t_hyb = t.elapsed().as_secs_f64();
+        // The first steps compile kernels and fill the device mirror.
+        if i >= 2 {
+            dev.push(t_dev);
+            host.push(t_host);
+            hybrid.push(t_hyb);
+        }
+    }
+    let (dv, hs, hy) = (median(dev), median(host), median(hybrid));
+    eprintln!(
+        "hybrid decode, one layer, {n} rows, 32q/8kv×128, {spec}: device static part alone {:.2} ms, \
+         host selection + retrieved rows alone {:.2} ms, sum {:.2} ms, hybrid step {:.2} ms (overlap saves {:.2} ms)",
+        dv * 1e3,
+        hs * 1e3,
+        (dv + hs) * 1e3,
+        hy * 1e3,
+        (dv + hs - hy) * 1e3
+    );
+}
