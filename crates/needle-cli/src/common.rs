@@ -22,9 +22,10 @@ pub struct ModelArgs {
     /// dequantizes every weight, the exact reference path for fidelity work.
     #[arg(long, value_enum, default_value_t = WeightsArg::Native)]
     pub weights: WeightsArg,
-    /// Precision of the KV cache's host pages: `f32` (exact, the default) or `f16` (half the
-    /// bytes). In `eval`, the pages the selectors decode from; the full-attention reference keeps
-    /// f32. With `generate --context`, the context's own.
+    /// Precision of the KV cache's pages: `f32` (exact, the default), `f16` (half the bytes) or
+    /// `q8` (8-bit with a scale per row: about a quarter). In `eval`, the pages the selectors
+    /// decode from; the full-attention reference keeps f32. With `generate --context`, the
+    /// context's own.
     #[arg(long)]
     pub kv: Option<KvDtype>,
     /// Memory budgets of the KV tiers, e.g. `host=4GiB,disk=100GiB`: past the host budget the

@@ -17,6 +17,8 @@ pub struct GroupScratch {
     bias: Vec<f32>,
     scores: Vec<f32>,
     out: Vec<f32>,
+    /// `q8` rows of the group dequantized: keys, then values.
+    wide: Vec<f32>,
 }
 
 /// Inner product of two slices (the shorter length wins): the one `dot` of needle, used by the
@@ -99,6 +101,17 @@ pub fn attend_group<'s>(
         }
         (KvDtype::F16, KvDtype::F16) => {
             let (k, v) = (gather(ids, keys, as_f16), gather(ids, values, as_f16));
+            needle_kernels_cpu::attend_rows(queries, &k, &v, bias, scale, &mut scratch.scores, out)
+        }
+        (KvDtype::Q8, KvDtype::Q8) => {
+            // The kernels read f32 or f16: the few rows a step attends are widened first.
+            let wide = &mut scratch.wide;
+            wide.clear();
+            for rows in [keys, values] {
+                ids.iter().for_each(|&id| rows.row(id as usize).extend_into(wide));
+            }
+            let (k, v) = wide.split_at(ids.len() * d);
+            let (k, v): (Vec<&[f32]>, Vec<&[f32]>) = (k.chunks_exact(d).collect(), v.chunks_exact(d).collect());
             needle_kernels_cpu::attend_rows(queries, &k, &v, bias, scale, &mut scratch.scores, out)
         }
         (k, v) => return Err(Error::invalid("keys/values", format!("keys stored as {k}, values as {v}"))),

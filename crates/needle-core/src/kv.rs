@@ -3,8 +3,9 @@
 //! Selectors and reference attention read rows through [`RowSource`], so they work the same
 //! over a contiguous slice ([`Rows`]) or over fixed-size pages ([`PagedRows`]) that a storage
 //! tier can move, spill or reload one page at a time. A row comes at its stored precision
-//! ([`Row`]: `f32` or `f16`, see [`KvDtype`]); readers that need `f32` convert it ([`Row::dot`],
-//! [`Row::extend_into`]), and the decode kernels read either precision directly.
+//! ([`Row`]: `f32`, `f16` or 8-bit with a scale per row, see [`KvDtype`]); readers that need
+//! `f32` convert it ([`Row::dot`], [`Row::extend_into`]); the decode kernels read `f32` and `f16`
+//! directly, 8-bit rows once dequantized.
 
 use std::str::FromStr;
 
@@ -23,15 +24,24 @@ pub enum KvDtype {
     F32,
     /// IEEE half precision: half the bytes; values beyond ±65504 are rejected on insert.
     F16,
+    /// 8-bit integers with one `f32` scale per row (its largest magnitude / 127): about a
+    /// quarter of the bytes, error at most half a step (`scale / 2`) per number.
+    Q8,
 }
 
 impl KvDtype {
-    /// Bytes per stored number.
+    /// Bytes per stored number (a `q8` row adds its 4-byte scale, see [`KvDtype::row_bytes`]).
     pub fn bytes(self) -> usize {
         match self {
             KvDtype::F32 => 4,
             KvDtype::F16 => 2,
+            KvDtype::Q8 => 1,
         }
+    }
+
+    /// Bytes of one stored row of `dim` numbers.
+    pub fn row_bytes(self, dim: usize) -> usize {
+        dim * self.bytes() + if self == KvDtype::Q8 { Q8_SCALE_BYTES } else { 0 }
     }
 
     /// The name `--kv` takes.
@@ -39,7 +49,24 @@ impl KvDtype {
         match self {
             KvDtype::F32 => "f32",
             KvDtype::F16 => "f16",
+            KvDtype::Q8 => "q8",
         }
+    }
+}
+
+/// A `q8` row is its scale (`f32`, little-endian) followed by its `dim` signed bytes.
+const Q8_SCALE_BYTES: usize = 4;
+
+/// `row` as a `q8` row into `out` (`row.len() + 4` bytes): scale = largest magnitude / 127,
+/// each number rounded to the nearest step.
+fn quantize_q8(row: &[f32], out: &mut [u8]) {
+    let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = max / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let (head, body) = out.split_at_mut(Q8_SCALE_BYTES);
+    head.copy_from_slice(&scale.to_le_bytes());
+    for (o, &x) in body.iter_mut().zip(row) {
+        *o = ((x * inv).round().clamp(-127.0, 127.0) as i8) as u8;
     }
 }
 
@@ -55,7 +82,8 @@ impl FromStr for KvDtype {
         match s.to_ascii_lowercase().as_str() {
             "f32" => Ok(KvDtype::F32),
             "f16" => Ok(KvDtype::F16),
-            _ => Err(Error::invalid("kv", format!("unknown KV precision `{s}` (expected f32 or f16)"))),
+            "q8" => Ok(KvDtype::Q8),
+            _ => Err(Error::invalid("kv", format!("unknown KV precision `{s}` (expected f32, f16 or q8)"))),
         }
     }
 }
@@ -67,6 +95,8 @@ pub enum Row<'a> {
     F32(&'a [f32]),
     /// Stored as `f16`.
     F16(&'a [f16]),
+    /// Stored as `q8`: the scale's 4 bytes, then one signed byte per number.
+    Q8(&'a [u8]),
 }
 
 impl<'a> From<&'a [f32]> for Row<'a> {
@@ -87,7 +117,14 @@ impl Row<'_> {
         match self {
             Row::F32(r) => r.len(),
             Row::F16(r) => r.len(),
+            Row::Q8(r) => r.len().saturating_sub(Q8_SCALE_BYTES),
         }
+    }
+
+    /// The scale and the signed bytes of a `q8` row.
+    fn q8_parts(r: &[u8]) -> (f32, &[u8]) {
+        let (head, body) = r.split_at(Q8_SCALE_BYTES.min(r.len()));
+        (head.try_into().map_or(0.0, f32::from_le_bytes), body)
     }
 
     /// True for a row of no numbers.
@@ -100,6 +137,10 @@ impl Row<'_> {
         match self {
             Row::F32(r) => r[j],
             Row::F16(r) => r[j].to_f32(),
+            Row::Q8(r) => {
+                let (scale, q) = Self::q8_parts(r);
+                scale * f32::from(q[j] as i8)
+            }
         }
     }
 
@@ -124,6 +165,10 @@ impl Row<'_> {
                 }
                 acc
             }
+            Row::Q8(r) => {
+                let (scale, body) = Self::q8_parts(r);
+                scale * q.iter().zip(body).map(|(&x, &b)| x * f32::from(b as i8)).sum::<f32>()
+            }
         }
     }
 
@@ -135,6 +180,10 @@ impl Row<'_> {
                 let start = out.len();
                 out.resize(start + r.len(), 0.0);
                 r.convert_to_f32_slice(&mut out[start..]);
+            }
+            Row::Q8(r) => {
+                let (scale, body) = Self::q8_parts(r);
+                out.extend(body.iter().map(|&b| scale * f32::from(b as i8)));
             }
         }
     }
@@ -234,6 +283,8 @@ pub enum Pages {
     F32(Vec<PageBuf<f32>>),
     /// `f16` pages.
     F16(Vec<PageBuf<f16>>),
+    /// `q8` pages: rows of [`KvDtype::row_bytes`] bytes.
+    Q8(Vec<PageBuf<u8>>),
 }
 
 impl Pages {
@@ -242,6 +293,7 @@ impl Pages {
         match self {
             Pages::F32(p) => p.len(),
             Pages::F16(p) => p.len(),
+            Pages::Q8(p) => p.len(),
         }
     }
 
@@ -250,6 +302,16 @@ impl Pages {
         match self {
             Pages::F32(p) => p.get(i).is_some_and(PageBuf::is_host),
             Pages::F16(p) => p.get(i).is_some_and(PageBuf::is_host),
+            Pages::Q8(p) => p.get(i).is_some_and(PageBuf::is_host),
+        }
+    }
+
+    /// The precision the pages hold.
+    pub fn dtype(&self) -> KvDtype {
+        match self {
+            Pages::F32(_) => KvDtype::F32,
+            Pages::F16(_) => KvDtype::F16,
+            Pages::Q8(_) => KvDtype::Q8,
         }
     }
 }
@@ -271,6 +333,7 @@ impl PagedRows {
         let pages = match dtype {
             KvDtype::F32 => Pages::F32(Vec::new()),
             KvDtype::F16 => Pages::F16(Vec::new()),
+            KvDtype::Q8 => Pages::Q8(Vec::new()),
         };
         Ok(Self { dim, page_size, pages, len: 0 })
     }
@@ -278,6 +341,12 @@ impl PagedRows {
     /// Rows per page.
     pub fn page_size(&self) -> usize {
         self.page_size
+    }
+
+    /// Page elements per row: the numbers of a row, or the bytes of a `q8` row.
+    pub fn stride(&self) -> usize {
+        let dtype = self.pages.dtype();
+        dtype.row_bytes(self.dim) / dtype.bytes()
     }
 
     /// The pages; the last one may be partly filled (see [`RowSource::len`]).
@@ -317,6 +386,15 @@ impl PagedRows {
                 page.make_host();
                 page.host_mut().ok_or_else(missing)?[span].convert_from_f32_slice(row);
             }
+            Pages::Q8(pages) => {
+                let rb = KvDtype::Q8.row_bytes(d);
+                if slot == 0 {
+                    pages.push(PageBuf::host(vec![0u8; ps * rb].into_boxed_slice()));
+                }
+                let page = pages.last_mut().ok_or_else(missing)?;
+                page.make_host();
+                quantize_q8(row, &mut page.host_mut().ok_or_else(missing)?[slot * rb..(slot + 1) * rb]);
+            }
         }
         self.len += 1;
         Ok(id)
@@ -355,6 +433,7 @@ impl PagedRows {
             match &mut self.pages {
                 Pages::F32(p) => p.truncate(keep),
                 Pages::F16(p) => p.truncate(keep),
+                Pages::Q8(p) => p.truncate(keep),
             }
         }
     }
@@ -366,7 +445,7 @@ impl PagedRows {
 
     /// Bytes of one page.
     pub fn page_bytes(&self) -> usize {
-        self.page_size * self.dim * self.dtype().bytes()
+        self.page_size * self.dtype().row_bytes(self.dim)
     }
 
     /// Bytes held in RAM (the host tier), counting whole pages.
@@ -389,6 +468,7 @@ impl PagedRows {
         match &mut self.pages {
             Pages::F32(p) => p[i] = spill.store(&p[i]).map_err(err)?,
             Pages::F16(p) => p[i] = spill.store(&p[i]).map_err(err)?,
+            Pages::Q8(p) => p[i] = spill.store(&p[i]).map_err(err)?,
         }
         Ok(true)
     }
@@ -397,13 +477,15 @@ impl PagedRows {
     /// numbers in pages of `page_size` rows, every page full but the last, which may hold only
     /// its rows. A partly filled last page is copied into RAM (appending writes to it).
     pub fn from_pages(dim: usize, page_size: usize, mut pages: Pages, len: usize) -> Result<Self> {
-        let mut rows = Self::with_dtype(dim, page_size, KvDtype::F32)?;
-        let (count, per_page) = (pages.count(), page_size * dim);
+        let mut rows = Self::with_dtype(dim, page_size, pages.dtype())?;
+        let stride = rows.stride();
+        let (count, per_page) = (pages.count(), page_size * stride);
         let last_rows = len - len.saturating_sub(1) / page_size * page_size;
-        let fits = |i: usize, n: usize| n == per_page || (i + 1 == count && n == last_rows * dim);
+        let fits = |i: usize, n: usize| n == per_page || (i + 1 == count && n == last_rows * stride);
         let sizes_ok = match &pages {
             Pages::F32(p) => p.iter().enumerate().all(|(i, b)| fits(i, b.len())),
             Pages::F16(p) => p.iter().enumerate().all(|(i, b)| fits(i, b.len())),
+            Pages::Q8(p) => p.iter().enumerate().all(|(i, b)| fits(i, b.len())),
         };
         if count != len.div_ceil(page_size) || !sizes_ok {
             return Err(Error::invalid(
@@ -423,6 +505,7 @@ impl PagedRows {
         match &mut pages {
             Pages::F32(p) => pad(p, per_page),
             Pages::F16(p) => pad(p, per_page),
+            Pages::Q8(p) => pad(p, per_page),
         }
         rows.pages = pages;
         rows.len = len;
@@ -438,18 +521,16 @@ impl RowSource for PagedRows {
         self.len
     }
     fn dtype(&self) -> KvDtype {
-        match self.pages {
-            Pages::F32(_) => KvDtype::F32,
-            Pages::F16(_) => KvDtype::F16,
-        }
+        self.pages.dtype()
     }
     fn row(&self, i: usize) -> Row<'_> {
         assert!(i < self.len, "row {i} out of range ({} rows)", self.len);
-        let (p, s) = (i / self.page_size, i % self.page_size);
-        let span = s * self.dim..(s + 1) * self.dim;
+        let (p, s, stride) = (i / self.page_size, i % self.page_size, self.stride());
+        let span = s * stride..(s + 1) * stride;
         match &self.pages {
             Pages::F32(pages) => Row::F32(&pages[p][span]),
             Pages::F16(pages) => Row::F16(&pages[p][span]),
+            Pages::Q8(pages) => Row::Q8(&pages[p][span]),
         }
     }
 }
@@ -519,9 +600,41 @@ mod tests {
     }
 
     #[test]
+    fn q8_rows_hold_each_number_within_half_a_step_and_read_back_alike_every_way() {
+        let mut p = PagedRows::with_dtype(37, 4, KvDtype::Q8).unwrap();
+        let rows: Vec<Vec<f32>> = (0..9)
+            .map(|r| (0..37).map(|j| ((r * 37 + j) as f32 * 0.731).sin() * (r as f32 + 0.5) * 40.0).collect())
+            .collect();
+        let zero = vec![0.0f32; 37];
+        for r in rows.iter().chain([&zero]) {
+            p.push(r).unwrap();
+        }
+        assert_eq!((p.dtype(), p.pages().count(), p.bytes()), (KvDtype::Q8, 3, 3 * 4 * (37 + 4)));
+        assert_eq!((p.stride(), p.row(0).len()), (41, 37));
+        let q: Vec<f32> = (0..37).map(|j| (j as f32 * 0.3).cos()).collect();
+        for (i, r) in rows.iter().enumerate() {
+            let got = p.row(i).to_vec();
+            let step = r.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+            for (j, (a, b)) in got.iter().zip(r).enumerate() {
+                assert!((a - b).abs() <= step * 0.5 * (1.0 + 1e-5), "row {i} col {j}: {a} vs {b}, step {step}");
+                assert_eq!(p.row(i).get(j), *a);
+            }
+            let exact: f64 = got.iter().zip(&q).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+            assert!((f64::from(p.row(i).dot(&q)) - exact).abs() < 1e-3 * exact.abs().max(1.0), "row {i}");
+        }
+        assert_eq!(p.row(9).to_vec(), zero, "an all-zero row has scale 0 and reads back as zeros");
+        let wide = p.to_dtype(KvDtype::F32).unwrap();
+        assert!((0..10).all(|i| wide.row(i).to_vec() == p.row(i).to_vec()), "q8 → f32 is exact");
+        let back = wide.to_dtype(KvDtype::Q8).unwrap();
+        assert!((0..10).all(|i| back.row(i).to_vec() == p.row(i).to_vec()), "and back again");
+        assert_eq!("Q8".parse::<KvDtype>().unwrap(), KvDtype::Q8);
+        assert_eq!(KvDtype::Q8.to_string(), "q8");
+    }
+
+    #[test]
     fn spilled_pages_read_as_before_and_a_truncated_spilled_page_is_written_in_ram() {
         let dir = tempfile::tempdir().unwrap();
-        for dtype in [KvDtype::F32, KvDtype::F16] {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8] {
             let row = |i: usize| -> Vec<f32> { (0..5).map(|j| ((i * 5 + j) as f32 * 0.37).sin()).collect() };
             let mut p = PagedRows::with_dtype(5, 4, dtype).unwrap();
             (0..11).for_each(|i| assert_eq!(p.push(&row(i)).unwrap(), i as u32));
@@ -566,5 +679,10 @@ mod tests {
         {
             assert!(PagedRows::from_pages(2, 4, Pages::F32(pages), len).is_err());
         }
+        // q8 pages hold rows of 2 + 4 bytes.
+        let bytes = |n: usize| PageBuf::host(vec![0u8; n].into_boxed_slice());
+        let p = PagedRows::from_pages(2, 4, Pages::Q8(vec![bytes(24), bytes(6)]), 5).unwrap();
+        assert_eq!((p.dtype(), p.len(), p.row(4).to_vec()), (KvDtype::Q8, 5, vec![0.0, 0.0]));
+        assert!(PagedRows::from_pages(2, 4, Pages::Q8(vec![bytes(8), bytes(2)]), 5).is_err(), "f32-sized");
     }
 }

@@ -13,13 +13,14 @@ proptest! {
         window in 0usize..64,
         seed in any::<u64>(),
         weighted in any::<bool>(),
-        half in any::<bool>(),
+        precision in 0usize..3,
     ) {
         use rand::{Rng, SeedableRng, rngs::StdRng};
         let d = 16;
         let mut rng = StdRng::seed_from_u64(seed);
-        // f16 pages are read as f16 by the kernel and widened exactly by the reference.
-        let kv = if half { KvDtype::F16 } else { KvDtype::F32 };
+        // f16 pages are read as f16 by the kernel and q8 rows widened first; the reference
+        // widens the same stored rows exactly.
+        let kv = [KvDtype::F32, KvDtype::F16, KvDtype::Q8][precision];
         let mut keys = PagedRows::with_dtype(d, 32, kv).unwrap();
         let mut values = PagedRows::with_dtype(d, 32, kv).unwrap();
         for _ in 0..n {

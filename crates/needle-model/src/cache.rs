@@ -820,9 +820,9 @@ fn section(kind: &str, layer: usize, kv_head: usize) -> String {
 
 /// Writes the stored rows of `rows` page by page (the last page only as far as it is filled).
 fn write_rows(w: &mut ContextWriter, name: &str, rows: &PagedRows) -> Result<()> {
-    let (n, dim, ps) = (rows.len(), rows.dim(), rows.page_size());
-    let page_bytes = ps * dim * rows.dtype().bytes();
-    let filled = |i: usize| (n - i * ps).min(ps) * dim;
+    let (n, stride, ps) = (rows.len(), rows.stride(), rows.page_size());
+    let page_bytes = rows.page_bytes();
+    let filled = |i: usize| (n - i * ps).min(ps) * stride;
     match rows.pages() {
         Pages::F32(p) => w.paged_section(
             name,
@@ -834,6 +834,7 @@ fn write_rows(w: &mut ContextWriter, name: &str, rows: &PagedRows) -> Result<()>
             page_bytes,
             p.iter().enumerate().map(|(i, pg)| bytemuck::cast_slice(&pg[..filled(i)])),
         )?,
+        Pages::Q8(p) => w.paged_section(name, page_bytes, p.iter().enumerate().map(|(i, pg)| &pg[..filled(i)]))?,
     }
     Ok(())
 }
@@ -845,6 +846,7 @@ fn read_rows(r: &ContextReader, name: &str, rows: &mut PagedRows, len: usize) ->
     let pages = match rows.dtype() {
         KvDtype::F32 => Pages::F32(r.mapped_pages(name)?),
         KvDtype::F16 => Pages::F16(r.mapped_pages(name)?),
+        KvDtype::Q8 => Pages::Q8(r.mapped_pages(name)?),
     };
     *rows = PagedRows::from_pages(dim, ps, pages, len).map_err(|e| corrupt(r, name, e.to_string()))?;
     Ok(())

@@ -61,7 +61,7 @@ fn f32_linear_matches_matmul_and_dispatch_picks_flex() {
 
 #[test]
 fn paged_prefill_attention_matches_burn_attention_across_chunks_at_each_kv_precision() {
-    for kv in [KvDtype::F32, KvDtype::F16] {
+    for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Q8] {
         let mut rng = StdRng::seed_from_u64(9);
         let (gqa, d) = (GqaLayout::new(6, 2).unwrap(), 16);
         let (factory, mut sel) = selector_from_spec("full").unwrap();

@@ -70,6 +70,7 @@ fn a_loaded_context_continues_exactly_as_the_saved_cache() {
         ("retrieval:sinks=16,window=64,k=32", KvDtype::F32),
         ("quest:sinks=16,window=64,k=64", KvDtype::F16),
         ("full", KvDtype::F16),
+        ("quest:sinks=16,window=64,k=64", KvDtype::Q8),
     ] {
         save_then_compare(spec, kv, dir.path());
     }
