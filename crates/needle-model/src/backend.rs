@@ -89,6 +89,7 @@ pub(crate) fn cast<S: 'static, T: 'static>(s: S) -> std::result::Result<T, S> {
 }
 
 /// True when `B` is served by the CubeCL arm (features `wgpu`, `cuda`).
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(clippy::extra_unused_type_parameters))]
 fn cube_arm<B: 'static>() -> bool {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     return crate::cube::is_cube::<B>();

@@ -114,6 +114,7 @@ pub struct DynamicPart {
 /// Backend state kept beside the cache (the CubeCL arm's device copy of the KV rows): not
 /// saved, not forked; a backend rebuilds it from the host rows when it is missing or behind.
 #[derive(Default)]
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))] // read by the CubeCL arm only
 pub(crate) struct DeviceSlot(pub(crate) std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>);
 
 /// Below this many cached rows in a layer (all KV heads), decode attention runs on one thread.
@@ -171,6 +172,7 @@ pub struct KvCache {
     retain_training: bool,
     trace: Option<QueryTrace>,
     tiers: Option<Tiers>,
+    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))] // read by the CubeCL arm only
     pub(crate) device: DeviceSlot,
     /// Decode cost so far.
     pub stats: DecodeStats,

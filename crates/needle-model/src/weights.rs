@@ -55,6 +55,7 @@ pub struct QWeight {
     rope_heads: Option<usize>,
     /// A device copy made by a GPU arm of `NeedleBackend` on first use, shared by clones (the
     /// tied embedding and output head upload once).
+    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))] // read by the CubeCL arm only
     device: Arc<std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
@@ -136,11 +137,13 @@ impl QWeight {
     }
 
     /// Heads whose rows are stored in llama.cpp's RoPE order (de-interleaved on output), if any.
+    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))] // read by the CubeCL arm only
     pub(crate) fn rope_heads(&self) -> Option<usize> {
         self.rope_heads
     }
 
     /// The slot a GPU arm keeps this weight's device copy in.
+    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))] // read by the CubeCL arm only
     pub(crate) fn device_slot(&self) -> &std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>> {
         &self.device
     }
