@@ -324,13 +324,6 @@ pub mod flex {
                     let (kw, vw): (Vec<&CachePages>, Vec<&CachePages>) = (kw.iter().collect(), vw.iter().collect());
                     prefill_typed(qs, &kw, &vw, as_f32, shape, &mut out, n - t, nh, scale, layouts)
                 }
-                Some(CachePages::Q8(_)) => {
-                    // The prefill kernels read f32 or f16: this layer's q8 pages are widened
-                    // for the chunk.
-                    let (kw, vw) = (widen_q8(&kp, d), widen_q8(&vp, d));
-                    let (kw, vw): (Vec<&CachePages>, Vec<&CachePages>) = (kw.iter().collect(), vw.iter().collect());
-                    prefill_typed(qs, &kw, &vw, as_f32, shape, &mut out, n - t, nh, scale, layouts)
-                }
                 _ => prefill_typed(qs, &kp, &vp, as_f32, shape, &mut out, n - t, nh, scale, layouts),
             }
             .map_err(|e| Error::kernel("prefill attention", e))
@@ -432,20 +425,6 @@ fn prefill_typed<'a, T: KvElem + bytemuck::Pod>(
 
 fn as_f32(p: &CachePages) -> &[PageBuf<f32>] {
     if let CachePages::F32(v) = p { v } else { &[] }
-}
-
-/// `q8` pages (rows of `dim` numbers) as `f32` pages of the same rows.
-fn widen_q8(heads: &[&CachePages], dim: usize) -> Vec<CachePages> {
-    let stride = needle_core::KvDtype::Q8.row_bytes(dim);
-    let widen = |page: &PageBuf<u8>| -> PageBuf<f32> {
-        let mut rows = Vec::with_capacity(page.len() / stride * dim);
-        page.chunks_exact(stride).for_each(|r| needle_core::Row::Q8(r).extend_into(&mut rows));
-        PageBuf::host(rows.into_boxed_slice())
-    };
-    heads
-        .iter()
-        .map(|p| CachePages::F32(if let CachePages::Q8(v) = p { v.iter().map(widen).collect() } else { Vec::new() }))
-        .collect()
 }
 
 /// `q8` pages (rows of `dim` numbers) as `f32` pages of the same rows.
