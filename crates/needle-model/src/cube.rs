@@ -176,7 +176,7 @@ enum DeviceWeight<R: CubeRuntime> {
     /// The GGUF blocks, rows in Hugging Face order.
     Blocks(DeviceQMatrix),
     /// Dequantized and transposed, `[cols, rows]` f32 (types the GEMV kernel lacks).
-    Dense(CubeTensor<R>),
+    Dense(Box<CubeTensor<R>>),
 }
 
 /// `w` on `like`'s device: from its slot, else uploaded (and kept there).
@@ -218,13 +218,13 @@ fn upload_weight<R: CubeRuntime>(like: &CubeTensor<R>, w: &QWeight) -> Result<De
             }
             let h = upload(&like.client, &t);
             let shape = Shape::from([cols, rows]);
-            Ok(DeviceWeight::Dense(CubeTensor::new_contiguous(
+            Ok(DeviceWeight::Dense(Box::new(CubeTensor::new_contiguous(
                 like.client.clone(),
                 like.device.clone(),
                 shape,
                 h,
                 DType::F32,
-            )))
+            ))))
         }
     }
 }
@@ -260,7 +260,7 @@ fn qlinear_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
         }
         DeviceWeight::Dense(wt) => {
             let x = Tensor::<Cb<R, I, BT>, 2>::from_primitive(TensorPrimitive::Float(xp));
-            Ok(x.matmul(Tensor::from_primitive(TensorPrimitive::Float(wt.clone()))))
+            Ok(x.matmul(Tensor::from_primitive(TensorPrimitive::Float((**wt).clone()))))
         }
     }
 }
