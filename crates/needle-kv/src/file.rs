@@ -17,7 +17,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{Error, Result};
@@ -290,6 +290,15 @@ impl ContextReader {
                     reason: format!("checksum mismatch in page {i} of {}", e.checks.len()),
                 });
             }
+        }
+        // Checking read the whole section; drop this process's mapping of it (the pages stay in
+        // the page cache and are mapped again when read), so a loaded context counts against
+        // RAM only for what is read afterwards.
+        // SAFETY: a read-only map of a file: dropped pages are read again from the file.
+        if let Err(err) =
+            unsafe { self.map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.offset as usize, bytes.len()) }
+        {
+            tracing::debug!("madvise(DONTNEED) on {} section `{}`: {err}", self.path.display(), e.name);
         }
         Ok(bytes)
     }

@@ -762,6 +762,10 @@ impl KvCache {
                     Err(e) => return Err(e.into()),
                 }
             }
+            // Writing read this layer's spilled pages through their maps: let them go.
+            if let Some(tiers) = &self.tiers {
+                tiers.spill.release();
+            }
             progress(layer + 1, self.heads.len());
         }
         Ok(())
