@@ -116,6 +116,9 @@ fn killed_saves_leave_a_complete_file() {
     w.section("tag", &[0]).unwrap();
     w.paged_section("body", 4, [&[0u8; 4][..]]).unwrap();
     w.finish().unwrap();
+    let names = || -> Vec<String> {
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    };
     let mut rng = StdRng::seed_from_u64(5);
     for _ in 0..12 {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
@@ -124,6 +127,13 @@ fn killed_saves_leave_a_complete_file() {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // Kill only once the child is saving (its temporary file exists): on a loaded machine
+        // it may take longer to start than the random delay.
+        let own = format!(".ctx.needle.{}.tmp", child.id());
+        let started = std::time::Instant::now();
+        while !names().contains(&own) && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         std::thread::sleep(Duration::from_millis(rng.random_range(5..120)));
         child.kill().unwrap();
         child.wait().unwrap();
@@ -133,9 +143,6 @@ fn killed_saves_leave_a_complete_file() {
         assert!(body.iter().all(|&b| b == tag), "a complete save of tag {tag}");
     }
     // The killed children left their temporary files; the next save removes them.
-    let names = || -> Vec<String> {
-        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
-    };
     assert!(names().len() > 1, "killed saves leave temporaries: {:?}", names());
     let mut w = ContextWriter::create(&path, true).unwrap();
     w.section("tag", &[1]).unwrap();
