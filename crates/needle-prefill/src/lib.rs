@@ -10,6 +10,7 @@
 //! | `vertical-slash[:block=64,last_q=64,vertical=512,slash=512,local=2]` | MInference: the top vertical keys and slash offsets of the last queries' attention ([`VerticalSlash`]) |
 //! | `flex[:gamma=0.9,tau=0.1,block=64,local=2]` | FlexPrefill: per head query-aware (pooled blocks) or vertical-slash by Jensen–Shannon divergence, cumulative attention budget `gamma` ([`Flex`]) |
 //! | `anchor[:theta=8,stride=32,block=64,local=2]` | AnchorAttention: key blocks holding a stripe within `theta` of the anchor (best score over the sinks and the diagonal block) ([`Anchor`]) |
+//! | `sale[:tau=0.005,stride=16,group=32,block=64,local=2]` | SALE: 4-bit estimate of `Q·Kᵀ` (every `stride`-th query, a scale per `group` values); key blocks whose estimated mass reaches `tau` of the sinks-and-window mass for a scored query ([`Sale`]) |
 //!
 //! Whatever the pattern, the first block (sinks), the local window (`local` blocks: the diagonal
 //! one and the one before it by default, so that the first queries of a block keep their
@@ -33,10 +34,12 @@ use needle_core::{Error, Result};
 mod anchor;
 pub mod estimate;
 mod flex;
+mod sale;
 mod vertical_slash;
 
 pub use anchor::Anchor;
 pub use flex::Flex;
+pub use sale::Sale;
 pub use vertical_slash::VerticalSlash;
 
 /// The pattern names [`parse`] knows, with a line on each.
@@ -48,6 +51,10 @@ pub const PATTERNS: &[(&str, &str)] = &[
     ),
     ("flex", "FlexPrefill: query-aware or vertical-slash per head by JS divergence (gamma, tau, block)"),
     ("anchor", "AnchorAttention: blocks with a stripe within theta of the sink/diagonal anchor (theta, stride, block)"),
+    (
+        "sale",
+        "SALE: 4-bit Q·K estimate, blocks whose mass reaches tau of the sink/window mass (tau, stride, group, block)",
+    ),
 ];
 
 /// `name[:key=value,...]` split, options in order.
@@ -83,6 +90,7 @@ pub fn parse(spec: &str) -> Result<PrefillSpec> {
         "vertical-slash" => &["block", "last_q", "vertical", "slash", "local"],
         "flex" => &["gamma", "tau", "block", "local"],
         "anchor" => &["theta", "stride", "block", "local"],
+        "sale" => &["tau", "stride", "group", "block", "local"],
         _ => {
             let names: Vec<&str> = PATTERNS.iter().map(|p| p.0).collect();
             return Err(Error::invalid("prefill", format!("unknown pattern `{name}`; valid: {}", names.join(", "))));
@@ -115,6 +123,25 @@ pub fn parse(spec: &str) -> Result<PrefillSpec> {
                 return Err(Error::invalid("anchor option `theta`/`stride`", "theta must be ≥ 0 and stride ≥ 1"));
             }
             Box::new(a)
+        }
+        "sale" => {
+            let d = Sale::default();
+            let s = Sale {
+                tau: opt(&name, &opts, "tau", d.tau)?,
+                stride: opt(&name, &opts, "stride", d.stride)?,
+                group: opt(&name, &opts, "group", d.group)?,
+                block: opt(&name, &opts, "block", d.block)?,
+                local: opt(&name, &opts, "local", d.local)?,
+            };
+            if !(s.tau >= 0.0 && s.tau.is_finite()) {
+                return Err(Error::invalid("sale option `tau`", format!("{} is not a finite number ≥ 0", s.tau)));
+            }
+            for (key, v) in [("stride", s.stride), ("group", s.group)] {
+                if v == 0 {
+                    return Err(Error::invalid(format!("sale option `{key}`"), "must be at least 1"));
+                }
+            }
+            Box::new(s)
         }
         _ => {
             let d = Flex::default();
@@ -168,8 +195,33 @@ mod tests {
         );
         assert_eq!(parse("flex:gamma=0.95,tau=0.2").unwrap().describe(), "flex:gamma=0.95,tau=0.2,block=64,local=2");
         assert_eq!(parse("anchor:theta=4").unwrap().describe(), "anchor:theta=4,stride=32,block=64,local=2");
+        assert_eq!(parse("sale").unwrap().describe(), "sale:tau=0.005,stride=16,group=32,block=64,local=2");
+        assert_eq!(
+            parse("SALE:group=64, tau=0.02,local=3").unwrap().describe(),
+            "sale:tau=0.02,stride=16,group=64,block=64,local=3"
+        );
         let (a, b) = (parse("flex").unwrap().pattern().unwrap(), parse("flex:gamma=0.9").unwrap().pattern().unwrap());
         assert!(std::ptr::addr_eq(a, b), "one object per distinct pattern");
+    }
+
+    #[test]
+    fn descriptions_parse_back_to_the_same_pattern() {
+        for spec in [
+            "vertical-slash:slash=100",
+            "flex:gamma=0.95",
+            "anchor:theta=2.5,local=1",
+            "sale",
+            "sale:tau=0.0125,stride=8,group=16,block=128,local=1",
+            "sale:tau=0",
+        ] {
+            let p = parse(spec).unwrap();
+            let again = parse(&p.describe()).unwrap();
+            assert_eq!(again.describe(), p.describe(), "{spec}");
+            assert!(std::ptr::addr_eq(p.pattern().unwrap(), again.pattern().unwrap()), "{spec}");
+        }
+        let names: Vec<&str> = PATTERNS.iter().map(|p| p.0).collect();
+        assert_eq!(names, ["dense", "vertical-slash", "flex", "anchor", "sale"]);
+        assert!(parse("nope").unwrap_err().to_string().contains("sale"), "the error lists sale");
     }
 
     #[test]
@@ -186,6 +238,15 @@ mod tests {
             ("dense:block=64", "dense option `block`"),
             ("flex:local=0", "flex option `local`"),
             ("flex:gamma", "prefill option `gamma`"),
+            ("sale:tau=-0.1", "sale option `tau`"),
+            ("sale:tau=inf", "sale option `tau`"),
+            ("sale:tau=NaN", "sale option `tau`"),
+            ("sale:stride=0", "sale option `stride`"),
+            ("sale:group=0", "sale option `group`"),
+            ("sale:group=-1", "sale option `group`"),
+            ("sale:bits=4", "sale option `bits`"),
+            ("sale:block=0", "sale option `block`"),
+            ("sale:local=0", "sale option `local`"),
         ] {
             let e = parse(spec).unwrap_err();
             assert!(matches!(&e, Error::InvalidParameter { name, .. } if name == names), "{spec}: {e}");

@@ -91,6 +91,26 @@ fn anchor_finds_the_planted_stripes_and_grows_with_theta() {
 }
 
 #[test]
+fn sale_finds_the_planted_line_and_diagonal_and_grows_as_tau_falls() {
+    // The sink scores as the vertical line does: relative to it, the line's and the slash's
+    // blocks score about 1. Random keys score ±2.2 (scaled logits) against the line's 12.5: a
+    // random block holds from a few thousandths to a few hundredths of the sink's mass, so the
+    // default tau (0.005) keeps most of them, as it should for attention that flat.
+    for seed in [5, 6] {
+        let m = mask_with("sale:tau=0.1", seed, true);
+        for qb in 8..15 {
+            let kb = m.key_blocks(qb);
+            let diag = (qb * 64 - SLASH) / 64;
+            assert!(kb.contains(&3) && kb.contains(&(diag as u32)), "seed {seed}, block {qb}: {kb:?}");
+            assert!(kb.len() <= 7, "seed {seed}, block {qb}: {kb:?}");
+        }
+    }
+    let density = |s: &str| mask_with(s, 5, true).density();
+    let (few, mid, all) = (density("sale:tau=0.5"), density("sale:tau=0.1"), density("sale:tau=0"));
+    assert!(few.0 <= mid.0 && mid.0 < all.0 && all.0 == all.1, "{few:?} {mid:?} {all:?}");
+}
+
+#[test]
 fn flex_keeps_the_planted_blocks_and_grows_with_gamma() {
     let m = mask("flex:gamma=0.9", 3);
     for qb in 8..15 {
