@@ -38,11 +38,16 @@ pub struct ModelArgs {
     #[arg(long)]
     pub kv_spill_dir: Option<PathBuf>,
     /// Prefill attention: `dense` (the default) or a sparse pattern (`vertical-slash[:…]`,
-    /// `flex[:gamma=0.9,…]`; see needle-prefill). The sinks, the local window and each chunk's
-    /// last query block stay dense. In `eval`, patterns separated by `;`, each compared against
-    /// dense prefill.
+    /// `flex[:gamma=0.9,…]`, `anchor[:theta=8,…]`, `sale[:tau=0.005,…]`; see needle-prefill).
+    /// The sinks, the local window and the prompt's last query block stay dense. In `eval`,
+    /// patterns separated by `;`, each compared against dense prefill.
     #[arg(long, default_value = "dense")]
     pub prefill: String,
+    /// Build every selector after the prefill instead of starting each layer's on a background
+    /// thread as soon as the prompt has passed that layer (the default; the same selectors
+    /// either way). Timing the two apart is what this is for.
+    #[arg(long)]
+    pub build_after_prefill: bool,
 }
 
 impl ModelArgs {
@@ -301,7 +306,9 @@ pub fn new_cache<B: Backend>(model: &Llama<B>, spec: &str, args: &ModelArgs) -> 
     sel.kv = args.kv_dtype();
     sel.prefill = args.prefill_spec()?;
     let cfg = model.config();
-    Ok(KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?)
+    let mut cache = KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?;
+    cache.set_build_during_prefill(!args.build_after_prefill);
+    Ok(cache)
 }
 
 /// Writes a file that must not exist yet: results a user already has are never overwritten.

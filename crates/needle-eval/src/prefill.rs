@@ -263,7 +263,7 @@ mod tests {
                 .collect()
         };
         let (k, v, q) = (rand(n * 3 * d), rand(n * 3 * d), rand(t * 9 * d));
-        let specs = parse_patterns("dense;vertical-slash:vertical=64,slash=64;anchor").unwrap();
+        let specs = parse_patterns("dense;vertical-slash:vertical=64,slash=64;anchor;sale").unwrap();
         for (name, prefill) in specs {
             let config = SelectionConfig { prefill, ..SelectionConfig::default() };
             let mut cache = KvCache::new(1, gqa, d, &FullSelector, config).unwrap();

@@ -22,7 +22,8 @@ use crate::error::{Error, Result};
 ///
 /// Before a prefill, call [`KvCache::plan_training`] with the prompt length so that only a
 /// strided sample of prefill queries is kept as the selectors' training queries (without it
-/// every position's queries are kept).
+/// every position's queries are kept), and so that each layer's selectors start building in the
+/// background once the prompt has passed it ([`KvCache::set_build_during_prefill`]).
 ///
 /// Runs on [`NeedleBackend`] ops, which every backend has: on the CPU backend the tensors are
 /// read in place and prefill attention reads the cache's pages without copying them.
@@ -54,5 +55,7 @@ pub fn cached_attention<B: Backend>(
     if cache.wants_queries(layer) {
         B::with_host(q.clone(), |qs| cache.observe_queries(layer, pos0, qs))?;
     }
-    B::paged_attention(cache, layer, q, scale)
+    let out = B::paged_attention(cache, layer, q, scale)?;
+    cache.layer_prefilled(layer, scale)?;
+    Ok(out)
 }

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use needle_kv::{ContextReader, ContextWriter, SpillFile, TierBudget};
 
+use crate::background::Worker;
 use crate::error::{Error, Result};
 
 /// Rows per KV page (the unit a storage tier moves).
@@ -70,9 +71,13 @@ pub struct DecodeStats {
     /// Wall time inserting the tokens that leave the window into the selectors (decode).
     #[serde(serialize_with = "secs")]
     pub insert_time: Duration,
-    /// Wall time building selectors after prefill.
+    /// Wall time building selectors after prefill: what prefill's caller waits for.
     #[serde(serialize_with = "secs")]
     pub build_time: Duration,
+    /// Time the background builder spent on layers during prefill (overlapped with the forward
+    /// passes of later layers; see [`KvCache::set_build_during_prefill`]).
+    #[serde(serialize_with = "secs")]
+    pub build_background_time: Duration,
     /// What the selectors' builds reported, summed over heads (vectors, training queries, bytes).
     pub build: BuildStats,
     /// KV pages (keys and values counted apart) that decode attention read from the disk tier,
@@ -160,6 +165,42 @@ struct Tiers {
     warned: bool,
 }
 
+/// A layer's heads handed to the background builder, with the build's scale and whether to keep
+/// the training queries.
+struct EarlyBuild {
+    layer: usize,
+    row: Vec<HeadCache>,
+    scale: f32,
+    retain: bool,
+}
+
+/// What the background builder gives back: the layer's heads (always, built or not), its build
+/// and the time it took.
+type EarlyBuilt = (usize, Vec<HeadCache>, Result<BuildStats>, Duration);
+
+/// Builds one head's selector over its keys and training queries, dropping the queries unless
+/// `retain`.
+fn build_head(layer: usize, kv_head: usize, h: &mut HeadCache, scale: f32, retain: bool) -> Result<BuildStats> {
+    let ctx = BuildContext { head: HeadId { layer, kv_head }, keys: &h.keys, train_queries: &h.train_queries, scale };
+    let stats = h.selector.build(&ctx)?;
+    if !retain {
+        h.train_queries = Vec::new();
+    }
+    Ok(stats)
+}
+
+impl EarlyBuild {
+    fn run(mut self) -> EarlyBuilt {
+        let t0 = Instant::now();
+        let (layer, scale, retain) = (self.layer, self.scale, self.retain);
+        let stats = self.row.iter_mut().enumerate().try_fold(BuildStats::default(), |mut acc, (j, h)| {
+            acc += build_head(layer, j, h, scale, retain)?;
+            Ok(acc)
+        });
+        (self.layer, self.row, stats, t0.elapsed())
+    }
+}
+
 /// KV cache plus selectors for one sequence.
 pub struct KvCache {
     heads: Vec<Vec<HeadCache>>,
@@ -172,6 +213,10 @@ pub struct KvCache {
     retain_training: bool,
     trace: Option<QueryTrace>,
     tiers: Option<Tiers>,
+    /// Whether layers start building as soon as prefill is done with them.
+    early_build: bool,
+    /// The background builder holding those layers until [`KvCache::build`].
+    builder: Option<Worker<EarlyBuild, EarlyBuilt>>,
     #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))] // read by the CubeCL arm only
     pub(crate) device: DeviceSlot,
     /// Decode cost so far.
@@ -232,9 +277,46 @@ impl KvCache {
             retain_training: false,
             trace: None,
             tiers: None,
+            early_build: true,
+            builder: None,
             device: DeviceSlot::default(),
             stats: DecodeStats::default(),
         })
+    }
+
+    /// Whether a layer's selectors start building on a background thread as soon as the
+    /// planned prompt ([`KvCache::plan_training`]) has passed that layer, while later layers
+    /// compute (on by default), or all after the prefill. The built selectors are the same
+    /// either way. Not under a host budget ([`KvCache::set_kv_budget`]): the budget needs every
+    /// layer's pages at hand.
+    pub fn set_build_during_prefill(&mut self, on: bool) {
+        self.early_build = on;
+    }
+
+    /// Called once a forward pass has attended `layer` (by [`crate::cached_attention`]): when
+    /// that pass ended the planned prompt, the layer's keys and training queries are final and
+    /// its heads go to the background builder until [`KvCache::build`]. The last layer stays:
+    /// nothing computes after it for a build to overlap.
+    pub(crate) fn layer_prefilled(&mut self, layer: usize, scale: f32) -> Result<()> {
+        if self.built
+            || !self.early_build
+            || self.tiers.is_some()
+            || layer + 1 >= self.heads.len()
+            || self.heads[layer].is_empty()
+            || self.prompt_end != Some(self.heads[layer][0].keys.len())
+        {
+            return Ok(());
+        }
+        if self.builder.is_none() {
+            let worker = Worker::spawn("needle-build", EarlyBuild::run)
+                .map_err(|e| Error::State(format!("starting the background index builder: {e}")))?;
+            self.builder = Some(worker);
+        }
+        let row = std::mem::take(&mut self.heads[layer]);
+        if let Some(b) = &self.builder {
+            b.submit(EarlyBuild { layer, row, scale, retain: self.retain_training });
+        }
+        Ok(())
     }
 
     /// Holds the KV pages in RAM to `budget.host` bytes: past it, the pages decode read least
@@ -372,6 +454,8 @@ impl KvCache {
                 decode: vec![Vec::new(); t.layers.len()],
             }),
             tiers: None,
+            early_build: self.early_build,
+            builder: None,
             device: DeviceSlot::default(),
             stats: DecodeStats::default(),
         };
@@ -436,9 +520,10 @@ impl KvCache {
         self.heads.len()
     }
 
-    /// Tokens held.
+    /// Tokens held. Read off the last layer, which fills last and never goes to the background
+    /// builder.
     pub fn len(&self) -> usize {
-        self.heads.first().and_then(|l| l.first()).map_or(0, |h| h.keys.len())
+        self.heads.last().and_then(|l| l.first()).map_or(0, |h| h.keys.len())
     }
 
     /// True when empty.
@@ -560,34 +645,50 @@ impl KvCache {
     }
 
     /// Builds every selector from the prefilled keys and sampled queries (parallel over heads).
+    /// Layers the background builder took during prefill come back built; those it had not
+    /// started are built here with the rest.
     pub fn build(&mut self, scale: f32) -> Result<()> {
         let start = Instant::now();
+        let mut early = BuildStats::default();
+        let mut first_err = None;
+        // Layers the background builder finished; the pass below builds the rest.
+        let mut ready = vec![false; self.heads.len()];
+        if let Some(builder) = self.builder.take() {
+            let (left, done) = builder.finish().ok_or_else(|| {
+                Error::State("the background index builder panicked; this cache's selectors are lost".into())
+            })?;
+            for (layer, row, stats, took) in done {
+                self.heads[layer] = row;
+                ready[layer] = true;
+                self.stats.build_background_time += took;
+                match stats {
+                    Ok(s) => early += s,
+                    Err(e) => first_err = first_err.or(Some(e)),
+                }
+            }
+            for job in left {
+                self.heads[job.layer] = job.row;
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
         let budget = self.config.budget;
         budget.validate(self.len())?;
-        let retain = self.retain_training;
+        let (retain, ready) = (self.retain_training, &ready);
         let per_head: Vec<BuildStats> = self
             .heads
             .par_iter_mut()
             .enumerate()
+            .filter(|(layer, _)| !ready[*layer])
             .flat_map(|(layer, row)| {
-                row.par_iter_mut().enumerate().map(move |(kv_head, h)| -> Result<BuildStats> {
-                    let ctx = BuildContext {
-                        head: HeadId { layer, kv_head },
-                        keys: &h.keys,
-                        train_queries: &h.train_queries,
-                        scale,
-                    };
-                    let stats = h.selector.build(&ctx)?;
-                    if !retain {
-                        h.train_queries = Vec::new();
-                    }
-                    Ok(stats)
-                })
+                row.par_iter_mut().enumerate().map(move |(kv_head, h)| build_head(layer, kv_head, h, scale, retain))
             })
             .collect::<Result<_>>()?;
         for s in per_head {
             self.stats.build += s;
         }
+        self.stats.build += early;
         self.built = true;
         self.stats.build_time += start.elapsed();
         Ok(())

@@ -38,6 +38,7 @@
 
 mod attention;
 pub mod backend;
+mod background;
 mod cache;
 pub mod context;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]

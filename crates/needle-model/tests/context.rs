@@ -76,6 +76,39 @@ fn a_loaded_context_continues_exactly_as_the_saved_cache() {
     }
 }
 
+#[test]
+fn building_during_prefill_gives_the_selectors_a_build_after_prefill_gives() {
+    let r = common::native();
+    let doc = text_tokens(700);
+    let question = r.tok.encode(" Question: what passes stone 14? Answer:", false).unwrap();
+    let layers = r.model.config().num_hidden_layers;
+    for spec in ["retrieval:sinks=16,window=64,k=32", "quest:sinks=16,window=64,k=64"] {
+        let run = |early: bool| {
+            let mut cache = new_cache(spec, KvDtype::F32);
+            cache.set_build_during_prefill(early);
+            r.model.prefill(&doc, &mut cache, 256, &[doc.len() - 1], &mut |_, _| {}).unwrap();
+            let background = cache.stats.build_background_time;
+            let b = cache.stats.build;
+            let build = (b.vectors, b.train_queries, b.bytes);
+            let (ids, rows) = ask(&mut cache, &question, 6);
+            let picked: Vec<Vec<u32>> = (0..layers)
+                .flat_map(|l| (0..cache.gqa().n_kv_heads).map(move |j| (l, j)))
+                .map(|(l, j)| cache.last_selection(l, j).ids.clone())
+                .collect();
+            (background, build, ids, rows, picked)
+        };
+        let (bg_after, build_after, ids_after, rows_after, picked_after) = run(false);
+        let (bg_early, build_early, ids_early, rows_early, picked_early) = run(true);
+        assert_eq!(bg_after, std::time::Duration::ZERO, "{spec}: nothing builds in the background when off");
+        assert!(bg_early > std::time::Duration::ZERO, "{spec}: layers built in the background during the last chunk");
+        assert_eq!(build_early, build_after, "{spec}: the same builds, summed over heads");
+        assert!(picked_after.iter().any(|p| !p.is_empty()), "{spec}: the selectors picked keys");
+        assert_eq!(picked_early, picked_after, "{spec}: every head picks the same keys");
+        assert_eq!(ids_early, ids_after, "{spec}: greedy tokens");
+        assert_eq!(rows_early, rows_after, "{spec}: logits are bit-identical");
+    }
+}
+
 /// Top-k by group score plus a bias towards the mean training query: built from training
 /// queries, with no saved state (the default `save_state`), so loading rebuilds it from the
 /// training queries the file keeps.
