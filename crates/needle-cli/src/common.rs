@@ -39,7 +39,7 @@ pub struct ModelArgs {
     pub kv_spill_dir: Option<PathBuf>,
     /// Prefill attention: `dense` (the default) or a sparse pattern (`vertical-slash[:…]`,
     /// `flex[:gamma=0.9,…]`, `anchor[:theta=8,…]`, `sale[:tau=0.005,…]`; see needle-prefill).
-    /// The sinks, the local window and the prompt's last query block stay dense. In `eval`,
+    /// The sinks, the local window and the prompt's last 64 (one block of) queries stay dense. In `eval`,
     /// patterns separated by `;`, each compared against dense prefill.
     #[arg(long, default_value = "dense")]
     pub prefill: String,

@@ -9,9 +9,11 @@
 //! attends to. [`plan_chunk`] then adds what is always attended, whatever the pattern says:
 //! - the first block (attention sinks),
 //! - the local window: the diagonal block and the [`PrefillPattern::local_blocks`]` − 1` before it,
-//! - every key block for the prompt's last query block (the block holding its last position, whose
-//!   output the next token is read from), in the chunk that holds it. When the prompt's length is
-//!   not known ([`PrefillChunk::prompt_end`] is `None`) every chunk's last query block is dense.
+//! - every key block for the query blocks holding the prompt's last [`PrefillPattern::block`]
+//!   positions (the tokens whose attention shapes the first decode step: the question at the end
+//!   of a long document), in whichever chunks hold them: a whole block's worth of queries even
+//!   when the prompt ends a few tokens into a block. When the prompt's length is not known
+//!   ([`PrefillChunk::prompt_end`] is `None`) every chunk's last block's worth is dense.
 //!
 //! The engine computes block-sparse causal attention over exactly those blocks
 //! (`needle_kernels_cpu::sparse_prefill`, fed [`BlockMask::layout`]). One mask serves the KV
@@ -149,16 +151,16 @@ impl BlockMask {
         (kept, self.query_blocks().map(|qb| qb + 1).sum())
     }
 
-    /// Sorts and dedups every list, adds what is always attended (see the module docs; `dense` is
-    /// the query block made dense, if any) and builds the kernel's form.
-    fn finish(&mut self, local_blocks: usize, dense: Option<usize>) {
+    /// Sorts and dedups every list, adds what is always attended (see the module docs; `dense` are
+    /// the query blocks made dense) and builds the kernel's form.
+    fn finish(&mut self, local_blocks: usize, dense: Range<usize>) {
         for qb in self.query_blocks() {
             self.add(qb, 0);
             for kb in qb.saturating_sub(local_blocks.max(1) - 1)..=qb {
                 self.add(qb, kb);
             }
         }
-        if let Some(qb) = dense {
+        for qb in dense {
             self.add_all(qb);
         }
         self.offsets = vec![0];
@@ -192,7 +194,7 @@ pub trait PrefillPattern: Send + Sync + fmt::Debug {
     }
 
     /// Marks in `mask` (empty, over the chunk's query blocks) the key blocks each query block
-    /// should attend to. The sinks, the local window and the prompt's last query block are added
+    /// should attend to. The sinks, the local window and the prompt's last block of queries are added
     /// afterwards ([`plan_chunk`]), so a pattern need not mark them.
     fn choose(&self, chunk: &PrefillChunk<'_>, mask: &mut BlockMask) -> Result<()>;
 }
@@ -203,14 +205,13 @@ pub fn plan_chunk(pattern: &dyn PrefillPattern, chunk: &PrefillChunk<'_>) -> Res
     chunk.check()?;
     let mut mask = BlockMask::new(pattern.block(), chunk.pos0, chunk.t())?;
     pattern.choose(chunk, &mut mask)?;
-    // The prompt's last position when this chunk holds it, or the chunk's own last one when the
-    // prompt's end is not known.
-    let end = chunk.pos0 + chunk.t();
-    let last = match chunk.prompt_end {
-        None => Some(end - 1),
-        Some(p) => (p > chunk.pos0 && p <= end).then(|| p - 1),
-    };
-    mask.finish(pattern.local_blocks(), last.map(|p| p / mask.block));
+    // The prompt's last `block` positions that fall in this chunk (the chunk's own last ones when
+    // the prompt's end is not known), and the query blocks holding them.
+    let (b, end) = (mask.block, chunk.pos0 + chunk.t());
+    let tail_end = chunk.prompt_end.unwrap_or(end);
+    let (lo, hi) = (tail_end.saturating_sub(b).max(chunk.pos0), tail_end.min(end));
+    let dense = if lo < hi { lo / b..(hi - 1) / b + 1 } else { 0..0 };
+    mask.finish(pattern.local_blocks(), dense);
     Ok(mask)
 }
 
@@ -298,21 +299,32 @@ mod tests {
         let mask = plan_chunk(&Nothing(64, 2), &chunk).unwrap();
         assert_eq!(mask.query_blocks(), 4..11);
         assert_eq!(mask.key_blocks(4), [0, 3, 4]);
-        assert_eq!(mask.key_blocks(9), [0, 8, 9]);
+        assert_eq!(mask.key_blocks(8), [0, 7, 8]);
+        // The chunk's last 64 positions, 636..700, lie in blocks 9 and 10: both dense.
+        assert_eq!(mask.key_blocks(9), (0..=9).collect::<Vec<u32>>());
         assert_eq!(mask.key_blocks(10), (0..=10).collect::<Vec<u32>>());
-        assert_eq!(mask.density(), (3 * 6 + 11, (5..=11).sum()));
+        assert_eq!(mask.density(), (3 * 5 + 10 + 11, (5..=11).sum()));
         let l = mask.layout();
         assert_eq!((l.block, l.first, l.offsets.len()), (64, 4, 8));
         let one = plan_chunk(&Nothing(64, 1), &chunk).unwrap();
         assert_eq!(one.key_blocks(5), [0, 5]);
-        // A chunk before the prompt's last one has no dense block; the last chunk's dense block
-        // is the one holding the prompt's last position.
-        let early = plan_chunk(&Nothing(64, 1), &PrefillChunk { prompt_end: Some(2000), ..chunk.clone() }).unwrap();
+        // A chunk well before the prompt's end has no dense block.
+        let with_end = |p: usize| plan_chunk(&Nothing(64, 1), &PrefillChunk { prompt_end: Some(p), ..chunk.clone() });
+        let early = with_end(2000).unwrap();
         assert_eq!(early.key_blocks(10), [0, 10]);
         assert_eq!(early.density(), (2 * 7, (5..=11).sum()));
-        let last = plan_chunk(&Nothing(64, 1), &PrefillChunk { prompt_end: Some(600), ..chunk.clone() }).unwrap();
-        assert_eq!(last.key_blocks(9), (0..=9).collect::<Vec<u32>>(), "position 599 is in block 9");
+        // The prompt's last 64 positions, 536..600, are in blocks 8 and 9; block 10 is past the end.
+        let last = with_end(600).unwrap();
+        assert_eq!(last.key_blocks(7), [0, 7]);
+        assert_eq!(last.key_blocks(8), (0..=8).collect::<Vec<u32>>());
+        assert_eq!(last.key_blocks(9), (0..=9).collect::<Vec<u32>>());
         assert_eq!(last.key_blocks(10), [0, 10]);
+        // A prompt ending 4 tokens into the next chunk: this chunk holds 640..700 of its last 64
+        // positions (640..704), so its block 10 is dense — a 4-token final chunk alone would leave
+        // the question before it sparse.
+        let straddle = with_end(704).unwrap();
+        assert_eq!(straddle.key_blocks(9), [0, 9]);
+        assert_eq!(straddle.key_blocks(10), (0..=10).collect::<Vec<u32>>());
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //!
 //! Whatever the pattern, the first block (sinks), the local window (`local` blocks: the diagonal
 //! one and the one before it by default, so that the first queries of a block keep their
-//! context) and the prompt's last query block are attended ([`needle_core::prefill::plan_chunk`]).
+//! context) and the prompt's last block's worth of queries are attended ([`needle_core::prefill::plan_chunk`]).
 //!
 //! ```
 //! let spec = needle_prefill::parse("flex:gamma=0.95")?;
