@@ -28,15 +28,11 @@
 //! candidate block's scan stops once one row reaches `tau`. The exact attention reads all
 //! `block` queries, in `f32`, twice (`Q·Kᵀ` and `P·V`). The paper estimates every query on
 //! 4-bit tensor cores; the stride keeps the estimate well below the attention's cost on CPUs,
-//! where integer and float dot products run at about the same speed. (Measured on the 2-core
-//! development machine, loaded, test profile: the full estimate for one KV head (3 query heads)
-//! of a 2,048-query chunk at 32K, nothing selected so no early stop, took 0.7–0.9 s; the dense
-//! attention of such a chunk took 67.5 s for 3 KV heads, about 22 s a KV head, in
-//! `docs/benchmarks.md` §11.)
+//! where integer and float dot products run at about the same speed. Its cost and fidelity on
+//! the real model are in `docs/benchmarks.md` §11.
 //!
 //! `tau = 0.005` by default: a skipped block held under 0.5 % of the sinks-and-window mass for
-//! every scored query. Not yet measured on a model; on flat (random) attention it keeps nearly
-//! every block, as it should.
+//! every scored query. On flat (random) attention it keeps nearly every block, as it should.
 
 use needle_core::Result;
 use needle_core::prefill::{BlockMask, PrefillChunk, PrefillPattern};
