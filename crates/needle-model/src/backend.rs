@@ -221,28 +221,16 @@ pub mod flex {
 
     /// [`NeedleBackend::qlinear`] with [`QMatrix::gemm`](needle_kernels_cpu::QMatrix::gemm).
     pub fn qlinear(x: Tensor<Flex, 2>, w: &QWeight) -> Result<Tensor<Flex, 2>> {
-        let [t, cols] = x.dims();
-        if cols != w.cols() {
-            return Err(Error::Shape {
-                tensor: format!("input of {}", w.name()),
-                expected: vec![t, w.cols()],
-                got: vec![t, cols],
-            });
-        }
+        let [t, _] = x.dims();
+        w.check_input(x.dims())?;
         let y = read_host(&x, |xs| w.forward(xs, t))??;
         Ok(from_vec(y, [t, w.rows()]))
     }
 
     /// [`NeedleBackend::qlinear_many`] with [`QWeight::forward_many`].
     pub fn qlinear_many(x: Tensor<Flex, 2>, ws: &[&QWeight]) -> Result<Vec<Tensor<Flex, 2>>> {
-        let [t, cols] = x.dims();
-        if let Some(w) = ws.iter().find(|w| w.cols() != cols) {
-            return Err(Error::Shape {
-                tensor: format!("input of {}", w.name()),
-                expected: vec![t, w.cols()],
-                got: vec![t, cols],
-            });
-        }
+        let [t, _] = x.dims();
+        ws.iter().try_for_each(|w| w.check_input(x.dims()))?;
         let ys = read_host(&x, |xs| QWeight::forward_many(ws, xs, t))??;
         Ok(ys.into_iter().zip(ws).map(|(y, w)| from_vec(y, [t, w.rows()])).collect())
     }

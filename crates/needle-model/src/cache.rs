@@ -165,14 +165,8 @@ struct Tiers {
     warned: bool,
 }
 
-/// A layer's heads handed to the background builder, with the build's scale and whether to keep
-/// the training queries.
-struct EarlyBuild {
-    layer: usize,
-    row: Vec<HeadCache>,
-    scale: f32,
-    retain: bool,
-}
+/// A layer's heads handed to the background builder.
+type EarlyBuild = (usize, Vec<HeadCache>);
 
 /// What the background builder gives back: the layer's heads (always, built or not), its build
 /// and the time it took.
@@ -187,18 +181,6 @@ fn build_head(layer: usize, kv_head: usize, h: &mut HeadCache, scale: f32, retai
         h.train_queries = Vec::new();
     }
     Ok(stats)
-}
-
-impl EarlyBuild {
-    fn run(mut self) -> EarlyBuilt {
-        let t0 = Instant::now();
-        let (layer, scale, retain) = (self.layer, self.scale, self.retain);
-        let stats = self.row.iter_mut().enumerate().try_fold(BuildStats::default(), |mut acc, (j, h)| {
-            acc += build_head(layer, j, h, scale, retain)?;
-            Ok(acc)
-        });
-        (self.layer, self.row, stats, t0.elapsed())
-    }
 }
 
 /// KV cache plus selectors for one sequence.
@@ -308,13 +290,22 @@ impl KvCache {
             return Ok(());
         }
         if self.builder.is_none() {
-            let worker = Worker::spawn("needle-build", EarlyBuild::run)
+            let retain = self.retain_training;
+            let run = move |(layer, mut row): EarlyBuild| -> EarlyBuilt {
+                let t0 = Instant::now();
+                let stats = row.iter_mut().enumerate().try_fold(BuildStats::default(), |mut acc, (j, h)| {
+                    acc += build_head(layer, j, h, scale, retain)?;
+                    Ok(acc)
+                });
+                (layer, row, stats, t0.elapsed())
+            };
+            let worker = Worker::spawn("needle-build", run)
                 .map_err(|e| Error::State(format!("starting the background index builder: {e}")))?;
             self.builder = Some(worker);
         }
         let row = std::mem::take(&mut self.heads[layer]);
         if let Some(b) = &self.builder {
-            b.submit(EarlyBuild { layer, row, scale, retain: self.retain_training });
+            b.submit((layer, row));
         }
         Ok(())
     }
@@ -666,8 +657,8 @@ impl KvCache {
                     Err(e) => first_err = first_err.or(Some(e)),
                 }
             }
-            for job in left {
-                self.heads[job.layer] = job.row;
+            for (layer, row) in left {
+                self.heads[layer] = row;
             }
         }
         if let Some(e) = first_err {

@@ -243,14 +243,8 @@ fn qlinear_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     x: Tensor<Cb<R, I, BT>, 2>,
     w: &QWeight,
 ) -> Result<Tensor<Cb<R, I, BT>, 2>> {
-    let [t, cols] = x.dims();
-    if cols != w.cols() {
-        return Err(Error::Shape {
-            tensor: format!("input of {}", w.name()),
-            expected: vec![t, w.cols()],
-            got: vec![t, cols],
-        });
-    }
+    let [t, _] = x.dims();
+    w.check_input(x.dims())?;
     let xp = primitive(x);
     match &*device_weight(&xp, w)? {
         DeviceWeight::Blocks(m) => {

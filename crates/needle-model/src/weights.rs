@@ -131,6 +131,18 @@ impl QWeight {
         self.cols
     }
 
+    /// Checks that an input of `[t, cols]` fits this weight's in features, naming the weight.
+    pub fn check_input(&self, [t, cols]: [usize; 2]) -> Result<()> {
+        if cols == self.cols {
+            return Ok(());
+        }
+        Err(Error::Shape {
+            tensor: format!("input of {}", self.name),
+            expected: vec![t, self.cols],
+            got: vec![t, cols],
+        })
+    }
+
     /// Bytes of the weight as stored.
     pub fn bytes(&self) -> usize {
         self.store.bytes().len()
