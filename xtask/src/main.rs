@@ -2,8 +2,8 @@
 //!
 //! - `ci`: rustfmt check, clippy (warnings are errors), fetch the model, the workspace tests,
 //!   the kernel crate's aarch64 (NEON) tests under qemu where the cross tools are installed, and
-//!   the downstream example crates, `kernels-cubecl`'s fmt check and tests on wgpu (lavapipe),
-//!   needle-model's CubeCL arm on wgpu (its ops against the CPU references and the default model
+//!   the downstream example crates, `kernels-cubecl`'s tests and needle-model's CubeCL arm on wgpu
+//!   (lavapipe) in one cargo run (its ops against the CPU references and the default model
 //!   against the CPU path), and the CUDA test bundle (built, not run). `.ci/run` runs exactly this.
 //! - `fetch-model`: puts the verified SmolLM2 GGUF and the default document in the cache (see
 //!   `needle-fetch`).
@@ -83,20 +83,19 @@ fn example_crates(root: &Path) -> Vec<PathBuf> {
 fn ci() -> Result<()> {
     let root = root();
     cargo(&["fmt", "--all", "--check"], &root)?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"], &root)?;
+    // The default members: the CPU build. `kernels-cubecl`'s clippy is `test-gpu`'s (a clippy
+    // pass over the cubecl/wgpu stack is minutes of a cold run).
+    cargo(&["clippy", "--all-targets", "--locked", "--", "-D", "warnings"], &root)?;
     fetch_model()?;
-    cargo(&["test", "--workspace", "--locked"], &root)?;
+    cargo(&["test", "--locked"], &root)?;
     aarch64_tests(&root)?;
-    // The CubeCL kernels (their own workspace, kept out of the CPU build) on wgpu over Mesa's
-    // software Vulkan; .ci/run installs it. Their clippy pass is `test-gpu`'s: it would build a
-    // second set of cubecl artifacts, minutes of a cold CI run.
-    let kc = root.join("kernels-cubecl");
-    cargo(&["fmt", "--check"], &kc)?;
-    cargo(&["test", "--locked"], &kc)?;
-    // The CubeCL arm of needle-model's backend on wgpu (lavapipe): each op against the CPU
-    // reference, and the default model against the CPU path (tokens and logits).
-    let arm = ["test", "-p", "needle-model", "--features", "wgpu", "--locked", "--lib", "--test", "wgpu_arms"];
-    cargo(&[&arm[..], &["--test", "wgpu_model"]].concat(), &root)?;
+    // The CubeCL kernels and the CubeCL arm of needle-model's backend on wgpu over Mesa's
+    // software Vulkan (.ci/run installs it), in one cargo run so the cubecl/wgpu stack is built
+    // once: every kernel against f64 references, each arm op against the CPU reference, and the
+    // default model against the CPU path (tokens and logits).
+    let gpu = ["-p", "needle-kernels-cubecl", "-p", "needle-model", "--features", "needle-model/wgpu", "--locked"];
+    let targets = ["--lib", "--test", "gpu", "--test", "wgpu_arms", "--test", "wgpu_model"];
+    cargo(&[&["test"][..], &gpu, &targets].concat(), &root)?;
     // No GPU here: the CUDA bundle must still build.
     test_gpu(&["--build-only".into()])?;
     for ex in example_crates(&root) {
@@ -148,25 +147,26 @@ fn aarch64_tests(root: &Path) -> Result<()> {
 /// bundle instead (test binaries and `run.sh`; the machine that runs it needs the CUDA driver,
 /// not Rust), for a GPU machine without a toolchain or network.
 fn test_gpu(args: &[String]) -> Result<()> {
-    let kc = root().join("kernels-cubecl");
-    let cuda = ["--locked", "--no-default-features", "--features", "cuda"];
+    let root = root();
+    let kc = ["-p", "needle-kernels-cubecl", "--locked"];
+    let cuda = [&kc[..], &["--no-default-features", "--features", "cuda"]].concat();
     if !args.iter().any(|a| a == "--build-only") {
-        for features in [&["--locked"][..], &cuda] {
-            cargo(&[&["clippy", "--all-targets"][..], features, &["--", "-D", "warnings"]].concat(), &kc)?;
+        for features in [&kc[..], &cuda] {
+            cargo(&[&["clippy", "--all-targets"][..], features, &["--", "-D", "warnings"]].concat(), &root)?;
         }
         for feature in ["wgpu", "cuda"] {
             let args = ["clippy", "-p", "needle-model", "--all-targets", "--locked", "--features", feature];
-            cargo(&[&args[..], &["--", "-D", "warnings"]].concat(), &root())?;
+            cargo(&[&args[..], &["--", "-D", "warnings"]].concat(), &root)?;
         }
-        return cargo(&[&["test"][..], &cuda].concat(), &kc);
+        return cargo(&[&["test"][..], &cuda].concat(), &root);
     }
     let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1));
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let out = out.map_or_else(|| target.join("gpu-bundle"), PathBuf::from);
     let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = Command::new(cargo_bin)
         .args([&["test", "--no-run", "--message-format=json"][..], &cuda].concat())
-        .current_dir(&kc)
+        .current_dir(&root)
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("running cargo test --no-run")?;
