@@ -41,6 +41,7 @@ pub mod backend;
 mod background;
 mod cache;
 pub mod context;
+pub mod decode;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod cube;
 mod error;
