@@ -9,11 +9,11 @@
 
 use std::str::FromStr;
 
-use half::f16;
-use half::slice::HalfFloatSliceExt;
 use crate::error::{Error, Result, check_finite, check_len};
 use crate::kit::dot;
 use crate::page::{PageBuf, PageSpill};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// Precision of stored key and value rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, serde::Serialize, serde::Deserialize)]

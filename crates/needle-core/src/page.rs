@@ -67,9 +67,7 @@ impl<T: bytemuck::Pod> PageBuf<T> {
     pub fn mapped(map: Arc<dyn PageBytes>, offset: usize, len: usize) -> Result<Self> {
         let bytes = map.bytes();
         let range = len.checked_mul(size_of::<T>()).and_then(|b| Some(offset..offset.checked_add(b)?));
-        let ok = range
-            .and_then(|r| bytes.get(r))
-            .is_some_and(|b| bytemuck::try_cast_slice::<u8, T>(b).is_ok());
+        let ok = range.and_then(|r| bytes.get(r)).is_some_and(|b| bytemuck::try_cast_slice::<u8, T>(b).is_ok());
         if !ok {
             return Err(Error::invalid(
                 "page",

@@ -115,5 +115,10 @@ fn as_f16(r: Row<'_>) -> &[half::f16] {
 /// `mask` as the block-sparse prefill kernel reads it (valid once
 /// [`plan_chunk`](needle_core::prefill::plan_chunk) has finished it).
 pub(crate) fn block_layout(mask: &BlockMask) -> BlockLayout<'_> {
-    BlockLayout { block: mask.block(), first: mask.query_blocks().start, offsets: mask.offsets(), blocks: mask.blocks() }
+    BlockLayout {
+        block: mask.block(),
+        first: mask.query_blocks().start,
+        offsets: mask.offsets(),
+        blocks: mask.blocks(),
+    }
 }

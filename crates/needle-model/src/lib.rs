@@ -41,9 +41,9 @@ pub mod backend;
 mod background;
 mod cache;
 pub mod context;
-pub mod decode;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod cube;
+pub mod decode;
 mod error;
 mod generate;
 mod model;
