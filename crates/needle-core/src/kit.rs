@@ -4,7 +4,7 @@
 //! A `select` typically starts with [`begin_select`] (clears the output, validates the query
 //! group, derives the dynamic part and clamps the budget to it), scores candidates with
 //! [`group_max`], and finishes with [`keep_top`] or [`apply_budget`], reporting its cost with
-//! [`full_cost`].
+//! [`full_cost`]. Scores come from [`dot`], the one inner product of needle.
 
 use std::ops::Range;
 
@@ -18,6 +18,31 @@ use crate::selector::{Budget, Selection, StaticPart};
 pub const DEFAULT_SINKS: usize = 128;
 /// Recent-window tokens every built-in selector keeps by default.
 pub const DEFAULT_WINDOW: usize = 512;
+
+/// Inner product of two slices (the shorter length wins): the one `dot` of needle, the reference
+/// every selector, index and row read uses ([`Row::dot`]).
+///
+/// Eight independent accumulators break the add dependency chain, so the loop runs at SIMD
+/// width without `-ffast-math`-style reassociation (and vectorises fully at `dim = 64`); they
+/// are summed pairwise. Its rounding differs from a sequential sum in the last bits.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut tail = 0.0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
 
 /// The group's score of a key: the largest `q·k` over the group's query rows (unscaled).
 /// A key any head of the group attends strongly to is worth fetching once for all of them.
@@ -151,6 +176,19 @@ mod tests {
         assert!(begin_select(all, &[1.0, 0.0], 2, &rows, &Budget::TopK(3), &mut out).unwrap().is_none());
         assert!(begin_select(sp, &[1.0, 0.0, 1.0], 2, &rows, &Budget::TopK(3), &mut out).is_err());
         assert!(begin_select(sp, &[1.0, 0.0, 1.0], 3, &rows, &Budget::TopK(3), &mut out).is_err());
+    }
+
+    #[test]
+    fn dot_matches_f64_for_all_tail_lengths_and_takes_the_shorter_length() {
+        for n in 0..40 {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let exact: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+            assert!((f64::from(dot(&a, &b)) - exact).abs() < 1e-5, "n={n}");
+            if n > 3 {
+                assert_eq!(dot(&a, &b[..3]), dot(&a[..3], &b[..3]), "n={n}");
+            }
+        }
     }
 
     #[test]

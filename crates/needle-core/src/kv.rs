@@ -9,11 +9,11 @@
 
 use std::str::FromStr;
 
+use crate::error::{Error, Result, check_finite, check_len};
+use crate::kit::dot;
+use crate::page::{PageBuf, PageSpill};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use needle_kv::{PageBuf, SpillFile};
-
-use crate::error::{Error, Result, check_finite, check_len};
 
 /// Precision of stored key and value rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, serde::Serialize, serde::Deserialize)]
@@ -150,18 +150,18 @@ impl Row<'_> {
         (0..self.len()).map(|j| self.get(j))
     }
 
-    /// Inner product with `q` in `f32` (the shorter length wins), as [`crate::decode::dot`].
+    /// Inner product with `q` in `f32` (the shorter length wins), as [`dot`].
     #[inline]
     pub fn dot(&self, q: &[f32]) -> f32 {
         match self {
-            Row::F32(r) => crate::decode::dot(q, r),
+            Row::F32(r) => dot(q, r),
             Row::F16(r) => {
                 let n = q.len().min(r.len());
                 let mut acc = 0.0f32;
                 let mut buf = [0f32; 16];
                 for (qs, rs) in q[..n].chunks(16).zip(r[..n].chunks(16)) {
                     rs.convert_to_f32_slice(&mut buf[..rs.len()]);
-                    acc += crate::decode::dot(qs, &buf[..rs.len()]);
+                    acc += dot(qs, &buf[..rs.len()]);
                 }
                 acc
             }
@@ -266,7 +266,7 @@ impl RowSource for Rows<'_> {
 
 /// Owned rows kept in fixed-size pages of `page_size` rows, so growth never copies old rows
 /// and a page is the unit a storage tier moves. Rows are stored at one [`KvDtype`]. A full page
-/// can leave RAM for a [`SpillFile`] ([`PagedRows::spill_page`]) and is then read in place from
+/// can leave RAM for a [`PageSpill`] tier ([`PagedRows::spill_page`]) and is then read in place from
 /// its map; readers see no difference.
 #[derive(Debug, Clone)]
 pub struct PagedRows {
@@ -460,15 +460,14 @@ impl PagedRows {
 
     /// Moves full page `i` from RAM to `spill`; returns whether it moved (a page already on
     /// disk, or the page still being filled, stays where it is).
-    pub fn spill_page(&mut self, i: usize, spill: &mut SpillFile) -> Result<bool> {
+    pub fn spill_page(&mut self, i: usize, spill: &mut dyn PageSpill) -> Result<bool> {
         if i >= self.full_pages() || !self.pages.is_host(i) {
             return Ok(false);
         }
-        let err = |e: needle_kv::Error| Error::Storage(e.to_string());
         match &mut self.pages {
-            Pages::F32(p) => p[i] = spill.store(&p[i]).map_err(err)?,
-            Pages::F16(p) => p[i] = spill.store(&p[i]).map_err(err)?,
-            Pages::Q8(p) => p[i] = spill.store(&p[i]).map_err(err)?,
+            Pages::F32(p) => p[i] = p[i].spilled_to(spill)?,
+            Pages::F16(p) => p[i] = p[i].spilled_to(spill)?,
+            Pages::Q8(p) => p[i] = p[i].spilled_to(spill)?,
         }
         Ok(true)
     }
@@ -633,19 +632,19 @@ mod tests {
 
     #[test]
     fn spilled_pages_read_as_before_and_a_truncated_spilled_page_is_written_in_ram() {
-        let dir = tempfile::tempdir().unwrap();
         for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8] {
             let row = |i: usize| -> Vec<f32> { (0..5).map(|j| ((i * 5 + j) as f32 * 0.37).sin()).collect() };
             let mut p = PagedRows::with_dtype(5, 4, dtype).unwrap();
             (0..11).for_each(|i| assert_eq!(p.push(&row(i)).unwrap(), i as u32));
             let before: Vec<Vec<f32>> = (0..11).map(|i| p.row(i).to_vec()).collect();
-            let mut spill = SpillFile::create(dir.path(), None).unwrap();
+            let mut spill = crate::page::tests::Spill::default();
             let moved: Vec<bool> = [0, 1, 2, 0].iter().map(|&i| p.spill_page(i, &mut spill).unwrap()).collect();
             assert_eq!(
                 moved,
                 [true, true, false, false],
                 "the page being filled stays, a spilled one is not spilled again"
             );
+            assert_eq!(spill.0, 2);
             assert_eq!((p.host_bytes(), p.bytes()), (p.page_bytes(), 3 * p.page_bytes()));
             assert!((0..11).all(|i| p.row(i).to_vec() == before[i]), "{dtype}");
             p.truncate(6);

@@ -1,18 +1,26 @@
 //! # needle-core
 //!
-//! The contracts every needle crate builds on, and the exact math they are checked against.
-//! No Burn, no GPU: plain Rust on slices.
+//! The contracts every needle crate and plugin builds on, the exact math they are checked
+//! against, and the kit a plugin author needs. No Burn, no GPU, no kernels, no files: plain Rust
+//! on slices. It depends on **no needle crate** (the fast paths live in the crates that own them:
+//! the SIMD kernels in needle-kernels-cpu, the decode fast path in needle-model, the spill and
+//! context files in needle-kv) and uses nothing OS-specific, so it builds on every platform Rust
+//! does and a plugin that depends on it pulls none of that.
 //!
 //! - [`AttentionSelector`] / [`SelectorFactory`]: per layer and KV head, which dynamic-part keys
 //!   a decode query group attends to, within a [`Budget`], beside a densely attended
-//!   [`StaticPart`] (sinks + window).
+//!   [`StaticPart`] (sinks + window); [`attend_selected`] is the reference attention over them.
 //! - [`VectorIndex`]: maximum-inner-product search (build with optional training queries,
 //!   batch search, insert), with [`FlatIndex`] as exact oracle.
+//! - [`prefill::PrefillPattern`]: which key blocks each query block of a prefill chunk attends to.
 //! - [`RowSource`], [`Rows`], [`PagedRows`]: KV rows by token position, in fixed-size pages,
-//!   stored as `f32` or `f16` ([`KvDtype`], read as a [`Row`]).
+//!   stored as `f32`, `f16` or `q8` ([`KvDtype`], read as a [`Row`]). A page ([`PageBuf`]) is in
+//!   RAM or read in place from bytes a storage tier holds ([`PageBytes`]); a full page can leave
+//!   RAM for a tier ([`PageSpill`], implemented over memory-mapped files by needle-kv).
 //! - [`attention`]: dense, sparse and weighted attention with log-sum-exp, the exact merge,
 //!   causal prefill chunks, GQA layout; accumulate in `f32` or `f64`.
-//! - [`kit`]: what every selector needs — input checks, group scores, top-k, budgets, costs.
+//! - [`kit`]: what every selector needs — input checks, [`kit::dot`], group scores, top-k,
+//!   budgets, costs.
 //! - [`state`]: the binary form selectors and indexes save their built state in.
 //! - [`metrics`]: recall, attention mass, relative error, KL divergence, token agreement.
 //!
@@ -33,12 +41,12 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod attention;
-pub mod decode;
 mod error;
 mod index;
 pub mod kit;
 mod kv;
 pub mod metrics;
+mod page;
 pub mod prefill;
 mod selector;
 pub mod state;
@@ -51,6 +59,7 @@ pub use index::{
     BuildStats, FlatIndex, NO_LABEL, SearchParams, SearchResult, SearchStats, VectorIndex, check_batch, check_search,
 };
 pub use kv::{KvDtype, PagedRows, Pages, Row, RowSource, Rows};
+pub use page::{PageBuf, PageBytes, PageSpill};
 pub use selector::{
     AttentionSelector, Budget, BuildContext, FullSelector, HeadId, Selection, SelectorFactory, StaticPart,
     attend_selected,

@@ -16,13 +16,12 @@
 //!   ([`PrefillChunk::prompt_end`] is `None`) every chunk's last block's worth is dense.
 //!
 //! The engine computes block-sparse causal attention over exactly those blocks
-//! (`needle_kernels_cpu::sparse_prefill`, fed [`BlockMask::layout`]). One mask serves the KV
-//! head's whole query group: its key tiles are read once for all of them.
+//! (`needle_kernels_cpu::sparse_prefill`, in needle-model, fed [`BlockMask::offsets`] and
+//! [`BlockMask::blocks`]). One mask serves the KV head's whole query group: its key tiles are read
+//! once for all of them.
 
 use std::fmt;
 use std::ops::Range;
-
-use needle_kernels_cpu::BlockLayout;
 
 use crate::error::{Error, Result};
 use crate::kv::RowSource;
@@ -173,9 +172,18 @@ impl BlockMask {
         }
     }
 
-    /// The mask as the block-sparse kernel reads it (valid after [`plan_chunk`]).
-    pub fn layout(&self) -> BlockLayout<'_> {
-        BlockLayout { block: self.block, first: self.first, offsets: &self.offsets, blocks: &self.blocks }
+    /// The mask in the flat form a block-sparse kernel reads (valid after [`plan_chunk`]): for
+    /// the `i`-th query block of [`BlockMask::query_blocks`], its key blocks are
+    /// `blocks()[offsets()[i]..offsets()[i + 1]]`; `offsets()` holds one more entry than there
+    /// are query blocks.
+    pub fn offsets(&self) -> &[usize] {
+        &self.offsets
+    }
+
+    /// Every query block's key block ids, ascending within each query block, the query block's
+    /// lists one after the other (see [`BlockMask::offsets`]; valid after [`plan_chunk`]).
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
     }
 }
 
@@ -304,8 +312,11 @@ mod tests {
         assert_eq!(mask.key_blocks(9), (0..=9).collect::<Vec<u32>>());
         assert_eq!(mask.key_blocks(10), (0..=10).collect::<Vec<u32>>());
         assert_eq!(mask.density(), (3 * 5 + 10 + 11, (5..=11).sum()));
-        let l = mask.layout();
-        assert_eq!((l.block, l.first, l.offsets.len()), (64, 4, 8));
+        let (offsets, blocks) = (mask.offsets(), mask.blocks());
+        assert_eq!((mask.block(), offsets.len(), offsets[7], blocks.len()), (64, 8, blocks.len(), 36));
+        for (i, qb) in mask.query_blocks().enumerate() {
+            assert_eq!(&blocks[offsets[i]..offsets[i + 1]], mask.key_blocks(qb), "query block {qb}");
+        }
         let one = plan_chunk(&Nothing(64, 1), &chunk).unwrap();
         assert_eq!(one.key_blocks(5), [0, 5]);
         // A chunk well before the prompt's end has no dense block.

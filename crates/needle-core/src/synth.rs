@@ -121,7 +121,7 @@ pub fn uniform(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::dot;
+    use crate::kit::dot;
 
     #[test]
     fn seeded_and_shaped() {

@@ -1,6 +1,6 @@
 //! Row access on plain row-major slices; inner products are needle-core's one `dot`.
 
-pub(crate) use needle_core::decode::dot;
+pub(crate) use needle_core::kit::dot;
 
 /// Row `i` of a row-major matrix with `dim` columns.
 #[inline]

@@ -101,7 +101,7 @@ impl Projection {
             out.extend_from_slice(q);
             return;
         }
-        out.extend(self.a.chunks_exact(self.dim).map(|a| needle_core::decode::dot(a, q)));
+        out.extend(self.a.chunks_exact(self.dim).map(|a| needle_core::kit::dot(a, q)));
     }
 
     /// Appends the projected keys `B·(k − μ)` of `keys` (row-major) to `out`.
@@ -112,7 +112,7 @@ impl Projection {
             if self.is_identity() {
                 out.extend_from_slice(&c);
             } else {
-                out.extend(self.b.chunks_exact(self.dim).map(|b| needle_core::decode::dot(b, &c)));
+                out.extend(self.b.chunks_exact(self.dim).map(|b| needle_core::kit::dot(b, &c)));
             }
         }
     }

@@ -37,7 +37,7 @@ fn main() -> needle_core::Result<()> {
         for q in queries.chunks_exact(dim) {
             let est = index.estimated_scores(q)?;
             for (e, key) in est.iter().zip(keys.chunks_exact(dim)) {
-                let exact = needle_core::decode::dot(q, key);
+                let exact = needle_core::kit::dot(q, key);
                 se += ((e - exact) as f64).powi(2);
             }
         }

@@ -2,7 +2,7 @@
 
 use needle_core::{Error, Result};
 
-pub(crate) use needle_core::decode::dot;
+pub(crate) use needle_core::kit::dot;
 
 /// Squared L2 norm.
 #[inline]

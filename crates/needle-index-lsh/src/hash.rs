@@ -70,7 +70,7 @@ impl SimHash {
     }
 }
 
-pub(crate) use needle_core::decode::dot;
+pub(crate) use needle_core::kit::dot;
 
 #[cfg(test)]
 mod tests {

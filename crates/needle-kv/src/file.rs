@@ -17,11 +17,11 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::Mmap;
+use needle_core::PageBuf;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{Error, Result};
-use crate::page::PageBuf;
 
 // Pages are read in place as native numbers, which the file stores little-endian.
 const _: () = assert!(cfg!(target_endian = "little"), "context files are read in place on little-endian hosts only");
@@ -293,12 +293,16 @@ impl ContextReader {
         }
         // Checking read the whole section; drop this process's mapping of it (the pages stay in
         // the page cache and are mapped again when read), so a loaded context counts against
-        // RAM only for what is read afterwards.
-        // SAFETY: a read-only map of a file: dropped pages are read again from the file.
-        if let Err(err) =
-            unsafe { self.map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.offset as usize, bytes.len()) }
+        // RAM only for what is read afterwards. An optimisation: elsewhere the OS decides.
+        #[cfg(unix)]
         {
-            tracing::debug!("madvise(DONTNEED) on {} section `{}`: {err}", self.path.display(), e.name);
+            use memmap2::UncheckedAdvice;
+            // SAFETY: a read-only map of a file: dropped pages are read again from the file.
+            if let Err(err) =
+                unsafe { self.map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.offset as usize, bytes.len()) }
+            {
+                tracing::debug!("madvise(DONTNEED) on {} section `{}`: {err}", self.path.display(), e.name);
+            }
         }
         Ok(bytes)
     }

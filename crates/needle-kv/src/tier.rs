@@ -8,15 +8,15 @@
 
 use std::fmt;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use memmap2::{Mmap, MmapOptions, UncheckedAdvice};
+use memmap2::{Mmap, MmapOptions};
+use needle_core::{PageBuf, PageBytes, PageSpill};
 
 use crate::error::{Error, Result};
-use crate::page::PageBuf;
 
 /// Bytes per mapped segment of a spill file (a multiple of every OS page size).
 const SEGMENT: usize = 64 << 20;
@@ -122,7 +122,12 @@ impl SpillFile {
 
     /// Writes `data` and returns the page that reads it back from the file.
     pub fn store<T: bytemuck::Pod>(&mut self, data: &[T]) -> Result<PageBuf<T>> {
-        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let (map, at) = self.store_bytes(bytemuck::cast_slice(data))?;
+        PageBuf::mapped(map, at, data.len()).map_err(|e| Error::BadPage { reason: e.to_string() })
+    }
+
+    /// Writes `bytes` at the next 64-byte boundary; returns the segment's map and their offset in it.
+    fn store_bytes(&mut self, bytes: &[u8]) -> Result<(Arc<Mmap>, usize)> {
         if bytes.len() > self.segment {
             return Err(Error::BadPage { reason: format!("a page of {} bytes exceeds a spill segment", bytes.len()) });
         }
@@ -138,10 +143,15 @@ impl SpillFile {
         let at = self.tail.next_multiple_of(ALIGN);
         let seg = self.segments.len() - 1;
         let file_at = (seg * self.segment + at) as u64;
-        self.file.write_all_at(bytes, file_at).map_err(|e| Error::io(&self.dir, "writing a spilled page in", e))?;
+        // Seek and write rather than a positioned write (`FileExt`, which differs by OS): only
+        // this struct, through `&mut self`, moves the file's cursor.
+        self.file
+            .seek(SeekFrom::Start(file_at))
+            .and_then(|_| self.file.write_all(bytes))
+            .map_err(|e| Error::io(&self.dir, "writing a spilled page in", e))?;
         self.tail = at + bytes.len();
         self.stored += bytes.len() as u64;
-        PageBuf::mapped(self.segments[seg].clone(), at, data.len())
+        Ok((self.segments[seg].clone(), at))
     }
 
     /// Adds a mapped segment at the end of the file.
@@ -164,14 +174,24 @@ impl SpillFile {
 
     /// Drops this process's mapping of every spilled page it read (they stay in the page cache
     /// and are mapped again when next read), so spilled pages count against RAM only while a
-    /// step reads them.
+    /// step reads them. An optimisation, on Unix (`madvise`); elsewhere the OS decides.
     pub fn release(&self) {
+        #[cfg(unix)]
         for seg in &self.segments {
             // SAFETY: a read-only shared map of a file: the pages are read again from the file.
-            if let Err(e) = unsafe { seg.unchecked_advise(UncheckedAdvice::DontNeed) } {
+            if let Err(e) = unsafe { seg.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) } {
                 tracing::debug!("madvise(DONTNEED) on a spill segment: {e}");
             }
         }
+    }
+}
+
+impl PageSpill for SpillFile {
+    /// [`SpillFile::store`] for [`PagedRows::spill_page`](needle_core::PagedRows::spill_page): its
+    /// errors (a full disk tier, a failed write) become [`needle_core::Error::Storage`].
+    fn spill(&mut self, bytes: &[u8]) -> needle_core::Result<(Arc<dyn PageBytes>, usize)> {
+        let (map, at) = self.store_bytes(bytes).map_err(|e| needle_core::Error::Storage(e.to_string()))?;
+        Ok((map, at))
     }
 }
 

@@ -299,7 +299,7 @@ pub mod flex {
         let run = |qs: &[f32]| -> Result<()> {
             let masks = pattern.map(|p| plan_masks(cache, layer, p, qs, n - t, scale)).transpose()?;
             let layouts: Option<Vec<BlockLayout<'_>>> =
-                masks.as_ref().map(|m| m.iter().map(BlockMask::layout).collect());
+                masks.as_ref().map(|m| m.iter().map(crate::decode::block_layout).collect());
             let layouts = layouts.as_deref();
             match kp.first() {
                 Some(CachePages::F16(_)) => {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use needle_core::decode::{GroupScratch, attend_group};
+use crate::decode::{GroupScratch, attend_group};
 use needle_core::{
     AttentionSelector, Budget, BuildContext, BuildStats, FullSelector, GqaLayout, HeadId, KvDtype, PagedRows, Pages,
     RowSource, SearchStats, Selection, SelectorFactory,

@@ -43,6 +43,7 @@ mod cache;
 pub mod context;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod cube;
+pub mod decode;
 mod error;
 mod generate;
 mod model;

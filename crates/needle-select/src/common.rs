@@ -7,7 +7,7 @@ use needle_core::{Result, RowSource, StaticPart, check_len};
 
 use crate::state::{Reader, Writer};
 
-pub(crate) use needle_core::decode::dot;
+pub(crate) use needle_core::kit::dot;
 pub use needle_core::kit::{DEFAULT_SINKS, DEFAULT_WINDOW};
 pub(crate) use needle_core::kit::{
     SelectStep, apply_budget, begin_select, dedup_ids, default_scale, full_cost, group_max, keep_top,

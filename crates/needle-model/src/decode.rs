@@ -1,14 +1,16 @@
 //! The CPU fast path of a decode step for one KV head: all of its query group's heads attend to
 //! the static part plus a selection in one pass over the keys (each key row is read once for
 //! the whole group), in `f32` with a stable two-pass softmax, by needle-kernels-cpu's
-//! [`attend_rows`](needle_kernels_cpu::attend_rows) (SIMD picked at run time). [`attend_selected`] is its
-//! reference; `tests/decode.rs` compares the two on fresh random input.
+//! [`attend_rows`](needle_kernels_cpu::attend_rows) (SIMD picked at run time).
+//! [`attend_selected`](needle_core::attend_selected), in needle-core, is its reference;
+//! `tests/decode.rs` compares the two on fresh random input.
 //!
-//! [`attend_selected`]: crate::attend_selected
+//! Also the kernels' view of a core type that needle-core, which depends on no kernel crate,
+//! cannot build itself: a prefill [`BlockMask`] as the block-sparse kernel's `BlockLayout`.
 
-use crate::error::{Error, Result, check_finite, check_len};
-use crate::kv::{KvDtype, Row, RowSource};
-use crate::selector::{Selection, StaticPart};
+use needle_core::prefill::BlockMask;
+use needle_core::{Error, KvDtype, Result, Row, RowSource, Selection, StaticPart, check_finite, check_len};
+use needle_kernels_cpu::BlockLayout;
 
 /// Reusable buffers of [`attend_group`] so the decode hot path does not allocate.
 #[derive(Debug, Default, Clone)]
@@ -19,31 +21,6 @@ pub struct GroupScratch {
     out: Vec<f32>,
     /// `q8` rows of the group dequantized: keys, then values.
     wide: Vec<f32>,
-}
-
-/// Inner product of two slices (the shorter length wins): the one `dot` of needle, used by the
-/// decode path, the selectors and the index crates.
-///
-/// Eight independent accumulators break the add dependency chain, so the loop runs at SIMD
-/// width without `-ffast-math`-style reassociation (and vectorises fully at `dim = 64`); they
-/// are summed pairwise. Its rounding differs from a sequential sum in the last bits.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut tail = 0.0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// Attention of `g` query heads (`queries`, row-major `g × dim`) sharing one KV head over the
@@ -135,20 +112,13 @@ fn as_f16(r: Row<'_>) -> &[half::f16] {
     if let Row::F16(s) = r { s } else { &[] }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::dot;
-
-    #[test]
-    fn dot_matches_f64_for_all_tail_lengths_and_takes_the_shorter_length() {
-        for n in 0..40 {
-            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let exact: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
-            assert!((f64::from(dot(&a, &b)) - exact).abs() < 1e-5, "n={n}");
-            if n > 3 {
-                assert_eq!(dot(&a, &b[..3]), dot(&a[..3], &b[..3]), "n={n}");
-            }
-        }
+/// `mask` as the block-sparse prefill kernel reads it (valid once
+/// [`plan_chunk`](needle_core::prefill::plan_chunk) has finished it).
+pub(crate) fn block_layout(mask: &BlockMask) -> BlockLayout<'_> {
+    BlockLayout {
+        block: mask.block(),
+        first: mask.query_blocks().start,
+        offsets: mask.offsets(),
+        blocks: mask.blocks(),
     }
 }

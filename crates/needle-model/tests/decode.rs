@@ -1,7 +1,7 @@
 //! The decode fast path against the f64 reference, on fresh random input.
 
-use needle_core::decode::{GroupScratch, attend_group};
 use needle_core::{KvDtype, PagedRows, Selection, StaticPart, attend_selected};
+use needle_model::decode::{GroupScratch, attend_group};
 use proptest::prelude::*;
 
 proptest! {
