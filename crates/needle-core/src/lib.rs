@@ -13,6 +13,8 @@
 //! - [`attention`]: dense, sparse and weighted attention with log-sum-exp, the exact merge,
 //!   causal prefill chunks, GQA layout; accumulate in `f32` or `f64`.
 //! - [`kit`]: what every selector needs — input checks, group scores, top-k, budgets, costs.
+//! - [`spec`]: the one spec grammar (`name[:key=value,...]`, [`SpecOptions`]) and name
+//!   [`Registry`] of selectors, indexes and prefill patterns; [`SelectorSpec`], a parsed selector.
 //! - [`state`]: the binary form selectors and indexes save their built state in.
 //! - [`metrics`]: recall, attention mass, relative error, KL divergence, token agreement.
 //!
@@ -41,6 +43,7 @@ mod kv;
 pub mod metrics;
 pub mod prefill;
 mod selector;
+pub mod spec;
 pub mod state;
 #[cfg(feature = "synth")]
 pub mod synth;
@@ -55,3 +58,4 @@ pub use selector::{
     AttentionSelector, Budget, BuildContext, FullSelector, HeadId, Selection, SelectorFactory, StaticPart,
     attend_selected,
 };
+pub use spec::{Registry, SelectorSpec, SpecOptions};
