@@ -100,7 +100,8 @@ fn builtins() {
         o.only(&["dense_layers", "train_positions"])?;
         o.spec_training(Box::new(FullSelector), Budget::TopK(1), 0)
     }
-    let all: [(&str, &str, fn(&SpecOptions) -> Result<SelectorSpec>); 11] = [
+    type Build = fn(&SpecOptions) -> Result<SelectorSpec>;
+    let all: [(&str, &str, Build); 11] = [
         ("full", "dense attention over every token", full),
         ("dense", "alias of full", full),
         ("streaming", "StreamingLLM: attention sinks + recent window, nothing selected", |o| {
