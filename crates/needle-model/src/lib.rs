@@ -9,8 +9,9 @@
 //! entry point, [`cached_attention`], one call per layer (see `examples/downstream-burn`).
 //!
 //! ## Features
-//! - `graph`, `ivfpq`, `lsh` (default): index crates that `retrieval:index=…` and `lsh-sample`
-//!   can use; a spec naming one that is not compiled in is an error naming the feature.
+//! The model composes the selectors it is handed ([`compose`] a [`SelectorSpec`]); spec
+//! strings are resolved by needle-select, whose features choose the index crates.
+//!
 //! - `wgpu`, `cuda`: the `burn::backend::Wgpu` / `Cuda` backends with needle's CubeCL kernels as
 //!   their [`NeedleBackend`] arm (module `cube`): weights stay quantized on the device, the
 //!   cache's rows are mirrored there, decode is a hybrid step (device static part, host
