@@ -275,7 +275,8 @@ fn parse_quant(s: &str) -> Result<needle_model::QuantType> {
 
 /// Runs `needle bench model`: build, prefill `--context` random tokens, decode `--decode` greedily.
 fn model(a: ModelBenchArgs) -> Result<()> {
-    use needle_model::{Cpu, KvCache, Llama, argmax, resolve_auto, selector_from_spec};
+    use needle_model::{Cpu, KvCache, Llama, argmax, compose};
+    use needle_select::resolve_auto;
     ensure!(a.context > 0, "--context must be at least 1");
     let cfg = needle_loader::LlamaConfig::preset(&a.shape)?;
     let quant = parse_quant(&a.quant)?;
@@ -295,7 +296,7 @@ fn model(a: ModelBenchArgs) -> Result<()> {
         a.quant
     );
     let spec = resolve_auto(&a.selector, a.context);
-    let (factory, mut sel) = selector_from_spec(&spec)?;
+    let (factory, mut sel) = compose(needle_select::parse(&spec)?);
     sel.kv = a.kv;
     let mut cache = KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?;
     // SplitMix64 over the seed: the same prompt for every run of a seed.

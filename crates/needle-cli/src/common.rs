@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use needle_model::{Cpu, KvCache, KvDtype, Llama, LoadOptions, TierBudget, Weights, selector_from_spec};
+use needle_model::{Cpu, KvCache, KvDtype, Llama, LoadOptions, TierBudget, Weights, compose};
 
 #[derive(Args)]
 pub struct ModelArgs {
@@ -302,7 +302,7 @@ pub fn peak_rss() -> Option<u64> {
 /// An empty cache for `model` with the selector a spec names, the KV precision (`--kv`) and the
 /// prefill pattern (`--prefill`) of `args`.
 pub fn new_cache<B: Backend>(model: &Llama<B>, spec: &str, args: &ModelArgs) -> Result<KvCache> {
-    let (factory, mut sel) = selector_from_spec(spec)?;
+    let (factory, mut sel) = compose(needle_select::parse(spec)?);
     sel.kv = args.kv_dtype();
     sel.prefill = args.prefill_spec()?;
     let cfg = model.config();

@@ -245,8 +245,14 @@ fn run_context(a: EvalArgs, path: &std::path::Path) -> Result<()> {
         None => Vec::new(),
     };
     let Loaded { model, tokenizer } = load(&a.model)?;
-    let saved = needle_model::context::load(path, &model, &model_digest(&a.model.model)?, a.model.weights.name())
-        .with_context(|| format!("--context {}", path.display()))?;
+    let saved = needle_model::context::load(
+        path,
+        &model,
+        &model_digest(&a.model.model)?,
+        a.model.weights.name(),
+        &needle_select::parse,
+    )
+    .with_context(|| format!("--context {}", path.display()))?;
     let question = context_question(&tokenizer, a.question.as_deref(), &saved.info)?;
     let context_tokens = saved.tokens.len();
     let kv = a.model.kv.unwrap_or(saved.info.kv);

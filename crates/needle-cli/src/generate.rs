@@ -10,9 +10,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use needle_model::context;
-use needle_model::{
-    AUTO_RETRIEVAL_FROM, GenerateConfig, Generation, KvCache, SamplingConfig, generate, generate_from, resolve_auto,
-};
+use needle_model::{GenerateConfig, Generation, KvCache, SamplingConfig, generate, generate_from};
+use needle_select::{AUTO_RETRIEVAL_FROM, resolve_auto};
 
 use crate::common::{
     Loaded, ModelArgs, PromptArgs, context_question, load_on, model_digest, new_cache, peak_rss, progress_bar,
@@ -73,8 +72,9 @@ fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
     };
     if let Some(path) = a.context.clone() {
         let t = Instant::now();
-        let saved = context::load(&path, &model, &model_digest(&a.model.model)?, a.model.weights.name())
-            .with_context(|| format!("--context {}", path.display()))?;
+        let saved =
+            context::load(&path, &model, &model_digest(&a.model.model)?, a.model.weights.name(), &needle_select::parse)
+                .with_context(|| format!("--context {}", path.display()))?;
         let (load_s, mut cache) = (t.elapsed().as_secs_f64(), saved.cache);
         a.model.apply_kv_budget(&mut cache)?;
         let kv = a.model.kv.map(|k| k.to_string());

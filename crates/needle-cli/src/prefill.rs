@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::Args;
 use needle_model::context::{self, ContextInfo};
-use needle_model::resolve_auto;
+use needle_select::resolve_auto;
 
 use crate::common::{Loaded, ModelArgs, PromptArgs, context_prompt, load, model_digest, new_cache, progress_bar};
 

@@ -21,6 +21,8 @@
 //!   causal prefill chunks, GQA layout; accumulate in `f32` or `f64`.
 //! - [`kit`]: what every selector needs — input checks, [`kit::dot`], group scores, top-k,
 //!   budgets, costs.
+//! - [`spec`]: the one spec grammar (`name[:key=value,...]`, [`SpecOptions`]) and name
+//!   [`Registry`] of selectors, indexes and prefill patterns; [`SelectorSpec`], a parsed selector.
 //! - [`state`]: the binary form selectors and indexes save their built state in.
 //! - [`metrics`]: recall, attention mass, relative error, KL divergence, token agreement.
 //!
@@ -49,6 +51,7 @@ pub mod metrics;
 mod page;
 pub mod prefill;
 mod selector;
+pub mod spec;
 pub mod state;
 #[cfg(feature = "synth")]
 pub mod synth;
@@ -64,3 +67,4 @@ pub use selector::{
     AttentionSelector, Budget, BuildContext, FullSelector, HeadId, Selection, SelectorFactory, StaticPart,
     attend_selected,
 };
+pub use spec::{Registry, SelectorSpec, SpecOptions};

@@ -22,7 +22,7 @@ use needle_core::metrics::{attention_mass, kl_divergence, recall, relative_error
 use needle_core::{RowSource, attend_selected};
 use needle_loader::Tokenizer;
 use needle_model::context::SavedContext;
-use needle_model::{KvCache, KvDtype, Llama, SelectionConfig, argmax, selector_from_spec};
+use needle_model::{KvCache, KvDtype, Llama, SelectionConfig, argmax, compose};
 use needle_tasks::{Filler, TaskSpec};
 use serde::Serialize;
 
@@ -54,7 +54,7 @@ pub fn parse_selectors(s: &str) -> Result<Vec<String>> {
         return Err(Error::invalid("selectors", "empty: give specs separated by `;`, or `all`"));
     }
     for spec in &list {
-        selector_from_spec(spec).map_err(|e| Error::invalid("selectors", format!("`{spec}`: {e}")))?;
+        needle_select::parse(spec).map_err(|e| Error::invalid("selectors", format!("`{spec}`: {e}")))?;
     }
     Ok(list)
 }
@@ -159,7 +159,7 @@ pub fn prefill_base<B: Backend>(
     chunk: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(KvCache, Vec<f32>)> {
-    let (factory, mut sel) = selector_from_spec("full").during(|| "selector `full`".into())?;
+    let (factory, mut sel) = compose(needle_select::parse("full").during(|| "selector `full`".into())?);
     // `full` itself trains on nothing; the forks' selectors train on this prefill's queries.
     sel.train_positions = SelectionConfig::default().train_positions;
     let cfg = model.config();
@@ -172,7 +172,7 @@ pub fn prefill_base<B: Backend>(
 
 /// A cache with the selector `spec` built over `base`'s prefill, its pages stored as `kv`.
 pub fn fork<B: Backend>(model: &Llama<B>, base: &KvCache, spec: &str, kv: KvDtype) -> Result<KvCache> {
-    let (factory, mut config) = selector_from_spec(spec).during(|| format!("selector `{spec}`"))?;
+    let (factory, mut config) = compose(needle_select::parse(spec).during(|| format!("selector `{spec}`"))?);
     config.kv = kv;
     base.fork(factory.as_ref(), config, model.scale()).during(|| format!("building selector `{spec}`"))
 }

@@ -18,7 +18,7 @@ use needle_core::metrics::kl_divergence;
 use needle_core::prefill::PrefillSpec;
 use needle_loader::Tokenizer;
 use needle_model::backend::sparse_prefill_blocks;
-use needle_model::{KvCache, Llama, argmax, selector_from_spec};
+use needle_model::{KvCache, Llama, argmax, compose};
 use needle_tasks::TaskSpec;
 use serde::Serialize;
 
@@ -65,7 +65,7 @@ pub struct PrefillRow {
 
 /// An empty cache decoding with full attention, prefilling through `prefill`.
 fn cache_for<B: Backend>(model: &Llama<B>, prefill: PrefillSpec) -> Result<KvCache> {
-    let (factory, mut sel) = selector_from_spec("full").during(|| "selector `full`".into())?;
+    let (factory, mut sel) = compose(needle_select::parse("full").during(|| "selector `full`".into())?);
     sel.train_positions = 0;
     sel.prefill = prefill;
     let cfg = model.config();

@@ -21,7 +21,7 @@ use std::time::Instant;
 use needle_core::attention::Partial;
 use needle_core::synth::{AttentionLike, gaussian};
 use needle_core::{AttentionSelector, Budget, GqaLayout, HeadId, SelectorFactory, attend_selected};
-use needle_model::{DecodeStats, KvCache, selector_from_spec};
+use needle_model::{DecodeStats, KvCache, compose};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -428,7 +428,7 @@ impl Run {
     /// Fills and builds a one-layer cache as the model's prefill does.
     fn build(layer: &Layer, spec: &str, args: &SweepConfig) -> Result<Self> {
         let bad = |e: &dyn std::fmt::Display| Error::invalid("selectors", format!("`{spec}`: {e}"));
-        let (factory, mut cfg) = selector_from_spec(spec).map_err(|e| bad(&e))?;
+        let (factory, mut cfg) = compose(needle_select::parse(spec).map_err(|e| bad(&e))?);
         // The one layer measured is a sparse one, whatever the spec's dense first layers are.
         cfg.dense_layers = 0;
         cfg.train_positions = if args.max_train == 0 { 1 } else { (args.max_train / layer.gqa.group_size()).max(1) };
@@ -634,7 +634,7 @@ fn plan(args: &SweepConfig) -> Result<(Vec<usize>, Vec<String>)> {
         return Err(Error::invalid("selectors", "give at least one selector spec (e.g. `full;retrieval`)"));
     }
     for s in &selectors {
-        selector_from_spec(s).map_err(|e| Error::invalid("selectors", format!("`{s}`: {e}")))?;
+        needle_select::parse(s).map_err(|e| Error::invalid("selectors", format!("`{s}`: {e}")))?;
     }
     selectors.dedup();
     let is_full = |s: &String| s == "full" || s == "dense";

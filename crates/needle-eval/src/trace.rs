@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use needle_core::RowSource;
-use needle_model::{KvCache, Llama, argmax, selector_from_spec};
+use needle_model::{KvCache, Llama, argmax, compose};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::error::{Context, Error, Result};
@@ -313,7 +313,7 @@ pub fn record<B: Backend>(
     if layers.is_empty() {
         return Err(Error::invalid("layers", "give at least one layer"));
     }
-    let (factory, sel) = selector_from_spec("full").during(|| "selector `full`".into())?;
+    let (factory, sel) = compose(needle_select::parse("full").during(|| "selector `full`".into())?);
     let (cfg, gqa) = (model.config().clone(), model.gqa());
     let mut cache = KvCache::new(cfg.num_hidden_layers, gqa, cfg.head_dim, factory.as_ref(), sel)?;
     cache.trace_queries(layers.to_vec()).during(|| "layers".into())?;

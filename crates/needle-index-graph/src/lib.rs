@@ -71,7 +71,9 @@ pub fn from_factory(dim: usize, spec: &str) -> Result<Box<dyn VectorIndex>> {
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(Error::invalid("spec", format!("`{spec}` is not a known index; valid forms: {FACTORY_FORMS}")));
         }
-        digits.parse::<usize>().map_err(|e| Error::invalid("spec", format!("degree in `{spec}`: {e}")))
+        digits.parse::<usize>().map_err(|e| {
+            Error::invalid("spec", format!("`{spec}`: a number out of range ({e}); valid forms: {FACTORY_FORMS}"))
+        })
     };
     if let Some(rest) = s.strip_prefix("RoarGraph") {
         // A trailing `f`: the walk reads f32 projections instead of 8-bit codes.
@@ -87,7 +89,10 @@ pub fn from_factory(dim: usize, spec: &str) -> Result<Box<dyn VectorIndex>> {
             None => (parse_m(rest)?, 0, 100),
         };
         if reduce == 0 && rest.contains('r') {
-            return Err(Error::invalid("spec", format!("`{spec}`: the projected dimensions must be at least 1")));
+            return Err(Error::invalid(
+                "spec",
+                format!("`{spec}`: the projected dimensions must be at least 1; valid forms: {FACTORY_FORMS}"),
+            ));
         }
         let params = RoarGraphParams { m, reduce, rerank, walk_bits, ..Default::default() };
         return Ok(Box::new(RoarGraph::with_params(dim, params)?));

@@ -8,10 +8,10 @@
 //! tokens ([`Llama::extend`], then decode) come out as they would have after the original prefill.
 //!
 //! ```no_run
-//! # use needle_model::{Cpu, KvCache, Llama, context, selector_from_spec};
+//! # use needle_model::{Cpu, KvCache, Llama, compose, context};
 //! # fn f(model: &Llama<Cpu>, ck: &needle_loader::Checkpoint, doc: &[u32], question: &[u32]) -> needle_model::Result<()> {
 //! let digest = ck.digest()?;
-//! let (factory, sel) = selector_from_spec("retrieval")?;
+//! let (factory, sel) = compose(needle_select::parse("retrieval")?);
 //! let c = model.config();
 //! let mut cache = KvCache::new(c.num_hidden_layers, model.gqa(), c.head_dim, factory.as_ref(), sel)?;
 //! cache.retain_training_queries(); // for selectors that cannot save their state
@@ -19,7 +19,7 @@
 //! let info = context::ContextInfo::new(model, &digest, "native", "retrieval", &cache);
 //! context::save("doc.needle".as_ref(), false, &info, doc, &logits, &cache, &mut |_, _| {})?;
 //! // Later, in another process:
-//! let mut saved = context::load("doc.needle".as_ref(), model, &digest, "native")?;
+//! let mut saved = context::load("doc.needle".as_ref(), model, &digest, "native", &needle_select::parse)?;
 //! let next = model.extend(question, &mut saved.cache, 512, &mut |_, _| {})?;
 //! # let _ = next; Ok(()) }
 //! ```
@@ -27,14 +27,14 @@
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use needle_core::KvDtype;
+use needle_core::{KvDtype, SelectorSpec};
 use needle_kv::{ContextReader, ContextWriter};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{KvCache, PAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::model::Llama;
-use crate::spec::selector_from_spec;
+use crate::spec::compose;
 
 /// Version of what this module writes into the container (the header and section layout).
 pub const FORMAT: u32 = 1;
@@ -133,10 +133,21 @@ pub fn save(
     Ok(())
 }
 
+/// Turns the selector spec saved in a context's header back into a selector
+/// (`needle_select::parse`, or any function that knows the spec).
+pub type Resolver<'a> = dyn Fn(&str) -> needle_core::Result<SelectorSpec> + 'a;
+
 /// Reads a context saved by [`save`] for `model` (whose weights have digest `model_digest` and
 /// are held as `weights`): a file made for another model, weights mode or layout is
-/// [`Error::ContextMismatch`]; a damaged one a named needle-kv error.
-pub fn load<B: Backend>(path: &Path, model: &Llama<B>, model_digest: &str, weights: &str) -> Result<SavedContext> {
+/// [`Error::ContextMismatch`]; a damaged one a named needle-kv error. `resolve` makes the
+/// selector from the spec the header names.
+pub fn load<B: Backend>(
+    path: &Path,
+    model: &Llama<B>,
+    model_digest: &str,
+    weights: &str,
+    resolve: &Resolver<'_>,
+) -> Result<SavedContext> {
     let r = ContextReader::open(path)?;
     let corrupt = |section: &str, reason: String| -> Error {
         needle_kv::Error::Corrupt { path: path.to_path_buf(), section: section.into(), reason }.into()
@@ -172,7 +183,7 @@ pub fn load<B: Backend>(path: &Path, model: &Llama<B>, model_digest: &str, weigh
     }
     let last_logits: Vec<f32> =
         words("logits", r.section("logits")?, c.vocab_size)?.into_iter().map(f32::from_le_bytes).collect();
-    let (factory, mut config) = selector_from_spec(&info.selector)?;
+    let (factory, mut config) = compose(resolve(&info.selector)?);
     config.kv = info.kv;
     let cache = KvCache::load_heads(
         &r,

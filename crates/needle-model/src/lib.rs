@@ -9,8 +9,9 @@
 //! entry point, [`cached_attention`], one call per layer (see `examples/downstream-burn`).
 //!
 //! ## Features
-//! - `graph`, `ivfpq`, `lsh` (default): index crates that `retrieval:index=…` and `lsh-sample`
-//!   can use; a spec naming one that is not compiled in is an error naming the feature.
+//! The model composes the selectors it is handed ([`compose`] a [`SelectorSpec`]); spec
+//! strings are resolved by needle-select, whose features choose the index crates.
+//!
 //! - `wgpu`, `cuda`: the `burn::backend::Wgpu` / `Cuda` backends with needle's CubeCL kernels as
 //!   their [`NeedleBackend`] arm (module `cube`): weights stay quantized on the device, the
 //!   cache's rows are mirrored there, decode is a hybrid step (device static part, host
@@ -23,11 +24,12 @@
 //!
 //! ## Usage
 //! ```no_run
-//! use needle_model::{Cpu, KvCache, Llama, generate, GenerateConfig, selector_from_spec};
+//! use needle_model::{Cpu, KvCache, Llama, generate, GenerateConfig, compose};
 //! let ck = needle_loader::open(std::path::Path::new("model.gguf"))?;
 //! let model = Llama::<Cpu>::load(&ck, &Default::default())?;
 //! let tok = ck.tokenizer()?;
-//! let (factory, sel) = selector_from_spec("full")?;
+//! // Specs are resolved by the caller: needle-select knows the built-ins and the plugins.
+//! let (factory, sel) = compose(needle_select::parse("full")?);
 //! let cfg = model.config();
 //! let mut cache = KvCache::new(cfg.num_hidden_layers, model.gqa(), cfg.head_dim, factory.as_ref(), sel)?;
 //! let prompt = tok.encode("The capital of France is", false)?;
@@ -58,6 +60,8 @@ pub use cache::{DecodeStats, DynamicPart, KvCache, PAGE_SIZE, QueryTrace, Select
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_from};
 pub use model::Llama;
+/// A parsed selector spec (from `needle_select::parse` or built by hand), what [`compose`] takes.
+pub use needle_core::SelectorSpec;
 /// The query/KV head layout a [`KvCache`] is made for (re-exported so a model needs no
 /// `needle-core` dependency to build one).
 pub use needle_core::{GqaLayout, KvDtype};
@@ -67,7 +71,7 @@ pub use needle_kernels_cpu::QuantType;
 pub use needle_kv::TierBudget;
 pub use rope::Rope;
 pub use sampling::{Sampler, SamplingConfig, argmax};
-pub use spec::{AUTO_RETRIEVAL_FROM, SELECTORS, resolve_auto, selector_from_spec};
+pub use spec::compose;
 pub use weights::{LoadOptions, QWeight, Weights};
 
 /// The CPU backend (burn's pure-Rust Flex).

@@ -1,61 +1,50 @@
-//! Selectors named by spec strings, e.g. `full` or `retrieval:index=graph,k=100`.
-//!
-//! Parsing lives in `needle-select`; the index crates it can use are the ones this crate's
-//! Cargo features (`graph`, `ivfpq`, `lsh`) compile in. Asking for one that is not compiled in
-//! is an error naming the feature.
+//! The model composes the selectors it is handed: a parsed [`SelectorSpec`] (needle-core's
+//! type) becomes the factory and [`SelectionConfig`] the cache runs. Resolving a spec string to
+//! a selector is the caller's job (`needle_select::parse`, which knows the built-ins and every
+//! registered plugin), so this crate depends on no selector or index crate.
 
-use needle_core::SelectorFactory;
+use needle_core::{SelectorFactory, SelectorSpec};
 
 use crate::cache::SelectionConfig;
-use crate::error::Result;
 
-pub use needle_select::SELECTORS;
-
-/// Context length from which the spec `auto` means `retrieval`: below it the dynamic part
-/// (beyond 128 sinks + 512 window) is too small for an index to pay, so `auto` means `full`.
-pub const AUTO_RETRIEVAL_FROM: usize = 2048;
-
-/// Resolves `auto` (the CLI's default selector) for a context of `context_len` tokens:
-/// `retrieval` from [`AUTO_RETRIEVAL_FROM`] tokens on, `full` below. Any other spec is returned
-/// as it is.
-pub fn resolve_auto(spec: &str, context_len: usize) -> String {
-    if !spec.trim().eq_ignore_ascii_case("auto") {
-        return spec.to_string();
+impl SelectionConfig {
+    /// The configuration a parsed spec describes: its budget, dense layers and training
+    /// positions, every other setting at its default.
+    pub fn from_spec(spec: &SelectorSpec) -> Self {
+        Self {
+            budget: spec.budget,
+            dense_layers: spec.dense_layers,
+            train_positions: spec.train_positions,
+            ..Self::default()
+        }
     }
-    if context_len >= AUTO_RETRIEVAL_FROM { "retrieval" } else { "full" }.to_string()
 }
 
-/// Builds the selector factory and selection configuration a spec describes.
-pub fn selector_from_spec(spec: &str) -> Result<(Box<dyn SelectorFactory>, SelectionConfig)> {
-    let s = needle_select::parse(spec)?;
-    let config = SelectionConfig {
-        budget: s.budget,
-        dense_layers: s.dense_layers,
-        train_positions: s.train_positions,
-        ..SelectionConfig::default()
-    };
-    Ok((s.factory, config))
+/// Splits a parsed spec into the factory and the configuration a [`KvCache`](crate::KvCache)
+/// is made with.
+pub fn compose(spec: SelectorSpec) -> (Box<dyn SelectorFactory>, SelectionConfig) {
+    let config = SelectionConfig::from_spec(&spec);
+    (spec.factory, config)
 }
 
 #[cfg(test)]
 mod tests {
+    use needle_core::{Budget, FullSelector};
+
     use super::*;
 
     #[test]
-    fn specs_build_and_errors_list_valid_names() {
-        assert!(selector_from_spec("full").is_ok());
-        let (_, c) = selector_from_spec("retrieval:k=64,dense_layers=2").unwrap();
-        assert_eq!(c.budget, needle_core::Budget::TopK(64));
-        assert_eq!(c.dense_layers, 2);
-        let e = selector_from_spec("nope").err().unwrap().to_string();
-        assert!(e.contains("retrieval") && e.contains("full"), "{e}");
-        assert!(selector_from_spec("full:bogus=3").is_err());
-    }
-
-    #[test]
-    fn auto_picks_retrieval_for_long_contexts_only() {
-        assert_eq!(resolve_auto("auto", AUTO_RETRIEVAL_FROM - 1), "full");
-        assert_eq!(resolve_auto("Auto", AUTO_RETRIEVAL_FROM), "retrieval");
-        assert_eq!(resolve_auto("quest:k=64", 10), "quest:k=64");
+    fn a_spec_sets_budget_dense_layers_and_training_only() {
+        let spec = SelectorSpec {
+            factory: Box::new(FullSelector),
+            budget: Budget::Mass { target: 0.5, max: 64 },
+            dense_layers: 2,
+            train_positions: 7,
+        };
+        let (f, c) = compose(spec);
+        assert_eq!(f.describe(), FullSelector.describe());
+        assert_eq!((c.budget, c.dense_layers, c.train_positions), (Budget::Mass { target: 0.5, max: 64 }, 2, 7));
+        let d = SelectionConfig::default();
+        assert_eq!((c.kv, c.prefill), (d.kv, d.prefill));
     }
 }

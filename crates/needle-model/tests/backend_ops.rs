@@ -6,7 +6,7 @@ mod common;
 use burn::tensor::{Tensor, TensorData};
 use needle_core::{GqaLayout, KvDtype, RowSource};
 use needle_model::backend::{flex, plain};
-use needle_model::{Cpu, KvCache, NeedleBackend, QWeight, selector_from_spec};
+use needle_model::{Cpu, KvCache, NeedleBackend, QWeight, compose};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -64,7 +64,7 @@ fn paged_prefill_attention_matches_burn_attention_across_chunks_at_each_kv_preci
     for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Q8] {
         let mut rng = StdRng::seed_from_u64(9);
         let (gqa, d) = (GqaLayout::new(6, 2).unwrap(), 16);
-        let (factory, mut sel) = selector_from_spec("full").unwrap();
+        let (factory, mut sel) = compose(needle_select::parse("full").unwrap());
         sel.kv = kv;
         let mut cache = KvCache::new(1, gqa, d, factory.as_ref(), sel).unwrap();
         // Two chunks, the second crossing a page (256 rows).

@@ -12,7 +12,7 @@ use needle_core::{
     AttentionSelector, Budget, BuildContext, BuildStats, HeadId, RowSource, Selection, SelectorFactory, StaticPart,
 };
 use needle_model::context::{self, ContextInfo};
-use needle_model::{Error, KvCache, KvDtype, argmax, selector_from_spec};
+use needle_model::{Error, KvCache, KvDtype, argmax, compose};
 
 fn text_tokens(n: usize) -> Vec<u32> {
     let text: String = (0..n).map(|i| format!("Line {i}: the river passes stone {}. ", i * 7 % 101)).collect();
@@ -22,7 +22,7 @@ fn text_tokens(n: usize) -> Vec<u32> {
 
 fn new_cache(spec: &str, kv: KvDtype) -> KvCache {
     let m = &common::native().model;
-    let (f, mut sel) = selector_from_spec(spec).unwrap();
+    let (f, mut sel) = compose(needle_select::parse(spec).unwrap());
     sel.kv = kv;
     let c = m.config();
     let mut cache = KvCache::new(c.num_hidden_layers, m.gqa(), c.head_dim, f.as_ref(), sel).unwrap();
@@ -55,7 +55,7 @@ fn save_then_compare(spec: &str, kv: KvDtype, dir: &Path) {
     context::save(&path, false, &info, &doc, &logits, &cache, &mut |_, _| {}).unwrap();
     let question = r.tok.encode(" Question: what passes stone 14? Answer:", false).unwrap();
     let (want_ids, want_logits) = ask(&mut cache, &question, 8);
-    let mut saved = context::load(&path, &r.model, &digest, "native").unwrap();
+    let mut saved = context::load(&path, &r.model, &digest, "native", &needle_select::parse).unwrap();
     assert_eq!((saved.info.clone(), &saved.tokens, &saved.last_logits), (info, &doc, &logits));
     assert_eq!(saved.cache.config().kv, kv);
     let (ids, rows) = ask(&mut saved.cache, &question, 8);
@@ -189,7 +189,9 @@ fn contexts_for_another_model_or_damaged_files_are_named_errors() {
     context::save(&path, false, &info, &doc, &logits, &cache, &mut |_, _| {}).unwrap();
     let again = context::save(&path, false, &info, &doc, &logits, &cache, &mut |_, _| {});
     assert!(matches!(again, Err(Error::Kv(needle_kv::Error::Exists { .. }))));
-    let load = |p: &Path, digest: &str, weights: &str| context::load(p, &r.model, digest, weights).err().unwrap();
+    let load = |p: &Path, digest: &str, weights: &str| {
+        context::load(p, &r.model, digest, weights, &needle_select::parse).err().unwrap()
+    };
     assert!(
         matches!(load(&path, "fedcba9876543210", "native"), Error::ContextMismatch { what, .. } if what.contains("model"))
     );
@@ -205,4 +207,13 @@ fn contexts_for_another_model_or_damaged_files_are_named_errors() {
     std::fs::write(&bad, &flipped).unwrap();
     let e = load(&bad, "0123456789abcdef", "native").to_string();
     assert!(e.contains("bad.needle") && e.contains("corrupt"), "{e}");
+    // The selector comes from the resolver the caller hands over, asked for the saved spec.
+    let asked = std::cell::RefCell::new(Vec::new());
+    let refuse = |spec: &str| -> needle_core::Result<needle_model::SelectorSpec> {
+        asked.borrow_mut().push(spec.to_string());
+        Err(needle_core::Error::invalid("selector", format!("`{spec}` is not known here")))
+    };
+    let e = context::load(&path, &r.model, "0123456789abcdef", "native", &refuse).err().unwrap().to_string();
+    assert!(e.contains("`full` is not known here"), "{e}");
+    assert_eq!(asked.into_inner(), ["full"]);
 }

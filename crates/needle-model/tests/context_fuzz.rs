@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use needle_model::context::{self, ContextInfo};
-use needle_model::{KvCache, KvDtype, selector_from_spec};
+use needle_model::{KvCache, KvDtype, compose};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -33,7 +33,7 @@ fn saved() -> &'static Saved {
         let m = &r.model;
         let text: String = (0..120).map(|i| format!("Verse {i}: the wheel turns {} times. ", i * 11 % 53)).collect();
         let tokens = r.tok.encode(&text, false).unwrap()[..300].to_vec();
-        let (f, mut sel) = selector_from_spec(SPEC).unwrap();
+        let (f, mut sel) = compose(needle_select::parse(SPEC).unwrap());
         sel.kv = KvDtype::F16;
         let c = m.config();
         let mut cache = KvCache::new(c.num_hidden_layers, m.gqa(), c.head_dim, f.as_ref(), sel).unwrap();
@@ -111,7 +111,7 @@ fn mutated_context_files_fail_with_named_errors_or_load_what_was_saved() {
             let mut bytes = s.bytes.clone();
             mutations.iter().for_each(|m| apply(&mut bytes, m));
             std::fs::write(&path, &bytes).unwrap();
-            match context::load(&path, m, DIGEST, "native") {
+            match context::load(&path, m, DIGEST, "native", &needle_select::parse) {
                 Err(e) => {
                     let msg = e.to_string();
                     prop_assert!(msg.contains("mutated.needle"), "the error names the file: {msg}");

@@ -242,7 +242,7 @@ fn a_forked_cache_decodes_like_a_fresh_prefill() {
     let mut base = cache("full");
     base.retain_training_queries();
     let first = r.model.prefill(&tokens, &mut base, 128, &[tokens.len() - 1], &mut |_, _| {}).unwrap();
-    let (factory, config) = needle_model::selector_from_spec(spec).unwrap();
+    let (factory, config) = needle_model::compose(needle_select::parse(spec).unwrap());
     let mut forked = base.fork(factory.as_ref(), config, r.model.scale()).unwrap();
     assert_eq!(forked.len(), base.len());
     let mut got = vec![first];

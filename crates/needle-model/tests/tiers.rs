@@ -9,7 +9,7 @@ use std::path::Path;
 
 use needle_kv::TierBudget;
 use needle_model::context::{self, ContextInfo};
-use needle_model::{DecodeStats, KvCache, KvDtype, argmax, selector_from_spec};
+use needle_model::{DecodeStats, KvCache, KvDtype, argmax, compose};
 
 const DOC: usize = 600;
 
@@ -20,7 +20,7 @@ fn doc() -> Vec<u32> {
 
 fn new_cache(spec: &str, kv: KvDtype) -> KvCache {
     let m = &common::native().model;
-    let (f, mut sel) = selector_from_spec(spec).unwrap();
+    let (f, mut sel) = compose(needle_select::parse(spec).unwrap());
     sel.kv = kv;
     let c = m.config();
     KvCache::new(c.num_hidden_layers, m.gqa(), c.head_dim, f.as_ref(), sel).unwrap()
@@ -96,7 +96,7 @@ fn a_loaded_context_reads_its_pages_in_place_and_takes_a_budget() {
     context::save(&path, false, &info, &doc, &logits, &cache, &mut |_, _| {}).unwrap();
     let want = decode(&mut cache, logits.clone(), 8);
 
-    let mut saved = context::load(&path, m, "digest", "native").unwrap();
+    let mut saved = context::load(&path, m, "digest", "native", &needle_select::parse).unwrap();
     let (host, disk) = saved.cache.tier_bytes();
     let c = m.config();
     let partial = c.num_hidden_layers * m.gqa().n_kv_heads * 2 * saved.cache.keys(0, 0).page_bytes();

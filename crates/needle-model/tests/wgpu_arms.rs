@@ -13,7 +13,7 @@ use needle_core::{GqaLayout, RowSource};
 use needle_loader::{Checkpoint, LlamaConfig};
 use needle_model::backend::plain;
 use needle_model::cube::{DecodeMode, WgpuCube, set_decode_mode};
-use needle_model::{Cpu, KvCache, Llama, NeedleBackend, QWeight, QuantType, argmax, selector_from_spec};
+use needle_model::{Cpu, KvCache, Llama, NeedleBackend, QWeight, QuantType, argmax, compose};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -96,7 +96,7 @@ fn quantized_linear_on_the_device_matches_the_dequantized_weight() {
 
 /// A cache of one layer holding `n` random rows, selectors of `spec` built.
 fn filled_cache(spec: &str, gqa: GqaLayout, d: usize, k: &[f32], v: &[f32]) -> KvCache {
-    let (f, sel) = selector_from_spec(spec).unwrap();
+    let (f, sel) = compose(needle_select::parse(spec).unwrap());
     let mut cache = KvCache::new(1, gqa, d, f.as_ref(), sel).unwrap();
     cache.append(0, k, v).unwrap();
     cache
@@ -219,7 +219,7 @@ fn a_loaded_cache_is_mirrored_to_the_device_on_first_use() {
 
 /// Prefill (`step(cache, None)`), then 4 greedy decode steps: the logits of each.
 fn greedy_logits(step: &dyn Fn(&mut KvCache, Option<u32>) -> Vec<f32>, spec: &str) -> Vec<Vec<f32>> {
-    let (f, sel) = selector_from_spec(spec).unwrap();
+    let (f, sel) = compose(needle_select::parse(spec).unwrap());
     let mut cache = KvCache::new(2, GqaLayout::new(6, 2).unwrap(), 32, f.as_ref(), sel).unwrap();
     let mut out = vec![step(&mut cache, None)];
     for _ in 0..4 {

@@ -8,7 +8,7 @@
 use burn::backend::Wgpu;
 use burn::backend::wgpu::WgpuDevice;
 use burn::tensor::backend::Backend;
-use needle_model::{Cpu, KvCache, Llama, LoadOptions, Weights, argmax, selector_from_spec};
+use needle_model::{Cpu, KvCache, Llama, LoadOptions, Weights, argmax, compose};
 
 fn skip() -> bool {
     let skip = std::env::var_os("NEEDLE_SKIP_GPU_TESTS").is_some_and(|v| v == "1");
@@ -31,7 +31,7 @@ fn run<B: Backend>(
     steps: usize,
     forced: Option<&[u32]>,
 ) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let (f, sel) = selector_from_spec("full").unwrap();
+    let (f, sel) = compose(needle_select::parse("full").unwrap());
     let c = model.config();
     let mut cache = KvCache::new(c.num_hidden_layers, model.gqa(), c.head_dim, f.as_ref(), sel).unwrap();
     // Chunks of 8: the prefill runs several chunks, each attending to the cached ones before it.

@@ -16,6 +16,10 @@
 //! one and the one before it by default, so that the first queries of a block keep their
 //! context) and the prompt's last block's worth of queries are attended ([`needle_core::prefill::plan_chunk`]).
 //!
+//! Specs follow the one grammar of [`needle_core::spec`]: repeated or unknown keys are errors.
+//! The built-ins are registered through [`register_pattern`], the function another crate calls
+//! to add its own pattern by name; [`pattern_names`] lists them all.
+//!
 //! ```
 //! let spec = needle_prefill::parse("flex:gamma=0.95")?;
 //! assert_eq!(spec.describe(), "flex:gamma=0.95,tau=0.1,block=64,local=2");
@@ -26,10 +30,11 @@
 #![doc(test(attr(deny(warnings))))]
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use needle_core::prefill::{PrefillPattern, PrefillSpec};
-use needle_core::{Error, Result};
+use needle_core::spec::Registry;
+use needle_core::{Error, Result, SpecOptions};
 
 mod anchor;
 pub mod estimate;
@@ -42,129 +47,140 @@ pub use flex::Flex;
 pub use sale::Sale;
 pub use vertical_slash::VerticalSlash;
 
-/// The pattern names [`parse`] knows, with a line on each.
-pub const PATTERNS: &[(&str, &str)] = &[
-    ("dense", "dense causal prefill (no pattern)"),
-    (
-        "vertical-slash",
-        "MInference: vertical keys and slash offsets from the last queries (block, last_q, vertical, slash)",
-    ),
-    ("flex", "FlexPrefill: query-aware or vertical-slash per head by JS divergence (gamma, tau, block)"),
-    ("anchor", "AnchorAttention: blocks with a stripe within theta of the sink/diagonal anchor (theta, stride, block)"),
-    (
-        "sale",
-        "SALE: 4-bit Q·K estimate, blocks whose mass reaches tau of the sink/window mass (tau, stride, group, block)",
-    ),
-];
+/// Makes a pattern from the options of a spec naming a registered pattern.
+pub type PatternBuilder = dyn Fn(&SpecOptions) -> Result<Box<dyn PrefillPattern>> + Send + Sync;
 
-/// `name[:key=value,...]` split, options in order.
-fn split(spec: &str) -> Result<(String, Vec<(String, String)>)> {
-    let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
-    let mut opts = Vec::new();
-    for kv in rest.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| Error::invalid(format!("prefill option `{kv}`"), "options are key=value"))?;
-        opts.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    Ok((name.trim().to_ascii_lowercase(), opts))
+/// Every pattern by name; `dense` (no pattern) is reserved.
+static PATTERNS: Registry<PatternBuilder> =
+    Registry::new("prefill pattern", &[("dense", "dense causal prefill (no pattern)")], builtins);
+
+/// Makes a prefill pattern available by name to [`parse`] (and so to `needle ... --prefill
+/// NAME:...` in a binary that registered it). `about` is its one-line description. The builder
+/// reads its options from [`SpecOptions`]; a key it neither reads nor allows is an error
+/// listing the valid ones, and a pattern with `block` or `local_blocks` 0 is refused.
+///
+/// Errors when the name is empty, holds whitespace, `:`, `,` or `=`, or is taken (built in,
+/// `dense`, or registered before).
+pub fn register_pattern(
+    name: &str,
+    about: &str,
+    build: impl Fn(&SpecOptions) -> Result<Box<dyn PrefillPattern>> + Send + Sync + 'static,
+) -> Result<()> {
+    PATTERNS.register(name, about, Arc::new(build))
 }
 
-/// Reads option `key` of pattern `name` as a `T`, `default` when absent.
-fn opt<T: std::str::FromStr>(name: &str, opts: &[(String, String)], key: &str, default: T) -> Result<T> {
-    match opts.iter().rev().find(|(k, _)| k == key) {
-        None => Ok(default),
-        Some((_, v)) => {
-            v.parse().map_err(|_| Error::invalid(format!("{name} option `{key}`"), format!("`{v}` is not valid")))
+/// Every pattern name [`parse`] accepts (`dense` first, then the built-ins, then plugins), with
+/// a line on each.
+pub fn pattern_names() -> Vec<(String, String)> {
+    PATTERNS.names()
+}
+
+fn vertical_slash(o: &SpecOptions) -> Result<Box<dyn PrefillPattern>> {
+    let d = VerticalSlash::default();
+    Ok(Box::new(VerticalSlash {
+        block: o.usize("block", d.block)?,
+        last_q: o.usize("last_q", d.last_q)?,
+        vertical: o.usize("vertical", d.vertical)?,
+        slash: o.usize("slash", d.slash)?,
+        local: o.usize("local", d.local)?,
+    }))
+}
+
+fn flex(o: &SpecOptions) -> Result<Box<dyn PrefillPattern>> {
+    let d = Flex::default();
+    let f = Flex {
+        gamma: o.get("gamma", d.gamma, "a number")?,
+        tau: o.get("tau", d.tau, "a number")?,
+        block: o.usize("block", d.block)?,
+        local: o.usize("local", d.local)?,
+    };
+    if !(f.gamma > 0.0 && f.gamma <= 1.0) {
+        return Err(Error::invalid("flex option `gamma`", format!("{} is not in (0, 1]", f.gamma)));
+    }
+    if f.tau.is_nan() || f.tau < 0.0 {
+        return Err(Error::invalid("flex option `tau`", format!("{} is not ≥ 0", f.tau)));
+    }
+    Ok(Box::new(f))
+}
+
+fn anchor(o: &SpecOptions) -> Result<Box<dyn PrefillPattern>> {
+    let d = Anchor::default();
+    let a = Anchor {
+        theta: o.get("theta", d.theta, "a number")?,
+        stride: o.usize("stride", d.stride)?,
+        block: o.usize("block", d.block)?,
+        local: o.usize("local", d.local)?,
+    };
+    if a.theta.is_nan() || a.theta < 0.0 || a.stride == 0 {
+        return Err(Error::invalid("anchor option `theta`/`stride`", "theta must be ≥ 0 and stride ≥ 1"));
+    }
+    Ok(Box::new(a))
+}
+
+fn sale(o: &SpecOptions) -> Result<Box<dyn PrefillPattern>> {
+    let d = Sale::default();
+    let s = Sale {
+        tau: o.get("tau", d.tau, "a number")?,
+        stride: o.usize("stride", d.stride)?,
+        group: o.usize("group", d.group)?,
+        block: o.usize("block", d.block)?,
+        local: o.usize("local", d.local)?,
+    };
+    if !(s.tau >= 0.0 && s.tau.is_finite()) {
+        return Err(Error::invalid("sale option `tau`", format!("{} is not a finite number ≥ 0", s.tau)));
+    }
+    for (key, v) in [("stride", s.stride), ("group", s.group)] {
+        if v == 0 {
+            return Err(Error::invalid(format!("sale option `{key}`"), "must be at least 1"));
         }
     }
+    Ok(Box::new(s))
 }
 
-/// Parses a prefill spec (see the crate docs) into the `Copy` handle a
-/// `SelectionConfig` holds. The same spec always yields the same pattern object: each distinct
-/// pattern is allocated once for the life of the process.
+/// The built-in patterns, registered on first use like any plugin. Each reads every option it
+/// takes, so any other key is an error listing them.
+fn builtins() {
+    type Build = fn(&SpecOptions) -> Result<Box<dyn PrefillPattern>>;
+    let all: [(&str, &str, Build); 4] = [
+        (
+            "vertical-slash",
+            "MInference: vertical keys and slash offsets from the last queries (block, last_q, vertical, slash)",
+            vertical_slash,
+        ),
+        ("flex", "FlexPrefill: query-aware or vertical-slash per head by JS divergence (gamma, tau, block)", flex),
+        (
+            "anchor",
+            "AnchorAttention: blocks with a stripe within theta of the sink/diagonal anchor (theta, stride, block)",
+            anchor,
+        ),
+        (
+            "sale",
+            "SALE: 4-bit Q·K estimate, blocks whose mass reaches tau of the sink/window mass (tau, stride, group, block)",
+            sale,
+        ),
+    ];
+    for (name, about, build) in all {
+        let registered = register_pattern(name, about, build);
+        debug_assert!(registered.is_ok(), "built-in pattern {name}: {registered:?}");
+    }
+}
+
+/// Parses a prefill spec `name[:key=value,...]` (see the crate docs) into the `Copy` handle a
+/// `SelectionConfig` holds. Unknown names, unknown keys and repeated keys are errors naming
+/// them and listing the valid ones. The same spec always yields the same pattern object: each
+/// distinct pattern is allocated once for the life of the process.
 pub fn parse(spec: &str) -> Result<PrefillSpec> {
-    let (name, opts) = split(spec)?;
-    let allowed: &[&str] = match name.as_str() {
-        "dense" => &[],
-        "vertical-slash" => &["block", "last_q", "vertical", "slash", "local"],
-        "flex" => &["gamma", "tau", "block", "local"],
-        "anchor" => &["theta", "stride", "block", "local"],
-        "sale" => &["tau", "stride", "group", "block", "local"],
-        _ => {
-            let names: Vec<&str> = PATTERNS.iter().map(|p| p.0).collect();
-            return Err(Error::invalid("prefill", format!("unknown pattern `{name}`; valid: {}", names.join(", "))));
-        }
-    };
-    if let Some((k, _)) = opts.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
-        return Err(Error::invalid(format!("{name} option `{k}`"), format!("unknown; valid: {}", allowed.join(", "))));
+    let o = SpecOptions::split(spec)?;
+    if o.name() == "dense" {
+        o.only(&[])?;
+        return Ok(PrefillSpec::DENSE);
     }
-    let pattern: Box<dyn PrefillPattern> = match name.as_str() {
-        "dense" => return Ok(PrefillSpec::DENSE),
-        "vertical-slash" => {
-            let d = VerticalSlash::default();
-            Box::new(VerticalSlash {
-                block: opt(&name, &opts, "block", d.block)?,
-                last_q: opt(&name, &opts, "last_q", d.last_q)?,
-                vertical: opt(&name, &opts, "vertical", d.vertical)?,
-                slash: opt(&name, &opts, "slash", d.slash)?,
-                local: opt(&name, &opts, "local", d.local)?,
-            })
-        }
-        "anchor" => {
-            let d = Anchor::default();
-            let a = Anchor {
-                theta: opt(&name, &opts, "theta", d.theta)?,
-                stride: opt(&name, &opts, "stride", d.stride)?,
-                block: opt(&name, &opts, "block", d.block)?,
-                local: opt(&name, &opts, "local", d.local)?,
-            };
-            if a.theta.is_nan() || a.theta < 0.0 || a.stride == 0 {
-                return Err(Error::invalid("anchor option `theta`/`stride`", "theta must be ≥ 0 and stride ≥ 1"));
-            }
-            Box::new(a)
-        }
-        "sale" => {
-            let d = Sale::default();
-            let s = Sale {
-                tau: opt(&name, &opts, "tau", d.tau)?,
-                stride: opt(&name, &opts, "stride", d.stride)?,
-                group: opt(&name, &opts, "group", d.group)?,
-                block: opt(&name, &opts, "block", d.block)?,
-                local: opt(&name, &opts, "local", d.local)?,
-            };
-            if !(s.tau >= 0.0 && s.tau.is_finite()) {
-                return Err(Error::invalid("sale option `tau`", format!("{} is not a finite number ≥ 0", s.tau)));
-            }
-            for (key, v) in [("stride", s.stride), ("group", s.group)] {
-                if v == 0 {
-                    return Err(Error::invalid(format!("sale option `{key}`"), "must be at least 1"));
-                }
-            }
-            Box::new(s)
-        }
-        _ => {
-            let d = Flex::default();
-            let f = Flex {
-                gamma: opt(&name, &opts, "gamma", d.gamma)?,
-                tau: opt(&name, &opts, "tau", d.tau)?,
-                block: opt(&name, &opts, "block", d.block)?,
-                local: opt(&name, &opts, "local", d.local)?,
-            };
-            if !(f.gamma > 0.0 && f.gamma <= 1.0) {
-                return Err(Error::invalid("flex option `gamma`", format!("{} is not in (0, 1]", f.gamma)));
-            }
-            if f.tau.is_nan() || f.tau < 0.0 {
-                return Err(Error::invalid("flex option `tau`", format!("{} is not ≥ 0", f.tau)));
-            }
-            Box::new(f)
-        }
-    };
+    let pattern = PATTERNS.parse(spec, |build, o| build(o))?;
     if pattern.block() == 0 {
-        return Err(Error::invalid(format!("{name} option `block`"), "must be at least 1"));
+        return Err(Error::invalid(format!("{} option `block`", o.name()), "must be at least 1"));
     }
     if pattern.local_blocks() == 0 {
-        return Err(Error::invalid(format!("{name} option `local`"), "must be at least 1 (the diagonal block)"));
+        return Err(Error::invalid(format!("{} option `local`", o.name()), "must be at least 1 (the diagonal block)"));
     }
     Ok(PrefillSpec::new(intern(pattern)))
 }
@@ -219,15 +235,32 @@ mod tests {
             assert_eq!(again.describe(), p.describe(), "{spec}");
             assert!(std::ptr::addr_eq(p.pattern().unwrap(), again.pattern().unwrap()), "{spec}");
         }
-        let names: Vec<&str> = PATTERNS.iter().map(|p| p.0).collect();
-        assert_eq!(names, ["dense", "vertical-slash", "flex", "anchor", "sale"]);
+        let names: Vec<String> = pattern_names().into_iter().map(|p| p.0).collect();
+        assert_eq!(names[..5], ["dense", "vertical-slash", "flex", "anchor", "sale"]);
         assert!(parse("nope").unwrap_err().to_string().contains("sale"), "the error lists sale");
+    }
+
+    #[test]
+    fn plugins_parse_by_name_and_are_checked_like_built_ins() {
+        register_pattern("test-local", "only the local window", |o| {
+            Ok(Box::new(VerticalSlash { vertical: 0, slash: 0, local: o.usize("local", 2)?, ..Default::default() }))
+        })
+        .unwrap();
+        assert!(pattern_names().iter().any(|(n, _)| n == "test-local"));
+        assert_eq!(parse("Test-Local:local=3").unwrap().pattern().unwrap().local_blocks(), 3);
+        let e = parse("test-local:block=3").unwrap_err().to_string();
+        assert!(e.contains("`block`") && e.contains("local"), "{e}");
+        assert!(parse("test-local:local=0").unwrap_err().to_string().contains("local"));
+        assert!(parse("nope").unwrap_err().to_string().contains("test-local"));
+        for taken in ["test-local", "flex", "dense"] {
+            assert!(register_pattern(taken, "again", |_| unreachable!()).is_err(), "{taken}");
+        }
     }
 
     #[test]
     fn bad_specs_name_what_is_wrong() {
         for (spec, names) in [
-            ("sparse", "prefill"),
+            ("sparse", "prefill pattern"),
             ("flex:gamma=2", "flex option `gamma`"),
             ("flex:tau=-1", "flex option `tau`"),
             ("anchor:stride=0", "anchor option `theta`/`stride`"),
@@ -237,7 +270,9 @@ mod tests {
             ("vertical-slash:block=0", "vertical-slash option `block`"),
             ("dense:block=64", "dense option `block`"),
             ("flex:local=0", "flex option `local`"),
-            ("flex:gamma", "prefill option `gamma`"),
+            ("flex:gamma", "flex option `gamma`"),
+            ("flex:gamma=0.5,gamma=0.6", "flex option `gamma`"),
+            ("anchor:theta=x", "anchor option `theta`"),
             ("sale:tau=-0.1", "sale option `tau`"),
             ("sale:tau=inf", "sale option `tau`"),
             ("sale:tau=NaN", "sale option `tau`"),

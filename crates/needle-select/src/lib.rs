@@ -17,12 +17,14 @@
 //! | `policy` | per-head specs from a JSON file, DuoAttention-style ([`PolicyFactory`], [`rank_heads`]) |
 //!
 //! ## Specs
-//! [`parse`] reads `name[:key=value,...]`. Common keys: `k` (top-k budget, default 100),
+//! [`parse`] reads `name[:key=value,...]`, the one grammar of [`needle_core::spec`]: names are
+//! case-insensitive, unknown and repeated keys are errors naming them and listing the valid
+//! ones. `auto` is resolved first by [`resolve_auto`] (it depends on the context length). Common keys: `k` (top-k budget, default 100),
 //! `mass` (share of attention mass, `k` the cap), `sinks`, `window`, `dense_layers`,
 //! `train_positions` (prefill positions whose queries are kept for the build: 4096 by default,
 //! 0 for `full` and `streaming`, which learn nothing from them). Per selector:
-//! - `retrieval`: `index` (`graph` default, `hnsw`, `ivfpq`, `lsh`, `flat`, or a factory string
-//!   such as `IVF64,PQ16`), `effort` (the index's `SearchParams::effort`), `combine`
+//! - `retrieval`: `index` (`graph` default, `hnsw`, `ivfpq`, `lsh`, `flat`, a registered name,
+//!   or a FAISS-style factory string that starts with one, such as `IVF64,PQ16`: [`index_factory`]), `effort` (the index's `SearchParams::effort`), `combine`
 //!   (`mean-rerank` default, `rerank`, `mean`, `split`: see [`GroupCombine`]), `min_index`, `tail` (decode keys scanned exactly before one batch insert).
 //! - `quest`: `page` (16). `block`: `block` (128), `reps` (4).
 //! - `lsh-sample`: `bits`, `tables`, `min_collisions`, `seed`. `tokenselect`: `threshold` (0.9).
@@ -33,8 +35,13 @@
 //!
 //! ## Plugins
 //! Another crate adds a selector with [`register_selector`] (its builder reads [`SpecOptions`])
-//! and an index with [`register_index`]; both then parse by name like the built-ins. The helpers
-//! the built-ins use are public in [`needle_core::kit`]. See `examples/custom-selector`.
+//! and an index with [`register_index`]; both then parse by name exactly like the built-ins,
+//! which are registered through the same two functions ([`selector_names`], [`index_names`]
+//! list them all). The helpers the built-ins use are public in [`needle_core::kit`]. See
+//! `examples/custom-selector`.
+//!
+//! A model takes the parsed [`SelectorSpec`] (a needle-core type), so it needs no dependency on
+//! this crate: resolving a spec string is this crate's job, or the caller's.
 //!
 //! ## Features
 //! - `graph` (default): RoarGraph and HNSW indexes (`retrieval:index=graph|hnsw`).
@@ -81,16 +88,16 @@ mod tokenselect;
 pub use block::{BlockFactory, BlockSelector, DEFAULT_BLOCK, DEFAULT_REPS};
 pub use common::{DEFAULT_SINKS, DEFAULT_WINDOW};
 pub use hip::{DEFAULT_HIP_BLOCK, DEFAULT_HIP_WIDTH, HipFactory, HipSelector};
-pub use index::{INDEXES, IndexBuilder, index_factory, register_index, registered_indexes};
+pub use index::{IndexBuilder, index_factory, index_names, register_index};
 #[cfg(feature = "lsh")]
 pub use lsh_sample::{DEFAULT_BITS, DEFAULT_MIN_COLLISIONS, DEFAULT_TABLES, LshSampleFactory, LshSampleSelector};
 pub use oracle::{OracleFactory, OracleSelector};
 pub use policy::{HeadPolicy, HeadRule, PolicyFactory, rank_heads};
 pub use quest::{DEFAULT_PAGE, QuestFactory, QuestSelector, page_bound};
 pub use retrieval::{DEFAULT_MIN_INDEX, DEFAULT_TAIL, GroupCombine, RetrievalFactory, RetrievalSelector};
-pub use spec::{
-    DEFAULT_K, DEFAULT_TRAIN_POSITIONS, SELECTORS, SelectorBuilder, SelectorSpec, SpecOptions, parse,
-    register_selector, selector_names,
-};
+// The grammar and the parsed form live in needle-core (a model takes a `SelectorSpec` without
+// depending on this crate); re-exported here for plugins, which register through this crate.
+pub use needle_core::spec::{DEFAULT_K, DEFAULT_TRAIN_POSITIONS, SelectorSpec, SpecOptions};
+pub use spec::{AUTO_RETRIEVAL_FROM, SelectorBuilder, parse, register_selector, resolve_auto, selector_names};
 pub use streaming::{StreamingFactory, StreamingSelector};
 pub use tokenselect::{CacheCounters, DEFAULT_THRESHOLD, TokenSelectFactory, TokenSelectSelector};

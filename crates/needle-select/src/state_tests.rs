@@ -19,8 +19,6 @@ fn specs(policy: &std::path::Path) -> Vec<String> {
         format!("streaming:{f}"),
         format!("oracle:k=20,{f}"),
         format!("retrieval:index=flat,k=20,min_index=64,{f}"),
-        // Deferred: the index is still unbuilt when saved, and builds after the load.
-        format!("retrieval:index=graph,k=20,min_index=1080,{f}"),
         format!("quest:k=32,page=16,{f}"),
         format!("block:k=48,block=16,reps=2,{f}"),
         format!("hip:k=20,block=4,width=2,{f}"),
@@ -29,6 +27,8 @@ fn specs(policy: &std::path::Path) -> Vec<String> {
         format!("policy:file={},k=20", policy.display()),
     ];
     if cfg!(feature = "graph") {
+        // Deferred: the index is still unbuilt when saved, and builds after the load.
+        v.push(format!("retrieval:index=graph,k=20,min_index=1080,{f}"));
         v.push(format!("retrieval:index=RoarGraph16,k=20,min_index=64,{f}"));
         // Compressed walks over 8-bit codes of projections to 16 and 4 of 32 dims (maps saved).
         v.push(format!("retrieval:index=RoarGraph16r16p50,k=20,min_index=64,{f}"));

@@ -15,9 +15,12 @@
 //! group's heads. When the budget covers the whole dynamic part, every dynamic id is returned,
 //! and the model's output equals full attention (up to float summation order).
 //!
-//! The crate depends only on `needle-core` for the contract; `needle-model`, `needle-loader`
-//! and `needle-fetch` are there for the end-to-end run in `src/main.rs` and `tests/`.
-//! See `docs/writing-a-selector.md` in the needle repository for a walkthrough.
+//! The crate is a library depending on `needle-core` (the contract and the selector kit) and
+//! `needle-select` (to be named in specs, [`register`]) only; its defaults are the spec's
+//! ([`needle_select::DEFAULT_SINKS`], [`needle_select::DEFAULT_WINDOW`]). The model is a
+//! dev-dependency of its end-to-end test, and `examples/custom-selector-cli` beside it is the
+//! `needle` binary with this selector registered. See `docs/writing-a-selector.md` in the
+//! needle repository for a walkthrough.
 //!
 //! ```
 //! use custom_selector::StridedRerankConfig;
@@ -25,6 +28,10 @@
 //! let factory = StridedRerankConfig { sinks: 4, window: 64, stride: 8, oversample: 2 };
 //! let sel = factory.create(HeadId { layer: 0, kv_head: 0 }, 64)?;
 //! assert_eq!(sel.describe(), "strided-rerank:sinks=4,window=64,stride=8,oversample=2");
+//! // Registered, it is named in specs like a built-in, with the same static part by default.
+//! custom_selector::register()?;
+//! let spec = needle_select::parse("strided-rerank:k=64")?;
+//! assert_eq!(spec.factory.describe(), "strided-rerank:sinks=128,window=512,stride=8,oversample=2");
 //! # Ok::<(), needle_core::Error>(())
 //! ```
 #![warn(missing_docs)]
@@ -56,7 +63,9 @@ pub struct StridedRerankConfig {
 
 impl Default for StridedRerankConfig {
     fn default() -> Self {
-        Self { sinks: 4, window: 64, stride: 8, oversample: 2 }
+        // The static part every built-in selector defaults to, so that comparisons at defaults
+        // differ only in what is selected.
+        Self { sinks: needle_select::DEFAULT_SINKS, window: needle_select::DEFAULT_WINDOW, stride: 8, oversample: 2 }
     }
 }
 
@@ -217,7 +226,8 @@ impl AttentionSelector for StridedRerank {
 
 /// Registers `strided-rerank` with needle's spec parser, so that
 /// `strided-rerank:stride=8,oversample=2,k=64,sinks=4,window=64` works wherever needle takes a
-/// selector spec (`needle generate --selector …` in this crate's binary).
+/// selector spec (`needle generate --selector …` in `examples/custom-selector-cli`).
+/// Registering twice is an error (the name is taken).
 pub fn register() -> Result<()> {
     needle_select::register_selector(NAME, "strided probes + exact re-rank (examples/custom-selector)", |o| {
         let allowed: Vec<&str> = SpecOptions::COMMON.iter().copied().chain(["stride", "oversample"]).collect();

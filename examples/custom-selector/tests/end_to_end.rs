@@ -1,5 +1,6 @@
 //! `StridedRerank` inside the real model: with a budget covering the dynamic part, decode
-//! logits match full attention (to float summation order) and greedy text is identical.
+//! logits match full attention (to float summation order) and greedy text is identical; named
+//! by its spec after `register`, it runs as the factory built by hand does.
 #![allow(clippy::unwrap_used)]
 
 use custom_selector::StridedRerankConfig;
@@ -30,7 +31,7 @@ fn real() -> Real {
     }
 }
 
-fn cache(r: &Real, factory: &dyn SelectorFactory, budget: Budget) -> KvCache {
+fn cache_for(r: &Real, factory: &dyn SelectorFactory, budget: Budget) -> KvCache {
     let c = r.model.config();
     let sel = SelectionConfig { budget, ..Default::default() };
     KvCache::new(c.num_hidden_layers, r.model.gqa(), c.head_dim, factory, sel).unwrap()
@@ -44,8 +45,8 @@ fn full_budget_matches_full_attention_in_the_model() {
     assert!(prompt.len() > 40, "the prompt must leave a dynamic part: {} tokens", prompt.len());
 
     // Decode logits, step by step, on the same greedy path.
-    let mut a = cache(&r, &FullSelector, Budget::TopK(1));
-    let mut b = cache(&r, &custom, Budget::TopK(prompt.len()));
+    let mut a = cache_for(&r, &FullSelector, Budget::TopK(1));
+    let mut b = cache_for(&r, &custom, Budget::TopK(prompt.len()));
     let last = [prompt.len() - 1];
     let mut la = r.model.prefill(&prompt, &mut a, 512, &last, &mut |_, _| {}).unwrap();
     let mut lb = r.model.prefill(&prompt, &mut b, 512, &last, &mut |_, _| {}).unwrap();
@@ -67,7 +68,7 @@ fn full_budget_matches_full_attention_in_the_model() {
         &r.model,
         &r.tok,
         &prompt,
-        &mut cache(&r, &FullSelector, Budget::TopK(1)),
+        &mut cache_for(&r, &FullSelector, Budget::TopK(1)),
         &g,
         &mut |_| {},
         &mut |_, _| {},
@@ -77,7 +78,7 @@ fn full_budget_matches_full_attention_in_the_model() {
         &r.model,
         &r.tok,
         &prompt,
-        &mut cache(&r, &custom, Budget::TopK(prompt.len())),
+        &mut cache_for(&r, &custom, Budget::TopK(prompt.len())),
         &g,
         &mut |_| {},
         &mut |_, _| {},
@@ -87,7 +88,7 @@ fn full_budget_matches_full_attention_in_the_model() {
     assert_eq!(ours.text, full.text);
 
     // A small budget still runs, reads less, and stays inside the dynamic part.
-    let mut c = cache(&r, &custom, Budget::TopK(8));
+    let mut c = cache_for(&r, &custom, Budget::TopK(8));
     let small = generate(&r.model, &r.tok, &prompt, &mut c, &g, &mut |_| {}, &mut |_, _| {}).unwrap();
     assert_eq!(small.tokens.len(), full.tokens.len());
     assert!(small.stats.keys_attended < small.stats.keys_total);
@@ -95,24 +96,35 @@ fn full_budget_matches_full_attention_in_the_model() {
 }
 
 #[test]
-fn registered_by_name_it_runs_in_needle_generate() {
-    // This crate's `needle` binary registers `strided-rerank`, then runs the needle CLI.
-    let spec = "strided-rerank:stride=4,oversample=2,k=8,sinks=4,window=16";
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_custom-selector"))
-        .args(["generate", "--prompt", PROMPT, "--selector", spec, "--max-tokens", "4", "--json"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["selector"], spec);
-    assert_eq!(v["token_ids"].as_array().unwrap().len(), 4);
-    let share = v["share_of_keys_touched"].as_f64().unwrap();
-    assert!(share > 0.0 && share < 1.0, "{share}");
-
-    // In this process too, after registering: the spec parses like a built-in, bad keys are named.
+fn registered_by_name_it_runs_in_the_model() {
     custom_selector::register().unwrap();
-    assert!(needle_select::parse(spec).unwrap().factory.describe().starts_with("strided-rerank:"));
+    assert!(custom_selector::register().is_err(), "the name is taken once registered");
+    // The spec's defaults are the built-ins' static part.
+    let d = needle_select::parse("strided-rerank").unwrap();
+    assert!(d.factory.describe().contains(&format!(
+        "sinks={},window={}",
+        needle_select::DEFAULT_SINKS,
+        needle_select::DEFAULT_WINDOW
+    )));
     let e = needle_select::parse("strided-rerank:strid=4").unwrap_err().to_string();
-    assert!(e.contains("stride") && e.contains("oversample"), "{e}");
+    assert!(e.contains("strid") && e.contains("stride") && e.contains("oversample"), "{e}");
+
+    // What the spec names is what the model runs: a small budget reads less than everything and
+    // stays within it, as the factory built by hand does.
+    let r = real();
+    let prompt = r.tok.encode(PROMPT, false).unwrap();
+    let spec = needle_select::parse("strided-rerank:stride=4,oversample=2,k=8,sinks=4,window=16").unwrap();
+    assert_eq!(spec.budget, Budget::TopK(8));
+    let (factory, sel) = needle_model::compose(spec);
+    let c = r.model.config();
+    let mut cache = KvCache::new(c.num_hidden_layers, r.model.gqa(), c.head_dim, factory.as_ref(), sel).unwrap();
+    let g = GenerateConfig { max_tokens: 4, ..Default::default() };
+    let out = generate(&r.model, &r.tok, &prompt, &mut cache, &g, &mut |_| {}, &mut |_, _| {}).unwrap();
+    assert_eq!(out.tokens.len(), 4);
+    assert!(out.stats.keys_attended < out.stats.keys_total);
+    assert!(cache.last_selection(1, 0).ids.len() <= 8);
+    let by_hand = StridedRerankConfig { sinks: 4, window: 16, stride: 4, oversample: 2 };
+    let mut same = cache_for(&r, &by_hand, Budget::TopK(8));
+    let again = generate(&r.model, &r.tok, &prompt, &mut same, &g, &mut |_| {}, &mut |_, _| {}).unwrap();
+    assert_eq!(again.tokens, out.tokens);
 }

@@ -148,7 +148,6 @@ fn mass_budgets_stop_early_and_respect_the_cap() {
     let (k, _, qs) = data(1000, 5);
     let keys = Rows::new("k", &k, DIM).unwrap();
     let mut s = built(StridedRerankConfig { sinks: 4, window: 16, stride: 4, oversample: 2 }, &keys);
-    let dynamic = s.static_part().dynamic_range(keys.len());
     let mut sel = Selection::default();
     s.select(&qs[0], &keys, &Budget::Mass { target: 1.0, max: 50 }, &mut sel).unwrap();
     assert_eq!(sel.ids.len(), 50);
@@ -166,7 +165,6 @@ fn bad_settings_and_inputs_are_errors() {
     let (k, _, _) = data(200, 6);
     let keys = Rows::new("k", &k, DIM).unwrap();
     let mut s = built(StridedRerankConfig::default(), &keys);
-    let dynamic = s.static_part().dynamic_range(keys.len());
     let mut sel = Selection::default();
     assert!(s.select(&[0.0; 5], &keys, &Budget::TopK(3), &mut sel).is_err());
     let narrow = Rows::new("k", &k[..8 * 100], 8).unwrap();

@@ -39,7 +39,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use needle_core::GqaLayout;
-use needle_model::{Error, KvCache, Result, cached_attention, selector_from_spec};
+use needle_model::{Error, KvCache, Result, cached_attention, compose};
 
 /// Sizes of a [`TinyLm`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -182,7 +182,7 @@ impl<B: Backend> TinyLm<B> {
     /// An empty needle cache for one sequence, its selectors named by `spec`
     /// (`full`, `streaming:sinks=4,window=64`, `retrieval:index=graph,k=16`, …).
     pub fn new_cache(&self, spec: &str) -> Result<KvCache> {
-        let (factory, sel_cfg) = selector_from_spec(spec)?;
+        let (factory, sel_cfg) = compose(needle_select::parse(spec)?);
         KvCache::new(self.n_layers(), self.gqa()?, self.head_dim, factory.as_ref(), sel_cfg)
     }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use needle_loader::{Checkpoint, Tokenizer};
-use needle_model::{Cpu, KvCache, Llama, LoadOptions, Weights, selector_from_spec};
+use needle_model::{Cpu, KvCache, Llama, LoadOptions, Weights, compose};
 
 pub struct Real {
     pub ck: Checkpoint,
@@ -45,7 +45,7 @@ pub fn cache(spec: &str) -> KvCache {
 
 pub fn cache_for(model: &Llama<Cpu>, spec: &str) -> KvCache {
     let r = model;
-    let (f, sel) = selector_from_spec(spec).expect("spec");
+    let (f, sel) = compose(needle_select::parse(spec).expect("spec"));
     let c = r.config();
     KvCache::new(c.num_hidden_layers, r.gqa(), c.head_dim, f.as_ref(), sel).expect("cache")
 }

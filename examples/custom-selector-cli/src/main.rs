@@ -1,5 +1,5 @@
-//! `needle` with `strided-rerank` registered: everything the needle CLI does, plus this crate's
-//! selector by name, e.g.
+//! `needle` with `strided-rerank` registered: everything the needle CLI does, plus the
+//! custom-selector example's selector by name, e.g.
 //!
 //! ```sh
 //! cargo run --release -- generate --document default --context-tokens 4000 \
