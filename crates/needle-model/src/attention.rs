@@ -5,7 +5,6 @@
 //! does the same (see `examples/downstream-burn` and docs/burn-integration.md).
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
 
 use crate::backend::NeedleBackend;
 use crate::cache::KvCache;
@@ -25,12 +24,12 @@ use crate::error::{Error, Result};
 /// every position's queries are kept), and so that each layer's selectors start building in the
 /// background once the prompt has passed it ([`KvCache::set_build_during_prefill`]).
 ///
-/// Runs on [`NeedleBackend`] ops, which every backend has: on the CPU backend the tensors are
-/// read in place and prefill attention reads the cache's pages without copying them.
+/// Runs on the backend's [`NeedleBackend`] ops: on the CPU backend the tensors are read in place
+/// and prefill attention reads the cache's pages without copying them.
 ///
 /// Errors name the tensor whose shape disagrees with the cache's layout.
-pub fn cached_attention<B: Backend>(
-    cache: &mut KvCache,
+pub fn cached_attention<B: NeedleBackend>(
+    cache: &mut KvCache<B::KvMirror>,
     layer: usize,
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,

@@ -85,6 +85,12 @@ pub struct DecodeStats {
     pub pages_faulted: u64,
     /// KV pages moved from RAM to the disk tier so far.
     pub pages_spilled: u64,
+    /// Key blocks sparse prefill attended (`SelectionConfig::prefill` with a pattern), summed
+    /// over chunks, layers and KV heads.
+    pub prefill_blocks: u64,
+    /// Key blocks a dense prefill of the same chunks would have attended, summed the same way
+    /// (`prefill_blocks / prefill_blocks_dense` is the pattern's density).
+    pub prefill_blocks_dense: u64,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -116,11 +122,17 @@ pub struct DynamicPart {
     pub host: Option<(Vec<f32>, Vec<f32>)>,
 }
 
-/// Backend state kept beside the cache (the CubeCL arm's device copy of the KV rows): not
-/// saved, not forked; a backend rebuilds it from the host rows when it is missing or behind.
-#[derive(Default)]
-#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))] // read by the CubeCL arm only
-pub(crate) struct DeviceSlot(pub(crate) std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>);
+/// How a backend with a device ([`NeedleBackend::KvMirror`](crate::NeedleBackend::KvMirror)
+/// not `()`: the CubeCL arm) runs a decode step's attention; host backends always attend on the
+/// host and ignore it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DecodeMode {
+    /// Static part on the device, the selected rows on the host at the same time, one merge.
+    #[default]
+    Hybrid,
+    /// Static part and selected rows in one gathered device pass (the host only selects).
+    Device,
+}
 
 /// Below this many cached rows in a layer (all KV heads), decode attention runs on one thread.
 const PAR_MIN_ROWS: usize = 2048;
@@ -183,8 +195,11 @@ fn build_head(layer: usize, kv_head: usize, h: &mut HeadCache, scale: f32, retai
     Ok(stats)
 }
 
-/// KV cache plus selectors for one sequence.
-pub struct KvCache {
+/// KV cache plus selectors for one sequence. `M` is the device copy of the rows that the
+/// backend running the model keeps ([`NeedleBackend::KvMirror`](crate::NeedleBackend::KvMirror),
+/// `()` on the CPU): a `Llama<B>` takes a `KvCache<B::KvMirror>`. The mirror is not saved and
+/// not forked; a backend rebuilds it from the host rows when it is missing or behind.
+pub struct KvCache<M = ()> {
     heads: Vec<Vec<HeadCache>>,
     gqa: GqaLayout,
     head_dim: usize,
@@ -199,8 +214,10 @@ pub struct KvCache {
     early_build: bool,
     /// The background builder holding those layers until [`KvCache::build`].
     builder: Option<Worker<EarlyBuild, EarlyBuilt>>,
-    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))] // read by the CubeCL arm only
-    pub(crate) device: DeviceSlot,
+    /// The backend's device copy of the rows.
+    pub(crate) mirror: M,
+    /// How a device backend runs decode attention.
+    decode_mode: DecodeMode,
     /// Decode cost so far.
     pub stats: DecodeStats,
 }
@@ -233,7 +250,7 @@ fn make_heads(
         .collect()
 }
 
-impl KvCache {
+impl<M> KvCache<M> {
     /// An empty cache for `n_layers` layers; selectors come from `factory` (layers below
     /// `config.dense_layers` get full attention).
     pub fn new(
@@ -242,7 +259,10 @@ impl KvCache {
         head_dim: usize,
         factory: &dyn SelectorFactory,
         config: SelectionConfig,
-    ) -> Result<Self> {
+    ) -> Result<Self>
+    where
+        M: Default,
+    {
         let empty = || -> Result<_> {
             let rows = || PagedRows::with_dtype(head_dim, PAGE_SIZE, config.kv);
             Ok((rows()?, rows()?, Vec::new()))
@@ -261,7 +281,8 @@ impl KvCache {
             tiers: None,
             early_build: true,
             builder: None,
-            device: DeviceSlot::default(),
+            mirror: M::default(),
+            decode_mode: DecodeMode::default(),
             stats: DecodeStats::default(),
         })
     }
@@ -419,7 +440,10 @@ impl KvCache {
     /// converted to `config.kv` when it differs (the prefill itself ran at this cache's
     /// precision). Needs
     /// [`KvCache::retain_training_queries`] before the prefill (else the selectors train on no queries).
-    pub fn fork(&self, factory: &dyn SelectorFactory, config: SelectionConfig, scale: f32) -> Result<KvCache> {
+    pub fn fork(&self, factory: &dyn SelectorFactory, config: SelectionConfig, scale: f32) -> Result<Self>
+    where
+        M: Default,
+    {
         if !self.built {
             return Err(Error::State("fork needs a prefilled cache".into()));
         }
@@ -447,7 +471,8 @@ impl KvCache {
             tiers: None,
             early_build: self.early_build,
             builder: None,
-            device: DeviceSlot::default(),
+            mirror: M::default(),
+            decode_mode: self.decode_mode,
             stats: DecodeStats::default(),
         };
         c.build(scale)?;
@@ -530,6 +555,33 @@ impl KvCache {
     /// The selection configuration.
     pub fn config(&self) -> &SelectionConfig {
         &self.config
+    }
+
+    /// The backend's device copy of the rows ([`NeedleBackend::KvMirror`](crate::NeedleBackend::KvMirror)).
+    pub fn mirror(&self) -> &M {
+        &self.mirror
+    }
+
+    /// The backend's device copy of the rows, to bring up to date. A backend that reads the host
+    /// rows while it writes the mirror takes it out (`std::mem::take`) and puts it back.
+    pub fn mirror_mut(&mut self) -> &mut M {
+        &mut self.mirror
+    }
+
+    /// How a backend with a device runs decode attention ([`DecodeMode::Hybrid`] unless set).
+    pub fn set_decode_mode(&mut self, mode: DecodeMode) {
+        self.decode_mode = mode;
+    }
+
+    /// The decode mode in force.
+    pub fn decode_mode(&self) -> DecodeMode {
+        self.decode_mode
+    }
+
+    /// Adds a sparse prefill chunk's key blocks: `attended` of `dense`.
+    pub(crate) fn count_prefill_blocks(&mut self, attended: u64, dense: u64) {
+        self.stats.prefill_blocks += attended;
+        self.stats.prefill_blocks_dense += dense;
     }
 
     /// Spec of the selector serving `layer`, KV head 0.
@@ -876,7 +928,10 @@ impl KvCache {
         config: SelectionConfig,
         len: usize,
         scale: f32,
-    ) -> Result<Self> {
+    ) -> Result<Self>
+    where
+        M: Default,
+    {
         let mut cache = Self::new(n_layers, gqa, head_dim, factory, config)?;
         let per_head: Vec<BuildStats> = cache
             .heads

@@ -53,7 +53,7 @@ mod weights;
 
 pub use attention::cached_attention;
 pub use backend::NeedleBackend;
-pub use cache::{DecodeStats, DynamicPart, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
+pub use cache::{DecodeMode, DecodeStats, DynamicPart, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_from};
 pub use model::Llama;
@@ -67,7 +67,7 @@ pub use needle_kv::TierBudget;
 pub use rope::Rope;
 pub use sampling::{Sampler, SamplingConfig, argmax};
 pub use spec::{AUTO_RETRIEVAL_FROM, SELECTORS, resolve_auto, selector_from_spec};
-pub use weights::{LoadOptions, QWeight, Weights};
+pub use weights::{LinearWeight, LoadOptions, QWeight, Weights};
 
 /// The CPU backend (burn's pure-Rust Flex).
 pub type Cpu = burn::backend::Flex;
