@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::Backend;
+use needle_model::NeedleBackend;
 use clap::Args;
 use needle_core::HeadId;
 use needle_core::attention::scores;
@@ -50,7 +50,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     crate::common::on_device!(a.model.device, |B, device| run_on::<B>(a, &device))
 }
 
-fn run_on<B: Backend>(a: CalibrateArgs, device: &B::Device) -> Result<()> {
+fn run_on<B: NeedleBackend>(a: CalibrateArgs, device: &B::Device) -> Result<()> {
     let loaded = load_on::<B>(&a.model.model, a.model.weights, device)?;
     let model = &loaded.model;
     let tokens = prompt_tokens(&a.prompt, &loaded.tokenizer)?;

@@ -1,7 +1,7 @@
 //! The entry point a Burn model routes its attention through: one call per layer that appends
 //! the new keys and values to needle's [`KvCache`] and attends to the cache — causal and dense
 //! during prefill, through the cache's selectors (static part + selection, merged by
-//! log-sum-exp) at decode. [`Llama`](crate::Llama) uses it for every layer; a model of your own
+//! log-sum-exp) at decode, as the caller's [`AttentionStep`] says. [`Llama`](crate::Llama) uses it for every layer; a model of your own
 //! does the same (see `examples/downstream-burn` and docs/burn-integration.md).
 
 use burn::tensor::Tensor;
@@ -10,14 +10,34 @@ use crate::backend::NeedleBackend;
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
 
-/// Attention of `layer` for `t` new tokens through `cache`.
+/// What a [`cached_attention`] call is, in the cache's lifecycle: prefill while the cache is
+/// not built, then (after [`KvCache::build`]) decode steps and dense chunks. Said by the
+/// caller, never guessed from the shapes: a call that does not fit the cache's state is an
+/// error ([`Error::State`]) rather than another kind of attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionStep {
+    /// A chunk of the prompt (any number of tokens), before the build: causal dense attention
+    /// (or the prefill pattern's), the queries sampled for the selectors' training.
+    Prefill,
+    /// One token after the build: the static part and what the selectors pick, merged exactly.
+    Decode,
+    /// A chunk (any number of tokens) after the build, e.g. a question after a saved document
+    /// ([`Llama::extend`](crate::Llama::extend)): causal dense attention; the tokens that leave
+    /// the window join the selectors as decode tokens do.
+    Extend,
+}
+
+/// Attention of `layer` for `t` new tokens through `cache`, as `step` says.
 ///
 /// `q` is `[t, n_q_heads, head_dim]`, `k` and `v` are `[t, n_kv_heads, head_dim]`, all after
 /// RoPE (keys are stored as given). The new tokens take positions `cache.layer_len(layer)..`;
 /// their keys and values are appended to the cache first, so each query sees itself.
-/// When the cache is built (after [`KvCache::build`]) and `t == 1`, this is a decode step through
-/// the selectors; otherwise it is causal dense attention over everything cached for the layer
-/// (prefill). Returns `[t, n_q_heads * head_dim]`.
+/// Returns `[t, n_q_heads * head_dim]`.
+///
+/// The lifecycle: [`AttentionStep::Prefill`] chunks until the prompt is in, then
+/// [`KvCache::build`], then [`AttentionStep::Decode`] steps (one token) or
+/// [`AttentionStep::Extend`] chunks. A prefill after the build, a decode or extend before it
+/// (a forgotten `build`) or a decode of several tokens is an error, and nothing is appended.
 ///
 /// Before a prefill, call [`KvCache::plan_training`] with the prompt length so that only a
 /// strided sample of prefill queries is kept as the selectors' training queries (without it
@@ -31,6 +51,7 @@ use crate::error::{Error, Result};
 pub fn cached_attention<B: NeedleBackend>(
     cache: &mut KvCache<B::KvMirror>,
     layer: usize,
+    step: AttentionStep,
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
     v: Tensor<B, 3>,
@@ -46,9 +67,28 @@ pub fn cached_attention<B: NeedleBackend>(
             return Err(Error::Shape { tensor: name.into(), expected: vec![t, heads, d], got: dims.to_vec() });
         }
     }
+    match (step, cache.is_built()) {
+        (AttentionStep::Prefill, true) => {
+            return Err(Error::State(
+                "a prefill step on a built cache: after KvCache::build, feed tokens as Decode or Extend steps".into(),
+            ));
+        }
+        (AttentionStep::Decode | AttentionStep::Extend, false) => {
+            return Err(Error::State(format!(
+                "a {step:?} step on a cache whose selectors are not built: call KvCache::build after the prefill"
+            )));
+        }
+        (AttentionStep::Decode, true) if t != 1 => {
+            return Err(Error::invalid(
+                "q",
+                format!("a decode step attends one token, not {t}: feed a chunk as an Extend step"),
+            ));
+        }
+        _ => {}
+    }
     let pos0 = cache.layer_len(layer)?;
     B::with_host(k, |ks| B::with_host(v, |vs| cache.append(layer, ks, vs)))???;
-    if t == 1 && cache.is_built() {
+    if step == AttentionStep::Decode {
         return B::decode_attention(cache, layer, pos0, q, scale);
     }
     if cache.wants_queries(layer) {

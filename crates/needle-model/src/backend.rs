@@ -699,7 +699,7 @@ mod tests {
                     .collect()
             };
             let (k, v, q) = (rand((pos0 + t) * 2 * d), rand((pos0 + t) * 2 * d), rand(t * 6 * d));
-            let run = |prefill: PrefillSpec| -> Vec<f32> {
+            let run = |prefill: PrefillSpec| -> (Vec<f32>, (u64, u64)) {
                 let config = SelectionConfig { kv, prefill, ..SelectionConfig::default() };
                 let mut cache: KvCache = KvCache::new(1, gqa, d, &FullSelector, config).unwrap();
                 cache.append(0, &k, &v).unwrap();

@@ -51,7 +51,7 @@ mod sampling;
 mod spec;
 mod weights;
 
-pub use attention::cached_attention;
+pub use attention::{AttentionStep, cached_attention};
 pub use backend::NeedleBackend;
 pub use cache::{DecodeMode, DecodeStats, DynamicPart, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
 pub use error::{Error, Result};

@@ -16,7 +16,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use needle_core::GqaLayout;
 use needle_loader::{Checkpoint, HostTensor, LlamaConfig};
 
-use crate::attention::cached_attention;
+use crate::attention::{AttentionStep, cached_attention};
 use crate::backend::{NeedleBackend, plain};
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
@@ -378,9 +378,13 @@ impl<B: NeedleBackend> Llama<B> {
 
     /// Runs `tokens` (at positions `cache.len()..`) through the model, appending their keys and
     /// values to the cache, and returns the final-normed hidden states `[t, hidden]`.
-    /// One token after the cache is built decodes through the selectors; anything else is
-    /// prefill with causal dense attention.
-    pub(crate) fn forward(&self, tokens: &[u32], cache: &mut KvCache<B::KvMirror>) -> Result<Tensor<B, 2>> {
+    /// `step` says what the tokens are in the cache's lifecycle ([`cached_attention`]).
+    pub(crate) fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B::KvMirror>,
+        step: AttentionStep,
+    ) -> Result<Tensor<B, 2>> {
         self.check_tokens(tokens)?;
         let (t, pos0) = (tokens.len(), cache.len());
         if let Some(w) = self.config.sliding_window
@@ -410,7 +414,7 @@ impl<B: NeedleBackend> Llama<B> {
             let q = rope.apply(self.heads(q, nh, &b.q_norm)?)?;
             let k = rope.apply(self.heads(k, nkv, &b.k_norm)?)?;
             let v = v.reshape([t, nkv, d]);
-            let attn = cached_attention(cache, l, q, k, v, self.scale())?;
+            let attn = cached_attention(cache, l, step, q, k, v, self.scale())?;
             x = x + b.wo.forward(attn)?;
             let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
             let [gate, up] = forward_many(h, [&b.w_gate, &b.w_up])?;
@@ -455,7 +459,7 @@ impl<B: NeedleBackend> Llama<B> {
         }
         let start = cache.len();
         cache.plan_training(start + tokens.len());
-        let logits = self.run_chunks(tokens, cache, chunk, logit_positions, progress)?;
+        let logits = self.run_chunks(tokens, cache, AttentionStep::Prefill, chunk, logit_positions, progress)?;
         cache.build(self.scale())?;
         Ok(logits)
     }
@@ -477,7 +481,7 @@ impl<B: NeedleBackend> Llama<B> {
         if tokens.is_empty() || chunk == 0 {
             return Err(Error::invalid("tokens/chunk", "extend needs at least one token and a chunk of at least 1"));
         }
-        self.run_chunks(tokens, cache, chunk, &[tokens.len() - 1], progress)
+        self.run_chunks(tokens, cache, AttentionStep::Extend, chunk, &[tokens.len() - 1], progress)
     }
 
     /// The forward passes of [`Llama::prefill`] and [`Llama::extend`]: chunk by chunk, keeping
@@ -486,6 +490,7 @@ impl<B: NeedleBackend> Llama<B> {
         &self,
         tokens: &[u32],
         cache: &mut KvCache<B::KvMirror>,
+        step: AttentionStep,
         chunk: usize,
         logit_positions: &[usize],
         progress: &mut dyn FnMut(usize, usize),
@@ -493,7 +498,10 @@ impl<B: NeedleBackend> Llama<B> {
         let mut logits = vec![Vec::new(); logit_positions.len()];
         for (c, part) in tokens.chunks(chunk).enumerate() {
             let first = c * chunk;
-            let hidden = self.forward(part, cache)?;
+            // A one-token part of an extension is a decode step through the selectors (as it
+            // always was: the extended logits stay what they were).
+            let step = if step == AttentionStep::Extend && part.len() == 1 { AttentionStep::Decode } else { step };
+            let hidden = self.forward(part, cache, step)?;
             let wanted: Vec<(usize, usize)> = logit_positions
                 .iter()
                 .enumerate()
@@ -517,7 +525,7 @@ impl<B: NeedleBackend> Llama<B> {
         if !cache.is_built() {
             return Err(Error::State("decode before prefill: prefill a prompt first".into()));
         }
-        let hidden = self.forward(&[token], cache)?;
+        let hidden = self.forward(&[token], cache, AttentionStep::Decode)?;
         cache.finish_step();
         self.logits(hidden, &[0])
     }
