@@ -649,6 +649,10 @@ pub mod plain {
     }
 }
 
+// A backend needle-model has no arm for, given the plain ops in one line (the test below).
+#[cfg(test)]
+crate::plain_backend!(burn::backend::NdArray);
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -720,5 +724,74 @@ mod tests {
             assert_eq!(sparse[(288 - pos0) * row..], dense[(288 - pos0) * row..], "{kv}");
             assert_ne!(sparse[(200 - pos0) * row..][..row], dense[(200 - pos0) * row..][..row], "{kv}");
         }
+    }
+
+    /// The plain ops on another backend (NdArray, through `plain_backend!`) against Flex's
+    /// kernels: prefill and decode attention through a cache, and a random-weight model end to
+    /// end (f32 weights: `fuses_linear` is false there).
+    #[test]
+    fn plain_backend_gives_another_backend_the_reference_ops() {
+        use burn::backend::NdArray;
+        use needle_loader::LlamaConfig;
+
+        use crate::{AttentionStep, Llama, LoadOptions, Weights, cached_attention};
+
+        assert!(!<NdArray as NeedleBackend>::fuses_linear());
+        let (gqa, d, n) = (GqaLayout::new(4, 2).unwrap(), 16, 40);
+        let mut r = 0x1234_5678u32;
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    r ^= r << 13;
+                    r ^= r >> 17;
+                    r ^= r << 5;
+                    (r as f32 / u32::MAX as f32) * 2.0 - 1.0
+                })
+                .collect()
+        };
+        let (k, v, q) = (rand(n * 2 * d), rand(n * 2 * d), rand(n * 4 * d));
+        let (k1, v1, q1) = (rand(2 * d), rand(2 * d), rand(4 * d));
+        fn run<B: NeedleBackend<KvMirror = ()>>(
+            kv: [&[f32]; 4],
+            q: [&[f32]; 2],
+            gqa: GqaLayout,
+            d: usize,
+        ) -> (Vec<f32>, Vec<f32>) {
+            let dev = Default::default();
+            let t = |x: &[f32], h: usize| Tensor::<B, 3>::from_data(TensorData::new(x.to_vec(), [x.len() / h / d, h, d]), &dev);
+            let config = SelectionConfig { budget: needle_core::Budget::TopK(8), ..SelectionConfig::default() };
+            let mut cache: KvCache = KvCache::new(1, gqa, d, &FullSelector, config).unwrap();
+            let pre = cached_attention::<B>(&mut cache, 0, AttentionStep::Prefill, t(q[0], 4), t(kv[0], 2), t(kv[1], 2), 0.25)
+                .unwrap();
+            cache.build(0.25).unwrap();
+            let dec = cached_attention::<B>(&mut cache, 0, AttentionStep::Decode, t(q[1], 4), t(kv[2], 2), t(kv[3], 2), 0.25)
+                .unwrap();
+            (plain::to_vec(pre).unwrap(), plain::to_vec(dec).unwrap())
+        }
+        let want = run::<Flex>([&k, &v, &k1, &v1], [&q, &q1], gqa, d);
+        let got = run::<NdArray>([&k, &v, &k1, &v1], [&q, &q1], gqa, d);
+        for (name, a, b) in [("prefill", &want.0, &got.0), ("decode", &want.1, &got.1)] {
+            let e = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(e < 1e-4, "{name}: max |Δ| {e}");
+        }
+
+        let mut cfg = LlamaConfig::preset("smollm2-135m").unwrap();
+        (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) = (64, 32, 48, 2);
+        (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) = (4, 2, 8);
+        let ck = needle_loader::Checkpoint::random(&cfg, needle_kernels_cpu::QuantType::Q8_0, 3).unwrap();
+        let f32_weights = LoadOptions { weights: Weights::F32 };
+        let cpu = Llama::<Flex>::load_with(&ck, &Default::default(), &f32_weights).unwrap();
+        let other = Llama::<NdArray>::load(&ck, &Default::default()).unwrap();
+        assert_eq!(other.weights(), Weights::F32, "a plain backend dequantizes at load");
+        let prompt: Vec<u32> = (0..9).map(|i| (i * 7 % 64) as u32).collect();
+        let logits = |m: &dyn Fn(&mut KvCache) -> Vec<f32>| {
+            let config = SelectionConfig { budget: needle_core::Budget::TopK(4), ..SelectionConfig::default() };
+            let mut c: KvCache = KvCache::new(2, GqaLayout::new(4, 2).unwrap(), 8, &FullSelector, config).unwrap();
+            m(&mut c)
+        };
+        let a = logits(&|c| cpu.prefill(&prompt, c, 4, &[8], &mut |_, _| {}).unwrap());
+        let b = logits(&|c| other.prefill(&prompt, c, 4, &[8], &mut |_, _| {}).unwrap());
+        let e = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(e < 1e-3, "model logits: max |Δ| {e}");
     }
 }

@@ -15,6 +15,13 @@
 //!   their [`NeedleBackend`] arm (module `cube`): weights stay quantized on the device, the
 //!   cache's rows are mirrored there, decode is a hybrid step (device static part, host
 //!   selection and retrieved rows, one merge).
+//! - `autodiff`: [`NeedleBackend`] for `burn::backend::Autodiff<B>` (`B`'s ops, forward only).
+//!
+//! ## Backends
+//! [`NeedleBackend`] is a Burn backend extension implemented per backend type (module
+//! [`backend`]): the model and [`cached_attention`] are generic over `B: NeedleBackend`, and a
+//! backend of your own gets the plain Burn-op version with [`plain_backend!`]. A model on `B`
+//! takes a `KvCache<B::KvMirror>` (plain [`KvCache`] on the CPU).
 //!
 //! ## Engine
 //! [`Llama::load`] keeps GGUF weights in their blocks ([`Weights::Native`]); on the CPU backend

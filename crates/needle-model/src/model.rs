@@ -5,7 +5,7 @@
 //!
 //! The model is a Burn [`Module`]. With [`Weights::Native`] (the default) on the CPU backend, the
 //! linear weights stay in the checkpoint's blocks (a GGUF memory map) and run through
-//! [`NeedleBackend`]'s fused ops; with [`Weights::F32`] (or on other backends) they are f32 Burn
+//! [`NeedleBackend`]'s fused ops; with [`Weights::F32`] (or on plain-op backends) they are f32 Burn
 //! parameters transposed to `[in, out]` so a layer is `x · W`. Every layer's attention goes
 //! through [`cached_attention`]: keys and values leave the model after RoPE into the host-tier
 //! [`KvCache`]; prefill attends causally over the cache, decode goes through the cache's selectors.
