@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use needle_model::NeedleBackend;
 use clap::Args;
 use needle_core::HeadId;
 use needle_core::attention::scores;
+use needle_model::NeedleBackend;
 
 use crate::common::{ModelArgs, PromptArgs, load_on, new_cache, progress_bar, prompt_tokens, write_new};
 

@@ -4,10 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use needle_model::NeedleBackend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use needle_model::{Cpu, KvCache, KvDtype, Llama, LoadOptions, TierBudget, Weights, selector_from_spec};
+use needle_model::{Cpu, KvCache, KvDtype, Llama, LoadOptions, NeedleBackend, TierBudget, Weights, selector_from_spec};
 
 #[derive(Args)]
 pub struct ModelArgs {

@@ -3,8 +3,8 @@
 use std::io::Write;
 
 use anyhow::Result;
-use needle_model::NeedleBackend;
 use clap::Args;
+use needle_model::NeedleBackend;
 use std::path::PathBuf;
 use std::time::Instant;
 

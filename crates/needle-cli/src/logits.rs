@@ -1,8 +1,8 @@
 //! `needle logits`: the top-K next-token logits of a prompt's last position.
 
 use anyhow::Result;
-use needle_model::NeedleBackend;
 use clap::Args;
+use needle_model::NeedleBackend;
 
 use crate::common::{Loaded, ModelArgs, PromptArgs, load_on, new_cache, progress_bar, prompt_tokens};
 

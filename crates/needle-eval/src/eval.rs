@@ -21,7 +21,7 @@ use needle_core::metrics::{attention_mass, kl_divergence, recall, relative_error
 use needle_core::{RowSource, attend_selected};
 use needle_loader::Tokenizer;
 use needle_model::context::SavedContext;
-use needle_model::{KvCache, NeedleBackend, KvDtype, Llama, SelectionConfig, argmax, selector_from_spec};
+use needle_model::{KvCache, KvDtype, Llama, NeedleBackend, SelectionConfig, argmax, selector_from_spec};
 use needle_tasks::{Filler, TaskSpec};
 use serde::Serialize;
 
@@ -170,7 +170,12 @@ pub fn prefill_base<B: NeedleBackend>(
 }
 
 /// A cache with the selector `spec` built over `base`'s prefill, its pages stored as `kv`.
-pub fn fork<B: NeedleBackend>(model: &Llama<B>, base: &KvCache<B::KvMirror>, spec: &str, kv: KvDtype) -> Result<KvCache<B::KvMirror>> {
+pub fn fork<B: NeedleBackend>(
+    model: &Llama<B>,
+    base: &KvCache<B::KvMirror>,
+    spec: &str,
+    kv: KvDtype,
+) -> Result<KvCache<B::KvMirror>> {
     let (factory, mut config) = selector_from_spec(spec).during(|| format!("selector `{spec}`"))?;
     config.kv = kv;
     base.fork(factory.as_ref(), config, model.scale()).during(|| format!("building selector `{spec}`"))
@@ -235,7 +240,11 @@ fn decode_steps<B: NeedleBackend>(
 
 /// Recall of the true top-k dynamic keys, attention mass captured and output error, per query
 /// head of the traced layers at decode step `step` (NaN recall where there is no dynamic part).
-fn attention_metrics<B: NeedleBackend>(model: &Llama<B>, cache: &KvCache<B::KvMirror>, step: usize) -> Result<Vec<[f64; 3]>> {
+fn attention_metrics<B: NeedleBackend>(
+    model: &Llama<B>,
+    cache: &KvCache<B::KvMirror>,
+    step: usize,
+) -> Result<Vec<[f64; 3]>> {
     let Some(trace) = cache.query_trace() else { return Ok(Vec::new()) };
     let gqa = model.gqa();
     let d = model.config().head_dim;
@@ -292,7 +301,12 @@ struct Teacher<'m, B: NeedleBackend> {
 
 impl<'m, B: NeedleBackend> Teacher<'m, B> {
     /// Decodes `cfg.steps` greedy tokens with `full` (a full-attention cache) from `first`.
-    fn new(model: &'m Llama<B>, mut full: KvCache<B::KvMirror>, first: Vec<f32>, cfg: &'m FidelityConfig) -> Result<Self> {
+    fn new(
+        model: &'m Llama<B>,
+        mut full: KvCache<B::KvMirror>,
+        first: Vec<f32>,
+        cfg: &'m FidelityConfig,
+    ) -> Result<Self> {
         let n_layers = model.config().num_hidden_layers;
         let layers =
             if cfg.attn_layers.is_empty() { (0..n_layers).step_by(4).collect() } else { cfg.attn_layers.clone() };

@@ -16,7 +16,7 @@ use std::time::Instant;
 use needle_core::metrics::kl_divergence;
 use needle_core::prefill::PrefillSpec;
 use needle_loader::Tokenizer;
-use needle_model::{KvCache, NeedleBackend, Llama, argmax, selector_from_spec};
+use needle_model::{KvCache, Llama, NeedleBackend, argmax, selector_from_spec};
 use needle_tasks::TaskSpec;
 use serde::Serialize;
 
@@ -78,7 +78,12 @@ struct Prefilled<M> {
     density: f64,
 }
 
-fn prefill<B: NeedleBackend>(model: &Llama<B>, tokens: &[u32], spec: PrefillSpec, chunk: usize) -> Result<Prefilled<B::KvMirror>> {
+fn prefill<B: NeedleBackend>(
+    model: &Llama<B>,
+    tokens: &[u32],
+    spec: PrefillSpec,
+    chunk: usize,
+) -> Result<Prefilled<B::KvMirror>> {
     let mut cache = cache_for(model, spec)?;
     let t = Instant::now();
     let logits = model
@@ -91,7 +96,11 @@ fn prefill<B: NeedleBackend>(model: &Llama<B>, tokens: &[u32], spec: PrefillSpec
 }
 
 /// Feeds `tokens` one by one, returning the logits after each.
-fn forced<B: NeedleBackend>(model: &Llama<B>, cache: &mut KvCache<B::KvMirror>, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+fn forced<B: NeedleBackend>(
+    model: &Llama<B>,
+    cache: &mut KvCache<B::KvMirror>,
+    tokens: &[u32],
+) -> Result<Vec<Vec<f32>>> {
     tokens.iter().enumerate().map(|(i, &t)| model.decode(t, cache).during(|| format!("decode step {i}"))).collect()
 }
 

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use needle_core::RowSource;
-use needle_model::{KvCache, NeedleBackend, Llama, argmax, selector_from_spec};
+use needle_model::{KvCache, Llama, NeedleBackend, argmax, selector_from_spec};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::error::{Context, Error, Result};

@@ -431,9 +431,11 @@ pub mod flex {
         let pattern_on = pattern.is_some();
         let run = |qs: &[f32]| -> Result<(u64, u64)> {
             let masks = pattern.map(|p| plan_masks(cache, layer, p, qs, n - t, scale)).transpose()?;
-            let blocks = masks.iter().flatten().map(BlockMask::density).fold((0, 0), |(a, b), (kept, all)| {
-                (a + kept as u64, b + all as u64)
-            });
+            let blocks = masks
+                .iter()
+                .flatten()
+                .map(BlockMask::density)
+                .fold((0, 0), |(a, b), (kept, all)| (a + kept as u64, b + all as u64));
             let layouts: Option<Vec<BlockLayout<'_>>> =
                 masks.as_ref().map(|m| m.iter().map(BlockMask::layout).collect());
             let layouts = layouts.as_deref();
@@ -758,14 +760,25 @@ mod tests {
             d: usize,
         ) -> (Vec<f32>, Vec<f32>) {
             let dev = Default::default();
-            let t = |x: &[f32], h: usize| Tensor::<B, 3>::from_data(TensorData::new(x.to_vec(), [x.len() / h / d, h, d]), &dev);
+            let t = |x: &[f32], h: usize| {
+                Tensor::<B, 3>::from_data(TensorData::new(x.to_vec(), [x.len() / h / d, h, d]), &dev)
+            };
             let config = SelectionConfig { budget: needle_core::Budget::TopK(8), ..SelectionConfig::default() };
             let mut cache: KvCache = KvCache::new(1, gqa, d, &FullSelector, config).unwrap();
-            let pre = cached_attention::<B>(&mut cache, 0, AttentionStep::Prefill, t(q[0], 4), t(kv[0], 2), t(kv[1], 2), 0.25)
-                .unwrap();
+            let pre = cached_attention::<B>(
+                &mut cache,
+                0,
+                AttentionStep::Prefill,
+                t(q[0], 4),
+                t(kv[0], 2),
+                t(kv[1], 2),
+                0.25,
+            )
+            .unwrap();
             cache.build(0.25).unwrap();
-            let dec = cached_attention::<B>(&mut cache, 0, AttentionStep::Decode, t(q[1], 4), t(kv[2], 2), t(kv[3], 2), 0.25)
-                .unwrap();
+            let dec =
+                cached_attention::<B>(&mut cache, 0, AttentionStep::Decode, t(q[1], 4), t(kv[2], 2), t(kv[3], 2), 0.25)
+                    .unwrap();
             (plain::to_vec(pre).unwrap(), plain::to_vec(dec).unwrap())
         }
         let want = run::<Flex>([&k, &v, &k1, &v1], [&q, &q1], gqa, d);

@@ -238,8 +238,7 @@ impl<R: CubeRuntime> DeviceCache<R> {
             *kv = None;
         }
         if kv.is_none() {
-            *kv =
-                Some(DeviceKv::with_capacity(client, n.max(1), gqa.n_kv_heads, d).map_err(kernel_err("KV mirror"))?);
+            *kv = Some(DeviceKv::with_capacity(client, n.max(1), gqa.n_kv_heads, d).map_err(kernel_err("KV mirror"))?);
         }
         let kv = kv.as_mut().ok_or_else(|| Error::State("device KV mirror missing".into()))?;
         if kv.n_rows < n {

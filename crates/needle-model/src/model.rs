@@ -10,7 +10,10 @@
 //! through [`cached_attention`]: keys and values leave the model after RoPE into the host-tier
 //! [`KvCache`]; prefill attends causally over the cache, decode goes through the cache's selectors.
 
-use burn::module::{AutodiffModule, Content, Devices, EmptyRecord, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{
+    AutodiffModule, Content, Devices, EmptyRecord, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper,
+    ModuleVisitor, Param,
+};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use needle_core::GqaLayout;

@@ -83,14 +83,8 @@ impl QWeight {
     /// Owned f32 weights, row-major `rows × cols`.
     pub fn from_f32(name: &str, data: &[f32], rows: usize, cols: usize) -> Result<Self> {
         let bytes: Arc<[u8]> = bytemuck::cast_slice::<f32, u8>(data).into();
-        let w = Self {
-            name: name.into(),
-            store: Store::Owned(bytes),
-            ty: QuantType::F32,
-            rows,
-            cols,
-            rope_heads: None,
-        };
+        let w =
+            Self { name: name.into(), store: Store::Owned(bytes), ty: QuantType::F32, rows, cols, rope_heads: None };
         w.check()?;
         Ok(w)
     }

@@ -53,10 +53,11 @@ fn tiny() -> LlamaConfig {
 
 #[test]
 fn the_cube_arm_serves_burns_wgpu_type_and_keeps_weights_in_blocks() {
-    // `needle --device wgpu` runs `burn::backend::Wgpu`: with burn's `fusion` feature it would
-    // be another type, which this arm does not serve.
-    assert_eq!(std::any::TypeId::of::<burn::backend::Wgpu>(), std::any::TypeId::of::<G>());
-    assert!(<G as NeedleBackend>::fuses_linear());
+    // `needle --device wgpu` runs `burn::backend::Wgpu`: the CubeCL arm's type, checked at
+    // compile time (with burn's `fusion` feature it would be another type, without the arm).
+    fn same<T>(_: std::marker::PhantomData<T>, _: std::marker::PhantomData<T>) {}
+    same(std::marker::PhantomData::<burn::backend::Wgpu>, std::marker::PhantomData::<G>);
+    assert!(<burn::backend::Wgpu as NeedleBackend>::fuses_linear());
 }
 
 #[test]
@@ -125,8 +126,9 @@ fn prefill_attention_on_the_device_matches_the_cpu_kernel() {
             .unwrap(),
         )
         .unwrap();
-        let got = plain::to_vec(<G as NeedleBackend>::paged_attention(&mut cache, 0, gpu(q, [t, nq, d]), scale).unwrap())
-            .unwrap();
+        let got =
+            plain::to_vec(<G as NeedleBackend>::paged_attention(&mut cache, 0, gpu(q, [t, nq, d]), scale).unwrap())
+                .unwrap();
         let e = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(e < 1e-5, "{nq}/{nkv} heads d {d} n {n} t {t}: max |Δ| {e}");
     }

@@ -191,7 +191,10 @@ fn wrong_shapes_are_errors_not_panics() {
     assert_eq!(cache.len(), 0);
     // The model's own checks: empty and out-of-vocabulary tokens.
     assert!(matches!(m.forward_needle(&[], &mut cache, AttentionStep::Prefill), Err(Error::EmptyPrompt)));
-    assert!(matches!(m.forward_needle(&[1, 999], &mut cache, AttentionStep::Prefill), Err(Error::TokenOutOfRange { id: 999, .. })));
+    assert!(matches!(
+        m.forward_needle(&[1, 999], &mut cache, AttentionStep::Prefill),
+        Err(Error::TokenOutOfRange { id: 999, .. })
+    ));
     assert_eq!(cache.len(), 0);
 }
 

@@ -126,9 +126,6 @@ impl DecodeStats {
     }
 }
 
-
-
-
 struct HeadCache {
     keys: PagedRows,
     values: PagedRows,
@@ -140,12 +137,6 @@ struct HeadCache {
     selection: Selection,
     scratch: GroupScratch,
 }
-
-
-
-
-
-
 
 /// KV cache plus selectors for one sequence. `M` is the device copy of the rows that the
 /// backend running the model keeps ([`NeedleBackend::KvMirror`](crate::NeedleBackend::KvMirror),
@@ -399,5 +390,4 @@ impl<M> KvCache<M> {
         }
         Ok(())
     }
-
 }

@@ -53,7 +53,6 @@ fn corrupt(r: &ContextReader, section: &str, reason: String) -> Error {
     needle_kv::Error::Corrupt { path: r.path().to_path_buf(), section: section.into(), reason }.into()
 }
 
-
 impl<M> KvCache<M> {
     /// Writes every head's keys, values and selector state into a context file. A selector
     /// that cannot save its state ([`needle_core::Error::Unsupported`]) has its training
