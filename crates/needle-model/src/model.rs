@@ -469,7 +469,8 @@ impl<B: NeedleBackend> Llama<B> {
 
     /// Feeds `tokens` to a prefilled (built) cache in chunks of `chunk` tokens — a question
     /// after a saved document, say — and returns the logits after the last one. Each chunk
-    /// attends densely to everything before it, as prefill does; the tokens that leave the
+    /// attends densely to everything before it, as prefill does ([`AttentionStep::Extend`]); a
+    /// chunk of one token is a decode step through the selectors. The tokens that leave the
     /// window join the selectors as decode tokens do.
     pub fn extend(
         &self,
