@@ -218,11 +218,10 @@ fn a_loaded_cache_is_mirrored_to_the_device_on_first_use() {
 }
 
 /// Prefill (`step(cache, None)`), then 4 greedy decode steps: the logits of each.
-fn greedy_logits<M: Default>(
-    step: &dyn Fn(&mut KvCache<M>, Option<u32>) -> Vec<f32>,
-    spec: &str,
-    mode: DecodeMode,
-) -> Vec<Vec<f32>> {
+/// One step of [`greedy_logits`]: the prefill (`None`) or the decode of a token.
+type Step<'a, M> = &'a dyn Fn(&mut KvCache<M>, Option<u32>) -> Vec<f32>;
+
+fn greedy_logits<M: Default>(step: Step<'_, M>, spec: &str, mode: DecodeMode) -> Vec<Vec<f32>> {
     let (f, sel) = selector_from_spec(spec).unwrap();
     let mut cache = KvCache::new(2, GqaLayout::new(6, 2).unwrap(), 32, f.as_ref(), sel).unwrap();
     cache.set_decode_mode(mode);
