@@ -98,3 +98,48 @@ pub fn cached_attention<B: NeedleBackend>(
     cache.layer_prefilled(layer, scale)?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use burn::tensor::TensorData;
+    use needle_core::{FullSelector, GqaLayout};
+
+    use super::*;
+    use crate::Cpu;
+    use crate::cache::SelectionConfig;
+
+    fn t(n: usize, heads: usize, seed: f32) -> Tensor<Cpu, 3> {
+        let data: Vec<f32> = (0..n * heads * 8).map(|i| ((i as f32 + seed) * 0.37).sin()).collect();
+        Tensor::from_data(TensorData::new(data, [n, heads, 8]), &Default::default())
+    }
+
+    /// Each step that does not fit the cache's state is an error and appends nothing; the
+    /// steps that fit run.
+    #[test]
+    fn misused_steps_are_errors_and_append_nothing() {
+        let config = SelectionConfig { budget: needle_core::Budget::TopK(2), ..SelectionConfig::default() };
+        let mut cache: KvCache = KvCache::new(1, GqaLayout::new(4, 2).unwrap(), 8, &FullSelector, config).unwrap();
+        let step = |c: &mut KvCache, s: AttentionStep, n: usize| {
+            cached_attention(c, 0, s, t(n, 4, 1.0), t(n, 2, 2.0), t(n, 2, 3.0), 0.3)
+        };
+        // Before the build: a one-token decode (the forgotten `build`) and an extend.
+        for s in [AttentionStep::Decode, AttentionStep::Extend] {
+            assert!(matches!(step(&mut cache, s, 1), Err(Error::State(_))), "{s:?} before the build");
+        }
+        assert_eq!(cache.len(), 0);
+        step(&mut cache, AttentionStep::Prefill, 6).unwrap();
+        step(&mut cache, AttentionStep::Prefill, 1).unwrap();
+        assert_eq!(cache.len(), 7);
+        cache.build(0.3).unwrap();
+        // After it: a prefill, and a decode of two tokens.
+        assert!(matches!(step(&mut cache, AttentionStep::Prefill, 1), Err(Error::State(_))));
+        assert!(matches!(step(&mut cache, AttentionStep::Decode, 2), Err(Error::InvalidParameter { .. })));
+        assert_eq!(cache.len(), 7);
+        step(&mut cache, AttentionStep::Decode, 1).unwrap();
+        step(&mut cache, AttentionStep::Extend, 3).unwrap();
+        assert_eq!(cache.len(), 11);
+        assert_eq!(cache.stats.keys_total, 8 * 2, "one decode step over 8 keys, 2 KV heads");
+    }
+}
