@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::Backend;
 use clap::Args;
 use needle_core::HeadId;
 use needle_core::attention::scores;
+use needle_model::NeedleBackend;
 
 use crate::common::{ModelArgs, PromptArgs, load_on, new_cache, progress_bar, prompt_tokens, write_new};
 
@@ -50,7 +50,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     crate::common::on_device!(a.model.device, |B, device| run_on::<B>(a, &device))
 }
 
-fn run_on<B: Backend>(a: CalibrateArgs, device: &B::Device) -> Result<()> {
+fn run_on<B: NeedleBackend>(a: CalibrateArgs, device: &B::Device) -> Result<()> {
     let loaded = load_on::<B>(&a.model.model, a.model.weights, device)?;
     let model = &loaded.model;
     let tokens = prompt_tokens(&a.prompt, &loaded.tokenizer)?;

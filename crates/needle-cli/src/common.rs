@@ -4,10 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use needle_model::{Cpu, KvCache, KvDtype, Llama, LoadOptions, TierBudget, Weights, compose};
+use needle_model::{Cpu, KvCache, KvDtype, Llama, LoadOptions, NeedleBackend, TierBudget, Weights, compose};
 
 #[derive(Args)]
 pub struct ModelArgs {
@@ -57,7 +56,7 @@ impl ModelArgs {
     }
 
     /// Applies `--kv-budget` to `cache` (nothing when absent).
-    pub fn apply_kv_budget(&self, cache: &mut KvCache) -> Result<()> {
+    pub fn apply_kv_budget<M>(&self, cache: &mut KvCache<M>) -> Result<()> {
         if let Some(budget) = self.kv_budget {
             let dir = self.kv_spill_dir.clone().unwrap_or_else(std::env::temp_dir);
             cache.set_kv_budget(budget, &dir).with_context(|| format!("--kv-budget {budget}"))?;
@@ -177,7 +176,7 @@ pub fn model_path(spec: &str) -> Result<PathBuf> {
 }
 
 /// A loaded model and its tokenizer.
-pub struct Loaded<B: Backend = Cpu> {
+pub struct Loaded<B: NeedleBackend = Cpu> {
     pub model: Llama<B>,
     pub tokenizer: needle_loader::Tokenizer,
 }
@@ -191,7 +190,7 @@ pub fn load(a: &ModelArgs) -> Result<Loaded> {
 }
 
 /// Loads a model (by `--model` spec) on `device`.
-pub fn load_on<B: Backend>(spec: &str, weights: WeightsArg, device: &B::Device) -> Result<Loaded<B>> {
+pub fn load_on<B: NeedleBackend>(spec: &str, weights: WeightsArg, device: &B::Device) -> Result<Loaded<B>> {
     let path = model_path(spec)?;
     let t = Instant::now();
     let ck = needle_loader::open(&path).with_context(|| format!("opening {}", path.display()))?;
@@ -301,7 +300,7 @@ pub fn peak_rss() -> Option<u64> {
 
 /// An empty cache for `model` with the selector a spec names, the KV precision (`--kv`) and the
 /// prefill pattern (`--prefill`) of `args`.
-pub fn new_cache<B: Backend>(model: &Llama<B>, spec: &str, args: &ModelArgs) -> Result<KvCache> {
+pub fn new_cache<B: NeedleBackend>(model: &Llama<B>, spec: &str, args: &ModelArgs) -> Result<KvCache<B::KvMirror>> {
     let (factory, mut sel) = compose(needle_select::parse(spec)?);
     sel.kv = args.kv_dtype();
     sel.prefill = args.prefill_spec()?;

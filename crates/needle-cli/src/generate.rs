@@ -3,8 +3,8 @@
 use std::io::Write;
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
 use clap::Args;
+use needle_model::NeedleBackend;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -62,7 +62,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     crate::common::on_device!(a.model.device, |B, device| run_on::<B>(a, &device))
 }
 
-fn run_on<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
+fn run_on<B: NeedleBackend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
     let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, a.model.weights, device)?;
     let gen_cfg = GenerateConfig {
         max_tokens: a.max_tokens,
@@ -149,7 +149,7 @@ fn stream_text(json: bool) -> impl FnMut(&str) {
 }
 
 /// The closing report: one JSON object with --json, else one line on stderr.
-fn report(a: &GenerateArgs, out: &Generation, cache: &KvCache, context_load_s: Option<f64>) -> Result<()> {
+fn report<M>(a: &GenerateArgs, out: &Generation, cache: &KvCache<M>, context_load_s: Option<f64>) -> Result<()> {
     let (kv_bytes, sel_bytes) = cache.memory_bytes();
     let (host_bytes, disk_bytes) = cache.tier_bytes();
     let faulted_per_step = out.stats.pages_faulted as f64 / out.stats.steps.max(1) as f64;

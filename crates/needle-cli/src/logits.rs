@@ -1,8 +1,8 @@
 //! `needle logits`: the top-K next-token logits of a prompt's last position.
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
 use clap::Args;
+use needle_model::NeedleBackend;
 
 use crate::common::{Loaded, ModelArgs, PromptArgs, load_on, new_cache, progress_bar, prompt_tokens};
 
@@ -27,7 +27,7 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     crate::common::on_device!(a.model.device, |B, device| run_on::<B>(a, &device))
 }
 
-fn run_on<B: Backend>(a: LogitsArgs, device: &B::Device) -> Result<()> {
+fn run_on<B: NeedleBackend>(a: LogitsArgs, device: &B::Device) -> Result<()> {
     let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, a.model.weights, device)?;
     let prompt = prompt_tokens(&a.prompt, &tokenizer)?;
     let mut cache = new_cache(&model, "full", &a.model)?;

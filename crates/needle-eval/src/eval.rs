@@ -16,13 +16,12 @@
 
 use std::time::{Duration, Instant};
 
-use burn::tensor::backend::Backend;
 use needle_core::attention::{Partial, dense, scores, top_k};
 use needle_core::metrics::{attention_mass, kl_divergence, recall, relative_error};
 use needle_core::{RowSource, attend_selected};
 use needle_loader::Tokenizer;
 use needle_model::context::SavedContext;
-use needle_model::{KvCache, KvDtype, Llama, SelectionConfig, argmax, compose};
+use needle_model::{KvCache, KvDtype, Llama, NeedleBackend, SelectionConfig, argmax, compose};
 use needle_tasks::{Filler, TaskSpec};
 use serde::Serialize;
 
@@ -153,12 +152,12 @@ pub struct TaskConfig {
 }
 
 /// Prefills `tokens` densely once, keeping what forks need.
-pub fn prefill_base<B: Backend>(
+pub fn prefill_base<B: NeedleBackend>(
     model: &Llama<B>,
     tokens: &[u32],
     chunk: usize,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<(KvCache, Vec<f32>)> {
+) -> Result<(KvCache<B::KvMirror>, Vec<f32>)> {
     let (factory, mut sel) = compose(needle_select::parse("full").during(|| "selector `full`".into())?);
     // `full` itself trains on nothing; the forks' selectors train on this prefill's queries.
     sel.train_positions = SelectionConfig::default().train_positions;
@@ -171,7 +170,12 @@ pub fn prefill_base<B: Backend>(
 }
 
 /// A cache with the selector `spec` built over `base`'s prefill, its pages stored as `kv`.
-pub fn fork<B: Backend>(model: &Llama<B>, base: &KvCache, spec: &str, kv: KvDtype) -> Result<KvCache> {
+pub fn fork<B: NeedleBackend>(
+    model: &Llama<B>,
+    base: &KvCache<B::KvMirror>,
+    spec: &str,
+    kv: KvDtype,
+) -> Result<KvCache<B::KvMirror>> {
     let (factory, mut config) = compose(needle_select::parse(spec).during(|| format!("selector `{spec}`"))?);
     config.kv = kv;
     base.fork(factory.as_ref(), config, model.scale()).during(|| format!("building selector `{spec}`"))
@@ -209,9 +213,9 @@ fn first_token(logits: &[f32]) -> Result<u32> {
 
 /// Decodes `steps` tokens: the teacher's tokens when given (teacher forcing), else greedy.
 /// Returns per-step logits and the per-step attention metrics on `layers`.
-fn decode_steps<B: Backend>(
+fn decode_steps<B: NeedleBackend>(
     model: &Llama<B>,
-    cache: &mut KvCache,
+    cache: &mut KvCache<B::KvMirror>,
     first_logits: &[f32],
     steps: usize,
     teacher: Option<&[u32]>,
@@ -236,7 +240,11 @@ fn decode_steps<B: Backend>(
 
 /// Recall of the true top-k dynamic keys, attention mass captured and output error, per query
 /// head of the traced layers at decode step `step` (NaN recall where there is no dynamic part).
-fn attention_metrics<B: Backend>(model: &Llama<B>, cache: &KvCache, step: usize) -> Result<Vec<[f64; 3]>> {
+fn attention_metrics<B: NeedleBackend>(
+    model: &Llama<B>,
+    cache: &KvCache<B::KvMirror>,
+    step: usize,
+) -> Result<Vec<[f64; 3]>> {
     let Some(trace) = cache.query_trace() else { return Ok(Vec::new()) };
     let gqa = model.gqa();
     let d = model.config().head_dim;
@@ -283,7 +291,7 @@ pub fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
 }
 
 /// Full attention's greedy decode, which every compared selector follows (teacher forcing).
-struct Teacher<'m, B: Backend> {
+struct Teacher<'m, B: NeedleBackend> {
     model: &'m Llama<B>,
     cfg: &'m FidelityConfig,
     layers: Vec<usize>,
@@ -291,9 +299,14 @@ struct Teacher<'m, B: Backend> {
     decoded: Decoded,
 }
 
-impl<'m, B: Backend> Teacher<'m, B> {
+impl<'m, B: NeedleBackend> Teacher<'m, B> {
     /// Decodes `cfg.steps` greedy tokens with `full` (a full-attention cache) from `first`.
-    fn new(model: &'m Llama<B>, mut full: KvCache, first: Vec<f32>, cfg: &'m FidelityConfig) -> Result<Self> {
+    fn new(
+        model: &'m Llama<B>,
+        mut full: KvCache<B::KvMirror>,
+        first: Vec<f32>,
+        cfg: &'m FidelityConfig,
+    ) -> Result<Self> {
         let n_layers = model.config().num_hidden_layers;
         let layers =
             if cfg.attn_layers.is_empty() { (0..n_layers).step_by(4).collect() } else { cfg.attn_layers.clone() };
@@ -307,7 +320,7 @@ impl<'m, B: Backend> Teacher<'m, B> {
 
     /// Decodes the teacher's tokens with `cache` (selector `spec`, built in `build_s` seconds)
     /// and compares.
-    fn compare(&self, spec: &str, mut cache: KvCache, build_s: f64) -> Result<FidelityRow> {
+    fn compare(&self, spec: &str, mut cache: KvCache<B::KvMirror>, build_s: f64) -> Result<FidelityRow> {
         let (model, cfg, teacher) = (self.model, self.cfg, &self.decoded);
         let Decoded { logits, metrics, wall, .. } =
             decode_steps(model, &mut cache, &self.first, cfg.steps, Some(&teacher.tokens), &self.layers)?;
@@ -341,7 +354,7 @@ impl<'m, B: Backend> Teacher<'m, B> {
 
 /// Fidelity of each selector against full attention on the prompt `tokens`.
 /// `prefill(done, total)` reports prefill tokens; `selectors(done, total)` selectors finished.
-pub fn fidelity<B: Backend>(
+pub fn fidelity<B: NeedleBackend>(
     model: &Llama<B>,
     tokens: &[u32],
     selectors: &[String],
@@ -367,16 +380,16 @@ pub fn fidelity<B: Backend>(
 /// full attention over them. With a `question` (token ids), every cache is first extended by it
 /// ([`Llama::extend`]), so the steps compared are the answer to it. `progress(done, total)`
 /// counts selectors.
-pub fn fidelity_of_context<B: Backend>(
+pub fn fidelity_of_context<B: NeedleBackend>(
     model: &Llama<B>,
-    saved: SavedContext,
+    saved: SavedContext<B::KvMirror>,
     question: &[u32],
     selectors: &[String],
     cfg: &FidelityConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<FidelityRow>> {
     let SavedContext { info, last_logits, cache: mut own, .. } = saved;
-    let ask = |c: &mut KvCache, first: Vec<f32>| -> Result<Vec<f32>> {
+    let ask = |c: &mut KvCache<B::KvMirror>, first: Vec<f32>| -> Result<Vec<f32>> {
         if question.is_empty() {
             return Ok(first);
         }
@@ -406,7 +419,7 @@ pub fn fidelity_of_context<B: Backend>(
 
 /// Each task of `specs` at each grid point, answered by every selector from one prefill per
 /// prompt. `progress(done, total)` counts prompts.
-pub fn run_tasks<B: Backend>(
+pub fn run_tasks<B: NeedleBackend>(
     model: &Llama<B>,
     tok: &Tokenizer,
     selectors: &[String],
@@ -466,10 +479,10 @@ pub(crate) fn score_tasks(
 }
 
 /// Greedy answer: up to `max` tokens, stopping at EOS or a newline after some text.
-pub fn answer<B: Backend>(
+pub fn answer<B: NeedleBackend>(
     model: &Llama<B>,
     tok: &Tokenizer,
-    cache: &mut KvCache,
+    cache: &mut KvCache<B::KvMirror>,
     first: &[f32],
     max: usize,
 ) -> Result<String> {

@@ -13,12 +13,10 @@
 
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
 use needle_core::metrics::kl_divergence;
 use needle_core::prefill::PrefillSpec;
 use needle_loader::Tokenizer;
-use needle_model::backend::sparse_prefill_blocks;
-use needle_model::{KvCache, Llama, argmax, compose};
+use needle_model::{KvCache, Llama, NeedleBackend, argmax, compose};
 use needle_tasks::TaskSpec;
 use serde::Serialize;
 
@@ -64,7 +62,7 @@ pub struct PrefillRow {
 }
 
 /// An empty cache decoding with full attention, prefilling through `prefill`.
-fn cache_for<B: Backend>(model: &Llama<B>, prefill: PrefillSpec) -> Result<KvCache> {
+fn cache_for<B: NeedleBackend>(model: &Llama<B>, prefill: PrefillSpec) -> Result<KvCache<B::KvMirror>> {
     let (factory, mut sel) = compose(needle_select::parse("full").during(|| "selector `full`".into())?);
     sel.train_positions = 0;
     sel.prefill = prefill;
@@ -73,35 +71,42 @@ fn cache_for<B: Backend>(model: &Llama<B>, prefill: PrefillSpec) -> Result<KvCac
 }
 
 /// What one prefill gave: the cache, the logits after the prompt, wall seconds, density.
-struct Prefilled {
-    cache: KvCache,
+struct Prefilled<M> {
+    cache: KvCache<M>,
     logits: Vec<f32>,
     secs: f64,
     density: f64,
 }
 
-fn prefill<B: Backend>(model: &Llama<B>, tokens: &[u32], spec: PrefillSpec, chunk: usize) -> Result<Prefilled> {
+fn prefill<B: NeedleBackend>(
+    model: &Llama<B>,
+    tokens: &[u32],
+    spec: PrefillSpec,
+    chunk: usize,
+) -> Result<Prefilled<B::KvMirror>> {
     let mut cache = cache_for(model, spec)?;
-    let before = sparse_prefill_blocks();
     let t = Instant::now();
     let logits = model
         .prefill(tokens, &mut cache, chunk, &[tokens.len() - 1], &mut |_, _| {})
         .during(|| format!("prefill ({})", spec.describe()))?;
     let secs = t.elapsed().as_secs_f64();
-    let after = sparse_prefill_blocks();
-    let all = after.1 - before.1;
-    let density = if all == 0 { 1.0 } else { (after.0 - before.0) as f64 / all as f64 };
+    let (kept, all) = (cache.stats.prefill_blocks, cache.stats.prefill_blocks_dense);
+    let density = if all == 0 { 1.0 } else { kept as f64 / all as f64 };
     Ok(Prefilled { cache, logits, secs, density })
 }
 
 /// Feeds `tokens` one by one, returning the logits after each.
-fn forced<B: Backend>(model: &Llama<B>, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+fn forced<B: NeedleBackend>(
+    model: &Llama<B>,
+    cache: &mut KvCache<B::KvMirror>,
+    tokens: &[u32],
+) -> Result<Vec<Vec<f32>>> {
     tokens.iter().enumerate().map(|(i, &t)| model.decode(t, cache).during(|| format!("decode step {i}"))).collect()
 }
 
 /// Each pattern against dense prefill on `tokens`, with `steps` teacher-forced decode steps
 /// after the prompt. `progress(done, total)` counts patterns.
-pub fn prefill_fidelity<B: Backend>(
+pub fn prefill_fidelity<B: NeedleBackend>(
     model: &Llama<B>,
     tokens: &[u32],
     patterns: &[(String, PrefillSpec)],
@@ -173,7 +178,7 @@ pub struct PrefillTime {
 
 /// Prefill time of each pattern against dense at each length (the first `length` tokens of
 /// `tokens`), dense and pattern alternating. `progress(done, total)` counts prefills.
-pub fn prefill_times<B: Backend>(
+pub fn prefill_times<B: NeedleBackend>(
     model: &Llama<B>,
     tokens: &[u32],
     lengths: &[usize],
@@ -200,7 +205,7 @@ pub fn prefill_times<B: Backend>(
 
 /// Each task of `specs` at each grid point, prefilled with each pattern (and decoded with full
 /// attention). Rows name the pattern in `selector`. `progress(done, total)` counts prompts.
-pub fn prefill_tasks<B: Backend>(
+pub fn prefill_tasks<B: NeedleBackend>(
     model: &Llama<B>,
     tok: &Tokenizer,
     patterns: &[(String, PrefillSpec)],
@@ -266,16 +271,14 @@ mod tests {
         let specs = parse_patterns("dense;vertical-slash:vertical=64,slash=64;anchor;sale").unwrap();
         for (name, prefill) in specs {
             let config = SelectionConfig { prefill, ..SelectionConfig::default() };
-            let mut cache = KvCache::new(1, gqa, d, &FullSelector, config).unwrap();
+            let mut cache: KvCache = KvCache::new(1, gqa, d, &FullSelector, config).unwrap();
             cache.append(0, &k, &v).unwrap();
             let qt =
                 Tensor::<needle_model::Cpu, 3>::from_data(TensorData::new(q.clone(), [t, 9, d]), &Default::default());
-            let before = sparse_prefill_blocks();
             let t0 = Instant::now();
-            flex::prefill_attention(&cache, 0, qt, 0.125).unwrap();
-            let after = sparse_prefill_blocks();
-            let blocks =
-                if after.1 == before.1 { 1.0 } else { (after.0 - before.0) as f64 / (after.1 - before.1) as f64 };
+            flex::prefill_attention(&mut cache, 0, qt, 0.125).unwrap();
+            let (kept, all) = (cache.stats.prefill_blocks, cache.stats.prefill_blocks_dense);
+            let blocks = if all == 0 { 1.0 } else { kept as f64 / all as f64 };
             eprintln!("{name}: {:.3} s, blocks {:.1} %", t0.elapsed().as_secs_f64(), 100.0 * blocks);
         }
     }

@@ -9,9 +9,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
 use needle_core::RowSource;
-use needle_model::{KvCache, Llama, argmax, compose};
+use needle_model::{KvCache, Llama, NeedleBackend, argmax, compose};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::error::{Context, Error, Result};
@@ -301,7 +300,7 @@ pub struct Recorded {
 /// Prefills `prompt` densely (chunks of `chunk`), decodes `generate` greedy tokens and records
 /// the keys and queries of `layers`. `prefill(done, total)` reports prefill tokens, `decode(done,
 /// total)` decode steps.
-pub fn record<B: Backend>(
+pub fn record<B: NeedleBackend>(
     model: &Llama<B>,
     prompt: &[u32],
     layers: &[usize],

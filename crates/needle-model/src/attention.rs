@@ -1,37 +1,57 @@
 //! The entry point a Burn model routes its attention through: one call per layer that appends
 //! the new keys and values to needle's [`KvCache`] and attends to the cache — causal and dense
 //! during prefill, through the cache's selectors (static part + selection, merged by
-//! log-sum-exp) at decode. [`Llama`](crate::Llama) uses it for every layer; a model of your own
+//! log-sum-exp) at decode, as the caller's [`AttentionStep`] says. [`Llama`](crate::Llama) uses it for every layer; a model of your own
 //! does the same (see `examples/downstream-burn` and docs/burn-integration.md).
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
 
 use crate::backend::NeedleBackend;
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
 
-/// Attention of `layer` for `t` new tokens through `cache`.
+/// What a [`cached_attention`] call is, in the cache's lifecycle: prefill while the cache is
+/// not built, then (after [`KvCache::build`]) decode steps and dense chunks. Said by the
+/// caller, never guessed from the shapes: a call that does not fit the cache's state is an
+/// error ([`Error::State`]) rather than another kind of attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionStep {
+    /// A chunk of the prompt (any number of tokens), before the build: causal dense attention
+    /// (or the prefill pattern's), the queries sampled for the selectors' training.
+    Prefill,
+    /// One token after the build: the static part and what the selectors pick, merged exactly.
+    Decode,
+    /// A chunk (any number of tokens) after the build, e.g. a question after a saved document
+    /// ([`Llama::extend`](crate::Llama::extend)): causal dense attention; the tokens that leave
+    /// the window join the selectors as decode tokens do.
+    Extend,
+}
+
+/// Attention of `layer` for `t` new tokens through `cache`, as `step` says.
 ///
 /// `q` is `[t, n_q_heads, head_dim]`, `k` and `v` are `[t, n_kv_heads, head_dim]`, all after
 /// RoPE (keys are stored as given). The new tokens take positions `cache.layer_len(layer)..`;
 /// their keys and values are appended to the cache first, so each query sees itself.
-/// When the cache is built (after [`KvCache::build`]) and `t == 1`, this is a decode step through
-/// the selectors; otherwise it is causal dense attention over everything cached for the layer
-/// (prefill). Returns `[t, n_q_heads * head_dim]`.
+/// Returns `[t, n_q_heads * head_dim]`.
+///
+/// The lifecycle: [`AttentionStep::Prefill`] chunks until the prompt is in, then
+/// [`KvCache::build`], then [`AttentionStep::Decode`] steps (one token) or
+/// [`AttentionStep::Extend`] chunks. A prefill after the build, a decode or extend before it
+/// (a forgotten `build`) or a decode of several tokens is an error, and nothing is appended.
 ///
 /// Before a prefill, call [`KvCache::plan_training`] with the prompt length so that only a
 /// strided sample of prefill queries is kept as the selectors' training queries (without it
 /// every position's queries are kept), and so that each layer's selectors start building in the
 /// background once the prompt has passed it ([`KvCache::set_build_during_prefill`]).
 ///
-/// Runs on [`NeedleBackend`] ops, which every backend has: on the CPU backend the tensors are
-/// read in place and prefill attention reads the cache's pages without copying them.
+/// Runs on the backend's [`NeedleBackend`] ops: on the CPU backend the tensors are read in place
+/// and prefill attention reads the cache's pages without copying them.
 ///
 /// Errors name the tensor whose shape disagrees with the cache's layout.
-pub fn cached_attention<B: Backend>(
-    cache: &mut KvCache,
+pub fn cached_attention<B: NeedleBackend>(
+    cache: &mut KvCache<B::KvMirror>,
     layer: usize,
+    step: AttentionStep,
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
     v: Tensor<B, 3>,
@@ -47,9 +67,28 @@ pub fn cached_attention<B: Backend>(
             return Err(Error::Shape { tensor: name.into(), expected: vec![t, heads, d], got: dims.to_vec() });
         }
     }
+    match (step, cache.is_built()) {
+        (AttentionStep::Prefill, true) => {
+            return Err(Error::State(
+                "a prefill step on a built cache: after KvCache::build, feed tokens as Decode or Extend steps".into(),
+            ));
+        }
+        (AttentionStep::Decode | AttentionStep::Extend, false) => {
+            return Err(Error::State(format!(
+                "a {step:?} step on a cache whose selectors are not built: call KvCache::build after the prefill"
+            )));
+        }
+        (AttentionStep::Decode, true) if t != 1 => {
+            return Err(Error::invalid(
+                "q",
+                format!("a decode step attends one token, not {t}: feed a chunk as an Extend step"),
+            ));
+        }
+        _ => {}
+    }
     let pos0 = cache.layer_len(layer)?;
     B::with_host(k, |ks| B::with_host(v, |vs| cache.append(layer, ks, vs)))???;
-    if t == 1 && cache.is_built() {
+    if step == AttentionStep::Decode {
         return B::decode_attention(cache, layer, pos0, q, scale);
     }
     if cache.wants_queries(layer) {
@@ -58,4 +97,49 @@ pub fn cached_attention<B: Backend>(
     let out = B::paged_attention(cache, layer, q, scale)?;
     cache.layer_prefilled(layer, scale)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use burn::tensor::TensorData;
+    use needle_core::{FullSelector, GqaLayout};
+
+    use super::*;
+    use crate::Cpu;
+    use crate::cache::SelectionConfig;
+
+    fn t(n: usize, heads: usize, seed: f32) -> Tensor<Cpu, 3> {
+        let data: Vec<f32> = (0..n * heads * 8).map(|i| ((i as f32 + seed) * 0.37).sin()).collect();
+        Tensor::from_data(TensorData::new(data, [n, heads, 8]), &Default::default())
+    }
+
+    /// Each step that does not fit the cache's state is an error and appends nothing; the
+    /// steps that fit run.
+    #[test]
+    fn misused_steps_are_errors_and_append_nothing() {
+        let config = SelectionConfig { budget: needle_core::Budget::TopK(2), ..SelectionConfig::default() };
+        let mut cache: KvCache = KvCache::new(1, GqaLayout::new(4, 2).unwrap(), 8, &FullSelector, config).unwrap();
+        let step = |c: &mut KvCache, s: AttentionStep, n: usize| {
+            cached_attention(c, 0, s, t(n, 4, 1.0), t(n, 2, 2.0), t(n, 2, 3.0), 0.3)
+        };
+        // Before the build: a one-token decode (the forgotten `build`) and an extend.
+        for s in [AttentionStep::Decode, AttentionStep::Extend] {
+            assert!(matches!(step(&mut cache, s, 1), Err(Error::State(_))), "{s:?} before the build");
+        }
+        assert_eq!(cache.len(), 0);
+        step(&mut cache, AttentionStep::Prefill, 6).unwrap();
+        step(&mut cache, AttentionStep::Prefill, 1).unwrap();
+        assert_eq!(cache.len(), 7);
+        cache.build(0.3).unwrap();
+        // After it: a prefill, and a decode of two tokens.
+        assert!(matches!(step(&mut cache, AttentionStep::Prefill, 1), Err(Error::State(_))));
+        assert!(matches!(step(&mut cache, AttentionStep::Decode, 2), Err(Error::InvalidParameter { .. })));
+        assert_eq!(cache.len(), 7);
+        step(&mut cache, AttentionStep::Decode, 1).unwrap();
+        step(&mut cache, AttentionStep::Extend, 3).unwrap();
+        assert_eq!(cache.len(), 11);
+        assert_eq!(cache.stats.keys_total, 8 * 2, "one decode step over 8 keys, 2 KV heads");
+    }
 }

@@ -1,23 +1,29 @@
 //! [`NeedleBackend`]: the few fused ops a decoder needs, as a Burn backend extension (the
 //! pattern of burn's `examples/custom-cubecl-kernel`): a linear on weights kept in their GGUF
-//! blocks, causal prefill attention over the [`KvCache`]'s pages, RMSNorm, rotate-half RoPE,
-//! SiLU·up, and reading a tensor on the host.
+//! blocks, causal prefill attention over the [`KvCache`]'s pages, decode attention through its
+//! selectors, RMSNorm, rotate-half RoPE, SiLU·up, and reading a tensor on the host.
 //!
-//! Every Burn backend has the extension (a blanket implementation), so code generic over
-//! `B: Backend` keeps working with [`Llama`](crate::Llama). Which implementation runs is chosen
-//! per backend type:
+//! Which implementation runs is chosen at build time, by type:
 //! - [`Flex`] (= [`Cpu`](crate::Cpu)): needle-kernels-cpu on Flex's host buffers. Inputs are
 //!   read in place when contiguous; outputs are fresh buffers wrapped without a copy. Linear
 //!   weights stay in their blocks (memory-mapped), prefill attention reads the cache's pages in
 //!   place (no copy of the cache, no GQA expansion).
-//! - burn's CubeCL backends `Wgpu` and `Cuda` (features `wgpu`, `cuda`): needle-kernels-cubecl
-//!   (module `cube`): linear weights stay in their blocks on the device, prefill attention and
-//!   decode attention run over a device copy of the cache's rows, decode as a hybrid step (device
-//!   static part, host selection, one merge); norms, RoPE and SiLU are Burn ops on the device.
-//! - any other backend: the [`plain`] Burn-op implementations; linear weights are dequantized to
-//!   f32 parameters at load ([`NeedleBackend::fuses_linear`] is false).
-
-use std::any::{Any, TypeId};
+//! - burn's `CubeBackend<R, f32, I, BT>` (`Wgpu` and `Cuda` without burn's fusion; features
+//!   `wgpu`, `cuda`): needle-kernels-cubecl (module `cube`): linear weights stay in their blocks
+//!   on the device ([`NeedleBackend::DeviceWeight`]), prefill and decode attention run over a
+//!   device copy of the cache's rows ([`NeedleBackend::KvMirror`]), decode as a hybrid step
+//!   (device static part, host selection, one merge); norms, RoPE and SiLU are Burn ops.
+//! - `Autodiff<B>` (feature `autodiff`): `B`'s ops on the inner tensors. Inference only: the
+//!   results are new leaves, so no gradient flows through these ops (train with the plain ops
+//!   of your own layers instead).
+//! - any other backend: [`plain_backend!`](crate::plain_backend) gives it the [`plain`] Burn-op
+//!   implementations in one line (linear weights are dequantized to f32 parameters at load,
+//!   [`NeedleBackend::fuses_linear`] is false). The [`plain`] ops are also the reference the
+//!   fast paths are tested against.
+//!
+//! Generic code (the model, [`cached_attention`](crate::cached_attention), generation) is
+//! bounded on `B: NeedleBackend`, so mixing backends is a type error, and a backend without an
+//! implementation does not compile rather than silently taking a slow path.
 
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
@@ -31,21 +37,30 @@ use rayon::prelude::*;
 
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
-use crate::weights::QWeight;
+use crate::weights::{LinearWeight, QWeight};
 
-/// A Burn backend with needle's fused decoder ops. Implemented for every [`Backend`]; see the
-/// module docs for which implementation each backend runs.
+/// A Burn backend with needle's fused decoder ops. Implemented for [`Flex`], burn's CubeCL
+/// backends (features `wgpu`, `cuda`) and `Autodiff<B>` (feature `autodiff`); any other
+/// backend gets the plain Burn-op version with [`plain_backend!`](crate::plain_backend).
 pub trait NeedleBackend: Backend {
+    /// The device copy of a linear weight (`()` on host backends), made on first use and held
+    /// by the model beside the host [`QWeight`] ([`LinearWeight`]).
+    type DeviceWeight: Send + Sync + std::fmt::Debug + 'static;
+
+    /// The device copy of a cache's KV rows (`()` on host backends), held by the cache
+    /// ([`KvCache<Self::KvMirror>`](KvCache)) and rebuilt from its host rows when behind.
+    type KvMirror: Default + Send + 'static;
+
     /// True when [`NeedleBackend::qlinear`] multiplies the stored blocks directly (the model then
     /// keeps weights quantized); false when weights should be dequantized to f32 at load.
     fn fuses_linear() -> bool;
 
     /// `x · Wᵀ`: `x` is `[t, w.cols()]`, the result `[t, w.rows()]`.
-    fn qlinear(x: Tensor<Self, 2>, w: &QWeight) -> Result<Tensor<Self, 2>>;
+    fn qlinear(x: Tensor<Self, 2>, w: &LinearWeight<Self::DeviceWeight>) -> Result<Tensor<Self, 2>>;
 
     /// `x · W_iᵀ` for several weights sharing the input `x` (`[t, cols]`), e.g. a layer's q, k
     /// and v: one call so a backend can quantize the input once and run one parallel loop.
-    fn qlinear_many(x: Tensor<Self, 2>, ws: &[&QWeight]) -> Result<Vec<Tensor<Self, 2>>>;
+    fn qlinear_many(x: Tensor<Self, 2>, ws: &[&LinearWeight<Self::DeviceWeight>]) -> Result<Vec<Tensor<Self, 2>>>;
 
     /// RMSNorm of each row of `x` (`[t, n]`) scaled by `w` (`[1, n]`).
     fn fused_rms_norm(x: Tensor<Self, 2>, w: &Tensor<Self, 2>, eps: f32) -> Result<Tensor<Self, 2>>;
@@ -59,14 +74,20 @@ pub trait NeedleBackend: Backend {
 
     /// Causal attention of the last `t` tokens of `layer` in `cache` (their keys and values are
     /// already appended) with queries `q` (`[t, n_q_heads, dim]`, after RoPE); query head `h`
-    /// reads KV head `h / group`. Returns `[t, n_q_heads · dim]`.
-    fn paged_attention(cache: &KvCache, layer: usize, q: Tensor<Self, 3>, scale: f32) -> Result<Tensor<Self, 2>>;
+    /// reads KV head `h / group`. Returns `[t, n_q_heads · dim]`. A sparse prefill pattern's
+    /// block counts go to the cache's stats.
+    fn paged_attention(
+        cache: &mut KvCache<Self::KvMirror>,
+        layer: usize,
+        q: Tensor<Self, 3>,
+        scale: f32,
+    ) -> Result<Tensor<Self, 2>>;
 
     /// One decode step's attention of `layer` through the cache's selectors (static part +
     /// selection, merged exactly), the token's keys and values already appended; `q` is
     /// `[1, n_q_heads, dim]` at position `pos`. Returns `[1, n_q_heads · dim]`.
     fn decode_attention(
-        cache: &mut KvCache,
+        cache: &mut KvCache<Self::KvMirror>,
         layer: usize,
         pos: usize,
         q: Tensor<Self, 3>,
@@ -78,117 +99,223 @@ pub trait NeedleBackend: Backend {
     fn with_host<const D: usize, R>(t: Tensor<Self, D>, f: impl FnOnce(&[f32]) -> R) -> Result<R>;
 }
 
-/// `s` as a `T` when `S` and `T` are the same type (zero cost), else `s` back.
-pub(crate) fn cast<S: 'static, T: 'static>(s: S) -> std::result::Result<T, S> {
-    if TypeId::of::<S>() != TypeId::of::<T>() {
-        return Err(s);
-    }
-    let mut slot = Some(s);
-    let taken = (&mut slot as &mut dyn Any).downcast_mut::<Option<T>>().and_then(Option::take);
-    Ok(taken.expect("equal type ids: the downcast succeeds"))
-}
+impl NeedleBackend for Flex {
+    type DeviceWeight = ();
+    type KvMirror = ();
 
-/// True when `B` is served by the CubeCL arm (features `wgpu`, `cuda`).
-#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(clippy::extra_unused_type_parameters))]
-fn cube_arm<B: 'static>() -> bool {
-    #[cfg(any(feature = "wgpu", feature = "cuda"))]
-    return crate::cube::is_cube::<B>();
-    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-    false
-}
-
-/// Casts back after a Flex op (B is Flex whenever this is called).
-fn back<B: Backend, const D: usize>(t: Tensor<Flex, D>) -> Result<Tensor<B, D>> {
-    cast(t).map_err(|_| Error::State("backend dispatch: Flex result on another backend".into()))
-}
-
-impl<B: Backend> NeedleBackend for B {
     fn fuses_linear() -> bool {
-        TypeId::of::<B>() == TypeId::of::<Flex>() || cube_arm::<B>()
+        true
     }
 
-    fn qlinear(x: Tensor<B, 2>, w: &QWeight) -> Result<Tensor<B, 2>> {
-        match cast::<_, Tensor<Flex, 2>>(x) {
-            Ok(x) => back(flex::qlinear(x, w)?),
-            #[cfg(any(feature = "wgpu", feature = "cuda"))]
-            Err(x) => crate::cube::qlinear(x, w).unwrap_or_else(|x| plain::qlinear(x, w)),
-            #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-            Err(x) => plain::qlinear(x, w),
-        }
+    fn qlinear(x: Tensor<Flex, 2>, w: &LinearWeight) -> Result<Tensor<Flex, 2>> {
+        flex::qlinear(x, w.weight())
     }
 
-    fn qlinear_many(x: Tensor<B, 2>, ws: &[&QWeight]) -> Result<Vec<Tensor<B, 2>>> {
-        match cast::<_, Tensor<Flex, 2>>(x) {
-            Ok(x) => flex::qlinear_many(x, ws)?.into_iter().map(back).collect(),
-            Err(x) => ws.iter().map(|w| Self::qlinear(x.clone(), w)).collect(),
-        }
+    fn qlinear_many(x: Tensor<Flex, 2>, ws: &[&LinearWeight]) -> Result<Vec<Tensor<Flex, 2>>> {
+        let ws: Vec<&QWeight> = ws.iter().map(|w| w.weight()).collect();
+        flex::qlinear_many(x, &ws)
     }
 
-    fn fused_rms_norm(x: Tensor<B, 2>, w: &Tensor<B, 2>, eps: f32) -> Result<Tensor<B, 2>> {
-        match (cast::<_, Tensor<Flex, 2>>(x), cast::<_, Tensor<Flex, 2>>(w.clone())) {
-            (Ok(x), Ok(w)) => back(flex::rms_norm(x, &w, eps)?),
-            (Err(x), _) => Ok(plain::rms_norm(x, w, eps)),
-            (Ok(_), Err(_)) => Err(Error::State("backend dispatch: mixed backends".into())),
-        }
+    fn fused_rms_norm(x: Tensor<Flex, 2>, w: &Tensor<Flex, 2>, eps: f32) -> Result<Tensor<Flex, 2>> {
+        flex::rms_norm(x, w, eps)
     }
 
-    fn fused_rope(x: Tensor<B, 3>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Result<Tensor<B, 3>> {
-        match (
-            cast::<_, Tensor<Flex, 3>>(x),
-            cast::<_, Tensor<Flex, 2>>(cos.clone()),
-            cast::<_, Tensor<Flex, 2>>(sin.clone()),
-        ) {
-            (Ok(x), Ok(c), Ok(s)) => back(flex::rope(x, &c, &s)?),
-            (Err(x), _, _) => Ok(plain::rope(x, cos, sin)),
-            _ => Err(Error::State("backend dispatch: mixed backends".into())),
-        }
+    fn fused_rope(x: Tensor<Flex, 3>, cos: &Tensor<Flex, 2>, sin: &Tensor<Flex, 2>) -> Result<Tensor<Flex, 3>> {
+        flex::rope(x, cos, sin)
     }
 
-    fn fused_silu_mul(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
-        match (cast::<_, Tensor<Flex, 2>>(gate), cast::<_, Tensor<Flex, 2>>(up)) {
-            (Ok(g), Ok(u)) => back(flex::silu_mul(g, u)?),
-            (Err(g), Err(u)) => Ok(plain::silu_mul(g, u)),
-            _ => Err(Error::State("backend dispatch: mixed backends".into())),
-        }
+    fn fused_silu_mul(gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>) -> Result<Tensor<Flex, 2>> {
+        flex::silu_mul(gate, up)
     }
 
-    fn paged_attention(cache: &KvCache, layer: usize, q: Tensor<B, 3>, scale: f32) -> Result<Tensor<B, 2>> {
-        match cast::<_, Tensor<Flex, 3>>(q) {
-            Ok(q) => back(flex::prefill_attention(cache, layer, q, scale)?),
-            #[cfg(any(feature = "wgpu", feature = "cuda"))]
-            Err(q) => crate::cube::paged_attention(cache, layer, q, scale)
-                .unwrap_or_else(|q| plain::prefill_attention(cache, layer, q, scale)),
-            #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-            Err(q) => plain::prefill_attention(cache, layer, q, scale),
-        }
+    fn paged_attention(cache: &mut KvCache, layer: usize, q: Tensor<Flex, 3>, scale: f32) -> Result<Tensor<Flex, 2>> {
+        flex::prefill_attention(cache, layer, q, scale)
     }
 
     fn decode_attention(
         cache: &mut KvCache,
         layer: usize,
         pos: usize,
-        q: Tensor<B, 3>,
+        q: Tensor<Flex, 3>,
         scale: f32,
-    ) -> Result<Tensor<B, 2>> {
-        #[cfg(any(feature = "wgpu", feature = "cuda"))]
-        let q = match crate::cube::decode_attention(cache, layer, pos, q, scale) {
-            Ok(out) => return out,
-            Err(q) => q,
-        };
-        // On the host: Flex's buffer is read in place, other backends read back.
-        let [_, nh, d] = q.dims();
-        let device = q.device();
-        let out = Self::with_host(q, |qs| {
-            cache.observe_queries(layer, pos, qs);
-            cache.attend_decode(layer, qs, scale)
-        })??;
-        Ok(Tensor::from_data(TensorData::new(out, [1, nh * d]), &device))
+    ) -> Result<Tensor<Flex, 2>> {
+        host_decode::<Flex>(cache, layer, pos, q, scale)
     }
 
-    fn with_host<const D: usize, R>(t: Tensor<B, D>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-        match cast::<_, Tensor<Flex, D>>(t) {
-            Ok(t) => flex::read_host(&t, f),
-            Err(t) => Ok(f(&plain::to_vec(t)?)),
+    fn with_host<const D: usize, R>(t: Tensor<Flex, D>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        flex::read_host(&t, f)
+    }
+}
+
+/// [`NeedleBackend::decode_attention`] on the host: the queries read with `B::with_host` (in
+/// place on Flex), the cache's selectors and host attention, the output sent back to `q`'s
+/// device. Every host backend's decode, and the reference of the device arms.
+pub fn host_decode<B: NeedleBackend>(
+    cache: &mut KvCache<B::KvMirror>,
+    layer: usize,
+    pos: usize,
+    q: Tensor<B, 3>,
+    scale: f32,
+) -> Result<Tensor<B, 2>> {
+    let [_, nh, d] = q.dims();
+    let device = q.device();
+    let out = B::with_host(q, |qs| {
+        cache.observe_queries(layer, pos, qs);
+        cache.attend_decode(layer, qs, scale)
+    })??;
+    Ok(Tensor::from_data(TensorData::new(out, [1, nh * d]), &device))
+}
+
+/// Gives backend types the plain Burn-op [`NeedleBackend`] ([`plain`]; weights dequantized to
+/// f32 at load, attention over a copy of the cache, decode on the host): a backend type of your
+/// crate becomes usable with [`Llama`](crate::Llama) and
+/// [`cached_attention`](crate::cached_attention) in one line. Rust's orphan rule allows it for
+/// backend types your crate defines (needle-model implements the extension for burn's own
+/// backends it knows).
+///
+/// ```ignore
+/// needle_model::plain_backend!(MyBackend);
+/// ```
+#[macro_export]
+macro_rules! plain_backend {
+    ($($backend:ty),+ $(,)?) => {$(
+        impl $crate::NeedleBackend for $backend {
+            type DeviceWeight = ();
+            type KvMirror = ();
+
+            fn fuses_linear() -> bool {
+                false
+            }
+
+            fn qlinear(
+                x: $crate::backend::__burn::tensor::Tensor<Self, 2>,
+                w: &$crate::LinearWeight,
+            ) -> $crate::Result<$crate::backend::__burn::tensor::Tensor<Self, 2>> {
+                $crate::backend::plain::qlinear(x, w.weight())
+            }
+
+            fn qlinear_many(
+                x: $crate::backend::__burn::tensor::Tensor<Self, 2>,
+                ws: &[&$crate::LinearWeight],
+            ) -> $crate::Result<::std::vec::Vec<$crate::backend::__burn::tensor::Tensor<Self, 2>>> {
+                ws.iter().map(|w| $crate::backend::plain::qlinear(x.clone(), w.weight())).collect()
+            }
+
+            fn fused_rms_norm(
+                x: $crate::backend::__burn::tensor::Tensor<Self, 2>,
+                w: &$crate::backend::__burn::tensor::Tensor<Self, 2>,
+                eps: f32,
+            ) -> $crate::Result<$crate::backend::__burn::tensor::Tensor<Self, 2>> {
+                Ok($crate::backend::plain::rms_norm(x, w, eps))
+            }
+
+            fn fused_rope(
+                x: $crate::backend::__burn::tensor::Tensor<Self, 3>,
+                cos: &$crate::backend::__burn::tensor::Tensor<Self, 2>,
+                sin: &$crate::backend::__burn::tensor::Tensor<Self, 2>,
+            ) -> $crate::Result<$crate::backend::__burn::tensor::Tensor<Self, 3>> {
+                Ok($crate::backend::plain::rope(x, cos, sin))
+            }
+
+            fn fused_silu_mul(
+                gate: $crate::backend::__burn::tensor::Tensor<Self, 2>,
+                up: $crate::backend::__burn::tensor::Tensor<Self, 2>,
+            ) -> $crate::Result<$crate::backend::__burn::tensor::Tensor<Self, 2>> {
+                Ok($crate::backend::plain::silu_mul(gate, up))
+            }
+
+            fn paged_attention(
+                cache: &mut $crate::KvCache,
+                layer: usize,
+                q: $crate::backend::__burn::tensor::Tensor<Self, 3>,
+                scale: f32,
+            ) -> $crate::Result<$crate::backend::__burn::tensor::Tensor<Self, 2>> {
+                $crate::backend::plain::prefill_attention(cache, layer, q, scale)
+            }
+
+            fn decode_attention(
+                cache: &mut $crate::KvCache,
+                layer: usize,
+                pos: usize,
+                q: $crate::backend::__burn::tensor::Tensor<Self, 3>,
+                scale: f32,
+            ) -> $crate::Result<$crate::backend::__burn::tensor::Tensor<Self, 2>> {
+                $crate::backend::host_decode::<Self>(cache, layer, pos, q, scale)
+            }
+
+            fn with_host<const D: usize, R>(
+                t: $crate::backend::__burn::tensor::Tensor<Self, D>,
+                f: impl FnOnce(&[f32]) -> R,
+            ) -> $crate::Result<R> {
+                Ok(f(&$crate::backend::plain::to_vec(t)?))
+            }
+        }
+    )+};
+}
+
+/// The burn crate the [`plain_backend!`](crate::plain_backend) expansion names (so a caller
+/// needs no `burn` of its own in scope).
+#[doc(hidden)]
+pub use burn as __burn;
+
+/// `Autodiff<B>` runs `B`'s ops on the inner tensors: forward only (the outputs are new leaves
+/// of the graph; nothing is differentiated through needle's ops).
+#[cfg(feature = "autodiff")]
+mod autodiff {
+    use burn::backend::Autodiff;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+
+    use super::*;
+
+    impl<B: NeedleBackend, C: CheckpointStrategy> NeedleBackend for Autodiff<B, C> {
+        type DeviceWeight = B::DeviceWeight;
+        type KvMirror = B::KvMirror;
+
+        fn fuses_linear() -> bool {
+            B::fuses_linear()
+        }
+
+        fn qlinear(x: Tensor<Self, 2>, w: &LinearWeight<B::DeviceWeight>) -> Result<Tensor<Self, 2>> {
+            B::qlinear(x.inner(), w).map(Tensor::from_inner)
+        }
+
+        fn qlinear_many(x: Tensor<Self, 2>, ws: &[&LinearWeight<B::DeviceWeight>]) -> Result<Vec<Tensor<Self, 2>>> {
+            Ok(B::qlinear_many(x.inner(), ws)?.into_iter().map(Tensor::from_inner).collect())
+        }
+
+        fn fused_rms_norm(x: Tensor<Self, 2>, w: &Tensor<Self, 2>, eps: f32) -> Result<Tensor<Self, 2>> {
+            B::fused_rms_norm(x.inner(), &w.clone().inner(), eps).map(Tensor::from_inner)
+        }
+
+        fn fused_rope(x: Tensor<Self, 3>, cos: &Tensor<Self, 2>, sin: &Tensor<Self, 2>) -> Result<Tensor<Self, 3>> {
+            B::fused_rope(x.inner(), &cos.clone().inner(), &sin.clone().inner()).map(Tensor::from_inner)
+        }
+
+        fn fused_silu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Result<Tensor<Self, 2>> {
+            B::fused_silu_mul(gate.inner(), up.inner()).map(Tensor::from_inner)
+        }
+
+        fn paged_attention(
+            cache: &mut KvCache<B::KvMirror>,
+            layer: usize,
+            q: Tensor<Self, 3>,
+            scale: f32,
+        ) -> Result<Tensor<Self, 2>> {
+            B::paged_attention(cache, layer, q.inner(), scale).map(Tensor::from_inner)
+        }
+
+        fn decode_attention(
+            cache: &mut KvCache<B::KvMirror>,
+            layer: usize,
+            pos: usize,
+            q: Tensor<Self, 3>,
+            scale: f32,
+        ) -> Result<Tensor<Self, 2>> {
+            B::decode_attention(cache, layer, pos, q.inner(), scale).map(Tensor::from_inner)
+        }
+
+        fn with_host<const D: usize, R>(t: Tensor<Self, D>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+            B::with_host(t.inner(), f)
         }
     }
 }
@@ -275,7 +402,12 @@ pub mod flex {
     /// in place; during a prefill with a pattern (`SelectionConfig::prefill`), with
     /// [`sparse_prefill`] over the key blocks the pattern chooses per KV head. Chunks fed to a
     /// built cache (`Llama::extend`: a question after a document) stay dense.
-    pub fn prefill_attention(cache: &KvCache, layer: usize, q: Tensor<Flex, 3>, scale: f32) -> Result<Tensor<Flex, 2>> {
+    pub fn prefill_attention<M: Default>(
+        cache: &mut KvCache<M>,
+        layer: usize,
+        q: Tensor<Flex, 3>,
+        scale: f32,
+    ) -> Result<Tensor<Flex, 2>> {
         let [t, nh, d] = q.dims();
         let n = cache.layer_len(layer)?;
         let (gqa, hd) = (cache.gqa(), cache.head_dim());
@@ -296,8 +428,14 @@ pub mod flex {
         let mut out = vec![0f32; t * nh * d];
         let shape = PageShape { page_rows, len: n, dim: d };
         let pattern = cache.config().prefill.pattern().filter(|_| !cache.is_built());
-        let run = |qs: &[f32]| -> Result<()> {
+        let pattern_on = pattern.is_some();
+        let run = |qs: &[f32]| -> Result<(u64, u64)> {
             let masks = pattern.map(|p| plan_masks(cache, layer, p, qs, n - t, scale)).transpose()?;
+            let blocks = masks
+                .iter()
+                .flatten()
+                .map(BlockMask::density)
+                .fold((0, 0), |(a, b), (kept, all)| (a + kept as u64, b + all as u64));
             let layouts: Option<Vec<BlockLayout<'_>>> =
                 masks.as_ref().map(|m| m.iter().map(crate::decode::block_layout).collect());
             let layouts = layouts.as_deref();
@@ -314,38 +452,28 @@ pub mod flex {
                 }
                 _ => prefill_typed(qs, &kp, &vp, as_f32, shape, &mut out, n - t, nh, scale, layouts),
             }
-            .map_err(|e| Error::kernel("prefill attention", e))
+            .map_err(|e| Error::kernel("prefill attention", e))?;
+            Ok(blocks)
         };
-        read_host(&q, run)??;
+        let (attended, dense) = read_host(&q, run)??;
+        if pattern_on {
+            cache.count_prefill_blocks(attended, dense);
+        }
         Ok(from_vec(out, [t, nh * d]))
     }
 }
 
-/// Key blocks attended by sparse prefill and the blocks dense prefill would have attended, summed
-/// over every chunk, layer and KV head since the process started (read with
-/// [`sparse_prefill_blocks`]).
-static SPARSE_BLOCKS: [std::sync::atomic::AtomicU64; 2] =
-    [std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)];
-
-/// `(attended, dense)`: key blocks sparse prefill attended and the blocks a dense prefill of the
-/// same chunks would have, summed over every chunk, layer and KV head so far (take the
-/// difference around a prefill for its density).
-pub fn sparse_prefill_blocks() -> (u64, u64) {
-    use std::sync::atomic::Ordering::Relaxed;
-    (SPARSE_BLOCKS[0].load(Relaxed), SPARSE_BLOCKS[1].load(Relaxed))
-}
-
 /// The pattern's block mask of each of `layer`'s KV heads for a chunk of `queries` (positions
 /// `pos0..`), the heads in parallel.
-fn plan_masks(
-    cache: &KvCache,
+fn plan_masks<M>(
+    cache: &KvCache<M>,
     layer: usize,
     pattern: &dyn PrefillPattern,
     queries: &[f32],
     pos0: usize,
     scale: f32,
 ) -> Result<Vec<BlockMask>> {
-    let (gqa, dim) = (cache.gqa(), cache.head_dim());
+    let (gqa, dim, prompt_end) = (cache.gqa(), cache.head_dim(), cache.prompt_end());
     let keys: Vec<&needle_core::PagedRows> = (0..gqa.n_kv_heads).map(|j| cache.keys(layer, j)).collect();
     let masks = keys
         .par_iter()
@@ -361,16 +489,11 @@ fn plan_masks(
                 pos0,
                 keys,
                 scale,
-                prompt_end: cache.prompt_end(),
+                prompt_end,
             };
             plan_chunk(pattern, &chunk)
         })
         .collect::<needle_core::Result<Vec<_>>>()?;
-    for m in &masks {
-        let (kept, all) = m.density();
-        SPARSE_BLOCKS[0].fetch_add(kept as u64, std::sync::atomic::Ordering::Relaxed);
-        SPARSE_BLOCKS[1].fetch_add(all as u64, std::sync::atomic::Ordering::Relaxed);
-    }
     Ok(masks)
 }
 
@@ -433,8 +556,8 @@ fn as_f16(p: &CachePages) -> &[PageBuf<half::f16>] {
     if let CachePages::F16(v) = p { v } else { &[] }
 }
 
-/// The plain Burn-op implementations: every backend but Flex, and the reference the Flex kernels
-/// are tested against.
+/// The plain Burn-op implementations: what [`plain_backend!`](crate::plain_backend) gives a
+/// backend, and the reference the Flex and CubeCL kernels are tested against.
 pub mod plain {
     use burn::tensor::activation::silu;
     use burn::tensor::module::attention;
@@ -484,8 +607,8 @@ pub mod plain {
 
     /// Causal attention with Burn's attention op over a copy of the layer's cache, each KV head
     /// repeated over its query group.
-    pub fn prefill_attention<B: Backend>(
-        cache: &KvCache,
+    pub fn prefill_attention<B: Backend, M>(
+        cache: &KvCache<M>,
         layer: usize,
         q: Tensor<B, 3>,
         scale: f32,
@@ -497,7 +620,7 @@ pub mod plain {
         }
         let device = q.device();
         let q4 = q.reshape([1, t, nh, d]).swap_dims(1, 2);
-        let (k4, v4) = (cached::<B>(cache, layer, false, &device), cached::<B>(cache, layer, true, &device));
+        let (k4, v4) = (cached::<B, M>(cache, layer, false, &device), cached::<B, M>(cache, layer, true, &device));
         // Burn's attention applies 1/√d by default; a different scale is folded into q.
         let default_scale = 1.0 / (d as f32).sqrt();
         let q4 = if (scale - default_scale).abs() > f32::EPSILON * default_scale {
@@ -511,7 +634,7 @@ pub mod plain {
     }
 
     /// Keys or values of one layer from the host cache as `[1, n_q_heads, n, dim]`.
-    fn cached<B: Backend>(cache: &KvCache, layer: usize, values: bool, device: &B::Device) -> Tensor<B, 4> {
+    fn cached<B: Backend, M>(cache: &KvCache<M>, layer: usize, values: bool, device: &B::Device) -> Tensor<B, 4> {
         let (gqa, d) = (cache.gqa(), cache.head_dim());
         let n = cache.keys(layer, 0).len();
         let kvh = gqa.n_kv_heads;
@@ -527,6 +650,10 @@ pub mod plain {
         t.unsqueeze_dim::<5>(2).expand([1, kvh, g, n, d]).reshape([1, kvh * g, n, d])
     }
 }
+
+// A backend needle-model has no arm for, given the plain ops in one line (the test below).
+#[cfg(test)]
+crate::plain_backend!(burn::backend::NdArray);
 
 #[cfg(test)]
 mod tests {
@@ -578,24 +705,106 @@ mod tests {
                     .collect()
             };
             let (k, v, q) = (rand((pos0 + t) * 2 * d), rand((pos0 + t) * 2 * d), rand(t * 6 * d));
-            let run = |prefill: PrefillSpec| -> Vec<f32> {
+            let run = |prefill: PrefillSpec| -> (Vec<f32>, (u64, u64)) {
                 let config = SelectionConfig { kv, prefill, ..SelectionConfig::default() };
-                let mut cache = KvCache::new(1, gqa, d, &FullSelector, config).unwrap();
+                let mut cache: KvCache = KvCache::new(1, gqa, d, &FullSelector, config).unwrap();
                 cache.append(0, &k, &v).unwrap();
                 let q = Tensor::<Flex, 3>::from_data(TensorData::new(q.clone(), [t, 6, d]), &Default::default());
-                plain::to_vec(flex::prefill_attention(&cache, 0, q, 0.3).unwrap()).unwrap()
+                let out = plain::to_vec(flex::prefill_attention(&mut cache, 0, q, 0.3).unwrap()).unwrap();
+                (out, (cache.stats.prefill_blocks, cache.stats.prefill_blocks_dense))
             };
-            let dense = run(PrefillSpec::DENSE);
-            assert_eq!(run(PrefillSpec::new(&ALL)), dense, "{kv}: every block is dense prefill");
-            let before = sparse_prefill_blocks();
-            let sparse = run(PrefillSpec::new(&NONE));
-            let after = sparse_prefill_blocks();
-            assert!(after.0 > before.0 && after.1 - before.1 > after.0 - before.0, "{before:?} → {after:?}");
+            let (dense, none) = run(PrefillSpec::DENSE);
+            assert_eq!(none, (0, 0), "{kv}: a dense prefill counts no sparse blocks");
+            let (all, (kept, of)) = run(PrefillSpec::new(&ALL));
+            assert_eq!(all, dense, "{kv}: every block is dense prefill");
+            assert_eq!(kept, of, "{kv}: every block attended");
+            let (sparse, (kept, of)) = run(PrefillSpec::new(&NONE));
+            assert!(kept > 0 && of > kept, "{kv}: {kept} of {of} blocks");
             let row = 6 * d;
             // Positions 288..300 are the chunk's last query block: dense; position 200 (block 6)
             // saw only blocks 0 and 6.
             assert_eq!(sparse[(288 - pos0) * row..], dense[(288 - pos0) * row..], "{kv}");
             assert_ne!(sparse[(200 - pos0) * row..][..row], dense[(200 - pos0) * row..][..row], "{kv}");
         }
+    }
+
+    /// The plain ops on another backend (NdArray, through `plain_backend!`) against Flex's
+    /// kernels: prefill and decode attention through a cache, and a random-weight model end to
+    /// end (f32 weights: `fuses_linear` is false there).
+    #[test]
+    fn plain_backend_gives_another_backend_the_reference_ops() {
+        use burn::backend::NdArray;
+        use needle_loader::LlamaConfig;
+
+        use crate::{AttentionStep, Llama, LoadOptions, Weights, cached_attention};
+
+        assert!(!<NdArray as NeedleBackend>::fuses_linear());
+        let (gqa, d, n) = (GqaLayout::new(4, 2).unwrap(), 16, 40);
+        let mut r = 0x1234_5678u32;
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    r ^= r << 13;
+                    r ^= r >> 17;
+                    r ^= r << 5;
+                    (r as f32 / u32::MAX as f32) * 2.0 - 1.0
+                })
+                .collect()
+        };
+        let (k, v, q) = (rand(n * 2 * d), rand(n * 2 * d), rand(n * 4 * d));
+        let (k1, v1, q1) = (rand(2 * d), rand(2 * d), rand(4 * d));
+        fn run<B: NeedleBackend<KvMirror = ()>>(
+            kv: [&[f32]; 4],
+            q: [&[f32]; 2],
+            gqa: GqaLayout,
+            d: usize,
+        ) -> (Vec<f32>, Vec<f32>) {
+            let dev = Default::default();
+            let t = |x: &[f32], h: usize| {
+                Tensor::<B, 3>::from_data(TensorData::new(x.to_vec(), [x.len() / h / d, h, d]), &dev)
+            };
+            let config = SelectionConfig { budget: needle_core::Budget::TopK(8), ..SelectionConfig::default() };
+            let mut cache: KvCache = KvCache::new(1, gqa, d, &FullSelector, config).unwrap();
+            let pre = cached_attention::<B>(
+                &mut cache,
+                0,
+                AttentionStep::Prefill,
+                t(q[0], 4),
+                t(kv[0], 2),
+                t(kv[1], 2),
+                0.25,
+            )
+            .unwrap();
+            cache.build(0.25).unwrap();
+            let dec =
+                cached_attention::<B>(&mut cache, 0, AttentionStep::Decode, t(q[1], 4), t(kv[2], 2), t(kv[3], 2), 0.25)
+                    .unwrap();
+            (plain::to_vec(pre).unwrap(), plain::to_vec(dec).unwrap())
+        }
+        let want = run::<Flex>([&k, &v, &k1, &v1], [&q, &q1], gqa, d);
+        let got = run::<NdArray>([&k, &v, &k1, &v1], [&q, &q1], gqa, d);
+        for (name, a, b) in [("prefill", &want.0, &got.0), ("decode", &want.1, &got.1)] {
+            let e = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(e < 1e-4, "{name}: max |Δ| {e}");
+        }
+
+        let mut cfg = LlamaConfig::preset("smollm2-135m").unwrap();
+        (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) = (64, 32, 48, 2);
+        (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) = (4, 2, 8);
+        let ck = needle_loader::Checkpoint::random(&cfg, needle_kernels_cpu::QuantType::Q8_0, 3).unwrap();
+        let f32_weights = LoadOptions { weights: Weights::F32 };
+        let cpu = Llama::<Flex>::load_with(&ck, &Default::default(), &f32_weights).unwrap();
+        let other = Llama::<NdArray>::load(&ck, &Default::default()).unwrap();
+        assert_eq!(other.weights(), Weights::F32, "a plain backend dequantizes at load");
+        let prompt: Vec<u32> = (0..9).map(|i| (i * 7 % 64) as u32).collect();
+        let logits = |m: &dyn Fn(&mut KvCache) -> Vec<f32>| {
+            let config = SelectionConfig { budget: needle_core::Budget::TopK(4), ..SelectionConfig::default() };
+            let mut c: KvCache = KvCache::new(2, GqaLayout::new(4, 2).unwrap(), 8, &FullSelector, config).unwrap();
+            m(&mut c)
+        };
+        let a = logits(&|c| cpu.prefill(&prompt, c, 4, &[8], &mut |_, _| {}).unwrap());
+        let b = logits(&|c| other.prefill(&prompt, c, 4, &[8], &mut |_, _| {}).unwrap());
+        let e = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(e < 1e-3, "model logits: max |Δ| {e}");
     }
 }

@@ -26,11 +26,11 @@
 
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
 use needle_core::{KvDtype, SelectorSpec};
 use needle_kv::{ContextReader, ContextWriter};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::NeedleBackend;
 use crate::cache::{KvCache, PAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::model::Llama;
@@ -74,7 +74,13 @@ pub struct ContextInfo {
 impl ContextInfo {
     /// The header for `cache`, prefilled by `model` (weights digest `model_digest`, held as
     /// `weights`) with the selector `spec`.
-    pub fn new<B: Backend>(model: &Llama<B>, model_digest: &str, weights: &str, spec: &str, cache: &KvCache) -> Self {
+    pub fn new<B: NeedleBackend, M>(
+        model: &Llama<B>,
+        model_digest: &str,
+        weights: &str,
+        spec: &str,
+        cache: &KvCache<M>,
+    ) -> Self {
         let c = model.config();
         Self {
             format: FORMAT,
@@ -94,8 +100,8 @@ impl ContextInfo {
     }
 }
 
-/// A context read back by [`load`].
-pub struct SavedContext {
+/// A context read back by [`load`] (`M`: the model backend's [`NeedleBackend::KvMirror`]).
+pub struct SavedContext<M = ()> {
     /// Its header.
     pub info: ContextInfo,
     /// The prompt's token ids.
@@ -103,18 +109,18 @@ pub struct SavedContext {
     /// Next-token logits after the prompt's last token.
     pub last_logits: Vec<f32>,
     /// The built cache, ready to extend or decode.
-    pub cache: KvCache,
+    pub cache: KvCache<M>,
 }
 
 /// Writes a prefilled context to `path` (atomically; an existing file only if `overwrite`).
 /// `progress(done, total)` counts layers.
-pub fn save(
+pub fn save<M: Default>(
     path: &Path,
     overwrite: bool,
     info: &ContextInfo,
     tokens: &[u32],
     last_logits: &[f32],
-    cache: &KvCache,
+    cache: &KvCache<M>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<()> {
     if tokens.len() != cache.len() || info.tokens != cache.len() {
@@ -141,13 +147,13 @@ pub type Resolver<'a> = dyn Fn(&str) -> needle_core::Result<SelectorSpec> + 'a;
 /// are held as `weights`): a file made for another model, weights mode or layout is
 /// [`Error::ContextMismatch`]; a damaged one a named needle-kv error. `resolve` makes the
 /// selector from the spec the header names.
-pub fn load<B: Backend>(
+pub fn load<B: NeedleBackend>(
     path: &Path,
     model: &Llama<B>,
     model_digest: &str,
     weights: &str,
     resolve: &Resolver<'_>,
-) -> Result<SavedContext> {
+) -> Result<SavedContext<B::KvMirror>> {
     let r = ContextReader::open(path)?;
     let corrupt = |section: &str, reason: String| -> Error {
         needle_kv::Error::Corrupt { path: path.to_path_buf(), section: section.into(), reason }.into()

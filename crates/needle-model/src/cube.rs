@@ -3,26 +3,24 @@
 //! compiled with the `wgpu` / `cuda` features only.
 //!
 //! - Linear weights stay in their GGUF blocks on the device (uploaded once per weight, on first
-//!   use, into [`QWeight`]'s device slot; llama.cpp's RoPE row order is undone at upload by
+//!   use, into the [`LinearWeight`]'s device copy, a [`DeviceWeight`]; llama.cpp's RoPE row order is undone at upload by
 //!   permuting whole rows) and run through the quantized GEMV kernel, one GEMV per token.
 //!   Block types the kernel lacks (K-quants, F16, F32) are dequantized once to an f32 device
 //!   matrix and multiplied with Burn's matmul.
-//! - Every layer's KV rows are mirrored on the device ([`DeviceKv`], token-major, f32), kept
-//!   beside the [`KvCache`] and brought up to date from the host rows before each use (the rows
+//! - Every layer's KV rows are mirrored on the device ([`DeviceCache`], token-major, f32), held
+//!   by the [`KvCache`] (its `KvMirror`) and brought up to date from the host rows before each use (the rows
 //!   a step appended, or everything after a cache was loaded or forked).
 //! - Prefill attention is the causal flash kernel over that mirror (dense: a sparse prefill
 //!   pattern applies on the CPU backend only).
-//! - Decode ([`DecodeMode`]): `Hybrid` (the default) launches the device kernel over each KV
+//! - Decode ([`DecodeMode`], per cache: [`KvCache::set_decode_mode`]): `Hybrid` (the default) launches the device kernel over each KV
 //!   head's static part (sinks + window) and, while it runs, lets the host select from the
 //!   dynamic part and attend to the picked rows ([`KvCache::decode_dynamic`]); one LSE merge on
 //!   the device joins the two. `Device` attends the static part and the picked rows in one
 //!   gathered device pass.
 
-use std::any::Any;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
@@ -32,10 +30,10 @@ use needle_kernels_cubecl::cubecl::prelude::ComputeClient;
 use needle_kernels_cubecl::cubecl::server::Handle;
 use needle_kernels_cubecl::{DeviceKv, DeviceQMatrix, DeviceRowLists};
 
-use crate::backend::cast;
-use crate::cache::{DynamicPart, KvCache};
+use crate::backend::{NeedleBackend, plain};
+use crate::cache::{DecodeMode, DynamicPart, KvCache};
 use crate::error::{Error, Result};
-use crate::weights::QWeight;
+use crate::weights::{LinearWeight, QWeight};
 
 /// burn's wgpu backend as `burn::backend::Wgpu` names it without the `fusion` feature.
 #[cfg(feature = "wgpu")]
@@ -47,96 +45,58 @@ pub type CudaCube = CubeBackend<needle_kernels_cubecl::cubecl::cuda::CudaRuntime
 
 type Cb<R, I, BT> = CubeBackend<R, f32, I, BT>;
 
-/// How the CubeCL arm runs a decode step's attention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DecodeMode {
-    /// Static part on the device, the selected rows on the host at the same time, one merge.
-    Hybrid,
-    /// Static part and selected rows in one gathered device pass (the host only selects).
-    Device,
-}
+/// The CubeCL arm: quantized linears and attention on the device, norms, RoPE and SiLU as Burn
+/// ops there.
+impl<R: CubeRuntime, I: IntElement, BT: BoolElement> NeedleBackend for CubeBackend<R, f32, I, BT> {
+    type DeviceWeight = DeviceWeight<R>;
+    type KvMirror = DeviceCache<R>;
 
-static MODE: AtomicU8 = AtomicU8::new(0);
-
-/// Chooses the decode mode of the CubeCL arm for the whole process ([`DecodeMode::Hybrid`]
-/// unless set).
-pub fn set_decode_mode(mode: DecodeMode) {
-    MODE.store(mode as u8, Ordering::Relaxed);
-}
-
-/// The decode mode in force.
-pub fn decode_mode() -> DecodeMode {
-    if MODE.load(Ordering::Relaxed) == DecodeMode::Device as u8 { DecodeMode::Device } else { DecodeMode::Hybrid }
-}
-
-/// True when `B` is one of the CubeCL backends this arm serves.
-pub(crate) fn is_cube<B: 'static>() -> bool {
-    use std::any::TypeId;
-    let id = TypeId::of::<B>();
-    #[cfg(feature = "wgpu")]
-    if id == TypeId::of::<WgpuCube>() {
-        return true;
+    fn fuses_linear() -> bool {
+        true
     }
-    #[cfg(feature = "cuda")]
-    if id == TypeId::of::<CudaCube>() {
-        return true;
+
+    fn qlinear(x: Tensor<Self, 2>, w: &LinearWeight<DeviceWeight<R>>) -> Result<Tensor<Self, 2>> {
+        qlinear_on(x, w)
     }
-    let _ = id;
-    false
-}
 
-/// Runs `$f::<R, I, BT>` on `$x` when it is a tensor of a CubeCL backend this arm serves,
-/// casting the result back; else gives `$x` back as `Err`.
-macro_rules! dispatch {
-    ($x:ident: $d:literal => $f:ident($($a:expr),*)) => {{
-        #[cfg(feature = "wgpu")]
-        let $x = match cast::<_, Tensor<WgpuCube, $d>>($x) {
-            Ok($x) => return Ok($f($x, $($a),*).and_then(recast)),
-            Err(x) => x,
-        };
-        #[cfg(feature = "cuda")]
-        let $x = match cast::<_, Tensor<CudaCube, $d>>($x) {
-            Ok($x) => return Ok($f($x, $($a),*).and_then(recast)),
-            Err(x) => x,
-        };
-        Err($x)
-    }};
-}
+    fn qlinear_many(x: Tensor<Self, 2>, ws: &[&LinearWeight<DeviceWeight<R>>]) -> Result<Vec<Tensor<Self, 2>>> {
+        ws.iter().map(|w| qlinear_on(x.clone(), w)).collect()
+    }
 
-/// A result of the concrete backend as the caller's type (the same type at run time).
-fn recast<S: 'static, T: 'static>(s: S) -> Result<T> {
-    cast(s).map_err(|_| Error::State("backend dispatch: CubeCL result on another backend".into()))
-}
+    fn fused_rms_norm(x: Tensor<Self, 2>, w: &Tensor<Self, 2>, eps: f32) -> Result<Tensor<Self, 2>> {
+        Ok(plain::rms_norm(x, w, eps))
+    }
 
-/// [`NeedleBackend::qlinear`](crate::NeedleBackend::qlinear) on a CubeCL backend, or `x` back.
-pub(crate) fn qlinear<B: Backend>(
-    x: Tensor<B, 2>,
-    w: &QWeight,
-) -> std::result::Result<Result<Tensor<B, 2>>, Tensor<B, 2>> {
-    dispatch!(x: 2 => qlinear_on(w))
-}
+    fn fused_rope(x: Tensor<Self, 3>, cos: &Tensor<Self, 2>, sin: &Tensor<Self, 2>) -> Result<Tensor<Self, 3>> {
+        Ok(plain::rope(x, cos, sin))
+    }
 
-/// [`NeedleBackend::paged_attention`](crate::NeedleBackend::paged_attention) on a CubeCL
-/// backend, or `q` back.
-pub(crate) fn paged_attention<B: Backend>(
-    cache: &KvCache,
-    layer: usize,
-    q: Tensor<B, 3>,
-    scale: f32,
-) -> std::result::Result<Result<Tensor<B, 2>>, Tensor<B, 3>> {
-    dispatch!(q: 3 => prefill_on(cache, layer, scale))
-}
+    fn fused_silu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Result<Tensor<Self, 2>> {
+        Ok(plain::silu_mul(gate, up))
+    }
 
-/// [`NeedleBackend::decode_attention`](crate::NeedleBackend::decode_attention) on a CubeCL
-/// backend, or `q` back.
-pub(crate) fn decode_attention<B: Backend>(
-    cache: &mut KvCache,
-    layer: usize,
-    pos: usize,
-    q: Tensor<B, 3>,
-    scale: f32,
-) -> std::result::Result<Result<Tensor<B, 2>>, Tensor<B, 3>> {
-    dispatch!(q: 3 => decode_on(cache, layer, pos, scale))
+    fn paged_attention(
+        cache: &mut KvCache<DeviceCache<R>>,
+        layer: usize,
+        q: Tensor<Self, 3>,
+        scale: f32,
+    ) -> Result<Tensor<Self, 2>> {
+        prefill_on(q, cache, layer, scale)
+    }
+
+    fn decode_attention(
+        cache: &mut KvCache<DeviceCache<R>>,
+        layer: usize,
+        pos: usize,
+        q: Tensor<Self, 3>,
+        scale: f32,
+    ) -> Result<Tensor<Self, 2>> {
+        decode_on(q, cache, layer, pos, scale)
+    }
+
+    fn with_host<const D: usize, T>(t: Tensor<Self, D>, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
+        Ok(f(&plain::to_vec(t)?))
+    }
 }
 
 fn kernel_err(what: &str) -> impl FnOnce(needle_kernels_cubecl::Error) -> Error + '_ {
@@ -171,29 +131,23 @@ fn upload<R: CubeRuntime>(client: &ComputeClient<R>, data: &[f32]) -> Handle {
     client.create_from_slice(bytemuck::cast_slice(if data.is_empty() { &[0.0f32][..] } else { data }))
 }
 
-/// A linear weight on the device.
-enum DeviceWeight<R: CubeRuntime> {
+/// A linear weight on the device (the CubeCL arm's [`NeedleBackend::DeviceWeight`]).
+pub struct DeviceWeight<R: CubeRuntime>(DeviceWeightKind<R>);
+
+impl<R: CubeRuntime> std::fmt::Debug for DeviceWeight<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            DeviceWeightKind::Blocks(_) => "DeviceWeight::Blocks",
+            DeviceWeightKind::Dense(_) => "DeviceWeight::Dense",
+        })
+    }
+}
+
+enum DeviceWeightKind<R: CubeRuntime> {
     /// The GGUF blocks, rows in Hugging Face order.
     Blocks(DeviceQMatrix),
     /// Dequantized and transposed, `[cols, rows]` f32 (types the GEMV kernel lacks).
     Dense(Box<CubeTensor<R>>),
-}
-
-/// `w` on `like`'s device: from its slot, else uploaded (and kept there).
-fn device_weight<R: CubeRuntime>(like: &CubeTensor<R>, w: &QWeight) -> Result<Arc<DeviceWeight<R>>> {
-    let slot = w.device_slot();
-    if let Some(any) = slot.get() {
-        if let Ok(d) = Arc::clone(any).downcast::<DeviceWeight<R>>() {
-            return Ok(d);
-        }
-        // Held for another runtime: upload without keeping it.
-        return Ok(Arc::new(upload_weight(like, w)?));
-    }
-    let d = Arc::new(upload_weight(like, w)?);
-    let any: Arc<dyn Any + Send + Sync> = d.clone();
-    // Another thread may have won the race; either copy is the same weight.
-    let _ = slot.set(any);
-    Ok(d)
 }
 
 fn upload_weight<R: CubeRuntime>(like: &CubeTensor<R>, w: &QWeight) -> Result<DeviceWeight<R>> {
@@ -206,7 +160,7 @@ fn upload_weight<R: CubeRuntime>(like: &CubeTensor<R>, w: &QWeight) -> Result<De
                 bytes.extend_from_slice(m.row_bytes(stored_row(r, rows, w.rope_heads())));
             }
             let q = DeviceQMatrix::upload(&like.client, w.ty(), rows, cols, &bytes).map_err(kernel_err(w.name()))?;
-            Ok(DeviceWeight::Blocks(q))
+            Ok(DeviceWeight(DeviceWeightKind::Blocks(q)))
         }
         _ => {
             let hf = w.dequantize()?;
@@ -218,13 +172,13 @@ fn upload_weight<R: CubeRuntime>(like: &CubeTensor<R>, w: &QWeight) -> Result<De
             }
             let h = upload(&like.client, &t);
             let shape = Shape::from([cols, rows]);
-            Ok(DeviceWeight::Dense(Box::new(CubeTensor::new_contiguous(
+            Ok(DeviceWeight(DeviceWeightKind::Dense(Box::new(CubeTensor::new_contiguous(
                 like.client.clone(),
                 like.device.clone(),
                 shape,
                 h,
                 DType::F32,
-            ))))
+            )))))
         }
     }
 }
@@ -241,77 +195,89 @@ fn stored_row(r: usize, rows: usize, heads: Option<usize>) -> usize {
 
 fn qlinear_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     x: Tensor<Cb<R, I, BT>, 2>,
-    w: &QWeight,
+    w: &LinearWeight<DeviceWeight<R>>,
 ) -> Result<Tensor<Cb<R, I, BT>, 2>> {
     let [t, _] = x.dims();
     w.check_input(x.dims())?;
     let xp = primitive(x);
-    match &*device_weight(&xp, w)? {
-        DeviceWeight::Blocks(m) => {
+    match &w.device_copy(|w| upload_weight(&xp, w))?.0 {
+        DeviceWeightKind::Blocks(m) => {
             let y = f32_buffer(&xp.client, t * w.rows());
             needle_kernels_cubecl::launch_gemm(&xp.client, m, &xp.handle, &y, t).map_err(kernel_err(w.name()))?;
             Ok(wrap(&xp, y, [t, w.rows()]))
         }
-        DeviceWeight::Dense(wt) => {
+        DeviceWeightKind::Dense(wt) => {
             let x = Tensor::<Cb<R, I, BT>, 2>::from_primitive(TensorPrimitive::Float(xp));
             Ok(x.matmul(Tensor::from_primitive(TensorPrimitive::Float((**wt).clone()))))
         }
     }
 }
 
-/// Every layer's KV rows on one device.
-struct DeviceCache<R: CubeRuntime> {
+/// Every layer's KV rows on one device (the CubeCL arm's [`NeedleBackend::KvMirror`]), filled
+/// from the cache's host rows as they are appended.
+pub struct DeviceCache<R> {
     layers: Vec<Option<DeviceKv>>,
-    _runtime: std::marker::PhantomData<R>,
+    _runtime: PhantomData<fn() -> R>,
+}
+
+impl<R> Default for DeviceCache<R> {
+    fn default() -> Self {
+        Self { layers: Vec::new(), _runtime: PhantomData }
+    }
+}
+
+impl<R: CubeRuntime> DeviceCache<R> {
+    /// `layer`'s device rows, first brought up to `cache`'s length.
+    fn sync(&mut self, cache: &KvCache<Self>, layer: usize, client: &ComputeClient<R>) -> Result<&DeviceKv> {
+        let (n, gqa, d) = (cache.layer_len(layer)?, cache.gqa(), cache.head_dim());
+        if self.layers.len() != cache.n_layers() {
+            self.layers = (0..cache.n_layers()).map(|_| None).collect();
+        }
+        let kv = &mut self.layers[layer];
+        if kv.as_ref().is_some_and(|kv| kv.n_rows > n) {
+            *kv = None;
+        }
+        if kv.is_none() {
+            *kv = Some(DeviceKv::with_capacity(client, n.max(1), gqa.n_kv_heads, d).map_err(kernel_err("KV mirror"))?);
+        }
+        let kv = kv.as_mut().ok_or_else(|| Error::State("device KV mirror missing".into()))?;
+        if kv.n_rows < n {
+            let (mut ks, mut vs) = (Vec::new(), Vec::new());
+            for i in kv.n_rows..n {
+                for j in 0..gqa.n_kv_heads {
+                    needle_core::RowSource::row(cache.keys(layer, j), i).extend_into(&mut ks);
+                    needle_core::RowSource::row(cache.values(layer, j), i).extend_into(&mut vs);
+                }
+            }
+            if n > kv.capacity {
+                kv.reserve(client, n.max(2 * kv.capacity)).map_err(kernel_err("KV mirror"))?;
+            }
+            kv.append(client, &ks, &vs).map_err(kernel_err("KV mirror"))?;
+        }
+        Ok(kv)
+    }
 }
 
 /// Runs `f` on `layer`'s device rows, first brought up to the host cache's length.
 fn with_rows<R: CubeRuntime, T>(
-    cache: &KvCache,
+    cache: &mut KvCache<DeviceCache<R>>,
     layer: usize,
     client: &ComputeClient<R>,
     f: impl FnOnce(&DeviceKv) -> Result<T>,
 ) -> Result<T> {
-    let (n, gqa, d) = (cache.layer_len(layer)?, cache.gqa(), cache.head_dim());
-    let mut slot = cache.device.0.lock().map_err(|_| Error::State("device KV mirror: a thread panicked".into()))?;
-    if !slot.as_ref().is_some_and(|s| s.is::<DeviceCache<R>>()) {
-        let fresh: DeviceCache<R> =
-            DeviceCache { layers: (0..cache.n_layers()).map(|_| None).collect(), _runtime: Default::default() };
-        *slot = Some(Box::new(fresh));
-    }
-    let dc = slot
-        .as_mut()
-        .and_then(|s| s.downcast_mut::<DeviceCache<R>>())
-        .ok_or_else(|| Error::State("device KV mirror of another type".into()))?;
-    let kv = &mut dc.layers[layer];
-    if kv.as_ref().is_some_and(|kv| kv.n_rows > n) {
-        *kv = None;
-    }
-    if kv.is_none() {
-        *kv = Some(DeviceKv::with_capacity(client, n.max(1), gqa.n_kv_heads, d).map_err(kernel_err("KV mirror"))?);
-    }
-    let kv = kv.as_mut().ok_or_else(|| Error::State("device KV mirror missing".into()))?;
-    if kv.n_rows < n {
-        let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        for i in kv.n_rows..n {
-            for j in 0..gqa.n_kv_heads {
-                needle_core::RowSource::row(cache.keys(layer, j), i).extend_into(&mut ks);
-                needle_core::RowSource::row(cache.values(layer, j), i).extend_into(&mut vs);
-            }
-        }
-        if n > kv.capacity {
-            kv.reserve(client, n.max(2 * kv.capacity)).map_err(kernel_err("KV mirror"))?;
-        }
-        kv.append(client, &ks, &vs).map_err(kernel_err("KV mirror"))?;
-    }
-    f(kv)
+    // The mirror is taken out while it reads the host rows; an error leaves an empty one,
+    // rebuilt on the next use.
+    let mut mirror = std::mem::take(&mut cache.mirror);
+    let out = mirror.sync(cache, layer, client).and_then(f);
+    cache.mirror = mirror;
+    out
 }
 
 static DENSE_PREFILL_SAID: AtomicBool = AtomicBool::new(false);
 
 fn prefill_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     q: Tensor<Cb<R, I, BT>, 3>,
-    cache: &KvCache,
+    cache: &mut KvCache<DeviceCache<R>>,
     layer: usize,
     scale: f32,
 ) -> Result<Tensor<Cb<R, I, BT>, 2>> {
@@ -340,7 +306,7 @@ fn prefill_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
 
 fn decode_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     q: Tensor<Cb<R, I, BT>, 3>,
-    cache: &mut KvCache,
+    cache: &mut KvCache<DeviceCache<R>>,
     layer: usize,
     pos: usize,
     scale: f32,
@@ -357,8 +323,7 @@ fn decode_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     let qp = primitive(q);
     let client = qp.client.clone();
     // The host selects with the queries: the one read-back of the step.
-    let qs =
-        crate::backend::plain::to_vec(Tensor::<Cb<R, I, BT>, 3>::from_primitive(TensorPrimitive::Float(qp.clone())))?;
+    let qs = plain::to_vec(Tensor::<Cb<R, I, BT>, 3>::from_primitive(TensorPrimitive::Float(qp.clone())))?;
     cache.observe_queries(layer, pos, &qs);
     let n = cache.layer_len(layer)?;
     let statics: Vec<Vec<u32>> =
@@ -382,7 +347,7 @@ fn decode_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
             )
             .map_err(kernel_err("decode attention"))
         };
-    match decode_mode() {
+    match cache.decode_mode() {
         DecodeMode::Hybrid => {
             let (o_s, l_s) = (f32_buffer(&client, nh * d), f32_buffer(&client, nh));
             let static_lists: Vec<&[u32]> = statics.iter().map(Vec::as_slice).collect();

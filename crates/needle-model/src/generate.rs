@@ -2,9 +2,9 @@
 
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
 use needle_loader::Tokenizer;
 
+use crate::backend::NeedleBackend;
 use crate::cache::{DecodeStats, KvCache};
 use crate::error::{Error, Result};
 use crate::model::Llama;
@@ -73,11 +73,11 @@ impl Generation {
 
 /// Prefills `prompt` and generates up to `cfg.max_tokens` tokens, calling `on_text` with each
 /// new piece of text and `progress(done, total)` during prefill.
-pub fn generate<B: Backend>(
+pub fn generate<B: NeedleBackend>(
     model: &Llama<B>,
     tokenizer: &Tokenizer,
     prompt: &[u32],
-    cache: &mut KvCache,
+    cache: &mut KvCache<B::KvMirror>,
     cfg: &GenerateConfig,
     on_text: &mut dyn FnMut(&str),
     progress: &mut dyn FnMut(usize, usize),
@@ -93,13 +93,13 @@ pub fn generate<B: Backend>(
 /// Generates from a prefilled `cache` whose next-token logits are `logits` (a loaded context,
 /// say); `prompt_tokens` and `prefill_secs` are what the report shows for the prompt.
 #[allow(clippy::too_many_arguments)]
-pub fn generate_from<B: Backend>(
+pub fn generate_from<B: NeedleBackend>(
     model: &Llama<B>,
     tokenizer: &Tokenizer,
     logits: Vec<f32>,
     prompt_tokens: usize,
     prefill_secs: f64,
-    cache: &mut KvCache,
+    cache: &mut KvCache<B::KvMirror>,
     cfg: &GenerateConfig,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {

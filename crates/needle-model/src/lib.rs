@@ -16,6 +16,13 @@
 //!   their [`NeedleBackend`] arm (module `cube`): weights stay quantized on the device, the
 //!   cache's rows are mirrored there, decode is a hybrid step (device static part, host
 //!   selection and retrieved rows, one merge).
+//! - `autodiff`: [`NeedleBackend`] for `burn::backend::Autodiff<B>` (`B`'s ops, forward only).
+//!
+//! ## Backends
+//! [`NeedleBackend`] is a Burn backend extension implemented per backend type (module
+//! [`backend`]): the model and [`cached_attention`] are generic over `B: NeedleBackend`, and a
+//! backend of your own gets the plain Burn-op version with [`plain_backend!`]. A model on `B`
+//! takes a `KvCache<B::KvMirror>` (plain [`KvCache`] on the CPU).
 //!
 //! ## Engine
 //! [`Llama::load`] keeps GGUF weights in their blocks ([`Weights::Native`]); on the CPU backend
@@ -54,9 +61,9 @@ mod sampling;
 mod spec;
 mod weights;
 
-pub use attention::cached_attention;
+pub use attention::{AttentionStep, cached_attention};
 pub use backend::NeedleBackend;
-pub use cache::{DecodeStats, DynamicPart, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
+pub use cache::{DecodeMode, DecodeStats, DynamicPart, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_from};
 pub use model::Llama;
@@ -72,7 +79,7 @@ pub use needle_kv::TierBudget;
 pub use rope::Rope;
 pub use sampling::{Sampler, SamplingConfig, argmax};
 pub use spec::compose;
-pub use weights::{LoadOptions, QWeight, Weights};
+pub use weights::{LinearWeight, LoadOptions, QWeight, Weights};
 
 /// The CPU backend (burn's pure-Rust Flex).
 pub type Cpu = burn::backend::Flex;

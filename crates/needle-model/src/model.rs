@@ -5,36 +5,109 @@
 //!
 //! The model is a Burn [`Module`]. With [`Weights::Native`] (the default) on the CPU backend, the
 //! linear weights stay in the checkpoint's blocks (a GGUF memory map) and run through
-//! [`NeedleBackend`]'s fused ops; with [`Weights::F32`] (or on other backends) they are f32 Burn
+//! [`NeedleBackend`]'s fused ops; with [`Weights::F32`] (or on plain-op backends) they are f32 Burn
 //! parameters transposed to `[in, out]` so a layer is `x · W`. Every layer's attention goes
 //! through [`cached_attention`]: keys and values leave the model after RoPE into the host-tier
 //! [`KvCache`]; prefill attends causally over the cache, decode goes through the cache's selectors.
 
-use burn::module::{Module, Param};
-use burn::tensor::backend::Backend;
+use burn::module::{
+    AutodiffModule, Content, Devices, EmptyRecord, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper,
+    ModuleVisitor, Param,
+};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use needle_core::GqaLayout;
 use needle_loader::{Checkpoint, HostTensor, LlamaConfig};
 
-use crate::attention::cached_attention;
+use crate::attention::{AttentionStep, cached_attention};
 use crate::backend::{NeedleBackend, plain};
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
 use crate::rope::Rope;
-use crate::weights::{LoadOptions, QWeight, Weights};
+use crate::weights::{LinearWeight, LoadOptions, QWeight, Weights};
 
 /// A linear layer's weight: an f32 parameter `[in, out]` (so the layer is `x · W`), or the
-/// checkpoint's blocks for [`NeedleBackend::linear`] (`x · Wᵀ`, `W` as stored `[out, in]`).
+/// checkpoint's blocks for [`NeedleBackend::qlinear`] (`x · Wᵀ`, `W` as stored `[out, in]`)
+/// with the backend's device copy beside them.
 #[derive(Module, Debug)]
-struct Linear<B: Backend> {
+struct Linear<B: NeedleBackend> {
     dense: Option<Param<Tensor<B, 2>>>,
-    #[module(skip)]
-    native: Option<QWeight>,
+    native: Native<B>,
 }
 
-impl<B: Backend> Linear<B> {
+/// The stored blocks of a linear and the backend's device copy beside them: a module without
+/// parameters (no record), so that the model's inner (non-autodiff) module gets its own copy
+/// of the inner backend's type, made again on first use.
+#[derive(Debug)]
+struct Native<B: NeedleBackend>(Option<LinearWeight<B::DeviceWeight>>);
+
+impl<B: NeedleBackend> Clone for Native<B> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<B: NeedleBackend> Module<B> for Native<B> {
+    type Record = EmptyRecord;
+
+    fn visit<V: ModuleVisitor<B>>(&self, _: &mut V) {}
+
+    fn map<M: ModuleMapper<B>>(self, _: &mut M) -> Self {
+        self
+    }
+
+    fn load_record(self, _: Self::Record) -> Self {
+        self
+    }
+
+    fn into_record(self) -> Self::Record {
+        EmptyRecord::new()
+    }
+
+    fn to_device(self, _: &B::Device) -> Self {
+        // A copy made on another device is not this one's: made again on first use.
+        Self(self.0.map(|w| LinearWeight::new(w.weight().clone())))
+    }
+
+    fn fork(self, device: &B::Device) -> Self {
+        self.to_device(device)
+    }
+
+    fn collect_devices(&self, devices: Devices<B>) -> Devices<B> {
+        devices
+    }
+}
+
+impl<B: AutodiffBackend + NeedleBackend> AutodiffModule<B> for Native<B>
+where
+    B::InnerBackend: NeedleBackend,
+{
+    type InnerModule = Native<B::InnerBackend>;
+
+    fn valid(&self) -> Self::InnerModule {
+        Native(self.0.as_ref().map(|w| LinearWeight::new(w.weight().clone())))
+    }
+
+    fn from_inner(module: Self::InnerModule) -> Self {
+        Native(module.0.map(|w| LinearWeight::new(w.weight().clone())))
+    }
+}
+
+impl<B: NeedleBackend> ModuleDisplayDefault for Native<B> {
+    fn content(&self, content: Content) -> Option<Content> {
+        content.add_formatted(&format!("{:?}", self.0.as_ref().map(|w| w.weight()))).optional()
+    }
+}
+
+impl<B: NeedleBackend> ModuleDisplay for Native<B> {}
+
+impl<B: NeedleBackend> Linear<B> {
+    fn stored(w: QWeight) -> Self {
+        Self { dense: None, native: Native(Some(LinearWeight::new(w))) }
+    }
+
     fn forward(&self, x: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
-        match (&self.native, &self.dense) {
+        match (&self.native.0, &self.dense) {
             (Some(w), _) => B::qlinear(x, w),
             (None, Some(w)) => Ok(x.matmul(w.val())),
             (None, None) => Err(Error::State("a linear layer has no weight".into())),
@@ -42,13 +115,13 @@ impl<B: Backend> Linear<B> {
     }
 
     fn native_bytes(&self) -> usize {
-        self.native.as_ref().map_or(0, QWeight::bytes)
+        self.native.0.as_ref().map_or(0, |w| w.bytes())
     }
 }
 
 /// `x` through several linears sharing it: one fused call when all keep stored blocks.
-fn forward_many<B: Backend, const N: usize>(x: Tensor<B, 2>, ls: [&Linear<B>; N]) -> Result<[Tensor<B, 2>; N]> {
-    let outs = match ls.iter().map(|l| l.native.as_ref()).collect::<Option<Vec<_>>>() {
+fn forward_many<B: NeedleBackend, const N: usize>(x: Tensor<B, 2>, ls: [&Linear<B>; N]) -> Result<[Tensor<B, 2>; N]> {
+    let outs = match ls.iter().map(|l| l.native.0.as_ref()).collect::<Option<Vec<_>>>() {
         Some(ws) => B::qlinear_many(x, &ws)?,
         None => ls.iter().map(|l| l.forward(x.clone())).collect::<Result<Vec<_>>>()?,
     };
@@ -57,7 +130,7 @@ fn forward_many<B: Backend, const N: usize>(x: Tensor<B, 2>, ls: [&Linear<B>; N]
 
 /// One transformer layer's weights.
 #[derive(Module, Debug)]
-struct Block<B: Backend> {
+struct Block<B: NeedleBackend> {
     attn_norm: Param<Tensor<B, 2>>,
     wq: Linear<B>,
     wk: Linear<B>,
@@ -76,7 +149,7 @@ struct Block<B: Backend> {
     k_norm: Option<Param<Tensor<B, 2>>>,
 }
 
-impl<B: Backend> Block<B> {
+impl<B: NeedleBackend> Block<B> {
     fn linears(&self) -> [&Linear<B>; 7] {
         [&self.wq, &self.wk, &self.wv, &self.wo, &self.w_gate, &self.w_up, &self.w_down]
     }
@@ -84,7 +157,7 @@ impl<B: Backend> Block<B> {
 
 /// A Llama-family causal language model, as a Burn [`Module`].
 #[derive(Module, Debug)]
-pub struct Llama<B: Backend> {
+pub struct Llama<B: NeedleBackend> {
     #[module(skip)]
     config: LlamaConfig,
     #[module(skip)]
@@ -101,7 +174,7 @@ pub struct Llama<B: Backend> {
     fused: bool,
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: NeedleBackend> Llama<B> {
     /// Loads weights by checkpoint name (Hugging Face names; GGUF files are mapped by the
     /// loader), kept as stored ([`Weights::Native`]).
     pub fn load(ck: &Checkpoint, device: &B::Device) -> Result<Self> {
@@ -142,31 +215,32 @@ impl<B: Backend> Llama<B> {
         // HF linear weights are [out, in]; the f32 path stores [in, out].
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear<B>> {
             if native {
-                return Ok(Linear { dense: None, native: Some(stored(name, out, inp)?) });
+                return Ok(Linear::stored(stored(name, out, inp)?));
             }
             let t = get(name, &[out, inp])?;
-            Ok(Linear { dense: Some(param(transpose(&t.data, out, inp), [inp, out])), native: None })
+            Ok(Linear { dense: Some(param(transpose(&t.data, out, inp), [inp, out])), native: Native(None) })
         };
         let vector = |name: &str, n: usize| -> Result<Param<Tensor<B, 2>>> { Ok(param(get(name, &[n])?.data, [1, n])) };
         let (embed, lm_head) = if native {
-            let e = stored("model.embed_tokens.weight", cfg.vocab_size, h)?;
+            let e = Linear::stored(stored("model.embed_tokens.weight", cfg.vocab_size, h)?);
+            // Tied: one weight, so the device copy is made once.
             let head = if cfg.tie_word_embeddings {
-                Linear { dense: None, native: Some(e.clone()) }
+                Linear { dense: None, native: e.native.clone() }
             } else {
                 linear("lm_head.weight", cfg.vocab_size, h)?
             };
-            (Linear { dense: None, native: Some(e) }, head)
+            (e, head)
         } else {
             let embed_host = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
             let head = if cfg.tie_word_embeddings {
                 Linear {
                     dense: Some(param(transpose(&embed_host.data, cfg.vocab_size, h), [h, cfg.vocab_size])),
-                    native: None,
+                    native: Native(None),
                 }
             } else {
                 linear("lm_head.weight", cfg.vocab_size, h)?
             };
-            (Linear { dense: Some(param(embed_host.data, [cfg.vocab_size, h])), native: None }, head)
+            (Linear { dense: Some(param(embed_host.data, [cfg.vocab_size, h])), native: Native(None) }, head)
         };
         let (qd, kvd, ff) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size);
         let optional = |on: bool, name: &str, n: usize| on.then(|| vector(name, n)).transpose();
@@ -256,7 +330,7 @@ impl<B: Backend> Llama<B> {
     /// embedding counted once, as the output head).
     pub fn weight_bytes(&self) -> usize {
         let blocks: usize = self.blocks.iter().flat_map(|b| b.linears()).map(Linear::native_bytes).sum();
-        self.num_params() * 4 + blocks + self.lm_head.native_bytes()
+        Module::num_params(self) * 4 + blocks + self.lm_head.native_bytes()
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
@@ -288,7 +362,7 @@ impl<B: Backend> Llama<B> {
     /// Token embeddings `[t, hidden]`.
     fn embed(&self, tokens: &[u32]) -> Result<Tensor<B, 2>> {
         let (t, h, device) = (tokens.len(), self.config.hidden_size, self.device());
-        match (&self.embed.native, &self.embed.dense) {
+        match (&self.embed.native.0, &self.embed.dense) {
             (Some(w), _) => {
                 let mut x = vec![0f32; t * h];
                 for (&id, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
@@ -307,9 +381,13 @@ impl<B: Backend> Llama<B> {
 
     /// Runs `tokens` (at positions `cache.len()..`) through the model, appending their keys and
     /// values to the cache, and returns the final-normed hidden states `[t, hidden]`.
-    /// One token after the cache is built decodes through the selectors; anything else is
-    /// prefill with causal dense attention.
-    pub(crate) fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor<B, 2>> {
+    /// `step` says what the tokens are in the cache's lifecycle ([`cached_attention`]).
+    pub(crate) fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B::KvMirror>,
+        step: AttentionStep,
+    ) -> Result<Tensor<B, 2>> {
         self.check_tokens(tokens)?;
         let (t, pos0) = (tokens.len(), cache.len());
         if let Some(w) = self.config.sliding_window
@@ -339,7 +417,7 @@ impl<B: Backend> Llama<B> {
             let q = rope.apply(self.heads(q, nh, &b.q_norm)?)?;
             let k = rope.apply(self.heads(k, nkv, &b.k_norm)?)?;
             let v = v.reshape([t, nkv, d]);
-            let attn = cached_attention(cache, l, q, k, v, self.scale())?;
+            let attn = cached_attention(cache, l, step, q, k, v, self.scale())?;
             x = x + b.wo.forward(attn)?;
             let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
             let [gate, up] = forward_many(h, [&b.w_gate, &b.w_up])?;
@@ -362,7 +440,7 @@ impl<B: Backend> Llama<B> {
     pub fn prefill(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        cache: &mut KvCache<B::KvMirror>,
         chunk: usize,
         logit_positions: &[usize],
         progress: &mut dyn FnMut(usize, usize),
@@ -384,19 +462,20 @@ impl<B: Backend> Llama<B> {
         }
         let start = cache.len();
         cache.plan_training(start + tokens.len());
-        let logits = self.run_chunks(tokens, cache, chunk, logit_positions, progress)?;
+        let logits = self.run_chunks(tokens, cache, AttentionStep::Prefill, chunk, logit_positions, progress)?;
         cache.build(self.scale())?;
         Ok(logits)
     }
 
     /// Feeds `tokens` to a prefilled (built) cache in chunks of `chunk` tokens — a question
     /// after a saved document, say — and returns the logits after the last one. Each chunk
-    /// attends densely to everything before it, as prefill does; the tokens that leave the
+    /// attends densely to everything before it, as prefill does ([`AttentionStep::Extend`]); a
+    /// chunk of one token is a decode step through the selectors. The tokens that leave the
     /// window join the selectors as decode tokens do.
     pub fn extend(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        cache: &mut KvCache<B::KvMirror>,
         chunk: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<f32>> {
@@ -406,7 +485,7 @@ impl<B: Backend> Llama<B> {
         if tokens.is_empty() || chunk == 0 {
             return Err(Error::invalid("tokens/chunk", "extend needs at least one token and a chunk of at least 1"));
         }
-        self.run_chunks(tokens, cache, chunk, &[tokens.len() - 1], progress)
+        self.run_chunks(tokens, cache, AttentionStep::Extend, chunk, &[tokens.len() - 1], progress)
     }
 
     /// The forward passes of [`Llama::prefill`] and [`Llama::extend`]: chunk by chunk, keeping
@@ -414,7 +493,8 @@ impl<B: Backend> Llama<B> {
     fn run_chunks(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        cache: &mut KvCache<B::KvMirror>,
+        step: AttentionStep,
         chunk: usize,
         logit_positions: &[usize],
         progress: &mut dyn FnMut(usize, usize),
@@ -422,7 +502,10 @@ impl<B: Backend> Llama<B> {
         let mut logits = vec![Vec::new(); logit_positions.len()];
         for (c, part) in tokens.chunks(chunk).enumerate() {
             let first = c * chunk;
-            let hidden = self.forward(part, cache)?;
+            // A one-token part of an extension is a decode step through the selectors (as it
+            // always was: the extended logits stay what they were).
+            let step = if step == AttentionStep::Extend && part.len() == 1 { AttentionStep::Decode } else { step };
+            let hidden = self.forward(part, cache, step)?;
             let wanted: Vec<(usize, usize)> = logit_positions
                 .iter()
                 .enumerate()
@@ -442,11 +525,11 @@ impl<B: Backend> Llama<B> {
     }
 
     /// One decode step: feeds `token`, returns the next-token logits.
-    pub fn decode(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
+    pub fn decode(&self, token: u32, cache: &mut KvCache<B::KvMirror>) -> Result<Vec<f32>> {
         if !cache.is_built() {
             return Err(Error::State("decode before prefill: prefill a prompt first".into()));
         }
-        let hidden = self.forward(&[token], cache)?;
+        let hidden = self.forward(&[token], cache, AttentionStep::Decode)?;
         cache.finish_step();
         self.logits(hidden, &[0])
     }
@@ -470,12 +553,12 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// RoPE tables for a run of positions, in the form the chosen ops read: half tables
 /// `[t, dim/2]` for the fused op, full `[t, 1, dim]` for the plain Burn ops of the f32 path.
-enum RopeTables<B: Backend> {
+enum RopeTables<B: NeedleBackend> {
     Half(Tensor<B, 2>, Tensor<B, 2>),
     Full(Tensor<B, 3>, Tensor<B, 3>),
 }
 
-impl<B: Backend> RopeTables<B> {
+impl<B: NeedleBackend> RopeTables<B> {
     fn new(fused: bool, rope: &Rope, positions: std::ops::Range<usize>, d: usize, device: &B::Device) -> Self {
         let t = positions.len();
         if fused {

@@ -53,10 +53,6 @@ pub struct QWeight {
     rows: usize,
     cols: usize,
     rope_heads: Option<usize>,
-    /// A device copy made by a GPU arm of `NeedleBackend` on first use, shared by clones (the
-    /// tied embedding and output head upload once).
-    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))] // read by the CubeCL arm only
-    device: Arc<std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for QWeight {
@@ -79,8 +75,7 @@ impl QWeight {
             return Err(Error::Shape { tensor: name.into(), expected: vec![0, 0], got: raw.shape.clone() });
         };
         let rope_heads = raw.rope_heads;
-        let w =
-            Self { name: name.into(), store: Store::Map(raw), ty, rows, cols, rope_heads, device: Default::default() };
+        let w = Self { name: name.into(), store: Store::Map(raw), ty, rows, cols, rope_heads };
         w.check()?;
         Ok(w)
     }
@@ -88,15 +83,8 @@ impl QWeight {
     /// Owned f32 weights, row-major `rows × cols`.
     pub fn from_f32(name: &str, data: &[f32], rows: usize, cols: usize) -> Result<Self> {
         let bytes: Arc<[u8]> = bytemuck::cast_slice::<f32, u8>(data).into();
-        let w = Self {
-            name: name.into(),
-            store: Store::Owned(bytes),
-            ty: QuantType::F32,
-            rows,
-            cols,
-            rope_heads: None,
-            device: Default::default(),
-        };
+        let w =
+            Self { name: name.into(), store: Store::Owned(bytes), ty: QuantType::F32, rows, cols, rope_heads: None };
         w.check()?;
         Ok(w)
     }
@@ -152,12 +140,6 @@ impl QWeight {
     #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))] // read by the CubeCL arm only
     pub(crate) fn rope_heads(&self) -> Option<usize> {
         self.rope_heads
-    }
-
-    /// The slot a GPU arm keeps this weight's device copy in.
-    #[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))] // read by the CubeCL arm only
-    pub(crate) fn device_slot(&self) -> &std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>> {
-        &self.device
     }
 
     /// The kernel's view of the bytes.
@@ -225,6 +207,66 @@ impl QWeight {
             self.row(r, o)?;
         }
         Ok(out)
+    }
+}
+
+/// A linear weight as a backend runs it: the host [`QWeight`] and the device copy `D` a backend
+/// makes of it on first use ([`NeedleBackend::DeviceWeight`](crate::NeedleBackend::DeviceWeight);
+/// `()` on host backends). Clones share the copy (the tied embedding and output head upload
+/// once). `D` is the backend's associated type rather than the backend, so that a backend
+/// delegating to another (`Autodiff<B>`) hands the same value on.
+pub struct LinearWeight<D = ()> {
+    weight: QWeight,
+    device: Arc<std::sync::OnceLock<D>>,
+}
+
+impl<D> LinearWeight<D> {
+    /// `weight` with no device copy yet.
+    pub fn new(weight: QWeight) -> Self {
+        Self { weight, device: Arc::new(std::sync::OnceLock::new()) }
+    }
+
+    /// The host weight.
+    pub fn weight(&self) -> &QWeight {
+        &self.weight
+    }
+
+    /// The device copy, made by `upload` on first use (a racing thread's copy may win; either
+    /// is the same weight).
+    pub fn device_copy(&self, upload: impl FnOnce(&QWeight) -> Result<D>) -> Result<&D> {
+        if let Some(d) = self.device.get() {
+            return Ok(d);
+        }
+        let d = upload(&self.weight)?;
+        Ok(self.device.get_or_init(|| d))
+    }
+}
+
+impl<D> Clone for LinearWeight<D> {
+    fn clone(&self) -> Self {
+        Self { weight: self.weight.clone(), device: Arc::clone(&self.device) }
+    }
+}
+
+impl<D> std::fmt::Debug for LinearWeight<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinearWeight")
+            .field("weight", &self.weight)
+            .field("on_device", &self.device.get().is_some())
+            .finish()
+    }
+}
+
+impl<D> From<QWeight> for LinearWeight<D> {
+    fn from(weight: QWeight) -> Self {
+        Self::new(weight)
+    }
+}
+
+impl<D> std::ops::Deref for LinearWeight<D> {
+    type Target = QWeight;
+    fn deref(&self) -> &QWeight {
+        &self.weight
     }
 }
 

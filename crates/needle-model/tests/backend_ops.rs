@@ -6,7 +6,7 @@ mod common;
 use burn::tensor::{Tensor, TensorData};
 use needle_core::{GqaLayout, KvDtype, RowSource};
 use needle_model::backend::{flex, plain};
-use needle_model::{Cpu, KvCache, NeedleBackend, QWeight, compose};
+use needle_model::{Cpu, KvCache, LinearWeight, NeedleBackend, QWeight, compose};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -53,7 +53,7 @@ fn f32_linear_matches_matmul_and_dispatch_picks_flex() {
     let e = max_diff(flex::qlinear(x.clone(), &q).unwrap(), want.clone());
     assert!(e < 1e-4, "qlinear {e}");
     assert!(<Cpu as NeedleBackend>::fuses_linear());
-    let e = max_diff(<Cpu as NeedleBackend>::qlinear(x.clone(), &q).unwrap(), want.clone());
+    let e = max_diff(<Cpu as NeedleBackend>::qlinear(x.clone(), &LinearWeight::new(q.clone())).unwrap(), want.clone());
     assert!(e < 1e-4, "dispatched qlinear {e}");
     let e = max_diff(plain::qlinear(x, &q).unwrap(), want);
     assert!(e < 1e-5, "plain qlinear {e}");
@@ -66,7 +66,7 @@ fn paged_prefill_attention_matches_burn_attention_across_chunks_at_each_kv_preci
         let (gqa, d) = (GqaLayout::new(6, 2).unwrap(), 16);
         let (factory, mut sel) = compose(needle_select::parse("full").unwrap());
         sel.kv = kv;
-        let mut cache = KvCache::new(1, gqa, d, factory.as_ref(), sel).unwrap();
+        let mut cache: KvCache = KvCache::new(1, gqa, d, factory.as_ref(), sel).unwrap();
         // Two chunks, the second crossing a page (256 rows).
         for t in [200, 100] {
             let k = rand_vec(&mut rng, t * 2 * d);
@@ -75,7 +75,7 @@ fn paged_prefill_attention_matches_burn_attention_across_chunks_at_each_kv_preci
             assert_eq!(cache.keys(0, 1).dtype(), kv);
             let q = tensor(rand_vec(&mut rng, t * 6 * d), [t, 6, d]);
             let scale = 0.3;
-            let a = flex::prefill_attention(&cache, 0, q.clone(), scale).unwrap();
+            let a = flex::prefill_attention(&mut cache, 0, q.clone(), scale).unwrap();
             let b = plain::prefill_attention(&cache, 0, q, scale).unwrap();
             let e = max_diff(a, b);
             assert!(e < 1e-4, "{kv}, chunk of {t}: {e}");

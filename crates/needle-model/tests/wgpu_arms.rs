@@ -5,22 +5,22 @@
 #![cfg(feature = "wgpu")]
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
-use std::sync::Mutex;
-
 use burn::backend::wgpu::WgpuDevice;
 use burn::tensor::{Tensor, TensorData};
 use needle_core::{GqaLayout, RowSource};
 use needle_loader::{Checkpoint, LlamaConfig};
 use needle_model::backend::plain;
-use needle_model::cube::{DecodeMode, WgpuCube, set_decode_mode};
-use needle_model::{Cpu, KvCache, Llama, NeedleBackend, QWeight, QuantType, argmax, compose};
+use needle_model::cube::WgpuCube;
+use needle_model::{
+    Cpu, DecodeMode, KvCache, LinearWeight, Llama, NeedleBackend, QWeight, QuantType, argmax, compose,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 type G = WgpuCube;
 
-/// The decode mode is process-wide: tests that decode hold this.
-static MODE: Mutex<()> = Mutex::new(());
+/// The cache a model on `G` takes (its rows mirrored on the device).
+type GpuCache = KvCache<<G as NeedleBackend>::KvMirror>;
 
 fn skip() -> bool {
     let skip = std::env::var_os("NEEDLE_SKIP_GPU_TESTS").is_some_and(|v| v == "1");
@@ -53,10 +53,11 @@ fn tiny() -> LlamaConfig {
 
 #[test]
 fn the_cube_arm_serves_burns_wgpu_type_and_keeps_weights_in_blocks() {
-    // `needle --device wgpu` runs `burn::backend::Wgpu`: with burn's `fusion` feature it would
-    // be another type, which this arm does not serve.
-    assert_eq!(std::any::TypeId::of::<burn::backend::Wgpu>(), std::any::TypeId::of::<G>());
-    assert!(<G as NeedleBackend>::fuses_linear());
+    // `needle --device wgpu` runs `burn::backend::Wgpu`: the CubeCL arm's type, checked at
+    // compile time (with burn's `fusion` feature it would be another type, without the arm).
+    fn same<T>(_: std::marker::PhantomData<T>, _: std::marker::PhantomData<T>) {}
+    same(std::marker::PhantomData::<burn::backend::Wgpu>, std::marker::PhantomData::<G>);
+    assert!(<burn::backend::Wgpu as NeedleBackend>::fuses_linear());
 }
 
 #[test]
@@ -70,7 +71,7 @@ fn quantized_linear_on_the_device_matches_the_dequantized_weight() {
         // Random checkpoints come in these block types (Q4_1, the default model's, is covered by
         // tests/wgpu_model.rs); q_proj carries llama.cpp's RoPE row order only in GGUF files.
         for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"] {
-            let w = QWeight::from_raw(name, ck.tensor_blocks(name).unwrap().unwrap()).unwrap();
+            let w: LinearWeight<_> = QWeight::from_raw(name, ck.tensor_blocks(name).unwrap().unwrap()).unwrap().into();
             let (rows, cols) = (w.rows(), w.cols());
             let deq = w.dequantize().unwrap();
             for t in [1, 5] {
@@ -89,13 +90,13 @@ fn quantized_linear_on_the_device_matches_the_dequantized_weight() {
         }
     }
     // A wrong input width is an error naming the weight.
-    let w = QWeight::from_f32("w", &[0.0; 64], 2, 32).unwrap();
+    let w: LinearWeight<_> = QWeight::from_f32("w", &[0.0; 64], 2, 32).unwrap().into();
     let err = <G as NeedleBackend>::qlinear(gpu(vec![0.0; 33], [1, 33]), &w).unwrap_err();
     assert!(err.to_string().contains("input of w"), "{err}");
 }
 
 /// A cache of one layer holding `n` random rows, selectors of `spec` built.
-fn filled_cache(spec: &str, gqa: GqaLayout, d: usize, k: &[f32], v: &[f32]) -> KvCache {
+fn filled_cache<M: Default>(spec: &str, gqa: GqaLayout, d: usize, k: &[f32], v: &[f32]) -> KvCache<M> {
     let (f, sel) = compose(needle_select::parse(spec).unwrap());
     let mut cache = KvCache::new(1, gqa, d, f.as_ref(), sel).unwrap();
     cache.append(0, k, v).unwrap();
@@ -112,11 +113,12 @@ fn prefill_attention_on_the_device_matches_the_cpu_kernel() {
         let gqa = GqaLayout::new(nq, nkv).unwrap();
         let (k, v) = (rand_vec(&mut rng, n * nkv * d), rand_vec(&mut rng, n * nkv * d));
         let q = rand_vec(&mut rng, t * nq * d);
-        let cache = filled_cache("full", gqa, d, &k, &v);
+        let mut host: KvCache = filled_cache("full", gqa, d, &k, &v);
+        let mut cache: GpuCache = filled_cache("full", gqa, d, &k, &v);
         let scale = 0.3;
         let want = plain::to_vec(
             <Cpu as NeedleBackend>::paged_attention(
-                &cache,
+                &mut host,
                 0,
                 Tensor::from_data(TensorData::new(q.clone(), [t, nq, d]), &Default::default()),
                 scale,
@@ -124,8 +126,9 @@ fn prefill_attention_on_the_device_matches_the_cpu_kernel() {
             .unwrap(),
         )
         .unwrap();
-        let got = plain::to_vec(<G as NeedleBackend>::paged_attention(&cache, 0, gpu(q, [t, nq, d]), scale).unwrap())
-            .unwrap();
+        let got =
+            plain::to_vec(<G as NeedleBackend>::paged_attention(&mut cache, 0, gpu(q, [t, nq, d]), scale).unwrap())
+                .unwrap();
         let e = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(e < 1e-5, "{nq}/{nkv} heads d {d} n {n} t {t}: max |Δ| {e}");
     }
@@ -136,7 +139,6 @@ fn decode_attention_on_the_device_matches_the_host_in_both_modes() {
     if skip() {
         return;
     }
-    let _mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = StdRng::seed_from_u64(3);
     let (nq, nkv, d, n) = (6, 2, 32, 700);
     let gqa = GqaLayout::new(nq, nkv).unwrap();
@@ -149,14 +151,14 @@ fn decode_attention_on_the_device_matches_the_host_in_both_modes() {
     {
         let scale = 0.2;
         let host = {
-            let mut c = filled_cache(spec, gqa, d, &k[..n * row], &v[..n * row]);
+            let mut c: KvCache = filled_cache(spec, gqa, d, &k[..n * row], &v[..n * row]);
             c.build(scale).unwrap();
             c.append(0, &k[n * row..], &v[n * row..]).unwrap();
             c.attend_decode(0, &q, scale).unwrap()
         };
         for mode in [DecodeMode::Hybrid, DecodeMode::Device] {
-            set_decode_mode(mode);
-            let mut c = filled_cache(spec, gqa, d, &k[..n * row], &v[..n * row]);
+            let mut c: GpuCache = filled_cache(spec, gqa, d, &k[..n * row], &v[..n * row]);
+            c.set_decode_mode(mode);
             c.build(scale).unwrap();
             c.append(0, &k[n * row..], &v[n * row..]).unwrap();
             let got = plain::to_vec(
@@ -170,7 +172,6 @@ fn decode_attention_on_the_device_matches_the_host_in_both_modes() {
             }
         }
     }
-    set_decode_mode(DecodeMode::Hybrid);
 }
 
 #[test]
@@ -178,7 +179,6 @@ fn a_loaded_cache_is_mirrored_to_the_device_on_first_use() {
     if skip() {
         return;
     }
-    let _mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
     // The device mirror is rebuilt from the host rows whenever it is behind: a cache filled on
     // the host (as a loaded context is) decodes on the device as on the host.
     let mut rng = StdRng::seed_from_u64(4);
@@ -186,7 +186,7 @@ fn a_loaded_cache_is_mirrored_to_the_device_on_first_use() {
     let gqa = GqaLayout::new(nq, nkv).unwrap();
     let row = nkv * d;
     let (k, v) = (rand_vec(&mut rng, (n + 2) * row), rand_vec(&mut rng, (n + 2) * row));
-    let mut c = filled_cache("full", gqa, d, &k[..n * row], &v[..n * row]);
+    let mut c: GpuCache = filled_cache("full", gqa, d, &k[..n * row], &v[..n * row]);
     c.build(0.125).unwrap();
     let mut outs = Vec::new();
     for step in 0..2 {
@@ -218,9 +218,13 @@ fn a_loaded_cache_is_mirrored_to_the_device_on_first_use() {
 }
 
 /// Prefill (`step(cache, None)`), then 4 greedy decode steps: the logits of each.
-fn greedy_logits(step: &dyn Fn(&mut KvCache, Option<u32>) -> Vec<f32>, spec: &str) -> Vec<Vec<f32>> {
+/// One step of [`greedy_logits`]: the prefill (`None`) or the decode of a token.
+type Step<'a, M> = &'a dyn Fn(&mut KvCache<M>, Option<u32>) -> Vec<f32>;
+
+fn greedy_logits<M: Default>(step: Step<'_, M>, spec: &str, mode: DecodeMode) -> Vec<Vec<f32>> {
     let (f, sel) = compose(needle_select::parse(spec).unwrap());
     let mut cache = KvCache::new(2, GqaLayout::new(6, 2).unwrap(), 32, f.as_ref(), sel).unwrap();
+    cache.set_decode_mode(mode);
     let mut out = vec![step(&mut cache, None)];
     for _ in 0..4 {
         let next = argmax(out.last().unwrap()).unwrap();
@@ -234,12 +238,10 @@ fn random_weight_models_on_wgpu_match_the_cpu() {
     if skip() {
         return;
     }
-    let _mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
     let cfg = tiny();
     let prompt: Vec<u32> = (0..23).map(|i| (i * 37 % 300) as u32).collect();
     for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_K] {
         for mode in [DecodeMode::Hybrid, DecodeMode::Device] {
-            set_decode_mode(mode);
             let cpu = Llama::<Cpu>::load_with(
                 &Checkpoint::random(&cfg, ty, 5).unwrap(),
                 &Default::default(),
@@ -252,12 +254,12 @@ fn random_weight_models_on_wgpu_match_the_cpu() {
                     None => cpu.prefill(&prompt, c, 7, &[prompt.len() - 1], &mut |_, _| {}).unwrap(),
                     Some(t) => cpu.decode(t, c).unwrap(),
                 };
-                let dev_step = |c: &mut KvCache, t: Option<u32>| match t {
+                let dev_step = |c: &mut GpuCache, t: Option<u32>| match t {
                     None => dev.prefill(&prompt, c, 7, &[prompt.len() - 1], &mut |_, _| {}).unwrap(),
                     Some(t) => dev.decode(t, c).unwrap(),
                 };
-                let want = greedy_logits(&cpu_step, spec);
-                let got = greedy_logits(&dev_step, spec);
+                let want = greedy_logits(&cpu_step, spec, mode);
+                let got = greedy_logits(&dev_step, spec, mode);
                 let top = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
                 let e =
                     want.iter().flatten().zip(got.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -269,7 +271,6 @@ fn random_weight_models_on_wgpu_match_the_cpu() {
             }
         }
     }
-    set_decode_mode(DecodeMode::Hybrid);
 }
 
 /// Times one layer's hybrid decode step against its two halves run alone: the device's static
@@ -282,8 +283,6 @@ fn random_weight_models_on_wgpu_match_the_cpu() {
 fn hybrid_decode_overlap() {
     use needle_kernels_cubecl::{DecodeOptions, DeviceKv, decode_attention, wgpu_client};
     use std::time::Instant;
-    let _mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
-    set_decode_mode(DecodeMode::Hybrid);
     let n: usize = std::env::var("NEEDLE_OVERLAP_ROWS").ok().and_then(|s| s.parse().ok()).unwrap_or(32_768);
     // One layer of Llama-3-8B's attention shape: 32 query heads over 8 KV heads of 128.
     let (nq, nkv, d) = (32, 8, 128);
@@ -295,7 +294,7 @@ fn hybrid_decode_overlap() {
     // the host scans every dynamic key, as a flat index would.
     let spec = "oracle:k=100,sinks=128,window=512";
     let scale = 1.0 / (d as f32).sqrt();
-    let mut c = filled_cache(spec, gqa, d, &k[..n * row], &v[..n * row]);
+    let mut c: GpuCache = filled_cache(spec, gqa, d, &k[..n * row], &v[..n * row]);
     c.build(scale).unwrap();
     c.append(0, &k[n * row..], &v[n * row..]).unwrap();
     let statics: Vec<Vec<u32>> = (0..nkv).map(|j| c.static_part(0, j).static_ids(n + 1).collect()).collect();

@@ -7,8 +7,7 @@
 
 use burn::backend::Wgpu;
 use burn::backend::wgpu::WgpuDevice;
-use burn::tensor::backend::Backend;
-use needle_model::{Cpu, KvCache, Llama, LoadOptions, Weights, argmax, compose};
+use needle_model::{Cpu, KvCache, Llama, LoadOptions, NeedleBackend, Weights, argmax, compose};
 
 fn skip() -> bool {
     let skip = std::env::var_os("NEEDLE_SKIP_GPU_TESTS").is_some_and(|v| v == "1");
@@ -25,7 +24,7 @@ fn print_err() -> bool {
 /// Prefill of `prompt`, then `steps - 1` decode steps with the `full` selector (what `auto`
 /// picks below 2,048 tokens), feeding `forced` tokens when given, else each step's greedy
 /// token: the logits before each generated token and the tokens fed.
-fn run<B: Backend>(
+fn run<B: NeedleBackend>(
     model: &Llama<B>,
     prompt: &[u32],
     steps: usize,

@@ -10,22 +10,29 @@
 //! - [`TinyLm::forward_needle`]: each layer's attention is one call to
 //!   [`needle_model::cached_attention`], which appends the layer's keys and values to a
 //!   [`KvCache`] and attends to it — causal and dense while prefilling, through the cache's
-//!   selectors (full, streaming, oracle, retrieval, …) when decoding one token at a time.
+//!   selectors (full, streaming, oracle, retrieval, …) when decoding one token at a time. The
+//!   caller says which ([`AttentionStep`]); a step that does not fit the cache's state (a
+//!   decode before [`KvCache::build`], say) is an error.
+//!
+//! `TinyLm<B>` runs on any backend with needle's [`NeedleBackend`] extension: burn's `Flex`
+//! (needle's `Cpu`), its CubeCL backends (needle-model's `wgpu`/`cuda` features), `Autodiff` of
+//! those (feature `autodiff`), or a backend of your own given the plain Burn-op version with
+//! `needle_model::plain_backend!(MyBackend)`.
 //!
 //! The lifecycle of one sequence:
 //! ```
 //! use downstream_burn::{TinyLm, TinyLmConfig};
-//! use needle_model::Cpu;
+//! use needle_model::{AttentionStep, Cpu};
 //!
 //! let device = Default::default();
 //! let model: TinyLm<Cpu> = TinyLmConfig::default().init(&device);
 //! let mut cache = model.new_cache("full")?;
 //! let prompt = [1, 2, 3, 4, 5];
-//! let logits = model.forward_needle(&prompt, &mut cache)?; // prefill: [5, vocab]
+//! let logits = model.forward_needle(&prompt, &mut cache, AttentionStep::Prefill)?; // [5, vocab]
 //! cache.build(model.scale())?; // selectors are built from the prefilled keys
 //! let mut next = downstream_burn::argmax_last(logits)?;
 //! for _ in 0..4 {
-//!     let logits = model.forward_needle(&[next], &mut cache)?; // decode: [1, vocab]
+//!     let logits = model.forward_needle(&[next], &mut cache, AttentionStep::Decode)?; // [1, vocab]
 //!     cache.finish_step();
 //!     next = downstream_burn::argmax_last(logits)?;
 //! }
@@ -39,7 +46,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use needle_core::GqaLayout;
-use needle_model::{Error, KvCache, Result, cached_attention, compose};
+use needle_model::{AttentionStep, Error, KvCache, NeedleBackend, Result, cached_attention, compose};
 
 /// Sizes of a [`TinyLm`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -151,14 +158,14 @@ pub struct Greedy {
 }
 
 /// Which attention a forward pass uses.
-enum Attention<'a> {
+enum Attention<'a, M> {
     /// The model's own causal attention over the tokens of this call (positions from 0).
     Dense,
-    /// needle's [`cached_attention`] over everything in the cache.
-    Needle(&'a mut KvCache),
+    /// needle's [`cached_attention`] over everything in the cache, as the step says.
+    Needle(&'a mut KvCache<M>, AttentionStep),
 }
 
-impl<B: Backend> TinyLm<B> {
+impl<B: NeedleBackend> TinyLm<B> {
     /// Attention scale `1/√head_dim`.
     pub fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
@@ -181,7 +188,7 @@ impl<B: Backend> TinyLm<B> {
 
     /// An empty needle cache for one sequence, its selectors named by `spec`
     /// (`full`, `streaming:sinks=4,window=64`, `retrieval:index=graph,k=16`, …).
-    pub fn new_cache(&self, spec: &str) -> Result<KvCache> {
+    pub fn new_cache(&self, spec: &str) -> Result<KvCache<B::KvMirror>> {
         let (factory, sel_cfg) = compose(needle_select::parse(spec)?);
         KvCache::new(self.n_layers(), self.gqa()?, self.head_dim, factory.as_ref(), sel_cfg)
     }
@@ -189,32 +196,38 @@ impl<B: Backend> TinyLm<B> {
     /// The original model: logits `[t, vocab]` of every position of `tokens` (positions `0..t`)
     /// with the model's own dense causal attention.
     pub fn forward_dense(&self, tokens: &[u32]) -> Result<Tensor<B, 2>> {
-        self.forward(tokens, 0, Attention::Dense)
+        self.forward(tokens, 0, Attention::<B::KvMirror>::Dense)
     }
 
     /// The same model with needle's attention: logits `[t, vocab]` of `tokens`, which take
-    /// positions `cache.len()..`. Their keys and values are appended to `cache`. Before
-    /// [`KvCache::build`] (or with more than one token) this is prefill with causal dense
-    /// attention; one token after the build is a decode step through the cache's selectors.
-    pub fn forward_needle(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor<B, 2>> {
+    /// positions `cache.len()..`. Their keys and values are appended to `cache`. `step` says
+    /// what they are: [`AttentionStep::Prefill`] before [`KvCache::build`] (causal dense
+    /// attention), [`AttentionStep::Decode`] for one token after it (through the cache's
+    /// selectors), [`AttentionStep::Extend`] for a dense chunk after it.
+    pub fn forward_needle(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B::KvMirror>,
+        step: AttentionStep,
+    ) -> Result<Tensor<B, 2>> {
         let pos0 = cache.len();
-        self.forward(tokens, pos0, Attention::Needle(cache))
+        self.forward(tokens, pos0, Attention::Needle(cache, step))
     }
 
     /// Greedy generation through needle, the whole lifecycle: prefill `prompt` into the empty
     /// `cache`, [`KvCache::build`] its selectors, then `steps` decode steps of one token each,
     /// [`KvCache::finish_step`] after each.
-    pub fn greedy_needle(&self, prompt: &[u32], steps: usize, cache: &mut KvCache) -> Result<Greedy> {
+    pub fn greedy_needle(&self, prompt: &[u32], steps: usize, cache: &mut KvCache<B::KvMirror>) -> Result<Greedy> {
         if !cache.is_empty() || cache.is_built() {
             return Err(Error::State("greedy_needle takes an empty cache".into()));
         }
         cache.plan_training(prompt.len()); // which prefill queries the selectors train on
-        let prefill = to_host(self.forward_needle(prompt, cache)?)?;
+        let prefill = to_host(self.forward_needle(prompt, cache, AttentionStep::Prefill)?)?;
         cache.build(self.scale())?;
         let mut next = argmax(&prefill[prefill.len() - self.vocab..])?;
         let (mut tokens, mut step_logits) = (vec![next], Vec::with_capacity(steps));
         for _ in 0..steps {
-            let logits = to_host(self.forward_needle(&[next], cache)?)?;
+            let logits = to_host(self.forward_needle(&[next], cache, AttentionStep::Decode)?)?;
             cache.finish_step();
             next = argmax(&logits)?;
             tokens.push(next);
@@ -223,7 +236,7 @@ impl<B: Backend> TinyLm<B> {
         Ok(Greedy { prefill, steps: step_logits, tokens })
     }
 
-    fn forward(&self, tokens: &[u32], pos0: usize, mut attention: Attention<'_>) -> Result<Tensor<B, 2>> {
+    fn forward(&self, tokens: &[u32], pos0: usize, mut attention: Attention<'_, B::KvMirror>) -> Result<Tensor<B, 2>> {
         if tokens.is_empty() {
             return Err(Error::EmptyPrompt);
         }
@@ -244,7 +257,7 @@ impl<B: Backend> TinyLm<B> {
             let attn = match &mut attention {
                 Attention::Dense => dense_causal_attention(q, k, v, self.scale()),
                 // The one line that puts needle in the model: keys are given after RoPE.
-                Attention::Needle(cache) => cached_attention(cache, layer, q, k, v, self.scale())?,
+                Attention::Needle(cache, step) => cached_attention(cache, layer, *step, q, k, v, self.scale())?,
             };
             x = x + b.wo.forward(attn);
             let h = b.mlp_norm.forward(x.clone());

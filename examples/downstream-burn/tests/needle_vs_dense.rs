@@ -5,7 +5,7 @@
 
 use burn::tensor::Tensor;
 use downstream_burn::{Greedy, TinyLm, TinyLmConfig, argmax, to_host};
-use needle_model::{Cpu, Error, cached_attention};
+use needle_model::{AttentionStep, Cpu, Error, cached_attention};
 
 /// Largest |Δ logit| allowed between needle and the model's own attention (float summation
 /// order only; measured < 1e-6 on this model).
@@ -55,7 +55,7 @@ fn full_reproduces_dense_attention_in_prefill_and_decode() {
     let mut cache = m.new_cache("full").unwrap();
 
     // Prefill: every position's logits.
-    let needle = to_host(m.forward_needle(&seq, &mut cache).unwrap()).unwrap();
+    let needle = to_host(m.forward_needle(&seq, &mut cache, AttentionStep::Prefill).unwrap()).unwrap();
     let dense = to_host(m.forward_dense(&seq).unwrap()).unwrap();
     let mut worst = max_diff(&needle, &dense);
     assert!(worst < TOL, "prefill logits differ by {worst}");
@@ -66,7 +66,7 @@ fn full_reproduces_dense_attention_in_prefill_and_decode() {
     let mut next = argmax(&dense[dense.len() - v..]).unwrap();
     for step in 0..12 {
         seq.push(next);
-        let needle = to_host(m.forward_needle(&[next], &mut cache).unwrap()).unwrap();
+        let needle = to_host(m.forward_needle(&[next], &mut cache, AttentionStep::Decode).unwrap()).unwrap();
         cache.finish_step();
         let dense = to_host(m.forward_dense(&seq).unwrap()).unwrap();
         let dense = &dense[dense.len() - v..];
@@ -96,7 +96,7 @@ fn chunked_prefill_matches_one_pass() {
     let mut needle = Vec::new();
     for chunk in p.chunks(32) {
         // Each chunk attends causally to everything cached before it.
-        needle.extend(to_host(m.forward_needle(chunk, &mut cache).unwrap()).unwrap());
+        needle.extend(to_host(m.forward_needle(chunk, &mut cache, AttentionStep::Prefill).unwrap()).unwrap());
     }
     let dense = to_host(m.forward_dense(&p).unwrap()).unwrap();
     let diff = max_diff(&needle, &dense);
@@ -180,17 +180,49 @@ fn wrong_shapes_are_errors_not_panics() {
         ("k", t([3, 4, 16]), t([2, 2, 16]), t([2, 2, 16])), // k and v for fewer tokens than q
     ];
     for (name, q, k, v) in cases {
-        match cached_attention(&mut cache, 0, q, k, v, s) {
+        match cached_attention(&mut cache, 0, AttentionStep::Prefill, q, k, v, s) {
             Err(Error::Shape { tensor, .. }) => assert_eq!(tensor, name),
             other => panic!("expected a shape error naming `{name}`, got {other:?}"),
         }
     }
-    let e = cached_attention(&mut cache, 7, t([1, 4, 16]), t([1, 2, 16]), t([1, 2, 16]), s);
+    let e = cached_attention(&mut cache, 7, AttentionStep::Prefill, t([1, 4, 16]), t([1, 2, 16]), t([1, 2, 16]), s);
     assert!(e.is_err(), "layer 7 of 2 was accepted");
     // Nothing was appended by the failed calls.
     assert_eq!(cache.len(), 0);
     // The model's own checks: empty and out-of-vocabulary tokens.
-    assert!(matches!(m.forward_needle(&[], &mut cache), Err(Error::EmptyPrompt)));
-    assert!(matches!(m.forward_needle(&[1, 999], &mut cache), Err(Error::TokenOutOfRange { id: 999, .. })));
+    assert!(matches!(m.forward_needle(&[], &mut cache, AttentionStep::Prefill), Err(Error::EmptyPrompt)));
+    assert!(matches!(
+        m.forward_needle(&[1, 999], &mut cache, AttentionStep::Prefill),
+        Err(Error::TokenOutOfRange { id: 999, .. })
+    ));
     assert_eq!(cache.len(), 0);
+}
+
+#[test]
+fn a_step_that_does_not_fit_the_cache_is_an_error_not_another_attention() {
+    let m = model();
+    let mut cache = m.new_cache("full").unwrap();
+    let p = prompt(20, m.vocab(), 3);
+    // A decode (or extend) before the build: the forgotten `build` is named, nothing appended.
+    for step in [AttentionStep::Decode, AttentionStep::Extend] {
+        let e = m.forward_needle(&p[..1], &mut cache, step).unwrap_err();
+        assert!(matches!(e, Error::State(_)) && e.to_string().contains("build"), "{step:?}: {e}");
+    }
+    assert_eq!(cache.len(), 0);
+    m.forward_needle(&p, &mut cache, AttentionStep::Prefill).unwrap();
+    // A one-token prefill step is still a prefill: dense, the cache unbuilt.
+    m.forward_needle(&[1], &mut cache, AttentionStep::Prefill).unwrap();
+    assert!(!cache.is_built());
+    cache.build(m.scale()).unwrap();
+    let n = cache.len();
+    // After the build: no prefill, and a decode step is one token.
+    assert!(matches!(m.forward_needle(&[2], &mut cache, AttentionStep::Prefill), Err(Error::State(_))));
+    assert!(matches!(
+        m.forward_needle(&[2, 3], &mut cache, AttentionStep::Decode),
+        Err(Error::InvalidParameter { name, .. }) if name == "q"
+    ));
+    assert_eq!(cache.len(), n);
+    m.forward_needle(&[2], &mut cache, AttentionStep::Decode).unwrap();
+    m.forward_needle(&[3, 4], &mut cache, AttentionStep::Extend).unwrap();
+    assert_eq!(cache.len(), n + 3);
 }

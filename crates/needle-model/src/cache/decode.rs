@@ -1,0 +1,265 @@
+//! A decode step of one layer on the host: one select step (validation, the KV heads' selectors in parallel, the accounting) and the attention that follows it, over the static part and the selection, or the selection alone for a split (hybrid) step.
+
+use super::*;
+
+/// What [`KvCache::decode_dynamic`] returns for one layer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DynamicPart {
+    /// Per KV head, the rows its selector picked (all in the dynamic part).
+    pub ids: Vec<Vec<u32>>,
+    /// Per KV head, additive log-weights parallel to `ids` (empty when the selector weights none).
+    pub log_weights: Vec<Vec<f32>>,
+    /// When the host attended: outputs `[n_q_heads × dim]` over the picked rows alone and their
+    /// log-sum-exp `[n_q_heads]` (`-inf` and zeros where nothing was picked).
+    pub host: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// How a backend with a device ([`NeedleBackend::KvMirror`](crate::NeedleBackend::KvMirror)
+/// not `()`: the CubeCL arm) runs a decode step's attention; host backends always attend on the
+/// host and ignore it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DecodeMode {
+    /// Static part on the device, the selected rows on the host at the same time, one merge.
+    #[default]
+    Hybrid,
+    /// Static part and selected rows in one gathered device pass (the host only selects).
+    Device,
+}
+
+/// Below this many cached rows in a layer (all KV heads), decode attention runs on one thread.
+const PAR_MIN_ROWS: usize = 2048;
+
+impl<M> KvCache<M> {
+    /// Decode attention of one layer: for each KV head, its selector picks dynamic-part ids
+    /// for the group's queries, then each query head attends to static part + selection,
+    /// merged by log-sum-exp. `q` is `n_q_heads × dim`; returns the same shape.
+    pub fn attend_decode(&mut self, layer: usize, q: &[f32], scale: f32) -> Result<Vec<f32>> {
+        let outs = self.select_step(layer, q, scale, |h, qg| {
+            let sp = h.selector.static_part();
+            Ok(attend_group(qg, &h.keys, &h.values, sp, &h.selection, scale, &mut h.scratch)?.to_vec())
+        })?;
+        Ok(outs.concat())
+    }
+
+    /// The host's half of a split decode step: every KV head's selector picks from its dynamic
+    /// part for the query group in `q` (`[n_q_heads × dim]`), and with `attend` the host also
+    /// attends to the picked rows alone, giving a partial (output and log-sum-exp) that an exact
+    /// merge combines with the static part's, attended elsewhere (the CubeCL arm's device).
+    pub fn decode_dynamic(&mut self, layer: usize, q: &[f32], scale: f32, attend: bool) -> Result<DynamicPart> {
+        let outs = self.select_step(layer, q, scale, |h, qg| {
+            if attend { attend_selection(qg, h, scale) } else { Ok((Vec::new(), Vec::new())) }
+        })?;
+        let selections = self.heads[layer].iter().map(|h| (h.selection.ids.clone(), h.selection.log_weights.clone()));
+        let (ids, log_weights) = selections.unzip();
+        let host = attend.then(|| {
+            let (o, l): (Vec<_>, Vec<_>) = outs.into_iter().unzip();
+            (o.concat(), l.concat())
+        });
+        Ok(DynamicPart { ids, log_weights, host })
+    }
+
+    /// The one select step of every decode path: checks the layer, the queries and the
+    /// lifecycle; each KV head's selector picks for its query group and `attend` runs on the
+    /// head, the heads in one parallel region (serial when small: waking a thread costs more
+    /// than a few hundred keys); then the step's accounting. Returns `attend`'s result per KV
+    /// head.
+    fn select_step<T: Send>(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        scale: f32,
+        attend: impl Fn(&mut HeadCache, &[f32]) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        self.check_layer(layer)?;
+        let (d, gqa, budget) = (self.head_dim, self.gqa, self.config.budget);
+        if q.len() != gqa.n_q_heads * d {
+            return Err(Error::invalid(
+                "q",
+                format!("{} floats; decode attention takes n_q_heads × dim = {}", q.len(), gqa.n_q_heads * d),
+            ));
+        }
+        if !self.built {
+            return Err(Error::State("decode attention before the selectors were built (prefill first)".into()));
+        }
+        if !scale.is_finite() {
+            return Err(Error::invalid("scale", format!("{scale} is not finite")));
+        }
+        let step = |(j, h): (usize, &mut HeadCache)| -> Result<(T, Duration, Duration)> {
+            let qg = &q[gqa.group(j).start * d..gqa.group(j).end * d];
+            let t0 = Instant::now();
+            h.selector.select(qg, &h.keys, &budget, &mut h.selection)?;
+            let t1 = Instant::now();
+            let out = attend(h, qg)?;
+            Ok((out, t1 - t0, t1.elapsed()))
+        };
+        let wall = Instant::now();
+        let heads = &mut self.heads[layer];
+        let rows: usize = heads.iter().map(|h| h.keys.len()).sum();
+        let outs: Vec<(T, Duration, Duration)> = if rows < PAR_MIN_ROWS {
+            heads.iter_mut().enumerate().map(step).collect::<Result<_>>()?
+        } else {
+            heads.par_iter_mut().enumerate().map(step).collect::<Result<_>>()?
+        };
+        let (sel, att): (Duration, Duration) = outs.iter().fold(Default::default(), |(a, b), o| (a + o.1, b + o.2));
+        self.account_step(layer, wall.elapsed(), sel, att);
+        Ok(outs.into_iter().map(|o| o.0).collect())
+    }
+
+    /// Adds one layer's decode step to the stats (`wall` split between selection and attention
+    /// as the per-head times `sel` and `att` are) and marks the pages it read.
+    fn account_step(&mut self, layer: usize, wall: Duration, sel: Duration, att: Duration) {
+        let s = &mut self.stats;
+        let share = sel.as_secs_f64() / (sel + att).as_secs_f64().max(f64::MIN_POSITIVE);
+        s.select_time += wall.mul_f64(share);
+        s.attend_time += wall.mul_f64(1.0 - share);
+        for h in &self.heads[layer] {
+            let n = h.keys.len();
+            let dynamic = h.selector.static_part().dynamic_range(n).len();
+            s.keys_total += n as u64;
+            s.keys_dynamic += dynamic as u64;
+            s.keys_attended += (n - dynamic + h.selection.ids.len()) as u64;
+            s.keys_selected += h.selection.ids.len() as u64;
+            s.select += h.selection.stats;
+        }
+        self.note_reads(layer);
+    }
+
+    /// Marks the end of a decode step (for per-step averages).
+    pub fn finish_step(&mut self) {
+        self.stats.steps += 1;
+    }
+
+    /// The static part of the selector serving a head.
+    pub fn static_part(&self, layer: usize, kv_head: usize) -> needle_core::StaticPart {
+        self.heads[layer][kv_head].selector.static_part()
+    }
+
+    /// The selection a head made at the last decode step (for fidelity measurements).
+    pub fn last_selection(&self, layer: usize, kv_head: usize) -> &Selection {
+        &self.heads[layer][kv_head].selection
+    }
+}
+
+/// The query group `qg` of one KV head attending to its selected rows alone (weighted by the
+/// selection's log-weights), with each query head's log-sum-exp, by needle-kernels-cpu's
+/// [`attend_rows_lse`](needle_kernels_cpu::attend_rows_lse): the host half of a split step,
+/// merged exactly with the static part's elsewhere. `-inf` and zeros where nothing was picked.
+fn attend_selection(qg: &[f32], h: &mut HeadCache, scale: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (d, n) = (h.keys.dim(), h.keys.len());
+    let g = qg.len() / d.max(1);
+    let sel = &h.selection;
+    if let Some(&bad) = sel.ids.iter().find(|&&id| id as usize >= n) {
+        return Err(Error::invalid("selection", format!("row {bad} of {n}")));
+    }
+    if qg.iter().any(|x| !x.is_finite()) {
+        return Err(Error::invalid("q", "decode queries must be finite"));
+    }
+    let weighted = !sel.log_weights.is_empty();
+    if weighted && sel.log_weights.len() != sel.ids.len() {
+        return Err(Error::invalid(
+            "selection",
+            format!("{} log-weights for {} rows", sel.log_weights.len(), sel.ids.len()),
+        ));
+    }
+    let bias = weighted.then_some(sel.log_weights.as_slice());
+    let (mut out, mut lse, mut scores) = (vec![0f32; g * d], vec![0f32; g], Vec::new());
+    let ids = &sel.ids;
+    let (k, v) = (picked(&h.keys, ids), picked(&h.values, ids));
+    let done = match (h.keys.dtype(), h.values.dtype()) {
+        (KvDtype::F32, KvDtype::F32) => {
+            let (k, v) = (typed(&k, as_f32), typed(&v, as_f32));
+            needle_kernels_cpu::attend_rows_lse(qg, &k, &v, bias, scale, &mut scores, &mut out, &mut lse)
+        }
+        (KvDtype::F16, KvDtype::F16) => {
+            let (k, v) = (typed(&k, as_f16), typed(&v, as_f16));
+            needle_kernels_cpu::attend_rows_lse(qg, &k, &v, bias, scale, &mut scores, &mut out, &mut lse)
+        }
+        _ => {
+            // q8 (the kernels read f32 or f16): the few picked rows are widened first.
+            let widen = |rows: &[needle_core::Row<'_>]| -> Vec<f32> {
+                let mut w = Vec::with_capacity(rows.len() * d);
+                rows.iter().for_each(|r| r.extend_into(&mut w));
+                w
+            };
+            let (kw, vw) = (widen(&k), widen(&v));
+            let (k, v): (Vec<&[f32]>, Vec<&[f32]>) = (kw.chunks_exact(d).collect(), vw.chunks_exact(d).collect());
+            needle_kernels_cpu::attend_rows_lse(qg, &k, &v, bias, scale, &mut scores, &mut out, &mut lse)
+        }
+    };
+    done.map_err(|e| Error::kernel("decode attention over the selection", e))?;
+    Ok((out, lse))
+}
+
+/// The rows `ids` of `rows`.
+fn picked<'r>(rows: &'r PagedRows, ids: &[u32]) -> Vec<needle_core::Row<'r>> {
+    ids.iter().map(|&id| rows.row(id as usize)).collect()
+}
+
+/// Rows of one stored precision as slices (a row of another precision is empty and fails the
+/// kernel's length check rather than read wrong data).
+fn typed<'r, T>(rows: &[needle_core::Row<'r>], pick: fn(&needle_core::Row<'r>) -> &'r [T]) -> Vec<&'r [T]> {
+    rows.iter().map(pick).collect()
+}
+
+fn as_f32<'r>(r: &needle_core::Row<'r>) -> &'r [f32] {
+    if let needle_core::Row::F32(s) = r { s } else { &[] }
+}
+
+fn as_f16<'r>(r: &needle_core::Row<'r>) -> &'r [half::f16] {
+    if let needle_core::Row::F16(s) = r { s } else { &[] }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The host half of a split step (`attend_rows_lse` over the selection) against the scalar
+    /// f64 reference over the same picks, at every KV precision, plain and weighted selections.
+    #[test]
+    fn the_split_steps_host_half_matches_the_reference_over_the_selection() {
+        let (gqa, d, n) = (GqaLayout::new(6, 2).unwrap(), 16, 300);
+        let mut r = 0x2545_f491u32;
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    r ^= r << 13;
+                    r ^= r >> 17;
+                    r ^= r << 5;
+                    (r as f32 / u32::MAX as f32) * 2.0 - 1.0
+                })
+                .collect()
+        };
+        let (k, v, q) = (rand(n * 2 * d), rand(n * 2 * d), rand(6 * d));
+        for spec in ["oracle:k=12,sinks=4,window=16", "lsh-sample:sinks=4,window=16"] {
+            for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Q8] {
+                let (f, mut config) = crate::compose(needle_select::parse(spec).unwrap());
+                config.kv = kv;
+                let mut c: KvCache = KvCache::new(1, gqa, d, f.as_ref(), config).unwrap();
+                c.append(0, &k, &v).unwrap();
+                c.build(0.25).unwrap();
+                let part = c.decode_dynamic(0, &q, 0.25, true).unwrap();
+                let (out, lse) = part.host.unwrap();
+                assert!(part.ids.iter().any(|ids| !ids.is_empty()), "{spec}: nothing selected");
+                for h in 0..6 {
+                    let j = gqa.kv_head_of(h);
+                    let w = &part.log_weights[j];
+                    let ids = part.ids[j].iter().enumerate().map(|(i, &id)| (id, w.get(i).copied().unwrap_or(0.0)));
+                    let want = needle_core::attention::attend_weighted::<f64>(
+                        &q[h * d..(h + 1) * d],
+                        c.keys(0, j),
+                        c.values(0, j),
+                        ids,
+                        0.25,
+                    )
+                    .unwrap();
+                    assert!((f64::from(lse[h]) - want.lse).abs() < 1e-4, "{spec} {kv} head {h}: lse");
+                    for (a, b) in out[h * d..(h + 1) * d].iter().zip(&want.out) {
+                        assert!((f64::from(*a) - b).abs() < 1e-4, "{spec} {kv} head {h}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+}
