@@ -781,6 +781,46 @@ pub fn attend_rows<T: KvElem>(
     attend_rows_with(Isa::detect(), q, keys, values, bias, scale, scores, out)
 }
 
+/// [`attend_rows`] that also writes each query head's log-sum-exp of its scaled, biased scores
+/// (natural log; `-inf` and a zero output when there are no rows) into `lse` (`g` entries), so
+/// partial attentions over disjoint row sets can be merged exactly.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows_lse<T: KvElem>(
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    attend_rows_lse_with(Isa::detect(), q, keys, values, bias, scale, scores, out, lse)
+}
+
+/// [`attend_rows_lse`] on a given ISA (scalar when `isa` is not available here).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows_lse_with<T: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    // With no rows there is no `dim` to derive `g` from: `lse` must still split `q` evenly.
+    if keys.is_empty() && !q.is_empty() && (lse.is_empty() || !q.len().is_multiple_of(lse.len())) {
+        return Err(Error::Invalid {
+            param: "lse",
+            why: format!("length {} does not divide the query length {}", lse.len(), q.len()),
+        });
+    }
+    attend(isa, q, keys, values, bias, scale, scores, out, Some(lse))
+}
+
 /// [`attend_rows`] on a given ISA (scalar when `isa` is not available here).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_rows_with<T: KvElem>(
@@ -793,13 +833,35 @@ pub fn attend_rows_with<T: KvElem>(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) -> Result<()> {
+    attend(isa, q, keys, values, bias, scale, scores, out, None)
+}
+
+/// The checks and dispatch of [`attend_rows_with`] and [`attend_rows_lse_with`] (`lse` given:
+/// one entry per head, checked here once `dim` is known).
+#[allow(clippy::too_many_arguments)]
+fn attend<T: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
     check_len("out", out.len(), q.len())?;
     check_len("values", values.len(), keys.len())?;
     if let Some(b) = bias {
         check_len("bias", b.len(), keys.len())?;
     }
     out.fill(0.0);
-    let Some(dim) = keys.first().map(|k| k.len()) else { return Ok(()) };
+    let Some(dim) = keys.first().map(|k| k.len()) else {
+        if let Some(l) = lse {
+            l.fill(f32::NEG_INFINITY);
+        }
+        return Ok(());
+    };
     if dim == 0 || !q.len().is_multiple_of(dim) {
         return Err(Error::Invalid { param: "q", why: format!("length {} is not a multiple of dim {dim}", q.len()) });
     }
@@ -809,21 +871,24 @@ pub fn attend_rows_with<T: KvElem>(
             why: format!("a row has {} elements, expected {dim}", r.len()),
         });
     }
+    if let Some(l) = lse.as_deref() {
+        check_len("lse", l.len(), q.len() / dim)?;
+    }
     let rows = Rows { q, keys, values, bias, scale, dim };
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
         // SAFETY: `has_avx2()` means avx2 and fma were detected on this CPU.
-        unsafe { rows.run_avx2(scores, out) };
+        unsafe { rows.run_avx2(scores, out, lse) };
         return Ok(());
     }
     #[cfg(target_arch = "aarch64")]
     if isa.has_neon() {
         // SAFETY: `has_neon()` means neon was detected on this CPU.
-        unsafe { rows.run_neon(scores, out) };
+        unsafe { rows.run_neon(scores, out, lse) };
         return Ok(());
     }
     let _ = isa;
-    rows.run_dims(scores, out);
+    rows.run_dims(scores, out, lse);
     Ok(())
 }
 
@@ -841,7 +906,7 @@ impl<T: KvElem> Rows<'_, T> {
     /// Needs avx2, fma and f16c.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run_avx2(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+    unsafe fn run_avx2(&self, scores: &mut Vec<f32>, out: &mut [f32], lse: Option<&mut [f32]>) {
         use std::any::TypeId;
         if self.dim.is_multiple_of(8) {
             let (k, v) = (self.keys as *const [&[T]], self.values as *const [&[T]]);
@@ -849,20 +914,20 @@ impl<T: KvElem> Rows<'_, T> {
             // are reinterpreted as themselves; the features are those of this fn.
             if TypeId::of::<T>() == TypeId::of::<f32>() {
                 let (k, v) = unsafe { (&*(k as *const [&[f32]]), &*(v as *const [&[f32]])) };
-                return unsafe { x86::attend_rows(self.q, k, v, self.bias, self.scale, scores, out) };
+                return unsafe { x86::attend_rows(self.q, k, v, self.bias, self.scale, scores, out, lse) };
             }
             if TypeId::of::<T>() == TypeId::of::<f16>() {
                 let (k, v) = unsafe { (&*(k as *const [&[f16]]), &*(v as *const [&[f16]])) };
-                return unsafe { x86::attend_rows(self.q, k, v, self.bias, self.scale, scores, out) };
+                return unsafe { x86::attend_rows(self.q, k, v, self.bias, self.scale, scores, out, lse) };
             }
         }
-        self.run_dims(scores, out)
+        self.run_dims(scores, out, lse)
     }
 
     /// # Safety
     /// Needs neon.
     #[cfg(target_arch = "aarch64")]
-    unsafe fn run_neon(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+    unsafe fn run_neon(&self, scores: &mut Vec<f32>, out: &mut [f32], lse: Option<&mut [f32]>) {
         use std::any::TypeId;
         if self.dim.is_multiple_of(4) {
             let (k, v) = (self.keys as *const [&[T]], self.values as *const [&[T]]);
@@ -870,28 +935,28 @@ impl<T: KvElem> Rows<'_, T> {
             // are reinterpreted as themselves; neon per this fn's contract.
             if TypeId::of::<T>() == TypeId::of::<f32>() {
                 let (k, v) = unsafe { (&*(k as *const [&[f32]]), &*(v as *const [&[f32]])) };
-                return unsafe { arm::attend_rows(self.q, k, v, self.bias, self.scale, scores, out) };
+                return unsafe { arm::attend_rows(self.q, k, v, self.bias, self.scale, scores, out, lse) };
             }
             if TypeId::of::<T>() == TypeId::of::<f16>() {
                 let (k, v) = unsafe { (&*(k as *const [&[f16]]), &*(v as *const [&[f16]])) };
-                return unsafe { arm::attend_rows(self.q, k, v, self.bias, self.scale, scores, out) };
+                return unsafe { arm::attend_rows(self.q, k, v, self.bias, self.scale, scores, out, lse) };
             }
         }
-        self.run_dims(scores, out)
+        self.run_dims(scores, out, lse)
     }
 
     #[inline(always)]
-    fn run_dims(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+    fn run_dims(&self, scores: &mut Vec<f32>, out: &mut [f32], lse: Option<&mut [f32]>) {
         match self.dim {
-            64 => self.body::<64>(scores, out),
-            128 => self.body::<128>(scores, out),
-            _ => self.body::<0>(scores, out),
+            64 => self.body::<64>(scores, out, lse),
+            128 => self.body::<128>(scores, out, lse),
+            _ => self.body::<0>(scores, out, lse),
         }
     }
 
     /// `D` is the head dim, or 0 for "read it from `self.dim`".
     #[inline(always)]
-    fn body<const D: usize>(&self, scores: &mut Vec<f32>, out: &mut [f32]) {
+    fn body<const D: usize>(&self, scores: &mut Vec<f32>, out: &mut [f32], mut lse: Option<&mut [f32]>) {
         let dim = if D == 0 { self.dim } else { D };
         let (m, g) = (self.keys.len(), self.q.len() / dim);
         // Head-major scores (`g × m`), so the softmax runs over contiguous rows.
@@ -905,11 +970,15 @@ impl<T: KvElem> Rows<'_, T> {
                 scores[h * m + j] = dot8(&self.q[h * dim..(h + 1) * dim], &k[..dim]) * self.scale + b;
             }
         }
-        for s in scores.chunks_exact_mut(m) {
+        for (h, s) in scores.chunks_exact_mut(m).enumerate() {
             let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             s.iter_mut().for_each(|x| *x = exp_approx(*x - mx));
-            let inv = 1.0 / s.iter().sum::<f32>();
+            let sum = s.iter().sum::<f32>();
+            let inv = 1.0 / sum;
             s.iter_mut().for_each(|x| *x *= inv);
+            if let Some(l) = lse.as_deref_mut() {
+                l[h] = mx + sum.ln();
+            }
         }
         for (j, v) in self.values.iter().enumerate() {
             let v = T::as_f32(v, &mut conv);
@@ -955,6 +1024,7 @@ mod x86 {
     ///
     /// # Safety
     /// Needs avx2, fma and f16c; the shapes above hold.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn attend_rows<T: Load8>(
         q: &[f32],
@@ -964,6 +1034,7 @@ mod x86 {
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
+        mut lse: Option<&mut [f32]>,
     ) {
         let m = keys.len();
         let dim = keys[0].len();
@@ -1008,8 +1079,11 @@ mod x86 {
                 scores[h * m + jj] = hsum(a) * scale + bias.map_or(0.0, |b| b[jj]);
             }
         }
-        for srow in scores.chunks_exact_mut(m) {
-            softmax(srow);
+        for (h, srow) in scores.chunks_exact_mut(m).enumerate() {
+            let (mx, sum) = softmax(srow);
+            if let Some(l) = lse.as_deref_mut() {
+                l[h] = mx + sum.ln();
+            }
         }
         // One pass over the value rows: each row is added into every head's output (in L1,
         // zeroed by the caller); the dim/8 chunks of a row are independent FMAs.
@@ -1051,9 +1125,10 @@ mod x86 {
         ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
     }
 
-    /// In-place softmax of `s` with [`super::exp_approx`] eight lanes at a time.
+    /// In-place softmax of `s` with [`super::exp_approx`] eight lanes at a time; returns the max
+    /// and the sum of the exponentials (for the log-sum-exp).
     #[inline(always)]
-    fn softmax(s: &mut [f32]) {
+    fn softmax(s: &mut [f32]) -> (f32, f32) {
         let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let (mut sum, mut i) = (0f32, 0);
         // SAFETY (the block): `i + 8 ≤ s.len()` for every access; avx2 and fma as above.
@@ -1073,6 +1148,7 @@ mod x86 {
         }
         let inv = 1.0 / sum;
         s.iter_mut().for_each(|x| *x *= inv);
+        (mx, sum)
     }
 
     /// [`super::exp_approx`] on eight lanes.
@@ -1136,6 +1212,7 @@ mod arm {
     ///
     /// # Safety
     /// Needs neon; the shapes above hold.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "neon")]
     pub(super) unsafe fn attend_rows<T: Load4>(
         q: &[f32],
@@ -1145,6 +1222,7 @@ mod arm {
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
+        mut lse: Option<&mut [f32]>,
     ) {
         let m = keys.len();
         let dim = keys[0].len();
@@ -1191,8 +1269,11 @@ mod arm {
                 scores[h * m + jj] = vaddvq_f32(a) * scale + bias.map_or(0.0, |b| b[jj]);
             }
         }
-        for srow in scores.chunks_exact_mut(m) {
-            softmax(srow);
+        for (h, srow) in scores.chunks_exact_mut(m).enumerate() {
+            let (mx, sum) = softmax(srow);
+            if let Some(l) = lse.as_deref_mut() {
+                l[h] = mx + sum.ln();
+            }
         }
         // One pass over the value rows: each row is added into every head's output (in L1,
         // zeroed by the caller); the dim/4 chunks of a row are independent FMAs.
@@ -1218,10 +1299,11 @@ mod arm {
         vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]))
     }
 
-    /// In-place softmax of `s` with [`exp4`] four lanes at a time.
+    /// In-place softmax of `s` with [`exp4`] four lanes at a time; returns the max and the sum
+    /// of the exponentials (for the log-sum-exp).
     #[inline]
     #[target_feature(enable = "neon")]
-    fn softmax(s: &mut [f32]) {
+    fn softmax(s: &mut [f32]) -> (f32, f32) {
         let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let (mv, mut acc, mut i) = (vdupq_n_f32(mx), vdupq_n_f32(0.0), 0);
         while i + 4 <= s.len() {
@@ -1240,6 +1322,7 @@ mod arm {
         }
         let inv = 1.0 / sum;
         s.iter_mut().for_each(|x| *x *= inv);
+        (mx, sum)
     }
 }
 

@@ -40,7 +40,7 @@ mod isa;
 mod neon;
 
 pub use act::{BlockQ8, BlockQ8K, QActs};
-pub use attn::{Pages, attend_rows, flash_prefill};
+pub use attn::{Pages, attend_rows, attend_rows_lse, flash_prefill};
 pub use isa::Isa;
 pub use linear::{QMatrix, gemv_many};
 pub use pool::Pool;

@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use half::f16;
-use needle_kernels_cpu::attn::{KvElem, attend_rows_with, flash_prefill_with};
-use needle_kernels_cpu::{Error, Isa, Pages, attend_rows, flash_prefill};
+use needle_kernels_cpu::attn::{KvElem, attend_rows_lse_with, attend_rows_with, flash_prefill_with};
+use needle_kernels_cpu::{Error, Isa, Pages, attend_rows, attend_rows_lse, flash_prefill};
 
 /// Cuts `len × dim` rows into pages of `page_rows` rows (last one partial, exactly sized).
 fn paginate<T: Copy>(rows: &[T], page_rows: usize, dim: usize) -> Vec<Vec<T>> {
@@ -119,12 +119,14 @@ fn bad_shapes_are_errors() {
     flash_prefill(&q, &kv, &kv, &mut out, 0, 3, 1.0).unwrap();
 }
 
-/// Plain f64 attention of `g` heads over gathered rows with per-row bias.
-fn rows_reference(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], bias: Option<&[f32]>, scale: f32) -> Vec<f64> {
+/// Plain f64 attention of `g` heads over gathered rows with per-row bias, and each head's
+/// log-sum-exp of its scores (no rows: `g` is taken as `q.len()`, the heads' lse are `-inf`).
+fn rows_reference(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], bias: Option<&[f32]>, scale: f32) -> (Vec<f64>, Vec<f64>) {
     let dim = k.first().map_or(1, Vec::len);
     let mut out = vec![0f64; q.len()];
+    let mut lse = vec![f64::NEG_INFINITY; q.len() / dim];
     if k.is_empty() {
-        return out;
+        return (out, lse);
     }
     for (h, qr) in q.chunks_exact(dim).enumerate() {
         let s: Vec<f64> = k
@@ -138,13 +140,14 @@ fn rows_reference(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], bias: Option<&[f32]
         let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
         let z: f64 = e.iter().sum();
+        lse[h] = m + z.ln();
         for (ej, vr) in e.iter().zip(v) {
             for (o, x) in out[h * dim..(h + 1) * dim].iter_mut().zip(vr) {
                 *o += ej / z * f64::from(*x);
             }
         }
     }
-    out
+    (out, lse)
 }
 
 fn check_rows<T: KvElem>(conv: fn(&[f32]) -> Vec<T>, back: fn(&[T]) -> Vec<f32>) {
@@ -164,7 +167,7 @@ fn check_rows<T: KvElem>(conv: fn(&[f32]) -> Vec<T>, back: fn(&[T]) -> Vec<f32>)
                     let keys: Vec<&[T]> = kt.iter().map(Vec::as_slice).collect();
                     let values: Vec<&[T]> = vt.iter().map(Vec::as_slice).collect();
                     let scale = 1.0 / (dim as f32).sqrt();
-                    let want = rows_reference(&q, &kf, &vf, bias, scale);
+                    let (want, want_lse) = rows_reference(&q, &kf, &vf, bias, scale);
                     for isa in Isa::all_available() {
                         let mut out = vec![f32::NAN; q.len()];
                         let mut scores = Vec::new();
@@ -174,6 +177,23 @@ fn check_rows<T: KvElem>(conv: fn(&[f32]) -> Vec<T>, back: fn(&[T]) -> Vec<f32>)
                                 (f64::from(*o) - w).abs() <= 2e-5,
                                 "{isa:?} g {g} dim {dim} m {m} bias {biased} [{i}]: {o} vs {w}"
                             );
+                        }
+                        // The lse variant: the same output bit for bit, plus each head's lse.
+                        let (mut out2, mut lse) = (vec![f32::NAN; q.len()], vec![f32::NAN; g]);
+                        attend_rows_lse_with(isa, &q, &keys, &values, bias, scale, &mut scores, &mut out2, &mut lse)
+                            .unwrap();
+                        assert_eq!(
+                            out.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                            out2.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                            "{isa:?} g {g} dim {dim} m {m} bias {biased}: lse variant output differs"
+                        );
+                        for (h, (l, w)) in lse.iter().zip(&want_lse[..g]).enumerate() {
+                            let ok = if m == 0 {
+                                *l == f32::NEG_INFINITY
+                            } else {
+                                (f64::from(*l) - w).abs() <= 2e-5 * (1.0 + w.abs())
+                            };
+                            assert!(ok, "{isa:?} g {g} dim {dim} m {m} bias {biased} lse[{h}]: {l} vs {w}");
                         }
                     }
                 }
@@ -207,4 +227,15 @@ fn attend_rows_rejects_bad_shapes() {
     let e = attend_rows(&q, &rows, &short, None, 1.0, &mut s, &mut out).unwrap_err();
     assert!(matches!(e, Error::Invalid { param: "keys/values", .. }), "{e}");
     attend_rows(&q, &rows, &rows, None, 1.0, &mut s, &mut out).unwrap();
+    // `lse`: one entry per head (here 2 heads of dim 8); with no rows it must split `q` evenly.
+    let mut lse = vec![0f32; 3];
+    let e = attend_rows_lse(&q, &rows, &rows, None, 1.0, &mut s, &mut out, &mut lse).unwrap_err();
+    assert!(matches!(e, Error::Len { param: "lse", got: 3, expected: 2 }), "{e}");
+    let e = attend_rows_lse::<f32>(&q, &[], &[], None, 1.0, &mut s, &mut out, &mut lse).unwrap_err();
+    assert!(matches!(e, Error::Invalid { param: "lse", .. }), "{e}");
+    let e = attend_rows_lse::<f32>(&q, &[], &[], None, 1.0, &mut s, &mut out, &mut []).unwrap_err();
+    assert!(matches!(e, Error::Invalid { param: "lse", .. }), "{e}");
+    attend_rows_lse(&q, &rows, &rows, None, 1.0, &mut s, &mut out, &mut lse[..2]).unwrap();
+    attend_rows_lse::<f32>(&q, &[], &[], None, 1.0, &mut s, &mut out, &mut lse[..2]).unwrap();
+    assert_eq!(lse[..2], [f32::NEG_INFINITY; 2]);
 }
