@@ -7,7 +7,8 @@
 //!   (+ NEON on aarch64 for the float types, Q8_0, Q4_0 and Q4_1).
 //! * [`linear`]: [`QMatrix`], a borrowed view of quantized weight rows, with `gemv` and `gemm`.
 //! * [`attn`]: causal, GQA-aware flash prefill reading KV pages in place, and decode attention
-//!   of a query group over gathered rows ([`attend_rows`]).
+//!   of a query group over gathered rows ([`attend_rows`], [`attend_rows_lse`] with the
+//!   log-sum-exp); the AVX2 and NEON bodies of both are written once over a small lane trait.
 //! * [`sparse`]: block-sparse causal prefill ([`sparse_prefill`]): the same tile loop over the
 //!   key blocks a [`BlockLayout`] chooses for each query block.
 //! * [`ops`]: RMSNorm, rotate-half RoPE, SiLU·up.
