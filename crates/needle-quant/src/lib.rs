@@ -1,7 +1,7 @@
 //! The GGUF / ggml block formats needle reads and writes, and nothing that is a SIMD kernel.
 //!
 //! * [`QuantType`]: the supported ggml element types, their GGUF ids, block sizes and bytes per
-//!   block, with the byte layout of each in [`format`].
+//!   block, with the byte layout of each in [`mod@format`].
 //! * [`dequantize_row`]: the one scalar dequantizer (the reference every fast path is tested
 //!   against).
 //! * [`quantize_row`] / [`can_quantize`]: plain round-to-nearest quantizers for weights made in
