@@ -1,7 +1,7 @@
 //! Quantized GEMV `y = W · x` straight from GGUF blocks (Q8_0, Q4_0, Q4_1).
 //!
 //! `W` is `rows × cols`, each row `cols / 32` ggml blocks packed back to back exactly as in the
-//! GGUF file (see `needle_kernels_cpu::quant`), the whole matrix uploaded as bytes in
+//! GGUF file (see `needle_quant::format`), the whole matrix uploaded as bytes in
 //! little-endian `u32` words (zero-padded to a whole word). Blocks of 34 (Q8_0) and 18 (Q4_0)
 //! bytes are not word aligned, so the kernel extracts bytes from words; Q4_1 (20 bytes) is, and
 //! its blocks are read a word at a time.
@@ -14,7 +14,7 @@
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use needle_kernels_cpu::QuantType;
+use needle_quant::QuantType;
 
 use crate::error::{Result, check_len, invalid, to_u32};
 use crate::util::{MAX_CUBES_PER_AXIS, cube_linear, empty_f32, grid_1d, read_f32, upload_f32};

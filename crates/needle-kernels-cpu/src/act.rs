@@ -10,8 +10,8 @@
 //! an f16 value, as ggml does), so every quant is in −127..=127 (never −128,
 //! which keeps the signed×unsigned SIMD products exact).
 
-use crate::quant::QuantType;
 use crate::{Result, check_len};
+use needle_quant::QuantType;
 
 /// A Q8_0-style activation block: scale, sum of the quants, 32 quants.
 #[derive(Clone, Copy, Debug, PartialEq)]

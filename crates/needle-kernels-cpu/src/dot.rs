@@ -9,8 +9,8 @@
 use half::{bf16, f16};
 
 use crate::act::{BlockQ8, BlockQ8K, QActRow, kind_for};
-use crate::quant::{QuantType, f16_at, k_scale_min};
 use crate::{Error, Isa, Result};
+use needle_quant::{QuantType, f16_at, k_scale_min};
 
 /// A dot product of one weight row (its bytes) with one activation row.
 pub(crate) type Kernel = fn(&[u8], QActRow<'_>) -> f32;
@@ -209,7 +209,7 @@ fn q5_k_scalar(w: &[u8], x: &[BlockQ8K]) -> f32 {
     acc
 }
 
-/// The 6-bit quant of element `32r + l` of Q6_K half `h` (see [`crate::quant`]).
+/// The 6-bit quant of element `32r + l` of Q6_K half `h` (see [`needle_quant::format`]).
 fn q6(b: &[u8], h: usize, r: usize, l: usize) -> i32 {
     let ql = b[64 * h + l + if r % 2 == 1 { 32 } else { 0 }];
     let low = if r < 2 { ql & 15 } else { ql >> 4 };

@@ -1,12 +1,14 @@
 //! needle's own fused CPU kernels.
 //!
-//! * [`quant`]: ggml-compatible block formats ([`QuantType`]) and the one scalar dequantizer.
+//! * Block formats ([`QuantType`], [`dequantize_row`], [`quantize_row`]) live in the leaf crate
+//!   needle-quant and are re-exported here.
 //! * [`act`]: activations quantized on the fly to 8-bit blocks (Q8_0-style and Q8_K-style).
 //! * [`dot`]: fused quantized dot products, one per weight type, scalar reference + AVX2/FMA
 //!   (+ NEON on aarch64 for the float types, Q8_0, Q4_0 and Q4_1).
 //! * [`linear`]: [`QMatrix`], a borrowed view of quantized weight rows, with `gemv` and `gemm`.
 //! * [`attn`]: causal, GQA-aware flash prefill reading KV pages in place, and decode attention
-//!   of a query group over gathered rows ([`attend_rows`]).
+//!   of a query group over gathered rows ([`attend_rows`], [`attend_rows_lse`] with the
+//!   log-sum-exp); the AVX2 and NEON bodies of both are written once over a small lane trait.
 //! * [`sparse`]: block-sparse causal prefill ([`sparse_prefill`]): the same tile loop over the
 //!   key blocks a [`BlockLayout`] chooses for each query block.
 //! * [`ops`]: RMSNorm, rotate-half RoPE, SiLU·up.
@@ -31,8 +33,6 @@ pub mod dot;
 pub mod linear;
 pub mod ops;
 pub mod pool;
-pub mod quant;
-pub mod quantize;
 pub mod sparse;
 
 mod isa;
@@ -43,9 +43,8 @@ pub use act::{BlockQ8, BlockQ8K, QActs};
 pub use attn::{Pages, attend_rows, attend_rows_lse, flash_prefill};
 pub use isa::Isa;
 pub use linear::{QMatrix, gemv_many};
+pub use needle_quant::{QuantType, can_quantize, dequantize_row, quantize_row};
 pub use pool::Pool;
-pub use quant::{QuantType, dequantize_row};
-pub use quantize::{can_quantize, quantize_row};
 pub use sparse::{BlockLayout, sparse_prefill};
 
 /// Errors of the kernels: a bad shape or length, naming the parameter.
@@ -92,6 +91,20 @@ pub enum Error {
         /// Kind the weight type needs.
         want: &'static str,
     },
+}
+
+impl From<needle_quant::Error> for Error {
+    /// The same error: the block formats' variants are this enum's, so matches on
+    /// `Error::UnsupportedType` and the like see format errors as before the formats moved out.
+    fn from(e: needle_quant::Error) -> Self {
+        use needle_quant::Error as Q;
+        match e {
+            Q::Len { param, got, expected } => Error::Len { param, got, expected },
+            Q::NotBlockMultiple { param, got, ty, block } => Error::NotBlockMultiple { param, got, ty, block },
+            Q::Invalid { param, why } => Error::Invalid { param, why },
+            Q::UnsupportedType(id) => Error::UnsupportedType(id),
+        }
+    }
 }
 
 /// Result of the kernels.

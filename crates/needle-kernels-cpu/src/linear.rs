@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use crate::act::{QActs, kind_for};
 use crate::dot::{Kernel, Kernel4, TOKENS, kernel, kernel4};
 use crate::pool::Pool;
-use crate::quant::QuantType;
 use crate::{Error, Isa, Result, check_len};
+use needle_quant::QuantType;
 
 /// Below this many weights a matrix-vector product runs on the calling thread.
 const PAR_MIN_WEIGHTS: usize = 1 << 17;

@@ -81,7 +81,7 @@ impl Checkpoint {
     /// A random-weight checkpoint of `config`'s shape, linear weights in `ty` (see
     /// [`MemoryCheckpoint::random`]): e.g. `Checkpoint::random(&LlamaConfig::preset("llama3-8b")?,
     /// QuantType::Q4_K, 7)` for a Llama-3-8B-shaped model without a download.
-    pub fn random(config: &LlamaConfig, ty: needle_kernels_cpu::QuantType, seed: u64) -> Result<Self> {
+    pub fn random(config: &LlamaConfig, ty: needle_quant::QuantType, seed: u64) -> Result<Self> {
         Ok(Checkpoint::Memory(MemoryCheckpoint::random(config, ty, seed)?))
     }
 

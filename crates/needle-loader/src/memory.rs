@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use needle_kernels_cpu::{QuantType, can_quantize, quantize_row};
+use needle_quant::{QuantType, can_quantize, quantize_row};
 use rayon::prelude::*;
 
 use crate::gguf::{GgmlType, RawTensor, dequantize};
@@ -220,6 +220,6 @@ impl MemoryCheckpoint {
     }
 }
 
-fn kernel_err(path: &Path, tensor: &str, e: needle_kernels_cpu::Error) -> Error {
+fn kernel_err(path: &Path, tensor: &str, e: needle_quant::Error) -> Error {
     Error::InvalidTensorInfo { path: path.into(), tensor: tensor.into(), dims: vec![], reason: e.to_string() }
 }

@@ -230,8 +230,8 @@ fn hf_config_families_and_refusals() {
 
 #[test]
 fn presets_and_random_checkpoints() {
-    use needle_kernels_cpu::QuantType;
     use needle_loader::LlamaConfig;
+    use needle_quant::QuantType;
     for name in ["llama3-8b", "qwen2.5-7b", "qwen3-8b", "smollm2-135m"] {
         LlamaConfig::preset(name).unwrap();
     }

@@ -70,7 +70,7 @@ impl QWeight {
     /// A view of GGUF blocks (`raw.shape` must be `[rows, cols]`). Rows stored in llama.cpp's
     /// RoPE order ([`RawTensor::rope_heads`]) are de-interleaved on output.
     pub fn from_raw(name: &str, raw: RawTensor) -> Result<Self> {
-        let ty = QuantType::from_ggml_id(raw.ty.id).map_err(|e| Error::kernel(name, e))?;
+        let ty = QuantType::from_ggml_id(raw.ty.id).map_err(|e| Error::kernel(name, e.into()))?;
         let [rows, cols] = raw.shape[..] else {
             return Err(Error::Shape { tensor: name.into(), expected: vec![0, 0], got: raw.shape.clone() });
         };
@@ -197,7 +197,7 @@ impl QWeight {
             None => r,
         };
         let m = self.matrix()?;
-        dequantize_row(self.ty, m.row_bytes(r), out).map_err(|e| Error::kernel(&*self.name, e))
+        dequantize_row(self.ty, m.row_bytes(r), out).map_err(|e| Error::kernel(&*self.name, e.into()))
     }
 
     /// The whole weight dequantized, row-major `rows × cols` in Hugging Face order.

@@ -1,8 +1,8 @@
-//! Quantized GEMV from raw GGUF blocks against needle-kernels-cpu's dequantizer in f64.
+//! Quantized GEMV from raw GGUF blocks against needle-quant's dequantizer in f64.
 
 use half::f16;
-use needle_kernels_cpu::{QuantType, dequantize_row};
 use needle_kernels_cubecl::{DeviceQMatrix, Error, gemm, gemv};
+use needle_quant::{QuantType, dequantize_row};
 use rand::Rng;
 use rand::rngs::StdRng;
 

@@ -1,7 +1,7 @@
-//! Dequantisation of ggml blocks to f32: a parallel driver over `needle_kernels_cpu`'s
+//! Dequantisation of ggml blocks to f32: a parallel driver over `needle_quant`'s
 //! dequantizer, the one implementation of ggml's block layouts in needle.
 
-use needle_kernels_cpu::{QuantType, dequantize_row};
+use needle_quant::{QuantType, dequantize_row};
 use rayon::prelude::*;
 
 use super::types::GgmlType;

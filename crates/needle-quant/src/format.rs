@@ -18,7 +18,7 @@ use half::{bf16, f16};
 
 use crate::{Error, Result};
 
-/// A ggml tensor element type these kernels handle.
+/// A ggml tensor element type needle handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[allow(non_camel_case_types)]
 pub enum QuantType {
@@ -114,8 +114,9 @@ impl QuantType {
     }
 }
 
+/// The little-endian f16 at byte `i` of `b`, as f32 (the scales of every quantized block).
 #[inline]
-pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+pub fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
@@ -186,7 +187,7 @@ fn q4_1_block(b: &[u8], o: &mut [f32]) {
 /// sub-blocks 0..4 keep theirs in the low 6 bits of bytes j and j+4; sub-blocks 4..8 keep the low
 /// 4 bits in the nibbles of byte j+4 and the high 2 bits in the top bits of bytes j-4 and j.
 #[inline]
-pub(crate) fn k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+pub fn k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
@@ -231,7 +232,7 @@ fn q5_k_block(b: &[u8], o: &mut [f32]) {
 /// Q6_K: two 128-element halves. In half h, element `32r + l` (quarter r, l < 32) takes its low 4
 /// bits from `ql[64h + l + 32·(r odd)]` (low nibble for r < 2, high otherwise) and its high 2
 /// bits from bits `2r..2r+2` of `qh[32h + l]`; value q − 32, scale `scales[8h + 2r + l/16]`.
-pub(crate) fn q6_k_block(b: &[u8], o: &mut [f32]) {
+fn q6_k_block(b: &[u8], o: &mut [f32]) {
     let d = f16_at(b, 208);
     for h in 0..2 {
         let ql = &b[64 * h..64 * h + 64];

@@ -1,0 +1,439 @@
+//! Decode attention of a query group over gathered rows ([`attend_rows`], [`attend_rows_lse`]):
+//! the checks, the scalar body (the reference, and the code for head dims the vectors do not
+//! divide), and the vector body written once over [`Lanes`] for AVX2 and NEON.
+
+use super::lanes::{Lanes, LoadLanes};
+use super::{KvElem, axpy, dot8, exp_approx};
+use crate::{Error, Isa, Result, check_len};
+
+/// Decode attention of `g` query heads sharing one KV head over gathered rows: `q` is `g × dim`
+/// (row-major), `keys[j]` / `values[j]` are the rows attended (any positions, each `dim`
+/// elements), `bias[j]` (when given) is added to row `j`'s scores after scaling (log-weights of a
+/// sampled selection). `out` (`g × dim`) receives `softmax(scale · q·kᵀ + bias) · V` per head;
+/// with no rows it is zero. `scores` is reusable scratch. Each key and value row is read once for
+/// the whole group; the softmax is two-pass (exact max, then exponentials).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows<T: KvElem>(
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) -> Result<()> {
+    attend_rows_with(Isa::detect(), q, keys, values, bias, scale, scores, out)
+}
+
+/// [`attend_rows`] that also writes each query head's log-sum-exp of its scaled, biased scores
+/// (natural log; `-inf` and a zero output when there are no rows) into `lse` (`g` entries), so
+/// partial attentions over disjoint row sets can be merged exactly.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows_lse<T: KvElem>(
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    attend_rows_lse_with(Isa::detect(), q, keys, values, bias, scale, scores, out, lse)
+}
+
+/// [`attend_rows_lse`] on a given ISA (scalar when `isa` is not available here).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows_lse_with<T: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    // With no rows there is no `dim` to derive `g` from: `lse` must still split `q` evenly.
+    if keys.is_empty() && !q.is_empty() && (lse.is_empty() || !q.len().is_multiple_of(lse.len())) {
+        return Err(Error::Invalid {
+            param: "lse",
+            why: format!("length {} does not divide the query length {}", lse.len(), q.len()),
+        });
+    }
+    attend(isa, q, keys, values, bias, scale, scores, out, Some(lse))
+}
+
+/// [`attend_rows`] on a given ISA (scalar when `isa` is not available here).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows_with<T: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) -> Result<()> {
+    attend(isa, q, keys, values, bias, scale, scores, out, None)
+}
+
+/// The checks and dispatch of [`attend_rows_with`] and [`attend_rows_lse_with`] (`lse` given:
+/// one entry per head, checked here once `dim` is known).
+#[allow(clippy::too_many_arguments)]
+fn attend<T: KvElem>(
+    isa: Isa,
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    check_len("out", out.len(), q.len())?;
+    check_len("values", values.len(), keys.len())?;
+    if let Some(b) = bias {
+        check_len("bias", b.len(), keys.len())?;
+    }
+    out.fill(0.0);
+    let Some(dim) = keys.first().map(|k| k.len()) else {
+        if let Some(l) = lse {
+            l.fill(f32::NEG_INFINITY);
+        }
+        return Ok(());
+    };
+    if dim == 0 || !q.len().is_multiple_of(dim) {
+        return Err(Error::Invalid { param: "q", why: format!("length {} is not a multiple of dim {dim}", q.len()) });
+    }
+    if let Some(r) = keys.iter().chain(values).find(|r| r.len() != dim) {
+        return Err(Error::Invalid {
+            param: "keys/values",
+            why: format!("a row has {} elements, expected {dim}", r.len()),
+        });
+    }
+    if let Some(l) = lse.as_deref() {
+        check_len("lse", l.len(), q.len() / dim)?;
+    }
+    let rows = Rows { q, keys, values, bias, scale, dim };
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: `has_avx2()` means avx2 and fma were detected on this CPU.
+        unsafe { rows.run_avx2(scores, out, lse) };
+        return Ok(());
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa.has_neon() {
+        // SAFETY: `has_neon()` means neon was detected on this CPU.
+        unsafe { rows.run_neon(scores, out, lse) };
+        return Ok(());
+    }
+    let _ = isa;
+    rows.run_dims(scores, out, lse);
+    Ok(())
+}
+
+struct Rows<'a, T> {
+    q: &'a [f32],
+    keys: &'a [&'a [T]],
+    values: &'a [&'a [T]],
+    bias: Option<&'a [f32]>,
+    scale: f32,
+    dim: usize,
+}
+
+impl<T: KvElem> Rows<'_, T> {
+    /// # Safety
+    /// Needs avx2, fma and f16c.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_avx2(&self, scores: &mut Vec<f32>, out: &mut [f32], lse: Option<&mut [f32]>) {
+        use std::any::TypeId;
+        if self.dim.is_multiple_of(8) {
+            let (k, v) = (self.keys as *const [&[T]], self.values as *const [&[T]]);
+            // SAFETY (both casts): `T` is exactly the type cast to (equal type ids), so the slices
+            // are reinterpreted as themselves; the features are those of this fn.
+            if TypeId::of::<T>() == TypeId::of::<f32>() {
+                let (k, v) = unsafe { (&*(k as *const [&[f32]]), &*(v as *const [&[f32]])) };
+                return unsafe { avx2(self.q, k, v, self.bias, self.scale, scores, out, lse) };
+            }
+            if TypeId::of::<T>() == TypeId::of::<half::f16>() {
+                let (k, v) = unsafe { (&*(k as *const [&[half::f16]]), &*(v as *const [&[half::f16]])) };
+                return unsafe { avx2(self.q, k, v, self.bias, self.scale, scores, out, lse) };
+            }
+        }
+        self.run_dims(scores, out, lse)
+    }
+
+    /// # Safety
+    /// Needs neon.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn run_neon(&self, scores: &mut Vec<f32>, out: &mut [f32], lse: Option<&mut [f32]>) {
+        use std::any::TypeId;
+        if self.dim.is_multiple_of(4) {
+            let (k, v) = (self.keys as *const [&[T]], self.values as *const [&[T]]);
+            // SAFETY (both casts): `T` is exactly the type cast to (equal type ids), so the slices
+            // are reinterpreted as themselves; neon per this fn's contract.
+            if TypeId::of::<T>() == TypeId::of::<f32>() {
+                let (k, v) = unsafe { (&*(k as *const [&[f32]]), &*(v as *const [&[f32]])) };
+                return unsafe { neon(self.q, k, v, self.bias, self.scale, scores, out, lse) };
+            }
+            if TypeId::of::<T>() == TypeId::of::<half::f16>() {
+                let (k, v) = unsafe { (&*(k as *const [&[half::f16]]), &*(v as *const [&[half::f16]])) };
+                return unsafe { neon(self.q, k, v, self.bias, self.scale, scores, out, lse) };
+            }
+        }
+        self.run_dims(scores, out, lse)
+    }
+
+    #[inline(always)]
+    fn run_dims(&self, scores: &mut Vec<f32>, out: &mut [f32], lse: Option<&mut [f32]>) {
+        match self.dim {
+            64 => self.body::<64>(scores, out, lse),
+            128 => self.body::<128>(scores, out, lse),
+            _ => self.body::<0>(scores, out, lse),
+        }
+    }
+
+    /// `D` is the head dim, or 0 for "read it from `self.dim`".
+    #[inline(always)]
+    fn body<const D: usize>(&self, scores: &mut Vec<f32>, out: &mut [f32], mut lse: Option<&mut [f32]>) {
+        let dim = if D == 0 { self.dim } else { D };
+        let (m, g) = (self.keys.len(), self.q.len() / dim);
+        // Head-major scores (`g × m`), so the softmax runs over contiguous rows.
+        scores.clear();
+        scores.resize(g * m, 0.0);
+        let mut conv = Vec::new();
+        for (j, k) in self.keys.iter().enumerate() {
+            let k = T::as_f32(k, &mut conv);
+            let b = self.bias.map_or(0.0, |b| b[j]);
+            for h in 0..g {
+                scores[h * m + j] = dot8(&self.q[h * dim..(h + 1) * dim], &k[..dim]) * self.scale + b;
+            }
+        }
+        for (h, s) in scores.chunks_exact_mut(m).enumerate() {
+            let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            s.iter_mut().for_each(|x| *x = exp_approx(*x - mx));
+            let sum = s.iter().sum::<f32>();
+            let inv = 1.0 / sum;
+            s.iter_mut().for_each(|x| *x *= inv);
+            if let Some(l) = lse.as_deref_mut() {
+                l[h] = mx + sum.ln();
+            }
+        }
+        for (j, v) in self.values.iter().enumerate() {
+            let v = T::as_f32(v, &mut conv);
+            for h in 0..g {
+                axpy(scores[h * m + j], &v[..dim], &mut out[h * dim..(h + 1) * dim]);
+            }
+        }
+    }
+}
+
+/// [`simd`] on AVX2 `f32x8` lanes.
+///
+/// # Safety
+/// Needs avx2, fma and f16c; the shapes of [`simd`] hold.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2<T: LoadLanes<std::arch::x86_64::__m256>>(
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) {
+    // SAFETY: the features and shapes per this fn's contract.
+    unsafe { simd(q, keys, values, bias, scale, scores, out, lse) }
+}
+
+/// [`simd`] on NEON `f32x4` lanes.
+///
+/// # Safety
+/// Needs neon; the shapes of [`simd`] hold.
+#[cfg(target_arch = "aarch64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "neon")]
+unsafe fn neon<T: LoadLanes<std::arch::aarch64::float32x4_t>>(
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) {
+    // SAFETY: the features and shapes per this fn's contract.
+    unsafe { simd(q, keys, values, bias, scale, scores, out, lse) }
+}
+
+/// [`attend_rows`] after its checks, on `L` lanes: every row has `dim` elements, `dim` a multiple
+/// of `L::N`, `q` and `out` are `g × dim` (`out` zeroed), `bias` has one entry per row, `lse`
+/// (when given) one per head.
+///
+/// # Safety
+/// `L`'s instruction set is enabled in the caller (this fn is inlined into it); the shapes above
+/// hold.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn simd<L: Lanes, T: LoadLanes<L>>(
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    mut lse: Option<&mut [f32]>,
+) {
+    let m = keys.len();
+    let dim = keys[0].len();
+    let (g, cn) = (q.len() / dim, dim / L::N);
+    scores.clear();
+    scores.resize(g * m, 0.0);
+    // Eight keys at a time for every head (the 8 rows stay in L1 across heads): eight
+    // accumulators, then one reduction into 8 scores.
+    let mut j = 0;
+    while j + 8 <= m {
+        for h in 0..g {
+            let qh = &q[h * dim..(h + 1) * dim];
+            // SAFETY (the block): rows and `qh` have `dim` = N·cn elements; `bias` (when given)
+            // and row `h` of `scores` have `m ≥ j + 8` entries.
+            unsafe {
+                let mut acc = [L::zero(); 8];
+                for c in 0..cn {
+                    let qv = L::load(qh.as_ptr().add(L::N * c));
+                    for (u, a) in acc.iter_mut().enumerate() {
+                        *a = qv.mul_add(T::load(keys[j + u].as_ptr().add(L::N * c)), *a);
+                    }
+                }
+                L::sums8(&acc, scale, bias.map(|b| b.as_ptr().add(j)), scores.as_mut_ptr().add(h * m + j));
+            }
+        }
+        j += 8;
+    }
+    for jj in j..m {
+        for h in 0..g {
+            let qh = &q[h * dim..(h + 1) * dim];
+            // SAFETY (the block): as above.
+            unsafe {
+                let mut a = L::zero();
+                for c in 0..cn {
+                    a = L::load(qh.as_ptr().add(L::N * c)).mul_add(T::load(keys[jj].as_ptr().add(L::N * c)), a);
+                }
+                scores[h * m + jj] = a.hsum() * scale + bias.map_or(0.0, |b| b[jj]);
+            }
+        }
+    }
+    for (h, srow) in scores.chunks_exact_mut(m).enumerate() {
+        // SAFETY: the instruction set per this fn's contract.
+        let (mx, sum) = unsafe { softmax::<L>(srow) };
+        if let Some(l) = lse.as_deref_mut() {
+            l[h] = mx + sum.ln();
+        }
+    }
+    // One pass over the value rows: each row is added into every head's output (in L1, zeroed by
+    // the caller); the dim/N chunks of a row are independent FMAs.
+    for (j, v) in values.iter().enumerate() {
+        for h in 0..g {
+            let o = out[h * dim..(h + 1) * dim].as_mut_ptr();
+            // SAFETY (the block): value rows and each head's output have `dim` elements.
+            unsafe {
+                let p = L::splat(scores[h * m + j]);
+                for c in 0..cn {
+                    p.mul_add(T::load(v.as_ptr().add(L::N * c)), L::load(o.add(L::N * c))).store(o.add(L::N * c));
+                }
+            }
+        }
+    }
+}
+
+/// In-place softmax of `s` with [`Lanes::exp`], `N` lanes at a time; returns the max and the sum
+/// of the exponentials (for the log-sum-exp).
+///
+/// # Safety
+/// `L`'s instruction set, as [`simd`].
+#[inline(always)]
+unsafe fn softmax<L: Lanes>(s: &mut [f32]) -> (f32, f32) {
+    let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let (mut sum, mut i) = (0f32, 0);
+    // SAFETY (the block): `i + N ≤ s.len()` for every access.
+    unsafe {
+        let (mv, mut acc) = (L::splat(mx), L::zero());
+        while i + L::N <= s.len() {
+            let e = L::load(s.as_ptr().add(i)).sub(mv).exp();
+            e.store(s.as_mut_ptr().add(i));
+            acc = acc.add(e);
+            i += L::N;
+        }
+        sum += acc.hsum();
+    }
+    for x in &mut s[i..] {
+        *x = exp_approx(*x - mx);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    s.iter_mut().for_each(|x| *x *= inv);
+    (mx, sum)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use half::f16;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    use super::super::KvElem;
+    use super::super::lanes::LoadLanes;
+    use super::Rows;
+
+    /// The shared vector body on one-lane `f32` "vectors" (any head dim) against the plain body,
+    /// log-sum-exp included: checks the algorithm every ISA compiles, on any machine.
+    fn check<T: KvElem + LoadLanes<f32>>(conv: fn(f32) -> T) {
+        let mut r = StdRng::seed_from_u64(4);
+        for g in [1, 3] {
+            for dim in [5, 16] {
+                for m in [1, 8, 13] {
+                    for biased in [false, true] {
+                        let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| r.random_range(-1.0..1.0)).collect() };
+                        let q = rand(g * dim);
+                        let bias = rand(m);
+                        let rows = |v: Vec<f32>| -> Vec<Vec<T>> {
+                            v.chunks(dim).map(|c| c.iter().map(|x| conv(*x)).collect()).collect()
+                        };
+                        let (kt, vt) = (rows(rand(m * dim)), rows(rand(m * dim)));
+                        let keys: Vec<&[T]> = kt.iter().map(Vec::as_slice).collect();
+                        let values: Vec<&[T]> = vt.iter().map(Vec::as_slice).collect();
+                        let bias = biased.then_some(bias.as_slice());
+                        let job = Rows { q: &q, keys: &keys, values: &values, bias, scale: 0.4, dim };
+                        let (mut want, mut want_lse, mut s) = (vec![0f32; g * dim], vec![0f32; g], Vec::new());
+                        job.run_dims(&mut s, &mut want, Some(&mut want_lse));
+                        let (mut got, mut got_lse) = (vec![0f32; g * dim], vec![0f32; g]);
+                        // SAFETY: `f32` lanes need no instruction set; the shapes are built above.
+                        unsafe {
+                            super::simd::<f32, T>(&q, &keys, &values, bias, 0.4, &mut s, &mut got, Some(&mut got_lse))
+                        };
+                        let pairs = got.iter().zip(&want).chain(got_lse.iter().zip(&want_lse));
+                        for (i, (a, b)) in pairs.enumerate() {
+                            assert!((a - b).abs() <= 1e-5, "g {g} dim {dim} m {m} bias {biased} [{i}]: {a} vs {b}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scalar_lanes_match_the_plain_body() {
+        check::<f32>(|x| x);
+        check::<f16>(f16::from_f32);
+    }
+}
