@@ -11,9 +11,7 @@ use needle_core::{GqaLayout, RowSource};
 use needle_loader::{Checkpoint, LlamaConfig};
 use needle_model::backend::plain;
 use needle_model::cube::WgpuCube;
-use needle_model::{
-    Cpu, DecodeMode, KvCache, LinearWeight, Llama, NeedleBackend, QWeight, QuantType, argmax, compose,
-};
+use needle_model::{Cpu, DecodeMode, KvCache, LinearWeight, Llama, NeedleBackend, QWeight, QuantType, argmax, compose};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
