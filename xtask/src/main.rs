@@ -85,9 +85,11 @@ fn ci() -> Result<()> {
     cargo(&["fmt", "--all", "--check"], &root)?;
     // The default members: the CPU build. `kernels-cubecl`'s clippy is `test-gpu`'s (a clippy
     // pass over the cubecl/wgpu stack is minutes of a cold run).
-    cargo(&["clippy", "--all-targets", "--locked", "--", "-D", "warnings"], &root)?;
+    // `needle-model/autodiff`: its `NeedleBackend` for `Autodiff<B>` and that test.
+    let cpu = ["--locked", "--features", "needle-model/autodiff"];
+    cargo(&[&["clippy", "--all-targets"][..], &cpu, &["--", "-D", "warnings"]].concat(), &root)?;
     fetch_model()?;
-    cargo(&["test", "--locked"], &root)?;
+    cargo(&[&["test"][..], &cpu].concat(), &root)?;
     aarch64_tests(&root)?;
     // The CubeCL kernels and the CubeCL arm of needle-model's backend on wgpu over Mesa's
     // software Vulkan (.ci/run installs it), in one cargo run so the cubecl/wgpu stack is built
@@ -132,13 +134,13 @@ fn aarch64_tests(root: &Path) -> Result<()> {
         eprintln!("\n==> aarch64: SKIPPED the NEON kernel tests under qemu; missing: {}", missing.join("; "));
         return Ok(());
     }
-    let args = ["test", "-p", "needle-kernels-cpu", "--target", TARGET, "--locked"];
+    let args = ["test", "-p", "needle-kernels-cpu", "-p", "needle-quant", "--target", TARGET, "--locked"];
     let base = [
         ("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", "aarch64-linux-gnu-gcc"),
         ("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER", "qemu-aarch64 -L /usr/aarch64-linux-gnu"),
     ];
     cargo_env(&args, root, &base)?;
-    let dot_only = [&args[..], &["--test", "dot"]].concat();
+    let dot_only = ["test", "-p", "needle-kernels-cpu", "--target", TARGET, "--locked", "--test", "dot"];
     cargo_env(&dot_only, root, &[base[0], base[1], ("QEMU_CPU", "cortex-a53")])
 }
 
