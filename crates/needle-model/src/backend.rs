@@ -693,17 +693,7 @@ mod tests {
     fn a_prefill_pattern_routes_the_chunk_through_the_sparse_kernel() {
         let (gqa, d, pos0, t) = (GqaLayout::new(6, 2).unwrap(), 16, 100, 200);
         for kv in [KvDtype::F32, KvDtype::F16] {
-            let mut r = 0x9e37_79b9u32;
-            let mut rand = |n: usize| -> Vec<f32> {
-                (0..n)
-                    .map(|_| {
-                        r ^= r << 13;
-                        r ^= r >> 17;
-                        r ^= r << 5;
-                        (r as f32 / u32::MAX as f32) * 2.0 - 1.0
-                    })
-                    .collect()
-            };
+            let mut rand = crate::testutil::uniform(0x9e37_79b9u32);
             let (k, v, q) = (rand((pos0 + t) * 2 * d), rand((pos0 + t) * 2 * d), rand(t * 6 * d));
             let run = |prefill: PrefillSpec| -> (Vec<f32>, (u64, u64)) {
                 let config = SelectionConfig { kv, prefill, ..SelectionConfig::default() };
@@ -740,17 +730,7 @@ mod tests {
 
         assert!(!<NdArray as NeedleBackend>::fuses_linear());
         let (gqa, d, n) = (GqaLayout::new(4, 2).unwrap(), 16, 40);
-        let mut r = 0x1234_5678u32;
-        let mut rand = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    r ^= r << 13;
-                    r ^= r >> 17;
-                    r ^= r << 5;
-                    (r as f32 / u32::MAX as f32) * 2.0 - 1.0
-                })
-                .collect()
-        };
+        let mut rand = crate::testutil::uniform(0x1234_5678u32);
         let (k, v, q) = (rand(n * 2 * d), rand(n * 2 * d), rand(n * 4 * d));
         let (k1, v1, q1) = (rand(2 * d), rand(2 * d), rand(4 * d));
         fn run<B: NeedleBackend<KvMirror = ()>>(

@@ -59,6 +59,8 @@ mod model;
 mod rope;
 mod sampling;
 mod spec;
+#[cfg(test)]
+mod testutil;
 mod weights;
 
 pub use attention::{AttentionStep, cached_attention};

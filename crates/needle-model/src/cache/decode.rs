@@ -220,17 +220,7 @@ mod tests {
     #[test]
     fn the_split_steps_host_half_matches_the_reference_over_the_selection() {
         let (gqa, d, n) = (GqaLayout::new(6, 2).unwrap(), 16, 300);
-        let mut r = 0x2545_f491u32;
-        let mut rand = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    r ^= r << 13;
-                    r ^= r >> 17;
-                    r ^= r << 5;
-                    (r as f32 / u32::MAX as f32) * 2.0 - 1.0
-                })
-                .collect()
-        };
+        let mut rand = crate::testutil::uniform(0x2545_f491u32);
         let (k, v, q) = (rand(n * 2 * d), rand(n * 2 * d), rand(6 * d));
         for spec in ["oracle:k=12,sinks=4,window=16", "lsh-sample:sinks=4,window=16"] {
             for kv in [KvDtype::F32, KvDtype::F16, KvDtype::Q8] {
