@@ -10,6 +10,9 @@
 //! | Q8_0 | 32 | 34 | `d: f16`, `qs: [i8; 32]`; x = d·q |
 //! | Q4_0 | 32 | 18 | `d: f16`, `qs: [u8; 16]`; element j < 16 is the low nibble of `qs[j]`, j ≥ 16 the high nibble of `qs[j-16]`; x = d·(q − 8) |
 //! | Q4_1 | 32 | 20 | `d: f16`, `m: f16`, nibbles as Q4_0; x = d·q + m |
+//! | Q5_0 | 32 | 22 | `d: f16`, `qh: u32`, `qs: [u8; 16]`; low 4 bits as Q4_0, bit 4 of element j is bit j of `qh`; x = d·(q − 16) |
+//! | Q5_1 | 32 | 24 | `d: f16`, `m: f16`, `qh: u32`, `qs: [u8; 16]`; q as Q5_0; x = d·q + m |
+//! | IQ4_NL | 32 | 18 | `d: f16`, `qs: [u8; 16]`; nibbles as Q4_0 index [`IQ4_NL_VALUES`]; x = d·table[q] |
 //! | Q4_K | 256 | 144 | `d, dmin: f16`, `scales: [u8; 12]` (8 packed 6-bit scale/min pairs), `qs: [u8; 128]`; 64-element chunk c uses bytes `32c..32c+32`, low nibbles = sub-block 2c, high = 2c+1; x = d·sc·q − dmin·m |
 //! | Q5_K | 256 | 176 | `d, dmin: f16`, `scales: [u8; 12]`, `qh: [u8; 32]`, `qs: [u8; 128]`; as Q4_K plus bit 4 of element l of sub-block s is bit s of `qh[l]` |
 //! | Q6_K | 256 | 210 | `ql: [u8; 128]`, `qh: [u8; 64]`, `scales: [i8; 16]`, `d: f16`; two 128-element halves; in half h, element 32r + l (l < 32) has low bits from `ql[64h + l + 32·(r odd)]` (low nibble for r < 2), high 2 bits = bits 2r..2r+2 of `qh[32h + l]`, scale `scales[(32r + l)/16 + 8h]`; x = d·sc·(q − 32) |
@@ -34,6 +37,12 @@ pub enum QuantType {
     Q4_0,
     /// 32-element blocks, f16 scale and min, 4-bit values.
     Q4_1,
+    /// 32-element blocks, f16 scale, 5-bit values offset by 16.
+    Q5_0,
+    /// 32-element blocks, f16 scale and min, 5-bit values.
+    Q5_1,
+    /// 32-element blocks, f16 scale, 4-bit indices into the non-linear [`IQ4_NL_VALUES`].
+    IQ4_NL,
     /// 256-element super-blocks of 8 × 32 with 6-bit scales and mins, 4-bit values.
     Q4_K,
     /// As Q4_K with 5-bit values.
@@ -44,13 +53,16 @@ pub enum QuantType {
 
 impl QuantType {
     /// Every supported type.
-    pub const ALL: [QuantType; 9] = [
+    pub const ALL: [QuantType; 12] = [
         QuantType::F32,
         QuantType::F16,
         QuantType::BF16,
         QuantType::Q8_0,
         QuantType::Q4_0,
         QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::IQ4_NL,
         QuantType::Q4_K,
         QuantType::Q5_K,
         QuantType::Q6_K,
@@ -63,10 +75,13 @@ impl QuantType {
             QuantType::F16 => 1,
             QuantType::Q4_0 => 2,
             QuantType::Q4_1 => 3,
+            QuantType::Q5_0 => 6,
+            QuantType::Q5_1 => 7,
             QuantType::Q8_0 => 8,
             QuantType::Q4_K => 12,
             QuantType::Q5_K => 13,
             QuantType::Q6_K => 14,
+            QuantType::IQ4_NL => 20,
             QuantType::BF16 => 30,
         }
     }
@@ -80,7 +95,12 @@ impl QuantType {
     pub const fn block_elems(self) -> usize {
         match self {
             QuantType::F32 | QuantType::F16 | QuantType::BF16 => 1,
-            QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 => 32,
+            QuantType::Q8_0
+            | QuantType::Q4_0
+            | QuantType::Q4_1
+            | QuantType::Q5_0
+            | QuantType::Q5_1
+            | QuantType::IQ4_NL => 32,
             QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => 256,
         }
     }
@@ -91,8 +111,10 @@ impl QuantType {
             QuantType::F32 => 4,
             QuantType::F16 | QuantType::BF16 => 2,
             QuantType::Q8_0 => 34,
-            QuantType::Q4_0 => 18,
+            QuantType::Q4_0 | QuantType::IQ4_NL => 18,
             QuantType::Q4_1 => 20,
+            QuantType::Q5_0 => 22,
+            QuantType::Q5_1 => 24,
             QuantType::Q4_K => 144,
             QuantType::Q5_K => 176,
             QuantType::Q6_K => 210,
@@ -112,6 +134,16 @@ impl QuantType {
         }
         (n / be).checked_mul(self.block_bytes()).ok_or_else(|| Error::Invalid { param, why: "too large".into() })
     }
+}
+
+/// The 16 values an IQ4_NL nibble indexes (ggml's `kvalues_iq4nl`): denser near zero, where
+/// most weights are.
+pub const IQ4_NL_VALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
+/// The little-endian u32 at byte `i` of `b` (the `qh` high bits of Q5_0 / Q5_1 blocks).
+#[inline]
+pub fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
 /// The little-endian f16 at byte `i` of `b`, as f32 (the scales of every quantized block).
@@ -146,9 +178,14 @@ pub fn dequantize_row(ty: QuantType, bytes: &[u8], out: &mut [f32]) -> Result<()
                 QuantType::Q8_0 => q8_0_block,
                 QuantType::Q4_0 => q4_0_block,
                 QuantType::Q4_1 => q4_1_block,
+                QuantType::Q5_0 => q5_0_block,
+                QuantType::Q5_1 => q5_1_block,
+                QuantType::IQ4_NL => iq4_nl_block,
                 QuantType::Q4_K => q4_k_block,
                 QuantType::Q5_K => q5_k_block,
-                _ => q6_k_block,
+                QuantType::Q6_K => q6_k_block,
+                // Converted by the arms above.
+                QuantType::F32 | QuantType::F16 | QuantType::BF16 => return Ok(()),
             };
             for (b, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(be)) {
                 f(b, o);
@@ -180,6 +217,43 @@ fn q4_1_block(b: &[u8], o: &mut [f32]) {
     for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&b[4..20]) {
         *l = d * f32::from(q & 0x0F) + m;
         *h = d * f32::from(q >> 4) + m;
+    }
+}
+
+/// The 5-bit values of a Q5_0 / Q5_1 block from its `qh` (at byte `h`) and nibbles (at `h + 4`):
+/// element j < 16 is the low nibble of `qs[j]` plus bit j of `qh` as bit 4, element j + 16 the
+/// high nibble plus bit j + 16.
+#[inline]
+pub fn q5_values(b: &[u8], h: usize) -> [u8; 32] {
+    let qh = u32_at(b, h);
+    let mut q = [0u8; 32];
+    for (j, &byte) in b[h + 4..h + 20].iter().enumerate() {
+        q[j] = (byte & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
+        q[j + 16] = (byte >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+    }
+    q
+}
+
+fn q5_0_block(b: &[u8], o: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (x, q) in o.iter_mut().zip(q5_values(b, 2)) {
+        *x = d * f32::from(i16::from(q) - 16);
+    }
+}
+
+fn q5_1_block(b: &[u8], o: &mut [f32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    for (x, q) in o.iter_mut().zip(q5_values(b, 4)) {
+        *x = d * f32::from(q) + m;
+    }
+}
+
+fn iq4_nl_block(b: &[u8], o: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let (lo, hi) = o.split_at_mut(16);
+    for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&b[2..18]) {
+        *l = d * f32::from(IQ4_NL_VALUES[usize::from(q & 0x0F)]);
+        *h = d * f32::from(IQ4_NL_VALUES[usize::from(q >> 4)]);
     }
 }
 

@@ -1,13 +1,14 @@
 //! The GGUF / ggml block formats needle reads and writes, and nothing that is a SIMD kernel.
 //!
-//! * [`QuantType`]: the supported ggml element types, their GGUF ids, block sizes and bytes per
-//!   block, with the byte layout of each in [`mod@format`].
+//! * [`QuantType`]: the supported ggml element types (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
+//!   Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K), their GGUF ids, block sizes and bytes per block, with the
+//!   byte layout of each in [`mod@format`].
 //! * [`dequantize_row`]: the one scalar dequantizer (the reference every fast path is tested
 //!   against).
 //! * [`quantize_row`] / [`can_quantize`]: plain round-to-nearest quantizers for weights made in
 //!   memory (random models of a real shape for tests and benchmarks).
-//! * [`f16_at`], [`k_scale_min`]: the two layout reads the fused kernels share with the
-//!   dequantizer.
+//! * [`f16_at`], [`u32_at`], [`q5_values`], [`k_scale_min`], [`IQ4_NL_VALUES`]: the layout reads
+//!   and the table the fused kernels share with the dequantizer.
 //!
 //! A leaf crate (half and thiserror only) so that the loader (needle-loader), the CPU kernels
 //! (needle-kernels-cpu, which re-exports these items) and the GPU kernels (needle-kernels-cubecl)
@@ -16,7 +17,7 @@
 pub mod format;
 pub mod quantize;
 
-pub use format::{QuantType, dequantize_row, f16_at, k_scale_min};
+pub use format::{IQ4_NL_VALUES, QuantType, dequantize_row, f16_at, k_scale_min, q5_values, u32_at};
 pub use quantize::{can_quantize, quantize_row};
 
 /// Errors of the block formats: a bad length or type, naming the parameter.

@@ -1,14 +1,16 @@
-//! Weight quantizers: f32 rows into ggml blocks (F32, F16, Q8_0, Q4_0, Q4_K), the inverse of
-//! [`dequantize_row`](crate::dequantize_row).
+//! Weight quantizers: f32 rows into ggml blocks (F32, F16, Q8_0, Q4_0, Q5_0, Q5_1, IQ4_NL, Q4_K),
+//! the inverse of [`dequantize_row`](crate::dequantize_row).
 //!
 //! They are plain round-to-nearest quantizers, for weights made in memory (random models of a
 //! real shape for benchmarks and tests), not llama.cpp's error-minimising searches: a Q4_K row
 //! here has the right layout and the usual bound (half a step per element), not the best
-//! scales.
+//! scales. Q5_0 and Q5_1 follow ggml's `quantize_row_q5_{0,1}_ref` step for step (same bytes);
+//! IQ4_NL follows ggml's `quantize_row_iq4_nl_ref` (no importance weights: its scale search
+//! weighted by x², seven tries either side), which may differ from it in the last bit of a sum.
 
 use half::f16;
 
-use crate::{Error, QuantType, Result};
+use crate::{Error, IQ4_NL_VALUES, QuantType, Result};
 
 /// Quantizes `x` (whole blocks of `ty`) into `out` (`ty.bytes_for(x.len())` bytes).
 pub fn quantize_row(ty: QuantType, x: &[f32], out: &mut [u8]) -> Result<()> {
@@ -20,11 +22,16 @@ pub fn quantize_row(ty: QuantType, x: &[f32], out: &mut [u8]) -> Result<()> {
         QuantType::F16 => |x, o| o.copy_from_slice(&f16::from_f32(x[0]).to_le_bytes()),
         QuantType::Q8_0 => q8_0_block,
         QuantType::Q4_0 => q4_0_block,
+        QuantType::Q5_0 => q5_0_block,
+        QuantType::Q5_1 => q5_1_block,
+        QuantType::IQ4_NL => iq4_nl_block,
         QuantType::Q4_K => q4_k_block,
         other => {
             return Err(Error::Invalid {
                 param: "ty",
-                why: format!("no quantizer for {other:?} (there are: F32, F16, Q8_0, Q4_0, Q4_K)"),
+                why: format!(
+                    "no quantizer for {other:?} (there are: F32, F16, Q8_0, Q4_0, Q5_0, Q5_1, IQ4_NL, Q4_K)"
+                ),
             });
         }
     };
@@ -36,7 +43,17 @@ pub fn quantize_row(ty: QuantType, x: &[f32], out: &mut [u8]) -> Result<()> {
 
 /// Whether [`quantize_row`] handles `ty`.
 pub fn can_quantize(ty: QuantType) -> bool {
-    matches!(ty, QuantType::F32 | QuantType::F16 | QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_K)
+    matches!(
+        ty,
+        QuantType::F32
+            | QuantType::F16
+            | QuantType::Q8_0
+            | QuantType::Q4_0
+            | QuantType::Q5_0
+            | QuantType::Q5_1
+            | QuantType::IQ4_NL
+            | QuantType::Q4_K
+    )
 }
 
 fn put_f16(o: &mut [u8], at: usize, v: f32) -> f32 {
@@ -62,6 +79,103 @@ fn q4_0_block(x: &[f32], o: &mut [u8]) {
     let q = |v: f32| (v * id + 8.5).clamp(0.0, 15.0) as u8;
     for j in 0..16 {
         o[2 + j] = q(x[j]) | (q(x[j + 16]) << 4);
+    }
+}
+
+/// Packs 32 five-bit values ggml style: low nibbles into `o[4..20]`, bit 4 into the u32 `o[0..4]`.
+fn put_q5(q: &[u8; 32], o: &mut [u8]) {
+    let mut qh = 0u32;
+    for j in 0..16 {
+        o[4 + j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4);
+        qh |= u32::from(q[j] >> 4) << j;
+        qh |= u32::from(q[j + 16] >> 4) << (j + 16);
+    }
+    o[..4].copy_from_slice(&qh.to_le_bytes());
+}
+
+/// ggml's reference: the largest magnitude maps to −16 and the scale's inverse is taken before
+/// the f16 rounding; `trunc(v/d + 16.5)` capped at 31.
+fn q5_0_block(x: &[f32], o: &mut [u8]) {
+    let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = max / -16.0;
+    put_f16(o, 0, d);
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0u8; 32];
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = ((v * id + 16.5) as u8).min(31);
+    }
+    put_q5(&q, &mut o[2..22]);
+}
+
+/// ggml's reference: d = (max − min)/31, m = min, `trunc((v − min)/d + 0.5)` capped at 31.
+fn q5_1_block(x: &[f32], o: &mut [u8]) {
+    let min = x.iter().fold(f32::MAX, |m, &v| m.min(v));
+    let max = x.iter().fold(f32::MIN, |m, &v| m.max(v));
+    let d = (max - min) / 31.0;
+    put_f16(o, 0, d);
+    put_f16(o, 2, min);
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0u8; 32];
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (((v - min) * id + 0.5) as u8).min(31);
+    }
+    put_q5(&q, &mut o[4..24]);
+}
+
+/// The index of the [`IQ4_NL_VALUES`] entry nearest `v` (ggml's `best_index_int8`: ties go up).
+fn iq4_nl_index(v: f32) -> u8 {
+    let t = &IQ4_NL_VALUES;
+    if v <= f32::from(t[0]) {
+        return 0;
+    }
+    if v >= f32::from(t[15]) {
+        return 15;
+    }
+    let (mut lo, mut hi) = (0usize, 15usize);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if v < f32::from(t[mid]) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    if v - f32::from(t[hi - 1]) < f32::from(t[hi]) - v { (hi - 1) as u8 } else { hi as u8 }
+}
+
+/// ggml's `quantize_row_iq4_nl_impl` for one 32-block without importance weights: nearest table
+/// entries for a first scale, then 15 trial inverse scales `(t + table[0])/max`, each refitted by
+/// weighted least squares (weights x²), keeping the one with the smallest weighted error.
+fn iq4_nl_block(x: &[f32], o: &mut [u8]) {
+    const NTRY: i32 = 7;
+    let val = |i: u8| f32::from(IQ4_NL_VALUES[usize::from(i)]);
+    let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let mut d = 0f32;
+    if max.abs() >= 1e-15 {
+        let fit = |id: f32| {
+            let (mut sumqx, mut sumq2) = (0f32, 0f32);
+            for &v in x {
+                let (q, w) = (val(iq4_nl_index(id * v)), v * v);
+                sumqx += w * q * v;
+                sumq2 += w * q * q;
+            }
+            (sumqx, sumq2)
+        };
+        let (sumqx, sumq2) = fit(1.0 / (max / 127.0));
+        d = sumqx / sumq2;
+        let mut best = d * sumqx;
+        for t in -NTRY..=NTRY {
+            let (sumqx, sumq2) = fit((t as f32 + f32::from(IQ4_NL_VALUES[0])) / max);
+            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+                d = sumqx / sumq2;
+                best = d * sumqx;
+            }
+        }
+    }
+    put_f16(o, 0, d);
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for j in 0..16 {
+        o[2 + j] = iq4_nl_index(id * x[j]) | (iq4_nl_index(id * x[j + 16]) << 4);
     }
 }
 
@@ -163,6 +277,13 @@ mod tests {
         round_trip(QuantType::Q8_0, |x| amax(x) / 127.0 * 0.51 + amax(x) * 1e-3);
         // A full step at the clamped end opposite the largest magnitude, as in ggml.
         round_trip(QuantType::Q4_0, |x| amax(x) / 8.0 + amax(x) * 2e-3);
+        // As Q4_0 with twice the steps.
+        round_trip(QuantType::Q5_0, |x| amax(x) / 16.0 + amax(x) * 2e-3);
+        // Half a step of range/31, plus the f16 rounding of d (times up to 31) and of the min.
+        round_trip(QuantType::Q5_1, |x| amax(x) * 2.0 / 31.0 * 0.5 + amax(x) * 0.04);
+        // The widest gap of the table (24 of 127 at the top end) at a scale near amax/127, halved,
+        // with room for the fitted scale.
+        round_trip(QuantType::IQ4_NL, |x| amax(x) * 0.2);
         // Steps of at most (range/15 rounded up to a 6-bit multiple of d) plus the min's rounding.
         round_trip(QuantType::Q4_K, |x| amax(x) * 2.0 / 15.0 + amax(x) * 0.05);
     }

@@ -12,6 +12,9 @@ fn ids_and_sizes_follow_ggml() {
         (QuantType::F16, 1, 1, 2),
         (QuantType::Q4_0, 2, 32, 18),
         (QuantType::Q4_1, 3, 32, 20),
+        (QuantType::Q5_0, 6, 32, 22),
+        (QuantType::Q5_1, 7, 32, 24),
+        (QuantType::IQ4_NL, 20, 32, 18),
         (QuantType::Q8_0, 8, 32, 34),
         (QuantType::Q4_K, 12, 256, 144),
         (QuantType::Q5_K, 13, 256, 176),
@@ -22,7 +25,9 @@ fn ids_and_sizes_follow_ggml() {
         assert_eq!((ty.ggml_id(), ty.block_elems(), ty.block_bytes()), (id, be, bb), "{ty:?}");
         assert_eq!(QuantType::from_ggml_id(id).unwrap(), ty);
     }
-    assert_eq!(QuantType::from_ggml_id(6), Err(Error::UnsupportedType(6)));
+    assert_eq!(table.len(), QuantType::ALL.len());
+    // Q2_K: not supported.
+    assert_eq!(QuantType::from_ggml_id(10), Err(Error::UnsupportedType(10)));
 }
 
 fn f16(b: &[u8], i: usize) -> f32 {
