@@ -24,7 +24,7 @@ fn weights(rng: &mut StdRng, ty: QuantType, rows: usize, cols: usize) -> Vec<u8>
             let mut b: Vec<u8> = (0..n / ty.block_elems() * ty.block_bytes()).map(|_| rng.random()).collect();
             let offs: &[usize] = match ty {
                 QuantType::Q6_K => &[208],
-                QuantType::Q8_0 | QuantType::Q4_0 => &[0],
+                QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 | QuantType::IQ4_NL => &[0],
                 _ => &[0, 2],
             };
             for blk in b.chunks_exact_mut(ty.block_bytes()) {

@@ -1,7 +1,8 @@
 //! Activations quantized on the fly for the fused dot products.
 //!
-//! * [`BlockQ8`] (Q8_0-style, 32 elements): for Q8_0, Q4_0 and Q4_1 weights. It keeps the sum of
-//!   its quants so the Q4_0 offset (−8) and the Q4_1 min come out of one integer sum.
+//! * [`BlockQ8`] (Q8_0-style, 32 elements): for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and IQ4_NL weights.
+//!   It keeps the sum of its quants so the Q4_0 / Q5_0 offsets (−8, −16) and the Q4_1 / Q5_1 mins
+//!   come out of one integer sum.
 //! * [`BlockQ8K`] (Q8_K-style, 256 elements): for Q4_K, Q5_K and Q6_K weights, with the sums of
 //!   each 16 quants for the K-quant mins and the Q6_K offset (−32).
 //! * Float weights (F32, F16, BF16) take the activations as they are.
@@ -79,7 +80,9 @@ impl QActRow<'_> {
 pub(crate) fn kind_for(ty: QuantType) -> &'static str {
     match ty {
         QuantType::F32 | QuantType::F16 | QuantType::BF16 => "F32",
-        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 => "Q8",
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 | QuantType::IQ4_NL => {
+            "Q8"
+        }
         QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => "Q8K",
     }
 }

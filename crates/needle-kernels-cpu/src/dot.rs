@@ -2,15 +2,18 @@
 //! pre-quantized ([`crate::act`]), products are integer per block and scaled per block.
 //!
 //! Each weight type has a scalar reference and an AVX2+FMA path doing the same integer math
-//! (results differ only by f32 summation order). On aarch64 the float types, Q8_0, Q4_0 and Q4_1
-//! have NEON paths (and `sdot` ones where the dotprod extension is present); the K-quants
-//! (Q4_K, Q5_K, Q6_K) run their scalar code there.
+//! (results differ only by f32 summation order); Q5_0, Q5_1 and IQ4_NL take the Q8_0-style
+//! activations, as in llama.cpp. AVX-512 adds row dots for Q8_0, Q4_0 and Q4_1 only, AVX-VNNI
+//! a multi-token kernel for Q4_0 and Q4_1 only (the others run their AVX2 code there). On
+//! aarch64 the float types, Q8_0, Q4_0 and Q4_1 have NEON paths (and `sdot` ones where the
+//! dotprod extension is present); Q5_0, Q5_1, IQ4_NL and the K-quants (Q4_K, Q5_K, Q6_K) run
+//! their scalar code there.
 
 use half::{bf16, f16};
 
 use crate::act::{BlockQ8, BlockQ8K, QActRow, kind_for};
 use crate::{Error, Isa, Result};
-use needle_quant::{QuantType, f16_at, k_scale_min};
+use needle_quant::{IQ4_NL_VALUES, QuantType, f16_at, k_scale_min, q5_values};
 
 /// A dot product of one weight row (its bytes) with one activation row.
 pub(crate) type Kernel = fn(&[u8], QActRow<'_>) -> f32;
@@ -54,6 +57,9 @@ pub(crate) fn kernel(ty: QuantType, isa: Isa) -> Kernel {
         QuantType::Q8_0 => |w, x| q8_0_scalar(w, q8(x)),
         QuantType::Q4_0 => |w, x| q4_0_scalar(w, q8(x)),
         QuantType::Q4_1 => |w, x| q4_1_scalar(w, q8(x)),
+        QuantType::Q5_0 => |w, x| q5_0_scalar(w, q8(x)),
+        QuantType::Q5_1 => |w, x| q5_1_scalar(w, q8(x)),
+        QuantType::IQ4_NL => |w, x| iq4_nl_scalar(w, q8(x)),
         QuantType::Q4_K => |w, x| q4_k_scalar(w, q8k(x)),
         QuantType::Q5_K => |w, x| q5_k_scalar(w, q8k(x)),
         QuantType::Q6_K => |w, x| q6_k_scalar(w, q8k(x)),
@@ -154,6 +160,47 @@ fn q4_1_scalar(w: &[u8], x: &[BlockQ8]) -> f32 {
     acc
 }
 
+/// `Σ q·y` over the 32 five-bit values of a Q5_0 / Q5_1 block whose `qh` is at byte `h`.
+fn q5_dot(b: &[u8], h: usize, y: &[i8; 32]) -> i32 {
+    q5_values(b, h).iter().zip(y).map(|(&q, &v)| i32::from(q) * i32::from(v)).sum()
+}
+
+fn q5_0_scalar(w: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(22).zip(x) {
+        let sumi = q5_dot(b, 2, &y.qs) - 16 * y.sum;
+        acc += f16_at(b, 0) * y.d * sumi as f32;
+    }
+    acc
+}
+
+fn q5_1_scalar(w: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(24).zip(x) {
+        let sumi = q5_dot(b, 4, &y.qs);
+        acc += f16_at(b, 0) * y.d * sumi as f32 + f16_at(b, 2) * y.s;
+    }
+    acc
+}
+
+fn iq4_nl_scalar(w: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, y) in w.chunks_exact(18).zip(x) {
+        let (lo, hi) = y.qs.split_at(16);
+        let sumi: i32 = b[2..18]
+            .iter()
+            .zip(lo)
+            .zip(hi)
+            .map(|((&q, &a), &c)| {
+                i32::from(IQ4_NL_VALUES[usize::from(q & 15)]) * i32::from(a)
+                    + i32::from(IQ4_NL_VALUES[usize::from(q >> 4)]) * i32::from(c)
+            })
+            .sum();
+        acc += f16_at(b, 0) * y.d * sumi as f32;
+    }
+    acc
+}
+
 /// The 8 scales and the min correction `Σ m_j · (sum of the 32 quants of sub-block j)` of a
 /// Q4_K/Q5_K block against a Q8_K block.
 fn k_scales(scales: &[u8], y: &BlockQ8K) -> ([i32; 8], i32) {
@@ -241,7 +288,7 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{BlockQ8, BlockQ8K, Kernel, QuantType, f16_at, f32s, k_scales, q8, q8k};
+    use super::{BlockQ8, BlockQ8K, IQ4_NL_VALUES, Kernel, QuantType, f16_at, f32s, k_scales, q8, q8k};
 
     pub(super) fn kernel(ty: QuantType, avx512: bool) -> Kernel {
         if avx512 {
@@ -263,6 +310,9 @@ mod x86 {
             QuantType::Q8_0 => |w, x| unsafe { q8_0_avx2(w, q8(x)) },
             QuantType::Q4_0 => |w, x| unsafe { q4_x_avx2::<false>(w, q8(x)) },
             QuantType::Q4_1 => |w, x| unsafe { q4_x_avx2::<true>(w, q8(x)) },
+            QuantType::Q5_0 => |w, x| unsafe { q5_nl_avx2::<0>(w, q8(x)) },
+            QuantType::Q5_1 => |w, x| unsafe { q5_nl_avx2::<1>(w, q8(x)) },
+            QuantType::IQ4_NL => |w, x| unsafe { q5_nl_avx2::<2>(w, q8(x)) },
             QuantType::Q4_K => |w, x| unsafe { qk_avx2::<false>(w, q8k(x)) },
             QuantType::Q5_K => |w, x| unsafe { qk_avx2::<true>(w, q8k(x)) },
             QuantType::Q6_K => |w, x| unsafe { q6_k_avx2(w, q8k(x)) },
@@ -644,6 +694,93 @@ mod x86 {
         }
     }
 
+    /// 32 bytes, byte j = 0x10 where bit j of `qh` is set, else 0 (ggml's `bytes_from_bits_32`):
+    /// bit 4 of the Q5 values, in the element order of [`nibbles`].
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q5_high_bits(qh: u32) -> __m256i {
+        // Byte j gets byte j/8 of qh, then all bits but bit j%8 are forced on.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(qh as i32),
+            _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+        );
+        let set = _mm256_cmpeq_epi8(
+            _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe)),
+            _mm256_set1_epi64x(-1),
+        );
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// Q5_0 (`T = 0`), Q5_1 (`T = 1`), IQ4_NL (`T = 2`) block: (Σ q·y in 8 lanes as floats,
+    /// d·d_y, scalar correction).
+    ///
+    /// # Safety
+    /// `b` must be a whole block (22, 24 or 18 bytes).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_nl_block<const T: u8>(b: &[u8], y: &BlockQ8) -> (__m256, f32, f32) {
+        let qy = load_i8x32(&y.qs);
+        match T {
+            0 | 1 => {
+                let h = if T == 0 { 2 } else { 4 };
+                // SAFETY: b[h + 4..h + 20] is the block's 16 nibble bytes.
+                let lo = unsafe { nibbles(&b[h + 4..h + 20]) };
+                let qh = u32::from_le_bytes([b[h], b[h + 1], b[h + 2], b[h + 3]]);
+                let q = _mm256_or_si256(lo, q5_high_bits(qh));
+                let p = _mm256_cvtepi32_ps(dot_u8i8(q, qy));
+                if T == 0 {
+                    let d = h2f(b, 0) * y.d;
+                    (p, d, -d * (16 * y.sum) as f32)
+                } else {
+                    let (d, m) = h2f_pair(b);
+                    (p, d * y.d, m * y.s)
+                }
+            }
+            _ => {
+                // The table in both 128-bit lanes; vpshufb looks each nibble up within its lane.
+                // SAFETY: the table is 16 bytes.
+                let t = unsafe { _mm_loadu_si128(IQ4_NL_VALUES.as_ptr().cast()) };
+                // SAFETY: b[2..18] is the block's 16 nibble bytes.
+                let v = _mm256_shuffle_epi8(_mm256_set_m128i(t, t), unsafe { nibbles(&b[2..18]) });
+                // Signed × signed as in Q8_0: |v| times y carrying v's sign (|y| ≤ 127: exact).
+                let p = dot_u8i8(_mm256_sign_epi8(v, v), _mm256_sign_epi8(qy, v));
+                (_mm256_cvtepi32_ps(p), h2f(b, 0) * y.d, 0.0)
+            }
+        }
+    }
+
+    /// Q5_0 (`T = 0`, offset −16), Q5_1 (`T = 1`, f16 min) and IQ4_NL (`T = 2`, table).
+    ///
+    /// # Safety
+    /// Needs avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_nl_avx2<const T: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let bb = match T {
+            0 => 22,
+            1 => 24,
+            _ => 18,
+        };
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut corr = [0f32; 2];
+        let pairs = w.chunks_exact(2 * bb).zip(x.chunks_exact(2));
+        let nb = pairs.len() * 2;
+        for (b, y) in pairs {
+            for k in 0..2 {
+                // SAFETY: b[bb·k..bb·(k + 1)] is a whole block.
+                let (p, d, c) = unsafe { q5_nl_block::<T>(&b[bb * k..bb * (k + 1)], &y[k]) };
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc[k]);
+                corr[k] += c;
+            }
+        }
+        for (b, y) in w[bb * nb..].chunks_exact(bb).zip(&x[nb..]) {
+            // SAFETY: a whole block.
+            let (p, d, c) = unsafe { q5_nl_block::<T>(b, y) };
+            acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc[0]);
+            corr[0] += c;
+        }
+        hsum_ps(_mm256_add_ps(acc[0], acc[1])) + (corr[0] + corr[1])
+    }
+
     /// Q4_0 (`MIN = false`, offset −8) and Q4_1 (`MIN = true`, f16 min).
     ///
     /// # Safety
@@ -798,7 +935,12 @@ mod arm {
             QuantType::Q8_0 => |w, x| unsafe { q32_neon::<0>(w, q8(x)) },
             QuantType::Q4_0 => |w, x| unsafe { q32_neon::<1>(w, q8(x)) },
             QuantType::Q4_1 => |w, x| unsafe { q32_neon::<2>(w, q8(x)) },
-            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => return None,
+            QuantType::Q5_0
+            | QuantType::Q5_1
+            | QuantType::IQ4_NL
+            | QuantType::Q4_K
+            | QuantType::Q5_K
+            | QuantType::Q6_K => return None,
         })
     }
 

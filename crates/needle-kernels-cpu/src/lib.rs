@@ -3,8 +3,10 @@
 //! * Block formats ([`QuantType`], [`dequantize_row`], [`quantize_row`]) live in the leaf crate
 //!   needle-quant and are re-exported here.
 //! * [`act`]: activations quantized on the fly to 8-bit blocks (Q8_0-style and Q8_K-style).
-//! * [`dot`]: fused quantized dot products, one per weight type, scalar reference + AVX2/FMA
-//!   (+ NEON on aarch64 for the float types, Q8_0, Q4_0 and Q4_1).
+//! * [`dot`]: fused quantized dot products, one per weight type (F32, F16, BF16, Q8_0, Q4_0,
+//!   Q4_1, Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K), scalar reference + AVX2/FMA for every type
+//!   (+ AVX-512 for the Q8_0 / Q4_0 / Q4_1 row dots; + NEON on aarch64 for the float types, Q8_0,
+//!   Q4_0 and Q4_1).
 //! * [`linear`]: [`QMatrix`], a borrowed view of quantized weight rows, with `gemv` and `gemm`.
 //! * [`attn`]: causal, GQA-aware flash prefill reading KV pages in place, and decode attention
 //!   of a query group over gathered rows ([`attend_rows`], [`attend_rows_lse`] with the
@@ -21,8 +23,8 @@
 //!
 //! On aarch64, [`Isa::Neon`] / [`Isa::NeonDot`] cover the Q8_0 / Q4_0 / Q4_1 dots and their
 //! multi-token GEMM micro-kernel, the F32 / F16 / BF16 row dots, [`attend_rows`] and
-//! [`flash_prefill`] (head dims that are a multiple of 4); the K-quant dots (Q4_K, Q5_K, Q6_K),
-//! the [`ops`] and attention with other head dims run the scalar code (auto-vectorized: NEON is
+//! [`flash_prefill`] (head dims that are a multiple of 4); the Q5_0, Q5_1 and IQ4_NL dots, the
+//! K-quant dots (Q4_K, Q5_K, Q6_K), the [`ops`] and attention with other head dims run the scalar code (auto-vectorized: NEON is
 //! part of every aarch64 CPU). The tests run under qemu-user (`cargo xtask ci` does this when the
 //! cross tools are installed); NEON speed has not been measured on real hardware. Other targets
 //! run the scalar code everywhere.

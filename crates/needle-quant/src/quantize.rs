@@ -29,9 +29,7 @@ pub fn quantize_row(ty: QuantType, x: &[f32], out: &mut [u8]) -> Result<()> {
         other => {
             return Err(Error::Invalid {
                 param: "ty",
-                why: format!(
-                    "no quantizer for {other:?} (there are: F32, F16, Q8_0, Q4_0, Q5_0, Q5_1, IQ4_NL, Q4_K)"
-                ),
+                why: format!("no quantizer for {other:?} (there are: F32, F16, Q8_0, Q4_0, Q5_0, Q5_1, IQ4_NL, Q4_K)"),
             });
         }
     };

@@ -15,8 +15,8 @@ pub fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
 /// Offsets of the f16 scales in a block of `ty`.
 pub fn scale_offsets(ty: QuantType) -> &'static [usize] {
     match ty {
-        QuantType::Q8_0 | QuantType::Q4_0 => &[0],
-        QuantType::Q4_1 | QuantType::Q4_K | QuantType::Q5_K => &[0, 2],
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 | QuantType::IQ4_NL => &[0],
+        QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4_K | QuantType::Q5_K => &[0, 2],
         QuantType::Q6_K => &[208],
         _ => &[],
     }
