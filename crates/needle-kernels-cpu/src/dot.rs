@@ -3,8 +3,9 @@
 //!
 //! Each weight type has a scalar reference and an AVX2+FMA path doing the same integer math
 //! (results differ only by f32 summation order); Q5_0, Q5_1 and IQ4_NL take the Q8_0-style
-//! activations, as in llama.cpp. AVX-512 adds row dots for Q8_0, Q4_0 and Q4_1 only, AVX-VNNI
-//! a multi-token kernel for Q4_0 and Q4_1 only (the others run their AVX2 code there). On
+//! activations, as in llama.cpp. The 32-element types also have an AVX2 multi-token (gemm)
+//! kernel; AVX-512 adds row dots for Q8_0, Q4_0 and Q4_1 only, AVX-VNNI a multi-token kernel
+//! for Q4_0, Q4_1, Q5_0 and Q5_1 only (the others run their AVX2 code there). On
 //! aarch64 the float types, Q8_0, Q4_0 and Q4_1 have NEON paths (and `sdot` ones where the
 //! dotprod extension is present); Q5_0, Q5_1, IQ4_NL and the K-quants (Q4_K, Q5_K, Q6_K) run
 //! their scalar code there.
@@ -323,10 +324,13 @@ mod x86 {
         if vnni {
             // SAFETY (every closure here): `vnni` is only true once `Isa::AvxVnni` was detected
             // (avxvnni and everything `Isa::Avx2` needs).
-            // Q8_0 keeps the AVX2 code: its sign trick leaves VNNI no instruction to save.
+            // Q8_0 and IQ4_NL keep the AVX2 code: their sign trick leaves VNNI no instruction to
+            // save.
             match ty {
                 QuantType::Q4_0 => return Some(|w, x| unsafe { multi_vnni::<1>(w, &x.map(q8)) }),
                 QuantType::Q4_1 => return Some(|w, x| unsafe { multi_vnni::<2>(w, &x.map(q8)) }),
+                QuantType::Q5_0 => return Some(|w, x| unsafe { multi_vnni::<3>(w, &x.map(q8)) }),
+                QuantType::Q5_1 => return Some(|w, x| unsafe { multi_vnni::<4>(w, &x.map(q8)) }),
                 _ => {}
             }
         }
@@ -335,11 +339,15 @@ mod x86 {
             QuantType::Q8_0 => Some(|w, x| unsafe { multi_avx2::<0>(w, &x.map(q8)) }),
             QuantType::Q4_0 => Some(|w, x| unsafe { multi_avx2::<1>(w, &x.map(q8)) }),
             QuantType::Q4_1 => Some(|w, x| unsafe { multi_avx2::<2>(w, &x.map(q8)) }),
+            QuantType::Q5_0 => Some(|w, x| unsafe { multi_avx2::<3>(w, &x.map(q8)) }),
+            QuantType::Q5_1 => Some(|w, x| unsafe { multi_avx2::<4>(w, &x.map(q8)) }),
+            QuantType::IQ4_NL => Some(|w, x| unsafe { multi_avx2::<5>(w, &x.map(q8)) }),
             _ => None,
         }
     }
 
-    /// One weight row of Q8_0 (`T = 0`), Q4_0 (`T = 1`) or Q4_1 (`T = 2`) against 4 token rows:
+    /// One weight row of Q8_0 (`T = 0`), Q4_0 (`T = 1`), Q4_1 (`T = 2`), Q5_0 (`T = 3`), Q5_1
+    /// (`T = 4`) or IQ4_NL (`T = 5`) against 4 token rows:
     /// each block is loaded and unpacked once, then multiplied with the 4 tokens' blocks.
     ///
     /// # Safety
@@ -373,8 +381,10 @@ mod x86 {
         unsafe {
             let bb = match T {
                 0 => 34,
-                1 => 18,
-                _ => 20,
+                1 | 5 => 18,
+                2 => 20,
+                3 => 22,
+                _ => 24,
             };
             let mut acc = [_mm256_setzero_ps(); super::TOKENS];
             let mut corr = [0f32; super::TOKENS];
@@ -390,10 +400,23 @@ mod x86 {
                         // SAFETY: b[2..18] is the block's 16 nibble bytes.
                         (unsafe { nibbles(&b[2..18]) }, None, h2f(b, 0), 0.0)
                     }
-                    _ => {
+                    2 => {
                         let (d, m) = h2f_pair(b);
                         // SAFETY: b[4..20] is the block's 16 nibble bytes.
                         (unsafe { nibbles(&b[4..20]) }, None, d, m)
+                    }
+                    3 | 4 => {
+                        let h = if T == 3 { 2 } else { 4 };
+                        let qh = u32::from_le_bytes([b[h], b[h + 1], b[h + 2], b[h + 3]]);
+                        // SAFETY: b[h + 4..h + 20] is the block's 16 nibble bytes.
+                        let q = _mm256_or_si256(unsafe { nibbles(&b[h + 4..h + 20]) }, q5_high_bits(qh));
+                        let (d, m) = if T == 3 { (h2f(b, 0), 0.0) } else { h2f_pair(b) };
+                        (q, None, d, m)
+                    }
+                    _ => {
+                        // SAFETY: b[2..18] is the block's 16 nibble bytes.
+                        let v = unsafe { iq4_nl_values(&b[2..18]) };
+                        (_mm256_sign_epi8(v, v), Some(v), h2f(b, 0), 0.0)
                     }
                 };
                 for k in 0..super::TOKENS {
@@ -410,8 +433,9 @@ mod x86 {
                     let dd = d * y.d;
                     acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dd), p, acc[k]);
                     match T {
-                        0 => {}
+                        0 | 5 => {}
                         1 => corr[k] -= dd * (8 * y.sum) as f32,
+                        3 => corr[k] -= dd * (16 * y.sum) as f32,
                         _ => corr[k] += m * y.s,
                     }
                 }
@@ -711,6 +735,20 @@ mod x86 {
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
+    /// The 32 signed IQ4_NL values of a block's 16 nibble bytes: the table in both 128-bit lanes,
+    /// each nibble looked up within its lane by `vpshufb`.
+    ///
+    /// # Safety
+    /// `p` must have 16 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn iq4_nl_values(p: &[u8]) -> __m256i {
+        // SAFETY: the table is 16 bytes.
+        let t = unsafe { _mm_loadu_si128(IQ4_NL_VALUES.as_ptr().cast()) };
+        // SAFETY: the caller guarantees 16 readable bytes.
+        _mm256_shuffle_epi8(_mm256_set_m128i(t, t), unsafe { nibbles(p) })
+    }
+
     /// Q5_0 (`T = 0`), Q5_1 (`T = 1`), IQ4_NL (`T = 2`) block: (Σ q·y in 8 lanes as floats,
     /// d·d_y, scalar correction).
     ///
@@ -737,11 +775,8 @@ mod x86 {
                 }
             }
             _ => {
-                // The table in both 128-bit lanes; vpshufb looks each nibble up within its lane.
-                // SAFETY: the table is 16 bytes.
-                let t = unsafe { _mm_loadu_si128(IQ4_NL_VALUES.as_ptr().cast()) };
                 // SAFETY: b[2..18] is the block's 16 nibble bytes.
-                let v = _mm256_shuffle_epi8(_mm256_set_m128i(t, t), unsafe { nibbles(&b[2..18]) });
+                let v = unsafe { iq4_nl_values(&b[2..18]) };
                 // Signed × signed as in Q8_0: |v| times y carrying v's sign (|y| ≤ 127: exact).
                 let p = dot_u8i8(_mm256_sign_epi8(v, v), _mm256_sign_epi8(qy, v));
                 (_mm256_cvtepi32_ps(p), h2f(b, 0) * y.d, 0.0)

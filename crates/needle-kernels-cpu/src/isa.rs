@@ -16,7 +16,7 @@ pub enum Isa {
     /// AVX2 code on the one AVX-512 machine tried (gemv 1536×576 Q4_1: 88 µs vs 76 µs).
     Avx512,
     /// [`Isa::Avx2`] plus AVX-VNNI (`vpdpbusd` on 256-bit registers): the multi-token Q4_0 /
-    /// Q4_1 GEMM micro-kernel does each block's integer dot in one instruction instead of
+    /// Q4_1 / Q5_0 / Q5_1 GEMM micro-kernel does each block's integer dot in one instruction instead of
     /// two; everything else runs the AVX2 code. Picked by [`Isa::detect`] where present.
     AvxVnni,
     /// aarch64 NEON (Advanced SIMD, part of every aarch64 CPU). The Q8_0 / Q4_0 / Q4_1 dots and

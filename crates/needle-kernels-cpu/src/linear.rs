@@ -75,8 +75,9 @@ impl<'a> QMatrix<'a> {
     ///
     /// Each token row of `x` is quantized once; the work is cut into tiles of 16 weight rows ×
     /// 8 tokens so a weight row is read from L1 for all tokens of the tile; row blocks run in
-    /// parallel on the [`Pool`]. For Q8_0, Q4_0 and Q4_1 on AVX2 and NEON a micro-kernel takes
-    /// 1 weight row × 4 tokens, unpacking each weight block once for the 4 tokens.
+    /// parallel on the [`Pool`]. For Q8_0, Q4_0 and Q4_1 on AVX2 and NEON, and Q5_0, Q5_1 and
+    /// IQ4_NL on AVX2, a micro-kernel takes 1 weight row × 4 tokens, unpacking each weight block
+    /// once for the 4 tokens.
     pub fn gemm_with(&self, isa: Isa, x: &[f32], t: usize, y: &mut [f32]) -> Result<()> {
         check_len("x", x.len(), t.saturating_mul(self.cols))?;
         check_len("y", y.len(), t.saturating_mul(self.rows))?;
