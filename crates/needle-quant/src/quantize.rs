@@ -5,8 +5,10 @@
 //! real shape for benchmarks and tests), not llama.cpp's error-minimising searches: a Q4_K row
 //! here has the right layout and the usual bound (half a step per element), not the best
 //! scales. Q5_0 and Q5_1 follow ggml's `quantize_row_q5_{0,1}_ref` step for step (same bytes);
-//! IQ4_NL follows ggml's `quantize_row_iq4_nl_ref` (no importance weights: its scale search
-//! weighted by x², seven tries either side), which may differ from it in the last bit of a sum.
+//! IQ4_NL follows ggml's `quantize_iq4_nl` without an importance matrix (what llama-quantize
+//! runs: a scale search weighted by x², seven tries either side), not the cheaper
+//! `quantize_row_iq4_nl_ref` (one least-squares fit, no search); its bytes may differ from
+//! ggml's where the C compiler contracts a sum into an FMA.
 
 use half::f16;
 
@@ -141,9 +143,10 @@ fn iq4_nl_index(v: f32) -> u8 {
     if v - f32::from(t[hi - 1]) < f32::from(t[hi]) - v { (hi - 1) as u8 } else { hi as u8 }
 }
 
-/// ggml's `quantize_row_iq4_nl_impl` for one 32-block without importance weights: nearest table
-/// entries for a first scale, then 15 trial inverse scales `(t + table[0])/max`, each refitted by
-/// weighted least squares (weights x²), keeping the one with the smallest weighted error.
+/// ggml's `quantize_row_iq4_nl_impl` for one 32-block, `ntry = 7`, no importance weights:
+/// nearest table entries for a first scale `max/127`, then 15 trial inverse scales
+/// `(t + table[0])/max`, each refitted by weighted least squares (weights x²), keeping the one
+/// with the smallest weighted error; the indices are then redone with the kept scale.
 fn iq4_nl_block(x: &[f32], o: &mut [u8]) {
     const NTRY: i32 = 7;
     let val = |i: u8| f32::from(IQ4_NL_VALUES[usize::from(i)]);
