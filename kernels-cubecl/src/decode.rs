@@ -27,7 +27,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::error::{Result, check_len, invalid, to_u32};
-use crate::util::{buf_len, cube_linear, empty_f32, grid_1d, read_f32, upload_f32, upload_u32};
+use crate::util::{buf_len, cube_linear, empty_f32, grid_1d, online_softmax_step, read_f32, upload_f32, upload_u32};
 
 /// Rows per tile of pass 1, and units per cube.
 pub const DECODE_TILE: usize = 64;
@@ -396,6 +396,12 @@ pub fn decode_partial_kernel(
             for g in 0..group {
                 s_s[g * tile + u] = dots[g] * scale + w;
             }
+        } else {
+            // Past the list or an id outside the store: masked.
+            #[unroll]
+            for g in 0..group {
+                s_s[g * tile + u] = NEG_BIG;
+            }
         }
         sync_cube();
 
@@ -405,34 +411,7 @@ pub fn decode_partial_kernel(
             n_tile = tile;
         }
         if u < group {
-            let m_old = m_s[u];
-            let mut mx = m_old;
-            for j in 0..n_tile {
-                if row_s[j] < n_rows {
-                    let s = s_s[u * tile + j];
-                    if s > mx {
-                        mx = s;
-                    }
-                }
-            }
-            let l_old = l_s[u];
-            // l_old == 0: nothing seen yet, so nothing to rescale (and no inf arithmetic).
-            let mut f = 0.0f32;
-            if l_old > 0.0 {
-                f = (m_old - mx).exp();
-            }
-            let mut sum = 0.0f32;
-            for j in 0..n_tile {
-                let mut p = 0.0f32;
-                if row_s[j] < n_rows {
-                    p = (s_s[u * tile + j] - mx).exp();
-                }
-                s_s[u * tile + j] = p;
-                sum += p;
-            }
-            m_s[u] = mx;
-            l_s[u] = l_old * f + sum;
-            f_s[u] = f;
+            online_softmax_step(&mut s_s, &mut m_s, &mut l_s, &mut f_s, u, tile, n_tile);
         }
         sync_cube();
 

@@ -16,7 +16,7 @@ use cubecl::server::Handle;
 
 use crate::decode::{Attention, DeviceKv};
 use crate::error::{Result, invalid, to_u32};
-use crate::util::{MAX_CUBES_PER_AXIS, empty_f32, read_f32, upload_f32};
+use crate::util::{MAX_CUBES_PER_AXIS, empty_f32, online_softmax_step, read_f32, upload_f32};
 
 /// Keys per tile.
 pub const PREFILL_KEY_TILE: usize = 32;
@@ -134,32 +134,7 @@ pub fn prefill_kernel(
         sync_cube();
 
         if u < rows {
-            let m_old = m_s[u];
-            let mut mx = m_old;
-            for j in 0..bk {
-                let s = s_s[u * bk + j];
-                if s > mx {
-                    mx = s;
-                }
-            }
-            let l_old = l_s[u];
-            let mut f = 0.0f32;
-            if l_old > 0.0 {
-                f = (m_old - mx).exp();
-            }
-            let mut sum = 0.0f32;
-            for j in 0..bk {
-                let s = s_s[u * bk + j];
-                let mut p = 0.0f32;
-                if s > -1.0e38 {
-                    p = (s - mx).exp();
-                }
-                s_s[u * bk + j] = p;
-                sum += p;
-            }
-            m_s[u] = mx;
-            l_s[u] = l_old * f + sum;
-            f_s[u] = f;
+            online_softmax_step(&mut s_s, &mut m_s, &mut l_s, &mut f_s, u, bk, bk);
         }
         sync_cube();
 

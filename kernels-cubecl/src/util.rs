@@ -1,4 +1,5 @@
-//! Shared pieces: grids larger than one dimension allows, buffer upload and read-back.
+//! Shared pieces: grids larger than one dimension allows, the online-softmax step of the
+//! attention kernels, buffer upload and read-back.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -23,6 +24,54 @@ pub(crate) fn grid_1d(param: &'static str, n: usize) -> Result<CubeCount> {
 #[cube]
 pub(crate) fn cube_linear() -> usize {
     (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
+}
+
+/// A score at or below this is masked (padding, or a key the query may not see): the kernels
+/// write `-3.0e38`, far below any real score and finite, since WGSL forbids infinite literals.
+pub(crate) const MASKED_BELOW: f32 = -1.0e38;
+
+/// One step of an online softmax for row `r` (one query) of a tile of `n` scores at
+/// `s[r · stride..]`: folds them into the row's running max `m[r]` and sum `l[r]`, overwrites
+/// each score with its weight `exp(score − max)` (0 where masked), and leaves in `f[r]` the factor
+/// the row's output so far must be scaled by (0 while the row has seen nothing: no inf
+/// arithmetic). The decode and prefill kernels share it.
+#[cube]
+pub(crate) fn online_softmax_step(
+    s: &mut SharedMemory<f32>,
+    m: &mut SharedMemory<f32>,
+    l: &mut SharedMemory<f32>,
+    f: &mut SharedMemory<f32>,
+    r: usize,
+    stride: usize,
+    n: usize,
+) {
+    let base = r * stride;
+    let m_old = m[r];
+    let mut mx = m_old;
+    for j in 0..n {
+        let x = s[base + j];
+        if x > mx {
+            mx = x;
+        }
+    }
+    let l_old = l[r];
+    let mut scale = 0.0f32;
+    if l_old > 0.0 {
+        scale = (m_old - mx).exp();
+    }
+    let mut sum = 0.0f32;
+    for j in 0..n {
+        let x = s[base + j];
+        let mut p = 0.0f32;
+        if x > MASKED_BELOW {
+            p = (x - mx).exp();
+        }
+        s[base + j] = p;
+        sum += p;
+    }
+    m[r] = mx;
+    l[r] = l_old * scale + sum;
+    f[r] = scale;
 }
 
 /// Uploads `data` (never an empty buffer: WebGPU rejects zero-sized bindings, so an empty slice
