@@ -35,6 +35,46 @@ pub fn attend_group<'s>(
     scale: f32,
     scratch: &'s mut GroupScratch,
 ) -> Result<&'s [f32]> {
+    attend(queries, keys, values, static_part, Part::All, selection, scale, scratch)
+}
+
+/// [`attend_group`] over the selection alone (its ids checked against `static_part`'s dynamic
+/// range), also writing each query head's log-sum-exp into `lse` (`g` entries; `-inf`, and a zero
+/// output, where nothing was picked): the host half of a split decode step, merged exactly with
+/// the static part's, attended elsewhere.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_selection<'s>(
+    queries: &[f32],
+    keys: &dyn RowSource,
+    values: &dyn RowSource,
+    static_part: StaticPart,
+    selection: &Selection,
+    scale: f32,
+    scratch: &'s mut GroupScratch,
+    lse: &mut [f32],
+) -> Result<&'s [f32]> {
+    attend(queries, keys, values, static_part, Part::Selection(lse), selection, scale, scratch)
+}
+
+/// What [`attend`] attends to.
+enum Part<'l> {
+    /// The static part and the selection.
+    All,
+    /// The selection alone, with each query head's log-sum-exp.
+    Selection(&'l mut [f32]),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend<'s>(
+    queries: &[f32],
+    keys: &dyn RowSource,
+    values: &dyn RowSource,
+    static_part: StaticPart,
+    part: Part<'_>,
+    selection: &Selection,
+    scale: f32,
+    scratch: &'s mut GroupScratch,
+) -> Result<&'s [f32]> {
     let d = keys.dim();
     if d == 0 || !queries.len().is_multiple_of(d) {
         return Err(Error::DimensionMismatch {
@@ -54,8 +94,10 @@ pub fn attend_group<'s>(
     }
     scratch.ids.clear();
     scratch.bias.clear();
-    scratch.ids.extend(static_part.static_ids(n));
-    scratch.bias.resize(scratch.ids.len(), 0.0);
+    if matches!(part, Part::All) {
+        scratch.ids.extend(static_part.static_ids(n));
+        scratch.bias.resize(scratch.ids.len(), 0.0);
+    }
     for (i, &id) in selection.ids.iter().enumerate() {
         if !dynamic.contains(&id) {
             return Err(Error::OutOfRange {
@@ -70,15 +112,19 @@ pub fn attend_group<'s>(
     let out = &mut scratch.out;
     out.resize(g * d, 0.0); // sized only: attend_rows zeroes it
     let bias = weighted.then_some(scratch.bias.as_slice());
-    let ids = &scratch.ids;
+    let (ids, scores) = (&scratch.ids, &mut scratch.scores);
+    let lse = match part {
+        Part::All => None,
+        Part::Selection(lse) => Some(lse),
+    };
     let done = match (keys.dtype(), values.dtype()) {
         (KvDtype::F32, KvDtype::F32) => {
             let (k, v) = (gather(ids, keys, as_f32), gather(ids, values, as_f32));
-            needle_kernels_cpu::attend_rows(queries, &k, &v, bias, scale, &mut scratch.scores, out)
+            rows(queries, &k, &v, bias, scale, scores, out, lse)
         }
         (KvDtype::F16, KvDtype::F16) => {
             let (k, v) = (gather(ids, keys, as_f16), gather(ids, values, as_f16));
-            needle_kernels_cpu::attend_rows(queries, &k, &v, bias, scale, &mut scratch.scores, out)
+            rows(queries, &k, &v, bias, scale, scores, out, lse)
         }
         (KvDtype::Q8, KvDtype::Q8) => {
             // The kernels read f32 or f16: the few rows a step attends are widened first.
@@ -89,12 +135,30 @@ pub fn attend_group<'s>(
             }
             let (k, v) = wide.split_at(ids.len() * d);
             let (k, v): (Vec<&[f32]>, Vec<&[f32]>) = (k.chunks_exact(d).collect(), v.chunks_exact(d).collect());
-            needle_kernels_cpu::attend_rows(queries, &k, &v, bias, scale, &mut scratch.scores, out)
+            rows(queries, &k, &v, bias, scale, scores, out, lse)
         }
         (k, v) => return Err(Error::invalid("keys/values", format!("keys stored as {k}, values as {v}"))),
     };
     done.map_err(|e| Error::InvalidParameter { name: "keys/values".into(), reason: format!("decode attention: {e}") })?;
     Ok(out)
+}
+
+/// The kernel over gathered rows, with each query head's log-sum-exp when `lse` is given.
+#[allow(clippy::too_many_arguments)]
+fn rows<T: needle_kernels_cpu::attn::KvElem>(
+    queries: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) -> needle_kernels_cpu::Result<()> {
+    match lse {
+        None => needle_kernels_cpu::attend_rows(queries, keys, values, bias, scale, scores, out),
+        Some(lse) => needle_kernels_cpu::attend_rows_lse(queries, keys, values, bias, scale, scores, out, lse),
+    }
 }
 
 /// The rows `ids` of `rows` as slices of one stored precision.

@@ -141,72 +141,15 @@ impl<M> KvCache<M> {
 }
 
 /// The query group `qg` of one KV head attending to its selected rows alone (weighted by the
-/// selection's log-weights), with each query head's log-sum-exp, by needle-kernels-cpu's
-/// [`attend_rows_lse`](needle_kernels_cpu::attend_rows_lse): the host half of a split step,
+/// selection's log-weights), with each query head's log-sum-exp
+/// ([`attend_selection`](crate::decode::attend_selection)): the host half of a split step,
 /// merged exactly with the static part's elsewhere. `-inf` and zeros where nothing was picked.
 fn attend_selection(qg: &[f32], h: &mut HeadCache, scale: f32) -> Result<(Vec<f32>, Vec<f32>)> {
-    let (d, n) = (h.keys.dim(), h.keys.len());
-    let g = qg.len() / d.max(1);
-    let sel = &h.selection;
-    if let Some(&bad) = sel.ids.iter().find(|&&id| id as usize >= n) {
-        return Err(Error::invalid("selection", format!("row {bad} of {n}")));
-    }
-    if qg.iter().any(|x| !x.is_finite()) {
-        return Err(Error::invalid("q", "decode queries must be finite"));
-    }
-    let weighted = !sel.log_weights.is_empty();
-    if weighted && sel.log_weights.len() != sel.ids.len() {
-        return Err(Error::invalid(
-            "selection",
-            format!("{} log-weights for {} rows", sel.log_weights.len(), sel.ids.len()),
-        ));
-    }
-    let bias = weighted.then_some(sel.log_weights.as_slice());
-    let (mut out, mut lse, mut scores) = (vec![0f32; g * d], vec![0f32; g], Vec::new());
-    let ids = &sel.ids;
-    let (k, v) = (picked(&h.keys, ids), picked(&h.values, ids));
-    let done = match (h.keys.dtype(), h.values.dtype()) {
-        (KvDtype::F32, KvDtype::F32) => {
-            let (k, v) = (typed(&k, as_f32), typed(&v, as_f32));
-            needle_kernels_cpu::attend_rows_lse(qg, &k, &v, bias, scale, &mut scores, &mut out, &mut lse)
-        }
-        (KvDtype::F16, KvDtype::F16) => {
-            let (k, v) = (typed(&k, as_f16), typed(&v, as_f16));
-            needle_kernels_cpu::attend_rows_lse(qg, &k, &v, bias, scale, &mut scores, &mut out, &mut lse)
-        }
-        _ => {
-            // q8 (the kernels read f32 or f16): the few picked rows are widened first.
-            let widen = |rows: &[needle_core::Row<'_>]| -> Vec<f32> {
-                let mut w = Vec::with_capacity(rows.len() * d);
-                rows.iter().for_each(|r| r.extend_into(&mut w));
-                w
-            };
-            let (kw, vw) = (widen(&k), widen(&v));
-            let (k, v): (Vec<&[f32]>, Vec<&[f32]>) = (kw.chunks_exact(d).collect(), vw.chunks_exact(d).collect());
-            needle_kernels_cpu::attend_rows_lse(qg, &k, &v, bias, scale, &mut scores, &mut out, &mut lse)
-        }
-    };
-    done.map_err(|e| Error::kernel("decode attention over the selection", e))?;
-    Ok((out, lse))
-}
-
-/// The rows `ids` of `rows`.
-fn picked<'r>(rows: &'r PagedRows, ids: &[u32]) -> Vec<needle_core::Row<'r>> {
-    ids.iter().map(|&id| rows.row(id as usize)).collect()
-}
-
-/// Rows of one stored precision as slices (a row of another precision is empty and fails the
-/// kernel's length check rather than read wrong data).
-fn typed<'r, T>(rows: &[needle_core::Row<'r>], pick: fn(&needle_core::Row<'r>) -> &'r [T]) -> Vec<&'r [T]> {
-    rows.iter().map(pick).collect()
-}
-
-fn as_f32<'r>(r: &needle_core::Row<'r>) -> &'r [f32] {
-    if let needle_core::Row::F32(s) = r { s } else { &[] }
-}
-
-fn as_f16<'r>(r: &needle_core::Row<'r>) -> &'r [half::f16] {
-    if let needle_core::Row::F16(s) = r { s } else { &[] }
+    let mut lse = vec![0f32; qg.len() / h.keys.dim().max(1)];
+    let sp = h.selector.static_part();
+    let out =
+        crate::decode::attend_selection(qg, &h.keys, &h.values, sp, &h.selection, scale, &mut h.scratch, &mut lse)?;
+    Ok((out.to_vec(), lse))
 }
 
 #[cfg(test)]
