@@ -1,6 +1,7 @@
 //! `needle bench index`: every index backend on the keys and queries of a `needle trace` file
 //! (the benchmark is `needle_eval::bench`; this module parses, runs the peers and prints).
 //! `needle bench model`: prefill and decode speed of a random-weight model of a real shape.
+//! `needle bench decode`: decode speed and its profile from a context saved by `needle prefill`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,6 +31,10 @@ enum BenchCommand {
     /// Prefill and decode tokens/s and memory of a random-weight model of a real shape
     /// (`llama3-8b`, `qwen2.5-7b`, `qwen3-8b`, `smollm2-135m`), built in memory: no download.
     Model(ModelBenchArgs),
+    /// Decode tokens/s and where a step's time goes (weights, attention, walk, insert, other),
+    /// decoding from a context saved by `needle prefill --save`: a change to the selectors is
+    /// measured in seconds, without a prefill.
+    Decode(DecodeBenchArgs),
 }
 
 /// Runs `needle bench`.
@@ -37,6 +42,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.command {
         BenchCommand::Index(a) => index(a),
         BenchCommand::Model(a) => model(a),
+        BenchCommand::Decode(a) => crate::common::on_device!(a.model.device, |B, device| decode::<B>(a, &device)),
     }
 }
 
@@ -344,6 +350,94 @@ fn model(a: ModelBenchArgs) -> Result<()> {
             "decode_seconds": decode_s, "decode_tokens_per_second": decode_tps,
             "weight_bytes": model.weight_bytes(), "kv_bytes": kv_bytes, "selector_bytes": selector_bytes,
             "peak_rss_bytes": rss, "threads": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        });
+        crate::common::write_new(path, &serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+/// Arguments of `needle bench decode`.
+#[derive(Args)]
+pub struct DecodeBenchArgs {
+    #[command(flatten)]
+    pub model: crate::common::ModelArgs,
+    /// A context saved by `needle prefill --save`, made with this `--model`.
+    #[arg(long)]
+    pub context: PathBuf,
+    /// A question fed (as an extension) before decoding; none: decode right after the context.
+    #[arg(long)]
+    pub question: Option<String>,
+    /// Tokens to decode (greedy) per run.
+    #[arg(long, default_value_t = 32)]
+    pub tokens: usize,
+    /// Runs, each from a freshly loaded context; the fastest is reported (interference on a
+    /// shared machine only slows a run down).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Also write the result as JSON (a new file).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Runs `needle bench decode`: load the context, extend the question, decode greedily; best of
+/// `--repeat` runs.
+fn decode<B: needle_model::NeedleBackend>(a: DecodeBenchArgs, device: &B::Device) -> Result<()> {
+    use crate::common::{Loaded, context_question, load_on, model_digest, progress_bar};
+    use needle_model::{DecodeProfile, argmax, context};
+    ensure!(a.tokens > 0, "--tokens must be at least 1");
+    ensure!(a.repeat > 0, "--repeat must be at least 1");
+    if let Some(p) = a.json.as_ref().filter(|p| p.exists()) {
+        anyhow::bail!("--json {}: the file exists (an existing file is never overwritten)", p.display());
+    }
+    let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, a.model.weights, device)?;
+    let digest = model_digest(&a.model.model)?;
+    let pb = progress_bar(a.repeat, "bench decode");
+    let mut best: Option<(f64, DecodeProfile, Vec<u32>)> = None;
+    let mut info = None;
+    for _ in 0..a.repeat {
+        let saved = context::load(&a.context, &model, &digest, a.model.weights.name(), &needle_select::parse)
+            .with_context(|| format!("--context {}", a.context.display()))?;
+        let mut cache = saved.cache;
+        a.model.apply_kv_budget(&mut cache)?;
+        let ids = context_question(&tokenizer, a.question.as_deref(), &saved.info)?;
+        let logits =
+            if ids.is_empty() { saved.last_logits } else { model.extend(&ids, &mut cache, 512, &mut |_, _| {})? };
+        let mut next = argmax(&logits).context("empty logits")?;
+        // Extending may have run one-token decode steps: profile the timed steps only.
+        cache.stats = Default::default();
+        let mut tokens = Vec::with_capacity(a.tokens);
+        let t0 = Instant::now();
+        for _ in 0..a.tokens {
+            tokens.push(next);
+            next = argmax(&model.decode(next, &mut cache)?).context("empty logits")?;
+        }
+        let tps = a.tokens as f64 / t0.elapsed().as_secs_f64();
+        if let Some((prev, _, prev_tokens)) = &best {
+            ensure!(*prev_tokens == tokens, "two runs from the same context decoded different tokens");
+            if *prev >= tps {
+                pb.inc(1);
+                continue;
+            }
+        }
+        info = Some((saved.info, saved.tokens.len() + ids.len()));
+        best = Some((tps, cache.stats.profile(), tokens));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let ((tps, profile, tokens), (info, context_tokens)) = best.zip(info).context("no run")?;
+    eprintln!(
+        "{}: {context_tokens} tokens, selector {}, kv {} | decode {tps:.1} tok/s (best of {}) | {}",
+        a.context.display(),
+        info.selector,
+        info.kv,
+        a.repeat,
+        crate::generate::profile_line(&profile)
+    );
+    if let Some(path) = &a.json {
+        let v = json!({
+            "context": a.context, "context_tokens": context_tokens, "selector": info.selector,
+            "kv": info.kv.to_string(), "decode_tokens": a.tokens, "repeat": a.repeat,
+            "decode_tokens_per_second": tps, "decode_profile": profile, "token_ids": tokens,
         });
         crate::common::write_new(path, &serde_json::to_string_pretty(&v)?)?;
     }

@@ -167,6 +167,7 @@ fn report<M>(a: &GenerateArgs, out: &Generation, cache: &KvCache<M>, context_loa
             "prefill_tokens_per_second": out.prefill_tps(),
             "decode_tokens_per_second": out.decode_tps(),
             "share_of_keys_touched": out.stats.share_touched(),
+            "decode_profile": out.stats.profile(),
             "stats": out.stats,
             "kv_cache_bytes": kv_bytes,
             "kv_host_bytes": host_bytes,
@@ -196,6 +197,9 @@ fn report<M>(a: &GenerateArgs, out: &Generation, cache: &KvCache<M>, context_loa
             mib(sel_bytes as u64),
             peak_rss().map_or("n/a".into(), |b| format!("{:.0} MiB", mib(b))),
         );
+        if out.stats.steps > 0 {
+            eprintln!("[needle] {}", profile_line(&out.stats.profile()));
+        }
         if disk_bytes > 0 {
             eprintln!(
                 "[needle] KV tiers: host {:.0} MiB, disk {:.0} MiB | {faulted_per_step:.1} pages read from disk per step, {} pages spilled",
@@ -206,4 +210,12 @@ fn report<M>(a: &GenerateArgs, out: &Generation, cache: &KvCache<M>, context_loa
         }
     }
     Ok(())
+}
+
+/// A decode step's time split, for the closing report of `generate` and `bench decode`.
+pub(crate) fn profile_line(p: &needle_model::DecodeProfile) -> String {
+    format!(
+        "decode step {:.2} ms = weights {:.2} + attention {:.2} + walk {:.2} + insert {:.2} + other {:.2} (mean of {} steps)",
+        p.step_ms, p.weights_ms, p.attention_ms, p.walk_ms, p.insert_ms, p.other_ms, p.steps
+    )
 }

@@ -100,6 +100,26 @@ fn a_saved_context_answers_questions_and_keeps_its_own_settings() {
     assert!(v["prompt_tokens"].as_u64().unwrap() > 600, "the question and the chat turn's end follow");
     assert!(v["context_load_seconds"].as_f64().unwrap() > 0.0);
     assert_eq!(v["token_ids"].as_array().unwrap().len(), 4);
+    let answer = v["token_ids"].clone();
+    // The decode profile: its parts are measured apart and the rest is "other".
+    let p = &v["decode_profile"];
+    let ms = |k: &str| p[k].as_f64().unwrap();
+    assert!(p["steps"].as_u64().unwrap() >= 3 && ms("step_ms") > 0.0 && ms("weights_ms") > 0.0, "{p}");
+    let parts = ["weights_ms", "attention_ms", "walk_ms", "insert_ms", "other_ms"].map(ms);
+    assert!((parts.iter().sum::<f64>() - ms("step_ms")).abs() < 1e-6 * ms("step_ms").max(1.0), "{p}");
+
+    // `bench decode` decodes the same tokens from the saved context, with its profile.
+    let bench_json = dir.path().join("bench.json");
+    let args = ["bench", "decode", "--context", ctx, "--question", "Who built the ark?", "--tokens", "4"];
+    let o = needle(&[&args[..], &["--repeat", "2", "--json", bench_json.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("decode step") && stderr(&o).contains("walk"), "{}", stderr(&o));
+    let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&bench_json).unwrap()).unwrap();
+    assert_eq!(b["token_ids"], answer, "bench decode and generate --context decode the same tokens");
+    assert_eq!(b["decode_profile"]["steps"].as_u64(), Some(4));
+    assert!(b["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
+    let o = needle(&["bench", "decode", "--context", ctx, "--json", bench_json.to_str().unwrap()]);
+    assert!(!o.status.success(), "an existing --json file is not overwritten");
     let o = needle(&["generate", "--context", ctx, "--kv", "f32", "--max-tokens", "1"]);
     assert!(!o.status.success() && stderr(&o).contains("saved with `f16`"), "{}", stderr(&o));
 

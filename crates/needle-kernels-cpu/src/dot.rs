@@ -4,8 +4,9 @@
 //! Each weight type has a scalar reference and an AVX2+FMA path doing the same integer math
 //! (results differ only by f32 summation order); Q5_0, Q5_1 and IQ4_NL take the Q8_0-style
 //! activations, as in llama.cpp. The 32-element types also have an AVX2 multi-token (gemm)
-//! kernel; AVX-512 adds row dots for Q8_0, Q4_0 and Q4_1 only, AVX-VNNI a multi-token kernel
-//! for Q4_0, Q4_1, Q5_0 and Q5_1 only (the others run their AVX2 code there). On
+//! kernel; AVX-512 adds row dots for Q8_0, Q4_0 and Q4_1 only; VNNI (AVX-VNNI or AVX512-VNNI
+//! on 256-bit registers) row dots and a multi-token kernel for Q4_0, Q4_1, Q5_0 and Q5_1 only
+//! (the others run their AVX2 code there). On
 //! aarch64 the float types, Q8_0, Q4_0 and Q4_1 have NEON paths (and `sdot` ones where the
 //! dotprod extension is present); Q5_0, Q5_1, IQ4_NL and the K-quants (Q4_K, Q5_K, Q6_K) run
 //! their scalar code there.
@@ -42,7 +43,7 @@ pub(crate) fn check_act(ty: QuantType, x: QActRow<'_>) -> Result<()> {
 pub(crate) fn kernel(ty: QuantType, isa: Isa) -> Kernel {
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
-        return x86::kernel(ty, isa.effective() == Isa::Avx512);
+        return x86::kernel(ty, isa.effective());
     }
     #[cfg(target_arch = "aarch64")]
     if isa.has_neon()
@@ -289,16 +290,32 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{BlockQ8, BlockQ8K, IQ4_NL_VALUES, Kernel, QuantType, f16_at, f32s, k_scales, q8, q8k};
+    use super::{BlockQ8, BlockQ8K, IQ4_NL_VALUES, Isa, Kernel, QuantType, f16_at, f32s, k_scales, q8, q8k};
 
-    pub(super) fn kernel(ty: QuantType, avx512: bool) -> Kernel {
-        if avx512 {
-            // SAFETY (every closure here): `avx512` is only true once `Isa::Avx512` was detected
-            // (avx512f, avx512bw and everything `Isa::Avx2` needs).
+    pub(super) fn kernel(ty: QuantType, isa: Isa) -> Kernel {
+        if isa == Isa::Avx512 {
+            // SAFETY (every closure here): `Isa::Avx512` was detected (avx512f, avx512bw and
+            // everything `Isa::Avx2` needs).
             match ty {
                 QuantType::Q8_0 => return |w, x| unsafe { q32_avx512::<0>(w, q8(x)) },
                 QuantType::Q4_0 => return |w, x| unsafe { q32_avx512::<1>(w, q8(x)) },
                 QuantType::Q4_1 => return |w, x| unsafe { q32_avx512::<2>(w, q8(x)) },
+                _ => {}
+            }
+        }
+        if isa == Isa::AvxVnni {
+            // SAFETY (every closure here): `Isa::AvxVnni` was detected, and `vnni_encoding`
+            // names the VNNI extension this machine has, as the called fn requires.
+            let avx512 = vnni_encoding() == Vnni::Avx512;
+            match (ty, avx512) {
+                (QuantType::Q4_0, false) => return |w, x| unsafe { row_vnni::<1>(w, q8(x)) },
+                (QuantType::Q4_1, false) => return |w, x| unsafe { row_vnni::<2>(w, q8(x)) },
+                (QuantType::Q5_0, false) => return |w, x| unsafe { row_vnni::<3>(w, q8(x)) },
+                (QuantType::Q5_1, false) => return |w, x| unsafe { row_vnni::<4>(w, q8(x)) },
+                (QuantType::Q4_0, true) => return |w, x| unsafe { row_vnni512::<1>(w, q8(x)) },
+                (QuantType::Q4_1, true) => return |w, x| unsafe { row_vnni512::<2>(w, q8(x)) },
+                (QuantType::Q5_0, true) => return |w, x| unsafe { row_vnni512::<3>(w, q8(x)) },
+                (QuantType::Q5_1, true) => return |w, x| unsafe { row_vnni512::<4>(w, q8(x)) },
                 _ => {}
             }
         }
@@ -322,15 +339,20 @@ mod x86 {
 
     pub(super) fn kernel4(ty: QuantType, vnni: bool) -> Option<super::Kernel4> {
         if vnni {
-            // SAFETY (every closure here): `vnni` is only true once `Isa::AvxVnni` was detected
-            // (avxvnni and everything `Isa::Avx2` needs).
+            // SAFETY (every closure here): `vnni` is only true once `Isa::AvxVnni` was detected,
+            // and `vnni_encoding` names the VNNI extension this machine has.
             // Q8_0 and IQ4_NL keep the AVX2 code: their sign trick leaves VNNI no instruction to
             // save.
-            match ty {
-                QuantType::Q4_0 => return Some(|w, x| unsafe { multi_vnni::<1>(w, &x.map(q8)) }),
-                QuantType::Q4_1 => return Some(|w, x| unsafe { multi_vnni::<2>(w, &x.map(q8)) }),
-                QuantType::Q5_0 => return Some(|w, x| unsafe { multi_vnni::<3>(w, &x.map(q8)) }),
-                QuantType::Q5_1 => return Some(|w, x| unsafe { multi_vnni::<4>(w, &x.map(q8)) }),
+            let avx512 = vnni_encoding() == Vnni::Avx512;
+            match (ty, avx512) {
+                (QuantType::Q4_0, false) => return Some(|w, x| unsafe { multi_vnni::<1>(w, &x.map(q8)) }),
+                (QuantType::Q4_1, false) => return Some(|w, x| unsafe { multi_vnni::<2>(w, &x.map(q8)) }),
+                (QuantType::Q5_0, false) => return Some(|w, x| unsafe { multi_vnni::<3>(w, &x.map(q8)) }),
+                (QuantType::Q5_1, false) => return Some(|w, x| unsafe { multi_vnni::<4>(w, &x.map(q8)) }),
+                (QuantType::Q4_0, true) => return Some(|w, x| unsafe { multi_vnni512::<1>(w, &x.map(q8)) }),
+                (QuantType::Q4_1, true) => return Some(|w, x| unsafe { multi_vnni512::<2>(w, &x.map(q8)) }),
+                (QuantType::Q5_0, true) => return Some(|w, x| unsafe { multi_vnni512::<3>(w, &x.map(q8)) }),
+                (QuantType::Q5_1, true) => return Some(|w, x| unsafe { multi_vnni512::<4>(w, &x.map(q8)) }),
                 _ => {}
             }
         }
@@ -355,7 +377,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn multi_avx2<const T: u8>(w: &[u8], x: &[&[BlockQ8]; super::TOKENS]) -> [f32; super::TOKENS] {
         // SAFETY: the features the body needs are this fn's.
-        unsafe { multi_body::<T, false>(w, x) }
+        unsafe { multi_body::<T, MADD, { super::TOKENS }>(w, x) }
     }
 
     /// [`multi_avx2`] with each block's integer dot as one AVX-VNNI `vpdpbusd` (same sums: the
@@ -366,16 +388,63 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     unsafe fn multi_vnni<const T: u8>(w: &[u8], x: &[&[BlockQ8]; super::TOKENS]) -> [f32; super::TOKENS] {
         // SAFETY: the features the body needs are this fn's.
-        unsafe { multi_body::<T, true>(w, x) }
+        unsafe { multi_body::<T, AVXVNNI, { super::TOKENS }>(w, x) }
+    }
+
+    /// [`multi_vnni`] with the AVX-512 encoding of `vpdpbusd` on 256-bit registers (AVX512-VNNI +
+    /// VL: the machines with AVX-512 but without AVX-VNNI, such as AMD Zen 4).
+    ///
+    /// # Safety
+    /// Needs avx2, fma, f16c, avx512vnni and avx512vl.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+    unsafe fn multi_vnni512<const T: u8>(w: &[u8], x: &[&[BlockQ8]; super::TOKENS]) -> [f32; super::TOKENS] {
+        // SAFETY: the features the body needs are this fn's.
+        unsafe { multi_body::<T, AVX512VNNI, { super::TOKENS }>(w, x) }
+    }
+
+    /// One weight row of Q4_0, Q4_1, Q5_0 or Q5_1 (`T` as in [`multi_avx2`]) against one token row,
+    /// each block's integer dot one AVX-VNNI `vpdpbusd`: the decode GEMV's kernel.
+    ///
+    /// # Safety
+    /// Needs avx2, fma, f16c and avxvnni.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn row_vnni<const T: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
+        // SAFETY: the features the body needs are this fn's.
+        unsafe { multi_body::<T, AVXVNNI, 1>(w, &[x])[0] }
+    }
+
+    /// [`row_vnni`] with the AVX512-VNNI + VL encoding.
+    ///
+    /// # Safety
+    /// Needs avx2, fma, f16c, avx512vnni and avx512vl.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+    unsafe fn row_vnni512<const T: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
+        // SAFETY: the features the body needs are this fn's.
+        unsafe { multi_body::<T, AVX512VNNI, 1>(w, &[x])[0] }
+    }
+
+    /// How [`multi_body`] does a block's integer dot: `vpmaddubsw` + `vpmaddwd` (AVX2) or one
+    /// `vpdpbusd` in either encoding.
+    const MADD: u8 = 0;
+    const AVXVNNI: u8 = 1;
+    const AVX512VNNI: u8 = 2;
+
+    /// The encoding of `vpdpbusd` this machine has, once [`Isa::AvxVnni`] was detected.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Vnni {
+        Avx,
+        Avx512,
+    }
+
+    fn vnni_encoding() -> Vnni {
+        if std::arch::is_x86_feature_detected!("avxvnni") { Vnni::Avx } else { Vnni::Avx512 }
     }
 
     /// # Safety
-    /// Inlined only into fns enabling avx2, fma and f16c (and avxvnni when `VNNI`).
+    /// Inlined only into fns enabling avx2, fma and f16c, plus avxvnni when `DOT == AVXVNNI` and
+    /// avx512vnni + avx512vl when `DOT == AVX512VNNI`.
     #[inline(always)]
-    unsafe fn multi_body<const T: u8, const VNNI: bool>(
-        w: &[u8],
-        x: &[&[BlockQ8]; super::TOKENS],
-    ) -> [f32; super::TOKENS] {
+    unsafe fn multi_body<const T: u8, const DOT: u8, const N: usize>(w: &[u8], x: &[&[BlockQ8]; N]) -> [f32; N] {
         // SAFETY: the caller enables the target features (see `# Safety`); slices are whole blocks.
         #[allow(unused_unsafe)]
         unsafe {
@@ -386,8 +455,8 @@ mod x86 {
                 3 => 22,
                 _ => 24,
             };
-            let mut acc = [_mm256_setzero_ps(); super::TOKENS];
-            let mut corr = [0f32; super::TOKENS];
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut corr = [0f32; N];
             for (i, b) in w.chunks_exact(bb).enumerate() {
                 // (unsigned weight bytes, sign source for the activations, d, min)
                 let (u, sgn, d, m) = match T {
@@ -419,16 +488,16 @@ mod x86 {
                         (_mm256_sign_epi8(v, v), Some(v), h2f(b, 0), 0.0)
                     }
                 };
-                for k in 0..super::TOKENS {
+                for k in 0..N {
                     let y = &x[k][i];
                     let mut qy = load_i8x32(&y.qs);
                     if let Some(s) = sgn {
                         qy = _mm256_sign_epi8(qy, s);
                     }
-                    let p = if VNNI {
-                        _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, qy))
-                    } else {
-                        _mm256_cvtepi32_ps(dot_u8i8(u, qy))
+                    let p = match DOT {
+                        AVXVNNI => _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, qy)),
+                        AVX512VNNI => _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, qy)),
+                        _ => _mm256_cvtepi32_ps(dot_u8i8(u, qy)),
                     };
                     let dd = d * y.d;
                     acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dd), p, acc[k]);
@@ -440,8 +509,8 @@ mod x86 {
                     }
                 }
             }
-            let mut out = [0f32; super::TOKENS];
-            for k in 0..super::TOKENS {
+            let mut out = [0f32; N];
+            for k in 0..N {
                 out[k] = hsum_ps(acc[k]) + corr[k];
             }
             out

@@ -15,9 +15,11 @@ pub enum Isa {
     /// `*_with` kernels: [`Isa::detect`] does not pick it, as it measured 10–30 % slower than the
     /// AVX2 code on the one AVX-512 machine tried (gemv 1536×576 Q4_1: 88 µs vs 76 µs).
     Avx512,
-    /// [`Isa::Avx2`] plus AVX-VNNI (`vpdpbusd` on 256-bit registers): the multi-token Q4_0 /
-    /// Q4_1 / Q5_0 / Q5_1 GEMM micro-kernel does each block's integer dot in one instruction instead of
-    /// two; everything else runs the AVX2 code. Picked by [`Isa::detect`] where present.
+    /// [`Isa::Avx2`] plus `vpdpbusd` on 256-bit registers, from AVX-VNNI or from AVX512-VNNI with
+    /// AVX512-VL (AMD Zen 4 and Intel's AVX-512 server cores have only the latter): the Q4_0 /
+    /// Q4_1 / Q5_0 / Q5_1 row dots and multi-token GEMM micro-kernel do each block's integer dot
+    /// in one instruction instead of two; everything else runs the AVX2 code. Picked by
+    /// [`Isa::detect`] where present.
     AvxVnni,
     /// aarch64 NEON (Advanced SIMD, part of every aarch64 CPU). The Q8_0 / Q4_0 / Q4_1 dots and
     /// their multi-token GEMM micro-kernel, the F32 / F16 / BF16 row dots, [`crate::attend_rows`]
@@ -98,6 +100,9 @@ fn avx512_available() -> bool {
 #[cfg(target_arch = "x86_64")]
 fn avxvnni_available() -> bool {
     std::arch::is_x86_feature_detected!("avxvnni")
+        || (std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl"))
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -18,6 +18,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use needle_core::GqaLayout;
 use needle_loader::{Checkpoint, HostTensor, LlamaConfig};
+use std::time::{Duration, Instant};
 
 use crate::attention::{AttentionStep, cached_attention};
 use crate::backend::{NeedleBackend, plain};
@@ -406,9 +407,14 @@ impl<B: NeedleBackend> Llama<B> {
         let device = self.device();
         let mut x = self.embed(tokens)?;
         let rope = RopeTables::new(self.fused, &self.rope, pos0..pos0 + t, d, &device);
+        // The linear layers' time, for the decode profile ([`DecodeStats::profile`]).
+        let mut weights = Duration::ZERO;
+        let timed = |weights: &mut Duration, t0: Instant| *weights += t0.elapsed();
         for (l, b) in self.blocks.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &b.attn_norm)?;
+            let t0 = Instant::now();
             let [q, k, v] = forward_many(h, [&b.wq, &b.wk, &b.wv])?;
+            timed(&mut weights, t0);
             let bias = |x: Tensor<B, 2>, b: &Option<Param<Tensor<B, 2>>>| match b {
                 Some(b) => x + b.val(),
                 None => x,
@@ -418,11 +424,20 @@ impl<B: NeedleBackend> Llama<B> {
             let k = rope.apply(self.heads(k, nkv, &b.k_norm)?)?;
             let v = v.reshape([t, nkv, d]);
             let attn = cached_attention(cache, l, step, q, k, v, self.scale())?;
+            let t0 = Instant::now();
             x = x + b.wo.forward(attn)?;
+            timed(&mut weights, t0);
             let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
+            let t0 = Instant::now();
             let [gate, up] = forward_many(h, [&b.w_gate, &b.w_up])?;
+            timed(&mut weights, t0);
             let ff = if self.fused { B::fused_silu_mul(gate, up)? } else { plain::silu_mul(gate, up) };
+            let t0 = Instant::now();
             x = x + b.w_down.forward(ff)?;
+            timed(&mut weights, t0);
+        }
+        if step == AttentionStep::Decode {
+            cache.stats.weights_time += weights;
         }
         self.rms_norm(x, &self.norm)
     }
@@ -529,9 +544,14 @@ impl<B: NeedleBackend> Llama<B> {
         if !cache.is_built() {
             return Err(Error::State("decode before prefill: prefill a prompt first".into()));
         }
+        let t0 = Instant::now();
         let hidden = self.forward(&[token], cache, AttentionStep::Decode)?;
         cache.finish_step();
-        self.logits(hidden, &[0])
+        let t1 = Instant::now();
+        let logits = self.logits(hidden, &[0])?;
+        cache.stats.weights_time += t1.elapsed();
+        cache.stats.step_time += t0.elapsed();
+        Ok(logits)
     }
 
     /// Positions the model was trained for; longer contexts still run (RoPE extrapolates).

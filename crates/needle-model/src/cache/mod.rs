@@ -107,6 +107,32 @@ pub struct DecodeStats {
     /// Key blocks a dense prefill of the same chunks would have attended, summed the same way
     /// (`prefill_blocks / prefill_blocks_dense` is the pattern's density).
     pub prefill_blocks_dense: u64,
+    /// Wall time of whole decode steps, from the token in to the logits out.
+    #[serde(serialize_with = "secs")]
+    pub step_time: Duration,
+    /// Wall time of the decode steps' linear layers (projections, MLP, output head): the
+    /// weights' share of a step. Measured on the host backends, whose ops run as they are called.
+    #[serde(serialize_with = "secs")]
+    pub weights_time: Duration,
+}
+
+/// Where a decode step's time goes, in milliseconds per step ([`DecodeStats::profile`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct DecodeProfile {
+    /// Decode steps averaged over.
+    pub steps: u64,
+    /// A whole step.
+    pub step_ms: f64,
+    /// The linear layers: reading the weights.
+    pub weights_ms: f64,
+    /// Attention over the static part and the selected keys.
+    pub attention_ms: f64,
+    /// The selectors choosing keys (the index walks, for retrieval).
+    pub walk_ms: f64,
+    /// Inserting the keys that leave the window into the selectors.
+    pub insert_ms: f64,
+    /// The rest: norms, RoPE, appending K/V, embedding, logits read-back.
+    pub other_ms: f64,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -114,6 +140,16 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, 
 }
 
 impl DecodeStats {
+    /// The decode steps' time per step, split into weights, attention, walk, insert and other.
+    pub fn profile(&self) -> DecodeProfile {
+        let per = |d: Duration| 1e3 * d.as_secs_f64() / self.steps.max(1) as f64;
+        let step_ms = per(self.step_time);
+        let (weights_ms, attention_ms) = (per(self.weights_time), per(self.attend_time));
+        let (walk_ms, insert_ms) = (per(self.select_time), per(self.insert_time));
+        let other_ms = (step_ms - weights_ms - attention_ms - walk_ms - insert_ms).max(0.0);
+        DecodeProfile { steps: self.steps, step_ms, weights_ms, attention_ms, walk_ms, insert_ms, other_ms }
+    }
+
     /// Share of context keys whose full vectors were read per step, over the dense cost: the
     /// static part, plus the selected keys or the keys the selector scored at full precision,
     /// whichever is more (exact scans score what they then attend).
