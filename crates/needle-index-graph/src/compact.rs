@@ -29,7 +29,7 @@ use rayon::prelude::*;
 use crate::beam::{Beam, Visited, VisitedPool, Work};
 use crate::dist::dot;
 use crate::graph::{FixedGraph, occlusion_prune_by};
-use crate::qdot::{CODE_ALIGN, Level, MAX_DIM, QMAX, dots_with, prefetch};
+use crate::qdot::{CODE_ALIGN, Level, MAX_DIM, QMAX, kernel, prefetch};
 use crate::roar::{RoarGraph, RoarGraphParams, RoarParts, positive};
 use crate::state::{Reader, Writer};
 
@@ -407,7 +407,7 @@ impl CompactGraph {
         mut pool: Option<&mut Vec<(u32, f32)>>,
     ) -> Beam {
         let m = self.params.graph.m;
-        let (level, codes) = (self.level, &self.codes);
+        let (dots_fn, codes) = (kernel(self.level), &self.codes);
         let mut stack = [0i32; STACK_GROUP];
         let mut heap = Vec::new();
         let dots: &mut [i32] = if q.g <= STACK_GROUP {
@@ -417,7 +417,7 @@ impl CompactGraph {
             &mut heap
         };
         let mut score = |id: u32| -> f32 {
-            dots_with(level, codes.row(id), &q.codes, dots);
+            dots_fn(codes.row(id), &q.codes, dots);
             let best = dots.iter().zip(&q.scales).fold(f32::NEG_INFINITY, |b, (&d, &s)| b.max(d as f32 * s));
             best * codes.scales[id as usize]
         };

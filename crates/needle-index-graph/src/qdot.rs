@@ -7,7 +7,7 @@
 //! and widened once per group.
 //!
 //! The level is picked once at run time ([`Level::detect`]); tests force each level through the
-//! `*_with` entry points and compare it with [`Level::Scalar`], the reference.
+//! [`kernel`] of each level and compare it with [`Level::Scalar`], the reference.
 
 /// Code rows are padded to a multiple of this many dimensions (one AVX-512 widening step).
 pub(crate) const CODE_ALIGN: usize = 32;
@@ -65,27 +65,26 @@ impl Level {
     }
 }
 
-/// `out[h] = Σ_d key[d] · queries[h · stride + d]` for each query `h` (`out.len()` of them).
-///
-/// `key.len()` is the stride, a multiple of [`CODE_ALIGN`]; `queries` holds `out.len()` rows of
-/// it. `level` must be [`available`](Level::available) (callers pass [`Level::detect`] or a
-/// level they checked); an unavailable level falls back to scalar.
-#[inline]
-pub(crate) fn dots_with(level: Level, key: &[i8], queries: &[i16], out: &mut [i32]) {
-    debug_assert!(key.len().is_multiple_of(CODE_ALIGN) && queries.len() == key.len() * out.len());
+/// A code kernel: `out[h] = Σ_d key[d] · queries[h · stride + d]` for each query `h`
+/// (`out.len()` of them). `key.len()` is the stride, a multiple of [`CODE_ALIGN`]; `queries`
+/// holds `out.len()` rows of it.
+pub(crate) type DotsFn = fn(&[i8], &[i16], &mut [i32]);
+
+/// The kernel of `level` (scalar when `level` is not available), so a walk resolves the level
+/// once instead of per key.
+pub(crate) fn kernel(level: Level) -> DotsFn {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY (each arm): the level's features were detected (`Level::available`), checked
-        // again here so a caller's wrong level cannot run an unsupported instruction.
+        // SAFETY (each closure): handed out only after `available()` confirmed the features.
         match level {
-            Level::Avx512Vnni if level.available() => return unsafe { x86::dots_vnni(key, queries, out) },
-            Level::Avx512 if level.available() => return unsafe { x86::dots_avx512(key, queries, out) },
-            Level::Avx2 if level.available() => return unsafe { x86::dots_avx2(key, queries, out) },
+            Level::Avx512Vnni if level.available() => return |k, q, o| unsafe { x86::dots_vnni(k, q, o) },
+            Level::Avx512 if level.available() => return |k, q, o| unsafe { x86::dots_avx512(k, q, o) },
+            Level::Avx2 if level.available() => return |k, q, o| unsafe { x86::dots_avx2(k, q, o) },
             _ => {}
         }
     }
     let _ = level;
-    dots_scalar(key, queries, out);
+    dots_scalar
 }
 
 /// The reference: plain integer sums.
@@ -220,7 +219,7 @@ mod tests {
                     .collect();
                 for &level in &levels {
                     let mut got = vec![0i32; g];
-                    dots_with(level, &key, &q, &mut got);
+                    kernel(level)(&key, &q, &mut got);
                     let got: Vec<i64> = got.into_iter().map(i64::from).collect();
                     assert_eq!(got, want, "{level:?}, stride {stride}, {g} queries");
                 }
@@ -231,7 +230,7 @@ mod tests {
             let key = vec![-127i8; MAX_DIM];
             let q = vec![8191i16; MAX_DIM];
             let mut got = [0i32];
-            dots_with(level, &key, &q, &mut got);
+            kernel(level)(&key, &q, &mut got);
             assert_eq!(got[0] as i64, -127 * 8191 * MAX_DIM as i64, "{level:?}");
         }
     }
