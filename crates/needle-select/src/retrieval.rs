@@ -33,7 +33,9 @@ pub const DEFAULT_TAIL: usize = 256;
 /// (with an exact index it *is* the group's top-k) but searches once per head.
 ///
 /// On the real model a group's heads agree enough for `mean-rerank` to give better fidelity with
-/// about half the keys touched, so it is the default; use `combine=rerank` where heads diverge.
+/// about half the keys touched than `rerank`, so it is the default of the full-precision
+/// indexes; the compact walk (`index=qgraph`, the `retrieval` default) defaults to `max`
+/// ([`GroupCombine::for_index`]), which has no ceiling at one walk per group.
 /// The measurements (`examples/gqa_combine.rs` on synthetic groups, `needle eval --fidelity` on
 /// SmolLM2) are in docs/benchmarks.md, "GQA combination".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -70,6 +72,15 @@ impl GroupCombine {
         }
     }
 
+    /// The default for an index value: [`GroupCombine::Max`] for the compact walk (`qgraph`,
+    /// `RoarGraph<m>q8…`), whose one group walk it is made for; [`GroupCombine::MeanRerank`]
+    /// for every other index, as before.
+    pub fn for_index(index: &str) -> Self {
+        let v = index.trim().to_ascii_lowercase();
+        let compact = v == "qgraph" || v.strip_prefix("roargraph").is_some_and(|rest| rest.contains("q8"));
+        if compact { GroupCombine::Max } else { GroupCombine::default() }
+    }
+
     /// Parses a spec name.
     pub fn parse(s: &str) -> Result<Self> {
         Self::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| {
@@ -92,13 +103,14 @@ pub struct RetrievalFactory {
 impl RetrievalFactory {
     /// Retrieval with the index `index` (a name or factory string, see
     /// [`index_factory`](crate::index_factory)); checked here, so a missing feature errors early.
+    /// The combination defaults to [`GroupCombine::for_index`].
     pub fn new(index: &str) -> Result<Self> {
         resolve(index)?;
         Ok(Self {
             frame: Frame::default(),
             index: index.trim().to_string(),
             effort: None,
-            combine: GroupCombine::default(),
+            combine: GroupCombine::for_index(index),
             min_index: DEFAULT_MIN_INDEX,
             tail: DEFAULT_TAIL,
         })
