@@ -17,6 +17,13 @@ use needle_core::synth::{AttentionLike, gaussian};
 use needle_core::{AttentionSelector, Budget, BuildContext, HeadId, Rows, Selection, SelectorFactory, metrics::recall};
 use rayon::prelude::*;
 
+/// One head's keys, training queries and the query group of each step.
+struct Head {
+    keys: Vec<f32>,
+    train: Vec<f32>,
+    groups: Vec<Vec<f32>>,
+}
+
 fn main() -> needle_core::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let heads: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(30);
@@ -25,7 +32,7 @@ fn main() -> needle_core::Result<()> {
     let specs = args.get(4).map_or("retrieval:index=graph;retrieval", String::as_str);
     let (dim, g, k, train_positions) = (64, 3, 100, 4096);
     // One key/query law per head; queries drift by a small step per decode position.
-    let data: Vec<(Vec<f32>, Vec<f32>, Vec<Vec<f32>>)> = (0..heads)
+    let data: Vec<Head> = (0..heads)
         .into_par_iter()
         .map(|h| {
             let law = AttentionLike::new(dim, 1000 + h as u64);
@@ -38,13 +45,13 @@ fn main() -> needle_core::Result<()> {
                 groups.push(q.clone());
                 q.iter_mut().zip(&noise[s * g * dim..(s + 1) * g * dim]).for_each(|(a, b)| *a += b);
             }
-            (keys, train, groups)
+            Head { keys, train, groups }
         })
         .collect();
     // Exact group top-k of every step (`max_h q_h·k`), for recall.
     let truth: Vec<Vec<Vec<u32>>> = data
         .par_iter()
-        .map(|(keys, _, groups)| {
+        .map(|Head { keys, groups, .. }| {
             groups
                 .iter()
                 .map(|q| {
@@ -72,7 +79,7 @@ fn main() -> needle_core::Result<()> {
         let mut sels: Vec<Box<dyn AttentionSelector>> = data
             .par_iter()
             .enumerate()
-            .map(|(h, (keys, train, _))| {
+            .map(|(h, Head { keys, train, .. })| {
                 let head = HeadId { layer: h / 3, kv_head: h % 3 };
                 let mut sel = factory.create(head, dim).unwrap();
                 let rows = Rows::new("keys", keys, dim).unwrap();
@@ -86,12 +93,12 @@ fn main() -> needle_core::Result<()> {
         let mut out = Selection::default();
         for s in 0..steps {
             let t = Instant::now();
-            for (h, sel) in sels.iter_mut().enumerate() {
-                let rows = Rows::new("keys", &data[h].0, dim)?;
-                sel.select(&data[h].2[s], &rows, &Budget::TopK(k), &mut out)?;
+            for ((sel, head), want) in sels.iter_mut().zip(&data).zip(&truth) {
+                let rows = Rows::new("keys", &head.keys, dim)?;
+                sel.select(&head.groups[s], &rows, &Budget::TopK(k), &mut out)?;
                 full += out.stats.full_scored;
                 codes += out.stats.codes_scored;
-                rec += recall(&out.ids, &truth[h][s]);
+                rec += recall(&out.ids, &want[s]);
             }
             sel_s += t.elapsed().as_secs_f64();
         }
