@@ -138,6 +138,28 @@ pub trait VectorIndex: Send + Sync {
     fn insert(&mut self, keys: &[f32]) -> Result<Range<u32>>;
     /// The `k` vectors with the largest inner product for each query row.
     fn search(&self, queries: &[f32], k: usize, params: &SearchParams) -> Result<SearchResult>;
+    /// One search for a group of query rows (the query heads of a GQA group) ranked by the
+    /// group's best inner product, `max_h q_h·x`; one result row of `k`. `seeds` are ids the
+    /// search may start from besides its own entry points (e.g. the previous decode step's hits;
+    /// ids not held are ignored).
+    ///
+    /// The default searches each query for `k` and merges the rows by each id's best score,
+    /// ignoring `seeds`; indexes that can walk once for the whole group override it.
+    fn search_group(&self, queries: &[f32], k: usize, params: &SearchParams, seeds: &[u32]) -> Result<SearchResult> {
+        let _ = seeds;
+        let r = self.search(queries, k, params)?;
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(r.labels.len());
+        for (&l, &s) in r.labels.iter().zip(&r.scores) {
+            if l != NO_LABEL {
+                best.push((l, s));
+            }
+        }
+        best.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
+        best.dedup_by_key(|c| c.0);
+        best.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        best.truncate(k);
+        Ok(SearchResult::from_rows(k, vec![(best, r.stats)]))
+    }
     /// Bytes held by the index, vectors included.
     fn memory_bytes(&self) -> usize;
     /// Appends the index's built state (what `build` and every `insert` since made) to `out`,
@@ -331,6 +353,18 @@ mod tests {
         let mut newer = state.clone();
         newer[8] = 2;
         assert!(matches!(g.load_state(&newer, &keys), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn default_group_search_merges_rows_by_best_score() {
+        let mut f = FlatIndex::new(2);
+        f.build(&[1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.6, 0.6], None).unwrap();
+        // Query 0 ranks 0 then 3; query 1 ranks 1 then 3: the group's best two by max score.
+        let r = f.search_group(&[2.0, 0.0, 0.0, 1.5], 2, &SearchParams::default(), &[9]).unwrap();
+        assert_eq!(r.labels_of(0), &[0, 1]);
+        assert_eq!(r.scores[..2], [2.0, 1.5]);
+        assert_eq!(r.n_queries(), 1);
+        assert_eq!(r.stats.full_scored, 8);
     }
 
     #[test]

@@ -64,6 +64,18 @@ impl Beam {
         Some(pos)
     }
 
+    /// Marks candidate `i` expanded; its id when it was not expanded before.
+    #[inline]
+    pub fn expand(&mut self, i: usize) -> Option<u32> {
+        let c = &mut self.items[i];
+        if c.expanded {
+            None
+        } else {
+            c.expanded = true;
+            Some(c.id)
+        }
+    }
+
     /// The best `k` as `(id, score)`.
     pub fn top(&self, k: usize) -> Vec<(u32, f32)> {
         self.items.iter().take(k).map(|c| (c.id, c.score)).collect()

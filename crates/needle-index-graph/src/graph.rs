@@ -128,6 +128,17 @@ pub(crate) fn occlusion_prune(
     m: usize,
     fill: bool,
 ) -> Vec<u32> {
+    occlusion_prune_by(base, cands, m, fill, |s, c| dot(row(data, dim, s), row(data, dim, c)))
+}
+
+/// [`occlusion_prune`] with any inner product of two ids (`dot(s, c)`), e.g. over codes.
+pub(crate) fn occlusion_prune_by(
+    base: u32,
+    cands: &mut Vec<(u32, f32)>,
+    m: usize,
+    fill: bool,
+    dot: impl Fn(u32, u32) -> f32,
+) -> Vec<u32> {
     cands.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     cands.dedup_by_key(|c| c.0);
     let mut kept: Vec<u32> = Vec::with_capacity(m);
@@ -139,8 +150,7 @@ pub(crate) fn occlusion_prune(
         if c == base {
             continue;
         }
-        let vc = row(data, dim, c);
-        if kept.iter().any(|&s| dot(row(data, dim, s), vc) > s_bc) {
+        if kept.iter().any(|&s| dot(s, c) > s_bc) {
             if fill {
                 dropped.push(c);
             }

@@ -1,41 +1,61 @@
 //! Exact top-n keys for each training query: the bipartite query→key graph of RoarGraph.
 //!
-//! Scores are computed as a tiled matrix product: keys are transposed into panels of
-//! [`LANES`] keys (`panel[d][lane]`), and a block of [`QB`] queries is multiplied against each
-//! panel with `QB` independent `LANES`-wide accumulators, so no horizontal sums are needed and
-//! each key value loaded feeds `QB` multiply-adds. On x86-64 with AVX2+FMA (checked at run
-//! time) the same kernel is compiled with those features; elsewhere it is plain Rust.
+//! Scores are computed as a tiled matrix product: keys are transposed into panels of `lanes`
+//! keys (`panel[d][lane]`), and a block of [`QB`] queries is multiplied against each panel with
+//! `QB` independent `lanes`-wide accumulators, so no horizontal sums are needed and each key
+//! value loaded feeds `QB` multiply-adds. Panels are 16 keys wide where AVX-512 F is present
+//! (one 512-bit register), else 8 (AVX2 + FMA, one 256-bit register); both checked at run time,
+//! with the same kernel as plain Rust elsewhere.
 
 use needle_core::Result;
 use rayon::prelude::*;
 
-/// Keys per panel (one 256-bit register of `f32`).
-const LANES: usize = 8;
 /// Queries multiplied against a panel at once (independent accumulators).
 const QB: usize = 8;
 /// Queries handled by one rayon task (a few blocks, so scores stay in L2).
 const TASK_QUERIES: usize = 32;
 
-/// Keys transposed into panels of [`LANES`] keys, zero-padded to a whole panel.
+/// Keys transposed into panels of `lanes` keys, zero-padded to a whole panel.
 pub(crate) struct Panels {
     dim: usize,
     n: usize,
+    lanes: usize,
     data: Vec<f32>,
 }
 
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 impl Panels {
+    /// Panels as wide as this CPU's widest `f32` register (16 with AVX-512 F, else 8).
     pub fn new(keys: &[f32], dim: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        let lanes = if has_avx512() { 16 } else { 8 };
+        #[cfg(not(target_arch = "x86_64"))]
+        let lanes = 8;
+        Self::with_lanes(keys, dim, lanes)
+    }
+
+    /// Panels of `lanes` keys (8 or 16).
+    pub fn with_lanes(keys: &[f32], dim: usize, lanes: usize) -> Self {
         let n = keys.len() / dim;
-        let n_panels = n.div_ceil(LANES);
-        let mut data = vec![0.0f32; n_panels * dim * LANES];
+        let n_panels = n.div_ceil(lanes);
+        let mut data = vec![0.0f32; n_panels * dim * lanes];
         for (i, k) in keys.chunks_exact(dim).enumerate() {
-            let (p, lane) = (i / LANES, i % LANES);
-            let base = p * dim * LANES;
+            let (p, lane) = (i / lanes, i % lanes);
+            let base = p * dim * lanes;
             for (d, &x) in k.iter().enumerate() {
-                data[base + d * LANES + lane] = x;
+                data[base + d * lanes + lane] = x;
             }
         }
-        Self { dim, n, data }
+        Self { dim, n, lanes, data }
     }
 
     /// Scores of up to [`QB`] queries (`qs`, row-major) against every key: `out[q * stride + key]`.
@@ -43,28 +63,43 @@ impl Panels {
     fn scores(&self, qs: &[f32], out: &mut [f32], stride: usize) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if self.lanes == 16 && has_avx512() {
+                // SAFETY: the CPU supports AVX-512 F (checked just above).
+                unsafe { scores_avx512(self, qs, out, stride) };
+                return;
+            }
+            if self.lanes == 8 && has_avx2() {
                 // SAFETY: the CPU supports AVX2 and FMA (checked just above).
                 unsafe { scores_avx2(self, qs, out, stride) };
                 return;
             }
         }
-        scores_kernel::<false>(self, qs, out, stride);
+        match self.lanes {
+            16 => scores_kernel::<16, false>(self, qs, out, stride),
+            _ => scores_kernel::<8, false>(self, qs, out, stride),
+        }
     }
 
     fn padded(&self) -> usize {
-        self.n.div_ceil(LANES) * LANES
+        self.n.div_ceil(self.lanes) * self.lanes
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn scores_avx2(p: &Panels, qs: &[f32], out: &mut [f32], stride: usize) {
-    scores_kernel::<true>(p, qs, out, stride);
+    scores_kernel::<8, true>(p, qs, out, stride);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn scores_avx512(p: &Panels, qs: &[f32], out: &mut [f32], stride: usize) {
+    scores_kernel::<16, true>(p, qs, out, stride);
 }
 
 #[inline(always)]
-fn scores_kernel<const FMA: bool>(p: &Panels, qs: &[f32], out: &mut [f32], stride: usize) {
+fn scores_kernel<const L: usize, const FMA: bool>(p: &Panels, qs: &[f32], out: &mut [f32], stride: usize) {
+    debug_assert_eq!(p.lanes, L);
     let dim = p.dim;
     let nq = (qs.len() / dim).min(QB);
     // Query values, transposed to `[d][q]` and padded to QB so the inner loop is fixed-size.
@@ -74,18 +109,18 @@ fn scores_kernel<const FMA: bool>(p: &Panels, qs: &[f32], out: &mut [f32], strid
             qt[d * QB + qi] = x;
         }
     }
-    for (pi, panel) in p.data.chunks_exact(dim * LANES).enumerate() {
-        let mut acc = [[0.0f32; LANES]; QB];
-        for (kv, qv) in panel.chunks_exact(LANES).zip(qt.chunks_exact(QB)) {
+    for (pi, panel) in p.data.chunks_exact(dim * L).enumerate() {
+        let mut acc = [[0.0f32; L]; QB];
+        for (kv, qv) in panel.chunks_exact(L).zip(qt.chunks_exact(QB)) {
             for q in 0..QB {
                 let b = qv[q];
-                for l in 0..LANES {
+                for l in 0..L {
                     acc[q][l] = if FMA { kv[l].mul_add(b, acc[q][l]) } else { acc[q][l] + kv[l] * b };
                 }
             }
         }
         for (q, a) in acc.iter().enumerate().take(nq) {
-            out[q * stride + pi * LANES..q * stride + (pi + 1) * LANES].copy_from_slice(a);
+            out[q * stride + pi * L..q * stride + (pi + 1) * L].copy_from_slice(a);
         }
     }
 }
@@ -177,6 +212,28 @@ mod tests {
             let s: Vec<f32> = keys.chunks_exact(2).map(|k| dot(q, k)).collect();
             let want: Vec<u32> = top_k(&s, 2).unwrap().into_iter().map(|x| x.0).collect();
             assert_eq!(&lists[qi * 2..qi * 2 + 2], &want[..]);
+        }
+    }
+
+    #[test]
+    fn both_panel_widths_score_like_dot() {
+        let dim = 13;
+        let keys: Vec<f32> = (0..45 * dim).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.125).collect();
+        let queries: Vec<f32> = (0..11 * dim).map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.5).collect();
+        for lanes in [8, 16] {
+            let p = Panels::with_lanes(&keys, dim, lanes);
+            let stride = p.padded();
+            let mut out = vec![0.0f32; QB * stride];
+            for (bi, block) in queries.chunks(QB * dim).enumerate() {
+                p.scores(block, &mut out, stride);
+                for (qi, q) in block.chunks_exact(dim).enumerate() {
+                    for (ki, k) in keys.chunks_exact(dim).enumerate() {
+                        let want = dot(q, k);
+                        let got = out[qi * stride + ki];
+                        assert!((got - want).abs() < 1e-4, "lanes {lanes}, query {}, key {ki}", bi * QB + qi);
+                    }
+                }
+            }
         }
     }
 

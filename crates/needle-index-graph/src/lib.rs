@@ -6,6 +6,8 @@
 //!   RetrievalAttention (arXiv 2409.10516) uses for decode-time key retrieval. Built from the
 //!   keys *and* a sample of prefill queries, it reaches high recall while scoring a few percent
 //!   of the keys, even though decode queries and keys come from different distributions.
+//! - [`CompactGraph`]: the same graph walked over 8-bit key codes with SIMD, `u16` links and
+//!   no copy of the keys (the caller re-ranks with its own), one walk per GQA group.
 //! - [`Hnsw`]: a plain HNSW over the keys alone, the baseline that measures what
 //!   query-awareness buys.
 //! - [`from_factory`]: builds either (or the exact `Flat` scan) from `"RoarGraph32"`,
@@ -36,23 +38,27 @@
 
 mod beam;
 mod cluster;
+mod compact;
 mod dist;
 mod graph;
 mod hnsw;
 mod knn;
+mod qdot;
 mod reduce;
 mod roar;
 use needle_core::state;
 #[cfg(test)]
 mod tests;
 
+pub use compact::{CompactGraph, CompactGraphParams, DEFAULT_COMPACT_TRAIN, DEFAULT_PATIENCE};
 pub use hnsw::{Hnsw, HnswParams};
+pub use qdot::{Level, MAX_DIM};
 pub use roar::{RoarGraph, RoarGraphParams};
 
 use needle_core::{Error, FlatIndex, Result, VectorIndex};
 
 /// Valid factory strings, for error messages.
-const FACTORY_FORMS: &str = "\"RoarGraph<m>\" (e.g. \"RoarGraph32\"), \"RoarGraph<m>r<dims>[p<percent>][f]\" (a walk over 8-bit codes of <dims> projected dimensions (f: f32), <percent> of the beam re-ranked, e.g. \"RoarGraph32r16p50\"), \"HNSW<m>\" (e.g. \"HNSW16\"), \"Flat\"";
+const FACTORY_FORMS: &str = "\"RoarGraph<m>\" (e.g. \"RoarGraph32\"), \"RoarGraph<m>q8[s<patience>]\" (a walk over 8-bit codes of the keys with no copy of them, e.g. \"RoarGraph32q8\"), \"RoarGraph<m>r<dims>[p<percent>][f]\" (a walk over 8-bit codes of <dims> projected dimensions (f: f32), <percent> of the beam re-ranked, e.g. \"RoarGraph32r16p50\"), \"HNSW<m>\" (e.g. \"HNSW16\"), \"Flat\"";
 
 /// Builds an empty index from a factory string: `"RoarGraph<m>"`, `"RoarGraph<m>r<dims>"` (the
 /// beam walks in `dims` projected dimensions, see `ALGO_PARAMS.md`), `"HNSW<m>"` (`m` = maximum
@@ -76,6 +82,17 @@ pub fn from_factory(dim: usize, spec: &str) -> Result<Box<dyn VectorIndex>> {
         })
     };
     if let Some(rest) = s.strip_prefix("RoarGraph") {
+        if let Some((m, tail)) = rest.split_once("q8") {
+            let patience = match tail.strip_prefix('s') {
+                Some(p) => parse_m(p)?,
+                None if tail.is_empty() => DEFAULT_PATIENCE,
+                None => {
+                    parse_m(tail).and(Err(Error::invalid("spec", format!("`{spec}`: valid forms: {FACTORY_FORMS}"))))?
+                }
+            };
+            let graph = RoarGraphParams { m: parse_m(m)?, ..CompactGraphParams::default().graph };
+            return Ok(Box::new(CompactGraph::with_params(dim, CompactGraphParams { graph, patience })?));
+        }
         // A trailing `f`: the walk reads f32 projections instead of 8-bit codes.
         let (rest, walk_bits) = match rest.strip_suffix('f') {
             Some(r) if r.contains('r') => (r, 32),

@@ -87,7 +87,7 @@ impl Default for RoarGraphParams {
 }
 
 impl RoarGraphParams {
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         positive("m", self.m)?;
         positive("n_q", self.n_q)?;
         positive("pivots", self.pivots)?;
@@ -415,6 +415,29 @@ impl RoarGraph {
     }
 }
 
+/// What a built [`RoarGraph`] hands to the compact index ([`crate::compact`]): everything but
+/// its copy of the keys.
+pub(crate) struct RoarParts {
+    pub graph: FixedGraph,
+    pub entries: Vec<u32>,
+    pub centroids: Vec<f32>,
+    pub cluster_entries: Vec<u32>,
+    pub entry_width: usize,
+}
+
+impl RoarGraph {
+    /// The graph and entry points, dropping the keys.
+    pub(crate) fn into_parts(self) -> RoarParts {
+        RoarParts {
+            graph: self.graph,
+            entries: self.entries,
+            centroids: self.centroids,
+            cluster_entries: self.cluster_entries,
+            entry_width: self.entry_width,
+        }
+    }
+}
+
 /// The keys as the projected walk reads them.
 #[derive(Debug, Clone)]
 enum WalkKeys {
@@ -538,7 +561,7 @@ const ROAR_TAG: &[u8; 8] = b"ndl.roar";
 const ROAR_VERSION: u32 = 1;
 
 impl RoarGraphParams {
-    fn save(&self, w: &mut Writer<'_>) {
+    pub(crate) fn save(&self, w: &mut Writer<'_>) {
         for v in [self.m, self.n_q, self.ef_construction, self.ef_search, self.pivots, self.max_train] {
             w.len(v);
         }
@@ -548,7 +571,7 @@ impl RoarGraphParams {
         }
     }
 
-    fn load(r: &mut Reader<'_>) -> Result<Self> {
+    pub(crate) fn load(r: &mut Reader<'_>) -> Result<Self> {
         let mut f = |name: &str| r.len(name, usize::MAX);
         let (m, n_q, ef_construction, ef_search) = (f("m")?, f("n_q")?, f("ef_construction")?, f("ef_search")?);
         let (pivots, max_train) = (f("pivots")?, f("max_train")?);

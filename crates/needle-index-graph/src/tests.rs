@@ -3,7 +3,9 @@
 
 use needle_core::{Error, FlatIndex, NO_LABEL, SearchParams, SearchResult, VectorIndex};
 
-use crate::{Hnsw, HnswParams, RoarGraph, RoarGraphParams, from_factory};
+use crate::{
+    CompactGraph, CompactGraphParams, Hnsw, HnswParams, Level, MAX_DIM, RoarGraph, RoarGraphParams, from_factory,
+};
 use needle_core::synth::AttentionLike;
 
 const DIM: usize = 64;
@@ -526,4 +528,255 @@ fn load_is_cheaper_than_build_at_8k() {
             state.len() / 1024
         );
     }
+}
+
+// ---- CompactGraph: the coded walk ----
+
+fn compact(params: CompactGraphParams) -> CompactGraph {
+    CompactGraph::with_params(DIM, params).unwrap()
+}
+
+/// Exact top-`k` ids of a group (`max_h q_h·x`) over `keys`.
+fn group_truth(keys: &[f32], group: &[f32], k: usize) -> Vec<u32> {
+    let s: Vec<f32> = keys
+        .chunks_exact(DIM)
+        .map(|x| group.chunks_exact(DIM).map(|q| crate::dist::dot(q, x)).fold(f32::NEG_INFINITY, f32::max))
+        .collect();
+    needle_core::attention::top_k(&s, k).unwrap().into_iter().map(|x| x.0).collect()
+}
+
+#[test]
+fn compact_walk_recalls_like_the_full_walk_reading_codes_only() {
+    let f = fixture(4096, 4096, 40);
+    let mut roar = RoarGraph::new(DIM).unwrap();
+    roar.build(&f.keys, Some(&f.train)).unwrap();
+    let full = roar.search(&f.test, 100, &SearchParams::effort(128)).unwrap();
+    let mut idx = compact(CompactGraphParams { graph: RoarGraphParams::default(), patience: 0 });
+    let b = idx.build(&f.keys, Some(&f.train)).unwrap();
+    assert_eq!((b.vectors, b.train_queries), (4096, 4096));
+    let r = idx.search(&f.test, 100, &SearchParams::effort(128)).unwrap();
+    let (rc, rf) = (recall(&f.truth, &r, 100), recall(&f.truth, &full, 100));
+    // The same graph; only the scores differ (8-bit codes), so recall stays within a little.
+    assert!(rc >= rf - 0.02 && rc >= 0.85, "compact recall@100 {rc}, full walk {rf}");
+    assert_eq!(r.stats.full_scored, 0, "no key is read at full precision");
+    assert!(r.stats.codes_scored > 0);
+    // Both walks score about the same number of keys.
+    let ratio = r.stats.codes_scored as f64 / full.stats.full_scored as f64;
+    assert!((0.7..1.3).contains(&ratio), "scored {} vs {}", r.stats.codes_scored, full.stats.full_scored);
+}
+
+#[test]
+fn compact_walk_recalls_uniform_random_keys() {
+    // No cluster structure: keys and queries i.i.d. Gaussian, queries are keys' distribution.
+    let n = 3000;
+    let keys = needle_core::synth::gaussian(n * DIM, 1.0, 21);
+    let test = needle_core::synth::gaussian(20 * DIM, 1.0, 22);
+    let train = needle_core::synth::gaussian(2000 * DIM, 1.0, 23);
+    let mut flat = FlatIndex::new(DIM);
+    flat.build(&keys, None).unwrap();
+    let truth = flat.search(&test, 10, &SearchParams::default()).unwrap();
+    let mut idx = CompactGraph::new(DIM).unwrap();
+    idx.build(&keys, Some(&train)).unwrap();
+    let r = idx.search(&test, 10, &SearchParams::effort(256)).unwrap();
+    let rc = recall(&truth, &r, 10);
+    assert!(rc >= 0.85, "recall@10 on Gaussian keys {rc}");
+}
+
+#[test]
+fn code_scores_are_close_to_exact_inner_products() {
+    let f = fixture(500, 200, 10);
+    let mut idx = CompactGraph::new(DIM).unwrap();
+    idx.build(&f.keys, Some(&f.train)).unwrap();
+    let r = idx.search(&f.test, 50, &SearchParams::effort(500)).unwrap();
+    for (qi, q) in f.test.chunks_exact(DIM).enumerate() {
+        for j in 0..50 {
+            let (id, s) = (r.labels[qi * 50 + j], r.scores[qi * 50 + j]);
+            let x = &f.keys[id as usize * DIM..(id as usize + 1) * DIM];
+            let exact = crate::dist::dot(q, x);
+            // Per coordinate: half a key step (max|x|/254) times |q_d|, plus the query's rounding.
+            let maxk = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let bound = q.iter().map(|v| v.abs()).sum::<f32>() * maxk / 254.0 * 1.01 + 1e-3;
+            assert!((s - exact).abs() <= bound, "query {qi}, key {id}: {s} vs {exact} (bound {bound})");
+        }
+    }
+}
+
+#[test]
+fn every_kernel_level_walks_identically() {
+    let f = fixture(1500, 800, 12);
+    let mut idx = CompactGraph::new(DIM).unwrap();
+    idx.build(&f.keys, Some(&f.train)).unwrap();
+    let groups = &f.test[..6 * DIM];
+    let mut want = None;
+    for level in Level::all_available() {
+        idx.set_level(level).unwrap();
+        // Integer sums are exact at every level, so the walks are identical, not just close.
+        let got = (
+            idx.search(&f.test, 20, &SearchParams::effort(64)).unwrap(),
+            idx.search_group(groups, 20, &SearchParams::effort(64), &[3, 5]).unwrap(),
+        );
+        match &want {
+            None => want = Some(got),
+            Some(w) => assert_eq!(&got, w, "{level:?}"),
+        }
+    }
+    assert!(Level::all_available().contains(&Level::detect()));
+}
+
+#[test]
+fn one_group_walk_recalls_the_group_top_k() {
+    let data = AttentionLike::new(DIM, 7);
+    let keys = data.keys(4096, 1);
+    let train = data.queries(4096, 2);
+    let groups = data.group_queries(20, 3, 5);
+    let mut idx = CompactGraph::new(DIM).unwrap();
+    idx.build(&keys, Some(&train)).unwrap();
+    let (mut total, mut scored) = (0.0, 0);
+    for g in groups.chunks_exact(3 * DIM) {
+        let r = idx.search_group(g, 100, &SearchParams::effort(128), &[]).unwrap();
+        assert_eq!(r.n_queries(), 1);
+        total += needle_core::metrics::recall(r.labels_of(0), &group_truth(&keys, g, 100));
+        scored += r.stats.codes_scored;
+    }
+    let rc = total / 20.0;
+    assert!(rc >= 0.85, "group recall@100 {rc}");
+    // One walk per group, not one per query: about what one query's walk scores.
+    let single = idx.search(&groups[..DIM], 100, &SearchParams::effort(128)).unwrap().stats.codes_scored;
+    assert!(scored / 20 < 2 * single, "group walk scored {} per group, one query {single}", scored / 20);
+}
+
+#[test]
+fn warm_start_and_early_stop_keep_recall() {
+    // Consecutive decode queries: each a small step from the last, as a real decode's are.
+    let data = AttentionLike::new(DIM, 7);
+    let keys = data.keys(4096, 1);
+    let train = data.queries(4096, 2);
+    let start = data.group_queries(1, 3, 9);
+    let noise = needle_core::synth::gaussian(40 * 3 * DIM, 0.08, 10);
+    let mut steps = vec![start.clone()];
+    for s in 1..40 {
+        let prev = &steps[s - 1];
+        steps.push(prev.iter().zip(&noise[s * 3 * DIM..(s + 1) * 3 * DIM]).map(|(a, b)| a + b).collect());
+    }
+    let run = |patience: usize, warm: bool| -> (f64, u64) {
+        let params = CompactGraphParams { patience, ..Default::default() };
+        let mut idx = compact(params);
+        idx.build(&keys, Some(&train)).unwrap();
+        let (mut total, mut scored, mut seeds) = (0.0, 0, Vec::new());
+        for g in &steps {
+            let r = idx.search_group(g, 100, &SearchParams::effort(128), &seeds).unwrap();
+            total += needle_core::metrics::recall(r.labels_of(0), &group_truth(&keys, g, 100));
+            scored += r.stats.codes_scored;
+            if warm {
+                seeds = r.labels_of(0).to_vec();
+            }
+        }
+        (total / steps.len() as f64, scored)
+    };
+    let (base, base_scored) = run(0, false);
+    let (warm, warm_scored) = run(0, true);
+    let (stop, stop_scored) = run(32, true);
+    assert!(base >= 0.85, "cold recall {base}");
+    // Stated tolerance: warm start may not cost recall; early stop at most 0.02.
+    assert!(warm >= base - 0.005, "warm start recall {warm} vs cold {base}");
+    assert!(stop >= base - 0.02, "early stop recall {stop} vs {base}");
+    assert!(
+        stop_scored < warm_scored.min(base_scored),
+        "early stop scored {stop_scored}, full walks {warm_scored}, {base_scored}"
+    );
+    // Seeds past the index are ignored.
+    let mut idx = CompactGraph::new(DIM).unwrap();
+    idx.build(&keys, Some(&train)).unwrap();
+    let p = SearchParams::effort(64);
+    assert_eq!(
+        idx.search_group(&start, 10, &p, &[]).unwrap().labels,
+        idx.search_group(&start, 10, &p, &[4096, u32::MAX]).unwrap().labels
+    );
+}
+
+#[test]
+fn compact_memory_is_codes_links_and_entries() {
+    let f = fixture(2000, 500, 3);
+    for m in [16, 32] {
+        let params = CompactGraphParams { graph: RoarGraphParams { m, ..Default::default() }, patience: 0 };
+        let mut idx = compact(params);
+        let b = idx.build(&f.keys, Some(&f.train)).unwrap();
+        let entries = idx.entry_points().len();
+        // Codes (64-byte aligned, one spare line), a scale, `m` u16 links per key, entry ids.
+        let want = 2000 * DIM + 64 + 2000 * 4 + 2000 * m * 2 + entries * 4;
+        assert_eq!(b.bytes, want, "m {m}");
+        assert_eq!(idx.memory_bytes(), want);
+        // A search adds its visited stamps (one u32 per key), kept for the next.
+        idx.search(&f.test[..DIM], 5, &SearchParams::default()).unwrap();
+        assert_eq!(idx.memory_bytes(), want + 2000 * 4);
+        let f32_keys = 2000 * DIM * 4;
+        assert!(idx.memory_bytes() < f32_keys, "m {m}: {} bytes vs {f32_keys} of f32 keys", idx.memory_bytes());
+    }
+}
+
+#[test]
+fn compact_inserts_are_found_and_ids_continue() {
+    let data = AttentionLike::new(DIM, 3);
+    let keys = data.keys(1500, 1);
+    let train = data.queries(800, 2);
+    let mut fresh = Vec::new();
+    for i in 0..8 {
+        let mut v = vec![0.0f32; DIM];
+        v[4 + i * 3] = 60.0;
+        v[5 + i * 3] = -30.0;
+        fresh.extend(v);
+    }
+    let mut idx = CompactGraph::new(DIM).unwrap();
+    idx.build(&keys, Some(&train)).unwrap();
+    let ids = idx.insert(&fresh).unwrap();
+    assert_eq!(ids, 1500..1508);
+    for (i, id) in ids.enumerate() {
+        let r = idx.search(&fresh[i * DIM..(i + 1) * DIM], 5, &SearchParams::default()).unwrap();
+        assert_eq!(r.labels_of(0)[0], id, "lost inserted key {id}");
+        assert!(!idx.neighbors(id).is_empty());
+    }
+    // Into an empty index: a build.
+    let mut empty = CompactGraph::new(DIM).unwrap();
+    assert_eq!(empty.insert(&keys[..300 * DIM]).unwrap(), 0..300);
+}
+
+#[test]
+fn compact_state_round_trips() {
+    let f = fixture(1200, 400, 12);
+    let params =
+        CompactGraphParams { graph: RoarGraphParams { clusters: 4, m: 16, ..Default::default() }, patience: 0 };
+    let make = || -> Box<dyn VectorIndex> { Box::new(compact(params)) };
+    let mut built = make();
+    built.build(&f.keys[..1000 * DIM], Some(&f.train)).unwrap();
+    built.insert(&f.keys[1000 * DIM..1100 * DIM]).unwrap();
+    let state = assert_round_trip(built.as_mut(), make().as_mut(), &f.keys, 1100, &f.test);
+    assert_corruption_is_caught(&make, &state, &f.keys[..1100 * DIM]);
+    let e = CompactGraph::new(DIM).unwrap().load_state(&state, &f.keys[..1100 * DIM]).unwrap_err();
+    assert!(e.to_string().contains("params"), "{e}");
+    // A RoarGraph state is another kind, and the other way round.
+    let e = RoarGraph::new(DIM).unwrap().load_state(&state, &f.keys[..1100 * DIM]).unwrap_err();
+    assert!(e.to_string().contains("another kind"), "{e}");
+    let mut roar = RoarGraph::with_m(DIM, 16).unwrap();
+    roar.build(&f.keys[..1000 * DIM], Some(&f.train)).unwrap();
+    let mut rs = Vec::new();
+    roar.save_state(&mut rs).unwrap();
+    let e = make().load_state(&rs, &f.keys[..1000 * DIM]).unwrap_err();
+    assert!(e.to_string().contains("another kind"), "{e}");
+    let mut empty = Vec::new();
+    make().save_state(&mut empty).unwrap();
+    make().load_state(&empty, &[]).unwrap();
+}
+
+#[test]
+fn factory_parses_compact_forms() {
+    let idx = from_factory(DIM, "RoarGraph24q8").unwrap();
+    assert_eq!(idx.describe(), "RoarGraph24q8");
+    let idx = from_factory(DIM, "RoarGraph32q8s12").unwrap();
+    assert_eq!(idx.describe(), "RoarGraph32q8s12");
+    assert_eq!(from_factory(DIM, &idx.describe()).unwrap().describe(), idx.describe());
+    for bad in ["RoarGraphq8", "RoarGraph32q8x", "RoarGraph32q8s", "RoarGraph32q8s1x"] {
+        let e = from_factory(DIM, bad).err().unwrap().to_string();
+        assert!(e.contains(bad) && e.contains("q8"), "{bad}: {e}");
+    }
+    assert!(from_factory(MAX_DIM + 1, "RoarGraph32q8").is_err());
 }

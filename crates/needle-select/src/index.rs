@@ -46,7 +46,7 @@ fn missing(name: &str, feature: &str) -> Error {
 /// Built-in names whose crate is behind a feature of this crate that is off in this build.
 fn not_compiled(name: &str) -> Option<&'static str> {
     let feature = match name {
-        "graph" | "roargraph" | "hnsw" => "graph",
+        "graph" | "qgraph" | "roargraph" | "hnsw" => "graph",
         "ivfpq" | "ivf" | "pq" => "ivfpq",
         "lsh" => "lsh",
         _ => return None,
@@ -77,9 +77,15 @@ fn builtins() {
     let lsh: Option<Factory> = Some(needle_index_lsh::from_factory);
     #[cfg(not(feature = "lsh"))]
     let lsh: Option<Factory> = None;
-    let all: [(&str, &str, &str, Option<Factory>); 8] = [
+    let all: [(&str, &str, &str, Option<Factory>); 9] = [
         ("flat", "exact scan (Flat)", "Flat", Some(flat)),
         ("graph", "RoarGraph, degree 32 (RoarGraph32)", "RoarGraph32", graph),
+        (
+            "qgraph",
+            "RoarGraph walked over 8-bit key codes, no copy of the keys, one walk per GQA group (RoarGraph32q8)",
+            "RoarGraph32q8",
+            graph,
+        ),
         (
             "roargraph",
             "RoarGraph<m>[r<dims>[p<percent>][f]]: query-aware graph, optional projected walk",
@@ -154,6 +160,7 @@ mod tests {
     fn names_and_factory_strings_resolve() {
         for (name, spec, feature) in [
             ("graph", "RoarGraph32", "graph"),
+            ("qgraph", "RoarGraph32q8", "graph"),
             ("hnsw", "HNSW32", "graph"),
             ("roargraph", "RoarGraph32", "graph"),
             ("ivfpq", "IVF256,PQ16", "ivfpq"),

@@ -23,9 +23,9 @@
 //! `mass` (share of attention mass, `k` the cap), `sinks`, `window`, `dense_layers`,
 //! `train_positions` (prefill positions whose queries are kept for the build: 4096 by default,
 //! 0 for `full` and `streaming`, which learn nothing from them). Per selector:
-//! - `retrieval`: `index` (`graph` default, `hnsw`, `ivfpq`, `lsh`, `flat`, a registered name,
+//! - `retrieval`: `index` (`qgraph` default: RoarGraph walked over 8-bit codes; `graph`, `hnsw`, `ivfpq`, `lsh`, `flat`, a registered name,
 //!   or a FAISS-style factory string that starts with one, such as `IVF64,PQ16`: [`index_factory`]), `effort` (the index's `SearchParams::effort`), `combine`
-//!   (`mean-rerank` default, `rerank`, `mean`, `split`: see [`GroupCombine`]), `min_index`, `tail` (decode keys scanned exactly before one batch insert).
+//!   (`max` default for `qgraph`, `mean-rerank` for other indexes, `rerank`, `mean`, `split`: see [`GroupCombine`]), `min_index`, `tail` (decode keys scanned exactly before one batch insert).
 //! - `quest`: `page` (16). `block`: `block` (128), `reps` (4).
 //! - `lsh-sample`: `bits`, `tables`, `min_collisions`, `seed`. `tokenselect`: `threshold` (0.9).
 //! - `policy`: `file` (a [`HeadPolicy`] as JSON). `streaming`: `sinks`, `window` only.
@@ -44,7 +44,7 @@
 //! this crate: resolving a spec string is this crate's job, or the caller's.
 //!
 //! ## Features
-//! - `graph` (default): RoarGraph and HNSW indexes (`retrieval:index=graph|hnsw`).
+//! - `graph` (default): RoarGraph and HNSW indexes (`retrieval:index=qgraph|graph|hnsw`).
 //! - `ivfpq` (default): IVF-PQ (`retrieval:index=ivfpq`).
 //! - `lsh` (default): SimHash LSH (`retrieval:index=lsh`) and the `lsh-sample` selector.
 //!
@@ -98,6 +98,8 @@ pub use retrieval::{DEFAULT_MIN_INDEX, DEFAULT_TAIL, GroupCombine, RetrievalFact
 // The grammar and the parsed form live in needle-core (a model takes a `SelectorSpec` without
 // depending on this crate); re-exported here for plugins, which register through this crate.
 pub use needle_core::spec::{DEFAULT_K, DEFAULT_TRAIN_POSITIONS, SelectorSpec, SpecOptions};
-pub use spec::{AUTO_RETRIEVAL_FROM, SelectorBuilder, parse, register_selector, resolve_auto, selector_names};
+pub use spec::{
+    AUTO_RETRIEVAL_FROM, DEFAULT_INDEX, SelectorBuilder, parse, register_selector, resolve_auto, selector_names,
+};
 pub use streaming::{StreamingFactory, StreamingSelector};
 pub use tokenselect::{CacheCounters, DEFAULT_THRESHOLD, TokenSelectFactory, TokenSelectSelector};

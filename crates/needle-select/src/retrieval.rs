@@ -33,7 +33,9 @@ pub const DEFAULT_TAIL: usize = 256;
 /// (with an exact index it *is* the group's top-k) but searches once per head.
 ///
 /// On the real model a group's heads agree enough for `mean-rerank` to give better fidelity with
-/// about half the keys touched, so it is the default; use `combine=rerank` where heads diverge.
+/// about half the keys touched than `rerank`, so it is the default of the full-precision
+/// indexes; the compact walk (`index=qgraph`, the `retrieval` default) defaults to `max`
+/// ([`GroupCombine::for_index`]), which has no ceiling at one walk per group.
 /// The measurements (`examples/gqa_combine.rs` on synthetic groups, `needle eval --fidelity` on
 /// SmolLM2) are in docs/benchmarks.md, "GQA combination".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,29 +50,42 @@ pub enum GroupCombine {
     /// (the default).
     #[default]
     MeanRerank,
+    /// One search for the whole group ranked by `max_h q_h·k`
+    /// ([`VectorIndex::search_group`], started from the previous step's selection), `1.5·k`
+    /// candidates, re-ranked exactly by `max_h q_h·k`, best `k` kept. No ceiling, one walk.
+    Max,
 }
 
 impl GroupCombine {
     /// Every strategy, for sweeps.
-    pub const ALL: [GroupCombine; 4] =
-        [GroupCombine::Split, GroupCombine::Mean, GroupCombine::Rerank, GroupCombine::MeanRerank];
+    pub const ALL: [GroupCombine; 5] =
+        [GroupCombine::Split, GroupCombine::Mean, GroupCombine::Rerank, GroupCombine::MeanRerank, GroupCombine::Max];
 
-    /// The spec name (`split`, `mean`, `rerank`).
+    /// The spec name (`split`, `mean`, `rerank`, `mean-rerank`, `max`).
     pub fn name(&self) -> &'static str {
         match self {
             GroupCombine::Split => "split",
             GroupCombine::Mean => "mean",
             GroupCombine::Rerank => "rerank",
             GroupCombine::MeanRerank => "mean-rerank",
+            GroupCombine::Max => "max",
         }
+    }
+
+    /// The default for an index value: [`GroupCombine::Max`] for the compact walk (`qgraph`,
+    /// `RoarGraph<m>q8…`), whose one group walk it is made for; [`GroupCombine::MeanRerank`]
+    /// for every other index, as before.
+    pub fn for_index(index: &str) -> Self {
+        let v = index.trim().to_ascii_lowercase();
+        let compact = v == "qgraph" || v.strip_prefix("roargraph").is_some_and(|rest| rest.contains("q8"));
+        if compact { GroupCombine::Max } else { GroupCombine::default() }
     }
 
     /// Parses a spec name.
     pub fn parse(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|c| c.name() == s)
-            .ok_or_else(|| Error::invalid("combine", format!("unknown `{s}`; valid: split, mean, rerank, mean-rerank")))
+        Self::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| {
+            Error::invalid("combine", format!("unknown `{s}`; valid: split, mean, rerank, mean-rerank, max"))
+        })
     }
 }
 
@@ -88,13 +103,14 @@ pub struct RetrievalFactory {
 impl RetrievalFactory {
     /// Retrieval with the index `index` (a name or factory string, see
     /// [`index_factory`](crate::index_factory)); checked here, so a missing feature errors early.
+    /// The combination defaults to [`GroupCombine::for_index`].
     pub fn new(index: &str) -> Result<Self> {
         resolve(index)?;
         Ok(Self {
             frame: Frame::default(),
             index: index.trim().to_string(),
             effort: None,
-            combine: GroupCombine::default(),
+            combine: GroupCombine::for_index(index),
             min_index: DEFAULT_MIN_INDEX,
             tail: DEFAULT_TAIL,
         })
@@ -173,6 +189,9 @@ pub struct RetrievalSelector {
     cands: Vec<(u32, f32)>,
     mean: Vec<f32>,
     rows: Vec<f32>,
+    /// Index ids of the previous selection: where the next `max` search starts (consecutive
+    /// decode queries retrieve overlapping keys).
+    seeds: Vec<u32>,
 }
 
 impl RetrievalSelector {
@@ -193,6 +212,7 @@ impl RetrievalSelector {
             cands: Vec::new(),
             mean: Vec::new(),
             rows: Vec::new(),
+            seeds: Vec::new(),
         })
     }
 
@@ -222,6 +242,7 @@ impl RetrievalSelector {
         let stats = self.index.build(&self.rows, train)?;
         self.positions = self.covered.clone().collect();
         self.built = true;
+        self.seeds.clear();
         self.train = Vec::new();
         self.rows = Vec::new();
         tracing::debug!(layer = self.head.layer, kv_head = self.head.kv_head, keys = stats.vectors, index = %self.index.describe(), "retrieval index built");
@@ -280,6 +301,12 @@ impl RetrievalSelector {
                 self.push_hits(&r.labels, &r.scores)?;
                 stats = r.stats;
             }
+            GroupCombine::Max => {
+                let kk = (k + k / 2).min(self.index.len());
+                let r = self.index.search_group(queries, kk, &self.params, &self.seeds)?;
+                self.push_hits(&r.labels, &r.scores)?;
+                stats = r.stats;
+            }
             GroupCombine::Split | GroupCombine::Rerank => {
                 let kq = if self.cfg.combine == GroupCombine::Split { k.div_ceil(g) } else { k };
                 let r = self.index.search(queries, kq, &self.params)?;
@@ -288,7 +315,9 @@ impl RetrievalSelector {
                 dedup_ids(&mut self.cands);
             }
         }
-        if matches!(self.cfg.combine, GroupCombine::Rerank | GroupCombine::MeanRerank) || exact_scores {
+        if matches!(self.cfg.combine, GroupCombine::Rerank | GroupCombine::MeanRerank | GroupCombine::Max)
+            || exact_scores
+        {
             for c in &mut self.cands {
                 c.1 = group_max(queries, dim, keys.row(c.0 as usize));
             }
@@ -376,6 +405,14 @@ impl AttentionSelector for RetrievalSelector {
             keep_top(&mut self.cands, k);
         }
         out.ids.extend(self.cands.iter().map(|c| c.0));
+        if self.cfg.combine == GroupCombine::Max {
+            // Index id = position - first indexed position (ids follow the covered positions).
+            self.seeds.clear();
+            if let Some(&first) = self.positions.first() {
+                let n = self.positions.len() as u32;
+                self.seeds.extend(self.cands.iter().map(|c| c.0.wrapping_sub(first)).filter(|&i| i < n));
+            }
+        }
         Ok(())
     }
     // Index ids map to the covered positions in order, so `positions` is not written; the
@@ -388,6 +425,10 @@ impl AttentionSelector for RetrievalSelector {
         w.bool(self.built);
         if self.built {
             w.nested(|o| self.index.save_state(o))?;
+        }
+        // Last and only when there are any, so states saved before warm starts still load.
+        if !self.seeds.is_empty() {
+            w.u32s(&self.seeds);
         }
         Ok(())
     }
@@ -417,6 +458,8 @@ impl AttentionSelector for RetrievalSelector {
             let nested = r.nested("index")?;
             index.load_state(nested, &gather(keys, covered.clone()))?;
         }
+        let seeds = if r.remaining() > 0 { r.u32s("seeds", covered.len())? } else { Vec::new() };
+        r.check_below("seeds", &seeds, if built { covered.len() } else { 0 })?;
         r.finish()?;
         self.scale = scale;
         self.positions = if built { covered.clone().collect() } else { Vec::new() };
@@ -424,6 +467,7 @@ impl AttentionSelector for RetrievalSelector {
         self.train = train;
         self.built = built;
         self.index = index;
+        self.seeds = seeds;
         Ok(())
     }
     fn memory_bytes(&self) -> usize {
@@ -519,6 +563,47 @@ mod tests {
         assert!(m > 0.55 && m < r, "RoarGraph recall, mean-rerank: {m} (rerank {r})");
     }
 
+    #[cfg(feature = "graph")]
+    #[test]
+    fn one_coded_walk_per_group_recalls_the_true_top_k() {
+        // `max`: one walk for the group over 8-bit codes, re-ranked exactly; no ceiling, so it
+        // does as well as a search per head (`rerank`) and better than the mean query.
+        let q = recall_of("qgraph", Some(512), GroupCombine::Max);
+        let r = recall_of("graph", Some(512), GroupCombine::Rerank);
+        let m = recall_of("graph", Some(512), GroupCombine::MeanRerank);
+        assert!(q > 0.9 && q > m && q >= r - 0.03, "qgraph max {q}, graph rerank {r}, mean-rerank {m}");
+        // Any index serves `max` through the default group search (per-query searches merged).
+        let flat = recall_of("flat", None, GroupCombine::Max);
+        assert_eq!(flat, 1.0);
+    }
+
+    #[cfg(feature = "graph")]
+    #[test]
+    fn max_starts_from_the_previous_selection() {
+        use crate::testutil::attention_like;
+        let (n, dim) = (3000, 64);
+        let data = attention_like(n, 600, 30, dim, 6);
+        let mut sel = RetrievalSelector::new(factory("qgraph").with_combine(GroupCombine::Max), HEAD, dim).unwrap();
+        let keys = Rows::new("k", &data.keys, dim).unwrap();
+        sel.build(&BuildContext { head: HEAD, keys: &keys, train_queries: &data.train, scale: 0.125 }).unwrap();
+        assert!(sel.seeds.is_empty());
+        let mut out = Selection::default();
+        let g = &data.queries[..3 * dim];
+        sel.select(g, &keys, &Budget::TopK(40), &mut out).unwrap();
+        // The seeds are the selection's dynamic positions as index ids.
+        let first = sel.positions[0];
+        let mut want: Vec<u32> = out.ids.iter().filter(|&&p| sel.covered.contains(&p)).map(|&p| p - first).collect();
+        let mut got = sel.seeds.clone();
+        want.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 40);
+        // The same group again: the walk starts at the answer and finds it again.
+        let mut again = Selection::default();
+        sel.select(g, &keys, &Budget::TopK(40), &mut again).unwrap();
+        assert_eq!(again.ids, out.ids);
+    }
+
     #[cfg(feature = "ivfpq")]
     #[test]
     fn ivfpq_recall_of_the_true_top_k() {
@@ -532,7 +617,9 @@ mod tests {
     /// tail, it is selectable as soon as it leaves the window.
     #[test]
     fn inserted_tokens_become_selectable() {
-        for (index, tail) in ["flat", "graph", "ivfpq", "lsh"].into_iter().flat_map(|i| [(i, 1), (i, DEFAULT_TAIL)]) {
+        for (index, tail) in
+            ["flat", "graph", "qgraph", "ivfpq", "lsh"].into_iter().flat_map(|i| [(i, 1), (i, DEFAULT_TAIL)])
+        {
             if crate::index::resolve(index).is_err() {
                 continue; // not compiled in
             }

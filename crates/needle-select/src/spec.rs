@@ -20,6 +20,11 @@ use crate::tokenselect::TokenSelectFactory;
 /// Keys every selecting spec accepts.
 const COMMON: &[&str] = SpecOptions::COMMON;
 
+/// The index of `retrieval` when the spec names none: RoarGraph walked over 8-bit codes, one
+/// walk per GQA group (`RoarGraph32q8`, combined with `max`). Contexts saved with the former
+/// default name `index=graph` in their spec and keep loading as such.
+pub const DEFAULT_INDEX: &str = "qgraph";
+
 /// Context length from which the spec `auto` means `retrieval`: below it the dynamic part
 /// (beyond 128 sinks + 512 window) is too small for an index to pay, so `auto` means `full`.
 pub const AUTO_RETRIEVAL_FROM: usize = 2048;
@@ -116,7 +121,7 @@ fn builtins() {
         }),
         (
             "retrieval",
-            "RetrievalAttention: sinks + window + top-k from a vector index (index=graph|hnsw|ivfpq|lsh|flat or a factory string)",
+            "RetrievalAttention: sinks + window + top-k from a vector index (index=qgraph|graph|hnsw|ivfpq|lsh|flat or a factory string)",
             |o| {
                 o.only(&with(&["index", "effort", "combine", "min_index", "tail"]))?;
                 let f = o.static_part()?;
@@ -124,8 +129,12 @@ fn builtins() {
                     None => None,
                     Some(_) => Some(o.usize("effort", 0)?).filter(|&e| e > 0),
                 };
-                let combine = o.str("combine").map(GroupCombine::parse).transpose()?.unwrap_or_default();
-                let factory = RetrievalFactory::new(o.str("index").unwrap_or("graph"))?
+                let index = o.str("index").unwrap_or(DEFAULT_INDEX);
+                let combine = match o.str("combine") {
+                    Some(c) => GroupCombine::parse(c)?,
+                    None => GroupCombine::for_index(index),
+                };
+                let factory = RetrievalFactory::new(index)?
                     .with_static(f.sinks, f.window)
                     .with_effort(effort)
                     .with_combine(combine)
@@ -237,6 +246,18 @@ mod tests {
         let s = parse(" Oracle : mass=0.9, k=300 , train_positions=64").unwrap();
         assert_eq!((s.budget, s.train_positions), (Budget::Mass { target: 0.9, max: 300 }, 64));
         assert!(parse("streaming:sinks=4,window=512").unwrap().factory.describe().contains("sinks=4"));
+        if cfg!(feature = "graph") {
+            // The default index is the compact walk with one group walk; other indexes keep
+            // `mean-rerank`, and an explicit `combine` wins.
+            let d = parse("retrieval").unwrap().factory.describe();
+            assert!(d.contains("index=qgraph,combine=max"), "{d}");
+            let d = parse("retrieval:index=RoarGraph24q8").unwrap().factory.describe();
+            assert!(d.contains("combine=max"), "{d}");
+            let d = parse("retrieval:index=graph").unwrap().factory.describe();
+            assert!(d.contains("index=graph,combine=mean-rerank"), "{d}");
+            let d = parse("retrieval:combine=rerank").unwrap().factory.describe();
+            assert!(d.contains("index=qgraph,combine=rerank"), "{d}");
+        }
         if cfg!(feature = "ivfpq") {
             let d = parse("retrieval:index=IVF64,PQ16,k=10").unwrap().factory.describe();
             assert!(d.contains("index=IVF64,PQ16"), "{d}");

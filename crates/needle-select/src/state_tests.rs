@@ -34,6 +34,9 @@ fn specs(policy: &std::path::Path) -> Vec<String> {
         v.push(format!("retrieval:index=RoarGraph16r16p50,k=20,min_index=64,{f}"));
         v.push(format!("retrieval:index=RoarGraph16r4,k=20,min_index=64,{f}"));
         v.push(format!("retrieval:index=hnsw,k=20,min_index=64,combine=rerank,{f}"));
+        // The coded walk, one per group, started from the saved previous selection.
+        v.push(format!("retrieval:index=qgraph,k=20,min_index=64,combine=max,{f}"));
+        v.push(format!("retrieval:index=RoarGraph16q8s8,k=20,min_index=64,combine=max,{f}"));
     }
     if cfg!(feature = "ivfpq") {
         v.push(format!("retrieval:index=ivfpq,k=20,min_index=64,{f}"));
