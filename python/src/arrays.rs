@@ -29,7 +29,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// the numpy buffer itself. A non-contiguous array is an error, not a copy.
 fn rows<'a>(what: &str, a: &'a PyReadonlyArray2<'_, f32>) -> PyResult<(&'a [f32], usize, usize)> {
     let [n, dim] = [a.shape()[0], a.shape()[1]];
-    let data = a.as_slice().map_err(|_| {
+    // `as_slice` also takes a Fortran-ordered array, whose buffer is not row-major.
+    let data = a.as_slice().ok().filter(|_| a.is_c_contiguous()).ok_or_else(|| {
         err(anyhow::anyhow!(
             "{what}: the array is not C-contiguous; pass np.ascontiguousarray({what}) (needle reads arrays in place)"
         ))

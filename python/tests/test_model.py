@@ -17,13 +17,13 @@ SELECTOR = "retrieval:k=32,sinks=16,window=64"
 
 @pytest.fixture(scope="module")
 def document() -> str:
-    # The start of Genesis: about 2,000 tokens of the default document.
-    return needle.default_document()[:9000]
+    # The start of Genesis: about 1,000 tokens of the default document.
+    return needle.default_document()[:4500]
 
 
 @pytest.fixture(scope="module")
 def context(model, document) -> needle.Context:
-    return model.prefill(document, selector=SELECTOR, context_tokens=1200, chat=True)
+    return model.prefill(document, selector=SELECTOR, context_tokens=500, chat=True)
 
 
 def test_generate_gives_the_cli_greedy_tokens(model):
@@ -49,7 +49,7 @@ def test_chat_generation_gives_the_cli_tokens(model):
 
 
 def test_context_asks_save_load_and_the_cli_agree(model, context, tmp_path: Path):
-    assert context.tokens > 1000 and context.selector == SELECTOR
+    assert context.tokens > 500 and context.selector == SELECTOR
     assert context.stats["tokens"] == context.tokens
     first = context.ask(QUESTION, max_tokens=10).token_ids
     # Each question starts from the saved state: asking again gives the same tokens.
@@ -75,9 +75,9 @@ def run_needle_cli_prefill(model, path: Path) -> None:
     from conftest import ROOT, _command
 
     doc = path.with_suffix(".txt")
-    doc.write_text(needle.default_document()[:9000])
+    doc.write_text(needle.default_document()[:4500])
     cmd = _command("NEEDLE_BIN", "needle-cli", []) + [
-        "prefill", "--model", "default", "--prompt-file", str(doc), "--context-tokens", "1200", "--chat",
+        "prefill", "--model", "default", "--prompt-file", str(doc), "--context-tokens", "500", "--chat",
         "--selector", SELECTOR, "--save", str(path),
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -125,7 +125,7 @@ def test_generation_releases_the_gil(model):
     t.start()
     try:
         before = ticks
-        model.generate(PROMPT, max_tokens=24).result()
+        model.generate(PROMPT, max_tokens=8).result()
         during = ticks - before
     finally:
         stop.set()

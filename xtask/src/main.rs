@@ -243,18 +243,18 @@ fn python_tests(root: &Path, tests: &[&str], extra_packages: &[&str]) -> Result<
     let python = python_env(&[&["numpy>=1.21", "pytest>=7"][..], extra_packages].concat())?;
     let target = target_dir(root);
     let debug = target.join("debug");
-    let (module, needle, reference) =
-        (debug.join("lib_needle.so"), debug.join("needle"), debug.join("examples/reference"));
-    if [&module, &needle, &reference].iter().any(|p| !p.is_file()) {
+    let (needle, reference) = (debug.join("needle"), debug.join("examples/reference"));
+    if [&needle, &reference].iter().any(|p| !p.is_file()) || newest_module(&debug).is_none() {
         cargo(&["build", "--locked", "-p", "needle-python", "--lib", "--example", "reference"], root)?;
         cargo(&["build", "--locked", "-p", "needle-cli"], root)?;
     }
+    let module = newest_module(&debug).context("the build made no lib_needle.so")?;
     let site = target.join("python-dev");
     let pkg = site.join("needle");
     std::fs::create_dir_all(&pkg)?;
     for entry in std::fs::read_dir(root.join("python/needle"))? {
         let p = entry?.path();
-        if let Some(name) = p.file_name() {
+        if let (true, Some(name)) = (p.is_file(), p.file_name()) {
             std::fs::copy(&p, pkg.join(name))?;
         }
     }
@@ -271,6 +271,16 @@ fn python_tests(root: &Path, tests: &[&str], extra_packages: &[&str]) -> Result<
             .env("NEEDLE_REFERENCE_BIN", &reference)
             .current_dir(root),
     )
+}
+
+/// The extension module the last build made: `cargo build` copies it to `debug/`, `cargo test`
+/// leaves it in `debug/deps/` (a cdylib's name there has no hash).
+fn newest_module(debug: &Path) -> Option<PathBuf> {
+    [debug.join("lib_needle.so"), debug.join("deps/lib_needle.so")]
+        .into_iter()
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
 }
 
 /// The Ray Serve example on a local Ray cluster its test starts (two replicas).
