@@ -4,7 +4,10 @@
 //!   the kernel crate's aarch64 (NEON) tests under qemu where the cross tools are installed, and
 //!   the downstream example crates, `kernels-cubecl`'s tests and needle-model's CubeCL arm on wgpu
 //!   (lavapipe) in one cargo run (its ops against the CPU references and the default model
-//!   against the CPU path), and the CUDA test bundle (built, not run). `.ci/run` runs exactly this.
+//!   against the CPU path), the CUDA test bundle (built, not run), and the Python package's pytest
+//!   suite on the extension module the workspace build made. `.ci/run` runs exactly this.
+//! - `ray`: the Ray Serve example's test on a local Ray cluster (installs `ray[serve]` into the
+//!   package's virtual environment; minutes, so not part of `ci`).
 //! - `fetch-model`: puts the verified SmolLM2 GGUF and the default document in the cache (see
 //!   `needle-fetch`).
 //! - `test-gpu [--build-only] [--out DIR]`: `kernels-cubecl`'s clippy (wgpu and cuda features),
@@ -17,13 +20,14 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <ci | fetch-model | test-gpu [--build-only] [--out DIR]>";
+const USAGE: &str = "usage: cargo xtask <ci | fetch-model | ray | test-gpu [--build-only] [--out DIR]>";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("fetch-model") => fetch_model().map(|_| ()),
+        Some("ray") => ray(),
         Some("test-gpu") => test_gpu(&args[1..]),
         Some(other) => bail!("unknown task `{other}`\n{USAGE}"),
         None => bail!("{USAGE}"),
@@ -103,6 +107,7 @@ fn ci() -> Result<()> {
     for ex in example_crates(&root) {
         cargo(&["test"], &ex)?;
     }
+    python_tests(&root, &["python/tests"], &[])?;
     eprintln!("\nci: all checks passed");
     Ok(())
 }
@@ -198,4 +203,91 @@ fn test_gpu(args: &[String]) -> Result<()> {
     }
     eprintln!("test-gpu: bundle in {} (run ./run.sh there)", out.display());
     Ok(())
+}
+
+/// The build's target folder (`CARGO_TARGET_DIR`, else `target/` in the workspace).
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    eprintln!("\n==> {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// The virtual environment of the Python tests (`~/.cache/needle/pyenv`, made with `python3 -m
+/// venv` if absent) with `packages` installed; returns its interpreter.
+fn python_env(packages: &[&str]) -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let venv = PathBuf::from(home).join(".cache/needle/pyenv");
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .context("making the Python tests' venv (needs python3 with the venv module)")?;
+    }
+    run_cmd(
+        Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(packages),
+    )?;
+    Ok(python)
+}
+
+/// The Python package's tests on the extension module the workspace build already made
+/// (`lib_needle.so` of the dev profile, features as CI's `cargo test` unified them: nothing is
+/// compiled again), laid out as the package beside its Python files and put on `PYTHONPATH`.
+/// `needle` and the `reference` example are the Rust sides the tests compare with.
+fn python_tests(root: &Path, tests: &[&str], extra_packages: &[&str]) -> Result<()> {
+    let python = python_env(&[&["numpy>=1.21", "pytest>=7"][..], extra_packages].concat())?;
+    let target = target_dir(root);
+    let debug = target.join("debug");
+    let (needle, reference) = (debug.join("needle"), debug.join("examples/reference"));
+    if [&needle, &reference].iter().any(|p| !p.is_file()) || newest_module(&debug).is_none() {
+        cargo(&["build", "--locked", "-p", "needle-python", "--lib", "--example", "reference"], root)?;
+        cargo(&["build", "--locked", "-p", "needle-cli"], root)?;
+    }
+    let module = newest_module(&debug).context("the build made no lib_needle.so")?;
+    let site = target.join("python-dev");
+    let pkg = site.join("needle");
+    std::fs::create_dir_all(&pkg)?;
+    for entry in std::fs::read_dir(root.join("python/needle"))? {
+        let p = entry?.path();
+        if let (true, Some(name)) = (p.is_file(), p.file_name()) {
+            std::fs::copy(&p, pkg.join(name))?;
+        }
+    }
+    // Replaced by rename, not written over: a Python that has the old one loaded keeps it.
+    let staged = pkg.join("_needle.abi3.so.new");
+    std::fs::copy(&module, &staged)?;
+    std::fs::rename(&staged, pkg.join("_needle.abi3.so"))?;
+    run_cmd(
+        Command::new(&python)
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .args(tests)
+            .env("PYTHONPATH", &site)
+            .env("NEEDLE_BIN", &needle)
+            .env("NEEDLE_REFERENCE_BIN", &reference)
+            .current_dir(root),
+    )
+}
+
+/// The extension module the last build made: `cargo build` copies it to `debug/`, `cargo test`
+/// leaves it in `debug/deps/` (a cdylib's name there has no hash).
+fn newest_module(debug: &Path) -> Option<PathBuf> {
+    [debug.join("lib_needle.so"), debug.join("deps/lib_needle.so")]
+        .into_iter()
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+}
+
+/// The Ray Serve example on a local Ray cluster its test starts (two replicas).
+fn ray() -> Result<()> {
+    let root = root();
+    fetch_model()?;
+    cargo(&["build", "--locked", "-p", "needle-python", "--lib", "--example", "reference"], &root)?;
+    cargo(&["build", "--locked", "-p", "needle-cli"], &root)?;
+    python_tests(&root, &["examples/ray-serve"], &["ray[serve]>=2.9"])
 }

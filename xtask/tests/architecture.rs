@@ -1,5 +1,5 @@
 //! docs/architecture.md's crate table against the Cargo manifests: every crate of the project
-//! (workspace members, `kernels-cubecl/` and the downstream crates under `examples/`) has a row,
+//! (workspace members, `kernels-cubecl/`, `python/` and the downstream crates under `examples/`) has a row,
 //! every row names a crate, and the project's crates a row says it depends on (written in
 //! backticks in its last column) are exactly the project's crates its manifest lists under
 //! `[dependencies]`. The doc is the design as built: this keeps it so.
@@ -34,11 +34,12 @@ fn manifest(path: &Path) -> (String, BTreeSet<String>) {
     (name.unwrap_or_else(|| panic!("{}: no [package] name", path.display())), deps)
 }
 
-/// Every crate of the project (`crates/*`, `kernels-cubecl`, `xtask`, `examples/*`) and the
+/// Every crate of the project (`crates/*`, `kernels-cubecl`, `python`, `xtask`, `examples/*`) and the
 /// project's crates it depends on.
 fn manifests() -> BTreeMap<String, BTreeSet<String>> {
     let root = root();
-    let mut paths = vec![root.join("kernels-cubecl/Cargo.toml"), root.join("xtask/Cargo.toml")];
+    let mut paths =
+        vec![root.join("kernels-cubecl/Cargo.toml"), root.join("python/Cargo.toml"), root.join("xtask/Cargo.toml")];
     for dir in ["crates", "examples"] {
         for entry in std::fs::read_dir(root.join(dir)).unwrap() {
             let p = entry.unwrap().path().join("Cargo.toml");

@@ -7,7 +7,9 @@
 
 mod bench;
 mod calibrate;
-mod common;
+/// The commands' shared steps (model loading, prompts and chat templates, caches), public so
+/// that bindings (the Python package) turn text into tokens exactly as the CLI does.
+pub mod common;
 mod eval;
 mod generate;
 mod logits;
