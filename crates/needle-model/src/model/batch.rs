@@ -1,16 +1,18 @@
 //! Batched decode: one step of several sequences in one pass over the weights.
 //!
 //! Each sequence keeps its own [`KvCache`] (pages, selectors, tiers); the step stacks the
-//! sequences' new tokens into one `[n, hidden]` input, so every linear is one quantized GEMM over
-//! `n` rows (the kernel prefill runs, each weight row read once for all of them) instead of `n`
-//! GEMVs, while RoPE takes each row's own position and attention runs row by row through that
-//! row's cache ([`cached_attention`] with [`AttentionStep::Decode`]), exactly as
-//! [`Llama::decode`] does for one sequence.
+//! sequences' new tokens into one `[n, hidden]` input, so every linear is one pass over the
+//! weights for all `n` rows ([`NeedleBackend::qlinear_rows`]: on the CPU each weight row is read
+//! once and met by every row, with the single-token kernel, so each row's bits are those of a
+//! lone decode) instead of `n` GEMVs, while RoPE takes each row's own position and attention
+//! runs row by row through that row's cache ([`cached_attention`] with
+//! [`AttentionStep::Decode`]), exactly as [`Llama::decode`] does for one sequence. A batch gives
+//! every sequence the tokens and logits it gets alone.
 
 use burn::tensor::{Tensor, TensorData};
 use needle_loader::Architecture;
 
-use super::{Llama, RopeTables, forward_many};
+use super::{Linear, Llama, RopeTables};
 use crate::attention::{AttentionStep, cached_attention};
 use crate::backend::{NeedleBackend, plain};
 use crate::cache::KvCache;
@@ -42,8 +44,8 @@ impl<B: NeedleBackend> Llama<B> {
         for c in caches.iter_mut() {
             c.finish_step();
         }
-        let rows: Vec<usize> = (0..tokens.len()).collect();
-        let logits = self.logits(hidden, &rows)?;
+        let [logits] = rows_many(hidden, [&self.lm_head])?;
+        let logits = B::with_host(logits, <[f32]>::to_vec)?;
         Ok(logits.chunks_exact(self.config.vocab_size).map(<[f32]>::to_vec).collect())
     }
 
@@ -66,7 +68,7 @@ impl<B: NeedleBackend> Llama<B> {
         let rope = self.row_rope(&positions, &device);
         for (l, b) in self.blocks.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &b.attn_norm)?;
-            let [q, k, v] = forward_many(h, [&b.wq, &b.wk, &b.wv])?;
+            let [q, k, v] = rows_many(h, [&b.wq, &b.wk, &b.wv])?;
             let bias = |x: Tensor<B, 2>, b: &Option<burn::module::Param<Tensor<B, 2>>>| match b {
                 Some(b) => x + b.val(),
                 None => x,
@@ -80,11 +82,13 @@ impl<B: NeedleBackend> Llama<B> {
                 let row = |t: &Tensor<B, 3>| t.clone().slice([i..i + 1]);
                 outs.push(cached_attention(cache, l, AttentionStep::Decode, row(&q), row(&k), row(&v), self.scale())?);
             }
-            x = x + b.wo.forward(Tensor::cat(outs, 0))?;
+            let [o] = rows_many(Tensor::cat(outs, 0), [&b.wo])?;
+            x = x + o;
             let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
-            let [gate, up] = forward_many(h, [&b.w_gate, &b.w_up])?;
+            let [gate, up] = rows_many(h, [&b.w_gate, &b.w_up])?;
             let ff = if self.fused { B::fused_silu_mul(gate, up)? } else { plain::silu_mul(gate, up) };
-            x = x + b.w_down.forward(ff)?;
+            let [down] = rows_many(ff, [&b.w_down])?;
+            x = x + down;
         }
         self.rms_norm(x, &self.norm)
     }
@@ -112,4 +116,24 @@ impl<B: NeedleBackend> Llama<B> {
             RopeTables::Full(table(cos), table(sin))
         }
     }
+}
+
+/// `x` (one decode row per sequence) through linears sharing it, each row as a lone decode
+/// computes it: [`NeedleBackend::qlinear_rows`] on stored blocks, else row by row.
+fn rows_many<B: NeedleBackend, const N: usize>(x: Tensor<B, 2>, ls: [&Linear<B>; N]) -> Result<[Tensor<B, 2>; N]> {
+    let outs = match ls.iter().map(|l| l.native.0.as_ref()).collect::<Option<Vec<_>>>() {
+        Some(ws) => B::qlinear_rows(x, &ws)?,
+        None => {
+            let n = x.dims()[0];
+            let mut per: Vec<Vec<Tensor<B, 2>>> = vec![Vec::with_capacity(n); N];
+            for i in 0..n {
+                let row = x.clone().slice([i..i + 1]);
+                for (p, l) in per.iter_mut().zip(ls) {
+                    p.push(l.forward(row.clone())?);
+                }
+            }
+            per.into_iter().map(|ys| Tensor::cat(ys, 0)).collect()
+        }
+    };
+    outs.try_into().map_err(|_| Error::State("a batched linear returned the wrong number of outputs".into()))
 }
