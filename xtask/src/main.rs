@@ -94,6 +94,7 @@ fn ci() -> Result<()> {
     cargo(&[&["clippy", "--all-targets"][..], &cpu, &["--", "-D", "warnings"]].concat(), &root)?;
     fetch_model()?;
     cargo(&[&["test"][..], &cpu].concat(), &root)?;
+    serve_clients(&root)?;
     aarch64_tests(&root)?;
     // The CubeCL kernels and the CubeCL arm of needle-model's backend on wgpu over Mesa's
     // software Vulkan (.ci/run installs it), in one cargo run so the cubecl/wgpu stack is built
@@ -109,6 +110,40 @@ fn ci() -> Result<()> {
     }
     python_tests(&root, &["python/tests"], &[])?;
     eprintln!("\nci: all checks passed");
+    Ok(())
+}
+
+/// `needle serve` asked by the official `openai` Python package and curl
+/// (`tests/serve/openai_client.py`, on the `needle` binary `cargo test` just built). Skipped,
+/// saying why, when no Python with `openai` is found (`NEEDLE_SERVE_PYTHON`, else the venv
+/// `~/.cache/needle/serve-venv`, else `python3`) or curl is missing.
+fn serve_clients(root: &Path) -> Result<()> {
+    let venv = needle_fetch::cache_dir().ok().and_then(|m| m.parent().map(|p| p.join("serve-venv/bin/python")));
+    let python = std::env::var_os("NEEDLE_SERVE_PYTHON")
+        .map(PathBuf::from)
+        .or(venv.filter(|p| p.is_file()))
+        .unwrap_or_else(|| "python3".into());
+    let has = |cmd: &mut Command| cmd.output().is_ok_and(|o| o.status.success());
+    if !has(Command::new(&python).args(["-c", "import openai"])) || !has(Command::new("curl").arg("--version")) {
+        eprintln!(
+            "\n==> serve clients: SKIPPED tests/serve/openai_client.py (needs curl and a Python with `openai`: \
+             python3 -m venv ~/.cache/needle/serve-venv && ~/.cache/needle/serve-venv/bin/pip install openai)"
+        );
+        return Ok(());
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let needle = target.join("debug").join("needle");
+    eprintln!("\n==> serve clients: {} tests/serve/openai_client.py", python.display());
+    let status = Command::new(&python)
+        .arg(root.join("tests/serve/openai_client.py"))
+        .arg("--needle")
+        .arg(&needle)
+        .current_dir(root)
+        .status()
+        .context("running tests/serve/openai_client.py")?;
+    if !status.success() {
+        bail!("tests/serve/openai_client.py failed");
+    }
     Ok(())
 }
 

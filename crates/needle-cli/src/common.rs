@@ -259,7 +259,13 @@ pub fn context_question(
     question: Option<&str>,
     info: &needle_model::context::ContextInfo,
 ) -> Result<Vec<u32>> {
-    let text = question.map_or(String::new(), |q| format!("\n\n{q}")) + &info.suffix;
+    question_tokens(tok, question, &info.suffix)
+}
+
+/// The token ids of `question` after a document: a blank line, the question, then `suffix` (the
+/// chat template's text after the user's turn). Empty when there is neither.
+pub fn question_tokens(tok: &needle_loader::Tokenizer, question: Option<&str>, suffix: &str) -> Result<Vec<u32>> {
+    let text = question.map_or(String::new(), |q| format!("\n\n{q}")) + suffix;
     Ok(if text.is_empty() { Vec::new() } else { tok.encode(&text, false)? })
 }
 

@@ -10,12 +10,14 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use needle_model::context;
-use needle_model::{GenerateConfig, Generation, KvCache, SamplingConfig, generate, generate_from};
+use needle_model::{
+    GenerateConfig, Generation, KvCache, SamplingConfig, generate, generate_from, prefill_then_extend,
+};
 use needle_select::{AUTO_RETRIEVAL_FROM, resolve_auto};
 
 use crate::common::{
-    Loaded, ModelArgs, PromptArgs, context_question, load_on, model_digest, new_cache, peak_rss, progress_bar,
-    prompt_tokens,
+    Loaded, ModelArgs, PromptArgs, context_prompt, context_question, load_on, model_digest, new_cache, peak_rss,
+    progress_bar, prompt_tokens, question_tokens,
 };
 
 #[derive(Args)]
@@ -110,7 +112,17 @@ fn run_on<B: NeedleBackend>(mut a: GenerateArgs, device: &B::Device) -> Result<(
         )?;
         return report(&a, &out, &cache, Some(load_s));
     }
-    let prompt = prompt_tokens(&a.prompt, &tokenizer)?;
+    // A question after a document is the context path's computation (prefill the document,
+    // build, extend with the question), so that asking directly and asking a saved context of
+    // the same document give the same tokens.
+    let (prompt, question) = match a.prompt.question.as_deref() {
+        Some(q) => {
+            let (doc, suffix) = context_prompt(&a.prompt, &tokenizer)?;
+            let q = question_tokens(&tokenizer, Some(q), &suffix)?;
+            (doc, q)
+        }
+        None => (prompt_tokens(&a.prompt, &tokenizer)?, Vec::new()),
+    };
     let asked = a.selector.clone();
     a.selector = resolve_auto(&asked, prompt.len());
     if asked != a.selector {
@@ -119,21 +131,26 @@ fn run_on<B: NeedleBackend>(mut a: GenerateArgs, device: &B::Device) -> Result<(
     }
     let mut cache = new_cache(&model, &a.selector, &a.model)?;
     a.model.apply_kv_budget(&mut cache)?;
-    if prompt.len() > model.max_positions() {
-        tracing::warn!(
-            "prompt of {} tokens is past the model's trained length of {}",
-            prompt.len(),
-            model.max_positions()
-        );
+    let total = prompt.len() + question.len();
+    if total > model.max_positions() {
+        tracing::warn!("prompt of {total} tokens is past the model's trained length of {}", model.max_positions());
     }
     let pb = progress_bar(prompt.len(), "prefill");
     let mut on_text = stream_text(a.json);
-    let out = generate(&model, &tokenizer, &prompt, &mut cache, &gen_cfg, &mut on_text, &mut |done, _| {
+    let mut progress = |done: usize, _: usize| {
         pb.set_position(done as u64);
         if done == prompt.len() {
             pb.finish_and_clear();
         }
-    })?;
+    };
+    let out = if question.is_empty() {
+        generate(&model, &tokenizer, &prompt, &mut cache, &gen_cfg, &mut on_text, &mut progress)?
+    } else {
+        let t = Instant::now();
+        let logits = prefill_then_extend(&model, &prompt, &question, &mut cache, a.chunk, &mut progress)?;
+        let prefill_s = t.elapsed().as_secs_f64();
+        generate_from(&model, &tokenizer, logits, total, prefill_s, &mut cache, &gen_cfg, &mut on_text)?
+    };
     report(&a, &out, &cache, None)
 }
 

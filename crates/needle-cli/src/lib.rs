@@ -14,6 +14,7 @@ mod eval;
 mod generate;
 mod logits;
 mod prefill;
+mod serve;
 mod trace;
 
 use anyhow::Result;
@@ -40,6 +41,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Rank heads by attention outside sinks + window and write a per-head selector policy.
     Calibrate(calibrate::CalibrateArgs),
+    /// An OpenAI-compatible server that prefills a long document once for every question.
+    Serve(serve::ServeArgs),
     /// Benchmarks (`needle bench index`, ...).
     Bench(bench::BenchArgs),
     /// Fetch the default model and document into the cache (as `cargo xtask fetch-model`).
@@ -71,6 +74,7 @@ where
         Command::Trace(a) => trace::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Calibrate(a) => calibrate::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Bench(a) => bench::run(a),
         Command::FetchModel => {
             let p = needle_fetch::ensure_default_model()?;

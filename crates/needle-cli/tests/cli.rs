@@ -51,7 +51,7 @@ fn short_prompts_default_to_full_attention() {
 
 #[test]
 fn help_names_the_default_model() {
-    for cmd in ["generate", "logits", "eval", "calibrate", "trace"] {
+    for cmd in ["generate", "logits", "eval", "calibrate", "trace", "serve"] {
         let o = needle(&[cmd, "--help"]);
         let text = String::from_utf8_lossy(&o.stdout);
         assert!(o.status.success(), "{cmd}: {}", stderr(&o));
@@ -143,4 +143,29 @@ fn a_saved_context_answers_questions_and_keeps_its_own_settings() {
     assert!(!o.status.success() && stderr(&o).contains("--ruler"), "{}", stderr(&o));
     let o = needle(&["eval", "--context", ctx]);
     assert!(!o.status.success() && stderr(&o).contains("only --fidelity"), "{}", stderr(&o));
+}
+
+/// A question asked directly of a document is the same computation as the same question asked of
+/// its saved context (prefill the document, build, extend with the question): the same greedy
+/// tokens, with a chat template and without.
+#[test]
+fn asking_directly_and_asking_a_saved_context_give_the_same_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    for chat in [false, true] {
+        let ctx = dir.path().join(format!("doc-{chat}.needle"));
+        let ctx = ctx.to_str().unwrap();
+        let chat_flag: &[&str] = if chat { &["--chat"] } else { &[] };
+        let doc = ["--document", "default", "--context-tokens", "2200", "--selector", "retrieval"];
+        let o = needle(&[&["prefill", "--save", ctx][..], &doc, chat_flag].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        let ask = ["--question", "Who built the ark?", "--max-tokens", "12", "--json"];
+        let direct = needle(&[&["generate"][..], &doc, chat_flag, &ask].concat());
+        let saved = needle(&[&["generate", "--context", ctx][..], &ask].concat());
+        let ids = |o: &Output| {
+            assert!(o.status.success(), "{}", stderr(o));
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            (v["token_ids"].clone(), v["prompt_tokens"].clone())
+        };
+        assert_eq!(ids(&direct), ids(&saved), "chat {chat}: direct and saved-context answers differ");
+    }
 }

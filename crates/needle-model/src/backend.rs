@@ -97,6 +97,24 @@ pub trait NeedleBackend: Backend {
     /// Calls `f` with the values of `t` (row-major f32) on the host: in place when the backend
     /// holds them there contiguously, else read back.
     fn with_host<const D: usize, R>(t: Tensor<Self, D>, f: impl FnOnce(&[f32]) -> R) -> Result<R>;
+
+    /// `x` (`[n, cols]`: one decode row per sequence of a batch) through the weights `ws`, each
+    /// row computed exactly as [`qlinear`](Self::qlinear) (one weight) or
+    /// [`qlinear_many`](Self::qlinear_many) computes a lone decode row, so that a batch gives every
+    /// sequence the bits it gets alone ([`Llama::decode_batch`](crate::Llama::decode_batch)).
+    /// The default runs the rows one by one; the CPU backend reads each weight once for all rows.
+    fn qlinear_rows(x: Tensor<Self, 2>, ws: &[&LinearWeight<Self::DeviceWeight>]) -> Result<Vec<Tensor<Self, 2>>> {
+        let n = x.dims()[0];
+        let mut per: Vec<Vec<Tensor<Self, 2>>> = vec![Vec::with_capacity(n); ws.len()];
+        for i in 0..n {
+            let row = x.clone().slice([i..i + 1]);
+            let ys = if let [w] = ws { vec![Self::qlinear(row, w)?] } else { Self::qlinear_many(row, ws)? };
+            for (p, y) in per.iter_mut().zip(ys) {
+                p.push(y);
+            }
+        }
+        Ok(per.into_iter().map(|ys| Tensor::cat(ys, 0)).collect())
+    }
 }
 
 impl NeedleBackend for Flex {
@@ -114,6 +132,11 @@ impl NeedleBackend for Flex {
     fn qlinear_many(x: Tensor<Flex, 2>, ws: &[&LinearWeight]) -> Result<Vec<Tensor<Flex, 2>>> {
         let ws: Vec<&QWeight> = ws.iter().map(|w| w.weight()).collect();
         flex::qlinear_many(x, &ws)
+    }
+
+    fn qlinear_rows(x: Tensor<Flex, 2>, ws: &[&LinearWeight]) -> Result<Vec<Tensor<Flex, 2>>> {
+        let ws: Vec<&QWeight> = ws.iter().map(|w| w.weight()).collect();
+        flex::qlinear_rows(x, &ws)
     }
 
     fn fused_rms_norm(x: Tensor<Flex, 2>, w: &Tensor<Flex, 2>, eps: f32) -> Result<Tensor<Flex, 2>> {
@@ -359,6 +382,14 @@ pub mod flex {
         let [t, _] = x.dims();
         ws.iter().try_for_each(|w| w.check_input(x.dims()))?;
         let ys = read_host(&x, |xs| QWeight::forward_many(ws, xs, t))??;
+        Ok(ys.into_iter().zip(ws).map(|(y, w)| from_vec(y, [t, w.rows()])).collect())
+    }
+
+    /// [`NeedleBackend::qlinear_rows`] with [`QWeight::forward_rows`].
+    pub fn qlinear_rows(x: Tensor<Flex, 2>, ws: &[&QWeight]) -> Result<Vec<Tensor<Flex, 2>>> {
+        let [t, _] = x.dims();
+        ws.iter().try_for_each(|w| w.check_input(x.dims()))?;
+        let ys = read_host(&x, |xs| QWeight::forward_rows(ws, xs, t))??;
         Ok(ys.into_iter().zip(ws).map(|(y, w)| from_vec(y, [t, w.rows()])).collect())
     }
 

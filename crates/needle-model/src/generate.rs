@@ -90,6 +90,28 @@ pub fn generate<B: NeedleBackend>(
     generate_from(model, tokenizer, logits, prompt.len(), t0.elapsed().as_secs_f64(), cache, cfg, on_text)
 }
 
+/// Prefills `document` (building the selectors), then extends the cache with `question` when it
+/// is not empty, and returns the next-token logits: the one computation of a question asked of a
+/// document, whether the document is prefilled now or its context was saved and loaded
+/// ([`crate::context`], then [`Llama::extend`]); both give the same tokens and logits.
+pub fn prefill_then_extend<B: NeedleBackend>(
+    model: &Llama<B>,
+    document: &[u32],
+    question: &[u32],
+    cache: &mut KvCache<B::KvMirror>,
+    chunk: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<f32>> {
+    if document.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    let logits = model.prefill(document, cache, chunk, &[document.len() - 1], progress)?;
+    if question.is_empty() {
+        return Ok(logits);
+    }
+    model.extend(question, cache, chunk, &mut |_, _| {})
+}
+
 /// Generates from a prefilled `cache` whose next-token logits are `logits` (a loaded context,
 /// say); `prompt_tokens` and `prefill_secs` are what the report shows for the prompt.
 #[allow(clippy::too_many_arguments)]

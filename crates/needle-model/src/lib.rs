@@ -67,7 +67,7 @@ pub use attention::{AttentionStep, cached_attention};
 pub use backend::NeedleBackend;
 pub use cache::{DecodeMode, DecodeProfile, DecodeStats, DynamicPart, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
 pub use error::{Error, Result};
-pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_from};
+pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_from, prefill_then_extend};
 pub use model::Llama;
 /// A parsed selector spec (from `needle_select::parse` or built by hand), what [`compose`] takes.
 pub use needle_core::SelectorSpec;

@@ -600,3 +600,6 @@ impl<B: NeedleBackend> RopeTables<B> {
         }
     }
 }
+
+// Batched decode (several sequences, one pass over the weights) lives beside the model.
+mod batch;

@@ -217,3 +217,34 @@ fn contexts_for_another_model_or_damaged_files_are_named_errors() {
     assert!(e.contains("`full` is not known here"), "{e}");
     assert_eq!(asked.into_inner(), ["full"]);
 }
+
+/// A question asked directly of a document (`prefill_then_extend`: prefill the document, build,
+/// extend with the question) is the saved-context path's computation: the same logits after the
+/// question and the same greedy tokens, bit for bit.
+#[test]
+fn a_question_asked_directly_is_the_saved_context_path_bit_for_bit() {
+    let r = common::native();
+    let digest = r.ck.digest().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = text_tokens(600);
+    let question = r.tok.encode("\n\nQuestion: what passes stone 14? Answer:", false).unwrap();
+    let spec = "retrieval:sinks=16,window=64,k=32";
+    let mut direct = new_cache(spec, KvDtype::F32);
+    let want = needle_model::prefill_then_extend(&r.model, &doc, &question, &mut direct, 256, &mut |_, _| {}).unwrap();
+    let mut cache = new_cache(spec, KvDtype::F32);
+    let logits = r.model.prefill(&doc, &mut cache, 256, &[doc.len() - 1], &mut |_, _| {}).unwrap();
+    let path = dir.path().join("doc.needle");
+    let info = ContextInfo::new(&r.model, &digest, "native", spec, &cache);
+    context::save(&path, false, &info, &doc, &logits, &cache, &mut |_, _| {}).unwrap();
+    let mut saved = context::load(&path, &r.model, &digest, "native", &needle_select::parse).unwrap();
+    let got = r.model.extend(&question, &mut saved.cache, 256, &mut |_, _| {}).unwrap();
+    assert_eq!(got, want, "logits after the question");
+    let (mut a, mut b) = (want, got);
+    for step in 0..6 {
+        let (ta, tb) = (argmax(&a).unwrap(), argmax(&b).unwrap());
+        assert_eq!(ta, tb, "greedy token {step}");
+        a = r.model.decode(ta, &mut direct).unwrap();
+        b = r.model.decode(tb, &mut saved.cache).unwrap();
+        assert_eq!(a, b, "logits of step {step}");
+    }
+}

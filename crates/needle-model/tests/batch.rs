@@ -1,0 +1,91 @@
+//! Batched decode (`Llama::decode_batch`: one pass over the weights for the sequences' rows,
+//! attention per sequence through its own cache) gives each sequence the greedy tokens and the
+//! logits it gets alone, bit for bit, with
+//! sequences of different lengths and selectors joining and leaving between steps.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use needle_model::{KvCache, argmax};
+
+fn prompt(seed: usize, n: usize) -> Vec<u32> {
+    let text: String = (0..n).map(|i| format!("Entry {seed}.{i}: the lamp of house {} is lit. ", i * 13 % 97)).collect();
+    common::native().tok.encode(&text, false).unwrap()[..n].to_vec()
+}
+
+/// Prefills `p` into a fresh cache for `spec` and returns it with its first greedy token.
+fn start(spec: &str, p: &[u32]) -> (KvCache, u32) {
+    let m = &common::native().model;
+    let mut cache = common::cache_for(m, spec);
+    let logits = m.prefill(p, &mut cache, 128, &[p.len() - 1], &mut |_, _| {}).unwrap();
+    (cache, argmax(&logits).unwrap())
+}
+
+/// `steps` greedy tokens of one sequence alone, with the logits of each step.
+fn alone(spec: &str, p: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let m = &common::native().model;
+    let (mut cache, mut next) = start(spec, p);
+    let (mut ids, mut rows) = (vec![next], Vec::new());
+    for _ in 1..steps {
+        let logits = m.decode(next, &mut cache).unwrap();
+        next = argmax(&logits).unwrap();
+        ids.push(next);
+        rows.push(logits);
+    }
+    (ids, rows)
+}
+
+#[test]
+fn batched_greedy_tokens_are_each_sequences_own() {
+    let m = &common::native().model;
+    // (selector, prompt, step at which it joins, tokens it generates)
+    let seqs = [
+        ("full", prompt(1, 300), 0, 10),
+        ("retrieval:sinks=16,window=32,k=32", prompt(2, 700), 0, 14),
+        ("quest:sinks=16,window=32,k=64", prompt(3, 500), 3, 8),
+        ("full", prompt(4, 41), 5, 6),
+    ];
+    let want: Vec<_> = seqs.iter().map(|(s, p, _, n)| alone(s, p, *n)).collect();
+    let mut live: Vec<(usize, KvCache, Vec<u32>, Vec<Vec<f32>>)> = Vec::new();
+    let mut done = vec![None; seqs.len()];
+    for step in 0.. {
+        for (i, (spec, p, join, _)) in seqs.iter().enumerate() {
+            if *join == step {
+                let (cache, first) = start(spec, p);
+                live.push((i, cache, vec![first], Vec::new()));
+            }
+        }
+        live.retain_mut(|(i, _, ids, rows)| {
+            if ids.len() < seqs[*i].3 {
+                return true;
+            }
+            done[*i] = Some((std::mem::take(ids), std::mem::take(rows)));
+            false
+        });
+        if live.is_empty() && step > 5 {
+            break;
+        }
+        let tokens: Vec<u32> = live.iter().map(|s| *s.2.last().unwrap()).collect();
+        let mut caches: Vec<&mut KvCache> = live.iter_mut().map(|s| &mut s.1).collect();
+        let logits = m.decode_batch(&tokens, &mut caches).unwrap();
+        for (s, l) in live.iter_mut().zip(logits) {
+            s.2.push(argmax(&l).unwrap());
+            s.3.push(l);
+        }
+    }
+    for (i, (w, got)) in want.iter().zip(done).enumerate() {
+        let (ids, rows) = got.unwrap();
+        assert_eq!(ids, w.0, "sequence {i} ({}): batched greedy tokens", seqs[i].0);
+        assert_eq!(rows, w.1, "sequence {i}: batched logits are the lone decode's, bit for bit");
+    }
+}
+
+#[test]
+fn a_batch_of_mismatched_lengths_or_unbuilt_caches_is_an_error() {
+    let m = &common::native().model;
+    let (mut a, t) = start("full", &prompt(5, 20));
+    let mut b = common::cache_for(m, "full");
+    assert!(m.decode_batch(&[t], &mut [&mut a, &mut b]).is_err());
+    assert!(m.decode_batch(&[t, t], &mut [&mut a, &mut b]).is_err(), "b was never prefilled");
+    assert_eq!(a.len(), 20, "nothing was appended to a");
+}
