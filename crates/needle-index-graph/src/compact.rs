@@ -280,14 +280,17 @@ const STACK_GROUP: usize = 16;
 /// ```
 /// use needle_core::{SearchParams, VectorIndex};
 /// use needle_index_graph::CompactGraph;
-/// let keys: Vec<f32> = (0..300).flat_map(|i| [(i as f32).cos(), (i as f32).sin(), 0.5]).collect();
-/// let queries: Vec<f32> = (0..60).flat_map(|i| [(i as f32 * 0.3).cos(), 1.0, 0.0]).collect();
-/// let mut index = CompactGraph::new(3)?;
+/// let dim = 64;
+/// let vector = |i: usize, f: f32| -> Vec<f32> { (0..dim).map(|d| ((i * dim + d) as f32 * f).sin()).collect() };
+/// let keys: Vec<f32> = (0..300).flat_map(|i| vector(i, 0.37)).collect();
+/// let queries: Vec<f32> = (0..60).flat_map(|i| vector(i, 0.11)).collect();
+/// let mut index = CompactGraph::new(dim)?;
 /// index.build(&keys, Some(&queries))?;
 /// // One walk for a group of two queries, ranked by each key's better score.
-/// let hits = index.search_group(&[0.0, 1.0, 0.0, 1.0, 0.0, 0.0], 5, &SearchParams::default(), &[])?;
+/// let group = [vector(7, 0.5), vector(8, 0.5)].concat();
+/// let hits = index.search_group(&group, 5, &SearchParams::default(), &[])?;
 /// assert_eq!(hits.labels_of(0).len(), 5);
-/// assert!(index.memory_bytes() < 300 * 3 * 4, "less than the keys in f32");
+/// assert!(index.memory_bytes() < keys.len() * 4, "less than the keys in f32");
 /// # Ok::<(), needle_core::Error>(())
 /// ```
 #[derive(Debug, Clone)]
