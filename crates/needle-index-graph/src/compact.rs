@@ -106,10 +106,17 @@ impl Links {
         if n < U16_KEYS { Links::U16(Vec::with_capacity(n * m)) } else { Links::U32(Vec::with_capacity(n * m)) }
     }
 
-    fn push_row(&mut self, m: usize) {
+    /// Appends `rows` empty rows, growing the allocation by exactly that.
+    fn push_rows(&mut self, rows: usize, m: usize) {
         match self {
-            Links::U16(v) => v.resize(v.len() + m, u16::NONE),
-            Links::U32(v) => v.resize(v.len() + m, u32::NONE),
+            Links::U16(v) => {
+                v.reserve_exact(rows * m);
+                v.resize(v.len() + rows * m, u16::NONE)
+            }
+            Links::U32(v) => {
+                v.reserve_exact(rows * m);
+                v.resize(v.len() + rows * m, u32::NONE)
+            }
         }
     }
 
@@ -209,8 +216,9 @@ impl Codes {
         let add = rows.len() / dim;
         let need = self.off + (self.n + add) * self.stride;
         if need > self.buf.len() {
-            // Grow to exactly what a build needs, by half again for inserts; re-align the copy.
-            let rows_cap = if self.n == 0 { add } else { (self.n + add).max(self.n + self.n / 2) };
+            // Exactly the rows needed: inserts come in batches (the selector's tail), so a copy
+            // per batch is cheap and the memory stays what `bytes` promises.
+            let rows_cap = self.n + add;
             let mut buf = vec![0i8; rows_cap * self.stride + 64];
             let off = buf.as_ptr().align_offset(64).min(64);
             let used = self.n * self.stride;
@@ -280,14 +288,17 @@ const STACK_GROUP: usize = 16;
 /// ```
 /// use needle_core::{SearchParams, VectorIndex};
 /// use needle_index_graph::CompactGraph;
-/// let keys: Vec<f32> = (0..300).flat_map(|i| [(i as f32).cos(), (i as f32).sin(), 0.5]).collect();
-/// let queries: Vec<f32> = (0..60).flat_map(|i| [(i as f32 * 0.3).cos(), 1.0, 0.0]).collect();
-/// let mut index = CompactGraph::new(3)?;
+/// let dim = 64;
+/// let vector = |i: usize, f: f32| -> Vec<f32> { (0..dim).map(|d| ((i * dim + d) as f32 * f).sin()).collect() };
+/// let keys: Vec<f32> = (0..300).flat_map(|i| vector(i, 0.37)).collect();
+/// let queries: Vec<f32> = (0..60).flat_map(|i| vector(i, 0.11)).collect();
+/// let mut index = CompactGraph::new(dim)?;
 /// index.build(&keys, Some(&queries))?;
 /// // One walk for a group of two queries, ranked by each key's better score.
-/// let hits = index.search_group(&[0.0, 1.0, 0.0, 1.0, 0.0, 0.0], 5, &SearchParams::default(), &[])?;
+/// let group = [vector(7, 0.5), vector(8, 0.5)].concat();
+/// let hits = index.search_group(&group, 5, &SearchParams::default(), &[])?;
 /// assert_eq!(hits.labels_of(0).len(), 5);
-/// assert!(index.memory_bytes() < 300 * 3 * 4, "less than the keys in f32");
+/// assert!(index.memory_bytes() < keys.len() * 4, "less than the keys in f32");
 /// # Ok::<(), needle_core::Error>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -530,8 +541,8 @@ impl CompactGraph {
         self.codes = Codes::new(self.dim);
         self.codes.push(keys, self.dim);
         let mut links = Links::with_capacity(n, m);
+        links.push_rows(n, m);
         for i in 0..n as u32 {
-            links.push_row(m);
             links.set(i, parts.graph.get(i), m);
         }
         self.links = links;
@@ -645,12 +656,13 @@ impl VectorIndex for CompactGraph {
             self.build(keys, None)?;
             return Ok(0..n_new as u32);
         }
-        let m = self.params.graph.m;
-        for x in keys.chunks_exact(self.dim) {
-            self.codes.push(x, self.dim);
-            self.links.widen_for(self.codes.n);
-            self.links.push_row(m);
-            self.link_new((self.codes.n - 1) as u32);
+        // Codes and empty rows for the whole batch first (one allocation each); a key not yet
+        // linked has no in-links, so the walks linking the earlier ones never reach it.
+        self.codes.push(keys, self.dim);
+        self.links.widen_for(self.codes.n);
+        self.links.push_rows(n_new, self.params.graph.m);
+        for id in start..start + n_new {
+            self.link_new(id as u32);
         }
         Ok(start as u32..(start + n_new) as u32)
     }
@@ -719,5 +731,32 @@ impl VectorIndex for CompactGraph {
         r.finish()?;
         self.adopt(RoarParts { graph, entries, centroids, cluster_entries, entry_width }, keys);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_widen_to_u32_keeping_every_row() {
+        let m = 3;
+        let mut l = Links::with_capacity(4, m);
+        l.push_rows(4, m);
+        l.set(0, &[1, 2], m);
+        l.set(2, &[0, 1, 3], m);
+        assert!(l.try_push(0, 3, m) && !l.try_push(0, 3, m) && !l.try_push(2, 0, m));
+        let rows: Vec<Vec<u32>> = (0..4).map(|i| l.row(i, m)).collect();
+        assert_eq!(rows, [vec![1, 2, 3], vec![], vec![0, 1, 3], vec![]]);
+        assert_eq!((l.width(), l.bytes()), (2, 4 * m * 2));
+        l.widen_for(U16_KEYS - 1);
+        assert_eq!(l.width(), 2, "still addressable with u16");
+        l.widen_for(U16_KEYS);
+        assert_eq!(l.width(), 4);
+        assert_eq!((0..4).map(|i| l.row(i, m)).collect::<Vec<_>>(), rows);
+        // Ids past u16 are stored whole.
+        l.push_rows(1, m);
+        l.set(4, &[70_000, 1], m);
+        assert_eq!(l.row(4, m), [70_000, 1]);
     }
 }

@@ -709,7 +709,11 @@ fn compact_memory_is_codes_links_and_entries() {
         // A search adds its visited stamps (one u32 per key), kept for the next.
         idx.search(&f.test[..DIM], 5, &SearchParams::default()).unwrap();
         assert_eq!(idx.memory_bytes(), want + 2000 * 4);
-        let f32_keys = 2000 * DIM * 4;
+        // Inserts grow codes, scales and links by exactly the new keys.
+        let more = &f.keys[..100 * DIM];
+        idx.insert(more).unwrap();
+        assert_eq!(idx.memory_bytes(), want + 2100 * 4 + 100 * (DIM + 4 + m * 2), "m {m} after insert");
+        let f32_keys = 2100 * DIM * 4;
         assert!(idx.memory_bytes() < f32_keys, "m {m}: {} bytes vs {f32_keys} of f32 keys", idx.memory_bytes());
     }
 }

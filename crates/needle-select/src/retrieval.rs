@@ -604,6 +604,38 @@ mod tests {
         assert_eq!(again.ids, out.ids);
     }
 
+    /// States written before warm starts (no seeds after the index) still load; the seeds a
+    /// `max` selection leaves travel with the state.
+    #[cfg(feature = "graph")]
+    #[test]
+    fn states_without_seeds_load_and_seeds_round_trip() {
+        let data = uniform(400, 6, 16, 4);
+        let f = factory("qgraph");
+        let keys = Rows::new("k", &data.keys, 16).unwrap();
+        let mut sel = RetrievalSelector::new(f.clone(), HEAD, 16).unwrap();
+        sel.build(&BuildContext { head: HEAD, keys: &keys, train_queries: &data.train, scale: 0.25 }).unwrap();
+        let mut old = Vec::new();
+        sel.save_state(&mut old).unwrap();
+        let mut out = Selection::default();
+        sel.select(&data.queries[..3 * 16], &keys, &Budget::TopK(10), &mut out).unwrap();
+        assert_eq!(sel.seeds.len(), 10);
+        let mut new = Vec::new();
+        sel.save_state(&mut new).unwrap();
+        // The new state is the old layout plus the seeds, and each loads as written.
+        assert_eq!(new.len(), old.len() + 8 + 10 * 4);
+        assert_eq!(&new[..old.len()], &old[..]);
+        let mut fresh = RetrievalSelector::new(f.clone(), HEAD, 16).unwrap();
+        fresh.load_state(&old, &keys).unwrap();
+        assert!(fresh.seeds.is_empty());
+        fresh.load_state(&new, &keys).unwrap();
+        assert_eq!(fresh.seeds, sel.seeds);
+        // Seeds past the index are corrupt, not ignored.
+        let mut bad = new.clone();
+        let at = bad.len() - 4;
+        bad[at..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(fresh.load_state(&bad, &keys), Err(Error::Corrupt { .. })));
+    }
+
     #[cfg(feature = "ivfpq")]
     #[test]
     fn ivfpq_recall_of_the_true_top_k() {
