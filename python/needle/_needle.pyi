@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -145,7 +146,7 @@ class Context:
     def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
         """Writes the context file atomically; an existing file only with overwrite=True."""
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
     @property
     def tokens(self) -> int: ...
     @property
