@@ -9,7 +9,8 @@ mod common;
 use needle_model::{KvCache, argmax};
 
 fn prompt(seed: usize, n: usize) -> Vec<u32> {
-    let text: String = (0..n).map(|i| format!("Entry {seed}.{i}: the lamp of house {} is lit. ", i * 13 % 97)).collect();
+    let text: String =
+        (0..n).map(|i| format!("Entry {seed}.{i}: the lamp of house {} is lit. ", i * 13 % 97)).collect();
     common::native().tok.encode(&text, false).unwrap()[..n].to_vec()
 }
 
