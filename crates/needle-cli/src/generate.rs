@@ -10,9 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use needle_model::context;
-use needle_model::{
-    GenerateConfig, Generation, KvCache, SamplingConfig, generate, generate_from, prefill_then_extend,
-};
+use needle_model::{GenerateConfig, Generation, KvCache, SamplingConfig, generate, generate_from, prefill_then_extend};
 use needle_select::{AUTO_RETRIEVAL_FROM, resolve_auto};
 
 use crate::common::{

@@ -115,10 +115,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     rt.block_on(async move {
         let server = Server::start(cfg, SocketAddr::new(a.host, a.port)).await.context("starting the server")?;
         eprintln!("[needle] serving on http://{} (ctrl-c stops)", server.addr());
-        server
-            .run_until(stop_signal())
-            .await
-            .context("serving")?;
+        server.run_until(stop_signal()).await.context("serving")?;
         eprintln!("[needle] stopped");
         Ok(())
     })

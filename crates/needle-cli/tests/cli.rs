@@ -155,7 +155,7 @@ fn asking_directly_and_asking_a_saved_context_give_the_same_tokens() {
         let ctx = dir.path().join(format!("doc-{chat}.needle"));
         let ctx = ctx.to_str().unwrap();
         let chat_flag: &[&str] = if chat { &["--chat"] } else { &[] };
-        let doc = ["--document", "default", "--context-tokens", "2200", "--selector", "retrieval"];
+        let doc = ["--document", "default", "--context-tokens", "1000", "--selector", "retrieval"];
         let o = needle(&[&["prefill", "--save", ctx][..], &doc, chat_flag].concat());
         assert!(o.status.success(), "{}", stderr(&o));
         let ask = ["--question", "Who built the ark?", "--max-tokens", "12", "--json"];

@@ -107,7 +107,7 @@ pub trait NeedleBackend: Backend {
         let n = x.dims()[0];
         let mut per: Vec<Vec<Tensor<Self, 2>>> = vec![Vec::with_capacity(n); ws.len()];
         for i in 0..n {
-            let row = x.clone().slice([i..i + 1]);
+            let row = x.clone().narrow(0, i, 1);
             let ys = if let [w] = ws { vec![Self::qlinear(row, w)?] } else { Self::qlinear_many(row, ws)? };
             for (p, y) in per.iter_mut().zip(ys) {
                 p.push(y);

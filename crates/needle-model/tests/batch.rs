@@ -9,7 +9,8 @@ mod common;
 use needle_model::{KvCache, argmax};
 
 fn prompt(seed: usize, n: usize) -> Vec<u32> {
-    let text: String = (0..n).map(|i| format!("Entry {seed}.{i}: the lamp of house {} is lit. ", i * 13 % 97)).collect();
+    let text: String =
+        (0..n).map(|i| format!("Entry {seed}.{i}: the lamp of house {} is lit. ", i * 13 % 97)).collect();
     common::native().tok.encode(&text, false).unwrap()[..n].to_vec()
 }
 
@@ -46,7 +47,9 @@ fn batched_greedy_tokens_are_each_sequences_own() {
         ("full", prompt(4, 41), 5, 6),
     ];
     let want: Vec<_> = seqs.iter().map(|(s, p, _, n)| alone(s, p, *n)).collect();
-    let mut live: Vec<(usize, KvCache, Vec<u32>, Vec<Vec<f32>>)> = Vec::new();
+    // (sequence, its cache, its tokens, its logit rows)
+    type Live = (usize, KvCache, Vec<u32>, Vec<Vec<f32>>);
+    let mut live: Vec<Live> = Vec::new();
     let mut done = vec![None; seqs.len()];
     for step in 0.. {
         for (i, (spec, p, join, _)) in seqs.iter().enumerate() {

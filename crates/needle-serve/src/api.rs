@@ -202,7 +202,9 @@ fn prompt(o: &Map<String, Value>) -> Result<Input, ApiError> {
     let bad = || ApiError::invalid("prompt", "must be a string, an array of one string, or an array of token ids");
     match o.get("prompt") {
         Some(Value::String(s)) => Ok(Input::Text(s.clone())),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => Ok(Input::Text(a[0].as_str().unwrap_or_default().into())),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            Ok(Input::Text(a[0].as_str().unwrap_or_default().into()))
+        }
         Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_u64) => a
             .iter()
             .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(bad))
@@ -293,8 +295,14 @@ mod tests {
                 ChatMessage { role: "user".into(), content: "Q".into() }
             ])
         );
-        assert_eq!((r.max_tokens, r.sampling.temperature, r.sampling.top_p, r.sampling.seed), (Some(7), 0.0, Some(0.5), 3));
-        assert_eq!((r.stop, r.stream, r.include_usage, r.selector.as_deref()), (vec!["\n".into()], true, true, Some("full")));
+        assert_eq!(
+            (r.max_tokens, r.sampling.temperature, r.sampling.top_p, r.sampling.seed),
+            (Some(7), 0.0, Some(0.5), 3)
+        );
+        assert_eq!(
+            (r.stop, r.stream, r.include_usage, r.selector.as_deref()),
+            (vec!["\n".into()], true, true, Some("full"))
+        );
         let r = parse_request(Endpoint::Completion, br#"{"prompt":[1,2,3],"selector":"quest"}"#).unwrap();
         assert_eq!((r.input, r.selector.as_deref()), (Input::Tokens(vec![1, 2, 3]), Some("quest")));
     }

@@ -175,7 +175,8 @@ impl ContextCache {
         context::save(&path, true, &info, tokens, logits, cache, &mut |_, _| {})?;
         let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
         self.clock += 1;
-        let entry = Entry { tokens: tokens.to_vec(), selector: selector.into(), kv, path, bytes, last_used: self.clock };
+        let entry =
+            Entry { tokens: tokens.to_vec(), selector: selector.into(), kv, path, bytes, last_used: self.clock };
         self.entries.push(entry);
         self.evict(None);
         Ok(())
@@ -191,7 +192,12 @@ impl ContextCache {
                 return;
             };
             let e = self.entries.swap_remove(i);
-            tracing::info!("context cache: evicting {} ({} tokens, {} bytes)", e.path.display(), e.tokens.len(), e.bytes);
+            tracing::info!(
+                "context cache: evicting {} ({} tokens, {} bytes)",
+                e.path.display(),
+                e.tokens.len(),
+                e.bytes
+            );
             if let Err(err) = std::fs::remove_file(&e.path) {
                 tracing::warn!("context cache: removing {}: {err}", e.path.display());
             }

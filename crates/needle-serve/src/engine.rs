@@ -250,8 +250,8 @@ fn admit<'t>(
                 compose(needle_select::parse(&spec).map_err(|e| ApiError::invalid("selector", e.to_string()))?);
             sel.kv = cfg.kv;
             let c = model.config();
-            let mut kv = KvCache::new(c.num_hidden_layers, model.gqa(), c.head_dim, factory.as_ref(), sel)
-                .map_err(internal)?;
+            let mut kv =
+                KvCache::new(c.num_hidden_layers, model.gqa(), c.head_dim, factory.as_ref(), sel).map_err(internal)?;
             kv.set_build_during_prefill(cfg.build_during_prefill);
             let keep = cache.wants(prefix.len());
             if keep {
@@ -279,8 +279,7 @@ fn admit<'t>(
     kv.stats = Default::default();
     let sampler = Sampler::new(job.sampling).map_err(|e| ApiError::invalid("temperature", e.to_string()))?;
     let _ = job.events.send(Event::Started { prompt_tokens: ids.len(), cached_tokens: cached });
-    let mut seq =
-        Seq {
+    let mut seq = Seq {
         job,
         cache: kv,
         sampler,

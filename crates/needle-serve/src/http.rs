@@ -14,6 +14,7 @@ use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt as _;
 use futures_util::stream::{self, Stream};
 use needle_loader::Tokenizer;
 use serde_json::{Value, json};
@@ -97,9 +98,12 @@ async fn answer(s: Arc<AppState>, endpoint: Endpoint, body: Bytes) -> Result<Res
         && m != &s.model_id
         && m != "default"
     {
-        return Err(ApiError::invalid("model", format!("the model `{m}` does not exist; this server has `{}`", s.model_id))
-            .with_status(StatusCode::NOT_FOUND)
-            .with_code("model_not_found"));
+        return Err(ApiError::invalid(
+            "model",
+            format!("the model `{m}` does not exist; this server has `{}`", s.model_id),
+        )
+        .with_status(StatusCode::NOT_FOUND)
+        .with_code("model_not_found"));
     }
     let selector = req.selector.clone().unwrap_or_else(|| s.default_selector.clone());
     if selector != "auto" {
@@ -272,7 +276,8 @@ fn stream_response(meta: Meta, req: Request, rx: UnboundedReceiver<Event>) -> im
             let out: Vec<Sse> = match rx.recv().await {
                 Some(Event::Text(t)) => vec![data(meta.chunk(Some(&t), None, first))],
                 Some(Event::Finished { reason, completion_tokens, .. }) => {
-                    let mut v = vec![data(meta.chunk(if first { Some("") } else { None }, Some(reason.as_str()), first))];
+                    let mut v =
+                        vec![data(meta.chunk(if first { Some("") } else { None }, Some(reason.as_str()), first))];
                     if include_usage {
                         let mut u = meta.envelope(true);
                         u["choices"] = json!([]);
@@ -300,5 +305,3 @@ fn stream_response(meta: Meta, req: Request, rx: UnboundedReceiver<Event>) -> im
 fn sse<S: Stream<Item = Result<Sse, Infallible>> + Send + 'static>(s: S) -> impl IntoResponse {
     axum::response::Sse::new(s).keep_alive(KeepAlive::default())
 }
-
-use futures_util::StreamExt as _;

@@ -157,9 +157,10 @@ impl Server {
             .name("needle-engine".into())
             .spawn(move || engine::run(model, t, cache, engine_cfg, rx, m))
             .map_err(|source| Error::Io { what: "starting the engine thread".into(), source })?;
-        let model_id = cfg.model_id.clone().unwrap_or_else(|| {
-            cfg.model.file_stem().map_or("needle".into(), |s| s.to_string_lossy().into_owned())
-        });
+        let model_id = cfg
+            .model_id
+            .clone()
+            .unwrap_or_else(|| cfg.model.file_stem().map_or("needle".into(), |s| s.to_string_lossy().into_owned()));
         let state = Arc::new(http::AppState {
             jobs,
             queue: cfg.queue,
@@ -172,9 +173,8 @@ impl Server {
             metrics: metrics.clone(),
             next_id: AtomicU64::new(0),
         });
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Io { what: format!("binding {addr}"), source })?;
+        let listener =
+            TcpListener::bind(addr).await.map_err(|source| Error::Io { what: format!("binding {addr}"), source })?;
         let addr = listener.local_addr().map_err(|source| Error::Io { what: "the bound address".into(), source })?;
         let (stop, stopped) = oneshot::channel::<()>();
         let app = http::router(state);

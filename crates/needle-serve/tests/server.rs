@@ -94,9 +94,12 @@ async fn answers_in_openai_formats_streaming_and_not() {
     assert_eq!(finish.len(), 1);
     assert_eq!(parsed.last().unwrap()["usage"], v["usage"], "the usage chunk comes last");
 
-    let (status, v) =
-        post(&base, "/v1/completions", json!({"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0}))
-            .await;
+    let (status, v) = post(
+        &base,
+        "/v1/completions",
+        json!({"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0}),
+    )
+    .await;
     assert_eq!((status, v["object"].as_str()), (200, Some("text_completion")), "{v}");
     let text = v["choices"][0]["text"].as_str().unwrap().to_string();
     let chunks = stream(
@@ -157,16 +160,18 @@ async fn a_cached_prefix_answers_as_a_fresh_prefill_does_in_memory_and_after_a_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_each_get_the_answer_they_get_alone() {
     let (server, base) = start(config()).await;
-    let prompts: Vec<String> = ["The capital of France is", "Water boils at", "The first book of the Bible is", "One, two,"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let prompts: Vec<String> =
+        ["The capital of France is", "Water boils at", "The first book of the Bible is", "One, two,"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     let body = |p: &str| json!({"prompt": p, "max_tokens": 16, "temperature": 0});
     let mut alone = Vec::new();
     for p in &prompts {
         alone.push(ids(&post(&base, "/v1/completions", body(p)).await.1));
     }
-    let together = futures_util::future::join_all(prompts.iter().map(|p| post(&base, "/v1/completions", body(p)))).await;
+    let together =
+        futures_util::future::join_all(prompts.iter().map(|p| post(&base, "/v1/completions", body(p)))).await;
     for (i, (status, v)) in together.iter().enumerate() {
         assert_eq!(*status, 200);
         assert_eq!(ids(v), alone[i], "prompt {i} in a batch");
@@ -191,7 +196,10 @@ async fn bad_requests_get_openai_errors_and_the_server_lives_on() {
     let r = raw("{not json").await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
     let v: Value = r.json().await.unwrap();
-    assert_eq!((v["error"]["type"].as_str(), v["error"]["code"].as_str()), (Some("invalid_request_error"), Some("invalid_json")));
+    assert_eq!(
+        (v["error"]["type"].as_str(), v["error"]["code"].as_str()),
+        (Some("invalid_request_error"), Some("invalid_json"))
+    );
     let user = json!([{"role": "user", "content": "hi"}]);
     for (body, status, param, code) in [
         (json!({"messages": user, "temperature": "warm"}), 400, Some("temperature"), None),
@@ -200,7 +208,12 @@ async fn bad_requests_get_openai_errors_and_the_server_lives_on() {
         (json!({"messages": user, "selector": "retrieval:k=oops"}), 400, Some("selector"), Some("unknown_selector")),
         (json!({"messages": user, "max_tokens": 1_000_000_000u64}), 400, Some("max_tokens"), None),
         (json!({"messages": user, "max_tokens": 290}), 400, Some("max_tokens"), Some("context_length_exceeded")),
-        (json!({"messages": [{"role": "user", "content": "word ".repeat(400)}]}), 400, Some("messages"), Some("context_length_exceeded")),
+        (
+            json!({"messages": [{"role": "user", "content": "word ".repeat(400)}]}),
+            400,
+            Some("messages"),
+            Some("context_length_exceeded"),
+        ),
     ] {
         let (s, v) = post(&base, "/v1/chat/completions", body.clone()).await;
         assert_eq!(s, status, "{body} → {v}");
@@ -226,7 +239,8 @@ async fn bad_requests_get_openai_errors_and_the_server_lives_on() {
     let mut running = client.post(format!("{base}/v1/completions")).json(&long).send().await.unwrap();
     assert!(running.chunk().await.unwrap().is_some());
     let b = base.clone();
-    let waiting = tokio::spawn(async move { post(&b, "/v1/completions", json!({"prompt": "Hi", "max_tokens": 2})).await });
+    let waiting =
+        tokio::spawn(async move { post(&b, "/v1/completions", json!({"prompt": "Hi", "max_tokens": 2})).await });
     let t = Instant::now();
     while metric(&base, "needle_queue_depth").await < 1.0 {
         assert!(t.elapsed() < Duration::from_secs(30));
@@ -240,10 +254,13 @@ async fn bad_requests_get_openai_errors_and_the_server_lives_on() {
     let (s, v) = post(&base, "/v1/completions", json!({"prompt": "Still alive?", "max_tokens": 3})).await;
     assert_eq!(s, 200, "{v}");
     let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
-    for line in ["needle_requests_total{status=\"400\"}", "needle_requests_total{status=\"503\"}", "needle_kv_bytes{tier=\"host\"}"] {
+    for line in [
+        "needle_requests_total{status=\"400\"}",
+        "needle_requests_total{status=\"503\"}",
+        "needle_kv_bytes{tier=\"host\"}",
+    ] {
         assert!(text.contains(line), "{line} in\n{text}");
     }
     server.shutdown().await.unwrap();
     assert_eq!(std::fs::read_dir(spill.path()).unwrap().count(), 0, "nothing is left in the spill directory");
 }
-

@@ -79,7 +79,7 @@ impl<B: NeedleBackend> Llama<B> {
             let v = v.reshape([n, nkv, d]);
             let mut outs = Vec::with_capacity(n);
             for (i, cache) in caches.iter_mut().enumerate() {
-                let row = |t: &Tensor<B, 3>| t.clone().slice([i..i + 1]);
+                let row = |t: &Tensor<B, 3>| t.clone().narrow(0, i, 1);
                 outs.push(cached_attention(cache, l, AttentionStep::Decode, row(&q), row(&k), row(&v), self.scale())?);
             }
             let [o] = rows_many(Tensor::cat(outs, 0), [&b.wo])?;
@@ -127,7 +127,7 @@ fn rows_many<B: NeedleBackend, const N: usize>(x: Tensor<B, 2>, ls: [&Linear<B>;
             let n = x.dims()[0];
             let mut per: Vec<Vec<Tensor<B, 2>>> = vec![Vec::with_capacity(n); N];
             for i in 0..n {
-                let row = x.clone().slice([i..i + 1]);
+                let row = x.clone().narrow(0, i, 1);
                 for (p, l) in per.iter_mut().zip(ls) {
                     p.push(l.forward(row.clone())?);
                 }
