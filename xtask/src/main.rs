@@ -5,7 +5,7 @@
 //!   the downstream example crates, `kernels-cubecl`'s tests and needle-model's CubeCL arm on wgpu
 //!   (lavapipe) in one cargo run (its ops against the CPU references and the default model
 //!   against the CPU path), and the CUDA test bundle (built, not run). `.ci/run` runs exactly this.
-//! - `fetch-model`: puts the verified SmolLM2 GGUF and the default document in the cache (see
+//! - `fetch-model`: puts the verified SmolLM2 and Gemma 3 270M GGUFs and the default document in the cache (see
 //!   `needle-fetch`).
 //! - `test-gpu [--build-only] [--out DIR]`: `kernels-cubecl`'s clippy (wgpu and cuda features),
 //!   needle-model's clippy with each of them, and the kernel tests on CUDA, or a bundle of the
@@ -62,6 +62,10 @@ fn fetch_model() -> Result<PathBuf> {
         needle_fetch::verify(&path, needle_fetch::DEFAULT_MODEL_SHA256)?;
     }
     eprintln!("model ready: {}", path.display());
+    let gemma = &needle_fetch::GEMMA3_270M;
+    let g = needle_fetch::ensure_model(gemma).context("fetching gemma3-270m")?;
+    needle_fetch::verify(&g, gemma.sha256)?;
+    eprintln!("model ready: {} ({})", g.display(), gemma.licence);
     // The README's main job reads the default document; CI fetches it here, beside the model.
     let doc = needle_fetch::ensure_default_document().context("fetching the default document")?;
     eprintln!("document ready: {}", doc.display());

@@ -253,6 +253,10 @@ fn attention_metrics<B: NeedleBackend>(
     let budget = cache.config().budget.max_ids();
     let mut out = Vec::new();
     for (slot, &layer) in trace.layers.iter().enumerate() {
+        // A sliding-window layer attends to its whole window: nothing selected to measure.
+        if cache.layer_kind(layer) != needle_model::LayerKind::Global {
+            continue;
+        }
         let q_all = &trace.decode[slot][step * row..(step + 1) * row];
         for j in 0..gqa.n_kv_heads {
             let (keys, values) = (cache.keys(layer, j), cache.values(layer, j));

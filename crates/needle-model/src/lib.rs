@@ -65,7 +65,7 @@ mod weights;
 
 pub use attention::{AttentionStep, cached_attention};
 pub use backend::NeedleBackend;
-pub use cache::{DecodeMode, DecodeStats, DynamicPart, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
+pub use cache::{DecodeMode, DecodeStats, DynamicPart, KvCache, LayerKind, PAGE_SIZE, QueryTrace, SelectionConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_from};
 pub use model::Llama;
