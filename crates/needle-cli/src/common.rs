@@ -223,7 +223,9 @@ pub fn prompt_tokens(p: &PromptArgs, tok: &needle_loader::Tokenizer) -> Result<V
     if p.chat {
         text = chat_text(tok, p.system.as_deref(), &text)?;
     }
-    let ids = tok.encode(&text, p.chat)?;
+    // BOS where the model's vocabulary asks for one, as llama.cpp does for a plain prompt
+    // (Gemma's does; a chat template prints its own and is not given a second).
+    let ids = tok.encode(&text, true)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
     }

@@ -460,7 +460,8 @@ pub(crate) fn score_tasks(
     for (si, spec) in specs.iter().enumerate() {
         for (pi, &p) in points.iter().enumerate() {
             let inst = spec.instance(p, &Filler::Landmark, &count)?;
-            let tokens = tok.encode(&inst.prompt, false)?;
+            // BOS where the vocabulary asks for one (Gemma's does; SmolLM2's does not).
+            let tokens = tok.encode(&inst.prompt, true)?;
             for (name, generated) in answers(&tokens)? {
                 let score = needle_tasks::score(spec, &generated, &inst);
                 tracing::info!("{} {name}: {:.2} ({:?} vs {})", inst.id, score, generated.trim(), inst.answer);
