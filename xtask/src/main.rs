@@ -8,7 +8,7 @@
 //!   suite on the extension module the workspace build made. `.ci/run` runs exactly this.
 //! - `ray`: the Ray Serve example's test on a local Ray cluster (installs `ray[serve]` into the
 //!   package's virtual environment; minutes, so not part of `ci`).
-//! - `fetch-model`: puts the verified SmolLM2 GGUF and the default document in the cache (see
+//! - `fetch-model`: puts the verified SmolLM2 and Gemma 3 270M GGUFs and the default document in the cache (see
 //!   `needle-fetch`).
 //! - `test-gpu [--build-only] [--out DIR]`: `kernels-cubecl`'s clippy (wgpu and cuda features),
 //!   needle-model's clippy with each of them, and the kernel tests on CUDA, or a bundle of the
@@ -66,6 +66,10 @@ fn fetch_model() -> Result<PathBuf> {
         needle_fetch::verify(&path, needle_fetch::DEFAULT_MODEL_SHA256)?;
     }
     eprintln!("model ready: {}", path.display());
+    let gemma = &needle_fetch::GEMMA3_270M;
+    let g = needle_fetch::ensure_model(gemma).context("fetching gemma3-270m")?;
+    needle_fetch::verify(&g, gemma.sha256)?;
+    eprintln!("model ready: {} ({})", g.display(), gemma.licence);
     // The README's main job reads the default document; CI fetches it here, beside the model.
     let doc = needle_fetch::ensure_default_document().context("fetching the default document")?;
     eprintln!("document ready: {}", doc.display());

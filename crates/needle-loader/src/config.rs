@@ -4,9 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// A decoder family needle runs. All are the Llama layout (RMSNorm, RoPE, GQA, SwiGLU); they
+/// A decoder family needle runs. All are the Llama layout (RMSNorm, RoPE, GQA, gated MLP); they
 /// differ in a few switches the config records ([`LlamaConfig::qkv_bias`],
-/// [`LlamaConfig::qk_norm`], [`LlamaConfig::sliding_window`]).
+/// [`LlamaConfig::qk_norm`], [`LlamaConfig::sliding_window`], [`LlamaConfig::local_attention`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
@@ -19,11 +19,16 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3 (dense): RMSNorm of each query and key head before RoPE, no biases.
     Qwen3,
+    /// Gemma 3 (text, from GGUF only): embeddings scaled by √hidden, per-head q/k RMSNorm,
+    /// RMSNorm after attention and after the feed-forward as well as before them, GeGLU
+    /// (tanh GELU), and sliding-window layers interleaved with global ones
+    /// ([`LlamaConfig::local_attention`]).
+    Gemma3,
 }
 
 impl Architecture {
     /// Names accepted in GGUF `general.architecture` and HF `model_type`, for error messages.
-    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3";
+    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, gemma3 (GGUF)";
 
     /// The architecture of a GGUF `general.architecture` or HF `model_type` value.
     pub fn from_name(name: &str) -> Option<Self> {
@@ -32,6 +37,7 @@ impl Architecture {
             "mistral" => Self::Mistral,
             "qwen2" => Self::Qwen2,
             "qwen3" => Self::Qwen3,
+            "gemma3" => Self::Gemma3,
             _ => return None,
         })
     }
@@ -54,6 +60,7 @@ impl Architecture {
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Gemma3 => "gemma3",
         }
     }
 
@@ -87,6 +94,27 @@ pub enum RopeScaling {
     /// Per-frequency divisors, one per rotated pair: llama.cpp's `rope_freqs.weight`, which is
     /// how a GGUF stores Llama 3.x scaling (precomputed from the `llama3` parameters).
     FreqFactors(Vec<f32>),
+}
+
+/// Sliding-window layers interleaved with global ones (Gemma 3): layer `l` is local unless
+/// `l % pattern == pattern - 1` (llama.cpp's `set_swa_pattern`), and a local layer attends to
+/// the last `window` positions (itself included) with its own RoPE base.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LocalAttention {
+    /// Positions a local layer attends to, the query's own included.
+    pub window: usize,
+    /// Every `pattern`-th layer is global.
+    pub pattern: usize,
+    /// RoPE base of the local layers (the global ones use [`LlamaConfig::rope_theta`] and its
+    /// scaling; local layers are never scaled).
+    pub rope_theta: f64,
+}
+
+impl LocalAttention {
+    /// Whether layer `l` attends to a window only.
+    pub fn is_local(&self, layer: usize) -> bool {
+        layer % self.pattern < self.pattern - 1
+    }
 }
 
 /// RoPE scaling types read, for error messages.
@@ -133,6 +161,16 @@ pub struct LlamaConfig {
     /// than this (within it the two are the same).
     #[serde(default)]
     pub sliding_window: Option<usize>,
+    /// Sliding-window layers interleaved with global ones (Gemma 3), attended as such.
+    #[serde(default)]
+    pub local_attention: Option<LocalAttention>,
+    /// Gemma's `query_pre_attn_scalar`: the attention scale is `1/√` of it rather than
+    /// `1/√head_dim` ([`LlamaConfig::attention_scale`]).
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Final logit soft-capping: logits become `cap · tanh(logits / cap)`.
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
     /// Beginning-of-sequence token.
     pub bos_token_id: Option<u32>,
     /// Tokens that end generation.
@@ -140,7 +178,7 @@ pub struct LlamaConfig {
 }
 
 /// Names of [`LlamaConfig::preset`]s.
-pub const PRESETS: &str = "llama3-8b, qwen2.5-7b, qwen3-8b, smollm2-135m";
+pub const PRESETS: &str = "llama3-8b, qwen2.5-7b, qwen3-8b, smollm2-135m, gemma3-270m";
 
 impl LlamaConfig {
     /// The config of a released model, by name (see [`PRESETS`]), as its `config.json` has it:
@@ -165,6 +203,9 @@ impl LlamaConfig {
             qkv_bias: false,
             qk_norm: false,
             sliding_window: None,
+            local_attention: None,
+            query_pre_attn_scalar: None,
+            final_logit_softcapping: None,
             bos_token_id: None,
             eos_token_ids: vec![],
         };
@@ -205,6 +246,16 @@ impl LlamaConfig {
                 bos_token_id: Some(1),
                 eos_token_ids: vec![2],
                 ..base(Architecture::Llama, 49_152, 576, 1536, 30, 9, 3)
+            },
+            "gemma3-270m" => LlamaConfig {
+                head_dim: 256,
+                tie_word_embeddings: true,
+                qk_norm: true,
+                local_attention: Some(LocalAttention { window: 512, pattern: 6, rope_theta: 10_000.0 }),
+                query_pre_attn_scalar: Some(256.0),
+                bos_token_id: Some(2),
+                eos_token_ids: vec![1, 106],
+                ..base(Architecture::Gemma3, 262_144, 640, 2048, 18, 4, 1)
             },
             other => {
                 return Err(Error::InvalidConfig(format!("unknown preset {other:?} (presets: {PRESETS})")));
@@ -275,6 +326,21 @@ impl LlamaConfig {
         if self.sliding_window == Some(0) {
             return bad("sliding_window is 0".into());
         }
+        if let Some(la) = &self.local_attention
+            && (la.window == 0 || la.pattern == 0 || !(la.rope_theta.is_finite() && la.rope_theta > 0.0))
+        {
+            return bad(format!("local attention {la:?}: window and pattern must be > 0, rope_theta finite and > 0"));
+        }
+        for (name, v) in [
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v > 0.0)
+            {
+                return bad(format!("{name} {v} must be finite and > 0"));
+            }
+        }
         let vocab = self.vocab_size;
         for id in self.bos_token_id.iter().chain(&self.eos_token_ids) {
             if *id as usize >= vocab {
@@ -289,6 +355,16 @@ impl LlamaConfig {
     pub fn from_hf_json(json: &str, source: &std::path::Path) -> Result<Self> {
         let hf: HfConfig = serde_json::from_str(json).map_err(|e| Error::Json { path: source.into(), source: e })?;
         hf.into_config(source)
+    }
+
+    /// The window layer `layer` attends to, or `None` for a layer that attends to everything.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.local_attention.filter(|la| la.is_local(layer)).map(|la| la.window)
+    }
+
+    /// The scale of attention scores: `1/√query_pre_attn_scalar` when set, else `1/√head_dim`.
+    pub fn attention_scale(&self) -> f32 {
+        (1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64).sqrt()) as f32
     }
 
     /// Shape the config implies for a tensor given by its Hugging Face name, or `None` for a
@@ -317,7 +393,10 @@ impl LlamaConfig {
             "self_attn.o_proj.weight" => vec![h, q],
             "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![self.intermediate_size, h],
             "mlp.down_proj.weight" => vec![h, self.intermediate_size],
-            "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
+            "input_layernorm.weight"
+            | "post_attention_layernorm.weight"
+            | "post_attention_norm.weight"
+            | "post_feedforward_layernorm.weight" => vec![h],
             _ => return None,
         })
     }
@@ -446,6 +525,11 @@ impl HfConfig {
         let architecture = self.architecture(source)?;
         let unsupported =
             |what: &str, reason: String| Error::Unsupported { path: source.into(), what: what.into(), reason };
+        if architecture == Architecture::Gemma3 {
+            // Its checkpoints store RMSNorm weights as `w` for `x · (1 + w)`; llama.cpp's GGUF
+            // converter adds the 1, which is the form needle reads.
+            return Err(unsupported("config", "gemma3 is read from a GGUF file only".into()));
+        }
         if self.mlp_bias {
             return Err(unsupported("config", "mlp_bias is not supported".into()));
         }
@@ -481,6 +565,9 @@ impl HfConfig {
             qkv_bias,
             qk_norm: architecture == Architecture::Qwen3,
             sliding_window,
+            local_attention: None,
+            query_pre_attn_scalar: None,
+            final_logit_softcapping: None,
             bos_token_id: self.bos_token_id,
             eos_token_ids: self.eos_token_id.into_vec(),
         };

@@ -8,7 +8,7 @@
 //!   `model.safetensors.index.json`) and `tokenizer.json`.
 //! - [`Checkpoint::config`] is a validated [`LlamaConfig`]; [`Checkpoint::tensor`] takes HF names
 //!   (`model.layers.3.self_attn.q_proj.weight`) and returns linear weights as `[out, in]`. GGUF
-//!   quantised tensors (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) are dequantised, and the Q/K row
+//!   quantised tensors (every block format of needle-quant) are dequantised, and the Q/K row
 //!   permutation llama.cpp applies is undone, so both formats give the same layout.
 //! - [`Checkpoint::tokenizer`] gives a [`Tokenizer`] (from `tokenizer.json`, or rebuilt from the
 //!   GGUF's embedded BPE vocabulary) with the model's own chat template ([`ChatTemplate`],
@@ -39,7 +39,7 @@ mod tokenizer;
 use std::path::Path;
 
 pub use chat::{ChatTemplate, Message};
-pub use config::{Architecture, LlamaConfig, PRESETS, RopeScaling, SUPPORTED_ROPE_SCALING};
+pub use config::{Architecture, LlamaConfig, LocalAttention, PRESETS, RopeScaling, SUPPORTED_ROPE_SCALING};
 pub use error::{Error, Result};
 pub use gguf::{GgufFile, RawTensor};
 pub use memory::{MemoryCheckpoint, layout};

@@ -56,6 +56,9 @@ pub fn layout(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         if c.qk_norm {
             leaves.extend(["self_attn.q_norm.weight", "self_attn.k_norm.weight"]);
         }
+        if c.architecture == crate::Architecture::Gemma3 {
+            leaves.extend(["post_attention_norm.weight", "post_feedforward_layernorm.weight"]);
+        }
         names.extend(leaves.iter().map(|leaf| format!("model.layers.{l}.{leaf}")));
     }
     names

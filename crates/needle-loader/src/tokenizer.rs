@@ -199,7 +199,15 @@ impl Tokenizer {
         let cfg = g.config();
         tracing::debug!(pre = pre_name, vocab = tokens.len(), add_bos, "built tokenizer from GGUF");
         let tok = Self::new(inner, cfg.bos_token_id, add_bos, cfg.eos_token_ids.clone(), source);
-        Ok(tok.with_chat_template(gguf_chat_template(g)?))
+        let mut chat = gguf_chat_template(g)?;
+        if chat.is_none() && cfg.architecture == crate::Architecture::Gemma3 {
+            // Gemma's GGUFs converted from a base model carry no template; llama.cpp then uses
+            // its built-in `gemma` format, which this is.
+            let text = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).copied().unwrap_or_default();
+            let eos = text(cfg.eos_token_ids.first().copied());
+            chat = Some(ChatTemplate::new(GEMMA_TEMPLATE, text(cfg.bos_token_id), eos, "built-in gemma template")?);
+        }
+        Ok(tok.with_chat_template(chat))
     }
 
     /// The same tokenizer with `chat` as its chat template (`None`: ChatML).
@@ -409,6 +417,16 @@ fn spm_spec(
         }
     }))
 }
+
+/// Gemma's chat format (its `tokenizer_config.json` template, without the image parts): a system
+/// message is prepended to the first user turn, the assistant is `model`.
+const GEMMA_TEMPLATE: &str = "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}\
+{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}\
+{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}\
+{%- for message in loop_messages -%}{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}\
+{%- else -%}{%- set role = message['role'] -%}{%- endif -%}\
+{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}\
+{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}";
 
 /// ChatML with the generation prompt.
 fn chatml(messages: &[Message]) -> String {

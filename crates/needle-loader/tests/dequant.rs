@@ -154,9 +154,12 @@ fn rejects_bad_lengths_and_unsupported_types() {
     let mut out = vec![0f32; 32];
     assert!(!dequantize(GgmlType::Q8_0, &[0u8; 33], &mut out));
     assert!(!dequantize(GgmlType::Q4_K, &[0u8; 144], &mut out));
-    let q5k = GgmlType::from_id(13).unwrap();
-    assert!(!q5k.can_dequantize());
-    assert!(!dequantize(q5k, &[0u8; 176], &mut vec![0f32; 256]));
+    let iq4_xs = GgmlType::from_id(23).unwrap();
+    assert!(!iq4_xs.can_dequantize());
+    assert!(!dequantize(iq4_xs, &[0u8; 136], &mut vec![0f32; 256]));
+    for id in [6, 7, 13, 20] {
+        assert!(GgmlType::from_id(id).unwrap().can_dequantize(), "Q5_0, Q5_1, Q5_K, IQ4_NL (id {id})");
+    }
 }
 
 #[test]

@@ -4,10 +4,10 @@
 //! log-sum-exp) at decode, as the caller's [`AttentionStep`] says. [`Llama`](crate::Llama) uses it for every layer; a model of your own
 //! does the same (see `examples/downstream-burn` and docs/burn-integration.md).
 
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 
 use crate::backend::NeedleBackend;
-use crate::cache::KvCache;
+use crate::cache::{KvCache, LayerKind};
 use crate::error::{Error, Result};
 
 /// What a [`cached_attention`] call is, in the cache's lifecycle: prefill while the cache is
@@ -46,6 +46,9 @@ pub enum AttentionStep {
 ///
 /// Runs on the backend's [`NeedleBackend`] ops: on the CPU backend the tensors are read in place
 /// and prefill attention reads the cache's pages without copying them.
+///
+/// A sliding-window layer ([`LayerKind::Window`]) attends densely, on the host, to the window
+/// ending at each query, whatever the step; its rows go to the layer's ring.
 ///
 /// Errors name the tensor whose shape disagrees with the cache's layout.
 pub fn cached_attention<B: NeedleBackend>(
@@ -86,6 +89,20 @@ pub fn cached_attention<B: NeedleBackend>(
         }
         _ => {}
     }
+    if let LayerKind::Window(_) = cache.layer_kind(layer) {
+        // Dense over the ring and the new rows, on the host; then the rows join the ring.
+        let (device, n_out) = (q.device(), gqa.n_q_heads * d);
+        let out = B::with_host(q, |qs| {
+            B::with_host(k, |ks| {
+                B::with_host(v, |vs| {
+                    let out = cache.attend_window(layer, qs, ks, vs, scale)?;
+                    cache.append(layer, ks, vs)?;
+                    Ok::<_, Error>(out)
+                })
+            })
+        })????;
+        return Ok(Tensor::from_data(TensorData::new(out, [t, n_out]), &device));
+    }
     let pos0 = cache.layer_len(layer)?;
     B::with_host(k, |ks| B::with_host(v, |vs| cache.append(layer, ks, vs)))???;
     if step == AttentionStep::Decode {
@@ -103,7 +120,6 @@ pub fn cached_attention<B: NeedleBackend>(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use burn::tensor::TensorData;
     use needle_core::{FullSelector, GqaLayout};
 
     use super::*;

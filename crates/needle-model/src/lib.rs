@@ -65,7 +65,9 @@ mod weights;
 
 pub use attention::{AttentionStep, cached_attention};
 pub use backend::NeedleBackend;
-pub use cache::{DecodeMode, DecodeProfile, DecodeStats, DynamicPart, KvCache, PAGE_SIZE, QueryTrace, SelectionConfig};
+pub use cache::{
+    DecodeMode, DecodeProfile, DecodeStats, DynamicPart, KvCache, LayerKind, PAGE_SIZE, QueryTrace, SelectionConfig,
+};
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_from, prefill_then_extend};
 pub use model::Llama;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::attention::{AttentionStep, cached_attention};
 use crate::backend::{NeedleBackend, plain};
-use crate::cache::KvCache;
+use crate::cache::{KvCache, LayerKind};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
 use crate::weights::{LinearWeight, LoadOptions, QWeight, Weights};
@@ -145,9 +145,13 @@ struct Block<B: NeedleBackend> {
     bias_q: Option<Param<Tensor<B, 2>>>,
     bias_k: Option<Param<Tensor<B, 2>>>,
     bias_v: Option<Param<Tensor<B, 2>>>,
-    /// RMSNorm weights `[1, head_dim]` of every query and key head, before RoPE (Qwen3).
+    /// RMSNorm weights `[1, head_dim]` of every query and key head, before RoPE (Qwen3, Gemma 3).
     q_norm: Option<Param<Tensor<B, 2>>>,
     k_norm: Option<Param<Tensor<B, 2>>>,
+    /// RMSNorm weights `[1, hidden]` of the attention's and the feed-forward's outputs, before
+    /// each joins the residual (Gemma 3's sandwich norms).
+    post_attn_norm: Option<Param<Tensor<B, 2>>>,
+    post_ffn_norm: Option<Param<Tensor<B, 2>>>,
 }
 
 impl<B: NeedleBackend> Block<B> {
@@ -165,6 +169,9 @@ pub struct Llama<B: NeedleBackend> {
     gqa: GqaLayout,
     #[module(skip)]
     rope: Rope,
+    /// RoPE of the sliding-window layers, when they have their own base (Gemma 3).
+    #[module(skip)]
+    local_rope: Option<Rope>,
     /// `[vocab, hidden]` rows: a parameter on the f32 path, else the checkpoint's blocks.
     embed: Linear<B>,
     blocks: Vec<Block<B>>,
@@ -245,6 +252,7 @@ impl<B: NeedleBackend> Llama<B> {
         };
         let (qd, kvd, ff) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size);
         let optional = |on: bool, name: &str, n: usize| on.then(|| vector(name, n)).transpose();
+        let gemma = cfg.architecture == needle_loader::Architecture::Gemma3;
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let p = |s: &str| format!("model.layers.{i}.{s}");
@@ -254,6 +262,8 @@ impl<B: NeedleBackend> Llama<B> {
                     bias_v: optional(cfg.qkv_bias, &p("self_attn.v_proj.bias"), kvd)?,
                     q_norm: optional(cfg.qk_norm, &p("self_attn.q_norm.weight"), d)?,
                     k_norm: optional(cfg.qk_norm, &p("self_attn.k_norm.weight"), d)?,
+                    post_attn_norm: optional(gemma, &p("post_attention_norm.weight"), h)?,
+                    post_ffn_norm: optional(gemma, &p("post_feedforward_layernorm.weight"), h)?,
                     attn_norm: vector(&p("input_layernorm.weight"), h)?,
                     wq: linear(&p("self_attn.q_proj.weight"), qd, h)?,
                     wk: linear(&p("self_attn.k_proj.weight"), kvd, h)?,
@@ -267,7 +277,17 @@ impl<B: NeedleBackend> Llama<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = vector("model.norm.weight", h)?;
-        Ok(Self { rope: Rope::new(&cfg), gqa, config: cfg, embed, blocks, norm, lm_head, fused: native })
+        Ok(Self {
+            rope: Rope::new(&cfg),
+            local_rope: local_rope(&cfg),
+            gqa,
+            config: cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            fused: native,
+        })
     }
 
     /// A model of `config`'s shape with seeded random weights, linear weights quantized to `ty`
@@ -303,8 +323,18 @@ impl<B: NeedleBackend> Llama<B> {
             return Err(Error::invalid("config", "with_config changes RoPE, the sliding window and special ids only"));
         }
         self.rope = Rope::new(&config);
+        self.local_rope = local_rope(&config);
         self.config = config;
         Ok(self)
+    }
+
+    /// What each layer attends to: a window for the sliding-window layers of a model that has
+    /// them ([`LlamaConfig::local_attention`]), everything otherwise. A cache takes these kinds
+    /// on the model's first forward pass ([`KvCache::set_layer_kinds`]).
+    pub fn layer_kinds(&self) -> Vec<LayerKind> {
+        (0..self.config.num_hidden_layers)
+            .map(|l| self.config.layer_window(l).map_or(LayerKind::Global, LayerKind::Window))
+            .collect()
     }
 
     /// How the weights are kept: [`Weights::Native`] when the fused kernels run on stored blocks.
@@ -322,9 +352,9 @@ impl<B: NeedleBackend> Llama<B> {
         self.gqa
     }
 
-    /// Attention scale `1/√head_dim`.
+    /// Attention scale: `1/√head_dim`, or Gemma's `1/√query_pre_attn_scalar`.
     pub fn scale(&self) -> f32 {
-        1.0 / (self.config.head_dim as f32).sqrt()
+        self.config.attention_scale()
     }
 
     /// Bytes of weights a decode step reads: f32 parameters plus stored blocks (the tied
@@ -390,6 +420,7 @@ impl<B: NeedleBackend> Llama<B> {
         step: AttentionStep,
     ) -> Result<Tensor<B, 2>> {
         self.check_tokens(tokens)?;
+        cache.set_layer_kinds(&self.layer_kinds())?;
         let (t, pos0) = (tokens.len(), cache.len());
         if let Some(w) = self.config.sliding_window
             && pos0 + t > w
@@ -405,12 +436,21 @@ impl<B: NeedleBackend> Llama<B> {
         }
         let (nh, nkv, d) = (self.gqa.n_q_heads, self.gqa.n_kv_heads, self.config.head_dim);
         let device = self.device();
+        let gemma = self.config.architecture == needle_loader::Architecture::Gemma3;
         let mut x = self.embed(tokens)?;
+        if gemma {
+            x = x * (self.config.hidden_size as f32).sqrt();
+        }
         let rope = RopeTables::new(self.fused, &self.rope, pos0..pos0 + t, d, &device);
         // The linear layers' time, for the decode profile ([`DecodeStats::profile`]).
         let mut weights = Duration::ZERO;
         let timed = |weights: &mut Duration, t0: Instant| *weights += t0.elapsed();
+        let local = self.local_rope.as_ref().map(|r| RopeTables::new(self.fused, r, pos0..pos0 + t, d, &device));
         for (l, b) in self.blocks.iter().enumerate() {
+            let rope = match (&local, self.config.layer_window(l)) {
+                (Some(local), Some(_)) => local,
+                _ => &rope,
+            };
             let h = self.rms_norm(x.clone(), &b.attn_norm)?;
             let t0 = Instant::now();
             let [q, k, v] = forward_many(h, [&b.wq, &b.wk, &b.wv])?;
@@ -425,16 +465,24 @@ impl<B: NeedleBackend> Llama<B> {
             let v = v.reshape([t, nkv, d]);
             let attn = cached_attention(cache, l, step, q, k, v, self.scale())?;
             let t0 = Instant::now();
-            x = x + b.wo.forward(attn)?;
+            let o = b.wo.forward(attn)?;
             timed(&mut weights, t0);
+            x = x + self.post_norm(o, &b.post_attn_norm)?;
             let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
             let t0 = Instant::now();
             let [gate, up] = forward_many(h, [&b.w_gate, &b.w_up])?;
             timed(&mut weights, t0);
-            let ff = if self.fused { B::fused_silu_mul(gate, up)? } else { plain::silu_mul(gate, up) };
+            let ff = if gemma {
+                gelu_tanh(gate) * up
+            } else if self.fused {
+                B::fused_silu_mul(gate, up)?
+            } else {
+                plain::silu_mul(gate, up)
+            };
             let t0 = Instant::now();
-            x = x + b.w_down.forward(ff)?;
+            let down = b.w_down.forward(ff)?;
             timed(&mut weights, t0);
+            x = x + self.post_norm(down, &b.post_ffn_norm)?;
         }
         if step == AttentionStep::Decode {
             cache.stats.weights_time += weights;
@@ -442,11 +490,24 @@ impl<B: NeedleBackend> Llama<B> {
         self.rms_norm(x, &self.norm)
     }
 
+    /// `x`, RMS-normalised when the block has the norm (Gemma 3's norms after attention and MLP).
+    fn post_norm(&self, x: Tensor<B, 2>, w: &Option<Param<Tensor<B, 2>>>) -> Result<Tensor<B, 2>> {
+        match w {
+            Some(w) => self.rms_norm(x, w),
+            None => Ok(x),
+        }
+    }
+
     /// Logits of the given rows of final hidden states, row-major `rows × vocab`.
     pub(crate) fn logits(&self, hidden: Tensor<B, 2>, rows: &[usize]) -> Result<Vec<f32>> {
         let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [rows.len()]), &self.device());
-        B::with_host(self.lm_head.forward(hidden.select(0, idx))?, <[f32]>::to_vec)
+        let mut logits = B::with_host(self.lm_head.forward(hidden.select(0, idx))?, <[f32]>::to_vec)?;
+        if let Some(cap) = self.config.final_logit_softcapping {
+            let cap = cap as f32;
+            logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+        }
+        Ok(logits)
     }
 
     /// Prefills `tokens` in chunks of `chunk` tokens, calling `progress(done, total)` after each,
@@ -558,6 +619,21 @@ impl<B: NeedleBackend> Llama<B> {
     pub fn max_positions(&self) -> usize {
         self.config.max_position_embeddings
     }
+}
+
+/// The RoPE of a config's sliding-window layers when they have their own base: that base,
+/// unscaled (llama.cpp's `rope_freq_base_train_swa`, `rope_freq_scale_train_swa = 1`).
+fn local_rope(cfg: &LlamaConfig) -> Option<Rope> {
+    cfg.local_attention
+        .map(|la| Rope::new(&LlamaConfig { rope_theta: la.rope_theta, rope_scaling: None, ..cfg.clone() }))
+}
+
+/// GELU in its tanh form, `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))` (ggml's `gelu`, which
+/// Gemma's GeGLU runs in llama.cpp).
+fn gelu_tanh<B: NeedleBackend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let inner = (x.clone() + x.clone() * x.clone() * x.clone() * 0.044_715) * SQRT_2_OVER_PI;
+    x * (inner.tanh() + 1.0) * 0.5
 }
 
 /// `[rows, cols]` → `[cols, rows]`, row-major.

@@ -1,12 +1,14 @@
-//! The Llama family on GGUF: the model config from `{arch}.*` metadata (llama, qwen2, qwen3),
+//! The Llama family on GGUF: the model config from `{arch}.*` metadata (llama, qwen2, qwen3, gemma3),
 //! Hugging Face ↔ GGUF tensor names, and the inverse of llama.cpp's Q/K row permutation.
 
 use super::{GgufFile, Value};
-use crate::config::{Architecture, RopeScaling, SUPPORTED_ROPE_SCALING};
+use crate::config::{Architecture, LocalAttention, RopeScaling, SUPPORTED_ROPE_SCALING};
 use crate::{Error, LlamaConfig, Result};
 
 /// Leaves of a decoder block: (Hugging Face, GGUF).
-const LAYER_LEAVES: [(&str, &str); 14] = [
+/// Gemma 3's extra norms have no Llama counterpart: they keep their GGUF names (its norm before
+/// the feed-forward is GGUF `ffn_norm`, as Llama's `post_attention_layernorm` is).
+const LAYER_LEAVES: [(&str, &str); 16] = [
     ("self_attn.q_proj.weight", "attn_q.weight"),
     ("self_attn.k_proj.weight", "attn_k.weight"),
     ("self_attn.v_proj.weight", "attn_v.weight"),
@@ -21,6 +23,8 @@ const LAYER_LEAVES: [(&str, &str); 14] = [
     ("self_attn.v_proj.bias", "attn_v.bias"),
     ("self_attn.q_norm.weight", "attn_q_norm.weight"),
     ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+    ("post_attention_norm.weight", "post_attention_norm.weight"),
+    ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
 ];
 
 const GLOBAL: [(&str, &str); 3] = [
@@ -193,7 +197,7 @@ impl GgufFile {
                 return Err(Error::UnsupportedArchitecture {
                     path: self.path.clone(),
                     arch: arch_name.into(),
-                    supported: "llama (also Mistral 7B), qwen2, qwen3",
+                    supported: "llama (also Mistral 7B), qwen2, qwen3, gemma3",
                 });
             }
         };
@@ -221,7 +225,22 @@ impl GgufFile {
             .ok_or_else(|| Error::MissingMetadata { path: self.path.clone(), key: eps_key.clone() })?;
         let rope_theta = self.meta_f64(&k("rope.freq_base"))?.unwrap_or(10_000.0);
         let rope_scaling = self.rope_scaling(&k, head_dim)?;
-        let sliding_window = self.meta_usize(&k("attention.sliding_window"))?;
+        let mut sliding_window = self.meta_usize(&k("attention.sliding_window"))?;
+        let (mut local_attention, mut query_pre_attn_scalar) = (None, None);
+        let layers = self.need_usize(&k("block_count"))?;
+        if architecture == Architecture::Gemma3 {
+            // As llama.cpp reads gemma3: with a window, five local layers (RoPE base 10,000) to
+            // one global; the query scale is 1/√head_dim except for the 27B (62 layers), whose
+            // is 1/√(hidden/heads).
+            local_attention = sliding_window.take().filter(|&w| w > 0).map(|window| LocalAttention {
+                window,
+                pattern: 6,
+                rope_theta: 10_000.0,
+            });
+            let scalar = if layers == 62 { hidden / heads.max(1) } else { head_dim };
+            query_pre_attn_scalar = Some(scalar as f64);
+        }
+        let final_logit_softcapping = self.meta_f64(&k("final_logit_softcapping"))?.filter(|&c| c > 0.0);
         let bos = self.meta_u32("tokenizer.ggml.bos_token_id")?;
         let mut eos = Vec::new();
         for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
@@ -236,7 +255,7 @@ impl GgufFile {
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: self.need_usize(&k("feed_forward_length"))?,
-            num_hidden_layers: self.need_usize(&k("block_count"))?,
+            num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
@@ -248,6 +267,9 @@ impl GgufFile {
             qkv_bias: self.tensor_info("blk.0.attn_q.bias").is_some(),
             qk_norm: self.tensor_info("blk.0.attn_q_norm.weight").is_some(),
             sliding_window,
+            local_attention,
+            query_pre_attn_scalar,
+            final_logit_softcapping,
             bos_token_id: bos,
             eos_token_ids: eos,
         };

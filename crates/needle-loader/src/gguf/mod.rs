@@ -614,6 +614,9 @@ fn placeholder_config() -> crate::LlamaConfig {
         qkv_bias: false,
         qk_norm: false,
         sliding_window: None,
+        local_attention: None,
+        query_pre_attn_scalar: None,
+        final_logit_softcapping: None,
         bos_token_id: None,
         eos_token_ids: Vec::new(),
     }

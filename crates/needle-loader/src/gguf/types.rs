@@ -78,7 +78,7 @@ impl GgmlType {
 
     /// Whether [`dequantize`](crate::gguf::dequantize) handles this type.
     pub fn can_dequantize(&self) -> bool {
-        SUPPORTED.contains(&self.id)
+        needle_quant::QuantType::from_ggml_id(self.id).is_ok()
     }
 
     /// Bytes taken by `n` elements, or `None` when `n` is not a whole number of blocks or overflows.
@@ -91,7 +91,5 @@ impl GgmlType {
     }
 }
 
-const SUPPORTED: [u32; 8] = [0, 1, 30, 8, 2, 3, 12, 14];
-
 /// Human list of the dequantisable types, for errors.
-pub(crate) const SUPPORTED_NAMES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K";
+pub(crate) const SUPPORTED_NAMES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K, Q6_K";

@@ -86,10 +86,16 @@ impl<M> KvCache<M> {
         if !self.retain_training {
             tracing::warn!("forking a cache that did not retain training queries: selectors train on keys only");
         }
-        let heads = make_heads(self.heads.len(), self.gqa.n_kv_heads, self.head_dim, factory, &config, |l, j| {
+        let mut heads = make_heads(self.heads.len(), self.gqa.n_kv_heads, self.head_dim, factory, &config, |l, j| {
             let h = &self.heads[l][j];
             Ok((h.keys.to_dtype(config.kv)?, h.values.to_dtype(config.kv)?, h.train_queries.clone()))
         })?;
+        // Sliding-window layers have no selectors (LayerKind::Window).
+        for (row, ring) in heads.iter_mut().zip(&self.rings) {
+            if ring.is_some() {
+                row.iter_mut().for_each(|h| h.selector = Box::new(FullSelector));
+            }
+        }
         let mut c = KvCache {
             heads,
             gqa: self.gqa,
@@ -107,6 +113,7 @@ impl<M> KvCache<M> {
             tiers: None,
             early_build: self.early_build,
             builder: None,
+            rings: self.rings.clone(),
             mirror: M::default(),
             decode_mode: self.decode_mode,
             stats: DecodeStats::default(),

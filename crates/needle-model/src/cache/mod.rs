@@ -25,11 +25,14 @@ mod decode;
 mod persist;
 mod tiers;
 mod trace;
+mod window;
 
 use build::{EarlyBuild, EarlyBuilt};
 pub use decode::{DecodeMode, DynamicPart};
 use tiers::Tiers;
 pub use trace::QueryTrace;
+pub use window::LayerKind;
+use window::Ring;
 
 /// Rows per KV page (the unit a storage tier moves).
 pub const PAGE_SIZE: usize = 256;
@@ -193,6 +196,8 @@ pub struct KvCache<M = ()> {
     early_build: bool,
     /// The background builder holding those layers until [`KvCache::build`].
     builder: Option<Worker<EarlyBuild, EarlyBuilt>>,
+    /// Per layer: the ring of a sliding-window layer, `None` for a global one ([`LayerKind`]).
+    rings: Vec<Option<Ring>>,
     /// The backend's device copy of the rows.
     pub(crate) mirror: M,
     /// How a device backend runs decode attention.
@@ -260,6 +265,7 @@ impl<M> KvCache<M> {
             tiers: None,
             early_build: true,
             builder: None,
+            rings: vec![None; n_layers],
             mirror: M::default(),
             decode_mode: DecodeMode::default(),
             stats: DecodeStats::default(),
@@ -269,6 +275,9 @@ impl<M> KvCache<M> {
     /// Tokens held by `layer` (layers fill one after another within a forward pass).
     pub fn layer_len(&self, layer: usize) -> Result<usize> {
         self.check_layer(layer)?;
+        if let Some(n) = self.window_len(layer) {
+            return Ok(n);
+        }
         Ok(self.heads[layer].first().map_or(0, |h| h.keys.len()))
     }
 
@@ -290,7 +299,7 @@ impl<M> KvCache<M> {
     /// Tokens held. Read off the last layer, which fills last and never goes to the background
     /// builder.
     pub fn len(&self) -> usize {
-        self.heads.last().and_then(|l| l.first()).map_or(0, |h| h.keys.len())
+        self.heads.len().checked_sub(1).map_or(0, |l| self.layer_len(l).unwrap_or(0))
     }
 
     /// True when empty.
@@ -340,10 +349,13 @@ impl<M> KvCache<M> {
         self.heads.get(layer).and_then(|l| l.first()).map_or_else(String::new, |h| h.selector.describe())
     }
 
-    /// Host bytes held by keys and values, and by selector structures.
+    /// Host bytes held by keys and values (sliding-window layers' rings included), and by
+    /// selector structures.
     pub fn memory_bytes(&self) -> (usize, usize) {
         let heads = self.heads.iter().flatten();
-        heads.fold((0, 0), |(kv, sel), h| (kv + h.keys.bytes() + h.values.bytes(), sel + h.selector.memory_bytes()))
+        let (kv, sel) = heads
+            .fold((0, 0), |(kv, sel), h| (kv + h.keys.bytes() + h.values.bytes(), sel + h.selector.memory_bytes()));
+        (kv + self.ring_bytes(), sel)
     }
 
     /// Keys of one layer and KV head.
@@ -384,6 +396,9 @@ impl<M> KvCache<M> {
                     values.len()
                 ),
             ));
+        }
+        if self.push_window(layer, keys, values) {
+            return Ok(());
         }
         let (built, n_kv) = (self.built, self.gqa.n_kv_heads);
         let push = |(j, h): (usize, &mut HeadCache)| -> Result<()> {

@@ -58,6 +58,13 @@ impl<M> KvCache<M> {
     /// that cannot save its state ([`needle_core::Error::Unsupported`]) has its training
     /// queries written instead and is rebuilt from them at load.
     pub(crate) fn save_heads(&self, w: &mut ContextWriter, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
+        if self.has_windows() {
+            return Err(Error::State(
+                "saving a context with sliding-window layers (LayerKind::Window) is not supported yet: \
+                 prefill the document in each run"
+                    .into(),
+            ));
+        }
         if !self.built {
             return Err(Error::State("saving needs a prefilled cache (its selectors built)".into()));
         }
