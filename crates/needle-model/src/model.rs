@@ -121,11 +121,18 @@ impl<B: NeedleBackend> Linear<B> {
 }
 
 /// `x` through several linears sharing it: one fused call when all keep stored blocks.
-fn forward_many<B: NeedleBackend, const N: usize>(x: Tensor<B, 2>, ls: [&Linear<B>; N]) -> Result<[Tensor<B, 2>; N]> {
-    let outs = match ls.iter().map(|l| l.native.0.as_ref()).collect::<Option<Vec<_>>>() {
-        Some(ws) => B::qlinear_many(x, &ws)?,
-        None => ls.iter().map(|l| l.forward(x.clone())).collect::<Result<Vec<_>>>()?,
-    };
+fn forward_many<B: NeedleBackend>(x: Tensor<B, 2>, ls: &[&Linear<B>]) -> Result<Vec<Tensor<B, 2>>> {
+    match ls.iter().map(|l| l.native.0.as_ref()).collect::<Option<Vec<_>>>() {
+        Some(ws) => B::qlinear_many(x, &ws),
+        None => ls.iter().map(|l| l.forward(x.clone())).collect(),
+    }
+}
+
+/// What [`Llama::layers`] attends with: `(layer, q, k, v)` (`[t, heads, dim]` each) → `[t, heads·dim]`.
+type Attend<'a, B> = dyn FnMut(usize, Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Result<Tensor<B, 2>> + 'a;
+
+/// The `N` outputs of linears that shared one input, as an array.
+fn take<B: NeedleBackend, const N: usize>(outs: Vec<Tensor<B, 2>>) -> Result<[Tensor<B, 2>; N]> {
     outs.try_into().map_err(|_| Error::State("a fused linear returned the wrong number of outputs".into()))
 }
 
@@ -434,27 +441,59 @@ impl<B: NeedleBackend> Llama<B> {
                 ),
             ));
         }
-        let (nh, nkv, d) = (self.gqa.n_q_heads, self.gqa.n_kv_heads, self.config.head_dim);
+        let d = self.config.head_dim;
         let device = self.device();
-        let gemma = self.config.architecture == needle_loader::Architecture::Gemma3;
-        let mut x = self.embed(tokens)?;
-        if gemma {
-            x = x * (self.config.hidden_size as f32).sqrt();
-        }
+        let x = self.embed_scaled(tokens)?;
         let rope = RopeTables::new(self.fused, &self.rope, pos0..pos0 + t, d, &device);
-        // The linear layers' time, for the decode profile ([`DecodeStats::profile`]).
-        let mut weights = Duration::ZERO;
-        let timed = |weights: &mut Duration, t0: Instant| *weights += t0.elapsed();
         let local = self.local_rope.as_ref().map(|r| RopeTables::new(self.fused, r, pos0..pos0 + t, d, &device));
+        let scale = self.scale();
+        let mut attend = |l: usize, q, k, v| cached_attention(cache, l, step, q, k, v, scale);
+        let (hidden, weights) = self.layers(x, (&rope, local.as_ref()), false, &mut attend)?;
+        if step == AttentionStep::Decode {
+            cache.stats.weights_time += weights;
+        }
+        Ok(hidden)
+    }
+
+    /// The token embeddings, scaled by √hidden for Gemma 3.
+    fn embed_scaled(&self, tokens: &[u32]) -> Result<Tensor<B, 2>> {
+        let x = self.embed(tokens)?;
+        Ok(match self.config.architecture {
+            needle_loader::Architecture::Gemma3 => x * (self.config.hidden_size as f32).sqrt(),
+            _ => x,
+        })
+    }
+
+    /// The transformer blocks over embedded rows `x` (`[t, hidden]`), then the final norm: the one
+    /// layer computation of prefill, extension, decode and batched decode. `ropes` are the global
+    /// and (if the model has them) local layers' tables for the rows; `attend(layer, q, k, v)`
+    /// attends the rows (`[t, heads, dim]` each) and returns `[t, heads·dim]`. With `rows`, each
+    /// row goes through the linears as a lone decode row does ([`NeedleBackend::qlinear_rows`]).
+    /// Also returns the time spent in the linears (the decode profile's weights).
+    fn layers(
+        &self,
+        mut x: Tensor<B, 2>,
+        ropes: (&RopeTables<B>, Option<&RopeTables<B>>),
+        rows: bool,
+        attend: &mut Attend<'_, B>,
+    ) -> Result<(Tensor<B, 2>, Duration)> {
+        let (nh, nkv, d) = (self.gqa.n_q_heads, self.gqa.n_kv_heads, self.config.head_dim);
+        let t = x.dims()[0];
+        let gemma = self.config.architecture == needle_loader::Architecture::Gemma3;
+        let mut weights = Duration::ZERO;
+        let mut linear = |x: Tensor<B, 2>, ls: &[&Linear<B>]| -> Result<Vec<Tensor<B, 2>>> {
+            let t0 = Instant::now();
+            let out = if rows { batch::rows_many(x, ls)? } else { forward_many(x, ls)? };
+            weights += t0.elapsed();
+            Ok(out)
+        };
         for (l, b) in self.blocks.iter().enumerate() {
-            let rope = match (&local, self.config.layer_window(l)) {
+            let rope = match (ropes.1, self.config.layer_window(l)) {
                 (Some(local), Some(_)) => local,
-                _ => &rope,
+                _ => ropes.0,
             };
             let h = self.rms_norm(x.clone(), &b.attn_norm)?;
-            let t0 = Instant::now();
-            let [q, k, v] = forward_many(h, [&b.wq, &b.wk, &b.wv])?;
-            timed(&mut weights, t0);
+            let [q, k, v]: [Tensor<B, 2>; 3] = take(linear(h, &[&b.wq, &b.wk, &b.wv])?)?;
             let bias = |x: Tensor<B, 2>, b: &Option<Param<Tensor<B, 2>>>| match b {
                 Some(b) => x + b.val(),
                 None => x,
@@ -463,15 +502,11 @@ impl<B: NeedleBackend> Llama<B> {
             let q = rope.apply(self.heads(q, nh, &b.q_norm)?)?;
             let k = rope.apply(self.heads(k, nkv, &b.k_norm)?)?;
             let v = v.reshape([t, nkv, d]);
-            let attn = cached_attention(cache, l, step, q, k, v, self.scale())?;
-            let t0 = Instant::now();
-            let o = b.wo.forward(attn)?;
-            timed(&mut weights, t0);
+            let attn = attend(l, q, k, v)?;
+            let [o] = take(linear(attn, &[&b.wo])?)?;
             x = x + self.post_norm(o, &b.post_attn_norm)?;
             let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
-            let t0 = Instant::now();
-            let [gate, up] = forward_many(h, [&b.w_gate, &b.w_up])?;
-            timed(&mut weights, t0);
+            let [gate, up] = take(linear(h, &[&b.w_gate, &b.w_up])?)?;
             let ff = if gemma {
                 gelu_tanh(gate) * up
             } else if self.fused {
@@ -479,15 +514,10 @@ impl<B: NeedleBackend> Llama<B> {
             } else {
                 plain::silu_mul(gate, up)
             };
-            let t0 = Instant::now();
-            let down = b.w_down.forward(ff)?;
-            timed(&mut weights, t0);
+            let [down] = take(linear(ff, &[&b.w_down])?)?;
             x = x + self.post_norm(down, &b.post_ffn_norm)?;
         }
-        if step == AttentionStep::Decode {
-            cache.stats.weights_time += weights;
-        }
-        self.rms_norm(x, &self.norm)
+        Ok((self.rms_norm(x, &self.norm)?, weights))
     }
 
     /// `x`, RMS-normalised when the block has the norm (Gemma 3's norms after attention and MLP).
