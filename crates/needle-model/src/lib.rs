@@ -67,6 +67,7 @@ pub use attention::{AttentionStep, cached_attention};
 pub use backend::NeedleBackend;
 pub use cache::{
     DecodeMode, DecodeProfile, DecodeStats, DynamicPart, KvCache, LayerKind, PAGE_SIZE, QueryTrace, SelectionConfig,
+    StepTimes,
 };
 pub use error::{Error, Result};
 pub use generate::{GenerateConfig, Generation, StopReason, generate, generate_from, prefill_then_extend};

@@ -449,9 +449,7 @@ impl<B: NeedleBackend> Llama<B> {
         let scale = self.scale();
         let mut attend = |l: usize, q, k, v| cached_attention(cache, l, step, q, k, v, scale);
         let (hidden, weights) = self.layers(x, (&rope, local.as_ref()), false, &mut attend)?;
-        if step == AttentionStep::Decode {
-            cache.stats.weights_time += weights;
-        }
+        cache.last_weights_time = weights;
         Ok(hidden)
     }
 
@@ -635,13 +633,13 @@ impl<B: NeedleBackend> Llama<B> {
         if !cache.is_built() {
             return Err(Error::State("decode before prefill: prefill a prompt first".into()));
         }
-        let t0 = Instant::now();
+        let (before, t0) = (cache.stats, Instant::now());
         let hidden = self.forward(&[token], cache, AttentionStep::Decode)?;
         cache.finish_step();
         let t1 = Instant::now();
         let logits = self.logits(hidden, &[0])?;
-        cache.stats.weights_time += t1.elapsed();
-        cache.stats.step_time += t0.elapsed();
+        let weights = cache.last_weights_time + t1.elapsed();
+        cache.stats.account_decode_step(&before, t0.elapsed(), weights);
         Ok(logits)
     }
 

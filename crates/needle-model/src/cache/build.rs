@@ -117,6 +117,7 @@ impl<M> KvCache<M> {
             mirror: M::default(),
             decode_mode: self.decode_mode,
             stats: DecodeStats::default(),
+            last_weights_time: std::time::Duration::ZERO,
         };
         c.build(scale)?;
         Ok(c)

@@ -110,13 +110,30 @@ pub struct DecodeStats {
     /// Key blocks a dense prefill of the same chunks would have attended, summed the same way
     /// (`prefill_blocks / prefill_blocks_dense` is the pattern's density).
     pub prefill_blocks_dense: u64,
-    /// Wall time of whole decode steps, from the token in to the logits out.
+    /// Where the time of [`Llama::decode`](crate::Llama::decode) steps went (prefill and
+    /// extensions not counted): what [`DecodeStats::profile`] splits.
+    pub step_times: StepTimes,
+}
+
+/// Wall times summed over decode steps only ([`DecodeStats::step_times`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepTimes {
+    /// Whole steps, from the token in to the logits out.
     #[serde(serialize_with = "secs")]
-    pub step_time: Duration,
-    /// Wall time of the decode steps' linear layers (projections, MLP, output head): the
-    /// weights' share of a step. Measured on the host backends, whose ops run as they are called.
+    pub step: Duration,
+    /// The linear layers and the output head: reading the weights. Measured on the host
+    /// backends, whose ops run as they are called.
     #[serde(serialize_with = "secs")]
-    pub weights_time: Duration,
+    pub weights: Duration,
+    /// Attention over the static part and the selected keys.
+    #[serde(serialize_with = "secs")]
+    pub attention: Duration,
+    /// The selectors choosing keys.
+    #[serde(serialize_with = "secs")]
+    pub walk: Duration,
+    /// Inserting the keys that leave the window into the selectors.
+    #[serde(serialize_with = "secs")]
+    pub insert: Duration,
 }
 
 /// Where a decode step's time goes, in milliseconds per step ([`DecodeStats::profile`]).
@@ -146,11 +163,22 @@ impl DecodeStats {
     /// The decode steps' time per step, split into weights, attention, walk, insert and other.
     pub fn profile(&self) -> DecodeProfile {
         let per = |d: Duration| 1e3 * d.as_secs_f64() / self.steps.max(1) as f64;
-        let step_ms = per(self.step_time);
-        let (weights_ms, attention_ms) = (per(self.weights_time), per(self.attend_time));
-        let (walk_ms, insert_ms) = (per(self.select_time), per(self.insert_time));
+        let t = &self.step_times;
+        let (step_ms, weights_ms, attention_ms) = (per(t.step), per(t.weights), per(t.attention));
+        let (walk_ms, insert_ms) = (per(t.walk), per(t.insert));
         let other_ms = (step_ms - weights_ms - attention_ms - walk_ms - insert_ms).max(0.0);
         DecodeProfile { steps: self.steps, step_ms, weights_ms, attention_ms, walk_ms, insert_ms, other_ms }
+    }
+
+    /// Adds one decode step's times: `step` and `weights` measured by the caller, the rest what
+    /// the cache's own timers gained since `before`.
+    pub(crate) fn account_decode_step(&mut self, before: &DecodeStats, step: Duration, weights: Duration) {
+        let t = &mut self.step_times;
+        t.step += step;
+        t.weights += weights;
+        t.attention += self.attend_time.saturating_sub(before.attend_time);
+        t.walk += self.select_time.saturating_sub(before.select_time);
+        t.insert += self.insert_time.saturating_sub(before.insert_time);
     }
 
     /// Share of context keys whose full vectors were read per step, over the dense cost: the
@@ -204,6 +232,8 @@ pub struct KvCache<M = ()> {
     decode_mode: DecodeMode,
     /// Decode cost so far.
     pub stats: DecodeStats,
+    /// The linear layers' time in the last forward pass (a decode step's weights share).
+    pub(crate) last_weights_time: Duration,
 }
 
 /// One row of heads per layer, each with a selector from `factory` (full attention below
@@ -269,6 +299,7 @@ impl<M> KvCache<M> {
             mirror: M::default(),
             decode_mode: DecodeMode::default(),
             stats: DecodeStats::default(),
+            last_weights_time: Duration::ZERO,
         })
     }
 
