@@ -3,7 +3,7 @@
 
     /root/.cache/needle/refenv/bin/python tests/bench/needle_vs_llama_cpp.py \
         --needle target/release/needle [--contexts 512,2048,8192] [--decode 64] \
-        [--selectors full,retrieval] [--repeat 3] [--out /tmp/needle_vs_llama_cpp.json]
+        [--selectors full,retrieval] [--repeat 3] [--needle-args "--kv f16"] [--out /tmp/needle_vs_llama_cpp.json]
 
 Both read the first N tokens of Pride and Prejudice from "It is a truth universally
 acknowledged" (llama.cpp's tokenization, passed to needle as ids through a temporary text
@@ -31,9 +31,9 @@ import common as C  # noqa: E402
 from bench_llama_cpp import one_pass  # noqa: E402
 
 
-def needle_run(binary: str, text_path: str, n: int, decode: int, selector: str) -> dict:
+def needle_run(binary: str, text_path: str, n: int, decode: int, selector: str, extra: list[str]) -> dict:
     cmd = [binary, "generate", "--model", C.Q4_1_PATH, "--prompt-file", text_path, "--context-tokens", str(n),
-           "--max-tokens", str(decode), "--selector", selector, "--json"]
+           "--max-tokens", str(decode), "--selector", selector, "--json", *extra]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
@@ -45,9 +45,11 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--selectors", default="full,retrieval")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--needle-args", default="", help="extra arguments for every needle run, e.g. '--kv f16'")
     ap.add_argument("--out", default="/tmp/needle_vs_llama_cpp.json")
     args = ap.parse_args()
     contexts = [int(x) for x in args.contexts.split(",")]
+    extra = args.needle_args.split()
 
     vocab, _ = C.load_llama(C.Q4_1_PATH, n_ctx=512, vocab_only=True)
     prompt_all = C.text_tokens(vocab, C.PRIDE, C.PRIDE_ANCHOR, max(contexts))
@@ -60,7 +62,7 @@ def main() -> int:
     n_ctx = -(-(max(contexts) + args.decode + 1) // 256) * 256
     llm, _ = C.load_llama(C.Q4_1_PATH, n_ctx=n_ctx, n_threads=2, flash_attn=True)
     one_pass(llm, prompt_all[: min(contexts)], args.decode)
-    needle_run(args.needle, text_path, min(contexts), 4, "full")  # warm-up (page in weights)
+    needle_run(args.needle, text_path, min(contexts), 4, "full", extra)  # warm-up (page in weights)
     rows = []
     for n in contexts:
         ref = {"prefill": 0.0, "decode": 0.0}
@@ -69,7 +71,7 @@ def main() -> int:
             for _ in range(args.repeat):
                 tp, td = one_pass(llm, prompt_all[:n], args.decode)
                 ref = {"prefill": max(ref["prefill"], n / tp), "decode": max(ref["decode"], args.decode / td)}
-                r = needle_run(args.needle, text_path, n, args.decode, sel)
+                r = needle_run(args.needle, text_path, n, args.decode, sel, extra)
                 if best is None:
                     best = r
                 best["prefill_tokens_per_second"] = max(best["prefill_tokens_per_second"], r["prefill_tokens_per_second"])
@@ -78,7 +80,8 @@ def main() -> int:
                    "needle_decode": best["decode_tokens_per_second"], "llama_prefill": ref["prefill"],
                    "llama_decode": ref["decode"], "keys_touched": best["share_of_keys_touched"],
                    "peak_rss_mib": (best["peak_rss_bytes"] or 0) / 2**20, "repeat": args.repeat,
-                   "load_avg": os.getloadavg()[0]}
+                   "load_avg": os.getloadavg()[0], "needle_args": args.needle_args,
+                   "decode_profile": best.get("decode_profile")}
             rows.append(row)
             print(json.dumps(row), flush=True)
     os.unlink(text_path)
