@@ -44,6 +44,26 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
+/// Hints the CPU to fetch the cache line(s) holding `bytes` starting at `p` (no effect off
+/// x86-64): random reads issued together overlap their misses instead of queueing them.
+#[inline(always)]
+pub fn prefetch(p: *const u8, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (p, bytes);
+    }
+}
+
 /// The group's score of a key: the largest `q·k` over the group's query rows (unscaled).
 /// A key any head of the group attends strongly to is worth fetching once for all of them.
 #[inline]

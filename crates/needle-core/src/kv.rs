@@ -99,6 +99,19 @@ pub enum Row<'a> {
     Q8(&'a [u8]),
 }
 
+impl Row<'_> {
+    /// Starts fetching the row's bytes into the cache ([`prefetch`](crate::kit::prefetch)).
+    #[inline]
+    pub fn prefetch(&self) {
+        let (p, bytes) = match self {
+            Row::F32(r) => (r.as_ptr() as *const u8, size_of_val(*r)),
+            Row::F16(r) => (r.as_ptr() as *const u8, size_of_val(*r)),
+            Row::Q8(r) => (r.as_ptr(), r.len()),
+        };
+        crate::kit::prefetch(p, bytes);
+    }
+}
+
 impl<'a> From<&'a [f32]> for Row<'a> {
     fn from(r: &'a [f32]) -> Self {
         Row::F32(r)

@@ -29,7 +29,8 @@ use rayon::prelude::*;
 use crate::beam::{Beam, Visited, VisitedPool, Work};
 use crate::dist::dot;
 use crate::graph::{FixedGraph, occlusion_prune_by};
-use crate::qdot::{CODE_ALIGN, Level, MAX_DIM, QMAX, kernel, prefetch};
+use crate::qdot::{CODE_ALIGN, Level, MAX_DIM, QMAX, kernel};
+use needle_core::kit::prefetch;
 use crate::roar::{RoarGraph, RoarGraphParams, RoarParts, positive};
 use crate::state::{Reader, Writer};
 
@@ -209,6 +210,8 @@ impl Codes {
     #[inline(always)]
     fn prefetch(&self, i: u32) {
         prefetch(self.buf.as_ptr().wrapping_add(self.off + i as usize * self.stride) as *const u8, self.stride);
+        // The scale lives in its own array: a second line to fetch.
+        prefetch(self.scales.as_ptr().wrapping_add(i as usize) as *const u8, 4);
     }
 
     /// Appends the codes of `rows` (row-major, `dim` wide): `c = round(x / s)`, `s = max|x| / 127`.

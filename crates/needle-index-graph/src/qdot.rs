@@ -96,25 +96,6 @@ pub(crate) fn dots_scalar(key: &[i8], queries: &[i16], out: &mut [i32]) {
     }
 }
 
-/// Hints the CPU to fetch the cache line(s) holding `bytes` starting at `p` (no effect elsewhere).
-#[inline(always)]
-pub(crate) fn prefetch(p: *const u8, bytes: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let mut off = 0;
-        while off < bytes {
-            // SAFETY: prefetch never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
-            off += 64;
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (p, bytes);
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;

@@ -706,13 +706,16 @@ fn compact_memory_is_codes_links_and_entries() {
         let want = 2000 * DIM + 64 + 2000 * 4 + 2000 * m * 2 + entries * 4;
         assert_eq!(b.bytes, want, "m {m}");
         assert_eq!(idx.memory_bytes(), want);
-        // A search adds its visited stamps (one u32 per key), kept for the next.
+        // A search adds its visited set (one bit per key), kept for the next.
         idx.search(&f.test[..DIM], 5, &SearchParams::default()).unwrap();
-        assert_eq!(idx.memory_bytes(), want + 2000 * 4);
+        let visited = 2000usize.div_ceil(64) * 8;
+        assert_eq!(idx.memory_bytes(), want + visited);
         // Inserts grow codes, scales and links by exactly the new keys.
         let more = &f.keys[..100 * DIM];
         idx.insert(more).unwrap();
-        assert_eq!(idx.memory_bytes(), want + 2100 * 4 + 100 * (DIM + 4 + m * 2), "m {m} after insert");
+        // (linking the new keys searched, over all 2,100)
+        let visited = 2100usize.div_ceil(64) * 8;
+        assert_eq!(idx.memory_bytes(), want + visited + 100 * (DIM + 4 + m * 2), "m {m} after insert");
         let f32_keys = 2100 * DIM * 4;
         assert!(idx.memory_bytes() < f32_keys, "m {m}: {} bytes vs {f32_keys} of f32 keys", idx.memory_bytes());
     }

@@ -116,6 +116,24 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// `f(i, &mut items[i])` for every item, spread over the pool like [`Pool::run`]; returns
+    /// the results in the items' order. For the per-head loops of a decode step: on the same
+    /// threads as the matrix products around them, so no second pool competes for the cores.
+    pub fn map_mut<T: Send, R: Send>(&self, items: &mut [T], f: impl Fn(usize, &mut T) -> R + Sync) -> Vec<R> {
+        let n = items.len();
+        // One lock per item, uncontended: task `i` alone takes lock `i`.
+        let cells: Vec<Mutex<(&mut T, Option<R>)>> = items.iter_mut().map(|t| Mutex::new((t, None))).collect();
+        self.run(n, &|i| {
+            let mut cell = lock(&cells[i]);
+            let r = f(i, &mut *cell.0);
+            cell.1 = Some(r);
+        });
+        // `run` returns after every task ran once (a panic is re-raised before this point).
+        cells.into_iter().filter_map(|c| c.into_inner().unwrap_or_else(|e| e.into_inner()).1).collect()
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -200,6 +218,20 @@ mod tests {
             }
         });
         assert_eq!(total.load(Ordering::Relaxed), 50);
+    }
+
+    #[test]
+    fn map_mut_gives_each_task_its_item_and_keeps_the_order() {
+        let pool = Pool::new(3);
+        for n in [0, 1, 3, 17] {
+            let mut items: Vec<u64> = (0..n).collect();
+            let out = pool.map_mut(&mut items, |i, x| {
+                *x += 100;
+                (i as u64) * 2
+            });
+            assert_eq!(out, (0..n).map(|i| i * 2).collect::<Vec<_>>());
+            assert_eq!(items, (0..n).map(|i| i + 100).collect::<Vec<_>>());
+        }
     }
 
     #[test]

@@ -318,7 +318,17 @@ impl RetrievalSelector {
         if matches!(self.cfg.combine, GroupCombine::Rerank | GroupCombine::MeanRerank | GroupCombine::Max)
             || exact_scores
         {
-            for c in &mut self.cands {
+            // The candidates' rows lie at random in the pages: ask for a few ahead of the one
+            // scored, so their misses overlap.
+            const AHEAD: usize = 8;
+            for c in self.cands.iter().take(AHEAD) {
+                keys.row(c.0 as usize).prefetch();
+            }
+            for i in 0..self.cands.len() {
+                if let Some(c) = self.cands.get(i + AHEAD) {
+                    keys.row(c.0 as usize).prefetch();
+                }
+                let c = &mut self.cands[i];
                 c.1 = group_max(queries, dim, keys.row(c.0 as usize));
             }
             // Each candidate key is read once and scored against the whole group.

@@ -98,7 +98,10 @@ impl<M> KvCache<M> {
         let outs: Vec<(T, Duration, Duration)> = if rows < PAR_MIN_ROWS {
             heads.iter_mut().enumerate().map(step).collect::<Result<_>>()?
         } else {
-            heads.par_iter_mut().enumerate().map(step).collect::<Result<_>>()?
+            // On the linears' pool: its workers spin between loops, and a second pool's threads
+            // would compete with them for the cores.
+            let pool = needle_kernels_cpu::Pool::global();
+            pool.map_mut(heads, |j, h| step((j, h))).into_iter().collect::<Result<_>>()?
         };
         let (sel, att): (Duration, Duration) = outs.iter().fold(Default::default(), |(a, b), o| (a + o.1, b + o.2));
         self.account_step(layer, wall.elapsed(), sel, att);

@@ -454,7 +454,8 @@ impl<M> KvCache<M> {
             && self.heads[layer].iter().any(|h| !h.selector.static_part().dynamic_range(h.keys.len() + t).is_empty());
         if inserts {
             let t0 = Instant::now();
-            self.heads[layer].par_iter_mut().enumerate().try_for_each(push)?;
+            let pool = needle_kernels_cpu::Pool::global();
+            pool.map_mut(&mut self.heads[layer], |j, h| push((j, h))).into_iter().collect::<Result<()>>()?;
             self.stats.insert_time += t0.elapsed();
         } else {
             self.heads[layer].iter_mut().enumerate().try_for_each(push)?;
