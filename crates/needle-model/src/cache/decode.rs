@@ -84,24 +84,29 @@ impl<M> KvCache<M> {
         if !scale.is_finite() {
             return Err(Error::invalid("scale", format!("{scale} is not finite")));
         }
-        let step = |(j, h): (usize, &mut HeadCache)| -> Result<(T, Duration, Duration)> {
-            let qg = &q[gqa.group(j).start * d..gqa.group(j).end * d];
+        let group = |j: usize| &q[gqa.group(j).start * d..gqa.group(j).end * d];
+        let select = |j: usize, h: &mut HeadCache| -> Result<Duration> {
             let t0 = Instant::now();
-            h.selector.select(qg, &h.keys, &budget, &mut h.selection)?;
-            let t1 = Instant::now();
-            let out = attend(h, qg)?;
-            Ok((out, t1 - t0, t1.elapsed()))
+            h.selector.select(group(j), &h.keys, &budget, &mut h.selection)?;
+            Ok(t0.elapsed())
+        };
+        let attend_head = |j: usize, h: &mut HeadCache| -> Result<(T, Duration)> {
+            let t0 = Instant::now();
+            let out = attend(h, group(j))?;
+            Ok((out, t0.elapsed()))
         };
         let wall = Instant::now();
         let heads = &mut self.heads[layer];
         let rows: usize = heads.iter().map(|h| h.keys.len()).sum();
         let outs: Vec<(T, Duration, Duration)> = if rows < PAR_MIN_ROWS {
+            let step = |(j, h): (usize, &mut HeadCache)| -> Result<(T, Duration, Duration)> {
+                let sel = select(j, h)?;
+                let (out, att) = attend_head(j, h)?;
+                Ok((out, sel, att))
+            };
             heads.iter_mut().enumerate().map(step).collect::<Result<_>>()?
         } else {
-            // On the linears' pool: its workers spin between loops, and a second pool's threads
-            // would compete with them for the cores.
-            let pool = needle_kernels_cpu::Pool::global();
-            pool.map_mut(heads, |j, h| step((j, h))).into_iter().collect::<Result<_>>()?
+            staged(heads, select, attend_head)?
         };
         let (sel, att): (Duration, Duration) = outs.iter().fold(Default::default(), |(a, b), o| (a + o.1, b + o.2));
         self.account_step(layer, wall.elapsed(), sel, att);
@@ -141,6 +146,72 @@ impl<M> KvCache<M> {
     pub fn last_selection(&self, layer: usize, kv_head: usize) -> &Selection {
         &self.heads[layer][kv_head].selection
     }
+}
+
+/// The heads' selections, then their attentions, as one loop of `2 × heads` tasks on the
+/// linears' pool (its workers spin between loops; a second pool's threads would compete with
+/// them for the cores). Tasks are claimed in order, so every selection starts before any
+/// attention, and an attention waits only for its own head's selection: with more heads than
+/// threads, the heads selected first attend while the last ones still walk (three heads on two
+/// threads, say, instead of two rounds of select-then-attend). Returns per head the output and
+/// the selection and attention times.
+fn staged<T: Send>(
+    heads: &mut [HeadCache],
+    select: impl Fn(usize, &mut HeadCache) -> Result<Duration> + Sync,
+    attend: impl Fn(usize, &mut HeadCache) -> Result<(T, Duration)> + Sync,
+) -> Result<Vec<(T, Duration, Duration)>> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Marks a head selected when its task ends, even by a panic (re-raised by the pool), so no
+    /// attention task waits forever.
+    struct Done<'a>(&'a AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    let n = heads.len();
+    // One lock per head, never contended: a head's attention starts after its selection ended.
+    let cells: Vec<Mutex<&mut HeadCache>> = heads.iter_mut().map(Mutex::new).collect();
+    let selected: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
+    let sel: Vec<Mutex<Option<Result<Duration>>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let att: Vec<Mutex<Option<Result<(T, Duration)>>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    needle_kernels_cpu::Pool::global().run(2 * n, &|i| {
+        if i < n {
+            let _done = Done(&selected[i]);
+            let r = select(i, &mut lock(&cells[i]));
+            *lock(&sel[i]) = Some(r);
+            return;
+        }
+        let j = i - n;
+        let mut spins = 0u32;
+        while !selected[j].load(Ordering::Acquire) {
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1024) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        if matches!(*lock(&sel[j]), Some(Ok(_))) {
+            let r = attend(j, &mut lock(&cells[j]));
+            *lock(&att[j]) = Some(r);
+        }
+    });
+    let mut outs = Vec::with_capacity(n);
+    for (s, a) in sel.into_iter().zip(att) {
+        let s = s.into_inner().unwrap_or_else(|e| e.into_inner());
+        let a = a.into_inner().unwrap_or_else(|e| e.into_inner());
+        match (s, a) {
+            (Some(Ok(s)), Some(Ok((out, a)))) => outs.push((out, s, a)),
+            (Some(Err(e)), _) | (_, Some(Err(e))) => return Err(e),
+            _ => return Err(Error::State("a decode task of a KV head did not run".into())),
+        }
+    }
+    Ok(outs)
 }
 
 /// The query group `qg` of one KV head attending to its selected rows alone (weighted by the
