@@ -30,13 +30,19 @@ use crate::beam::{Beam, Visited, VisitedPool, Work};
 use crate::dist::dot;
 use crate::graph::{FixedGraph, occlusion_prune_by};
 use crate::qdot::{CODE_ALIGN, Level, MAX_DIM, QMAX, kernel};
-use needle_core::kit::prefetch;
 use crate::roar::{RoarGraph, RoarGraphParams, RoarParts, positive};
 use crate::state::{Reader, Writer};
+use needle_core::kit::prefetch;
 
 /// Training queries a compact build uses at most by default: a random sample (the exact k-NN of
 /// the training queries is most of the build; see docs/benchmarks.md for the recall it keeps).
 pub const DEFAULT_COMPACT_TRAIN: usize = 4096;
+
+/// The beam of the build's own searches (linking keys the projection left with few links,
+/// repairing reachability) and of inserts. The query-aware links come from the training
+/// queries, not from these searches; a narrow beam keeps recall and costs a third less build
+/// (docs/benchmarks.md §21).
+pub const DEFAULT_COMPACT_EF_CONSTRUCTION: usize = 24;
 
 /// Default early stop: expansions in a row that leave the best `k` unchanged.
 pub const DEFAULT_PATIENCE: usize = 0;
@@ -55,7 +61,11 @@ pub struct CompactGraphParams {
 impl Default for CompactGraphParams {
     fn default() -> Self {
         Self {
-            graph: RoarGraphParams { max_train: DEFAULT_COMPACT_TRAIN, ..Default::default() },
+            graph: RoarGraphParams {
+                max_train: DEFAULT_COMPACT_TRAIN,
+                ef_construction: DEFAULT_COMPACT_EF_CONSTRUCTION,
+                ..Default::default()
+            },
             patience: DEFAULT_PATIENCE,
         }
     }

@@ -50,7 +50,9 @@ use needle_core::state;
 #[cfg(test)]
 mod tests;
 
-pub use compact::{CompactGraph, CompactGraphParams, DEFAULT_COMPACT_TRAIN, DEFAULT_PATIENCE};
+pub use compact::{
+    CompactGraph, CompactGraphParams, DEFAULT_COMPACT_EF_CONSTRUCTION, DEFAULT_COMPACT_TRAIN, DEFAULT_PATIENCE,
+};
 pub use hnsw::{Hnsw, HnswParams};
 pub use qdot::{Level, MAX_DIM};
 pub use roar::{RoarGraph, RoarGraphParams};
