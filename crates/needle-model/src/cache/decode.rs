@@ -27,7 +27,9 @@ pub enum DecodeMode {
 }
 
 /// Below this many cached rows in a layer (all KV heads), decode attention runs on one thread.
-const PAR_MIN_ROWS: usize = 2048;
+/// The pool's workers are still spinning from the q/k/v products just before, so a loop starts
+/// without a wake-up: a few hundred rows already pay for the second thread.
+const PAR_MIN_ROWS: usize = 768;
 
 impl<M> KvCache<M> {
     /// Decode attention of one layer: for each KV head, its selector picks dynamic-part ids
