@@ -477,8 +477,18 @@ impl CompactGraph {
                 }
             }
             work.links += row.len() as u64;
-            // The next node to expand is usually the next in the beam: fetch its links now.
+            // The next node to expand is usually the next in the beam, whose links were asked
+            // for one expansion ago: ask for its neighbours' codes now (one expansion ahead of
+            // their scoring), and for the links of the one after it.
             if let Some(c) = beam.items().get(cur + 1) {
+                for &l in &links[c.id as usize * m..(c.id as usize + 1) * m] {
+                    if l.id() == L::NONE.id() {
+                        break;
+                    }
+                    codes.prefetch(l.id());
+                }
+            }
+            if let Some(c) = beam.items().get(cur + 2) {
                 prefetch(links.as_ptr().wrapping_add(c.id as usize * m) as *const u8, m * size_of::<L>());
             }
             let mut next = cur + 1;
@@ -719,9 +729,13 @@ impl VectorIndex for CompactGraph {
         let graph_params = RoarGraphParams::load(&mut r)?;
         let patience = r.len("patience", usize::MAX)?;
         let params = CompactGraphParams { graph: graph_params, patience };
-        if params != self.params {
+        // The degree and the patience are what the factory string names; the rest only say how
+        // the graph was built (a state saved before a default changed still loads, and keeps
+        // the parameters it was built with for its inserts).
+        if (params.graph.m, params.patience) != (self.params.graph.m, self.params.patience) {
             return Err(r.fail("params", format!("saved with {params:?}, this index has {:?}", self.params)));
         }
+        self.params = params;
         let dim = r.len("dim", usize::MAX)?;
         if dim != self.dim {
             return Err(r.fail("dim", format!("saved for dim {dim}, this index has {}", self.dim)));
@@ -750,6 +764,32 @@ impl VectorIndex for CompactGraph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state saved with other build parameters (an older default) loads, keeps them, and
+    /// searches as the saved index did; another degree is refused.
+    #[test]
+    fn a_state_built_with_other_build_parameters_loads() {
+        let dim = 16;
+        let keys: Vec<f32> = (0..400 * dim).map(|i| ((i * 37 % 101) as f32 * 0.37).sin()).collect();
+        let queries: Vec<f32> = (0..80 * dim).map(|i| ((i * 13 % 97) as f32 * 0.21).cos()).collect();
+        let old = CompactGraphParams {
+            graph: RoarGraphParams { ef_construction: 100, max_train: 64, ..CompactGraphParams::default().graph },
+            patience: DEFAULT_PATIENCE,
+        };
+        let mut saved = CompactGraph::with_params(dim, old).unwrap();
+        saved.build(&keys, Some(&queries)).unwrap();
+        let mut state = Vec::new();
+        saved.save_state(&mut state).unwrap();
+        let mut loaded = CompactGraph::new(dim).unwrap();
+        loaded.load_state(&state, &keys).unwrap();
+        assert_eq!(loaded.params(), &old);
+        let p = SearchParams::default();
+        let q = &queries[..dim];
+        assert_eq!(loaded.search(q, 10, &p).unwrap().labels, saved.search(q, 10, &p).unwrap().labels);
+        let other_m = CompactGraphParams { graph: RoarGraphParams { m: 16, ..old.graph }, ..old };
+        let mut refused = CompactGraph::with_params(dim, other_m).unwrap();
+        assert!(refused.load_state(&state, &keys).is_err());
+    }
 
     #[test]
     fn links_widen_to_u32_keeping_every_row() {
