@@ -477,18 +477,8 @@ impl CompactGraph {
                 }
             }
             work.links += row.len() as u64;
-            // The next node to expand is usually the next in the beam, whose links were asked
-            // for one expansion ago: ask for its neighbours' codes now (one expansion ahead of
-            // their scoring), and for the links of the one after it.
+            // The next node to expand is usually the next in the beam: fetch its links now.
             if let Some(c) = beam.items().get(cur + 1) {
-                for &l in &links[c.id as usize * m..(c.id as usize + 1) * m] {
-                    if l.id() == L::NONE.id() {
-                        break;
-                    }
-                    codes.prefetch(l.id());
-                }
-            }
-            if let Some(c) = beam.items().get(cur + 2) {
                 prefetch(links.as_ptr().wrapping_add(c.id as usize * m) as *const u8, m * size_of::<L>());
             }
             let mut next = cur + 1;
