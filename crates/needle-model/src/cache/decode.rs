@@ -179,8 +179,10 @@ fn staged<T: Send>(
     // One lock per head, never contended: a head's attention starts after its selection ended.
     let cells: Vec<Mutex<&mut HeadCache>> = heads.iter_mut().map(Mutex::new).collect();
     let selected: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
-    let sel: Vec<Mutex<Option<Result<Duration>>>> = (0..n).map(|_| Mutex::new(None)).collect();
-    let att: Vec<Mutex<Option<Result<(T, Duration)>>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    /// A task's result, written once by the task that ran it.
+    type Slot<R> = Mutex<Option<Result<R>>>;
+    let sel: Vec<Slot<Duration>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let att: Vec<Slot<(T, Duration)>> = (0..n).map(|_| Mutex::new(None)).collect();
     needle_kernels_cpu::Pool::global().run(2 * n, &|i| {
         if i < n {
             let _done = Done(&selected[i]);
