@@ -54,7 +54,8 @@ pub struct EvalArgs {
     /// Decode steps compared.
     #[arg(long, default_value_t = 64)]
     pub steps: usize,
-    /// Layers whose attention is compared key by key (comma-separated; default every 4th).
+    /// Layers whose attention is compared key by key (comma-separated; default every 4th, or
+    /// every global layer of a model with sliding-window layers).
     #[arg(long, value_delimiter = ',')]
     pub attn_layers: Vec<usize>,
     /// Passkey prompt lengths in tokens.
@@ -388,7 +389,7 @@ fn print_sweep(report: &SweepReport) {
 fn print_fidelity(rows: &[FidelityRow], context: usize) {
     println!("\nFidelity against full attention ({context}-token prompt, teacher-forced greedy decode)");
     println!(
-        "{:<34} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7}",
+        "{:<34} {:>9} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7}",
         "selector",
         "mean KL",
         "max KL",
@@ -397,6 +398,7 @@ fn print_fidelity(rows: &[FidelityRow], context: usize) {
         "mass",
         "out err",
         "touched",
+        "global",
         "MB/step",
         "sel ms",
         "attn ms",
@@ -405,7 +407,7 @@ fn print_fidelity(rows: &[FidelityRow], context: usize) {
     );
     for r in rows {
         println!(
-            "{:<34} {:>9.2e} {:>9.2e} {:>6.1}% {:>7} {:>6.1}% {:>8.2e} {:>7.2}% {:>9.1} {:>8.2} {:>8.2} {:>8.1} {:>7.2}",
+            "{:<34} {:>9.2e} {:>9.2e} {:>6.1}% {:>7} {:>6.1}% {:>8.2e} {:>7.2}% {:>7.2}% {:>9.1} {:>8.2} {:>8.2} {:>8.1} {:>7.2}",
             r.selector,
             r.mean_kl,
             r.max_kl,
@@ -414,6 +416,7 @@ fn print_fidelity(rows: &[FidelityRow], context: usize) {
             100.0 * r.mass,
             r.output_error,
             100.0 * r.keys_touched,
+            100.0 * r.keys_touched_global,
             r.bytes_per_step / 1e6,
             r.select_ms,
             r.attend_ms,

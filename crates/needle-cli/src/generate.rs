@@ -182,6 +182,7 @@ fn report<M>(a: &GenerateArgs, out: &Generation, cache: &KvCache<M>, context_loa
             "prefill_tokens_per_second": out.prefill_tps(),
             "decode_tokens_per_second": out.decode_tps(),
             "share_of_keys_touched": out.stats.share_touched(),
+            "share_of_keys_touched_global": out.stats.share_touched_global(),
             "decode_profile": out.stats.profile(),
             "stats": out.stats,
             "kv_cache_bytes": kv_bytes,
@@ -198,7 +199,7 @@ fn report<M>(a: &GenerateArgs, out: &Generation, cache: &KvCache<M>, context_loa
         println!();
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         eprintln!(
-            "\n[needle] context {} tokens | prefill {:.1} tok/s ({:.2}s) | decode {:.1} tok/s ({} tokens, {:.2}s) | selector {} | keys touched {:.1}% | KV {} {:.0} MiB, selector {:.1} MiB, peak RSS {}",
+            "\n[needle] context {} tokens | prefill {:.1} tok/s ({:.2}s) | decode {:.1} tok/s ({} tokens, {:.2}s) | selector {} | keys touched {:.1}%{} | KV {} {:.0} MiB, selector {:.1} MiB, peak RSS {}",
             out.prompt_tokens + out.tokens.len(),
             out.prefill_tps(),
             out.prefill_secs,
@@ -207,6 +208,11 @@ fn report<M>(a: &GenerateArgs, out: &Generation, cache: &KvCache<M>, context_loa
             out.decode_secs,
             a.selector,
             100.0 * out.stats.share_touched(),
+            if cache.has_windows() {
+                format!(" ({:.1}% on the global layers)", 100.0 * out.stats.share_touched_global())
+            } else {
+                String::new()
+            },
             cache.config().kv,
             mib(kv_bytes as u64),
             mib(sel_bytes as u64),

@@ -79,6 +79,9 @@ pub struct FidelityRow {
     pub output_error: f64,
     /// Share of context keys whose full vectors were read per step.
     pub keys_touched: f64,
+    /// The same on the global layers only, where the selectors choose (equal to
+    /// `keys_touched` for a model without sliding-window layers).
+    pub keys_touched_global: f64,
     /// Bytes of keys, values and index data read per decode step (all layers).
     pub bytes_per_step: f64,
     /// Milliseconds per step choosing keys.
@@ -119,7 +122,8 @@ pub struct TaskRow {
 pub struct FidelityConfig {
     /// Decode steps compared.
     pub steps: usize,
-    /// Layers whose attention is compared key by key (empty: every 4th).
+    /// Layers whose attention is compared key by key (empty: every 4th, or every global layer
+    /// of a model with sliding-window layers).
     pub attn_layers: Vec<usize>,
     /// Prefill chunk size.
     pub chunk: usize,
@@ -311,9 +315,16 @@ impl<'m, B: NeedleBackend> Teacher<'m, B> {
         first: Vec<f32>,
         cfg: &'m FidelityConfig,
     ) -> Result<Self> {
-        let n_layers = model.config().num_hidden_layers;
-        let layers =
-            if cfg.attn_layers.is_empty() { (0..n_layers).step_by(4).collect() } else { cfg.attn_layers.clone() };
+        // By default every 4th layer, or every global layer of a model with sliding-window layers
+        // (a window layer has no selection to compare).
+        let kinds = model.layer_kinds();
+        let global: Vec<usize> = (0..kinds.len()).filter(|&l| kinds[l] == needle_model::LayerKind::Global).collect();
+        let step = if global.len() == kinds.len() { 4 } else { 1 };
+        let layers = if cfg.attn_layers.is_empty() {
+            global.into_iter().step_by(step).collect()
+        } else {
+            cfg.attn_layers.clone()
+        };
         let decoded = decode_steps(model, &mut full, &first, cfg.steps, None, &[])?;
         tracing::info!(
             "full attention: {:.1} ms per step; attention compared on layers {layers:?}",
@@ -347,6 +358,7 @@ impl<'m, B: NeedleBackend> Teacher<'m, B> {
             mass: mean(metrics.iter().map(|m| m[1])).unwrap_or(f64::NAN),
             output_error: mean(metrics.iter().map(|m| m[2])).unwrap_or(f64::NAN),
             keys_touched: s.share_touched(),
+            keys_touched_global: s.share_touched_global(),
             bytes_per_step: bytes / steps,
             select_ms: ms(s.select_time),
             attend_ms: ms(s.attend_time),

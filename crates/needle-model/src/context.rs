@@ -1,7 +1,8 @@
 //! A prefilled context saved once and asked many times.
 //!
 //! [`save`] writes a built [`KvCache`] — every head's KV pages, every selector's built state
-//! (or, for a selector that cannot save it, its training queries) — with the prompt's token ids,
+//! (or, for a selector that cannot save it, its training queries), every sliding-window layer's
+//! ring — with the prompt's token ids,
 //! the logits after its last token, and a header ([`ContextInfo`]: model digest, weights mode,
 //! selector spec, KV precision, layout) into a needle-kv context file. [`load`] checks the header
 //! against the model at hand and restores the cache without prefilling or building, so the next
@@ -31,13 +32,18 @@ use needle_kv::{ContextReader, ContextWriter};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::NeedleBackend;
-use crate::cache::{KvCache, PAGE_SIZE};
+use crate::cache::{KvCache, LayerKind, PAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::spec::compose;
 
 /// Version of what this module writes into the container (the header and section layout).
-pub const FORMAT: u32 = 1;
+/// Version 2 added sliding-window layers (their rings, [`ContextInfo::windows`]); version 1
+/// files, whose layers are all global, still load.
+pub const FORMAT: u32 = 2;
+
+/// The oldest [`FORMAT`] [`load`] reads.
+pub const OLDEST_FORMAT: u32 = 1;
 
 /// The header of a saved context.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +75,23 @@ pub struct ContextInfo {
     /// Text that follows a question asked of this context (a chat template's closing turn);
     /// empty for plain text.
     pub suffix: String,
+    /// Per layer: the window of a sliding-window layer, whose ring the file keeps in place of
+    /// pages and selector ([`LayerKind::Window`]), 0 for a global layer. Empty (every layer
+    /// global) in format-1 files.
+    #[serde(default)]
+    pub windows: Vec<usize>,
+}
+
+impl ContextInfo {
+    /// What each layer of the saved cache attends to.
+    pub fn layer_kinds(&self) -> Vec<LayerKind> {
+        (0..self.layers)
+            .map(|l| match self.windows.get(l) {
+                Some(&w) if w > 0 => LayerKind::Window(w),
+                _ => LayerKind::Global,
+            })
+            .collect()
+    }
 }
 
 impl ContextInfo {
@@ -96,6 +119,14 @@ impl ContextInfo {
             page_size: PAGE_SIZE,
             tokens: cache.len(),
             suffix: String::new(),
+            windows: cache
+                .layer_kinds()
+                .iter()
+                .map(|k| match k {
+                    LayerKind::Window(w) => *w,
+                    LayerKind::Global => 0,
+                })
+                .collect(),
         }
     }
 }
@@ -166,7 +197,9 @@ pub fn load<B: NeedleBackend>(
             Err(Error::ContextMismatch { path: path.to_path_buf(), what, file, expected })
         }
     };
-    mismatch("in format", info.format.to_string(), FORMAT.to_string())?;
+    if !(OLDEST_FORMAT..=FORMAT).contains(&info.format) {
+        mismatch("in format", info.format.to_string(), format!("{OLDEST_FORMAT} to {FORMAT}"))?;
+    }
     mismatch("for the model with digest", info.model.clone(), model_digest.into())?;
     mismatch("with weights", info.weights.clone(), weights.into())?;
     let c = model.config();
@@ -189,17 +222,154 @@ pub fn load<B: NeedleBackend>(
     }
     let last_logits: Vec<f32> =
         words("logits", r.section("logits")?, c.vocab_size)?.into_iter().map(f32::from_le_bytes).collect();
+    let kinds = info.layer_kinds();
+    let shown = |k: &[LayerKind]| format!("{k:?}");
+    mismatch("with the layer kinds", shown(&kinds), shown(&model.layer_kinds()))?;
     let (factory, mut config) = compose(resolve(&info.selector)?);
     config.kv = info.kv;
-    let cache = KvCache::load_heads(
-        &r,
-        c.num_hidden_layers,
-        model.gqa(),
-        c.head_dim,
-        factory.as_ref(),
-        config,
-        info.tokens,
-        model.scale(),
-    )?;
+    let cache =
+        KvCache::load_heads(&r, &kinds, model.gqa(), c.head_dim, factory.as_ref(), config, info.tokens, model.scale())?;
     Ok(SavedContext { info, tokens, last_logits, cache })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use needle_loader::{Architecture, Checkpoint, LlamaConfig, LocalAttention};
+
+    use super::*;
+    use crate::{Cpu, KvDtype, QuantType, argmax};
+
+    /// A random-weight model: Gemma 3's layout (two 16-position window layers to one global,
+    /// twice) when `gemma`, else a small Llama (every layer global).
+    fn tiny(gemma: bool) -> Llama<Cpu> {
+        let base = LlamaConfig::preset(if gemma { "gemma3-270m" } else { "smollm2-135m" }).unwrap();
+        let mut c = LlamaConfig {
+            vocab_size: 300,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_hidden_layers: 6,
+            num_attention_heads: 4,
+            num_key_value_heads: if gemma { 1 } else { 2 },
+            head_dim: 32,
+            ..base
+        };
+        if gemma {
+            assert_eq!(c.architecture, Architecture::Gemma3);
+            c.local_attention = Some(LocalAttention { window: 16, pattern: 3, rope_theta: 10_000.0 });
+            c.query_pre_attn_scalar = Some(32.0);
+        }
+        Llama::load(&Checkpoint::random(&c, QuantType::Q8_0, 11).unwrap(), &Default::default()).unwrap()
+    }
+
+    fn prefilled(model: &Llama<Cpu>, spec: &str, kv: KvDtype, doc: &[u32]) -> (KvCache, Vec<f32>) {
+        let (f, mut sel) = compose(needle_select::parse(spec).unwrap());
+        sel.kv = kv;
+        let c = model.config();
+        let mut cache = KvCache::new(c.num_hidden_layers, model.gqa(), c.head_dim, f.as_ref(), sel).unwrap();
+        cache.retain_training_queries();
+        let logits = model.prefill(doc, &mut cache, 32, &[doc.len() - 1], &mut |_, _| {}).unwrap();
+        (cache, logits)
+    }
+
+    /// A question, then greedy decode steps: the ids and every logit row.
+    fn ask(model: &Llama<Cpu>, cache: &mut KvCache, steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+        let question: Vec<u32> = (0..10).map(|i| 40 + i * 13).collect();
+        let mut logits = model.extend(&question, cache, 8, &mut |_, _| {}).unwrap();
+        let (mut ids, mut rows) = (Vec::new(), Vec::new());
+        for _ in 0..steps {
+            let next = argmax(&logits).unwrap();
+            ids.push(next);
+            rows.push(logits);
+            logits = model.decode(next, cache).unwrap();
+        }
+        (ids, rows)
+    }
+
+    fn doc(n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| 3 + (i * 37 + i * i) % 290).collect()
+    }
+
+    /// A Gemma-shaped context saved with its window layers' rings (the window long passed, so
+    /// the rings have wrapped) continues bit for bit as the cache it was saved from.
+    #[test]
+    fn a_context_with_window_layers_continues_exactly_as_the_saved_cache() {
+        let model = tiny(true);
+        let dir = tempfile::tempdir().unwrap();
+        let doc = doc(150);
+        for (spec, kv) in [
+            ("retrieval:sinks=4,window=16,k=8,min_index=16", KvDtype::F32),
+            ("quest:sinks=4,window=16,k=16", KvDtype::F16),
+            ("full", KvDtype::Q8),
+        ] {
+            let (mut cache, logits) = prefilled(&model, spec, kv, &doc);
+            let info = ContextInfo::new(&model, "digest", "native", spec, &cache);
+            assert_eq!(info.windows, [16, 16, 0, 16, 16, 0]);
+            let path = dir.path().join(format!("{kv}.needle"));
+            save(&path, false, &info, &doc, &logits, &cache, &mut |_, _| {}).unwrap();
+            let (want_ids, want_rows) = ask(&model, &mut cache, 6);
+            let mut saved = load(&path, &model, "digest", "native", &needle_select::parse).unwrap();
+            assert_eq!((&saved.info, &saved.tokens, &saved.last_logits), (&info, &doc, &logits));
+            assert_eq!(saved.cache.layer_kinds(), model.layer_kinds());
+            assert_eq!(saved.cache.len(), doc.len());
+            let (ids, rows) = ask(&model, &mut saved.cache, 6);
+            assert_eq!(ids, want_ids, "{spec} ({kv}): greedy tokens after loading");
+            assert_eq!(rows, want_rows, "{spec} ({kv}): logits after loading are bit-identical");
+        }
+    }
+
+    /// A ring of the wrong size is a named error, and so is a file whose layer kinds are not the
+    /// model's.
+    #[test]
+    fn damaged_rings_and_other_layer_kinds_are_named_errors() {
+        let model = tiny(true);
+        let dir = tempfile::tempdir().unwrap();
+        let doc = doc(40);
+        let (cache, logits) = prefilled(&model, "full", KvDtype::F32, &doc);
+        let info = ContextInfo::new(&model, "digest", "native", "full", &cache);
+        // A header that says layer 0 is global: its pages are not in the file.
+        let mut other = info.clone();
+        other.windows[0] = 0;
+        let p = dir.path().join("kinds.needle");
+        save(&p, false, &other, &doc, &logits, &cache, &mut |_, _| {}).unwrap();
+        let e = load(&p, &model, "digest", "native", &needle_select::parse).err().unwrap().to_string();
+        assert!(e.contains("layer kinds"), "{e}");
+        // A ring cut short: written by hand, the rest as `save` writes it.
+        let p = dir.path().join("ring.needle");
+        let mut w = ContextWriter::create(&p, false).unwrap();
+        w.section("info", &serde_json::to_vec(&info).unwrap()).unwrap();
+        w.section("tokens", bytemuck::cast_slice(&doc)).unwrap();
+        w.section("logits", bytemuck::cast_slice(&logits)).unwrap();
+        w.section("ring/0", &[0u8; 64]).unwrap();
+        w.finish().unwrap();
+        let e = load(&p, &model, "digest", "native", &needle_select::parse).err().unwrap().to_string();
+        assert!(e.contains("ring/0") && e.contains("floats for the ring"), "{e}");
+    }
+
+    /// A file of format 1 (no `windows` in its header: every layer global) still loads and
+    /// continues exactly.
+    #[test]
+    fn format_1_contexts_still_load() {
+        let model = tiny(false);
+        let doc = doc(120);
+        let spec = "retrieval:sinks=4,window=16,k=8,min_index=16";
+        let (mut cache, logits) = prefilled(&model, spec, KvDtype::F32, &doc);
+        let mut header = serde_json::to_value(ContextInfo::new(&model, "digest", "native", spec, &cache)).unwrap();
+        header["format"] = 1.into();
+        header.as_object_mut().unwrap().remove("windows");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v1.needle");
+        let mut w = ContextWriter::create(&p, false).unwrap();
+        w.section("info", &serde_json::to_vec(&header).unwrap()).unwrap();
+        w.section("tokens", bytemuck::cast_slice(&doc)).unwrap();
+        w.section("logits", bytemuck::cast_slice(&logits)).unwrap();
+        cache.save_heads(&mut w, &mut |_, _| {}).unwrap();
+        w.finish().unwrap();
+        let (want_ids, want_rows) = ask(&model, &mut cache, 6);
+        let mut saved = load(&p, &model, "digest", "native", &needle_select::parse).unwrap();
+        assert_eq!((saved.info.format, saved.info.windows.len()), (1, 0));
+        let (ids, rows) = ask(&model, &mut saved.cache, 6);
+        assert_eq!((ids, rows), (want_ids, want_rows));
+    }
 }

@@ -78,6 +78,9 @@ pub struct DecodeStats {
     pub keys_dynamic: u64,
     /// Keys selected from the dynamic parts, summed the same way.
     pub keys_selected: u64,
+    /// Keys the sliding-window layers attended (their whole window), summed the same way; also
+    /// counted in `keys_attended` and `keys_total`.
+    pub window_keys: u64,
     /// What the selectors touched to choose.
     pub select: SearchStats,
     /// Wall time choosing keys. Heads run in parallel: the wall time of a layer's heads is split
@@ -190,6 +193,18 @@ impl DecodeStats {
         }
         let static_keys = self.keys_attended - self.keys_selected;
         (static_keys + self.keys_selected.max(self.select.full_scored)) as f64 / self.keys_total as f64
+    }
+
+    /// [`DecodeStats::share_touched`] on the global layers only, where the selectors choose
+    /// (the sliding-window layers' windows left out of both counts); the same as it for a
+    /// model without window layers.
+    pub fn share_touched_global(&self) -> f64 {
+        let total = self.keys_total - self.window_keys;
+        if total == 0 {
+            return 0.0;
+        }
+        let static_keys = self.keys_attended - self.keys_selected - self.window_keys;
+        (static_keys + self.keys_selected.max(self.select.full_scored)) as f64 / total as f64
     }
 }
 

@@ -7,6 +7,11 @@ fn section(kind: &str, layer: usize, kv_head: usize) -> String {
     format!("{kind}/{layer}/{kv_head}")
 }
 
+/// Name of a sliding-window layer's ring section (all its KV heads) in a context file.
+fn ring_section(layer: usize) -> String {
+    format!("ring/{layer}")
+}
+
 /// Writes the stored rows of `rows` page by page (the last page only as far as it is filled).
 fn write_rows(w: &mut ContextWriter, name: &str, rows: &PagedRows) -> Result<()> {
     let (n, stride, ps) = (rows.len(), rows.stride(), rows.page_size());
@@ -56,20 +61,19 @@ fn corrupt(r: &ContextReader, section: &str, reason: String) -> Error {
 impl<M> KvCache<M> {
     /// Writes every head's keys, values and selector state into a context file. A selector
     /// that cannot save its state ([`needle_core::Error::Unsupported`]) has its training
-    /// queries written instead and is rebuilt from them at load.
+    /// queries written instead and is rebuilt from them at load. A sliding-window layer writes
+    /// its ring instead (the window's rows, f32, with no selector).
     pub(crate) fn save_heads(&self, w: &mut ContextWriter, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
-        if self.has_windows() {
-            return Err(Error::State(
-                "saving a context with sliding-window layers (LayerKind::Window) is not supported yet: \
-                 prefill the document in each run"
-                    .into(),
-            ));
-        }
         if !self.built {
             return Err(Error::State("saving needs a prefilled cache (its selectors built)".into()));
         }
         let mut state = Vec::new();
         for (layer, row) in self.heads.iter().enumerate() {
+            if let Some(ring) = self.ring_floats(layer) {
+                w.section(&ring_section(layer), bytemuck::cast_slice(&ring))?;
+                progress(layer + 1, self.heads.len());
+                continue;
+            }
             for (j, h) in row.iter().enumerate() {
                 write_rows(w, &section("k", layer, j), &h.keys)?;
                 write_rows(w, &section("v", layer, j), &h.values)?;
@@ -98,12 +102,13 @@ impl<M> KvCache<M> {
     }
 
     /// A built cache from the heads [`KvCache::save_heads`] wrote (`len` tokens, pages stored
-    /// as `config.kv`), with selectors from `factory` restored from their saved state, or
-    /// rebuilt from saved training queries. Heads load in parallel.
+    /// as `config.kv`, layers of the given `kinds`), with selectors from `factory` restored from
+    /// their saved state, or rebuilt from saved training queries; sliding-window layers get
+    /// their rings back. Heads load in parallel.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn load_heads(
         r: &ContextReader,
-        n_layers: usize,
+        kinds: &[LayerKind],
         gqa: GqaLayout,
         head_dim: usize,
         factory: &dyn SelectorFactory,
@@ -114,11 +119,18 @@ impl<M> KvCache<M> {
     where
         M: Default,
     {
-        let mut cache = Self::new(n_layers, gqa, head_dim, factory, config)?;
+        let mut cache = Self::new(kinds.len(), gqa, head_dim, factory, config)?;
+        cache.set_layer_kinds(kinds)?;
+        for (layer, _) in kinds.iter().enumerate().filter(|(_, k)| matches!(k, LayerKind::Window(_))) {
+            let name = ring_section(layer);
+            let floats = read_f32s(r, &name, r.section(&name)?)?;
+            cache.restore_ring(layer, floats, len).map_err(|e| corrupt(r, &name, e))?;
+        }
         let per_head: Vec<BuildStats> = cache
             .heads
             .par_iter_mut()
             .enumerate()
+            .filter(|(layer, _)| kinds[*layer] == LayerKind::Global)
             .flat_map(|(layer, row)| {
                 row.par_iter_mut().enumerate().map(move |(j, h)| -> Result<BuildStats> {
                     read_rows(r, &section("k", layer, j), &mut h.keys, len)?;

@@ -57,6 +57,11 @@ impl Ring {
     fn bytes(&self) -> usize {
         (self.keys.len() + self.values.len()) * 4
     }
+
+    /// Slots filled: the last `min(len, window)` positions.
+    fn held(&self) -> usize {
+        self.len.min(self.window)
+    }
 }
 
 impl<M> KvCache<M> {
@@ -128,6 +133,39 @@ impl<M> KvCache<M> {
     /// Bytes the windowed layers' rings hold.
     pub(super) fn ring_bytes(&self) -> usize {
         self.rings.iter().flatten().map(Ring::bytes).sum()
+    }
+
+    /// A windowed layer's ring as a context file keeps it: the keys, then the values, of its
+    /// filled slots in slot order (`None` for a global layer).
+    pub(super) fn ring_floats(&self, layer: usize) -> Option<Vec<f32>> {
+        let r = self.rings.get(layer)?.as_ref()?;
+        Some(r.keys.iter().chain(&r.values).copied().collect())
+    }
+
+    /// Restores a windowed layer's ring from [`KvCache::ring_floats`]' layout after `len`
+    /// positions; the error says what does not fit.
+    pub(super) fn restore_ring(
+        &mut self,
+        layer: usize,
+        floats: Vec<f32>,
+        len: usize,
+    ) -> std::result::Result<(), String> {
+        let Some(Some(r)) = self.rings.get_mut(layer) else {
+            return Err(format!("layer {layer} is not a sliding-window layer"));
+        };
+        let want = 2 * len.min(r.window) * r.row;
+        if floats.len() != want {
+            return Err(format!(
+                "{} floats for the ring of a {}-position window after {len} positions ({want} expected)",
+                floats.len(),
+                r.window
+            ));
+        }
+        let mut keys = floats;
+        let values = keys.split_off(want / 2);
+        (r.keys, r.values, r.len) = (keys, values, len);
+        debug_assert_eq!(r.keys.len(), r.held() * r.row);
+        Ok(())
     }
 
     /// Appends to a windowed layer's ring; `false` for a global layer (nothing done).
@@ -207,6 +245,7 @@ impl<M> KvCache<M> {
             let rows = ((pos0 + 1).min(w) * gqa.n_kv_heads) as u64;
             self.stats.keys_attended += rows;
             self.stats.keys_total += rows;
+            self.stats.window_keys += rows;
         }
         Ok(out)
     }
@@ -259,5 +298,22 @@ mod tests {
         // Kinds are fixed once tokens are in.
         assert!(cache.set_layer_kinds(&[LayerKind::Global, LayerKind::Global]).is_err());
         assert!(cache.set_layer_kinds(&[LayerKind::Window(w), LayerKind::Global]).is_ok());
+    }
+
+    /// The global share leaves the windows out of both counts, and equals the overall share
+    /// without window layers.
+    #[test]
+    fn global_share_leaves_the_windows_out() {
+        let global =
+            DecodeStats { keys_attended: 3 * 740, keys_selected: 300, keys_total: 3 * 16384, ..Default::default() };
+        assert_eq!(global.share_touched_global(), global.share_touched());
+        let with_windows = DecodeStats {
+            keys_attended: global.keys_attended + 7680,
+            keys_total: global.keys_total + 7680,
+            window_keys: 7680,
+            ..global
+        };
+        assert_eq!(with_windows.share_touched_global(), (3 * 640 + 300) as f64 / (3 * 16384) as f64);
+        assert!(with_windows.share_touched() > 3.0 * with_windows.share_touched_global());
     }
 }
