@@ -118,7 +118,7 @@ mod bench {
             }
         }
         if a.small && !contexts_given {
-            a.contexts = vec![256, 1024];
+            a.contexts = vec![1024, 2048];
         }
         if a.small {
             a.decode = a.decode.min(4);
