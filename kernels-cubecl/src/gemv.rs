@@ -1,4 +1,5 @@
-//! Quantized GEMV `y = W · x` straight from GGUF blocks (Q8_0, Q4_0, Q4_1).
+//! Quantized GEMV `y = W · x` straight from GGUF blocks: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL,
+//! the K-quants Q4_K, Q5_K, Q6_K, and F16 / BF16 rows.
 //!
 //! `W` is `rows × cols`, each row `cols / 32` ggml blocks packed back to back exactly as in the
 //! GGUF file (see `needle_quant::format`), the whole matrix uploaded as bytes in
@@ -7,14 +8,16 @@
 //! its blocks are read a word at a time.
 //! `x` is `cols` f32, `y` is `rows` f32.
 //!
-//! One cube per output row; its units stride over the row's blocks, each block dotted whole
-//! (scale applied once per block: `d·Σq·x` for Q8_0, `d·(Σq·x − 8·Σx)` for Q4_0,
-//! `d·Σq·x + m·Σx` for Q4_1), then a shared-memory tree sum (no plane operations).
+//! One cube per output row; its units stride over the row's 32-element groups (a block, or an
+//! eighth of a K-quant super-block), each group dotted whole with its scale applied once
+//! (`d·Σq·x` for Q8_0, `d·Σq·x + m·Σx` for Q4_1 and Q5_1, `d·sc·Σq·x − dmin·m·Σx` for
+//! Q4_K/Q5_K, two scales per group for Q6_K), then a shared-memory tree sum (no plane
+//! operations). Bytes are extracted from words, so no block needs to be word aligned.
 //! f16 scales are decoded with integer ops: WGSL on lavapipe has no `f16`.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use needle_quant::QuantType;
+use needle_quant::{IQ4_NL_VALUES, QuantType};
 
 use crate::error::{Result, check_len, invalid, to_u32};
 use crate::util::{MAX_CUBES_PER_AXIS, cube_linear, empty_f32, grid_1d, read_f32, upload_f32};
@@ -22,13 +25,22 @@ use crate::util::{MAX_CUBES_PER_AXIS, cube_linear, empty_f32, grid_1d, read_f32,
 /// Units per cube (power of two, for the tree sum).
 const GEMV_UNITS: usize = 64;
 
-/// Comptime tag of the weight format inside the kernel.
+/// Comptime tag of the weight format inside the kernel, and the bytes one 32-element group of
+/// it spans in a row (a K-quant's 256-element super-block holds eight groups).
 fn kind_of(ty: QuantType) -> Result<u32> {
     match ty {
         QuantType::Q8_0 => Ok(0),
         QuantType::Q4_0 => Ok(1),
         QuantType::Q4_1 => Ok(2),
-        other => Err(invalid("ty", format!("{other:?} is not supported by the GPU GEMV (Q8_0, Q4_0, Q4_1 are)"))),
+        QuantType::Q5_0 => Ok(3),
+        QuantType::Q5_1 => Ok(4),
+        QuantType::IQ4_NL => Ok(5),
+        QuantType::Q4_K => Ok(6),
+        QuantType::Q5_K => Ok(7),
+        QuantType::Q6_K => Ok(8),
+        QuantType::F16 => Ok(9),
+        QuantType::BF16 => Ok(10),
+        QuantType::F32 => Err(invalid("ty", "F32 is not a block format: multiply it as a dense matrix")),
     }
 }
 
@@ -64,11 +76,25 @@ fn f16_bits_to_f32(h: u32) -> f32 {
     out
 }
 
+/// The signed value of byte `b` (an `i8`), as f32.
+#[cube]
+fn i8_at(w: &Array<u32>, b: usize) -> f32 {
+    let byte = byte_at(w, b);
+    let mut v = f32::cast_from(byte);
+    if byte >= 128 {
+        v -= 256.0;
+    }
+    v
+}
+
 /// One cube per (row, token): rows along the x/y grid, tokens along z; see the module doc.
+/// Units stride over the row's 32-element groups (a block of the 32-element formats, an eighth
+/// of a K-quant super-block, 32 halves of F16/BF16). `lut` is IQ4_NL's table (unused otherwise).
 #[cube(launch)]
 pub fn gemv_q_kernel(
     w: &Array<u32>,
     x: &Array<f32>,
+    lut: &Array<f32>,
     y: &mut Array<f32>,
     rows: u32,
     blocks_per_row: u32,
@@ -83,27 +109,39 @@ pub fn gemv_q_kernel(
     let nb = blocks_per_row as usize;
     let tok = CUBE_POS_Z as usize;
     let x0 = tok * nb * 32;
+    // Bytes per 32 elements (K-quants: per super-block of 256).
     let block_bytes = comptime!(match kind {
         0 => 34usize,
         1 => 18usize,
-        _ => 20usize,
+        2 => 20usize,
+        3 => 22usize,
+        4 => 24usize,
+        5 => 18usize,
+        6 => 144usize,
+        7 => 176usize,
+        8 => 210usize,
+        _ => 64usize,
     });
-    let row_base = row * nb * block_bytes;
+    let super_block = comptime!((6..=8).contains(&kind));
+    let mut row_base = row * nb * block_bytes;
+    if super_block {
+        row_base = row * (nb / 8) * block_bytes;
+    }
     let mut acc = 0.0f32;
     let mut b = u;
     while b < nb {
-        let base = row_base + b * block_bytes;
+        let mut base = row_base + b * block_bytes;
+        let mut sub = 0usize;
+        if super_block {
+            base = row_base + (b / 8) * block_bytes;
+            sub = b % 8;
+        }
         let xb = x0 + b * 32;
         if kind == 0 {
             let d = f16_at(w, base);
             let mut s = 0.0f32;
             for j in 0..32usize {
-                let byte = byte_at(w, base + 2 + j);
-                let mut qv = f32::cast_from(byte);
-                if byte >= 128 {
-                    qv -= 256.0;
-                }
-                s += qv * x[xb + j];
+                s += i8_at(w, base + 2 + j) * x[xb + j];
             }
             acc += d * s;
         } else if kind == 2 {
@@ -127,19 +165,117 @@ pub fn gemv_q_kernel(
                 }
             }
             acc += d * s + m * sx;
-        } else {
+        } else if kind == 1 || kind == 5 {
+            // Q4_0 (q − 8) and IQ4_NL (table[q]): a scale and 16 bytes of nibbles.
             let d = f16_at(w, base);
             let qs = base + 2;
             let mut s = 0.0f32;
-            let mut sx = 0.0f32;
             for j in 0..16usize {
                 let byte = byte_at(w, qs + j);
+                if kind == 1 {
+                    s += (f32::cast_from(byte & 15) - 8.0) * x[xb + j]
+                        + (f32::cast_from(byte >> 4) - 8.0) * x[xb + j + 16];
+                } else {
+                    s += lut[(byte & 15) as usize] * x[xb + j] + lut[(byte >> 4) as usize] * x[xb + j + 16];
+                }
+            }
+            acc += d * s;
+        } else if kind == 3 || kind == 4 {
+            // Q5_0 (d, qh, qs; q − 16) and Q5_1 (d, m, qh, qs; d·q + m): bit j of qh is bit 4 of
+            // element j.
+            let d = f16_at(w, base);
+            let mut m = 0.0f32;
+            let mut h = base + 2;
+            if kind == 4 {
+                m = f16_at(w, base + 2);
+                h = base + 4;
+            }
+            let qh = byte_at(w, h) | (byte_at(w, h + 1) << 8) | (byte_at(w, h + 2) << 16) | (byte_at(w, h + 3) << 24);
+            let mut s = 0.0f32;
+            let mut sx = 0.0f32;
+            for j in 0..16usize {
+                let byte = byte_at(w, h + 4 + j);
+                let lo = (byte & 15) | (((qh >> j as u32) & 1) << 4);
+                let hi = (byte >> 4) | (((qh >> (j as u32 + 16)) & 1) << 4);
                 let x0 = x[xb + j];
                 let x1 = x[xb + j + 16];
-                s += f32::cast_from(byte & 15) * x0 + f32::cast_from(byte >> 4) * x1;
+                s += f32::cast_from(lo) * x0 + f32::cast_from(hi) * x1;
                 sx += x0 + x1;
             }
-            acc += d * (s - 8.0 * sx);
+            if kind == 3 {
+                acc += d * (s - 16.0 * sx);
+            } else {
+                acc += d * s + m * sx;
+            }
+        } else if kind == 6 || kind == 7 {
+            // Q4_K / Q5_K: group `sub` is the low (even) or high (odd) nibbles of 32 bytes;
+            // x = d·sc·q − dmin·m.
+            let d = f16_at(w, base);
+            let dmin = f16_at(w, base + 2);
+            // Sub-block `sub`'s 6-bit scale and min (needle-quant's `k_scale_min`).
+            let ks = base + 4;
+            let mut sc_bits = byte_at(w, ks + sub) & 63;
+            let mut m_bits = byte_at(w, ks + sub + 4) & 63;
+            if sub >= 4 {
+                sc_bits = (byte_at(w, ks + sub + 4) & 15) | ((byte_at(w, ks + sub - 4) >> 6) << 4);
+                m_bits = (byte_at(w, ks + sub + 4) >> 4) | ((byte_at(w, ks + sub) >> 6) << 4);
+            }
+            let sc = f32::cast_from(sc_bits);
+            let m = f32::cast_from(m_bits);
+            let c = sub / 2;
+            let shift = ((sub % 2) * 4) as u32;
+            let mut qs = base + 16 + 32 * c;
+            if kind == 7 {
+                qs = base + 48 + 32 * c;
+            }
+            let mut s = 0.0f32;
+            let mut sx = 0.0f32;
+            for l in 0..32usize {
+                let mut q = (byte_at(w, qs + l) >> shift) & 15;
+                if kind == 7 {
+                    q |= ((byte_at(w, base + 16 + l) >> sub as u32) & 1) << 4;
+                }
+                let xv = x[xb + l];
+                s += f32::cast_from(q) * xv;
+                sx += xv;
+            }
+            acc += d * sc * s - dmin * m * sx;
+        } else if kind == 8 {
+            // Q6_K: group `sub` = half h, quarter r; element l's low 4 bits from
+            // ql[64h + l + 32·(r odd)] (high nibble for r ≥ 2), high 2 bits from qh[32h + l] bits
+            // 2r..2r+2, value q − 32, scale scales[8h + 2r + l/16].
+            let d = f16_at(w, base + 208);
+            let h = sub / 4;
+            let r = sub % 4;
+            let ql = base + 64 * h + 32 * (r % 2);
+            let qh = base + 128 + 32 * h;
+            let nib = ((r / 2) * 4) as u32;
+            let hs = (2 * r) as u32;
+            let sc = base + 192 + 8 * h + 2 * r;
+            let mut s0 = 0.0f32;
+            let mut s1 = 0.0f32;
+            for l in 0..16usize {
+                let q0 = ((byte_at(w, ql + l) >> nib) & 15) | (((byte_at(w, qh + l) >> hs) & 3) << 4);
+                let q1 = ((byte_at(w, ql + l + 16) >> nib) & 15) | (((byte_at(w, qh + l + 16) >> hs) & 3) << 4);
+                s0 += (f32::cast_from(q0) - 32.0) * x[xb + l];
+                s1 += (f32::cast_from(q1) - 32.0) * x[xb + l + 16];
+            }
+            acc += d * (i8_at(w, sc) * s0 + i8_at(w, sc + 1) * s1);
+        } else {
+            // F16 / BF16: 32 halves in 16 words (rows are whole groups, so word aligned).
+            let wb = base / 4;
+            let mut s = 0.0f32;
+            for j in 0..16usize {
+                let word = w[wb + j];
+                if kind == 9 {
+                    s += f16_bits_to_f32(word & 0xffff) * x[xb + 2 * j]
+                        + f16_bits_to_f32(word >> 16) * x[xb + 2 * j + 1];
+                } else {
+                    s += f32::reinterpret(word << 16) * x[xb + 2 * j]
+                        + f32::reinterpret((word >> 16) << 16) * x[xb + 2 * j + 1];
+                }
+            }
+            acc += s;
         }
         b += units;
     }
@@ -171,8 +307,10 @@ pub struct DeviceQMatrix {
     pub ty: QuantType,
     /// Output rows.
     pub rows: usize,
-    /// Input columns (a multiple of 32).
+    /// Input columns (a multiple of the format's block).
     pub cols: usize,
+    /// IQ4_NL's 16 values (one zero for the other formats).
+    pub lut: Handle,
 }
 
 impl DeviceQMatrix {
@@ -200,7 +338,16 @@ impl DeviceQMatrix {
                 u32::from_le_bytes(w)
             })
             .collect();
-        Ok(Self { words: client.create_from_slice(u32::as_bytes(&words)), n_words: words.len(), ty, rows, cols })
+        let lut: Vec<f32> =
+            if ty == QuantType::IQ4_NL { IQ4_NL_VALUES.iter().map(|&v| f32::from(v)).collect() } else { vec![0.0] };
+        Ok(Self {
+            words: client.create_from_slice(u32::as_bytes(&words)),
+            n_words: words.len(),
+            ty,
+            rows,
+            cols,
+            lut: upload_f32(client, &lut),
+        })
     }
 }
 
@@ -234,6 +381,7 @@ pub fn launch_gemm<R: Runtime>(
             CubeDim::new_1d(GEMV_UNITS as u32),
             ArrayArg::from_raw_parts(w.words.clone(), w.n_words),
             ArrayArg::from_raw_parts(x.clone(), t * w.cols),
+            ArrayArg::from_raw_parts(w.lut.clone(), if w.ty == QuantType::IQ4_NL { 16 } else { 1 }),
             ArrayArg::from_raw_parts(y.clone(), t * w.rows),
             to_u32("rows", w.rows)?,
             to_u32("cols / 32", w.cols / 32)?,

@@ -12,8 +12,9 @@
 //! - `fetch-model`: puts the verified SmolLM2 and Gemma 3 270M GGUFs and the default document in the cache (see
 //!   `needle-fetch`).
 //! - `test-gpu [--build-only] [--out DIR]`: `kernels-cubecl`'s clippy (wgpu and cuda features),
-//!   needle-model's clippy with each of them, and the kernel tests on CUDA, or a bundle of the
-//!   kernel tests to carry to a GPU machine.
+//!   needle-model's clippy with each of them, and the kernel tests on CUDA, or a bundle to carry
+//!   to a GPU machine: the kernel tests, the model tests at real shapes, the benchmark
+//!   (`gpu_bench`) and the `needle` binary, all built with `cuda`, stripped, and `run.sh`.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
@@ -103,10 +104,10 @@ fn ci() -> Result<()> {
     aarch64_tests(&root)?;
     // The CubeCL kernels and the CubeCL arm of needle-model's backend on wgpu over Mesa's
     // software Vulkan (.ci/run installs it), in one cargo run so the cubecl/wgpu stack is built
-    // once: every kernel against f64 references, each arm op against the CPU reference, and the
-    // default model against the CPU path (tokens and logits).
+    // once: every kernel against f64 references, each arm op against the CPU reference, the
+    // default model and random-weight models of real shapes against the CPU path.
     let gpu = ["-p", "needle-kernels-cubecl", "-p", "needle-model", "--features", "needle-model/wgpu", "--locked"];
-    let targets = ["--lib", "--test", "gpu", "--test", "wgpu_arms", "--test", "wgpu_model"];
+    let targets = ["--lib", "--test", "gpu", "--test", "wgpu_arms", "--test", "wgpu_model", "--test", "gpu_shapes"];
     cargo(&[&["test"][..], &gpu, &targets].concat(), &root)?;
     // No GPU here: the CUDA bundle must still build.
     test_gpu(&["--build-only".into()])?;
@@ -194,9 +195,8 @@ fn aarch64_tests(root: &Path) -> Result<()> {
 }
 
 /// `kernels-cubecl`'s clippy, needle-model's clippy with `wgpu` and with `cuda`, and the kernel
-/// tests on the `cuda` runtime. `--build-only [--out DIR]` builds the tests into a
-/// bundle instead (test binaries and `run.sh`; the machine that runs it needs the CUDA driver,
-/// not Rust), for a GPU machine without a toolchain or network.
+/// tests on the `cuda` runtime. `--build-only [--out DIR]` builds a bundle instead (see
+/// [`RUN_SH`]; the machine that runs it needs the CUDA driver, not Rust or a network).
 fn test_gpu(args: &[String]) -> Result<()> {
     let root = root();
     let kc = ["-p", "needle-kernels-cubecl", "--locked"];
@@ -209,45 +209,115 @@ fn test_gpu(args: &[String]) -> Result<()> {
             let args = ["clippy", "-p", "needle-model", "--all-targets", "--locked", "--features", feature];
             cargo(&[&args[..], &["--", "-D", "warnings"]].concat(), &root)?;
         }
-        return cargo(&[&["test"][..], &cuda].concat(), &root);
+        cargo(&[&["test"][..], &cuda].concat(), &root)?;
+        return cargo(&["test", "-p", "needle-model", "--locked", "--features", "cuda", "--test", "gpu_shapes"], &root);
     }
     let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1));
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let out = out.map_or_else(|| target.join("gpu-bundle"), PathBuf::from);
+    // One cargo run, so the CUDA stack is built once for all four: the kernel tests, the model
+    // tests at real shapes, the benchmark and the `needle` binary, all with `cuda`.
     let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = Command::new(cargo_bin)
-        .args([&["test", "--no-run", "--message-format=json"][..], &cuda].concat())
+        .args([
+            "build",
+            "--message-format=json",
+            "--locked",
+            "-p",
+            "needle-kernels-cubecl",
+            "-p",
+            "needle-model",
+            "-p",
+            "needle-cli",
+            "--no-default-features",
+            "--features",
+            "needle-kernels-cubecl/cuda,needle-model/cuda,needle-cli/cuda",
+            "--test",
+            "gpu",
+            "--test",
+            "gpu_shapes",
+            "--example",
+            "gpu_bench",
+            "--bin",
+            "needle",
+        ])
         .current_dir(&root)
         .stderr(std::process::Stdio::inherit())
         .output()
-        .context("running cargo test --no-run")?;
+        .context("running cargo build for the GPU bundle")?;
     if !built.status.success() {
-        bail!("building the CUDA test binaries failed");
+        bail!("building the CUDA bundle failed");
+    }
+    // An old bundle is replaced; any other folder is left alone.
+    if out.exists() {
+        let empty = std::fs::read_dir(&out).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !empty && !out.join("run.sh").is_file() {
+            bail!("--out {}: the folder exists and is not a bundle (no run.sh); not overwritten", out.display());
+        }
+        std::fs::remove_dir_all(&out).with_context(|| format!("clearing the old bundle {}", out.display()))?;
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let mut script = String::from(
-        "#!/bin/sh\n# Runs needle's CubeCL kernel tests on this machine's CUDA GPU.\nset -e\ncd \"$(dirname \"$0\")\"\n",
-    );
+    let mut exes = std::collections::BTreeMap::new();
     for line in String::from_utf8_lossy(&built.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        let (Some(exe), true) = (msg["executable"].as_str(), msg["profile"]["test"].as_bool() == Some(true)) else {
+        let (Some(exe), Some(name)) = (msg["executable"].as_str(), msg["target"]["name"].as_str()) else { continue };
+        if !BUNDLED.contains(&name) {
             continue;
-        };
-        let exe = Path::new(exe);
-        let name = exe.file_name().context("test binary name")?;
-        std::fs::copy(exe, out.join(name)).with_context(|| format!("copying {}", exe.display()))?;
-        script.push_str(&format!("./{} \"$@\"\n", name.to_string_lossy()));
+        }
+        // Stripped: the bundle travels to a machine with a size limit on what it carries.
+        let to = out.join(name);
+        std::fs::copy(exe, &to).with_context(|| format!("copying {exe}"))?;
+        if Command::new("strip").arg(&to).status().map(|s| !s.success()).unwrap_or(true) {
+            eprintln!("test-gpu: `strip` failed or is missing; {name} is left with its symbols");
+        }
+        exes.insert(name.to_string(), to);
+    }
+    for name in BUNDLED {
+        if !exes.contains_key(name) {
+            bail!("the build made no `{name}` executable");
+        }
     }
     let run = out.join("run.sh");
-    std::fs::write(&run, script).with_context(|| format!("writing {}", run.display()))?;
+    std::fs::write(&run, RUN_SH).with_context(|| format!("writing {}", run.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?;
     }
-    eprintln!("test-gpu: bundle in {} (run ./run.sh there)", out.display());
+    eprintln!("test-gpu: bundle in {} (run ./run.sh there; figures and logs go to $OUT)", out.display());
     Ok(())
 }
+
+/// The executables of the bundle (cargo's target names).
+const BUNDLED: [&str; 4] = ["gpu", "gpu_shapes", "gpu_bench", "needle"];
+
+/// The bundle's script: each step under a time limit (the whole under five minutes), logs and
+/// the benchmark's JSON under `$OUT` (default `./out`), exit status non-zero if a step failed.
+const RUN_SH: &str = r#"#!/bin/sh
+# needle's GPU bundle (cargo xtask test-gpu --build-only), for a CUDA machine with no Rust and no
+# network: the CubeCL kernel tests, the model tests at real shapes (Llama-3-8B, Qwen2.5-7B,
+# Gemma 3; two layers each) against the CPU path, then the benchmark (8B shape, 4 layers:
+# prefill/decode tokens/s against context for full attention and retrieval, decode-attention
+# kernel bandwidth). Logs and gpu-bench.json go to $OUT (default ./out). Under five minutes.
+cd "$(dirname "$0")"
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+fail=0
+step() {
+    name=$1; limit=$2; shift 2
+    echo "==> $name: $*"
+    ( timeout "$limit" "$@"; echo $? > "$OUT/$name.rc" ) 2>&1 | tee "$OUT/$name.log"
+    rc=$(cat "$OUT/$name.rc")
+    echo "==> $name: exit $rc"
+    [ "$rc" = 0 ] || fail=1
+}
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+step kernels 60 ./gpu --test-threads 4
+export NEEDLE_PRINT_ERR=1
+step model-shapes 110 ./gpu_shapes --nocapture
+step bench 110 ./gpu_bench --shape llama3-8b --layers 4 --quant q4_0 --contexts 4096,32768,16384     --decode 16 --budget-s 80 --json "$OUT/gpu-bench.json"
+exit $fail
+"#;
 
 /// The build's target folder (`CARGO_TARGET_DIR`, else `target/` in the workspace).
 fn target_dir(root: &Path) -> PathBuf {

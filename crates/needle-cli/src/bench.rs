@@ -41,7 +41,7 @@ enum BenchCommand {
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.command {
         BenchCommand::Index(a) => index(a),
-        BenchCommand::Model(a) => model(a),
+        BenchCommand::Model(a) => crate::common::on_device!(a.device, |B, device| model::<B>(a, &device)),
         BenchCommand::Decode(a) => crate::common::on_device!(a.model.device, |B, device| decode::<B>(a, &device)),
     }
 }
@@ -265,6 +265,9 @@ pub struct ModelBenchArgs {
     /// Also write the result as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Backend to run on (`wgpu`/`cuda` need the binary's features of those names).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: crate::common::DeviceKind,
 }
 
 fn parse_quant(s: &str) -> Result<needle_model::QuantType> {
@@ -280,14 +283,14 @@ fn parse_quant(s: &str) -> Result<needle_model::QuantType> {
 }
 
 /// Runs `needle bench model`: build, prefill `--context` random tokens, decode `--decode` greedily.
-fn model(a: ModelBenchArgs) -> Result<()> {
-    use needle_model::{Cpu, KvCache, Llama, argmax, compose};
+fn model<B: needle_model::NeedleBackend>(a: ModelBenchArgs, device: &B::Device) -> Result<()> {
+    use needle_model::{KvCache, Llama, argmax, compose};
     use needle_select::resolve_auto;
     ensure!(a.context > 0, "--context must be at least 1");
     let cfg = needle_loader::LlamaConfig::preset(&a.shape)?;
     let quant = parse_quant(&a.quant)?;
     let t0 = Instant::now();
-    let model = Llama::<Cpu>::random(&cfg, quant, a.seed, &Default::default())
+    let model = Llama::<B>::random(&cfg, quant, a.seed, device)
         .with_context(|| format!("building a random {} model", a.shape))?;
     let build_s = t0.elapsed().as_secs_f64();
     eprintln!(
@@ -345,7 +348,7 @@ fn model(a: ModelBenchArgs) -> Result<()> {
     if let Some(path) = &a.json {
         let v = json!({
             "shape": a.shape, "quant": a.quant, "context": a.context, "decode_tokens": a.decode, "selector": spec,
-            "kv": format!("{:?}", a.kv), "seed": a.seed, "chunk": a.chunk, "build_seconds": build_s,
+            "kv": format!("{:?}", a.kv), "device": format!("{:?}", a.device).to_ascii_lowercase(), "seed": a.seed, "chunk": a.chunk, "build_seconds": build_s,
             "prefill_seconds": prefill_s, "prefill_tokens_per_second": prefill_tps,
             "decode_seconds": decode_s, "decode_tokens_per_second": decode_tps,
             "weight_bytes": model.weight_bytes(), "kv_bytes": kv_bytes, "selector_bytes": selector_bytes,

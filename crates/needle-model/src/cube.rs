@@ -4,9 +4,9 @@
 //!
 //! - Linear weights stay in their GGUF blocks on the device (uploaded once per weight, on first
 //!   use, into the [`LinearWeight`]'s device copy, a [`DeviceWeight`]; llama.cpp's RoPE row order is undone at upload by
-//!   permuting whole rows) and run through the quantized GEMV kernel, one GEMV per token.
-//!   Block types the kernel lacks (K-quants, F16, F32) are dequantized once to an f32 device
-//!   matrix and multiplied with Burn's matmul.
+//!   permuting whole rows) and run through the quantized GEMV kernel, one GEMV per token, for
+//!   every block format (the 32-element ones, the K-quants, F16/BF16); F32 weights are an f32
+//!   device matrix multiplied with Burn's matmul.
 //! - Every layer's KV rows are mirrored on the device ([`DeviceCache`], token-major, f32), held
 //!   by the [`KvCache`] (its `KvMirror`) and brought up to date from the host rows before each use (the rows
 //!   a step appended, or everything after a cache was loaded or forked).
@@ -146,41 +146,37 @@ impl<R: CubeRuntime> std::fmt::Debug for DeviceWeight<R> {
 enum DeviceWeightKind<R: CubeRuntime> {
     /// The GGUF blocks, rows in Hugging Face order.
     Blocks(DeviceQMatrix),
-    /// Dequantized and transposed, `[cols, rows]` f32 (types the GEMV kernel lacks).
+    /// Transposed, `[cols, rows]` f32 (F32 weights).
     Dense(Box<CubeTensor<R>>),
 }
 
 fn upload_weight<R: CubeRuntime>(like: &CubeTensor<R>, w: &QWeight) -> Result<DeviceWeight<R>> {
     let (rows, cols) = (w.rows(), w.cols());
-    match w.ty() {
-        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 => {
-            let m = w.matrix()?;
-            let mut bytes = Vec::with_capacity(w.bytes());
-            for r in 0..rows {
-                bytes.extend_from_slice(m.row_bytes(stored_row(r, rows, w.rope_heads())));
-            }
-            let q = DeviceQMatrix::upload(&like.client, w.ty(), rows, cols, &bytes).map_err(kernel_err(w.name()))?;
-            Ok(DeviceWeight(DeviceWeightKind::Blocks(q)))
+    if w.ty() != QuantType::F32 {
+        let m = w.matrix()?;
+        let mut bytes = Vec::with_capacity(w.bytes());
+        for r in 0..rows {
+            bytes.extend_from_slice(m.row_bytes(stored_row(r, rows, w.rope_heads())));
         }
-        _ => {
-            let hf = w.dequantize()?;
-            let mut t = vec![0f32; rows * cols];
-            for (r, row) in hf.chunks_exact(cols.max(1)).enumerate() {
-                for (c, &x) in row.iter().enumerate() {
-                    t[c * rows + r] = x;
-                }
-            }
-            let h = upload(&like.client, &t);
-            let shape = Shape::from([cols, rows]);
-            Ok(DeviceWeight(DeviceWeightKind::Dense(Box::new(CubeTensor::new_contiguous(
-                like.client.clone(),
-                like.device.clone(),
-                shape,
-                h,
-                DType::F32,
-            )))))
+        let q = DeviceQMatrix::upload(&like.client, w.ty(), rows, cols, &bytes).map_err(kernel_err(w.name()))?;
+        return Ok(DeviceWeight(DeviceWeightKind::Blocks(q)));
+    }
+    let hf = w.dequantize()?;
+    let mut t = vec![0f32; rows * cols];
+    for (r, row) in hf.chunks_exact(cols.max(1)).enumerate() {
+        for (c, &x) in row.iter().enumerate() {
+            t[c * rows + r] = x;
         }
     }
+    let h = upload(&like.client, &t);
+    let shape = Shape::from([cols, rows]);
+    Ok(DeviceWeight(DeviceWeightKind::Dense(Box::new(CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        h,
+        DType::F32,
+    )))))
 }
 
 /// The stored row holding Hugging Face output row `r`: llama.cpp keeps each of `heads` heads of

@@ -1,5 +1,5 @@
 //! The CubeCL arm of `NeedleBackend` on wgpu (lavapipe in CI) against the CPU references on
-//! fresh random inputs: the quantized linear from GGUF blocks (and the dequantized fallback),
+//! fresh random inputs: the quantized linear from GGUF blocks (and F32 weights' matmul),
 //! causal prefill attention over the cache's rows, decode attention through selectors in both
 //! decode modes, and random-weight models end to end. `NEEDLE_SKIP_GPU_TESTS=1` skips them.
 #![cfg(feature = "wgpu")]
@@ -64,7 +64,8 @@ fn quantized_linear_on_the_device_matches_the_dequantized_weight() {
         return;
     }
     let mut rng = StdRng::seed_from_u64(1);
-    for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_K] {
+    // Block kernels for the quantized types and F16; F32 goes through Burn's matmul.
+    for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_K, QuantType::F16, QuantType::F32] {
         let ck = Checkpoint::random(&tiny(), ty, 11).unwrap();
         // Random checkpoints come in these block types (Q4_1, the default model's, is covered by
         // tests/wgpu_model.rs); q_proj carries llama.cpp's RoPE row order only in GGUF files.

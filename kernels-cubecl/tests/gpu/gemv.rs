@@ -8,28 +8,50 @@ use rand::rngs::StdRng;
 
 use crate::common::{client, normal, rng};
 
-/// Random `rows × cols` matrix of `ty` blocks. Every 7th block gets a subnormal f16 scale so
-/// the kernel's integer f16 decoding is exercised off the normal path too.
+/// A random f16 scale: mostly normal, every 7th a subnormal, so the kernel's integer f16
+/// decoding is exercised off the normal path too.
+fn scale(r: &mut StdRng, i: usize, range: f32) -> [u8; 2] {
+    if i % 7 == 3 { f16::from_bits(r.random_range(1..1024)) } else { f16::from_f32(r.random_range(-range..range)) }
+        .to_le_bytes()
+}
+
+/// Random `rows × cols` matrix of `ty` blocks: random bytes, with the f16 (and bf16) fields
+/// replaced by finite values of a sensible size.
 fn random_blocks(r: &mut StdRng, ty: QuantType, rows: usize, cols: usize) -> Vec<u8> {
-    let n_blocks = rows * cols / 32;
-    let mut out = Vec::with_capacity(n_blocks * ty.block_bytes());
-    for b in 0..n_blocks {
-        let d = if b % 7 == 3 {
-            f16::from_bits(r.random_range(1..1024))
-        } else {
-            f16::from_f32(r.random_range(-0.05..0.05))
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    let n_blocks = rows * cols / be;
+    let mut out: Vec<u8> = (0..n_blocks * bb).map(|_| r.random::<u8>()).collect();
+    for (i, blk) in out.chunks_exact_mut(bb).enumerate() {
+        // (offset, range) of each f16 field: the scale, then a min where the format has one.
+        let fields: &[(usize, f32)] = match ty {
+            QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 | QuantType::IQ4_NL => &[(0, 0.05)],
+            QuantType::Q4_1 | QuantType::Q5_1 => &[(0, 0.05), (2, 0.5)],
+            QuantType::Q4_K | QuantType::Q5_K => &[(0, 0.005), (2, 0.005)],
+            QuantType::Q6_K => &[(208, 0.005)],
+            QuantType::F16 => {
+                for (j, h) in blk.chunks_exact_mut(2).enumerate() {
+                    h.copy_from_slice(&scale(r, i + j, 1.0));
+                }
+                &[]
+            }
+            QuantType::BF16 => {
+                for h in blk.chunks_exact_mut(2) {
+                    h.copy_from_slice(&half::bf16::from_f32(r.random_range(-1.0..1.0)).to_le_bytes());
+                }
+                &[]
+            }
+            QuantType::F32 => unreachable!("F32 is not a block format"),
         };
-        out.extend_from_slice(&d.to_le_bytes());
-        if ty == QuantType::Q4_1 {
-            out.extend_from_slice(&f16::from_f32(r.random_range(-0.5..0.5)).to_le_bytes());
+        for &(at, range) in fields {
+            blk[at..at + 2].copy_from_slice(&scale(r, i, range));
         }
-        let n_qs = if ty == QuantType::Q8_0 { 32 } else { 16 };
-        out.extend((0..n_qs).map(|_| r.random::<u8>()));
     }
-    assert_eq!(out.len(), n_blocks * ty.block_bytes());
     out
 }
 
+/// The GEMV of a random matrix against needle-quant's dequantizer in f64, within
+/// `2e-6·Σ|w·x| + 1e-7` (f32 accumulation over `cols` terms; the K-quants subtract their
+/// min term once per 32, inside the same bound).
 fn check(seed: u64, ty: QuantType, rows: usize, cols: usize) {
     let Some(c) = client() else { return };
     let mut r = rng(seed);
@@ -37,7 +59,7 @@ fn check(seed: u64, ty: QuantType, rows: usize, cols: usize) {
     let x = normal(&mut r, cols);
     let w = DeviceQMatrix::upload(&c, ty, rows, cols, &bytes).unwrap();
     let y = gemv(&c, &w, &x).unwrap();
-    let row_bytes = cols / 32 * ty.block_bytes();
+    let row_bytes = cols / ty.block_elems() * ty.block_bytes();
     let mut deq = vec![0.0f32; cols];
     for (i, &got) in y.iter().enumerate() {
         dequantize_row(ty, &bytes[i * row_bytes..(i + 1) * row_bytes], &mut deq).unwrap();
@@ -75,9 +97,35 @@ fn gemv_q4_1_matches_dequantized_reference() {
 }
 
 #[test]
+fn gemv_5_bit_and_iq4_nl_blocks_match_dequantized_reference() {
+    for (seed, ty) in [(91, QuantType::Q5_0), (92, QuantType::Q5_1), (93, QuantType::IQ4_NL)] {
+        check(seed, ty, 37, 416);
+        check(seed + 10, ty, 3, 32);
+        check(seed + 20, ty, 70, 2048);
+    }
+}
+
+#[test]
+fn gemv_k_quants_match_dequantized_reference() {
+    for (seed, ty) in [(101, QuantType::Q4_K), (102, QuantType::Q5_K), (103, QuantType::Q6_K)] {
+        check(seed, ty, 37, 512);
+        check(seed + 10, ty, 3, 256);
+        check(seed + 20, ty, 70, 2048);
+    }
+}
+
+#[test]
+fn gemv_half_precision_rows_match_reference() {
+    for (seed, ty) in [(111, QuantType::F16), (112, QuantType::BF16)] {
+        check(seed, ty, 37, 416);
+        check(seed + 10, ty, 70, 2048);
+    }
+}
+
+#[test]
 fn gemv_rejects_unsupported_types_and_bad_shapes() {
     let Some(c) = client() else { return };
-    let err = DeviceQMatrix::upload(&c, QuantType::Q4_K, 1, 256, &[0; 144]).unwrap_err();
+    let err = DeviceQMatrix::upload(&c, QuantType::F32, 1, 32, &[0; 128]).unwrap_err();
     assert!(matches!(err, Error::Invalid { param: "ty", .. }), "{err}");
     let err = DeviceQMatrix::upload(&c, QuantType::Q4_1, 2, 48, &[0; 60]).unwrap_err();
     assert!(matches!(err, Error::Invalid { param: "cols", .. }), "{err}");
@@ -97,9 +145,12 @@ fn gemv_with_more_rows_than_one_grid_axis_holds() {
 #[test]
 fn gemm_over_several_tokens_is_one_gemv_per_token() {
     let Some(c) = client() else { return };
-    for (seed, ty, rows, cols, t) in
-        [(81, QuantType::Q4_1, 37, 416, 5), (82, QuantType::Q8_0, 70, 96, 3), (83, QuantType::Q4_0, 9, 64, 17)]
-    {
+    for (seed, ty, rows, cols, t) in [
+        (81, QuantType::Q4_1, 37, 416, 5),
+        (82, QuantType::Q8_0, 70, 96, 3),
+        (83, QuantType::Q4_0, 9, 64, 17),
+        (84, QuantType::Q6_K, 5, 512, 3),
+    ] {
         let mut r = rng(seed);
         let bytes = random_blocks(&mut r, ty, rows, cols);
         let x = normal(&mut r, t * cols);
