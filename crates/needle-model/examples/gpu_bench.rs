@@ -261,7 +261,7 @@ mod bench {
                     launch_decode(client, &kv, &qh, nq, &dl, 0.088, chunk, &out, &lse)?;
                     Ok(())
                 },
-                &sync,
+                sync,
             )?;
             let gbps = bytes as f64 / secs / 1e9;
             println!(
