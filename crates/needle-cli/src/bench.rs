@@ -489,7 +489,8 @@ fn decode_streams<B: needle_model::NeedleBackend>(
             tokens.push(next[0]);
             ensure!(next.iter().all(|&t| t == next[0]), "streams from one context decoded different tokens");
             let mut refs: Vec<&mut _> = caches.iter_mut().collect();
-            let logits = if n == 1 { vec![model.decode(next[0], refs[0])?] } else { model.decode_batch(&next, &mut refs)? };
+            let logits =
+                if n == 1 { vec![model.decode(next[0], refs[0])?] } else { model.decode_batch(&next, &mut refs)? };
             next = logits.iter().map(|l| argmax(l).context("empty logits")).collect::<Result<_>>()?;
         }
         let tps = (n * a.tokens) as f64 / t0.elapsed().as_secs_f64();

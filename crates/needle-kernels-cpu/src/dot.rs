@@ -395,14 +395,30 @@ mod x86 {
             // save.
             let avx512 = vnni_encoding() == Vnni::Avx512;
             match (ty, avx512) {
-                (QuantType::Q4_0, false) => return Some(|w, x| unsafe { multi_vnni::<1, { super::TOKENS }>(w, &x.map(q8)) }),
-                (QuantType::Q4_1, false) => return Some(|w, x| unsafe { multi_vnni::<2, { super::TOKENS }>(w, &x.map(q8)) }),
-                (QuantType::Q5_0, false) => return Some(|w, x| unsafe { multi_vnni::<3, { super::TOKENS }>(w, &x.map(q8)) }),
-                (QuantType::Q5_1, false) => return Some(|w, x| unsafe { multi_vnni::<4, { super::TOKENS }>(w, &x.map(q8)) }),
-                (QuantType::Q4_0, true) => return Some(|w, x| unsafe { multi_vnni512::<1, { super::TOKENS }>(w, &x.map(q8)) }),
-                (QuantType::Q4_1, true) => return Some(|w, x| unsafe { multi_vnni512::<2, { super::TOKENS }>(w, &x.map(q8)) }),
-                (QuantType::Q5_0, true) => return Some(|w, x| unsafe { multi_vnni512::<3, { super::TOKENS }>(w, &x.map(q8)) }),
-                (QuantType::Q5_1, true) => return Some(|w, x| unsafe { multi_vnni512::<4, { super::TOKENS }>(w, &x.map(q8)) }),
+                (QuantType::Q4_0, false) => {
+                    return Some(|w, x| unsafe { multi_vnni::<1, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q4_1, false) => {
+                    return Some(|w, x| unsafe { multi_vnni::<2, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q5_0, false) => {
+                    return Some(|w, x| unsafe { multi_vnni::<3, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q5_1, false) => {
+                    return Some(|w, x| unsafe { multi_vnni::<4, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q4_0, true) => {
+                    return Some(|w, x| unsafe { multi_vnni512::<1, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q4_1, true) => {
+                    return Some(|w, x| unsafe { multi_vnni512::<2, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q5_0, true) => {
+                    return Some(|w, x| unsafe { multi_vnni512::<3, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q5_1, true) => {
+                    return Some(|w, x| unsafe { multi_vnni512::<4, { super::TOKENS }>(w, &x.map(q8)) });
+                }
                 _ => {}
             }
         }

@@ -4,7 +4,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use crate::act::{QActs, kind_for};
-use crate::dot::{Kernel, Kernel4, TOKENS, dot_rows, kernel, kernel4, kernel_rows};
+use crate::dot::{Kernel, Kernel4, TOKENS, dot_rows, kernel, kernel_rows, kernel4};
 use crate::pool::Pool;
 use crate::{Error, Isa, Result, check_len};
 use needle_quant::QuantType;
@@ -255,6 +255,10 @@ pub fn gemv_rows_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &
             }
         }
     };
-    if weights < PAR_MIN_WEIGHTS { (0..tasks.len()).for_each(run) } else { pool.run(tasks.len(), &run) }
+    if weights < PAR_MIN_WEIGHTS {
+        (0..tasks.len()).for_each(run)
+    } else {
+        pool.run(tasks.len(), &run)
+    }
     Ok(())
 }

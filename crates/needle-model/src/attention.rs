@@ -111,7 +111,14 @@ pub fn cached_attention<B: NeedleBackend>(
 
 /// A sliding-window layer's step, any kind: dense over the ring and the new rows, on the host;
 /// then the rows join the ring.
-fn window_step<M>(cache: &mut KvCache<M>, layer: usize, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> Result<Vec<f32>> {
+fn window_step<M>(
+    cache: &mut KvCache<M>,
+    layer: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+) -> Result<Vec<f32>> {
     let out = cache.attend_window(layer, q, k, v, scale)?;
     cache.append(layer, k, v)?;
     Ok(out)
@@ -164,7 +171,10 @@ pub(crate) fn host_decode_rows<M: Send>(
         }
     }
     if let Some(i) = caches.iter().position(|c| c.gqa() != gqa || c.head_dim() != d) {
-        return Err(Error::invalid("caches", format!("sequence {i}'s cache has another head layout than sequence 0's")));
+        return Err(Error::invalid(
+            "caches",
+            format!("sequence {i}'s cache has another head layout than sequence 0's"),
+        ));
     }
     let mut out = vec![0f32; n * qn];
     let cells: Vec<std::sync::Mutex<(&mut KvCache<M>, &mut [f32], Result<()>)>> = caches

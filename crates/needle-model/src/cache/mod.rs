@@ -181,7 +181,13 @@ impl DecodeStats {
     /// [`account_decode_step`](Self::account_decode_step) of a sequence's share of a batched
     /// step: the cache's timer gains count `concurrency` times (their share of the batch's
     /// attention wall time, when sequences attend in parallel).
-    pub(crate) fn account_shared_step(&mut self, before: &DecodeStats, step: Duration, weights: Duration, concurrency: f64) {
+    pub(crate) fn account_shared_step(
+        &mut self,
+        before: &DecodeStats,
+        step: Duration,
+        weights: Duration,
+        concurrency: f64,
+    ) {
         let gain = |now: Duration, then: Duration| now.saturating_sub(then).mul_f64(concurrency);
         let t = &mut self.step_times;
         t.step += step;
