@@ -377,72 +377,141 @@ pub struct DecodeBenchArgs {
     /// shared machine only slows a run down).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Sequences decoded together (`Llama::decode_batch`, as `needle serve --parallel` runs
+    /// them), comma-separated: each count is run from the same context and reported against the
+    /// first (`--streams 1,2,4`: total tokens/s of 2 and 4 sequences against one, in one run).
+    /// Every stream must decode the tokens a lone decode does.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub streams: Vec<usize>,
     /// Also write the result as JSON (a new file).
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
+/// The fastest of `--repeat` runs of `n` streams: total tokens/s, the batch's step profile
+/// (its caches' shares added up), the tokens (of every stream), and the context.
+struct StreamsRun {
+    tps: f64,
+    profile: needle_model::DecodeProfile,
+    tokens: Vec<u32>,
+    info: needle_model::context::ContextInfo,
+    context_tokens: usize,
+}
+
 /// Runs `needle bench decode`: load the context, extend the question, decode greedily; best of
-/// `--repeat` runs.
+/// `--repeat` runs, for each `--streams` count.
 fn decode<B: needle_model::NeedleBackend>(a: DecodeBenchArgs, device: &B::Device) -> Result<()> {
-    use crate::common::{Loaded, context_question, load_on, model_digest, progress_bar};
-    use needle_model::{DecodeProfile, argmax, context};
+    use crate::common::{Loaded, load_on, model_digest, progress_bar};
     ensure!(a.tokens > 0, "--tokens must be at least 1");
     ensure!(a.repeat > 0, "--repeat must be at least 1");
+    ensure!(!a.streams.is_empty() && !a.streams.contains(&0), "--streams: counts of at least 1");
     if let Some(p) = a.json.as_ref().filter(|p| p.exists()) {
         anyhow::bail!("--json {}: the file exists (an existing file is never overwritten)", p.display());
     }
     let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, a.model.weights, device)?;
     let digest = model_digest(&a.model.model)?;
-    let pb = progress_bar(a.repeat, "bench decode");
-    let mut best: Option<(f64, DecodeProfile, Vec<u32>)> = None;
-    let mut info = None;
-    for _ in 0..a.repeat {
-        let saved = context::load(&a.context, &model, &digest, a.model.weights.name(), &needle_select::parse)
-            .with_context(|| format!("--context {}", a.context.display()))?;
-        let mut cache = saved.cache;
-        a.model.apply_kv_budget(&mut cache)?;
-        let ids = context_question(&tokenizer, a.question.as_deref(), &saved.info)?;
-        let logits =
-            if ids.is_empty() { saved.last_logits } else { model.extend(&ids, &mut cache, 512, &mut |_, _| {})? };
-        let mut next = argmax(&logits).context("empty logits")?;
-        // Extending may have run one-token decode steps: profile the timed steps only.
-        cache.stats = Default::default();
-        let mut tokens = Vec::with_capacity(a.tokens);
-        let t0 = Instant::now();
-        for _ in 0..a.tokens {
-            tokens.push(next);
-            next = argmax(&model.decode(next, &mut cache)?).context("empty logits")?;
+    let pb = progress_bar(a.repeat * a.streams.len(), "bench decode");
+    let mut runs: Vec<(usize, StreamsRun)> = Vec::new();
+    for &n in &a.streams {
+        let run = decode_streams(&a, &model, &tokenizer, &digest, n, &|| pb.inc(1))?;
+        if let Some((_, first)) = runs.first() {
+            ensure!(first.tokens == run.tokens, "{n} streams decoded other tokens than {} stream(s)", runs[0].0);
         }
-        let tps = a.tokens as f64 / t0.elapsed().as_secs_f64();
-        if let Some((prev, _, prev_tokens)) = &best {
-            ensure!(*prev_tokens == tokens, "two runs from the same context decoded different tokens");
-            if *prev >= tps {
-                pb.inc(1);
-                continue;
-            }
-        }
-        info = Some((saved.info, saved.tokens.len() + ids.len()));
-        best = Some((tps, cache.stats.profile(), tokens));
-        pb.inc(1);
+        runs.push((n, run));
     }
     pb.finish_and_clear();
-    let ((tps, profile, tokens), (info, context_tokens)) = best.zip(info).context("no run")?;
-    eprintln!(
-        "{}: {context_tokens} tokens, selector {}, kv {} | decode {tps:.1} tok/s (best of {}) | {}",
-        a.context.display(),
-        info.selector,
-        info.kv,
-        a.repeat,
-        crate::generate::profile_line(&profile)
-    );
+    let (n0, first) = &runs[0];
+    for (n, r) in &runs {
+        let ratio = if runs.len() > 1 { format!(" ({:.2}x {n0} stream(s))", r.tps / first.tps) } else { String::new() };
+        eprintln!(
+            "{}: {} tokens, selector {}, kv {} | {n} stream(s): decode {:.1} tok/s in all{ratio} (best of {}) | {}",
+            a.context.display(),
+            r.context_tokens,
+            r.info.selector,
+            r.info.kv,
+            r.tps,
+            a.repeat,
+            crate::generate::profile_line(&r.profile)
+        );
+    }
     if let Some(path) = &a.json {
-        let v = json!({
-            "context": a.context, "context_tokens": context_tokens, "selector": info.selector,
-            "kv": info.kv.to_string(), "decode_tokens": a.tokens, "repeat": a.repeat,
-            "decode_tokens_per_second": tps, "decode_profile": profile, "token_ids": tokens,
+        let mut v = json!({
+            "context": a.context, "context_tokens": first.context_tokens, "selector": first.info.selector,
+            "kv": first.info.kv.to_string(), "decode_tokens": a.tokens, "repeat": a.repeat,
+            "decode_tokens_per_second": first.tps, "decode_profile": first.profile, "token_ids": first.tokens,
         });
+        if runs.len() > 1 || *n0 != 1 {
+            v["streams"] = runs
+                .iter()
+                .map(|(n, r)| {
+                    json!({
+                        "streams": n, "decode_tokens_per_second": r.tps, "ratio": r.tps / first.tps,
+                        "decode_profile": r.profile,
+                    })
+                })
+                .collect();
+        }
         crate::common::write_new(path, &serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
+}
+
+/// `--repeat` runs of `n` sequences decoded together from the context; the fastest.
+fn decode_streams<B: needle_model::NeedleBackend>(
+    a: &DecodeBenchArgs,
+    model: &needle_model::Llama<B>,
+    tokenizer: &needle_loader::Tokenizer,
+    digest: &str,
+    n: usize,
+    done: &dyn Fn(),
+) -> Result<StreamsRun> {
+    use crate::common::context_question;
+    use needle_model::{DecodeStats, argmax, context};
+    let mut best: Option<StreamsRun> = None;
+    for _ in 0..a.repeat {
+        let mut caches = Vec::with_capacity(n);
+        let mut first = None;
+        for _ in 0..n {
+            let saved = context::load(&a.context, model, digest, a.model.weights.name(), &needle_select::parse)
+                .with_context(|| format!("--context {}", a.context.display()))?;
+            let mut cache = saved.cache;
+            a.model.apply_kv_budget(&mut cache)?;
+            let ids = context_question(tokenizer, a.question.as_deref(), &saved.info)?;
+            let logits =
+                if ids.is_empty() { saved.last_logits } else { model.extend(&ids, &mut cache, 512, &mut |_, _| {})? };
+            // Extending may have run one-token decode steps: profile the timed steps only.
+            cache.stats = Default::default();
+            caches.push(cache);
+            first.get_or_insert((argmax(&logits).context("empty logits")?, saved.info, saved.tokens.len() + ids.len()));
+        }
+        let (token, info, context_tokens) = first.context("no stream")?;
+        let mut next = vec![token; n];
+        let mut tokens = Vec::with_capacity(a.tokens);
+        let t0 = Instant::now();
+        for _ in 0..a.tokens {
+            tokens.push(next[0]);
+            ensure!(next.iter().all(|&t| t == next[0]), "streams from one context decoded different tokens");
+            let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+            let logits =
+                if n == 1 { vec![model.decode(next[0], refs[0])?] } else { model.decode_batch(&next, &mut refs)? };
+            next = logits.iter().map(|l| argmax(l).context("empty logits")).collect::<Result<_>>()?;
+        }
+        let tps = (n * a.tokens) as f64 / t0.elapsed().as_secs_f64();
+        // The caches' shares of each step add up to the batch's step.
+        let mut total = DecodeStats { steps: caches[0].stats.steps, ..Default::default() };
+        for c in &caches {
+            let (t, s) = (&mut total.step_times, &c.stats.step_times);
+            (t.step, t.weights, t.attention) = (t.step + s.step, t.weights + s.weights, t.attention + s.attention);
+            (t.walk, t.insert) = (t.walk + s.walk, t.insert + s.insert);
+        }
+        done();
+        if let Some(prev) = &best {
+            ensure!(prev.tokens == tokens, "two runs from the same context decoded different tokens");
+            if prev.tps >= tps {
+                continue;
+            }
+        }
+        best = Some(StreamsRun { tps, profile: total.profile(), tokens, info, context_tokens });
+    }
+    best.context("no run")
 }

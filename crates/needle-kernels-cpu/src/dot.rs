@@ -90,6 +90,56 @@ pub(crate) fn kernel4(ty: QuantType, isa: Isa) -> Option<Kernel4> {
     None
 }
 
+/// Dot products of one weight row with 1 to [`ROWS`] activation rows (`out[j]` for `xs[j]`),
+/// each bit for bit what [`kernel`] gives for that row alone: the same per-row arithmetic and
+/// summation order, with each weight block decoded once for all rows. For batched decode, where
+/// each row is another sequence's and must get the bits it gets alone.
+pub(crate) type KernelRows = fn(&[u8], &[QActRow<'_>], &mut [f32]);
+
+/// Rows per [`KernelRows`] call, at most.
+pub(crate) const ROWS: usize = 4;
+
+/// The [`KernelRows`] of `ty` on `isa`, where one exists (AVX2 and VNNI, 32-element block
+/// types); elsewhere [`vec_dot_rows_with`] runs the row kernel once per row.
+pub(crate) fn kernel_rows(ty: QuantType, isa: Isa) -> Option<KernelRows> {
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        return x86::kernel_rows(ty, isa.effective());
+    }
+    let _ = (ty, isa);
+    None
+}
+
+/// Dot products of the weight row `w` with each of `xs` into `out`, on `isa`: `out[j]` is bit for
+/// bit [`vec_dot_with`]`(isa, ty, w, xs[j])`, while each weight block is decoded once for up to
+/// [`ROWS`] rows where the type has such a kernel on `isa`.
+pub fn vec_dot_rows_with(isa: Isa, ty: QuantType, w: &[u8], xs: &[QActRow<'_>], out: &mut [f32]) -> Result<()> {
+    crate::check_len("out", out.len(), xs.len())?;
+    for &x in xs {
+        check_act(ty, x)?;
+        crate::check_len("w", w.len(), ty.bytes_for("x.len()", x.len())?)?;
+    }
+    dot_rows(kernel(ty, isa), kernel_rows(ty, isa), w, xs, out);
+    Ok(())
+}
+
+/// [`vec_dot_rows_with`] once lengths and kinds are checked: `kr` over groups of [`ROWS`] rows,
+/// else `k` row by row.
+pub(crate) fn dot_rows(k: Kernel, kr: Option<KernelRows>, w: &[u8], xs: &[QActRow<'_>], out: &mut [f32]) {
+    match kr {
+        Some(kr) => {
+            for (x, o) in xs.chunks(ROWS).zip(out.chunks_mut(ROWS)) {
+                kr(w, x, o);
+            }
+        }
+        None => {
+            for (&x, o) in xs.iter().zip(out) {
+                *o = k(w, x);
+            }
+        }
+    }
+}
+
 // Kind mismatches are rejected by `check_act` before a kernel runs; an empty row makes these total.
 fn f32s(x: QActRow<'_>) -> &[f32] {
     if let QActRow::F32(v) = x { v } else { &[] }
@@ -345,14 +395,30 @@ mod x86 {
             // save.
             let avx512 = vnni_encoding() == Vnni::Avx512;
             match (ty, avx512) {
-                (QuantType::Q4_0, false) => return Some(|w, x| unsafe { multi_vnni::<1>(w, &x.map(q8)) }),
-                (QuantType::Q4_1, false) => return Some(|w, x| unsafe { multi_vnni::<2>(w, &x.map(q8)) }),
-                (QuantType::Q5_0, false) => return Some(|w, x| unsafe { multi_vnni::<3>(w, &x.map(q8)) }),
-                (QuantType::Q5_1, false) => return Some(|w, x| unsafe { multi_vnni::<4>(w, &x.map(q8)) }),
-                (QuantType::Q4_0, true) => return Some(|w, x| unsafe { multi_vnni512::<1>(w, &x.map(q8)) }),
-                (QuantType::Q4_1, true) => return Some(|w, x| unsafe { multi_vnni512::<2>(w, &x.map(q8)) }),
-                (QuantType::Q5_0, true) => return Some(|w, x| unsafe { multi_vnni512::<3>(w, &x.map(q8)) }),
-                (QuantType::Q5_1, true) => return Some(|w, x| unsafe { multi_vnni512::<4>(w, &x.map(q8)) }),
+                (QuantType::Q4_0, false) => {
+                    return Some(|w, x| unsafe { multi_vnni::<1, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q4_1, false) => {
+                    return Some(|w, x| unsafe { multi_vnni::<2, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q5_0, false) => {
+                    return Some(|w, x| unsafe { multi_vnni::<3, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q5_1, false) => {
+                    return Some(|w, x| unsafe { multi_vnni::<4, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q4_0, true) => {
+                    return Some(|w, x| unsafe { multi_vnni512::<1, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q4_1, true) => {
+                    return Some(|w, x| unsafe { multi_vnni512::<2, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q5_0, true) => {
+                    return Some(|w, x| unsafe { multi_vnni512::<3, { super::TOKENS }>(w, &x.map(q8)) });
+                }
+                (QuantType::Q5_1, true) => {
+                    return Some(|w, x| unsafe { multi_vnni512::<4, { super::TOKENS }>(w, &x.map(q8)) });
+                }
                 _ => {}
             }
         }
@@ -366,6 +432,136 @@ mod x86 {
             QuantType::IQ4_NL => Some(|w, x| unsafe { multi_avx2::<5>(w, &x.map(q8)) }),
             _ => None,
         }
+    }
+
+    /// `body::<generics.., N>` over 1 to 4 Q8 rows as a [`KernelRows`](super::KernelRows).
+    macro_rules! rows_fn {
+        ($body:ident::<$($g:tt),*>) => {
+            |w: &[u8], xs: &[super::QActRow<'_>], out: &mut [f32]| {
+                // SAFETY: `kernel_rows` hands this out only where the body's features were
+                // detected (see there); the rows are whole blocks, checked by the callers.
+                let v: &[f32] = unsafe {
+                    match *xs {
+                        [a] => &$body::<$($g),*, 1>(w, &[q8(a)]),
+                        [a, b] => &$body::<$($g),*, 2>(w, &[q8(a), q8(b)]),
+                        [a, b, c] => &$body::<$($g),*, 3>(w, &[q8(a), q8(b), q8(c)]),
+                        [a, b, c, d] => &$body::<$($g),*, 4>(w, &[q8(a), q8(b), q8(c), q8(d)]),
+                        _ => &[],
+                    }
+                };
+                out[..v.len()].copy_from_slice(v);
+            }
+        };
+    }
+
+    /// The multi-row kernel whose rows are bit for bit [`kernel`]`(ty, isa)`'s: the VNNI bodies
+    /// where the row kernel is one ([`row_vnni`] is [`multi_body`] of one row), else
+    /// [`pair_rows`] where the row kernel is the AVX2 pair loop. The AVX-512 row dots (Q8_0,
+    /// Q4_0, Q4_1) have none.
+    pub(super) fn kernel_rows(ty: QuantType, isa: Isa) -> Option<super::KernelRows> {
+        if isa == Isa::AvxVnni {
+            // SAFETY (rows_fn): `Isa::AvxVnni` was detected and `vnni_encoding` names the
+            // encoding this machine has, as for `row_vnni` / `row_vnni512` in `kernel`.
+            let avx512 = vnni_encoding() == Vnni::Avx512;
+            match (ty, avx512) {
+                (QuantType::Q4_0, false) => return Some(rows_fn!(multi_vnni::<1>)),
+                (QuantType::Q4_1, false) => return Some(rows_fn!(multi_vnni::<2>)),
+                (QuantType::Q5_0, false) => return Some(rows_fn!(multi_vnni::<3>)),
+                (QuantType::Q5_1, false) => return Some(rows_fn!(multi_vnni::<4>)),
+                (QuantType::Q4_0, true) => return Some(rows_fn!(multi_vnni512::<1>)),
+                (QuantType::Q4_1, true) => return Some(rows_fn!(multi_vnni512::<2>)),
+                (QuantType::Q5_0, true) => return Some(rows_fn!(multi_vnni512::<3>)),
+                (QuantType::Q5_1, true) => return Some(rows_fn!(multi_vnni512::<4>)),
+                _ => {}
+            }
+        }
+        if isa == Isa::Avx512 && matches!(ty, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1) {
+            return None;
+        }
+        // SAFETY (rows_fn): only called once `Isa::Avx2` (or a superset) was detected.
+        match ty {
+            QuantType::Q8_0 => Some(rows_fn!(pair_rows::<0>)),
+            QuantType::Q4_0 => Some(rows_fn!(pair_rows::<1>)),
+            QuantType::Q4_1 => Some(rows_fn!(pair_rows::<2>)),
+            QuantType::Q5_0 => Some(rows_fn!(pair_rows::<3>)),
+            QuantType::Q5_1 => Some(rows_fn!(pair_rows::<4>)),
+            QuantType::IQ4_NL => Some(rows_fn!(pair_rows::<5>)),
+            _ => None,
+        }
+    }
+
+    /// One weight row of Q8_0 (`T = 0`), Q4_0 (`T = 1`), Q4_1 (`T = 2`), Q5_0 (`T = 3`), Q5_1
+    /// (`T = 4`) or IQ4_NL (`T = 5`) against `N` token rows, each row's sums exactly those of its
+    /// AVX2 row kernel ([`q8_0_avx2`], [`q4_x_avx2`], [`q5_nl_avx2`]: even and odd blocks in two
+    /// accumulators, a last odd block in the first), each block decoded once for the `N` rows.
+    ///
+    /// # Safety
+    /// Needs avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pair_rows<const T: u8, const N: usize>(w: &[u8], x: &[&[BlockQ8]; N]) -> [f32; N] {
+        let bb = match T {
+            0 => 34,
+            1 | 5 => 18,
+            2 => 20,
+            3 => 22,
+            _ => 24,
+        };
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        let mut corr = [[0f32; 2]; N];
+        for (i, b) in w.chunks_exact(bb).enumerate() {
+            // (unsigned weight bytes, sign source for the activations, d, min)
+            let (u, sgn, dw, m) = match T {
+                0 => {
+                    // SAFETY: b[2..34] is 32 bytes.
+                    let qx = unsafe { load32(&b[2..34]) };
+                    (_mm256_sign_epi8(qx, qx), Some(qx), h2f(b, 0), 0.0)
+                }
+                // SAFETY: b[2..18] is the block's 16 nibble bytes.
+                1 => (unsafe { nibbles(&b[2..18]) }, None, h2f(b, 0), 0.0),
+                2 => {
+                    let (d, m) = h2f_pair(b);
+                    // SAFETY: b[4..20] is the block's 16 nibble bytes.
+                    (unsafe { nibbles(&b[4..20]) }, None, d, m)
+                }
+                3 | 4 => {
+                    let h = if T == 3 { 2 } else { 4 };
+                    // SAFETY: b[h + 4..h + 20] is the block's 16 nibble bytes.
+                    let lo = unsafe { nibbles(&b[h + 4..h + 20]) };
+                    let qh = u32::from_le_bytes([b[h], b[h + 1], b[h + 2], b[h + 3]]);
+                    let (d, m) = if T == 3 { (h2f(b, 0), 0.0) } else { h2f_pair(b) };
+                    (_mm256_or_si256(lo, q5_high_bits(qh)), None, d, m)
+                }
+                _ => {
+                    // SAFETY: b[2..18] is the block's 16 nibble bytes.
+                    let v = unsafe { iq4_nl_values(&b[2..18]) };
+                    (_mm256_sign_epi8(v, v), Some(v), h2f(b, 0), 0.0)
+                }
+            };
+            let s = i % 2;
+            for k in 0..N {
+                let y = &x[k][i];
+                let mut qy = load_i8x32(&y.qs);
+                if let Some(sg) = sgn {
+                    qy = _mm256_sign_epi8(qy, sg);
+                }
+                let p = _mm256_cvtepi32_ps(dot_u8i8(u, qy));
+                let d = dw * y.d;
+                acc[k][s] = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc[k][s]);
+                corr[k][s] += match T {
+                    1 => -d * (8 * y.sum) as f32,
+                    3 => -d * (16 * y.sum) as f32,
+                    2 | 4 => m * y.s,
+                    _ => 0.0,
+                };
+            }
+        }
+        let mut out = [0f32; N];
+        for k in 0..N {
+            let sum = hsum_ps(_mm256_add_ps(acc[k][0], acc[k][1]));
+            // Q8_0's row kernel adds no correction (adding a zero would turn -0 into +0).
+            out[k] = if T == 0 { sum } else { sum + (corr[k][0] + corr[k][1]) };
+        }
+        out
     }
 
     /// One weight row of Q8_0 (`T = 0`), Q4_0 (`T = 1`), Q4_1 (`T = 2`), Q5_0 (`T = 3`), Q5_1
@@ -386,9 +582,9 @@ mod x86 {
     /// # Safety
     /// Needs avx2, fma, f16c and avxvnni.
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    unsafe fn multi_vnni<const T: u8>(w: &[u8], x: &[&[BlockQ8]; super::TOKENS]) -> [f32; super::TOKENS] {
+    unsafe fn multi_vnni<const T: u8, const N: usize>(w: &[u8], x: &[&[BlockQ8]; N]) -> [f32; N] {
         // SAFETY: the features the body needs are this fn's.
-        unsafe { multi_body::<T, AVXVNNI, { super::TOKENS }>(w, x) }
+        unsafe { multi_body::<T, AVXVNNI, N>(w, x) }
     }
 
     /// [`multi_vnni`] with the AVX-512 encoding of `vpdpbusd` on 256-bit registers (AVX512-VNNI +
@@ -397,9 +593,9 @@ mod x86 {
     /// # Safety
     /// Needs avx2, fma, f16c, avx512vnni and avx512vl.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
-    unsafe fn multi_vnni512<const T: u8>(w: &[u8], x: &[&[BlockQ8]; super::TOKENS]) -> [f32; super::TOKENS] {
+    unsafe fn multi_vnni512<const T: u8, const N: usize>(w: &[u8], x: &[&[BlockQ8]; N]) -> [f32; N] {
         // SAFETY: the features the body needs are this fn's.
-        unsafe { multi_body::<T, AVX512VNNI, { super::TOKENS }>(w, x) }
+        unsafe { multi_body::<T, AVX512VNNI, N>(w, x) }
     }
 
     /// One weight row of Q4_0, Q4_1, Q5_0 or Q5_1 (`T` as in [`multi_avx2`]) against one token row,

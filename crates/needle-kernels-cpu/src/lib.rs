@@ -44,7 +44,7 @@ mod neon;
 pub use act::{BlockQ8, BlockQ8K, QActs};
 pub use attn::{Pages, attend_rows, attend_rows_lse, flash_prefill};
 pub use isa::Isa;
-pub use linear::{QMatrix, gemv_many};
+pub use linear::{QMatrix, gemv_many, gemv_rows, gemv_rows_with};
 pub use needle_quant::{QuantType, can_quantize, dequantize_row, quantize_row};
 pub use pool::Pool;
 pub use sparse::{BlockLayout, sparse_prefill};

@@ -4,7 +4,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use crate::act::{QActs, kind_for};
-use crate::dot::{Kernel, Kernel4, TOKENS, kernel, kernel4};
+use crate::dot::{Kernel, Kernel4, TOKENS, dot_rows, kernel, kernel_rows, kernel4};
 use crate::pool::Pool;
 use crate::{Error, Isa, Result, check_len};
 use needle_quant::QuantType;
@@ -179,6 +179,80 @@ pub fn gemv_many_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], ys: &mut [&mut 
         let (k, Some(xr)) = (kernel(m.ty, isa), row_of(m)) else { return };
         for (j, v) in out.iter_mut().enumerate() {
             *v = k(m.row_bytes(r0 + j), xr);
+        }
+    };
+    if weights < PAR_MIN_WEIGHTS {
+        (0..tasks.len()).for_each(run)
+    } else {
+        pool.run(tasks.len(), &run)
+    }
+    Ok(())
+}
+
+/// `ys[i] = X · mats[i]ᵀ` for `t` rows of `x` (`t × cols`) that are decode rows of different
+/// sequences, on the best ISA; `ys[i]` is `t × rows`, token-major. Each output row is bit for bit
+/// what [`gemv_many`] gives for that row alone (the same activation quantization and row kernel),
+/// while each weight row is read once for all `t` rows, its blocks decoded once per
+/// [`ROWS`](crate::dot::ROWS) rows where the type has such a kernel
+/// ([`vec_dot_rows_with`](crate::dot::vec_dot_rows_with)). The rows of all matrices run as one
+/// parallel loop on the [`Pool`].
+pub fn gemv_rows(mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &mut [&mut [f32]]) -> Result<()> {
+    gemv_rows_with(Isa::detect(), mats, x, t, ys)
+}
+
+/// [`gemv_rows`] on a given ISA (scalar when `isa` is not available here).
+pub fn gemv_rows_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &mut [&mut [f32]]) -> Result<()> {
+    check_len("ys", ys.len(), mats.len())?;
+    let mut acts: Vec<(&'static str, QActs)> = Vec::new();
+    for (m, y) in mats.iter().zip(ys.iter()) {
+        check_len("x", x.len(), t.saturating_mul(m.cols))?;
+        check_len("y", y.len(), t.saturating_mul(m.rows))?;
+        let kind = kind_for(m.ty);
+        if !acts.iter().any(|(k, _)| *k == kind) {
+            acts.push((kind, QActs::quantize(m.ty, x, t, m.cols)?));
+        }
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    // Per matrix: its kernels and its activation rows.
+    let plans: Vec<(Kernel, Option<crate::dot::KernelRows>, Vec<crate::act::QActRow<'_>>)> = mats
+        .iter()
+        .map(|m| {
+            let a = acts.iter().find(|(k, _)| *k == kind_for(m.ty)).map(|(_, a)| a);
+            let rows = a.map_or_else(Vec::new, |a| (0..t).map(|tok| a.row(tok)).collect());
+            (kernel(m.ty, isa), kernel_rows(m.ty, isa), rows)
+        })
+        .collect();
+    let pool = Pool::global();
+    let weights: usize = mats.iter().map(|m| m.rows * m.cols).sum::<usize>().saturating_mul(t);
+    let total: usize = mats.iter().map(|m| m.rows).sum();
+    let chunk = if weights < PAR_MIN_WEIGHTS { usize::MAX } else { total.div_ceil(4 * pool.threads()).max(8) };
+    // (matrix, weight rows) per task.
+    let tasks: Vec<(usize, Range<usize>)> = mats
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| {
+            let per = chunk.min(m.rows.max(1));
+            (0..m.rows).step_by(per).map(move |r| (i, r..(r + per).min(m.rows)))
+        })
+        .collect();
+    let outs: Vec<SharedOut> = ys.iter_mut().map(|y| SharedOut(y.as_mut_ptr())).collect();
+    let run = |k: usize| {
+        let (i, ref rows) = tasks[k];
+        let (m, (kr, krs, xs)) = (&mats[i], &plans[i]);
+        if xs.len() != t {
+            return;
+        }
+        let mut v = vec![0f32; t];
+        for r in rows.clone() {
+            dot_rows(*kr, *krs, m.row_bytes(r), xs, &mut v);
+            for (tok, &val) in v.iter().enumerate() {
+                // SAFETY: tasks own disjoint weight rows of each matrix, and `tok · m.rows + r`
+                // with `tok < t`, `r < m.rows` is inside `ys[i]` (checked above), which outlives
+                // the loop.
+                unsafe { *outs[i].0.add(tok * m.rows + r) = val };
+            }
         }
     };
     if weights < PAR_MIN_WEIGHTS {

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use needle_kernels_cpu::dot::{vec_dot, vec_dot_with};
+use needle_kernels_cpu::dot::{vec_dot, vec_dot_rows_with, vec_dot_with};
 use needle_kernels_cpu::{Error, Isa, QActs, QuantType};
 
 #[test]
@@ -91,4 +91,41 @@ fn bad_shapes_are_errors_naming_the_parameter() {
     assert!(matches!(e, Error::NotBlockMultiple { param: "cols", .. }), "{e}");
     let e = QActs::quantize(QuantType::Q8_0, &x, 3, 32).unwrap_err();
     assert!(matches!(e, Error::Len { param: "x", .. }), "{e}");
+}
+
+/// The multi-row dot (batched decode: each row another sequence's) gives every row the bits of
+/// the row dot alone, for every type and ISA, any number of rows (groups of up to 4 and the
+/// rest), on fresh random weights and activations (an all-zero row among them).
+#[test]
+fn multi_row_dot_is_bit_identical_to_the_row_dot() {
+    let mut r = rng(5);
+    for ty in QuantType::ALL {
+        for blocks in [1, 2, 3, 8] {
+            let cols = cols_for(ty, blocks);
+            for n in [1, 2, 3, 4, 5, 7, 9] {
+                let w = random_weights(&mut r, ty, 1, cols);
+                let mut x = randn(&mut r, n * cols);
+                if n > 2 {
+                    x[cols..2 * cols].fill(0.0);
+                }
+                let acts = QActs::quantize(ty, &x, n, cols).unwrap();
+                let rows: Vec<_> = (0..n).map(|i| acts.row(i)).collect();
+                for isa in Isa::all_available() {
+                    let mut out = vec![f32::NAN; n];
+                    vec_dot_rows_with(isa, ty, &w, &rows, &mut out).unwrap();
+                    for (i, (&got, &row)) in out.iter().zip(&rows).enumerate() {
+                        let want = vec_dot_with(isa, ty, &w, row).unwrap();
+                        assert_eq!(got.to_bits(), want.to_bits(), "{ty:?} {isa:?} {blocks} blocks, row {i} of {n}");
+                    }
+                }
+            }
+        }
+    }
+    let x = vec![0.5f32; 64];
+    let acts = QActs::quantize(QuantType::Q4_1, &x, 2, 32).unwrap();
+    let rows = [acts.row(0), acts.row(1)];
+    let e = vec_dot_rows_with(Isa::detect(), QuantType::Q4_1, &[0u8; 20], &rows, &mut [0.0]).unwrap_err();
+    assert!(matches!(e, Error::Len { param: "out", .. }), "{e}");
+    let e = vec_dot_rows_with(Isa::detect(), QuantType::Q4_K, &[0u8; 144], &rows, &mut [0.0; 2]).unwrap_err();
+    assert!(matches!(e, Error::ActKind { .. }), "{e}");
 }

@@ -130,3 +130,42 @@ fn gemv_many_equals_separate_gemvs_for_mixed_types() {
     let e = needle_kernels_cpu::gemv_many(&mats[..1], &x, &mut []).unwrap_err();
     assert!(matches!(e, Error::Len { param: "ys", .. }), "{e}");
 }
+
+/// Batched decode rows through matrices of mixed types (big enough for the pool, and small):
+/// each row's outputs are bit for bit that row's own `gemv_many`, on every ISA.
+#[test]
+fn gemv_rows_equals_each_rows_gemv_many() {
+    let mut r = rng(10);
+    let cols = 512;
+    let specs = [(QuantType::Q4_1, 300), (QuantType::Q8_0, 37), (QuantType::Q6_K, 70), (QuantType::F32, 9)];
+    let ws: Vec<Vec<u8>> = specs.iter().map(|&(ty, rows)| random_weights(&mut r, ty, rows, cols)).collect();
+    let mats: Vec<QMatrix<'_>> =
+        specs.iter().zip(&ws).map(|(&(ty, rows), w)| QMatrix::new(ty, rows, cols, w).unwrap()).collect();
+    for t in [1, 2, 4, 5, 9] {
+        let x = randn(&mut r, t * cols);
+        for isa in Isa::all_available() {
+            for ms in [&mats[..], &mats[1..2]] {
+                let mut ys: Vec<Vec<f32>> = ms.iter().map(|m| vec![f32::NAN; t * m.rows()]).collect();
+                let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
+                needle_kernels_cpu::gemv_rows_with(isa, ms, &x, t, &mut outs).unwrap();
+                for tok in 0..t {
+                    let mut want: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows()]).collect();
+                    let mut wo: Vec<&mut [f32]> = want.iter_mut().map(Vec::as_mut_slice).collect();
+                    needle_kernels_cpu::linear::gemv_many_with(isa, ms, &x[tok * cols..(tok + 1) * cols], &mut wo)
+                        .unwrap();
+                    for ((m, y), w) in ms.iter().zip(&ys).zip(&want) {
+                        let got = &y[tok * m.rows()..(tok + 1) * m.rows()];
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(got), bits(w), "{:?} {isa:?} t={t} row {tok}", m.ty());
+                    }
+                }
+            }
+        }
+    }
+    let x = randn(&mut r, 2 * cols);
+    let mut short = vec![0f32; 300];
+    let e = needle_kernels_cpu::gemv_rows(&mats[..1], &x, 2, &mut [&mut short]).unwrap_err();
+    assert!(matches!(e, Error::Len { param: "y", .. }), "{e}");
+    let e = needle_kernels_cpu::gemv_rows(&mats[..1], &x, 3, &mut [&mut short]).unwrap_err();
+    assert!(matches!(e, Error::Len { param: "x", .. }), "{e}");
+}

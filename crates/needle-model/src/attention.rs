@@ -90,16 +90,9 @@ pub fn cached_attention<B: NeedleBackend>(
         _ => {}
     }
     if let LayerKind::Window(_) = cache.layer_kind(layer) {
-        // Dense over the ring and the new rows, on the host; then the rows join the ring.
         let (device, n_out) = (q.device(), gqa.n_q_heads * d);
         let out = B::with_host(q, |qs| {
-            B::with_host(k, |ks| {
-                B::with_host(v, |vs| {
-                    let out = cache.attend_window(layer, qs, ks, vs, scale)?;
-                    cache.append(layer, ks, vs)?;
-                    Ok::<_, Error>(out)
-                })
-            })
+            B::with_host(k, |ks| B::with_host(v, |vs| window_step(cache, layer, qs, ks, vs, scale)))
         })????;
         return Ok(Tensor::from_data(TensorData::new(out, [t, n_out]), &device));
     }
@@ -113,6 +106,92 @@ pub fn cached_attention<B: NeedleBackend>(
     }
     let out = B::paged_attention(cache, layer, q, scale)?;
     cache.layer_prefilled(layer, scale)?;
+    Ok(out)
+}
+
+/// A sliding-window layer's step, any kind: dense over the ring and the new rows, on the host;
+/// then the rows join the ring.
+fn window_step<M>(
+    cache: &mut KvCache<M>,
+    layer: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let out = cache.attend_window(layer, q, k, v, scale)?;
+    cache.append(layer, k, v)?;
+    Ok(out)
+}
+
+/// [`cached_attention`]'s decode step of one token on the host: `q` (`n_q_heads × dim`), `k` and
+/// `v` (`n_kv_heads × dim`) appended to and attended through `cache`, as the CPU backend runs it.
+fn host_decode_step<M>(
+    cache: &mut KvCache<M>,
+    layer: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+) -> Result<Vec<f32>> {
+    if !cache.is_built() {
+        return Err(Error::State(
+            "a Decode step on a cache whose selectors are not built: call KvCache::build after the prefill".into(),
+        ));
+    }
+    if let LayerKind::Window(_) = cache.layer_kind(layer) {
+        return window_step(cache, layer, q, k, v, scale);
+    }
+    let pos0 = cache.layer_len(layer)?;
+    cache.append(layer, k, v)?;
+    cache.observe_queries(layer, pos0, q);
+    cache.attend_decode(layer, q, scale)
+}
+
+/// Decode attention of one new token per sequence on the host (the CPU backend's
+/// [`NeedleBackend::decode_attention_rows`]): row `i` of `q` (`n × n_q_heads × dim`), `k` and `v`
+/// (`n × n_kv_heads × dim`) through `caches[i]`, each exactly as a lone decode step; the
+/// sequences run in parallel on the kernels' [`Pool`](needle_kernels_cpu::Pool) (each cache
+/// is its own). Returns `n × n_q_heads × dim`, row after row.
+pub(crate) fn host_decode_rows<M: Send>(
+    caches: &mut [&mut KvCache<M>],
+    layer: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let n = caches.len();
+    let Some(first) = caches.first() else { return Ok(Vec::new()) };
+    let (gqa, d) = (first.gqa(), first.head_dim());
+    let (qn, kn) = (gqa.n_q_heads * d, gqa.n_kv_heads * d);
+    for (name, got, row) in [("q", q.len(), qn), ("k", k.len(), kn), ("v", v.len(), kn)] {
+        if got != n * row {
+            return Err(Error::Shape { tensor: name.into(), expected: vec![n, row], got: vec![got] });
+        }
+    }
+    if let Some(i) = caches.iter().position(|c| c.gqa() != gqa || c.head_dim() != d) {
+        return Err(Error::invalid(
+            "caches",
+            format!("sequence {i}'s cache has another head layout than sequence 0's"),
+        ));
+    }
+    let mut out = vec![0f32; n * qn];
+    let cells: Vec<std::sync::Mutex<(&mut KvCache<M>, &mut [f32], Result<()>)>> = caches
+        .iter_mut()
+        .zip(out.chunks_exact_mut(qn))
+        .map(|(c, o)| std::sync::Mutex::new((&mut **c, o, Ok(()))))
+        .collect();
+    let run = |i: usize| {
+        let mut cell = cells[i].lock().unwrap_or_else(|e| e.into_inner());
+        let (cache, o, res) = &mut *cell;
+        let (qi, ki, vi) = (&q[i * qn..(i + 1) * qn], &k[i * kn..(i + 1) * kn], &v[i * kn..(i + 1) * kn]);
+        *res = host_decode_step(cache, layer, qi, ki, vi, scale).map(|y| o.copy_from_slice(&y));
+    };
+    needle_kernels_cpu::Pool::global().run(n, &run);
+    for cell in cells {
+        cell.into_inner().unwrap_or_else(|e| e.into_inner()).2?;
+    }
     Ok(out)
 }
 

@@ -115,6 +115,29 @@ pub trait NeedleBackend: Backend {
         }
         Ok(per.into_iter().map(|ys| Tensor::cat(ys, 0)).collect())
     }
+
+    /// Decode attention of `layer` for one new token per sequence of a batch: row `i` of `q`
+    /// (`[n, n_q_heads, dim]`), `k` and `v` (`[n, n_kv_heads, dim]`, after RoPE) goes to and
+    /// through `caches[i]` exactly as [`cached_attention`](crate::cached_attention) with
+    /// [`AttentionStep::Decode`](crate::AttentionStep::Decode) takes a lone decode token.
+    /// Returns `[n, n_q_heads · dim]`. The default runs the rows one by one; the CPU backend reads
+    /// the tensors once and runs the sequences in parallel ([`crate::attention::host_decode_rows`]).
+    fn decode_attention_rows(
+        caches: &mut [&mut KvCache<Self::KvMirror>],
+        layer: usize,
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        scale: f32,
+    ) -> Result<Tensor<Self, 2>> {
+        use crate::attention::{AttentionStep, cached_attention};
+        let mut outs = Vec::with_capacity(caches.len());
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let row = |t: &Tensor<Self, 3>| t.clone().narrow(0, i, 1);
+            outs.push(cached_attention(cache, layer, AttentionStep::Decode, row(&q), row(&k), row(&v), scale)?);
+        }
+        Ok(Tensor::cat(outs, 0))
+    }
 }
 
 impl NeedleBackend for Flex {
@@ -167,6 +190,23 @@ impl NeedleBackend for Flex {
 
     fn with_host<const D: usize, R>(t: Tensor<Flex, D>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
         flex::read_host(&t, f)
+    }
+
+    fn decode_attention_rows(
+        caches: &mut [&mut KvCache],
+        layer: usize,
+        q: Tensor<Flex, 3>,
+        k: Tensor<Flex, 3>,
+        v: Tensor<Flex, 3>,
+        scale: f32,
+    ) -> Result<Tensor<Flex, 2>> {
+        let [n, nh, d] = q.dims();
+        let out = flex::read_host(&q, |qs| {
+            flex::read_host(&k, |ks| {
+                flex::read_host(&v, |vs| crate::attention::host_decode_rows(caches, layer, qs, ks, vs, scale))
+            })
+        })????;
+        Ok(flex::from_vec(out, [n, nh * d]))
     }
 }
 

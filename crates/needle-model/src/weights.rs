@@ -177,65 +177,19 @@ impl QWeight {
 
     /// `Y_i = X W_iᵀ` for `t` decode rows of different sequences, each row computed exactly as
     /// [`QWeight::forward_many`] computes one token alone (the same activation quantization and
-    /// row kernel, [`vec_dot_with`](needle_kernels_cpu::dot::vec_dot_with)), while each weight
-    /// row is read once for all rows: a batch gives every sequence its own bits.
+    /// row kernel), while each weight row is read once for all rows
+    /// ([`gemv_rows`](needle_kernels_cpu::gemv_rows)): a batch gives every sequence its own bits.
     pub fn forward_rows(ws: &[&QWeight], x: &[f32], t: usize) -> Result<Vec<Vec<f32>>> {
         if t <= 1 {
             return Self::forward_many(ws, x, t);
         }
-        let names = || ws.iter().map(|w| w.name()).collect::<Vec<_>>().join(", ");
         let mats = ws.iter().map(|w| w.matrix()).collect::<Result<Vec<_>>>()?;
-        // One quantization of the rows per weight type (the activation kind follows the type).
-        let mut acts: Vec<(QuantType, needle_kernels_cpu::QActs)> = Vec::new();
-        for m in &mats {
-            if !acts.iter().any(|(ty, _)| *ty == m.ty()) {
-                let a = needle_kernels_cpu::QActs::quantize(m.ty(), x, t, m.cols())
-                    .map_err(|e| Error::kernel(names(), e))?;
-                acts.push((m.ty(), a));
-            }
-        }
-        let (isa, pool) = (needle_kernels_cpu::Isa::detect(), needle_kernels_cpu::Pool::global());
-        let total: usize = mats.iter().map(|m| m.rows()).sum();
-        let chunk = total.div_ceil(4 * pool.threads().max(1)).max(8);
-        let tasks: Vec<(usize, std::ops::Range<usize>)> = mats
-            .iter()
-            .enumerate()
-            .flat_map(|(i, m)| (0..m.rows()).step_by(chunk).map(move |r| (i, r..(r + chunk).min(m.rows()))))
-            .collect();
-        // Per task, outputs row-major [weight row][token].
-        let outs: Vec<std::sync::Mutex<Result<Vec<f32>>>> =
-            tasks.iter().map(|_| std::sync::Mutex::new(Ok(Vec::new()))).collect();
-        pool.run(tasks.len(), &|k| {
-            let (i, rows) = &tasks[k];
-            let m = &mats[*i];
-            let out = acts
-                .iter()
-                .find(|(ty, _)| *ty == m.ty())
-                .ok_or_else(|| Error::State("activations of a weight type were not quantized".into()))
-                .and_then(|(_, a)| {
-                    let mut out = Vec::with_capacity(rows.len() * t);
-                    for r in rows.clone() {
-                        let w = m.row_bytes(r);
-                        for tok in 0..t {
-                            let v = needle_kernels_cpu::dot::vec_dot_with(isa, m.ty(), w, a.row(tok))
-                                .map_err(|e| Error::kernel(names(), e))?;
-                            out.push(v);
-                        }
-                    }
-                    Ok(out)
-                });
-            *outs[k].lock().unwrap_or_else(|e| e.into_inner()) = out;
-        });
-        let mut ys: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; t * m.rows()]).collect();
-        for ((i, rows), out) in tasks.iter().zip(outs) {
-            let out = out.into_inner().unwrap_or_else(|e| e.into_inner())?;
-            let n = mats[*i].rows();
-            for (j, r) in rows.clone().enumerate() {
-                for tok in 0..t {
-                    ys[*i][tok * n + r] = out[j * t + tok];
-                }
-            }
-        }
+        let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; t * w.rows]).collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
+        needle_kernels_cpu::gemv_rows(&mats, x, t, &mut outs).map_err(|e| {
+            let names: Vec<&str> = ws.iter().map(|w| w.name()).collect();
+            Error::kernel(names.join(", "), e)
+        })?;
         for (w, y) in ws.iter().zip(&mut ys) {
             for row in y.chunks_exact_mut(w.rows) {
                 w.to_hf_order(row);

@@ -92,3 +92,23 @@ fn a_batch_of_mismatched_lengths_or_unbuilt_caches_is_an_error() {
     assert!(m.decode_batch(&[t, t], &mut [&mut a, &mut b]).is_err(), "b was never prefilled");
     assert_eq!(a.len(), 20, "nothing was appended to a");
 }
+
+/// A batched step is in each sequence's decode profile: its share of the step, the weights
+/// within it.
+#[test]
+fn batched_steps_are_in_the_decode_profile() {
+    let m = &common::native().model;
+    let (mut a, t) = start("full", &prompt(6, 60));
+    let (mut b, u) = start("full", &prompt(7, 90));
+    let (mut next_a, mut next_b) = (t, u);
+    for _ in 0..3 {
+        let logits = m.decode_batch(&[next_a, next_b], &mut [&mut a, &mut b]).unwrap();
+        (next_a, next_b) = (argmax(&logits[0]).unwrap(), argmax(&logits[1]).unwrap());
+    }
+    for c in [&a, &b] {
+        let (s, p) = (&c.stats, c.stats.profile());
+        assert_eq!(s.steps, 3);
+        assert!(s.step_times.step > std::time::Duration::ZERO && s.step_times.weights <= s.step_times.step, "{p:?}");
+        assert!(s.step_times.attention > std::time::Duration::ZERO, "{p:?}");
+    }
+}

@@ -114,7 +114,9 @@ pub struct DecodeStats {
     /// (`prefill_blocks / prefill_blocks_dense` is the pattern's density).
     pub prefill_blocks_dense: u64,
     /// Where the time of [`Llama::decode`](crate::Llama::decode) steps went (prefill and
-    /// extensions not counted): what [`DecodeStats::profile`] splits.
+    /// extensions not counted): what [`DecodeStats::profile`] splits. A batched step
+    /// ([`Llama::decode_batch`](crate::Llama::decode_batch)) counts this sequence's share of it,
+    /// so the batch's caches add up to the batch's step.
     pub step_times: StepTimes,
 }
 
@@ -176,12 +178,33 @@ impl DecodeStats {
     /// Adds one decode step's times: `step` and `weights` measured by the caller, the rest what
     /// the cache's own timers gained since `before`.
     pub(crate) fn account_decode_step(&mut self, before: &DecodeStats, step: Duration, weights: Duration) {
+        self.account_shared_step(before, step, weights, 1.0);
+    }
+
+    /// [`account_decode_step`](Self::account_decode_step) of a sequence's share of a batched
+    /// step: the cache's timer gains count `concurrency` times (their share of the batch's
+    /// attention wall time, when sequences attend in parallel).
+    pub(crate) fn account_shared_step(
+        &mut self,
+        before: &DecodeStats,
+        step: Duration,
+        weights: Duration,
+        concurrency: f64,
+    ) {
+        let gain = |now: Duration, then: Duration| now.saturating_sub(then).mul_f64(concurrency);
         let t = &mut self.step_times;
         t.step += step;
         t.weights += weights;
-        t.attention += self.attend_time.saturating_sub(before.attend_time);
-        t.walk += self.select_time.saturating_sub(before.select_time);
-        t.insert += self.insert_time.saturating_sub(before.insert_time);
+        t.attention += gain(self.attend_time, before.attend_time);
+        t.walk += gain(self.select_time, before.select_time);
+        t.insert += gain(self.insert_time, before.insert_time);
+    }
+
+    /// The attention, walk and insert time gained since `before`.
+    pub(crate) fn attention_gain(&self, before: &DecodeStats) -> Duration {
+        self.attend_time.saturating_sub(before.attend_time)
+            + self.select_time.saturating_sub(before.select_time)
+            + self.insert_time.saturating_sub(before.insert_time)
     }
 
     /// Share of context keys whose full vectors were read per step, over the dense cost: the

@@ -3,18 +3,22 @@
 //! Each sequence keeps its own [`KvCache`] (pages, selectors, tiers); the step stacks the
 //! sequences' new tokens into one `[n, hidden]` input, so every linear is one pass over the
 //! weights for all `n` rows ([`NeedleBackend::qlinear_rows`]: on the CPU each weight row is read
-//! once and met by every row, with the single-token kernel, so each row's bits are those of a
-//! lone decode) instead of `n` GEMVs, while RoPE takes each row's own position and attention
-//! runs row by row through that row's cache ([`cached_attention`] with
-//! [`AttentionStep::Decode`]), exactly as [`Llama::decode`] does for one sequence. A batch gives
-//! every sequence the tokens and logits it gets alone.
+//! once and met by every row, with the single-token kernel's arithmetic, so each row's bits are
+//! those of a lone decode) instead of `n` GEMVs, while RoPE takes each row's own position and
+//! each row attends through its own cache ([`NeedleBackend::decode_attention_rows`]: what
+//! [`cached_attention`] does for a lone decode token; on the CPU the sequences in parallel),
+//! exactly as [`Llama::decode`] does for one sequence. A batch gives every sequence the tokens
+//! and logits it gets alone.
+//!
+//! [`cached_attention`]: crate::cached_attention
+
+use std::time::{Duration, Instant};
 
 use burn::tensor::{Tensor, TensorData};
 
 use super::{Linear, Llama, RopeTables, take};
-use crate::attention::{AttentionStep, cached_attention};
 use crate::backend::NeedleBackend;
-use crate::cache::KvCache;
+use crate::cache::{DecodeStats, KvCache};
 use crate::error::{Error, Result};
 use crate::rope::Rope;
 
@@ -36,17 +40,40 @@ impl<B: NeedleBackend> Llama<B> {
         if let Some(i) = caches.iter().position(|c| !c.is_built()) {
             return Err(Error::State(format!("decode before prefill (sequence {i}): prefill a prompt first")));
         }
-        let hidden = self.forward_rows(tokens, caches)?;
+        let before: Vec<DecodeStats> = caches.iter().map(|c| c.stats).collect();
+        let t0 = Instant::now();
+        let (hidden, weights, attention) = self.forward_rows(tokens, caches)?;
         for c in caches.iter_mut() {
             c.finish_step();
         }
+        let t1 = Instant::now();
         let [logits] = take(rows_many(hidden, &[&self.lm_head])?)?;
+        let weights = weights + t1.elapsed();
         let logits = B::with_host(logits, <[f32]>::to_vec)?;
-        Ok(logits.chunks_exact(self.config.vocab_size).map(<[f32]>::to_vec).collect())
+        let mut logits: Vec<Vec<f32>> = logits.chunks_exact(self.config.vocab_size).map(<[f32]>::to_vec).collect();
+        if let Some(cap) = self.config.final_logit_softcapping {
+            let cap = cap as f32;
+            logits.iter_mut().flatten().for_each(|l| *l = cap * (*l / cap).tanh());
+        }
+        // Each sequence's profile takes its share of the step: the step and the weights split
+        // evenly, its own attention, walk and insert times scaled so that the shares add up to
+        // the attention's wall time (the sequences attend in parallel).
+        let (step, n) = (t0.elapsed(), caches.len() as u32);
+        let own: Duration = caches.iter().zip(&before).map(|(c, b)| c.stats.attention_gain(b)).sum();
+        let concurrency = (attention.as_secs_f64() / own.as_secs_f64().max(f64::MIN_POSITIVE)).min(1.0);
+        for (c, b) in caches.iter_mut().zip(&before) {
+            c.stats.account_shared_step(b, step / n, weights / n, concurrency);
+        }
+        Ok(logits)
     }
 
-    /// [`Llama::forward`] of one decode token per sequence, each at its own cache's position.
-    fn forward_rows(&self, tokens: &[u32], caches: &mut [&mut KvCache<B::KvMirror>]) -> Result<Tensor<B, 2>> {
+    /// [`Llama::forward`] of one decode token per sequence, each at its own cache's position;
+    /// also returns the wall times of the linears and of the attention.
+    fn forward_rows(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache<B::KvMirror>],
+    ) -> Result<(Tensor<B, 2>, Duration, Duration)> {
         self.check_tokens(tokens)?;
         let positions: Vec<usize> = caches.iter().map(|c| c.len()).collect();
         if let Some(w) = self.config.sliding_window
@@ -67,15 +94,15 @@ impl<B: NeedleBackend> Llama<B> {
         let local =
             self.local_rope.as_ref().map(|r| row_rope(self.fused, r, &positions, self.config.head_dim, &device));
         let scale = self.scale();
+        let mut attention = Duration::ZERO;
         let mut attend = |l: usize, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>| -> Result<Tensor<B, 2>> {
-            let mut outs = Vec::with_capacity(caches.len());
-            for (i, cache) in caches.iter_mut().enumerate() {
-                let row = |t: &Tensor<B, 3>| t.clone().narrow(0, i, 1);
-                outs.push(cached_attention(cache, l, AttentionStep::Decode, row(&q), row(&k), row(&v), scale)?);
-            }
-            Ok(Tensor::cat(outs, 0))
+            let t0 = Instant::now();
+            let out = B::decode_attention_rows(caches, l, q, k, v, scale);
+            attention += t0.elapsed();
+            out
         };
-        Ok(self.layers(x, (&rope, local.as_ref()), true, &mut attend)?.0)
+        let (hidden, weights) = self.layers(x, (&rope, local.as_ref()), true, &mut attend)?;
+        Ok((hidden, weights, attention))
     }
 }
 
