@@ -176,21 +176,13 @@ pub(crate) fn host_decode_rows<M: Send>(
             format!("sequence {i}'s cache has another head layout than sequence 0's"),
         ));
     }
-    let mut out = vec![0f32; n * qn];
-    let cells: Vec<std::sync::Mutex<(&mut KvCache<M>, &mut [f32], Result<()>)>> = caches
-        .iter_mut()
-        .zip(out.chunks_exact_mut(qn))
-        .map(|(c, o)| std::sync::Mutex::new((&mut **c, o, Ok(()))))
-        .collect();
-    let run = |i: usize| {
-        let mut cell = cells[i].lock().unwrap_or_else(|e| e.into_inner());
-        let (cache, o, res) = &mut *cell;
+    let outs = needle_kernels_cpu::Pool::global().map_mut(caches, |i, cache| {
         let (qi, ki, vi) = (&q[i * qn..(i + 1) * qn], &k[i * kn..(i + 1) * kn], &v[i * kn..(i + 1) * kn]);
-        *res = host_decode_step(cache, layer, qi, ki, vi, scale).map(|y| o.copy_from_slice(&y));
-    };
-    needle_kernels_cpu::Pool::global().run(n, &run);
-    for cell in cells {
-        cell.into_inner().unwrap_or_else(|e| e.into_inner()).2?;
+        host_decode_step(cache, layer, qi, ki, vi, scale)
+    });
+    let mut out = Vec::with_capacity(n * qn);
+    for o in outs {
+        out.extend_from_slice(&o?);
     }
     Ok(out)
 }
