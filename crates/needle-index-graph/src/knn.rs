@@ -102,51 +102,55 @@ fn transposed(qs: &[f32], dim: usize) -> (Vec<f32>, usize) {
 // was vectorized across the queries, with the accumulators gathered and scattered through
 // memory at every step.
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scores_avx2(p: &Panels, qs: &[f32], out: &mut [f32], stride: usize) {
-    use std::arch::x86_64::*;
-    let dim = p.dim;
-    let (qt, nq) = transposed(qs, dim);
-    for (pi, panel) in p.data.chunks_exact(dim * 8).enumerate() {
-        let mut acc = [_mm256_setzero_ps(); QB];
-        for d in 0..dim {
-            // SAFETY: `panel` holds `dim` rows of 8 floats and `qt` `dim` rows of QB floats.
-            let kv = unsafe { _mm256_loadu_ps(panel.as_ptr().add(d * 8)) };
-            for (q, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(kv, _mm256_set1_ps(qt[d * QB + q]), *a);
+/// One vector kernel per register width: `QB` accumulators of `$lanes` keys, one panel row
+/// loaded per dimension and multiplied by each query's value.
+macro_rules! vector_scores {
+    ($name:ident, $features:literal, $lanes:literal, $zero:ident, $load:ident, $set1:ident, $fma:ident, $store:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(p: &Panels, qs: &[f32], out: &mut [f32], stride: usize) {
+            use std::arch::x86_64::*;
+            let dim = p.dim;
+            let (qt, nq) = transposed(qs, dim);
+            for (pi, panel) in p.data.chunks_exact(dim * $lanes).enumerate() {
+                let mut acc = [$zero(); QB];
+                for d in 0..dim {
+                    // SAFETY: `panel` holds `dim` rows of `$lanes` floats.
+                    let kv = unsafe { $load(panel.as_ptr().add(d * $lanes)) };
+                    for (q, a) in acc.iter_mut().enumerate() {
+                        *a = $fma(kv, $set1(qt[d * QB + q]), *a);
+                    }
+                }
+                for (q, a) in acc.iter().enumerate().take(nq) {
+                    let o = &mut out[q * stride + pi * $lanes..q * stride + (pi + 1) * $lanes];
+                    // SAFETY: `o` holds `$lanes` floats.
+                    unsafe { $store(o.as_mut_ptr(), *a) };
+                }
             }
         }
-        for (q, a) in acc.iter().enumerate().take(nq) {
-            let o = &mut out[q * stride + pi * 8..q * stride + (pi + 1) * 8];
-            // SAFETY: `o` holds 8 floats.
-            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), *a) };
-        }
-    }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn scores_avx512(p: &Panels, qs: &[f32], out: &mut [f32], stride: usize) {
-    use std::arch::x86_64::*;
-    let dim = p.dim;
-    let (qt, nq) = transposed(qs, dim);
-    for (pi, panel) in p.data.chunks_exact(dim * 16).enumerate() {
-        let mut acc = [_mm512_setzero_ps(); QB];
-        for d in 0..dim {
-            // SAFETY: `panel` holds `dim` rows of 16 floats and `qt` `dim` rows of QB floats.
-            let kv = unsafe { _mm512_loadu_ps(panel.as_ptr().add(d * 16)) };
-            for (q, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(kv, _mm512_set1_ps(qt[d * QB + q]), *a);
-            }
-        }
-        for (q, a) in acc.iter().enumerate().take(nq) {
-            let o = &mut out[q * stride + pi * 16..q * stride + (pi + 1) * 16];
-            // SAFETY: `o` holds 16 floats.
-            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
-        }
-    }
-}
+vector_scores!(
+    scores_avx2,
+    "avx2,fma",
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps,
+    _mm256_storeu_ps
+);
+vector_scores!(
+    scores_avx512,
+    "avx512f,avx2,fma",
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps,
+    _mm512_storeu_ps
+);
 
 /// The plain kernel (the vector ones' reference, and the code off x86-64).
 fn scores_kernel<const L: usize>(p: &Panels, qs: &[f32], out: &mut [f32], stride: usize) {

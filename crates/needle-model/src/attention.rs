@@ -70,6 +70,30 @@ pub fn cached_attention<B: NeedleBackend>(
             return Err(Error::Shape { tensor: name.into(), expected: vec![t, heads, d], got: dims.to_vec() });
         }
     }
+    check_step(cache, step, t)?;
+    if let LayerKind::Window(_) = cache.layer_kind(layer) {
+        let (device, n_out) = (q.device(), gqa.n_q_heads * d);
+        let out = B::with_host(q, |qs| {
+            B::with_host(k, |ks| B::with_host(v, |vs| window_step(cache, layer, qs, ks, vs, scale)))
+        })????;
+        return Ok(Tensor::from_data(TensorData::new(out, [t, n_out]), &device));
+    }
+    let pos0 = cache.layer_len(layer)?;
+    B::with_host(k, |ks| B::with_host(v, |vs| cache.append(layer, ks, vs)))???;
+    if step == AttentionStep::Decode {
+        return B::decode_attention(cache, layer, pos0, q, scale);
+    }
+    if cache.wants_queries(layer) {
+        B::with_host(q.clone(), |qs| cache.observe_queries(layer, pos0, qs))?;
+    }
+    let out = B::paged_attention(cache, layer, q, scale)?;
+    cache.layer_prefilled(layer, scale)?;
+    Ok(out)
+}
+
+/// The lifecycle rules of a step of `t` tokens: prefill before the build, decode (one token) and
+/// extend after it.
+fn check_step<M>(cache: &KvCache<M>, step: AttentionStep, t: usize) -> Result<()> {
     match (step, cache.is_built()) {
         (AttentionStep::Prefill, true) => {
             return Err(Error::State(
@@ -89,24 +113,7 @@ pub fn cached_attention<B: NeedleBackend>(
         }
         _ => {}
     }
-    if let LayerKind::Window(_) = cache.layer_kind(layer) {
-        let (device, n_out) = (q.device(), gqa.n_q_heads * d);
-        let out = B::with_host(q, |qs| {
-            B::with_host(k, |ks| B::with_host(v, |vs| window_step(cache, layer, qs, ks, vs, scale)))
-        })????;
-        return Ok(Tensor::from_data(TensorData::new(out, [t, n_out]), &device));
-    }
-    let pos0 = cache.layer_len(layer)?;
-    B::with_host(k, |ks| B::with_host(v, |vs| cache.append(layer, ks, vs)))???;
-    if step == AttentionStep::Decode {
-        return B::decode_attention(cache, layer, pos0, q, scale);
-    }
-    if cache.wants_queries(layer) {
-        B::with_host(q.clone(), |qs| cache.observe_queries(layer, pos0, qs))?;
-    }
-    let out = B::paged_attention(cache, layer, q, scale)?;
-    cache.layer_prefilled(layer, scale)?;
-    Ok(out)
+    Ok(())
 }
 
 /// A sliding-window layer's step, any kind: dense over the ring and the new rows, on the host;
@@ -134,11 +141,7 @@ fn host_decode_step<M>(
     v: &[f32],
     scale: f32,
 ) -> Result<Vec<f32>> {
-    if !cache.is_built() {
-        return Err(Error::State(
-            "a Decode step on a cache whose selectors are not built: call KvCache::build after the prefill".into(),
-        ));
-    }
+    check_step(cache, AttentionStep::Decode, 1)?;
     if let LayerKind::Window(_) = cache.layer_kind(layer) {
         return window_step(cache, layer, q, k, v, scale);
     }
