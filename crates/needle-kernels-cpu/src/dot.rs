@@ -96,18 +96,136 @@ pub(crate) fn kernel4(ty: QuantType, isa: Isa) -> Option<Kernel4> {
 /// each row is another sequence's and must get the bits it gets alone.
 pub(crate) type KernelRows = fn(&[u8], &[QActRow<'_>], &mut [f32]);
 
+/// [`KernelRows`] over rows whose per-block scalars were laid out once per call ([`Lanes`]):
+/// `out[j]` for row `j` of the group.
+pub(crate) type KernelLanes = fn(&[u8], &Lanes, &mut [f32]);
+
+/// A multi-row kernel and what it takes.
+#[derive(Clone, Copy)]
+pub(crate) enum RowsKernel {
+    /// The rows as they are.
+    Rows(KernelRows),
+    /// The rows prepared as [`Lanes`].
+    Lanes(KernelLanes),
+}
+
 /// Rows per [`KernelRows`] call, at most.
 pub(crate) const ROWS: usize = 4;
 
-/// The [`KernelRows`] of `ty` on `isa`, where one exists (AVX2 and VNNI, 32-element block
-/// types); elsewhere [`vec_dot_rows_with`] runs the row kernel once per row.
-pub(crate) fn kernel_rows(ty: QuantType, isa: Isa) -> Option<KernelRows> {
+/// The multi-row kernel of `ty` on `isa`, where one exists (AVX2 and VNNI, 32-element block
+/// types); elsewhere [`RowsPlan`] runs the row kernel once per row.
+pub(crate) fn kernel_rows(ty: QuantType, isa: Isa) -> Option<RowsKernel> {
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
         return x86::kernel_rows(ty, isa.effective());
     }
     let _ = (ty, isa);
     None
+}
+
+/// An all-zero activation block: the padding of a row's last partial four blocks in the lane
+/// kernels.
+static ZERO_Q8: BlockQ8 = BlockQ8 { d: 0.0, sum: 0, s: 0.0, qs: [0; 32] };
+
+/// One Q8 activation row laid out for the lane kernels (the VNNI row and multi-row dots) in
+/// fours of blocks, a missing last block zero: `y[g]` is four vectors of 32 bytes, vector `i`
+/// with elements `4i..4i + 4` of blocks `4g..4g + 4` in its first 16 bytes and elements
+/// `16 + 4i..20 + 4i` in its last 16; `d`, `s` and `sum` are the four blocks' scalars.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct LaneRow {
+    /// Blocks in the row.
+    pub(crate) blocks: usize,
+    /// The quants, transposed per four blocks.
+    pub(crate) y: Vec<[i8; 128]>,
+    /// The blocks' scales.
+    pub(crate) d: Vec<[f32; 4]>,
+    /// The blocks' `s` (the Q4_1 / Q5_1 min's factor).
+    pub(crate) s: Vec<[f32; 4]>,
+    /// The blocks' quant sums.
+    pub(crate) sum: Vec<[i32; 4]>,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl LaneRow {
+    /// The first `blocks` blocks of `x` laid out.
+    pub(crate) fn new(x: &[BlockQ8], blocks: usize) -> LaneRow {
+        let blocks = blocks.min(x.len());
+        let fours = blocks.div_ceil(4);
+        let mut r = LaneRow {
+            blocks,
+            y: vec![[0; 128]; fours],
+            d: vec![[0.0; 4]; fours],
+            s: vec![[0.0; 4]; fours],
+            sum: vec![[0; 4]; fours],
+        };
+        for (i, blk) in x[..blocks].iter().enumerate() {
+            let (g, b) = (i / 4, i % 4);
+            for e in 0..4 {
+                r.y[g][32 * e + 4 * b..32 * e + 4 * b + 4].copy_from_slice(&blk.qs[4 * e..4 * e + 4]);
+                r.y[g][32 * e + 16 + 4 * b..32 * e + 20 + 4 * b].copy_from_slice(&blk.qs[16 + 4 * e..20 + 4 * e]);
+            }
+            (r.d[g][b], r.s[g][b], r.sum[g][b]) = (blk.d, blk.s, blk.sum);
+        }
+        r
+    }
+}
+
+/// Up to [`ROWS`] activation rows laid out for a lane kernel ([`LaneRow`]), built once per call
+/// and used for every weight row.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct Lanes {
+    /// The rows (1 to [`ROWS`]).
+    pub(crate) rows: Vec<LaneRow>,
+}
+
+/// The rows of a multi-row dot with the kernels for them, prepared once for every weight row
+/// of a matrix: [`dot`](Self::dot) gives each row the bits [`kernel`] gives it alone.
+pub(crate) struct RowsPlan<'a> {
+    k: Kernel,
+    kr: Option<RowsKernel>,
+    xs: Vec<QActRow<'a>>,
+    lanes: Vec<Lanes>,
+}
+
+impl<'a> RowsPlan<'a> {
+    /// The plan for weights of `ty` on `isa` against `xs` (checked kinds, `blocks` blocks each).
+    pub(crate) fn new(ty: QuantType, isa: Isa, xs: Vec<QActRow<'a>>, blocks: usize) -> RowsPlan<'a> {
+        let kr = kernel_rows(ty, isa);
+        let lanes = match kr {
+            Some(RowsKernel::Lanes(_)) => xs
+                .chunks(ROWS)
+                .map(|g| Lanes { rows: g.iter().map(|&x| LaneRow::new(q8(x), blocks)).collect() })
+                .collect(),
+            _ => Vec::new(),
+        };
+        RowsPlan { k: kernel(ty, isa), kr, xs, lanes }
+    }
+
+    /// Rows in the plan.
+    pub(crate) fn len(&self) -> usize {
+        self.xs.len()
+    }
+
+    /// `out[j]` = the dot of the weight row `w` with row `j` (`out` has [`len`](Self::len) floats).
+    pub(crate) fn dot(&self, w: &[u8], out: &mut [f32]) {
+        match self.kr {
+            Some(RowsKernel::Lanes(kl)) => {
+                for (g, o) in self.lanes.iter().zip(out.chunks_mut(ROWS)) {
+                    kl(w, g, o);
+                }
+            }
+            Some(RowsKernel::Rows(kr)) => {
+                for (x, o) in self.xs.chunks(ROWS).zip(out.chunks_mut(ROWS)) {
+                    kr(w, x, o);
+                }
+            }
+            None => {
+                for (&x, o) in self.xs.iter().zip(out) {
+                    *o = (self.k)(w, x);
+                }
+            }
+        }
+    }
 }
 
 /// Dot products of the weight row `w` with each of `xs` into `out`, on `isa`: `out[j]` is bit for
@@ -119,25 +237,9 @@ pub fn vec_dot_rows_with(isa: Isa, ty: QuantType, w: &[u8], xs: &[QActRow<'_>], 
         check_act(ty, x)?;
         crate::check_len("w", w.len(), ty.bytes_for("x.len()", x.len())?)?;
     }
-    dot_rows(kernel(ty, isa), kernel_rows(ty, isa), w, xs, out);
+    let blocks = xs.first().map_or(0, |x| x.len() / ty.block_elems());
+    RowsPlan::new(ty, isa, xs.to_vec(), blocks).dot(w, out);
     Ok(())
-}
-
-/// [`vec_dot_rows_with`] once lengths and kinds are checked: `kr` over groups of [`ROWS`] rows,
-/// else `k` row by row.
-pub(crate) fn dot_rows(k: Kernel, kr: Option<KernelRows>, w: &[u8], xs: &[QActRow<'_>], out: &mut [f32]) {
-    match kr {
-        Some(kr) => {
-            for (x, o) in xs.chunks(ROWS).zip(out.chunks_mut(ROWS)) {
-                kr(w, x, o);
-            }
-        }
-        None => {
-            for (&x, o) in xs.iter().zip(out) {
-                *o = k(w, x);
-            }
-        }
-    }
 }
 
 // Kind mismatches are rejected by `check_act` before a kernel runs; an empty row makes these total.
@@ -358,14 +460,16 @@ mod x86 {
             // names the VNNI extension this machine has, as the called fn requires.
             let avx512 = vnni_encoding() == Vnni::Avx512;
             match (ty, avx512) {
-                (QuantType::Q4_0, false) => return |w, x| unsafe { row_vnni::<1>(w, q8(x)) },
-                (QuantType::Q4_1, false) => return |w, x| unsafe { row_vnni::<2>(w, q8(x)) },
-                (QuantType::Q5_0, false) => return |w, x| unsafe { row_vnni::<3>(w, q8(x)) },
-                (QuantType::Q5_1, false) => return |w, x| unsafe { row_vnni::<4>(w, q8(x)) },
-                (QuantType::Q4_0, true) => return |w, x| unsafe { row_vnni512::<1>(w, q8(x)) },
-                (QuantType::Q4_1, true) => return |w, x| unsafe { row_vnni512::<2>(w, q8(x)) },
-                (QuantType::Q5_0, true) => return |w, x| unsafe { row_vnni512::<3>(w, q8(x)) },
-                (QuantType::Q5_1, true) => return |w, x| unsafe { row_vnni512::<4>(w, q8(x)) },
+                (QuantType::Q8_0, false) => return |w, x| unsafe { row_lanes_vnni::<0>(w, q8(x)) },
+                (QuantType::Q4_0, false) => return |w, x| unsafe { row_lanes_vnni::<1>(w, q8(x)) },
+                (QuantType::Q4_1, false) => return |w, x| unsafe { row_lanes_vnni::<2>(w, q8(x)) },
+                (QuantType::Q5_0, false) => return |w, x| unsafe { row_lanes_vnni::<3>(w, q8(x)) },
+                (QuantType::Q5_1, false) => return |w, x| unsafe { row_lanes_vnni::<4>(w, q8(x)) },
+                (QuantType::Q8_0, true) => return |w, x| unsafe { row_lanes_vnni512::<0>(w, q8(x)) },
+                (QuantType::Q4_0, true) => return |w, x| unsafe { row_lanes_vnni512::<1>(w, q8(x)) },
+                (QuantType::Q4_1, true) => return |w, x| unsafe { row_lanes_vnni512::<2>(w, q8(x)) },
+                (QuantType::Q5_0, true) => return |w, x| unsafe { row_lanes_vnni512::<3>(w, q8(x)) },
+                (QuantType::Q5_1, true) => return |w, x| unsafe { row_lanes_vnni512::<4>(w, q8(x)) },
                 _ => {}
             }
         }
@@ -454,24 +558,49 @@ mod x86 {
         };
     }
 
-    /// The multi-row kernel whose rows are bit for bit [`kernel`]`(ty, isa)`'s: the VNNI bodies
-    /// where the row kernel is one ([`row_vnni`] is [`multi_body`] of one row), else
+    /// `body::<T, R>` for the 1 to 4 rows of a [`Lanes`](super::Lanes) group as a
+    /// [`KernelLanes`](super::KernelLanes).
+    macro_rules! lanes_fn {
+        ($body:ident::<$t:literal>) => {
+            |w: &[u8], g: &super::Lanes, out: &mut [f32]| {
+                // SAFETY: `kernel_rows` hands this out only where the body's features were
+                // detected (see there); the rows are whole blocks, checked by the callers.
+                let v: &[f32] = unsafe {
+                    match g.rows.len() {
+                        1 => &$body::<$t, 1>(w, g),
+                        2 => &$body::<$t, 2>(w, g),
+                        3 => &$body::<$t, 3>(w, g),
+                        4 => &$body::<$t, 4>(w, g),
+                        _ => &[],
+                    }
+                };
+                let n = out.len().min(v.len());
+                out[..n].copy_from_slice(&v[..n]);
+            }
+        };
+    }
+
+    /// The multi-row kernel whose rows are bit for bit [`kernel`]`(ty, isa)`'s: the lane bodies
+    /// where the row kernel is one ([`row_lanes_vnni`] is [`quad_body`] of one row), else
     /// [`pair_rows`] where the row kernel is the AVX2 pair loop. The AVX-512 row dots (Q8_0,
     /// Q4_0, Q4_1) have none.
-    pub(super) fn kernel_rows(ty: QuantType, isa: Isa) -> Option<super::KernelRows> {
+    pub(super) fn kernel_rows(ty: QuantType, isa: Isa) -> Option<super::RowsKernel> {
+        use super::RowsKernel::{Lanes, Rows};
         if isa == Isa::AvxVnni {
-            // SAFETY (rows_fn): `Isa::AvxVnni` was detected and `vnni_encoding` names the
-            // encoding this machine has, as for `row_vnni` / `row_vnni512` in `kernel`.
+            // SAFETY (lanes_fn): `Isa::AvxVnni` was detected and `vnni_encoding` names the
+            // encoding this machine has, as for `row_lanes_vnni` / `row_lanes_vnni512` in `kernel`.
             let avx512 = vnni_encoding() == Vnni::Avx512;
             match (ty, avx512) {
-                (QuantType::Q4_0, false) => return Some(rows_fn!(multi_vnni::<1>)),
-                (QuantType::Q4_1, false) => return Some(rows_fn!(multi_vnni::<2>)),
-                (QuantType::Q5_0, false) => return Some(rows_fn!(multi_vnni::<3>)),
-                (QuantType::Q5_1, false) => return Some(rows_fn!(multi_vnni::<4>)),
-                (QuantType::Q4_0, true) => return Some(rows_fn!(multi_vnni512::<1>)),
-                (QuantType::Q4_1, true) => return Some(rows_fn!(multi_vnni512::<2>)),
-                (QuantType::Q5_0, true) => return Some(rows_fn!(multi_vnni512::<3>)),
-                (QuantType::Q5_1, true) => return Some(rows_fn!(multi_vnni512::<4>)),
+                (QuantType::Q8_0, false) => return Some(Lanes(lanes_fn!(lanes_vnni::<0>))),
+                (QuantType::Q4_0, false) => return Some(Lanes(lanes_fn!(lanes_vnni::<1>))),
+                (QuantType::Q4_1, false) => return Some(Lanes(lanes_fn!(lanes_vnni::<2>))),
+                (QuantType::Q5_0, false) => return Some(Lanes(lanes_fn!(lanes_vnni::<3>))),
+                (QuantType::Q5_1, false) => return Some(Lanes(lanes_fn!(lanes_vnni::<4>))),
+                (QuantType::Q8_0, true) => return Some(Lanes(lanes_fn!(lanes_vnni512::<0>))),
+                (QuantType::Q4_0, true) => return Some(Lanes(lanes_fn!(lanes_vnni512::<1>))),
+                (QuantType::Q4_1, true) => return Some(Lanes(lanes_fn!(lanes_vnni512::<2>))),
+                (QuantType::Q5_0, true) => return Some(Lanes(lanes_fn!(lanes_vnni512::<3>))),
+                (QuantType::Q5_1, true) => return Some(Lanes(lanes_fn!(lanes_vnni512::<4>))),
                 _ => {}
             }
         }
@@ -480,12 +609,12 @@ mod x86 {
         }
         // SAFETY (rows_fn): only called once `Isa::Avx2` (or a superset) was detected.
         match ty {
-            QuantType::Q8_0 => Some(rows_fn!(pair_rows::<0>)),
-            QuantType::Q4_0 => Some(rows_fn!(pair_rows::<1>)),
-            QuantType::Q4_1 => Some(rows_fn!(pair_rows::<2>)),
-            QuantType::Q5_0 => Some(rows_fn!(pair_rows::<3>)),
-            QuantType::Q5_1 => Some(rows_fn!(pair_rows::<4>)),
-            QuantType::IQ4_NL => Some(rows_fn!(pair_rows::<5>)),
+            QuantType::Q8_0 => Some(Rows(rows_fn!(pair_rows::<0>))),
+            QuantType::Q4_0 => Some(Rows(rows_fn!(pair_rows::<1>))),
+            QuantType::Q4_1 => Some(Rows(rows_fn!(pair_rows::<2>))),
+            QuantType::Q5_0 => Some(Rows(rows_fn!(pair_rows::<3>))),
+            QuantType::Q5_1 => Some(Rows(rows_fn!(pair_rows::<4>))),
+            QuantType::IQ4_NL => Some(Rows(rows_fn!(pair_rows::<5>))),
             _ => None,
         }
     }
@@ -598,25 +727,230 @@ mod x86 {
         unsafe { multi_body::<T, AVX512VNNI, N>(w, x) }
     }
 
-    /// One weight row of Q4_0, Q4_1, Q5_0 or Q5_1 (`T` as in [`multi_avx2`]) against one token row,
-    /// each block's integer dot one AVX-VNNI `vpdpbusd`: the decode GEMV's kernel.
+    /// One weight row of Q8_0 (`T = 0`), Q4_0 (`T = 1`), Q4_1 (`T = 2`), Q5_0 (`T = 3`) or Q5_1
+    /// (`T = 4`) against one token row with AVX-VNNI: [`quad_body`] of one row, its activations
+    /// laid out as it goes. The row kernel of these types on VNNI machines.
     ///
     /// # Safety
     /// Needs avx2, fma, f16c and avxvnni.
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    unsafe fn row_vnni<const T: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
+    unsafe fn row_lanes_vnni<const T: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
         // SAFETY: the features the body needs are this fn's.
-        unsafe { multi_body::<T, AVXVNNI, 1>(w, &[x])[0] }
+        unsafe { quad_body::<T, AVXVNNI, 1>(w, None, x)[0] }
     }
 
-    /// [`row_vnni`] with the AVX512-VNNI + VL encoding.
+    /// [`row_lanes_vnni`] with the AVX512-VNNI + VL encoding.
     ///
     /// # Safety
     /// Needs avx2, fma, f16c, avx512vnni and avx512vl.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
-    unsafe fn row_vnni512<const T: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
+    unsafe fn row_lanes_vnni512<const T: u8>(w: &[u8], x: &[BlockQ8]) -> f32 {
         // SAFETY: the features the body needs are this fn's.
-        unsafe { multi_body::<T, AVX512VNNI, 1>(w, &[x])[0] }
+        unsafe { quad_body::<T, AVX512VNNI, 1>(w, None, x)[0] }
+    }
+
+    /// The `R` prepared rows of `g` against one weight row (`T` as in [`row_lanes_vnni`]),
+    /// AVX-VNNI.
+    ///
+    /// # Safety
+    /// Needs avx2, fma, f16c and avxvnni.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn lanes_vnni<const T: u8, const R: usize>(w: &[u8], g: &super::Lanes) -> [f32; R] {
+        // SAFETY: the features the body needs are this fn's.
+        unsafe { quad_body::<T, AVXVNNI, R>(w, Some(&g.rows), &[]) }
+    }
+
+    /// [`lanes_vnni`] with the AVX512-VNNI + VL encoding.
+    ///
+    /// # Safety
+    /// Needs avx2, fma, f16c, avx512vnni and avx512vl.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+    unsafe fn lanes_vnni512<const T: u8, const R: usize>(w: &[u8], g: &super::Lanes) -> [f32; R] {
+        // SAFETY: the features the body needs are this fn's.
+        unsafe { quad_body::<T, AVX512VNNI, R>(w, Some(&g.rows), &[]) }
+    }
+
+    /// Bytes per block of the lane types (`T` as in [`row_lanes_vnni`]).
+    const fn lane_block_bytes(t: u8) -> usize {
+        match t {
+            0 => 34,
+            1 => 18,
+            2 => 20,
+            3 => 22,
+            _ => 24,
+        }
+    }
+
+    /// The 32 quants of a block of lane type `T` as unsigned bytes in [`nibbles`] order: Q8_0's
+    /// shifted by +128 (its `−128 · Σy` is taken off in integers), the 4- and 5-bit ones as
+    /// stored.
+    ///
+    /// # Safety
+    /// `b` must be a whole block; needs avx2.
+    #[inline(always)]
+    unsafe fn lane_quants<const T: u8>(b: &[u8]) -> __m256i {
+        // SAFETY: the caller's contract; each range is inside a whole block.
+        unsafe {
+            match T {
+                0 => _mm256_xor_si256(load32(&b[2..34]), _mm256_set1_epi8(-128)),
+                1 => nibbles(&b[2..18]),
+                2 => nibbles(&b[4..20]),
+                _ => {
+                    let h = if T == 3 { 2 } else { 4 };
+                    let qh = u32::from_le_bytes([b[h], b[h + 1], b[h + 2], b[h + 3]]);
+                    _mm256_or_si256(nibbles(&b[h + 4..h + 20]), q5_high_bits(qh))
+                }
+            }
+        }
+    }
+
+    /// `acc` plus `vpdpbusd` in the encoding `DOT`: 4 products `u`·`y` more in each i32 lane.
+    ///
+    /// # Safety
+    /// As [`quad_body`].
+    #[inline(always)]
+    unsafe fn dpbusd<const DOT: u8>(acc: __m256i, u: __m256i, y: __m256i) -> __m256i {
+        // SAFETY: the caller enables the encoding's features.
+        unsafe {
+            match DOT {
+                AVXVNNI => _mm256_dpbusd_avx_epi32(acc, u, y),
+                _ => _mm256_dpbusd_epi32(acc, u, y),
+            }
+        }
+    }
+
+    /// Four blocks' 32 bytes each (as [`nibbles`] orders them: in each 128-bit half, dwords of
+    /// elements 4i..4i+4 and 16+4i..16+4i+4) to four vectors, vector `i` holding dword `i` of
+    /// blocks 0..4 in each half: lane `b` (`4 + b`) is block `b`'s elements 4i.. (16+4i..).
+    ///
+    /// # Safety
+    /// Needs avx2.
+    #[inline(always)]
+    unsafe fn transpose4(x: [__m256i; 4]) -> [__m256i; 4] {
+        // SAFETY: the caller enables avx2.
+        unsafe {
+            let (t0, t1) = (_mm256_unpacklo_epi32(x[0], x[1]), _mm256_unpackhi_epi32(x[0], x[1]));
+            let (t2, t3) = (_mm256_unpacklo_epi32(x[2], x[3]), _mm256_unpackhi_epi32(x[2], x[3]));
+            [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+            ]
+        }
+    }
+
+    /// One weight row of lane type `T` (as in [`row_lanes_vnni`]) against `R` (1 to 4)
+    /// activation rows, four blocks a step. Per row the arithmetic is fixed, whatever `R`:
+    /// each block's integer sum `Σ q·y` exactly (the Q8_0 / Q4_0 / Q5_0 offsets taken off in
+    /// integers), then `acc_b = fma(d·d_y, sum, acc_b)` and, for Q4_1 / Q5_1,
+    /// `corr_b = fma(m, s_y, corr_b)`, with `b` the block's place in its four; the row's dot is
+    /// `((acc_0 + acc_1) + (acc_2 + acc_3)) + ((corr_0 + corr_1) + (corr_2 + corr_3))`. The four
+    /// blocks' weights are decoded and transposed once ([`transpose4`]) so that one `vpdpbusd`
+    /// per block and row leaves each block's sum in its own lanes: no horizontal sum per block.
+    /// `lanes` has the rows' activations in that layout ([`super::LaneRow`]); without it (one
+    /// row) they are transposed from `x` as it goes. A last partial four is padded with zero
+    /// blocks.
+    ///
+    /// # Safety
+    /// Inlined only into fns enabling avx2, fma and f16c, plus avxvnni when `DOT == AVXVNNI` and
+    /// avx512vnni + avx512vl when `DOT == AVX512VNNI`.
+    #[inline(always)]
+    unsafe fn quad_body<const T: u8, const DOT: u8, const R: usize>(
+        w: &[u8],
+        lanes: Option<&[super::LaneRow]>,
+        x: &[BlockQ8],
+    ) -> [f32; R] {
+        let bb = lane_block_bytes(T);
+        let nb = match lanes {
+            Some(rows) if rows.len() >= R => rows[..R].iter().fold(w.len() / bb, |n, r| n.min(r.blocks)),
+            Some(_) => 0,
+            None => x.len().min(w.len() / bb),
+        };
+        // SAFETY: the caller enables the target features (see `# Safety`); every block read is
+        // below `nb`: inside `w` and each row.
+        unsafe {
+            let d_idx = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+            let m_idx = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
+            let mut acc = [_mm_setzero_ps(); R];
+            let mut corr = [_mm_setzero_ps(); R];
+            for g in 0..nb.div_ceil(4) {
+                // Blocks of this four in the row; the missing ones of a last partial four are
+                // zeros (quants and scales alike).
+                let have = (nb - 4 * g).min(4);
+                let at = |b: usize| (4 * g + b) * bb;
+                let quants = |b: usize| {
+                    if b < have { lane_quants::<T>(w.get_unchecked(at(b)..at(b) + bb)) } else { _mm256_setzero_si256() }
+                };
+                let v = transpose4([quants(0), quants(1), quants(2), quants(3)]);
+                let head = |b: usize| {
+                    if b < have {
+                        let h = w.get_unchecked(at(b)..at(b) + 4);
+                        i32::from_le_bytes([h[0], h[1], h[2], h[3]])
+                    } else {
+                        0
+                    }
+                };
+                // (d, m) of the four blocks as f16, then f32; Q8_0 / Q4_0 / Q5_0 have no m
+                // (their m lanes are quant bytes, never used).
+                let dm = _mm256_cvtph_ps(_mm_setr_epi32(head(0), head(1), head(2), head(3)));
+                let dw = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, d_idx));
+                let mw = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, m_idx));
+                for k in 0..R {
+                    let (y, dy, sy, sumy) = match lanes {
+                        Some(rows) => {
+                            let r = rows.get_unchecked(k);
+                            let q = r.y.get_unchecked(g).as_ptr();
+                            (
+                                [0, 1, 2, 3].map(|i| _mm256_loadu_si256(q.add(32 * i).cast())),
+                                _mm_loadu_ps(r.d.get_unchecked(g).as_ptr()),
+                                _mm_loadu_ps(r.s.get_unchecked(g).as_ptr()),
+                                _mm_loadu_si128(r.sum.get_unchecked(g).as_ptr().cast()),
+                            )
+                        }
+                        None => {
+                            let blk = |b: usize| x.get(4 * g + b).filter(|_| 4 * g + b < nb).unwrap_or(&super::ZERO_Q8);
+                            let (y0, y1, y2, y3) = (blk(0), blk(1), blk(2), blk(3));
+                            (
+                                transpose4([
+                                    load_i8x32(&y0.qs),
+                                    load_i8x32(&y1.qs),
+                                    load_i8x32(&y2.qs),
+                                    load_i8x32(&y3.qs),
+                                ]),
+                                _mm_setr_ps(y0.d, y1.d, y2.d, y3.d),
+                                _mm_setr_ps(y0.s, y1.s, y2.s, y3.s),
+                                _mm_setr_epi32(y0.sum, y1.sum, y2.sum, y3.sum),
+                            )
+                        }
+                    };
+                    let z = _mm256_setzero_si256();
+                    let a = dpbusd::<DOT>(dpbusd::<DOT>(z, v[0], y[0]), v[1], y[1]);
+                    let b = dpbusd::<DOT>(dpbusd::<DOT>(z, v[2], y[2]), v[3], y[3]);
+                    let s = _mm256_add_epi32(a, b);
+                    let mut s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+                    s = match T {
+                        0 => _mm_sub_epi32(s, _mm_slli_epi32::<7>(sumy)),
+                        1 => _mm_sub_epi32(s, _mm_slli_epi32::<3>(sumy)),
+                        3 => _mm_sub_epi32(s, _mm_slli_epi32::<4>(sumy)),
+                        _ => s,
+                    };
+                    acc[k] = _mm_fmadd_ps(_mm_mul_ps(dw, dy), _mm_cvtepi32_ps(s), acc[k]);
+                    if T == 2 || T == 4 {
+                        corr[k] = _mm_fmadd_ps(mw, sy, corr[k]);
+                    }
+                }
+            }
+            let mut out = [0f32; R];
+            for k in 0..R {
+                let (mut a, mut c) = ([0f32; 4], [0f32; 4]);
+                _mm_storeu_ps(a.as_mut_ptr(), acc[k]);
+                _mm_storeu_ps(c.as_mut_ptr(), corr[k]);
+                let dot = (a[0] + a[1]) + (a[2] + a[3]);
+                out[k] = if T == 2 || T == 4 { dot + ((c[0] + c[1]) + (c[2] + c[3])) } else { dot };
+            }
+            out
+        }
     }
 
     /// How [`multi_body`] does a block's integer dot: `vpmaddubsw` + `vpmaddwd` (AVX2) or one

@@ -1,10 +1,9 @@
 //! Quantized linear layers over borrowed (memory-mapped) weight bytes.
 
 use std::ops::Range;
-use std::sync::Mutex;
 
 use crate::act::{QActs, kind_for};
-use crate::dot::{Kernel, Kernel4, TOKENS, dot_rows, kernel, kernel_rows, kernel4};
+use crate::dot::{Kernel, Kernel4, RowsPlan, TOKENS, kernel, kernel4};
 use crate::pool::Pool;
 use crate::{Error, Isa, Result, check_len};
 use needle_quant::QuantType;
@@ -147,46 +146,10 @@ pub fn gemv_many(mats: &[QMatrix<'_>], x: &[f32], ys: &mut [&mut [f32]]) -> Resu
     gemv_many_with(Isa::detect(), mats, x, ys)
 }
 
-/// [`gemv_many`] on a given ISA (scalar when `isa` is not available here).
+/// [`gemv_many`] on a given ISA (scalar when `isa` is not available here): [`gemv_rows_with`]
+/// of one row, so a lone decode row and a batched one run the same code.
 pub fn gemv_many_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], ys: &mut [&mut [f32]]) -> Result<()> {
-    check_len("ys", ys.len(), mats.len())?;
-    let mut acts: Vec<(&'static str, QActs)> = Vec::new();
-    for (m, y) in mats.iter().zip(ys.iter()) {
-        check_len("x", x.len(), m.cols)?;
-        check_len("y", y.len(), m.rows)?;
-        let kind = kind_for(m.ty);
-        if !acts.iter().any(|(k, _)| *k == kind) {
-            acts.push((kind, QActs::quantize(m.ty, x, 1, m.cols)?));
-        }
-    }
-    let row_of = |m: &QMatrix<'_>| acts.iter().find(|(k, _)| *k == kind_for(m.ty)).map(|(_, a)| a.row(0));
-    let pool = Pool::global();
-    let weights: usize = mats.iter().map(|m| m.rows * m.cols).sum();
-    let rows: usize = mats.iter().map(|m| m.rows).sum();
-    let chunk = if weights < PAR_MIN_WEIGHTS { usize::MAX } else { rows.div_ceil(4 * pool.threads()).max(8) };
-    // (matrix, first row, outputs) per task.
-    let mut tasks = Vec::new();
-    for (i, y) in ys.iter_mut().enumerate() {
-        let per = chunk.min(mats[i].rows.max(1));
-        for (c, part) in y.chunks_mut(per).enumerate() {
-            tasks.push(Mutex::new((i, c * per, part)));
-        }
-    }
-    let run = |t: usize| {
-        let mut task = tasks[t].lock().unwrap_or_else(|e| e.into_inner());
-        let (i, r0, ref mut out) = *task;
-        let m = &mats[i];
-        let (k, Some(xr)) = (kernel(m.ty, isa), row_of(m)) else { return };
-        for (j, v) in out.iter_mut().enumerate() {
-            *v = k(m.row_bytes(r0 + j), xr);
-        }
-    };
-    if weights < PAR_MIN_WEIGHTS {
-        (0..tasks.len()).for_each(run)
-    } else {
-        pool.run(tasks.len(), &run)
-    }
-    Ok(())
+    gemv_rows_with(isa, mats, x, 1, ys)
 }
 
 /// `ys[i] = X · mats[i]ᵀ` for `t` rows of `x` (`t × cols`) that are decode rows of different
@@ -215,13 +178,13 @@ pub fn gemv_rows_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &
     if t == 0 {
         return Ok(());
     }
-    // Per matrix: its kernels and its activation rows.
-    let plans: Vec<(Kernel, Option<crate::dot::KernelRows>, Vec<crate::act::QActRow<'_>>)> = mats
+    // Per matrix: its kernels and its activation rows, prepared once for all its weight rows.
+    let plans: Vec<RowsPlan<'_>> = mats
         .iter()
         .map(|m| {
             let a = acts.iter().find(|(k, _)| *k == kind_for(m.ty)).map(|(_, a)| a);
             let rows = a.map_or_else(Vec::new, |a| (0..t).map(|tok| a.row(tok)).collect());
-            (kernel(m.ty, isa), kernel_rows(m.ty, isa), rows)
+            RowsPlan::new(m.ty, isa, rows, m.cols / m.ty.block_elems())
         })
         .collect();
     let pool = Pool::global();
@@ -240,13 +203,13 @@ pub fn gemv_rows_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &
     let outs: Vec<SharedOut> = ys.iter_mut().map(|y| SharedOut(y.as_mut_ptr())).collect();
     let run = |k: usize| {
         let (i, ref rows) = tasks[k];
-        let (m, (kr, krs, xs)) = (&mats[i], &plans[i]);
-        if xs.len() != t {
+        let (m, plan) = (&mats[i], &plans[i]);
+        if plan.len() != t {
             return;
         }
         let mut v = vec![0f32; t];
         for r in rows.clone() {
-            dot_rows(*kr, *krs, m.row_bytes(r), xs, &mut v);
+            plan.dot(m.row_bytes(r), &mut v);
             for (tok, &val) in v.iter().enumerate() {
                 // SAFETY: tasks own disjoint weight rows of each matrix, and `tok · m.rows + r`
                 // with `tok < t`, `r < m.rows` is inside `ys[i]` (checked above), which outlives
