@@ -5,8 +5,10 @@
 //! (results differ only by f32 summation order); Q5_0, Q5_1 and IQ4_NL take the Q8_0-style
 //! activations, as in llama.cpp. The 32-element types also have an AVX2 multi-token (gemm)
 //! kernel; AVX-512 adds row dots for Q8_0, Q4_0 and Q4_1 only; VNNI (AVX-VNNI or AVX512-VNNI
-//! on 256-bit registers) row dots and a multi-token kernel for Q4_0, Q4_1, Q5_0 and Q5_1 only
-//! (the others run their AVX2 code there). On
+//! on 256-bit registers) has its own row and multi-row dots for Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1
+//! (the lane kernels: four blocks' weights transposed so each block's integer sum is exact and
+//! needs no horizontal sum; see `quad_body`) and a multi-token kernel for Q4_0, Q4_1, Q5_0 and
+//! Q5_1 (the others run their AVX2 code there). On
 //! aarch64 the float types, Q8_0, Q4_0 and Q4_1 have NEON paths (and `sdot` ones where the
 //! dotprod extension is present); Q5_0, Q5_1, IQ4_NL and the K-quants (Q4_K, Q5_K, Q6_K) run
 //! their scalar code there.
@@ -127,22 +129,31 @@ pub(crate) fn kernel_rows(ty: QuantType, isa: Isa) -> Option<RowsKernel> {
 /// kernels.
 static ZERO_Q8: BlockQ8 = BlockQ8 { d: 0.0, sum: 0, s: 0.0, qs: [0; 32] };
 
-/// One Q8 activation row laid out for the lane kernels (the VNNI row and multi-row dots) in
-/// fours of blocks, a missing last block zero: `y[g]` is four vectors of 32 bytes, vector `i`
-/// with elements `4i..4i + 4` of blocks `4g..4g + 4` in its first 16 bytes and elements
-/// `16 + 4i..20 + 4i` in its last 16; `d`, `s` and `sum` are the four blocks' scalars.
+/// Four blocks of a Q8 activation row laid out for the lane kernels (the VNNI row and multi-row
+/// dots): `y` is four vectors of 32 bytes, vector `i` with elements `4i..4i + 4` of the four
+/// blocks in its first 16 bytes and elements `16 + 4i..20 + 4i` in its last 16; `d`, `s` and
+/// `sum` are the four blocks' scalars. Missing blocks (past a row's end) are zeros.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct Four {
+    /// The quants, transposed.
+    pub(crate) y: [i8; 128],
+    /// The blocks' scales.
+    pub(crate) d: [f32; 4],
+    /// The blocks' `s` (the Q4_1 / Q5_1 min's factor).
+    pub(crate) s: [f32; 4],
+    /// The blocks' quant sums.
+    pub(crate) sum: [i32; 4],
+}
+
+/// One Q8 activation row laid out for the lane kernels, four blocks at a time ([`Four`]).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct LaneRow {
     /// Blocks in the row.
     pub(crate) blocks: usize,
-    /// The quants, transposed per four blocks.
-    pub(crate) y: Vec<[i8; 128]>,
-    /// The blocks' scales.
-    pub(crate) d: Vec<[f32; 4]>,
-    /// The blocks' `s` (the Q4_1 / Q5_1 min's factor).
-    pub(crate) s: Vec<[f32; 4]>,
-    /// The blocks' quant sums.
-    pub(crate) sum: Vec<[i32; 4]>,
+    /// The row's fours.
+    pub(crate) fours: Vec<Four>,
 }
 
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -150,23 +161,17 @@ impl LaneRow {
     /// The first `blocks` blocks of `x` laid out.
     pub(crate) fn new(x: &[BlockQ8], blocks: usize) -> LaneRow {
         let blocks = blocks.min(x.len());
-        let fours = blocks.div_ceil(4);
-        let mut r = LaneRow {
-            blocks,
-            y: vec![[0; 128]; fours],
-            d: vec![[0.0; 4]; fours],
-            s: vec![[0.0; 4]; fours],
-            sum: vec![[0; 4]; fours],
-        };
+        let zero = Four { y: [0; 128], d: [0.0; 4], s: [0.0; 4], sum: [0; 4] };
+        let mut fours = vec![zero; blocks.div_ceil(4)];
         for (i, blk) in x[..blocks].iter().enumerate() {
-            let (g, b) = (i / 4, i % 4);
+            let (f, b) = (&mut fours[i / 4], i % 4);
             for e in 0..4 {
-                r.y[g][32 * e + 4 * b..32 * e + 4 * b + 4].copy_from_slice(&blk.qs[4 * e..4 * e + 4]);
-                r.y[g][32 * e + 16 + 4 * b..32 * e + 20 + 4 * b].copy_from_slice(&blk.qs[16 + 4 * e..20 + 4 * e]);
+                f.y[32 * e + 4 * b..32 * e + 4 * b + 4].copy_from_slice(&blk.qs[4 * e..4 * e + 4]);
+                f.y[32 * e + 16 + 4 * b..32 * e + 20 + 4 * b].copy_from_slice(&blk.qs[16 + 4 * e..20 + 4 * e]);
             }
-            (r.d[g][b], r.s[g][b], r.sum[g][b]) = (blk.d, blk.s, blk.sum);
+            (f.d[b], f.s[b], f.sum[b]) = (blk.d, blk.s, blk.sum);
         }
-        r
+        LaneRow { blocks, fours }
     }
 }
 
@@ -178,27 +183,30 @@ pub(crate) struct Lanes {
     pub(crate) rows: Vec<LaneRow>,
 }
 
+/// `xs` (Q8 rows of `blocks` blocks) laid out in groups of [`ROWS`] for a lane kernel.
+pub(crate) fn lanes_for(xs: &[QActRow<'_>], blocks: usize) -> Vec<Lanes> {
+    xs.chunks(ROWS).map(|g| Lanes { rows: g.iter().map(|&x| LaneRow::new(q8(x), blocks)).collect() }).collect()
+}
+
 /// The rows of a multi-row dot with the kernels for them, prepared once for every weight row
 /// of a matrix: [`dot`](Self::dot) gives each row the bits [`kernel`] gives it alone.
 pub(crate) struct RowsPlan<'a> {
     k: Kernel,
     kr: Option<RowsKernel>,
     xs: Vec<QActRow<'a>>,
-    lanes: Vec<Lanes>,
+    lanes: &'a [Lanes],
 }
 
 impl<'a> RowsPlan<'a> {
-    /// The plan for weights of `ty` on `isa` against `xs` (checked kinds, `blocks` blocks each).
-    pub(crate) fn new(ty: QuantType, isa: Isa, xs: Vec<QActRow<'a>>, blocks: usize) -> RowsPlan<'a> {
-        let kr = kernel_rows(ty, isa);
-        let lanes = match kr {
-            Some(RowsKernel::Lanes(_)) => xs
-                .chunks(ROWS)
-                .map(|g| Lanes { rows: g.iter().map(|&x| LaneRow::new(q8(x), blocks)).collect() })
-                .collect(),
-            _ => Vec::new(),
-        };
-        RowsPlan { k: kernel(ty, isa), kr, xs, lanes }
+    /// The plan for weights of `ty` on `isa` against `xs` (checked kinds); `lanes` is
+    /// [`lanes_for`]`(xs)` where `ty`'s multi-row kernel takes [`Lanes`] ([`Self::wants_lanes`]).
+    pub(crate) fn new(ty: QuantType, isa: Isa, xs: Vec<QActRow<'a>>, lanes: &'a [Lanes]) -> RowsPlan<'a> {
+        RowsPlan { k: kernel(ty, isa), kr: kernel_rows(ty, isa), xs, lanes }
+    }
+
+    /// Whether weights of `ty` on `isa` take their rows as [`Lanes`].
+    pub(crate) fn wants_lanes(ty: QuantType, isa: Isa) -> bool {
+        matches!(kernel_rows(ty, isa), Some(RowsKernel::Lanes(_)))
     }
 
     /// Rows in the plan.
@@ -209,7 +217,7 @@ impl<'a> RowsPlan<'a> {
     /// `out[j]` = the dot of the weight row `w` with row `j` (`out` has [`len`](Self::len) floats).
     pub(crate) fn dot(&self, w: &[u8], out: &mut [f32]) {
         match self.kr {
-            Some(RowsKernel::Lanes(kl)) => {
+            Some(RowsKernel::Lanes(kl)) if self.lanes.len() == self.xs.len().div_ceil(ROWS) => {
                 for (g, o) in self.lanes.iter().zip(out.chunks_mut(ROWS)) {
                     kl(w, g, o);
                 }
@@ -219,7 +227,7 @@ impl<'a> RowsPlan<'a> {
                     kr(w, x, o);
                 }
             }
-            None => {
+            _ => {
                 for (&x, o) in self.xs.iter().zip(out) {
                     *o = (self.k)(w, x);
                 }
@@ -238,7 +246,8 @@ pub fn vec_dot_rows_with(isa: Isa, ty: QuantType, w: &[u8], xs: &[QActRow<'_>], 
         crate::check_len("w", w.len(), ty.bytes_for("x.len()", x.len())?)?;
     }
     let blocks = xs.first().map_or(0, |x| x.len() / ty.block_elems());
-    RowsPlan::new(ty, isa, xs.to_vec(), blocks).dot(w, out);
+    let lanes = if RowsPlan::wants_lanes(ty, isa) { lanes_for(xs, blocks) } else { Vec::new() };
+    RowsPlan::new(ty, isa, xs.to_vec(), &lanes).dot(w, out);
     Ok(())
 }
 
@@ -848,7 +857,7 @@ mod x86 {
     /// `((acc_0 + acc_1) + (acc_2 + acc_3)) + ((corr_0 + corr_1) + (corr_2 + corr_3))`. The four
     /// blocks' weights are decoded and transposed once ([`transpose4`]) so that one `vpdpbusd`
     /// per block and row leaves each block's sum in its own lanes: no horizontal sum per block.
-    /// `lanes` has the rows' activations in that layout ([`super::LaneRow`]); without it (one
+    /// `lanes` has the rows' activations in that layout ([`super::Four`]); without it (one
     /// row) they are transposed from `x` as it goes. A last partial four is padded with zero
     /// blocks.
     ///
@@ -899,13 +908,13 @@ mod x86 {
                 for k in 0..R {
                     let (y, dy, sy, sumy) = match lanes {
                         Some(rows) => {
-                            let r = rows.get_unchecked(k);
-                            let q = r.y.get_unchecked(g).as_ptr();
+                            let f = rows.get_unchecked(k).fours.get_unchecked(g);
+                            let q = f.y.as_ptr();
                             (
                                 [0, 1, 2, 3].map(|i| _mm256_loadu_si256(q.add(32 * i).cast())),
-                                _mm_loadu_ps(r.d.get_unchecked(g).as_ptr()),
-                                _mm_loadu_ps(r.s.get_unchecked(g).as_ptr()),
-                                _mm_loadu_si128(r.sum.get_unchecked(g).as_ptr().cast()),
+                                _mm_loadu_ps(f.d.as_ptr()),
+                                _mm_loadu_ps(f.s.as_ptr()),
+                                _mm_loadu_si128(f.sum.as_ptr().cast()),
                             )
                         }
                         None => {

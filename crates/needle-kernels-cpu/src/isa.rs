@@ -16,9 +16,10 @@ pub enum Isa {
     /// AVX2 code on the one AVX-512 machine tried (gemv 1536×576 Q4_1: 88 µs vs 76 µs).
     Avx512,
     /// [`Isa::Avx2`] plus `vpdpbusd` on 256-bit registers, from AVX-VNNI or from AVX512-VNNI with
-    /// AVX512-VL (AMD Zen 4 and Intel's AVX-512 server cores have only the latter): the Q4_0 /
-    /// Q4_1 / Q5_0 / Q5_1 row dots and multi-token GEMM micro-kernel do each block's integer dot
-    /// in one instruction instead of two; everything else runs the AVX2 code. Picked by
+    /// AVX512-VL (AMD Zen 4 and Intel's AVX-512 server cores have only the latter): the Q8_0 /
+    /// Q4_0 / Q4_1 / Q5_0 / Q5_1 row and multi-row dots (the decode GEMV's lane kernels) and the
+    /// Q4_0 / Q4_1 / Q5_0 / Q5_1 multi-token GEMM micro-kernel do each block's integer dot in
+    /// one instruction instead of two; everything else runs the AVX2 code. Picked by
     /// [`Isa::detect`] where present.
     AvxVnni,
     /// aarch64 NEON (Advanced SIMD, part of every aarch64 CPU). The Q8_0 / Q4_0 / Q4_1 dots and

@@ -3,7 +3,7 @@
 use std::ops::Range;
 
 use crate::act::{QActs, kind_for};
-use crate::dot::{Kernel, Kernel4, RowsPlan, TOKENS, kernel, kernel4};
+use crate::dot::{Kernel, Kernel4, Lanes, RowsPlan, TOKENS, kernel, kernel4, lanes_for};
 use crate::pool::Pool;
 use crate::{Error, Isa, Result, check_len};
 use needle_quant::QuantType;
@@ -166,25 +166,32 @@ pub fn gemv_rows(mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &mut [&mut [f32]
 /// [`gemv_rows`] on a given ISA (scalar when `isa` is not available here).
 pub fn gemv_rows_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &mut [&mut [f32]]) -> Result<()> {
     check_len("ys", ys.len(), mats.len())?;
-    let mut acts: Vec<(&'static str, QActs)> = Vec::new();
+    // Per activation kind: the quantized rows, and their lanes where a matrix's kernel takes
+    // them (one layout for all Q8 weight types).
+    let mut acts: Vec<(&'static str, QActs, Vec<Lanes>)> = Vec::new();
     for (m, y) in mats.iter().zip(ys.iter()) {
         check_len("x", x.len(), t.saturating_mul(m.cols))?;
         check_len("y", y.len(), t.saturating_mul(m.rows))?;
         let kind = kind_for(m.ty);
-        if !acts.iter().any(|(k, _)| *k == kind) {
-            acts.push((kind, QActs::quantize(m.ty, x, t, m.cols)?));
+        if !acts.iter().any(|(k, ..)| *k == kind) {
+            acts.push((kind, QActs::quantize(m.ty, x, t, m.cols)?, Vec::new()));
         }
     }
     if t == 0 {
         return Ok(());
     }
+    for (kind, a, lanes) in &mut acts {
+        if let Some(m) = mats.iter().find(|m| kind_for(m.ty) == *kind && RowsPlan::wants_lanes(m.ty, isa)) {
+            let rows: Vec<_> = (0..t).map(|tok| a.row(tok)).collect();
+            *lanes = lanes_for(&rows, m.cols / m.ty.block_elems());
+        }
+    }
     // Per matrix: its kernels and its activation rows, prepared once for all its weight rows.
     let plans: Vec<RowsPlan<'_>> = mats
         .iter()
-        .map(|m| {
-            let a = acts.iter().find(|(k, _)| *k == kind_for(m.ty)).map(|(_, a)| a);
-            let rows = a.map_or_else(Vec::new, |a| (0..t).map(|tok| a.row(tok)).collect());
-            RowsPlan::new(m.ty, isa, rows, m.cols / m.ty.block_elems())
+        .map(|m| match acts.iter().find(|(k, ..)| *k == kind_for(m.ty)) {
+            Some((_, a, lanes)) => RowsPlan::new(m.ty, isa, (0..t).map(|tok| a.row(tok)).collect(), lanes),
+            None => RowsPlan::new(m.ty, isa, Vec::new(), &[]),
         })
         .collect();
     let pool = Pool::global();

@@ -57,7 +57,9 @@ fn simd_dot_matches_scalar_reference() {
     }
     let mut r = rng(2);
     for ty in QuantType::ALL {
-        for blocks in [1, 3, 8] {
+        // 5 and 18 blocks: the VNNI lane kernels' fours with a partial last one (18: the default
+        // model's width).
+        for blocks in [1, 3, 5, 8, 18] {
             let cols = cols_for(ty, blocks);
             for _ in 0..30 {
                 let w = random_weights(&mut r, ty, 1, cols);
@@ -95,12 +97,13 @@ fn bad_shapes_are_errors_naming_the_parameter() {
 
 /// The multi-row dot (batched decode: each row another sequence's) gives every row the bits of
 /// the row dot alone, for every type and ISA, any number of rows (groups of up to 4 and the
-/// rest), on fresh random weights and activations (an all-zero row among them).
+/// rest), on fresh random weights and activations (an all-zero row among them); block counts
+/// with every remainder of the VNNI lane kernels' fours.
 #[test]
 fn multi_row_dot_is_bit_identical_to_the_row_dot() {
     let mut r = rng(5);
     for ty in QuantType::ALL {
-        for blocks in [1, 2, 3, 8] {
+        for blocks in [1, 2, 3, 5, 8, 18] {
             let cols = cols_for(ty, blocks);
             for n in [1, 2, 3, 4, 5, 7, 9] {
                 let w = random_weights(&mut r, ty, 1, cols);
