@@ -849,6 +849,36 @@ mod x86 {
         }
     }
 
+    /// The quants of the first `have` (1 to 4) blocks of `w` (lane type `T`), transposed
+    /// ([`transpose4`]), and their (d, m) as f32 pairs; missing blocks are zeros. `FULL`: all
+    /// four are there (no tests).
+    ///
+    /// # Safety
+    /// `w` must hold `have` whole blocks; as [`quad_body`].
+    #[inline(always)]
+    unsafe fn weight_four<const T: u8, const FULL: bool>(w: &[u8], have: usize) -> ([__m256i; 4], __m256) {
+        let bb = lane_block_bytes(T);
+        // SAFETY: the caller's contract: blocks below `have` are inside `w`.
+        unsafe {
+            let there = |b: usize| FULL || b < have;
+            let quants = |b: usize| {
+                if there(b) { lane_quants::<T>(w.get_unchecked(b * bb..b * bb + bb)) } else { _mm256_setzero_si256() }
+            };
+            let head = |b: usize| {
+                if there(b) {
+                    let h = w.get_unchecked(b * bb..b * bb + 4);
+                    i32::from_le_bytes([h[0], h[1], h[2], h[3]])
+                } else {
+                    0
+                }
+            };
+            // (d, m) of the four blocks as f16, then f32; Q8_0 / Q4_0 / Q5_0 have no m (their m
+            // lanes are quant bytes, never used).
+            let dm = _mm256_cvtph_ps(_mm_setr_epi32(head(0), head(1), head(2), head(3)));
+            (transpose4([quants(0), quants(1), quants(2), quants(3)]), dm)
+        }
+    }
+
     /// One weight row of lane type `T` (as in [`row_lanes_vnni`]) against `R` (1 to 4)
     /// activation rows, four blocks a step. Per row the arithmetic is fixed, whatever `R`:
     /// each block's integer sum `Σ q·y` exactly (the Q8_0 / Q4_0 / Q5_0 offsets taken off in
@@ -887,22 +917,11 @@ mod x86 {
                 // Blocks of this four in the row; the missing ones of a last partial four are
                 // zeros (quants and scales alike).
                 let have = (nb - 4 * g).min(4);
-                let at = |b: usize| (4 * g + b) * bb;
-                let quants = |b: usize| {
-                    if b < have { lane_quants::<T>(w.get_unchecked(at(b)..at(b) + bb)) } else { _mm256_setzero_si256() }
+                let (v, dm) = if have == 4 {
+                    weight_four::<T, true>(w.get_unchecked(4 * g * bb..(4 * g + 4) * bb), 4)
+                } else {
+                    weight_four::<T, false>(w.get_unchecked(4 * g * bb..(4 * g + have) * bb), have)
                 };
-                let v = transpose4([quants(0), quants(1), quants(2), quants(3)]);
-                let head = |b: usize| {
-                    if b < have {
-                        let h = w.get_unchecked(at(b)..at(b) + 4);
-                        i32::from_le_bytes([h[0], h[1], h[2], h[3]])
-                    } else {
-                        0
-                    }
-                };
-                // (d, m) of the four blocks as f16, then f32; Q8_0 / Q4_0 / Q5_0 have no m
-                // (their m lanes are quant bytes, never used).
-                let dm = _mm256_cvtph_ps(_mm_setr_epi32(head(0), head(1), head(2), head(3)));
                 let dw = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, d_idx));
                 let mw = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, m_idx));
                 for k in 0..R {
