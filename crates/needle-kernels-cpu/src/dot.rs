@@ -102,8 +102,9 @@ pub(crate) type KernelRows = fn(&[u8], &[QActRow<'_>], &mut [f32]);
 /// `out[j]` for row `j` of the group.
 pub(crate) type KernelLanes = fn(&[u8], &Lanes, &mut [f32]);
 
-/// A multi-row kernel and what it takes.
+/// A multi-row kernel and what it takes (x86-64 only so far).
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum RowsKernel {
     /// The rows as they are.
     Rows(KernelRows),
@@ -127,6 +128,7 @@ pub(crate) fn kernel_rows(ty: QuantType, isa: Isa) -> Option<RowsKernel> {
 
 /// An all-zero activation block: the padding of a row's last partial four blocks in the lane
 /// kernels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 static ZERO_Q8: BlockQ8 = BlockQ8 { d: 0.0, sum: 0, s: 0.0, qs: [0; 32] };
 
 /// Four blocks of a Q8 activation row laid out for the lane kernels (the VNNI row and multi-row
