@@ -33,7 +33,7 @@ use rayon::prelude::*;
 use crate::beam::{Beam, Visited, VisitedPool, Work};
 use crate::dist::dot;
 use crate::graph::{FixedGraph, occlusion_prune_by};
-use crate::qdot::{CODE_ALIGN, DotsFn, Level, MAX_DIM, QMAX, kernel, scan_kernel};
+use crate::qdot::{CODE_ALIGN, DotsFn, Level, MAX_DIM, QMAX, SCAN_BLOCK, kernel, scan_kernel};
 use crate::roar::{RoarGraph, RoarGraphParams, RoarParts, positive};
 use crate::state::{Reader, Writer};
 use needle_core::kit::prefetch;
@@ -254,13 +254,8 @@ impl Codes {
         }
         self.scales.reserve_exact(add);
         for x in rows.chunks_exact(dim) {
-            let m = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let s = if m > 0.0 { m / 127.0 } else { 1.0 };
             let start = self.off + self.n * self.stride;
-            for (c, v) in self.buf[start..start + dim].iter_mut().zip(x) {
-                *c = (v / s).round().clamp(-127.0, 127.0) as i8;
-            }
-            self.scales.push(s);
+            self.scales.push(code_key(x, &mut self.buf[start..start + dim]));
             self.n += 1;
         }
     }
@@ -279,6 +274,56 @@ impl Codes {
 
     fn bytes(&self) -> usize {
         self.buf.capacity() + self.scales.capacity() * 4
+    }
+}
+
+/// Codes `x` into `out` (`c = round(x / s)`, `s = max|x| / 127`) and returns the scale `s`.
+fn code_key(x: &[f32], out: &mut [i8]) -> f32 {
+    let m = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let s = if m > 0.0 { m / 127.0 } else { 1.0 };
+    for (c, v) in out.iter_mut().zip(x) {
+        *c = (v / s).round().clamp(-127.0, 127.0) as i8;
+    }
+    s
+}
+
+/// The codes of an index with no graph, laid out for the scan kernels: blocks of
+/// [`SCAN_BLOCK`] keys by dimension pair (see [`crate::qdot::ScanFn`]), the same codes and
+/// scales as [`Codes`] holds for a walk; a block's unused lanes have zero codes and scale.
+#[derive(Debug, Clone, Default)]
+struct ScanCodes {
+    stride: usize,
+    n: usize,
+    blocks: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl ScanCodes {
+    fn new(dim: usize) -> Self {
+        Self { stride: dim.next_multiple_of(CODE_ALIGN), ..Default::default() }
+    }
+
+    /// Appends the codes of `rows` (row-major, `dim` wide), growing by whole blocks.
+    fn push(&mut self, rows: &[f32], dim: usize) {
+        let keys = (self.n + rows.len() / dim).next_multiple_of(SCAN_BLOCK);
+        self.blocks.reserve_exact((keys * self.stride).saturating_sub(self.blocks.len()));
+        self.blocks.resize(keys * self.stride, 0);
+        self.scales.reserve_exact(keys.saturating_sub(self.scales.len()));
+        self.scales.resize(keys, 0.0);
+        let mut row = vec![0i8; self.stride];
+        for x in rows.chunks_exact(dim) {
+            self.scales[self.n] = code_key(x, &mut row[..dim]);
+            let (block, lane) = (self.n / SCAN_BLOCK, self.n % SCAN_BLOCK);
+            let base = block * SCAN_BLOCK * self.stride + lane * 2;
+            for (p, pair) in row.chunks_exact(2).enumerate() {
+                self.blocks[base + p * 2 * SCAN_BLOCK..][..2].copy_from_slice(pair);
+            }
+            self.n += 1;
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.blocks.capacity() + self.scales.capacity() * 4
     }
 }
 
@@ -363,8 +408,9 @@ pub struct CompactGraph {
     centroids: Vec<f32>,
     cluster_entries: Vec<u32>,
     entry_width: usize,
-    /// No graph: every search scans the codes (see [`CompactGraphParams::scan_below`]).
-    scan: bool,
+    /// No graph: every search scans these codes (see [`CompactGraphParams::scan_below`]);
+    /// `codes` and `links` are then empty.
+    scan: Option<ScanCodes>,
     level: Level,
     visited: VisitedPool,
 }
@@ -397,7 +443,7 @@ impl CompactGraph {
             centroids: Vec::new(),
             cluster_entries: Vec::new(),
             entry_width: 0,
-            scan: false,
+            scan: None,
             level: Level::detect(),
             visited: VisitedPool::default(),
         })
@@ -420,7 +466,11 @@ impl CompactGraph {
 
     /// Out-neighbours of key `id` (for inspection and tests).
     pub fn neighbors(&self, id: u32) -> Vec<u32> {
-        if !self.scan && (id as usize) < self.codes.n { self.links.row(id, self.params.graph.m) } else { Vec::new() }
+        if self.scan.is_none() && (id as usize) < self.codes.n {
+            self.links.row(id, self.params.graph.m)
+        } else {
+            Vec::new()
+        }
     }
 
     /// Entry points of every search.
@@ -430,11 +480,11 @@ impl CompactGraph {
 
     /// True when the index holds no graph and searches scan every code.
     pub fn is_scan(&self) -> bool {
-        self.scan
+        self.scan.is_some()
     }
 
     fn n(&self) -> usize {
-        self.codes.n
+        self.scan.as_ref().map_or(self.codes.n, |c| c.n)
     }
 
     fn n_clusters(&self) -> usize {
@@ -555,9 +605,12 @@ impl CompactGraph {
     ///
     /// Rows are read in order; a candidate list of up to `4k` is cut back to `k` whenever it
     /// fills, so after the first few hundred keys almost every score only meets the threshold.
-    fn scan_all(&self, q: &QueryCodes, k: usize) -> Vec<(u32, f32)> {
-        const BLOCK: usize = 256;
-        let (scan, codes, stride) = (scan_kernel(self.level, q.g), &self.codes, self.codes.stride);
+    fn scan_all(&self, codes: &ScanCodes, q: &QueryCodes, k: usize) -> Vec<(u32, f32)> {
+        const BLOCK: usize = 16 * SCAN_BLOCK;
+        let (scan, stride) = (scan_kernel(self.level, q.g), codes.stride);
+        // Each query's codes as pairs, the layout the kernels broadcast from.
+        let qpairs: Vec<i32> =
+            q.codes.chunks_exact(2).map(|c| (c[0] as u16 as u32 | ((c[1] as u16 as u32) << 16)) as i32).collect();
         let k = k.max(1);
         // Candidates as one `u64` each, ordered as the result is (see `rank_key`): selecting
         // and sorting plain integers costs a fraction of comparing pairs. Until the first cut
@@ -565,11 +618,13 @@ impl CompactGraph {
         let mut best: Vec<u64> = Vec::with_capacity(4 * k);
         let mut threshold = f32::NEG_INFINITY;
         let mut scores = [0f32; BLOCK];
-        let n = self.n();
+        let n = codes.n;
         for start in (0..n).step_by(BLOCK) {
             let rows = BLOCK.min(n - start);
-            let keys = &codes.buf[codes.off + start * stride..codes.off + (start + rows) * stride];
-            scan(keys, stride, &codes.scales[start..start + rows], &q.codes, &q.scales, &mut scores[..rows]);
+            // Whole blocks: the last one's unused lanes are scored and never read.
+            let lanes = rows.next_multiple_of(SCAN_BLOCK);
+            let blocks = &codes.blocks[start * stride..(start + lanes) * stride];
+            scan(blocks, stride, &codes.scales[start..start + lanes], &qpairs, &q.scales, &mut scores[..lanes]);
             for (c, chunk) in scores[..rows].chunks(16).enumerate() {
                 // Most chunks hold no key above the threshold: one vector compare skips them.
                 // (Equal scores rank by id, so a later key equal to the threshold never enters.)
@@ -599,10 +654,10 @@ impl CompactGraph {
     /// The best `k` of one group walk (or scan) by code score, with the work it did.
     fn search_one(&self, queries: &[f32], k: usize, ef: usize, seeds: &[u32]) -> (Vec<(u32, f32)>, SearchStats) {
         let q = QueryCodes::new(queries, self.dim, self.codes.stride);
-        if self.scan {
-            let n = self.n() as u64;
-            let stats = SearchStats { full_scored: 0, codes_scored: n, bytes_read: n * (self.codes.stride as u64 + 4) };
-            return (self.scan_all(&q, k), stats);
+        if let Some(codes) = &self.scan {
+            let n = codes.n as u64;
+            let stats = SearchStats { full_scored: 0, codes_scored: n, bytes_read: n * (codes.stride as u64 + 4) };
+            return (self.scan_all(codes, &q, k), stats);
         }
         let mut work = Work::default();
         let entries = self.entries_for(queries, seeds, &mut work);
@@ -656,20 +711,21 @@ impl CompactGraph {
         self.centroids = parts.centroids;
         self.cluster_entries = parts.cluster_entries;
         self.entry_width = parts.entry_width;
-        self.scan = false;
+        self.scan = None;
         self.visited = VisitedPool::default();
     }
 
     /// Codes `keys` and holds no graph: every search scans them.
     fn adopt_scan(&mut self, keys: &[f32]) {
+        let mut codes = ScanCodes::new(self.dim);
+        codes.push(keys, self.dim);
+        self.scan = Some(codes);
         self.codes = Codes::new(self.dim);
-        self.codes.push(keys, self.dim);
         self.links = Links::U16(Vec::new());
         self.entries = Vec::new();
         self.centroids = Vec::new();
         self.cluster_entries = Vec::new();
         self.entry_width = 0;
-        self.scan = true;
         self.visited = VisitedPool::default();
     }
 
@@ -810,12 +866,13 @@ impl VectorIndex for CompactGraph {
             self.build(keys, None)?;
             return Ok(0..n_new as u32);
         }
+        if let Some(codes) = &mut self.scan {
+            codes.push(keys, self.dim);
+            return Ok(start as u32..(start + n_new) as u32);
+        }
         // Codes and empty rows for the whole batch first (one allocation each); a key not yet
         // linked has no in-links, so the walks linking the earlier ones never reach it.
         self.codes.push(keys, self.dim);
-        if self.scan {
-            return Ok(start as u32..(start + n_new) as u32);
-        }
         self.links.widen_for(self.codes.n);
         self.links.push_rows(n_new, self.params.graph.m);
         for id in start..start + n_new {
@@ -839,13 +896,14 @@ impl VectorIndex for CompactGraph {
 
     fn memory_bytes(&self) -> usize {
         self.codes.bytes()
+            + self.scan.as_ref().map_or(0, ScanCodes::bytes)
             + self.links.bytes()
             + (self.entries.len() + self.cluster_entries.len() + self.centroids.len()) * 4
             + self.visited.bytes()
     }
 
     fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
-        if self.scan {
+        if self.scan.is_some() {
             let mut w = Writer::new(out, SCAN_TAG, SCAN_VERSION);
             self.params.graph.save(&mut w);
             w.len(self.params.patience);

@@ -87,15 +87,23 @@ pub(crate) fn kernel(level: Level) -> DotsFn {
     dots_scalar
 }
 
-/// A scan kernel: `out[i] = max_h (⟨key i, query h⟩ as f32 · qscales[h]) · kscales[i]` for the
-/// `out.len()` key rows of `keys` (`stride` codes each), against `qscales.len()` queries (rows of
-/// `queries`): the group score of the walk for every row of a block, computed with the same
-/// float operations in the same order, so a scan ranks exactly as the walk would score.
+/// Keys per block of a scan's codes (see [`ScanFn`]).
+pub(crate) const SCAN_BLOCK: usize = 16;
+
+/// A scan kernel over blocks of [`SCAN_BLOCK`] keys. A block holds `SCAN_BLOCK · stride`
+/// codes laid out by dimension pair: for pair `p`, the 16 keys' codes `(2p, 2p+1)` side by side
+/// (32 bytes), so one widening load gives every key of the block one lane and no sum crosses
+/// lanes. Queries come as pairs too: `qpairs[h · stride/2 + p]` holds query `h`'s codes
+/// `2p` (low half) and `2p+1` (high half).
+///
+/// `out[i] = max_h (⟨key i, query h⟩ as f32 · qscales[h]) · kscales[i]` for the
+/// `out.len()` keys (whole blocks): the walk's group score, with the same float operations in
+/// the same order, so a scan ranks exactly as the walk would score.
 pub(crate) type ScanFn =
-    fn(keys: &[i8], stride: usize, kscales: &[f32], queries: &[i16], qscales: &[f32], out: &mut [f32]);
+    fn(blocks: &[i8], stride: usize, kscales: &[f32], qpairs: &[i32], qscales: &[f32], out: &mut [f32]);
 
 /// The scan kernel of `level` (the reference, [`scan_scalar`], where none is faster: other
-/// levels, or groups of more than four queries, which would not fit the registers).
+/// levels, or groups of more than eight queries, one accumulator register each).
 pub(crate) fn scan_kernel(level: Level, group: usize) -> ScanFn {
     #[cfg(target_arch = "x86_64")]
     {
@@ -108,6 +116,10 @@ pub(crate) fn scan_kernel(level: Level, group: usize) -> ScanFn {
                     2 => return |k, s, ks, q, qs, o| unsafe { x86::$f::<2>(k, s, ks, q, qs, o) },
                     3 => return |k, s, ks, q, qs, o| unsafe { x86::$f::<3>(k, s, ks, q, qs, o) },
                     4 => return |k, s, ks, q, qs, o| unsafe { x86::$f::<4>(k, s, ks, q, qs, o) },
+                    5 => return |k, s, ks, q, qs, o| unsafe { x86::$f::<5>(k, s, ks, q, qs, o) },
+                    6 => return |k, s, ks, q, qs, o| unsafe { x86::$f::<6>(k, s, ks, q, qs, o) },
+                    7 => return |k, s, ks, q, qs, o| unsafe { x86::$f::<7>(k, s, ks, q, qs, o) },
+                    8 => return |k, s, ks, q, qs, o| unsafe { x86::$f::<8>(k, s, ks, q, qs, o) },
                     _ => {}
                 }
             };
@@ -123,19 +135,28 @@ pub(crate) fn scan_kernel(level: Level, group: usize) -> ScanFn {
     scan_scalar
 }
 
-/// The reference scan: one row at a time, plain integer sums.
+/// The reference scan: one key at a time, plain integer sums over the block layout.
 pub(crate) fn scan_scalar(
-    keys: &[i8],
+    blocks: &[i8],
     stride: usize,
     kscales: &[f32],
-    queries: &[i16],
+    qpairs: &[i32],
     qscales: &[f32],
     out: &mut [f32],
 ) {
-    let mut dots = vec![0i32; qscales.len()];
+    let pairs = stride / 2;
     for (i, o) in out.iter_mut().enumerate() {
-        dots_scalar(&keys[i * stride..(i + 1) * stride], queries, &mut dots);
-        let best = dots.iter().zip(qscales).fold(f32::NEG_INFINITY, |b, (&d, &s)| b.max(d as f32 * s));
+        let block = &blocks[(i / SCAN_BLOCK) * SCAN_BLOCK * stride..];
+        let lane = i % SCAN_BLOCK;
+        let best = qscales.iter().enumerate().fold(f32::NEG_INFINITY, |b, (h, &s)| {
+            let d: i32 = (0..pairs)
+                .map(|p| {
+                    let (q, k) = (qpairs[h * pairs + p], &block[p * 2 * SCAN_BLOCK + lane * 2..]);
+                    k[0] as i32 * (q as i16) as i32 + k[1] as i32 * ((q >> 16) as i16) as i32
+                })
+                .sum();
+            b.max(d as f32 * s)
+        });
         *o = best * kscales[i];
     }
 }
@@ -230,119 +251,109 @@ mod x86 {
         }
     }
 
-    // The scan bodies score four keys at a time: each key's products accumulate in its own
-    // vector per query, and the four vectors are summed across lanes together (two
-    // unpack-and-add rounds leave each 128-bit block holding the four keys' partial sums), a
-    // few instructions a key instead of a full horizontal sum each.
+    // The scan bodies hold one accumulator per query with a lane per key of the block: each
+    // dimension pair is one widening load and one multiply-add per query, and nothing is
+    // summed across lanes.
 
-    /// Four keys' per-lane sums, one vector each, to their four totals.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    fn reduce4_512(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m128i {
-        let ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
-        let cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
-        let abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
-        let y = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64::<1>(abcd));
-        _mm_add_epi32(_mm256_castsi256_si128(y), _mm256_extracti128_si256::<1>(y))
+    /// Checks a scan's slices against its shape (the bodies read through raw pointers).
+    fn scan_shape(blocks: &[i8], stride: usize, kscales: &[f32], qpairs: &[i32], g: usize, qscales: &[f32], n: usize) {
+        assert!(
+            n.is_multiple_of(super::SCAN_BLOCK)
+                && stride.is_multiple_of(2)
+                && blocks.len() >= n * stride
+                && kscales.len() >= n
+                && qpairs.len() >= g * (stride / 2)
+                && qscales.len() == g
+        );
     }
 
-    #[target_feature(enable = "avx2")]
-    fn reduce4_256(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m128i {
-        let ab = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
-        let cd = _mm256_add_epi32(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
-        let abcd = _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
-        _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256::<1>(abcd))
+    /// Offset of the first key of `start` (a multiple of the lane count) in the blocks.
+    #[inline(always)]
+    fn lane_base(start: usize, stride: usize) -> usize {
+        let (block, lane) = (start / super::SCAN_BLOCK, start % super::SCAN_BLOCK);
+        block * super::SCAN_BLOCK * stride + lane * 2
     }
 
-    /// The scores of four keys from their totals per query: `max_h (t_h as f32 · qs_h) · ks`.
-    #[target_feature(enable = "avx2")]
-    fn scores4<const G: usize>(totals: [__m128i; G], qscales: &[f32], kscales: __m128) -> __m128 {
-        let mut best = _mm_set1_ps(f32::NEG_INFINITY);
-        for (t, &s) in totals.into_iter().zip(qscales) {
-            best = _mm_max_ps(best, _mm_mul_ps(_mm_cvtepi32_ps(t), _mm_set1_ps(s)));
-        }
-        _mm_mul_ps(best, kscales)
-    }
-
-    macro_rules! scan_body {
-        ($name:ident, $features:literal, $vec:ty, $zero:expr, $step:expr, $widen:expr, $acc:expr, $reduce:ident) => {
+    macro_rules! scan_512 {
+        ($name:ident, $features:literal, $madd:expr) => {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name<const G: usize>(
-                keys: &[i8],
+                blocks: &[i8],
                 stride: usize,
                 kscales: &[f32],
-                queries: &[i16],
+                qpairs: &[i32],
                 qscales: &[f32],
                 out: &mut [f32],
             ) {
-                let n = out.len();
-                assert!(
-                    stride.is_multiple_of($step)
-                        && keys.len() >= n * stride
-                        && kscales.len() >= n
-                        && queries.len() >= G * stride
-                        && qscales.len() == G
-                );
-                let (kp, qp) = (keys.as_ptr(), queries.as_ptr());
-                let mut i = 0;
-                while i + 4 <= n {
-                    let mut acc: [[$vec; 4]; G] = [[$zero; 4]; G];
-                    let mut d = 0;
-                    while d < stride {
-                        for j in 0..4 {
-                            // SAFETY: `(i + j) * stride + d + $step <= n * stride <= keys.len()`.
-                            let k = unsafe { $widen(kp.add((i + j) * stride + d)) };
-                            for (h, a) in acc.iter_mut().enumerate() {
-                                // SAFETY: `h * stride + d + $step <= G * stride <= queries.len()`.
-                                let q = unsafe { (qp.add(h * stride + d) as *const $vec).read_unaligned() };
-                                a[j] = $acc(a[j], k, q);
-                            }
+                let (n, pairs) = (out.len(), stride / 2);
+                scan_shape(blocks, stride, kscales, qpairs, G, qscales, n);
+                let (bp, qp) = (blocks.as_ptr(), qpairs.as_ptr());
+                for start in (0..n).step_by(16) {
+                    let base = lane_base(start, stride);
+                    let mut acc = [_mm512_setzero_si512(); G];
+                    for p in 0..pairs {
+                        // SAFETY: the block's pair `p` is 32 bytes inside `blocks` (checked shape).
+                        let k = unsafe {
+                            _mm512_cvtepi8_epi16(_mm256_loadu_si256(bp.add(base + p * 32) as *const __m256i))
+                        };
+                        for (h, a) in acc.iter_mut().enumerate() {
+                            // SAFETY: `h · pairs + p < G · pairs <= qpairs.len()`.
+                            let q = _mm512_set1_epi32(unsafe { *qp.add(h * pairs + p) });
+                            *a = $madd(*a, k, q);
                         }
-                        d += $step;
                     }
-                    let totals: [__m128i; G] =
-                        std::array::from_fn(|h| $reduce(acc[h][0], acc[h][1], acc[h][2], acc[h][3]));
-                    // SAFETY: `i + 4 <= n <= kscales.len()`, and `out.len() == n`.
-                    let ks = unsafe { _mm_loadu_ps(kscales.as_ptr().add(i)) };
-                    unsafe { _mm_storeu_ps(out.as_mut_ptr().add(i), scores4::<G>(totals, qscales, ks)) };
-                    i += 4;
-                }
-                if i < n {
-                    super::scan_scalar(&keys[i * stride..], stride, &kscales[i..], queries, qscales, &mut out[i..]);
+                    let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
+                    for (a, &s) in acc.into_iter().zip(qscales) {
+                        best = _mm512_max_ps(best, _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(s)));
+                    }
+                    // SAFETY: `start + 16 <= n <= kscales.len()`, and `out.len() == n`.
+                    unsafe {
+                        let ks = _mm512_loadu_ps(kscales.as_ptr().add(start));
+                        _mm512_storeu_ps(out.as_mut_ptr().add(start), _mm512_mul_ps(best, ks));
+                    }
                 }
             }
         };
     }
 
-    scan_body!(
-        scan_vnni,
-        "avx512f,avx512bw,avx512vnni",
-        __m512i,
-        _mm512_setzero_si512(),
-        32,
-        |p: *const i8| _mm512_cvtepi8_epi16((p as *const __m256i).read_unaligned()),
-        |a, k, q| _mm512_dpwssd_epi32(a, k, q),
-        reduce4_512
-    );
-    scan_body!(
-        scan_avx512,
-        "avx512f,avx512bw",
-        __m512i,
-        _mm512_setzero_si512(),
-        32,
-        |p: *const i8| _mm512_cvtepi8_epi16((p as *const __m256i).read_unaligned()),
-        |a, k, q| _mm512_add_epi32(a, _mm512_madd_epi16(k, q)),
-        reduce4_512
-    );
-    scan_body!(
-        scan_avx2,
-        "avx2",
-        __m256i,
-        _mm256_setzero_si256(),
-        16,
-        |p: *const i8| _mm256_cvtepi8_epi16((p as *const __m128i).read_unaligned()),
-        |a, k, q| _mm256_add_epi32(a, _mm256_madd_epi16(k, q)),
-        reduce4_256
-    );
+    scan_512!(scan_vnni, "avx512f,avx512bw,avx512vnni", |a, k, q| _mm512_dpwssd_epi32(a, k, q));
+    scan_512!(scan_avx512, "avx512f,avx512bw", |a, k, q| _mm512_add_epi32(a, _mm512_madd_epi16(k, q)));
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn scan_avx2<const G: usize>(
+        blocks: &[i8],
+        stride: usize,
+        kscales: &[f32],
+        qpairs: &[i32],
+        qscales: &[f32],
+        out: &mut [f32],
+    ) {
+        let (n, pairs) = (out.len(), stride / 2);
+        scan_shape(blocks, stride, kscales, qpairs, G, qscales, n);
+        let (bp, qp) = (blocks.as_ptr(), qpairs.as_ptr());
+        for start in (0..n).step_by(8) {
+            let base = lane_base(start, stride);
+            let mut acc = [_mm256_setzero_si256(); G];
+            for p in 0..pairs {
+                // SAFETY: 16 of the block's pair `p` bytes, inside `blocks` (checked shape).
+                let k = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(bp.add(base + p * 32) as *const __m128i)) };
+                for (h, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: `h · pairs + p < G · pairs <= qpairs.len()`.
+                    let q = _mm256_set1_epi32(unsafe { *qp.add(h * pairs + p) });
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(k, q));
+                }
+            }
+            let mut best = _mm256_set1_ps(f32::NEG_INFINITY);
+            for (a, &s) in acc.into_iter().zip(qscales) {
+                best = _mm256_max_ps(best, _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(s)));
+            }
+            // SAFETY: `start + 8 <= n <= kscales.len()`, and `out.len() == n`.
+            unsafe {
+                let ks = _mm256_loadu_ps(kscales.as_ptr().add(start));
+                _mm256_storeu_ps(out.as_mut_ptr().add(start), _mm256_mul_ps(best, ks));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -352,24 +363,40 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    /// Largest group the SIMD scan kernels keep in registers.
-    const SCAN_GROUP: usize = 4;
+    /// Largest group the SIMD scan kernels handle.
+    const SCAN_GROUP: usize = 8;
 
     #[test]
     fn every_scan_kernel_scores_bit_for_bit_as_the_reference() {
         let mut rng = StdRng::seed_from_u64(0x5CA1);
         for stride in [32, 64, 96, 256] {
-            for g in 1..=SCAN_GROUP + 1 {
-                for n in [0, 1, 3, 4, 7, 64, 133] {
-                    let keys: Vec<i8> = (0..n * stride).map(|_| rng.random_range(-127..=127)).collect();
+            let pairs = stride / 2;
+            for g in [1, 2, 3, 4, 5, SCAN_GROUP, SCAN_GROUP + 1] {
+                for blocks in [0, 1, 2, 9] {
+                    let n = blocks * SCAN_BLOCK;
+                    let codes: Vec<i8> = (0..n * stride).map(|_| rng.random_range(-127..=127)).collect();
                     let ks: Vec<f32> = (0..n).map(|_| rng.random_range(1e-3..1.0)).collect();
                     let q: Vec<i16> = (0..g * stride).map(|_| rng.random_range(-8191..=8191)).collect();
                     let qs: Vec<f32> = (0..g).map(|_| rng.random_range(1e-4..1e-2)).collect();
+                    let qpairs: Vec<i32> =
+                        q.chunks_exact(2).map(|c| (c[0] as u16 as u32 | ((c[1] as u16 as u32) << 16)) as i32).collect();
+                    assert_eq!(qpairs.len(), g * pairs);
                     let mut want = vec![0f32; n];
-                    scan_scalar(&keys, stride, &ks, &q, &qs, &mut want);
+                    scan_scalar(&codes, stride, &ks, &qpairs, &qs, &mut want);
+                    // The reference against plain row dots: key `i`'s codes gathered from its block.
+                    for i in 0..n {
+                        let block = &codes[(i / SCAN_BLOCK) * SCAN_BLOCK * stride..];
+                        let row: Vec<i8> = (0..stride)
+                            .map(|d| block[(d / 2) * 2 * SCAN_BLOCK + (i % SCAN_BLOCK) * 2 + d % 2])
+                            .collect();
+                        let mut dots = vec![0i32; g];
+                        dots_scalar(&row, &q, &mut dots);
+                        let best = dots.iter().zip(&qs).fold(f32::NEG_INFINITY, |b, (&d, &s)| b.max(d as f32 * s));
+                        assert_eq!((best * ks[i]).to_bits(), want[i].to_bits(), "reference, key {i}");
+                    }
                     for level in Level::all_available() {
                         let mut got = vec![f32::NAN; n];
-                        scan_kernel(level, g)(&keys, stride, &ks, &q, &qs, &mut got);
+                        scan_kernel(level, g)(&codes, stride, &ks, &qpairs, &qs, &mut got);
                         let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
                         assert!(same, "{level:?}, stride {stride}, group {g}, {n} keys");
                     }
