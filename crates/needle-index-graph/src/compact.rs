@@ -14,6 +14,10 @@
 //! - a walk may start from the previous step's hits (`seeds`) and stops once `patience`
 //!   expansions in a row have not changed its best `k` ([`CompactGraphParams::patience`]).
 //!
+//! - below [`CompactGraphParams::scan_below`] keys at build there is no graph at all: every
+//!   search scores all the codes in order ([`DEFAULT_SCAN_BELOW`]). A sequential scan of a few
+//!   thousand 64-byte rows costs less than a walk's random reads, and it needs no build.
+//!
 //! The index returns code scores; the full-precision re-rank belongs to the caller, which holds
 //! the real keys (needle-select's retrieval selector re-ranks its candidates from the KV cache).
 //! A node's neighbours' codes are not copied next to its links (DiskANN's layout): at `m = 32`
@@ -29,7 +33,7 @@ use rayon::prelude::*;
 use crate::beam::{Beam, Visited, VisitedPool, Work};
 use crate::dist::dot;
 use crate::graph::{FixedGraph, occlusion_prune_by};
-use crate::qdot::{CODE_ALIGN, Level, MAX_DIM, QMAX, kernel};
+use crate::qdot::{CODE_ALIGN, DotsFn, Level, MAX_DIM, QMAX, SCAN_BLOCK, kernel, scan_kernel};
 use crate::roar::{RoarGraph, RoarGraphParams, RoarParts, positive};
 use crate::state::{Reader, Writer};
 use needle_core::kit::prefetch;
@@ -47,6 +51,11 @@ pub const DEFAULT_COMPACT_EF_CONSTRUCTION: usize = 24;
 /// Default early stop: expansions in a row that leave the best `k` unchanged.
 pub const DEFAULT_PATIENCE: usize = 0;
 
+/// Keys below which a build makes no graph and every search scans all the codes: the scan
+/// reads them in order and scores each exactly (by its code), and up to about this size it
+/// costs less than a walk, whose reads are random (docs/benchmarks.md §22).
+pub const DEFAULT_SCAN_BELOW: usize = 16_384;
+
 /// Settings of a [`CompactGraph`]: the graph's (see [`RoarGraphParams`]; `reduce` must be 0)
 /// and the walk's early stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +65,9 @@ pub struct CompactGraphParams {
     /// A walk stops after this many expansions in a row that changed none of its best `k`
     /// (0: it runs until every beam entry is expanded, as [`RoarGraph`]'s).
     pub patience: usize,
+    /// A build over fewer keys makes no graph: searches scan every code (0: always a graph).
+    /// Decided once, at build; inserts keep the mode.
+    pub scan_below: usize,
 }
 
 impl Default for CompactGraphParams {
@@ -67,6 +79,7 @@ impl Default for CompactGraphParams {
                 ..Default::default()
             },
             patience: DEFAULT_PATIENCE,
+            scan_below: DEFAULT_SCAN_BELOW,
         }
     }
 }
@@ -241,13 +254,8 @@ impl Codes {
         }
         self.scales.reserve_exact(add);
         for x in rows.chunks_exact(dim) {
-            let m = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let s = if m > 0.0 { m / 127.0 } else { 1.0 };
             let start = self.off + self.n * self.stride;
-            for (c, v) in self.buf[start..start + dim].iter_mut().zip(x) {
-                *c = (v / s).round().clamp(-127.0, 127.0) as i8;
-            }
-            self.scales.push(s);
+            self.scales.push(code_key(x, &mut self.buf[start..start + dim]));
             self.n += 1;
         }
     }
@@ -266,6 +274,56 @@ impl Codes {
 
     fn bytes(&self) -> usize {
         self.buf.capacity() + self.scales.capacity() * 4
+    }
+}
+
+/// Codes `x` into `out` (`c = round(x / s)`, `s = max|x| / 127`) and returns the scale `s`.
+fn code_key(x: &[f32], out: &mut [i8]) -> f32 {
+    let m = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let s = if m > 0.0 { m / 127.0 } else { 1.0 };
+    for (c, v) in out.iter_mut().zip(x) {
+        *c = (v / s).round().clamp(-127.0, 127.0) as i8;
+    }
+    s
+}
+
+/// The codes of an index with no graph, laid out for the scan kernels: blocks of
+/// [`SCAN_BLOCK`] keys by dimension pair (see [`crate::qdot::ScanFn`]), the same codes and
+/// scales as [`Codes`] holds for a walk; a block's unused lanes have zero codes and scale.
+#[derive(Debug, Clone, Default)]
+struct ScanCodes {
+    stride: usize,
+    n: usize,
+    blocks: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl ScanCodes {
+    fn new(dim: usize) -> Self {
+        Self { stride: dim.next_multiple_of(CODE_ALIGN), ..Default::default() }
+    }
+
+    /// Appends the codes of `rows` (row-major, `dim` wide), growing by whole blocks.
+    fn push(&mut self, rows: &[f32], dim: usize) {
+        let keys = (self.n + rows.len() / dim).next_multiple_of(SCAN_BLOCK);
+        self.blocks.reserve_exact((keys * self.stride).saturating_sub(self.blocks.len()));
+        self.blocks.resize(keys * self.stride, 0);
+        self.scales.reserve_exact(keys.saturating_sub(self.scales.len()));
+        self.scales.resize(keys, 0.0);
+        let mut row = vec![0i8; self.stride];
+        for x in rows.chunks_exact(dim) {
+            self.scales[self.n] = code_key(x, &mut row[..dim]);
+            let (block, lane) = (self.n / SCAN_BLOCK, self.n % SCAN_BLOCK);
+            let base = block * SCAN_BLOCK * self.stride + lane * 2;
+            for (p, pair) in row.chunks_exact(2).enumerate() {
+                self.blocks[base + p * 2 * SCAN_BLOCK..][..2].copy_from_slice(pair);
+            }
+            self.n += 1;
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.blocks.capacity() + self.scales.capacity() * 4
     }
 }
 
@@ -291,6 +349,32 @@ impl QueryCodes {
         }
         Self { g, codes, scales }
     }
+}
+
+/// The group's code score of key `id`: its best `q_h·k` over the group (`dots` holds one `i32`
+/// per query). The walk and the scan score with this one function, so they rank alike.
+#[inline(always)]
+fn group_score(dots_fn: DotsFn, codes: &Codes, q: &QueryCodes, dots: &mut [i32], id: u32) -> f32 {
+    dots_fn(codes.row(id), &q.codes, dots);
+    let best = dots.iter().zip(&q.scales).fold(f32::NEG_INFINITY, |b, (&d, &s)| b.max(d as f32 * s));
+    best * codes.scales[id as usize]
+}
+
+/// `(id, score)` as one integer whose ascending order is the result's: score descending
+/// (`f32::total_cmp`'s order, flipped), then id ascending.
+#[inline(always)]
+fn rank_key(id: u32, score: f32) -> u64 {
+    let b = score.to_bits();
+    let ascending = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
+    (u64::from(!ascending) << 32) | u64::from(id)
+}
+
+/// The `(id, score)` of a [`rank_key`].
+#[inline(always)]
+fn from_rank_key(key: u64) -> (u32, f32) {
+    let ascending = !((key >> 32) as u32);
+    let b = if ascending >> 31 == 1 { ascending & 0x7fff_ffff } else { !ascending };
+    (key as u32, f32::from_bits(b))
 }
 
 /// Most queries a group walk scores from one stack buffer; larger groups use the heap.
@@ -324,6 +408,9 @@ pub struct CompactGraph {
     centroids: Vec<f32>,
     cluster_entries: Vec<u32>,
     entry_width: usize,
+    /// No graph: every search scans these codes (see [`CompactGraphParams::scan_below`]);
+    /// `codes` and `links` are then empty.
+    scan: Option<ScanCodes>,
     level: Level,
     visited: VisitedPool,
 }
@@ -356,6 +443,7 @@ impl CompactGraph {
             centroids: Vec::new(),
             cluster_entries: Vec::new(),
             entry_width: 0,
+            scan: None,
             level: Level::detect(),
             visited: VisitedPool::default(),
         })
@@ -378,7 +466,11 @@ impl CompactGraph {
 
     /// Out-neighbours of key `id` (for inspection and tests).
     pub fn neighbors(&self, id: u32) -> Vec<u32> {
-        if (id as usize) < self.codes.n { self.links.row(id, self.params.graph.m) } else { Vec::new() }
+        if self.scan.is_none() && (id as usize) < self.codes.n {
+            self.links.row(id, self.params.graph.m)
+        } else {
+            Vec::new()
+        }
     }
 
     /// Entry points of every search.
@@ -386,8 +478,13 @@ impl CompactGraph {
         &self.entries
     }
 
+    /// True when the index holds no graph and searches scan every code.
+    pub fn is_scan(&self) -> bool {
+        self.scan.is_some()
+    }
+
     fn n(&self) -> usize {
-        self.codes.n
+        self.scan.as_ref().map_or(self.codes.n, |c| c.n)
     }
 
     fn n_clusters(&self) -> usize {
@@ -440,11 +537,7 @@ impl CompactGraph {
             heap.resize(q.g, 0);
             &mut heap
         };
-        let mut score = |id: u32| -> f32 {
-            dots_fn(codes.row(id), &q.codes, dots);
-            let best = dots.iter().zip(&q.scales).fold(f32::NEG_INFINITY, |b, (&d, &s)| b.max(d as f32 * s));
-            best * codes.scales[id as usize]
-        };
+        let mut score = |id: u32| -> f32 { group_score(dots_fn, codes, q, dots, id) };
         let mut beam = Beam::new(ef);
         for &e in entries {
             if visited.insert(e) {
@@ -508,9 +601,64 @@ impl CompactGraph {
         beam
     }
 
-    /// The best `k` of one group walk by code score, with the work it did.
+    /// The best `k` of all the codes for the group `q`, best first (ties: lower id first).
+    ///
+    /// Rows are read in order; a candidate list of up to `4k` is cut back to `k` whenever it
+    /// fills, so after the first few hundred keys almost every score only meets the threshold.
+    fn scan_all(&self, codes: &ScanCodes, q: &QueryCodes, k: usize) -> Vec<(u32, f32)> {
+        const BLOCK: usize = 16 * SCAN_BLOCK;
+        let (scan, stride) = (scan_kernel(self.level, q.g), codes.stride);
+        // Each query's codes as pairs, the layout the kernels broadcast from.
+        let qpairs: Vec<i32> =
+            q.codes.chunks_exact(2).map(|c| (c[0] as u16 as u32 | ((c[1] as u16 as u32) << 16)) as i32).collect();
+        let k = k.max(1);
+        // Candidates as one `u64` each, ordered as the result is (see `rank_key`): selecting
+        // and sorting plain integers costs a fraction of comparing pairs. Until the first cut
+        // the threshold is -inf and every key enters; a list of 4k between cuts keeps cuts few.
+        let mut best: Vec<u64> = Vec::with_capacity(4 * k);
+        let mut threshold = f32::NEG_INFINITY;
+        let mut scores = [0f32; BLOCK];
+        let n = codes.n;
+        for start in (0..n).step_by(BLOCK) {
+            let rows = BLOCK.min(n - start);
+            // Whole blocks: the last one's unused lanes are scored and never read.
+            let lanes = rows.next_multiple_of(SCAN_BLOCK);
+            let blocks = &codes.blocks[start * stride..(start + lanes) * stride];
+            scan(blocks, stride, &codes.scales[start..start + lanes], &qpairs, &q.scales, &mut scores[..lanes]);
+            for (c, chunk) in scores[..rows].chunks(16).enumerate() {
+                // Most chunks hold no key above the threshold: one vector compare skips them.
+                // (Equal scores rank by id, so a later key equal to the threshold never enters.)
+                if !chunk.iter().fold(false, |any, &s| any | (s > threshold)) {
+                    continue;
+                }
+                for (i, &s) in chunk.iter().enumerate() {
+                    if s > threshold {
+                        best.push(rank_key((start + c * 16 + i) as u32, s));
+                        if best.len() == best.capacity() {
+                            best.select_nth_unstable(k - 1);
+                            best.truncate(k);
+                            threshold = from_rank_key(best[k - 1]).1;
+                        }
+                    }
+                }
+            }
+        }
+        if best.len() > k {
+            best.select_nth_unstable(k - 1);
+            best.truncate(k);
+        }
+        best.sort_unstable();
+        best.into_iter().map(from_rank_key).collect()
+    }
+
+    /// The best `k` of one group walk (or scan) by code score, with the work it did.
     fn search_one(&self, queries: &[f32], k: usize, ef: usize, seeds: &[u32]) -> (Vec<(u32, f32)>, SearchStats) {
         let q = QueryCodes::new(queries, self.dim, self.codes.stride);
+        if let Some(codes) = &self.scan {
+            let n = codes.n as u64;
+            let stats = SearchStats { full_scored: 0, codes_scored: n, bytes_read: n * (codes.stride as u64 + 4) };
+            return (self.scan_all(codes, &q, k), stats);
+        }
         let mut work = Work::default();
         let entries = self.entries_for(queries, seeds, &mut work);
         let centroid_dots = work.scored;
@@ -563,6 +711,21 @@ impl CompactGraph {
         self.centroids = parts.centroids;
         self.cluster_entries = parts.cluster_entries;
         self.entry_width = parts.entry_width;
+        self.scan = None;
+        self.visited = VisitedPool::default();
+    }
+
+    /// Codes `keys` and holds no graph: every search scans them.
+    fn adopt_scan(&mut self, keys: &[f32]) {
+        let mut codes = ScanCodes::new(self.dim);
+        codes.push(keys, self.dim);
+        self.scan = Some(codes);
+        self.codes = Codes::new(self.dim);
+        self.links = Links::U16(Vec::new());
+        self.entries = Vec::new();
+        self.centroids = Vec::new();
+        self.cluster_entries = Vec::new();
+        self.entry_width = 0;
         self.visited = VisitedPool::default();
     }
 
@@ -615,6 +778,31 @@ impl CompactGraph {
         self.links.set(v, &own, m);
     }
 
+    /// Loads a state saved by an index that held no graph (see [`SCAN_TAG`]).
+    fn load_scan(&mut self, state: &[u8], keys: &[f32]) -> Result<()> {
+        let mut r = Reader::new("compact RoarGraph index (code scan)", state, SCAN_TAG, SCAN_VERSION)?;
+        let graph = RoarGraphParams::load(&mut r)?;
+        let patience = r.len("patience", usize::MAX)?;
+        let scan_below = r.len("scan_below", usize::MAX)?;
+        let params = CompactGraphParams { graph, patience, scan_below };
+        if (params.graph.m, params.patience) != (self.params.graph.m, self.params.patience) {
+            return Err(r.fail("params", format!("saved with {params:?}, this index has {:?}", self.params)));
+        }
+        let dim = r.len("dim", usize::MAX)?;
+        if dim != self.dim {
+            return Err(r.fail("dim", format!("saved for dim {dim}, this index has {}", self.dim)));
+        }
+        let n = check_batch("keys", keys, self.dim)?;
+        let saved = r.len("n", usize::MAX)?;
+        if saved != n {
+            return Err(r.fail("n", format!("{saved} keys saved, {n} key rows given")));
+        }
+        r.finish()?;
+        self.params = params;
+        self.adopt_scan(keys);
+        Ok(())
+    }
+
     fn to_fixed(&self) -> FixedGraph {
         let m = self.params.graph.m;
         let mut g = FixedGraph::new(m);
@@ -628,12 +816,16 @@ impl CompactGraph {
 
 const COMPACT_TAG: &[u8; 8] = b"ndl.rgq8";
 const COMPACT_VERSION: u32 = 1;
+/// The state of an index that holds no graph (its own format: nothing but the parameters).
+const SCAN_TAG: &[u8; 8] = b"ndl.rgqs";
+const SCAN_VERSION: u32 = 1;
 
 impl VectorIndex for CompactGraph {
     fn describe(&self) -> String {
         let p = &self.params;
         let s = if p.patience == DEFAULT_PATIENCE { String::new() } else { format!("s{}", p.patience) };
-        format!("RoarGraph{}q8{s}", p.graph.m)
+        let x = if p.scan_below == DEFAULT_SCAN_BELOW { String::new() } else { format!("x{}", p.scan_below) };
+        format!("RoarGraph{}q8{s}{x}", p.graph.m)
     }
     fn dim(&self) -> usize {
         self.dim
@@ -644,7 +836,12 @@ impl VectorIndex for CompactGraph {
 
     fn build(&mut self, keys: &[f32], train_queries: Option<&[f32]>) -> Result<BuildStats> {
         let t = Instant::now();
-        check_batch("keys", keys, self.dim)?;
+        let n = check_batch("keys", keys, self.dim)?;
+        if n < self.params.scan_below {
+            self.adopt_scan(keys);
+            let seconds = t.elapsed().as_secs_f64();
+            return Ok(BuildStats { vectors: n, train_queries: 0, seconds, bytes: self.memory_bytes() });
+        }
         let mut graph = RoarGraph::with_params(self.dim, self.params.graph)?;
         let stats = graph.build(keys, train_queries)?;
         self.adopt(graph.into_parts(), keys);
@@ -668,6 +865,10 @@ impl VectorIndex for CompactGraph {
         if start == 0 {
             self.build(keys, None)?;
             return Ok(0..n_new as u32);
+        }
+        if let Some(codes) = &mut self.scan {
+            codes.push(keys, self.dim);
+            return Ok(start as u32..(start + n_new) as u32);
         }
         // Codes and empty rows for the whole batch first (one allocation each); a key not yet
         // linked has no in-links, so the walks linking the earlier ones never reach it.
@@ -695,12 +896,22 @@ impl VectorIndex for CompactGraph {
 
     fn memory_bytes(&self) -> usize {
         self.codes.bytes()
+            + self.scan.as_ref().map_or(0, ScanCodes::bytes)
             + self.links.bytes()
             + (self.entries.len() + self.cluster_entries.len() + self.centroids.len()) * 4
             + self.visited.bytes()
     }
 
     fn save_state(&self, out: &mut Vec<u8>) -> Result<()> {
+        if self.scan.is_some() {
+            let mut w = Writer::new(out, SCAN_TAG, SCAN_VERSION);
+            self.params.graph.save(&mut w);
+            w.len(self.params.patience);
+            w.len(self.params.scan_below);
+            w.len(self.dim);
+            w.len(self.n());
+            return Ok(());
+        }
         let mut w = Writer::new(out, COMPACT_TAG, COMPACT_VERSION);
         self.params.graph.save(&mut w);
         w.len(self.params.patience);
@@ -715,10 +926,14 @@ impl VectorIndex for CompactGraph {
     }
 
     fn load_state(&mut self, state: &[u8], keys: &[f32]) -> Result<()> {
+        if state.starts_with(SCAN_TAG) {
+            return self.load_scan(state, keys);
+        }
         let mut r = Reader::new("compact RoarGraph index", state, COMPACT_TAG, COMPACT_VERSION)?;
         let graph_params = RoarGraphParams::load(&mut r)?;
         let patience = r.len("patience", usize::MAX)?;
-        let params = CompactGraphParams { graph: graph_params, patience };
+        // The threshold only decides the mode at build; a saved graph stays one.
+        let params = CompactGraphParams { graph: graph_params, patience, scan_below: self.params.scan_below };
         // The degree and the patience are what the factory string names; the rest only say how
         // the graph was built (a state saved before a default changed still loads, and keeps
         // the parameters it was built with for its inserts).
@@ -765,12 +980,14 @@ mod tests {
         let old = CompactGraphParams {
             graph: RoarGraphParams { ef_construction: 100, max_train: 64, ..CompactGraphParams::default().graph },
             patience: DEFAULT_PATIENCE,
+            scan_below: 0,
         };
         let mut saved = CompactGraph::with_params(dim, old).unwrap();
         saved.build(&keys, Some(&queries)).unwrap();
         let mut state = Vec::new();
         saved.save_state(&mut state).unwrap();
-        let mut loaded = CompactGraph::new(dim).unwrap();
+        let mut loaded =
+            CompactGraph::with_params(dim, CompactGraphParams { scan_below: 0, ..Default::default() }).unwrap();
         loaded.load_state(&state, &keys).unwrap();
         assert_eq!(loaded.params(), &old);
         let p = SearchParams::default();
@@ -779,6 +996,22 @@ mod tests {
         let other_m = CompactGraphParams { graph: RoarGraphParams { m: 16, ..old.graph }, ..old };
         let mut refused = CompactGraph::with_params(dim, other_m).unwrap();
         assert!(refused.load_state(&state, &keys).is_err());
+    }
+
+    #[test]
+    fn rank_keys_order_as_the_results_and_round_trip() {
+        let scores = [f32::NEG_INFINITY, -3.5, -0.0, 0.0, 1e-30, 2.25, 7.0, f32::MAX, f32::INFINITY];
+        let mut pairs: Vec<(u32, f32)> =
+            scores.iter().enumerate().flat_map(|(i, &s)| [(i as u32, s), (100 - i as u32, s)]).collect();
+        let mut keys: Vec<u64> = pairs.iter().map(|&(id, s)| rank_key(id, s)).collect();
+        for (&k, &(id, s)) in keys.iter().zip(&pairs) {
+            let back = from_rank_key(k);
+            assert_eq!((back.0, back.1.to_bits()), (id, s.to_bits()));
+        }
+        keys.sort_unstable();
+        pairs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let sorted: Vec<u64> = pairs.iter().map(|&(id, s)| rank_key(id, s)).collect();
+        assert_eq!(keys, sorted);
     }
 
     #[test]

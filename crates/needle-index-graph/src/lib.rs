@@ -7,7 +7,8 @@
 //!   keys *and* a sample of prefill queries, it reaches high recall while scoring a few percent
 //!   of the keys, even though decode queries and keys come from different distributions.
 //! - [`CompactGraph`]: the same graph walked over 8-bit key codes with SIMD, `u16` links and
-//!   no copy of the keys (the caller re-ranks with its own), one walk per GQA group.
+//!   no copy of the keys (the caller re-ranks with its own), one walk per GQA group; below a
+//!   few ten thousand keys no graph at all, a scan of every code.
 //! - [`Hnsw`]: a plain HNSW over the keys alone, the baseline that measures what
 //!   query-awareness buys.
 //! - [`from_factory`]: builds either (or the exact `Flat` scan) from `"RoarGraph32"`,
@@ -52,6 +53,7 @@ mod tests;
 
 pub use compact::{
     CompactGraph, CompactGraphParams, DEFAULT_COMPACT_EF_CONSTRUCTION, DEFAULT_COMPACT_TRAIN, DEFAULT_PATIENCE,
+    DEFAULT_SCAN_BELOW,
 };
 pub use hnsw::{Hnsw, HnswParams};
 pub use qdot::{Level, MAX_DIM};
@@ -60,7 +62,7 @@ pub use roar::{RoarGraph, RoarGraphParams};
 use needle_core::{Error, FlatIndex, Result, VectorIndex};
 
 /// Valid factory strings, for error messages.
-const FACTORY_FORMS: &str = "\"RoarGraph<m>\" (e.g. \"RoarGraph32\"), \"RoarGraph<m>q8[s<patience>]\" (a walk over 8-bit codes of the keys with no copy of them, e.g. \"RoarGraph32q8\"), \"RoarGraph<m>r<dims>[p<percent>][f]\" (a walk over 8-bit codes of <dims> projected dimensions (f: f32), <percent> of the beam re-ranked, e.g. \"RoarGraph32r16p50\"), \"HNSW<m>\" (e.g. \"HNSW16\"), \"Flat\"";
+const FACTORY_FORMS: &str = "\"RoarGraph<m>\" (e.g. \"RoarGraph32\"), \"RoarGraph<m>q8[s<patience>][x<keys>]\" (a walk over 8-bit codes of the keys with no copy of them, or below <keys> keys at build a scan of every code, e.g. \"RoarGraph32q8\", \"RoarGraph32q8x0\": always a walk), \"RoarGraph<m>r<dims>[p<percent>][f]\" (a walk over 8-bit codes of <dims> projected dimensions (f: f32), <percent> of the beam re-ranked, e.g. \"RoarGraph32r16p50\"), \"HNSW<m>\" (e.g. \"HNSW16\"), \"Flat\"";
 
 /// Builds an empty index from a factory string: `"RoarGraph<m>"`, `"RoarGraph<m>r<dims>"` (the
 /// beam walks in `dims` projected dimensions, see `ALGO_PARAMS.md`), `"HNSW<m>"` (`m` = maximum
@@ -85,6 +87,10 @@ pub fn from_factory(dim: usize, spec: &str) -> Result<Box<dyn VectorIndex>> {
     };
     if let Some(rest) = s.strip_prefix("RoarGraph") {
         if let Some((m, tail)) = rest.split_once("q8") {
+            let (tail, scan_below) = match tail.split_once('x') {
+                Some((t, x)) => (t, parse_m(x)?),
+                None => (tail, DEFAULT_SCAN_BELOW),
+            };
             let patience = match tail.strip_prefix('s') {
                 Some(p) => parse_m(p)?,
                 None if tail.is_empty() => DEFAULT_PATIENCE,
@@ -93,7 +99,8 @@ pub fn from_factory(dim: usize, spec: &str) -> Result<Box<dyn VectorIndex>> {
                 }
             };
             let graph = RoarGraphParams { m: parse_m(m)?, ..CompactGraphParams::default().graph };
-            return Ok(Box::new(CompactGraph::with_params(dim, CompactGraphParams { graph, patience })?));
+            let params = CompactGraphParams { graph, patience, scan_below };
+            return Ok(Box::new(CompactGraph::with_params(dim, params)?));
         }
         // A trailing `f`: the walk reads f32 projections instead of 8-bit codes.
         let (rest, walk_bits) = match rest.strip_suffix('f') {

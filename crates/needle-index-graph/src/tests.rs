@@ -4,7 +4,8 @@
 use needle_core::{Error, FlatIndex, NO_LABEL, SearchParams, SearchResult, VectorIndex};
 
 use crate::{
-    CompactGraph, CompactGraphParams, Hnsw, HnswParams, Level, MAX_DIM, RoarGraph, RoarGraphParams, from_factory,
+    CompactGraph, CompactGraphParams, DEFAULT_SCAN_BELOW, Hnsw, HnswParams, Level, MAX_DIM, RoarGraph, RoarGraphParams,
+    from_factory,
 };
 use needle_core::synth::AttentionLike;
 
@@ -536,6 +537,11 @@ fn compact(params: CompactGraphParams) -> CompactGraph {
     CompactGraph::with_params(DIM, params).unwrap()
 }
 
+/// An index that always builds its graph, whatever the size (these tests are about the walk).
+fn walker() -> CompactGraph {
+    compact(CompactGraphParams { scan_below: 0, ..Default::default() })
+}
+
 /// Exact top-`k` ids of a group (`max_h q_h·x`) over `keys`.
 fn group_truth(keys: &[f32], group: &[f32], k: usize) -> Vec<u32> {
     let s: Vec<f32> = keys
@@ -551,7 +557,7 @@ fn compact_walk_recalls_like_the_full_walk_reading_codes_only() {
     let mut roar = RoarGraph::new(DIM).unwrap();
     roar.build(&f.keys, Some(&f.train)).unwrap();
     let full = roar.search(&f.test, 100, &SearchParams::effort(128)).unwrap();
-    let mut idx = compact(CompactGraphParams { graph: RoarGraphParams::default(), patience: 0 });
+    let mut idx = compact(CompactGraphParams { graph: RoarGraphParams::default(), patience: 0, scan_below: 0 });
     let b = idx.build(&f.keys, Some(&f.train)).unwrap();
     assert_eq!((b.vectors, b.train_queries), (4096, 4096));
     let r = idx.search(&f.test, 100, &SearchParams::effort(128)).unwrap();
@@ -575,7 +581,7 @@ fn compact_walk_recalls_uniform_random_keys() {
     let mut flat = FlatIndex::new(DIM);
     flat.build(&keys, None).unwrap();
     let truth = flat.search(&test, 10, &SearchParams::default()).unwrap();
-    let mut idx = CompactGraph::new(DIM).unwrap();
+    let mut idx = walker();
     idx.build(&keys, Some(&train)).unwrap();
     let r = idx.search(&test, 10, &SearchParams::effort(256)).unwrap();
     let rc = recall(&truth, &r, 10);
@@ -585,7 +591,7 @@ fn compact_walk_recalls_uniform_random_keys() {
 #[test]
 fn code_scores_are_close_to_exact_inner_products() {
     let f = fixture(500, 200, 10);
-    let mut idx = CompactGraph::new(DIM).unwrap();
+    let mut idx = walker();
     idx.build(&f.keys, Some(&f.train)).unwrap();
     let r = idx.search(&f.test, 50, &SearchParams::effort(500)).unwrap();
     for (qi, q) in f.test.chunks_exact(DIM).enumerate() {
@@ -604,7 +610,7 @@ fn code_scores_are_close_to_exact_inner_products() {
 #[test]
 fn every_kernel_level_walks_identically() {
     let f = fixture(1500, 800, 12);
-    let mut idx = CompactGraph::new(DIM).unwrap();
+    let mut idx = walker();
     idx.build(&f.keys, Some(&f.train)).unwrap();
     let groups = &f.test[..6 * DIM];
     let mut want = None;
@@ -629,7 +635,7 @@ fn one_group_walk_recalls_the_group_top_k() {
     let keys = data.keys(4096, 1);
     let train = data.queries(4096, 2);
     let groups = data.group_queries(20, 3, 5);
-    let mut idx = CompactGraph::new(DIM).unwrap();
+    let mut idx = walker();
     idx.build(&keys, Some(&train)).unwrap();
     let (mut total, mut scored) = (0.0, 0);
     for g in groups.chunks_exact(3 * DIM) {
@@ -659,7 +665,7 @@ fn warm_start_and_early_stop_keep_recall() {
         steps.push(prev.iter().zip(&noise[s * 3 * DIM..(s + 1) * 3 * DIM]).map(|(a, b)| a + b).collect());
     }
     let run = |patience: usize, warm: bool| -> (f64, u64) {
-        let params = CompactGraphParams { patience, ..Default::default() };
+        let params = CompactGraphParams { patience, scan_below: 0, ..Default::default() };
         let mut idx = compact(params);
         idx.build(&keys, Some(&train)).unwrap();
         let (mut total, mut scored, mut seeds) = (0.0, 0, Vec::new());
@@ -685,7 +691,7 @@ fn warm_start_and_early_stop_keep_recall() {
         "early stop scored {stop_scored}, full walks {warm_scored}, {base_scored}"
     );
     // Seeds past the index are ignored.
-    let mut idx = CompactGraph::new(DIM).unwrap();
+    let mut idx = walker();
     idx.build(&keys, Some(&train)).unwrap();
     let p = SearchParams::effort(64);
     assert_eq!(
@@ -698,7 +704,8 @@ fn warm_start_and_early_stop_keep_recall() {
 fn compact_memory_is_codes_links_and_entries() {
     let f = fixture(2000, 500, 3);
     for m in [16, 32] {
-        let params = CompactGraphParams { graph: RoarGraphParams { m, ..Default::default() }, patience: 0 };
+        let params =
+            CompactGraphParams { graph: RoarGraphParams { m, ..Default::default() }, patience: 0, scan_below: 0 };
         let mut idx = compact(params);
         let b = idx.build(&f.keys, Some(&f.train)).unwrap();
         let entries = idx.entry_points().len();
@@ -733,7 +740,7 @@ fn compact_inserts_are_found_and_ids_continue() {
         v[5 + i * 3] = -30.0;
         fresh.extend(v);
     }
-    let mut idx = CompactGraph::new(DIM).unwrap();
+    let mut idx = walker();
     idx.build(&keys, Some(&train)).unwrap();
     let ids = idx.insert(&fresh).unwrap();
     assert_eq!(ids, 1500..1508);
@@ -743,15 +750,18 @@ fn compact_inserts_are_found_and_ids_continue() {
         assert!(!idx.neighbors(id).is_empty());
     }
     // Into an empty index: a build.
-    let mut empty = CompactGraph::new(DIM).unwrap();
+    let mut empty = walker();
     assert_eq!(empty.insert(&keys[..300 * DIM]).unwrap(), 0..300);
 }
 
 #[test]
 fn compact_state_round_trips() {
     let f = fixture(1200, 400, 12);
-    let params =
-        CompactGraphParams { graph: RoarGraphParams { clusters: 4, m: 16, ..Default::default() }, patience: 0 };
+    let params = CompactGraphParams {
+        graph: RoarGraphParams { clusters: 4, m: 16, ..Default::default() },
+        patience: 0,
+        scan_below: 0,
+    };
     let make = || -> Box<dyn VectorIndex> { Box::new(compact(params)) };
     let mut built = make();
     built.build(&f.keys[..1000 * DIM], Some(&f.train)).unwrap();
@@ -786,4 +796,105 @@ fn factory_parses_compact_forms() {
         assert!(e.contains(bad) && e.contains("q8"), "{bad}: {e}");
     }
     assert!(from_factory(MAX_DIM + 1, "RoarGraph32q8").is_err());
+}
+
+// ---- CompactGraph below `scan_below`: no graph, a scan of every code ----
+
+/// The plain reference of a code scan: each key and query coded as the index documents
+/// (`round(x / s)`, keys to ±127, queries to ±8191), integer dots, the group's best, the
+/// exact top `k` (ties: lower id).
+fn scan_reference(keys: &[f32], group: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let code = |x: &[f32], max: f32| -> (Vec<i64>, f32) {
+        let m = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let s = if m > 0.0 { m / max } else { 1.0 };
+        (x.iter().map(|v| (v / s).round().clamp(-max, max) as i64).collect(), s)
+    };
+    let queries: Vec<_> = group.chunks_exact(DIM).map(|q| code(q, 8191.0)).collect();
+    let mut scored: Vec<(u32, f32)> = keys
+        .chunks_exact(DIM)
+        .enumerate()
+        .map(|(i, x)| {
+            let (kc, ks) = code(x, 127.0);
+            let best = queries.iter().fold(f32::NEG_INFINITY, |b, (qc, qs)| {
+                let d: i64 = kc.iter().zip(qc).map(|(a, b)| a * b).sum();
+                b.max(d as i32 as f32 * qs)
+            });
+            (i as u32, best * ks)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    scored.truncate(k);
+    scored
+}
+
+#[test]
+fn a_small_build_scans_every_code_exactly() {
+    let data = AttentionLike::new(DIM, 11);
+    let keys = data.keys(3000, 1);
+    let train = data.queries(1000, 2);
+    let groups = data.group_queries(12, 3, 5);
+    let mut idx = CompactGraph::new(DIM).unwrap();
+    let b = idx.build(&keys, Some(&train)).unwrap();
+    assert!(idx.is_scan() && 3000 < DEFAULT_SCAN_BELOW);
+    assert_eq!((b.vectors, b.train_queries), (3000, 0), "no graph, so no training query is used");
+    let (mut total, p) = (0.0, SearchParams::default());
+    for level in Level::all_available() {
+        idx.set_level(level).unwrap();
+        for g in groups.chunks_exact(3 * DIM) {
+            for k in [1, 10, 100, 2999, 3000] {
+                let r = idx.search_group(g, k, &p, &[7, 9]).unwrap();
+                let want = scan_reference(&keys, g, k);
+                let got: Vec<(u32, f32)> = r.labels.iter().copied().zip(r.scores.iter().copied()).collect();
+                assert_eq!(got, want, "{level:?}, k {k}");
+                assert_eq!((r.stats.codes_scored, r.stats.full_scored), (3000, 0));
+            }
+            if level == Level::detect() {
+                let r = idx.search_group(g, 100, &p, &[]).unwrap();
+                total += needle_core::metrics::recall(r.labels_of(0), &group_truth(&keys, g, 100));
+            }
+        }
+    }
+    // Codes rank almost as the keys do (the caller re-ranks its candidates exactly).
+    let rc = total / 12.0;
+    assert!(rc >= 0.95, "code scan recall@100 {rc}");
+    // One query at a time scans too.
+    let one = idx.search(&groups[..2 * DIM], 10, &p).unwrap();
+    assert_eq!(
+        one.labels_of(1),
+        scan_reference(&keys, &groups[DIM..2 * DIM], 10).iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_scan_index_holds_codes_only_inserts_and_round_trips() {
+    let f = fixture(1200, 400, 12);
+    let mut idx = CompactGraph::new(DIM).unwrap();
+    idx.build(&f.keys[..1000 * DIM], Some(&f.train)).unwrap();
+    // Codes and a scale per key, in whole blocks of 16 keys: no links, no visited set.
+    assert_eq!(idx.memory_bytes(), 1008 * DIM + 1008 * 4);
+    assert_eq!(idx.insert(&f.keys[1000 * DIM..1100 * DIM]).unwrap(), 1000..1100);
+    assert!(idx.is_scan() && idx.neighbors(5).is_empty());
+    let g = &f.test[..3 * DIM];
+    let r = idx.search_group(g, 20, &SearchParams::default(), &[]).unwrap();
+    let want: Vec<u32> = scan_reference(&f.keys[..1100 * DIM], g, 20).iter().map(|x| x.0).collect();
+    assert_eq!(r.labels, want, "inserted keys are scanned too");
+    let make = || -> Box<dyn VectorIndex> { Box::new(CompactGraph::new(DIM).unwrap()) };
+    let mut boxed: Box<dyn VectorIndex> = Box::new(idx);
+    let state = assert_round_trip(boxed.as_mut(), make().as_mut(), &f.keys, 1100, &f.test);
+    assert_corruption_is_caught(&make, &state, &f.keys[..1100 * DIM]);
+    // Another degree is refused, as for a graph's state.
+    let e = CompactGraph::with_params(
+        DIM,
+        CompactGraphParams { graph: RoarGraphParams { m: 16, ..Default::default() }, ..Default::default() },
+    )
+    .unwrap()
+    .load_state(&state, &f.keys[..1100 * DIM])
+    .unwrap_err();
+    assert!(e.to_string().contains("params"), "{e}");
+    // At or past the threshold a build makes its graph.
+    let mut graph = compact(CompactGraphParams { scan_below: 1000, ..Default::default() });
+    graph.build(&f.keys[..1000 * DIM], Some(&f.train)).unwrap();
+    assert!(!graph.is_scan() && !graph.neighbors(5).is_empty());
+    assert_eq!(graph.describe(), "RoarGraph32q8x1000");
+    assert_eq!(from_factory(DIM, "RoarGraph32q8x1000").unwrap().describe(), graph.describe());
 }
