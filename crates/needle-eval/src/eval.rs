@@ -544,7 +544,9 @@ mod tests {
         let model = Llama::<needle_model::Cpu>::load(&ck, &Default::default()).unwrap();
         let tokens: Vec<u32> = (0..200).map(|i| 1000 + (i * 37) % 5000).collect();
         let (base, _) = prefill_base(&model, &tokens, 64, &mut |_, _| {}).unwrap();
-        let fork = fork(&model, &base, "retrieval:sinks=8,window=16,k=8,min_index=16", KvDtype::F16).unwrap();
+        // A graph index (`qgraph` scans its codes at this size and trains on nothing).
+        let fork =
+            fork(&model, &base, "retrieval:index=graph,sinks=8,window=16,k=8,min_index=16", KvDtype::F16).unwrap();
         let layers = model.config().num_hidden_layers * model.gqa().n_kv_heads;
         assert!(fork.stats.build.train_queries >= 200 * layers, "{:?}", fork.stats.build);
         assert_eq!(fork.keys(0, 0).dtype(), KvDtype::F16);
