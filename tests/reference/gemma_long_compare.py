@@ -64,13 +64,16 @@ def top(row: np.ndarray, k: int = 20) -> list[tuple[int, float]]:
     return [(int(i), float(row[i])) for i in idx]
 
 
-def greedy(llm, n: int) -> list[int]:
-    out = []
+def greedy(llm, n: int) -> tuple[list[int], list[float]]:
+    """n argmax tokens and each step's top-1 minus top-2 logit."""
+    out, margins = [], []
     for _ in range(n):
-        t = int(np.argmax(C.last_logits(llm)))
-        out.append(t)
-        llm.eval([t])
-    return out
+        row = C.last_logits(llm)
+        top2 = np.argsort(-row, kind="stable")[:2]
+        out.append(int(top2[0]))
+        margins.append(round(float(row[top2[0]] - row[top2[1]]), 5))
+        llm.eval([int(top2[0])])
+    return out, margins
 
 
 def main() -> None:
@@ -84,6 +87,8 @@ def main() -> None:
     ap.add_argument("--needle", help="a needle binary: also run `needle logits` and compare")
     ap.add_argument("--greedy", type=int, default=6)
     ap.add_argument("--reuse", action="store_true", help="take llama.cpp's side from an earlier OUT/compare-*.json")
+    ap.add_argument("--fixture", help="also write llama.cpp's side as a fixture in gemma3_logits_f32.json's "
+                                      "form (tests/fixtures/gemma3_long_f32.json)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
 
@@ -104,10 +109,38 @@ def main() -> None:
     else:
         result = llama_side(llm, ids, at, a, out_path)
     del llm
+    if a.fixture:
+        write_fixture(a, text, ids, result)
     if a.needle:
         compare(a, text_path, ids, at, result)
     with open(out_path, "w") as f:
         json.dump(result, f)
+
+
+def write_fixture(a, text: str, ids: list[int], result: dict) -> None:
+    """The prompt's ids, top-20 at each position and the greedy answer with its margins, in
+    the form crates/needle-model/tests/gemma3.rs reads (gemma3_logits_f32.json's)."""
+    prompt = {
+        "name": f"d_passkey_{len(ids)}", "text_rule": "tests/reference/gemma_long_compare.py "
+        f"--tokens {a.tokens} --depth {a.depth} --key {a.key} (BOS first)", "ids": ids,
+        "positions": [{"pos": int(p), "top_ids": [i for i, _ in r["llama_top20"]],
+                       "top_logits": [l for _, l in r["llama_top20"]]} for p, r in result["positions"].items()],
+        "greedy_ids": result["llama_greedy"], "greedy_text": result["llama_greedy_text"],
+        "greedy_top1_margins": result["llama_greedy_top1_margins"],
+    }
+    header = {
+        "description": "llama.cpp logits on a long passkey prompt (the needle at depth "
+                       f"{a.depth}), {os.path.basename(a.model)}: top-20 ids and logits at each position "
+                       "(evaluated in one segment per position), then the greedy answer.",
+        "generator": "tests/reference/gemma_long_compare.py", "versions": result["versions"],
+        "model": result["model"],
+        "settings": {"n_ctx": a.tokens + a.greedy + 8, "n_batch": 512, "n_ubatch": 512, "n_threads": 2,
+                     "flash_attn": False, "type_k": "f32", "type_v": "f32"},
+    }
+    with open(a.fixture, "w") as f:
+        json.dump({"header": header, "prompts": [prompt]}, f, separators=(",", ":"))
+        f.write("\n")
+    print(f"wrote {a.fixture}", flush=True)
 
 
 def llama_side(llm, ids: list[int], at: list[int], a, out_path: str) -> dict:
@@ -126,8 +159,9 @@ def llama_side(llm, ids: list[int], at: list[int], a, out_path: str) -> dict:
             json.dump(result, f)
     if done < len(ids):
         llm.eval(ids[done:])
-    ref_greedy = greedy(llm, a.greedy)
+    ref_greedy, margins = greedy(llm, a.greedy)
     result["llama_greedy"] = ref_greedy
+    result["llama_greedy_top1_margins"] = margins
     result["llama_greedy_text"] = llm.detokenize(ref_greedy).decode("utf-8", "replace")
     print(f"llama.cpp greedy: {result['llama_greedy_text']!r}", flush=True)
     return result
