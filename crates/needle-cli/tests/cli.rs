@@ -49,6 +49,37 @@ fn short_prompts_default_to_full_attention() {
     assert_eq!(v["share_of_keys_touched"].as_f64().unwrap(), 1.0);
 }
 
+/// `needle logits --at` gives the rows of the positions asked for from one prefill: its last row
+/// is the plain command's, an earlier row differs, and a position past the prompt is an error.
+#[test]
+fn logits_at_chosen_positions() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "logits",
+            "--prompt",
+            "The capital of France is Paris. The capital of Italy is",
+            "--top",
+            "5",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = needle(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let plain = run(&[]);
+    let last = plain["prompt_ids"].as_array().unwrap().len() - 1;
+    let at = run(&["--at", &format!("3,{last}")]);
+    let rows = at["at"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0]["position"].as_u64(), rows[1]["position"].as_u64()), (Some(3), Some(last as u64)));
+    assert_eq!(rows[1]["top"], plain["top"], "the last row is the plain command's");
+    assert_ne!(rows[0]["top"], plain["top"]);
+    let o = needle(&["logits", "--prompt", "Hello", "--at", "99"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--at 99 is past"), "{}", stderr(&o));
+}
+
 #[test]
 fn help_names_the_default_model() {
     for cmd in ["generate", "logits", "eval", "calibrate", "trace", "serve"] {
