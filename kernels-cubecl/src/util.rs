@@ -108,6 +108,9 @@ pub(crate) fn read_f32<R: Runtime>(client: &ComputeClient<R>, handle: Handle, n:
 /// Reads several f32 buffers back in one read (one wait for the device): the first `n` floats
 /// of each `(handle, n)`.
 pub fn read_f32s<R: Runtime>(client: &ComputeClient<R>, reads: &[(&Handle, usize)]) -> Result<Vec<Vec<f32>>> {
+    if reads.is_empty() {
+        return Ok(Vec::new());
+    }
     let handles = reads.iter().map(|(h, _)| (*h).clone()).collect();
     let bytes = cubecl::reader::try_read_sync(client.read_async(handles))
         .ok_or_else(|| Error::ReadBack("this platform cannot wait for the device".into()))?

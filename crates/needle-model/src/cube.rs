@@ -228,8 +228,8 @@ fn qlinear_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
 
 /// Every layer's KV rows on one device (the CubeCL arm's [`NeedleBackend::KvMirror`]), filled
 /// from the cache's host rows as they are appended, or by a decode step straight from the
-/// device ([`decode_step`]), which may leave the host rows behind until the step's end
-/// ([`Pending`]).
+/// device ([`NeedleBackend::decode_step`]), which may leave the host rows behind until the
+/// step's end.
 pub struct DeviceCache<R: CubeRuntime> {
     layers: Vec<Option<DeviceKv>>,
     /// Per layer: a decode row written on the device and not yet appended to the host rows.
@@ -327,7 +327,7 @@ fn with_rows<R: CubeRuntime, T>(
     out
 }
 
-/// Appends the rows [`decode_step`] kept on the device to the host cache, layer by layer, after
+/// Appends the rows [`decode_step_on`] kept on the device to the host cache, layer by layer, after
 /// one read-back of all of them; then runs each layer's host half of the step as the CPU path
 /// does (queries observed, the select step over the empty dynamic part, which keeps the
 /// selectors' state and the stats as they would be).
@@ -344,7 +344,7 @@ fn settle<R: CubeRuntime>(cache: &mut KvCache<DeviceCache<R>>) -> Result<()> {
     let (nq, kvn) = (cache.gqa().n_q_heads * cache.head_dim(), cache.gqa().n_kv_heads * cache.head_dim());
     let reads: Vec<(&Handle, usize)> =
         pending.iter().flat_map(|(_, p)| [(&p.q, nq), (&p.k, kvn), (&p.v, kvn)]).collect();
-    let client = &pending[0].1.client;
+    let client = &pending.first().ok_or_else(|| Error::State("no held decode rows".into()))?.1.client;
     let host = needle_kernels_cubecl::read_f32s(client, &reads).map_err(kernel_err("KV read-back"))?;
     for ((layer, p), qkv) in pending.iter().zip(host.chunks_exact(3)) {
         cache.append(*layer, &qkv[1], &qkv[2])?;
@@ -443,8 +443,9 @@ fn decode_step_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     })?;
     let out = match host {
         None => {
-            cache.mirror.pending[layer] =
-                Some(Pending { client: client.clone(), q: qp.handle.clone(), k: kp.handle, v: vp.handle, pos, scale });
+            let held = Pending { client: client.clone(), q: qp.handle.clone(), k: kp.handle, v: vp.handle, pos, scale };
+            *cache.mirror.pending.get_mut(layer).ok_or_else(|| Error::State("device KV mirror missing".into()))? =
+                Some(held);
             let statics: Vec<Vec<u32>> =
                 (0..gqa.n_kv_heads).map(|j| cache.static_part(layer, j).static_ids(n).collect()).collect();
             let lists: Vec<&[u32]> = statics.iter().map(Vec::as_slice).collect();
