@@ -29,6 +29,7 @@ pub use gemv::{DeviceQMatrix, gemm, gemv, launch_gemm, launch_gemv};
 pub use merge::{launch_lse_merge, lse_merge};
 pub use prefill::{launch_prefill, prefill_attention};
 pub use quest::{launch_quest_scores, launch_top_k, quest_scores, top_k};
+pub use util::read_f32s;
 
 /// Re-export of the CubeCL version this crate is built against.
 pub use cubecl;

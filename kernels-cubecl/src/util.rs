@@ -105,6 +105,31 @@ pub(crate) fn read_f32<R: Runtime>(client: &ComputeClient<R>, handle: Handle, n:
     all.get(..n).map(<[f32]>::to_vec).ok_or_else(|| Error::ReadBack(format!("got {} floats, expected {n}", all.len())))
 }
 
+/// Reads several f32 buffers back in one read (one wait for the device): the first `n` floats
+/// of each `(handle, n)`.
+pub fn read_f32s<R: Runtime>(client: &ComputeClient<R>, reads: &[(&Handle, usize)]) -> Result<Vec<Vec<f32>>> {
+    if reads.is_empty() {
+        return Ok(Vec::new());
+    }
+    let handles = reads.iter().map(|(h, _)| (*h).clone()).collect();
+    let bytes = cubecl::reader::try_read_sync(client.read_async(handles))
+        .ok_or_else(|| Error::ReadBack("this platform cannot wait for the device".into()))?
+        .map_err(|e| Error::ReadBack(format!("{e:?}")))?;
+    if bytes.len() != reads.len() {
+        return Err(Error::ReadBack(format!("got {} buffers, expected {}", bytes.len(), reads.len())));
+    }
+    bytes
+        .iter()
+        .zip(reads)
+        .map(|(b, &(_, n))| {
+            let all = f32::from_bytes(b);
+            all.get(..n)
+                .map(<[f32]>::to_vec)
+                .ok_or_else(|| Error::ReadBack(format!("got {} floats, expected {n}", all.len())))
+        })
+        .collect()
+}
+
 /// Reads `n` u32 back from `handle`.
 pub(crate) fn read_u32<R: Runtime>(client: &ComputeClient<R>, handle: Handle, n: usize) -> Result<Vec<u32>> {
     let bytes = client.read_one(handle).map_err(|e| Error::ReadBack(format!("{e:?}")))?;

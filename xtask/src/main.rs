@@ -14,7 +14,8 @@
 //! - `test-gpu [--build-only] [--out DIR]`: `kernels-cubecl`'s clippy (wgpu and cuda features),
 //!   needle-model's clippy with each of them, and the kernel tests on CUDA, or a bundle to carry
 //!   to a GPU machine: the kernel tests, the model tests at real shapes, the benchmark
-//!   (`gpu_bench`) and the `needle` binary, all built with `cuda`, stripped, and `run.sh`.
+//!   (`gpu_bench`) and the `needle` binary, all built with `cuda`, stripped and packed into one
+//!   gzip'd tar, and `run.sh` (see [`TEST_GPU_HELP`] for the device invocation).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
@@ -194,10 +195,35 @@ fn aarch64_tests(root: &Path) -> Result<()> {
     cargo_env(&dot_only, root, &[base[0], base[1], ("QEMU_CPU", "cortex-a53")])
 }
 
+/// `cargo xtask test-gpu --help`.
+const TEST_GPU_HELP: &str = "\
+cargo xtask test-gpu [--build-only [--out DIR]]
+
+Without --build-only (on a machine with Rust and a CUDA GPU): kernels-cubecl's clippy with wgpu
+and cuda, needle-model's clippy with each, the kernel tests and the model tests at real shapes
+on CUDA.
+
+--build-only: builds, with `cuda`, the kernel tests (`gpu`), the model tests at real shapes
+(`gpu_shapes`), the benchmark (`gpu_bench`) and `needle`; strips them and packs them into
+DIR/needle-gpu.tar.gz (gzip -9) beside DIR/run.sh. DIR defaults to $CARGO_TARGET_DIR/gpu-bundle.
+Prints the bundle's size and fails if it is over 60 MiB (a device run carries at most 64 MiB).
+
+A device run (a machine with the CUDA driver, sh, tar and timeout; no Rust, no network), from the
+repository root:
+    cargo xtask test-gpu --build-only --out gpu-bundle     # `gpu-bundle/` is git-ignored
+    then carry the ignored path `gpu-bundle` and run:  sh gpu-bundle/run.sh
+run.sh unpacks into a temporary folder, runs the three steps under time limits (under five
+minutes in all) and writes the logs, gpu-bench.json and summary.txt to $OUT (default
+gpu-bundle/out); it prints the summary and exits non-zero if a step failed or timed out.";
+
 /// `kernels-cubecl`'s clippy, needle-model's clippy with `wgpu` and with `cuda`, and the kernel
 /// tests on the `cuda` runtime. `--build-only [--out DIR]` builds a bundle instead (see
 /// [`RUN_SH`]; the machine that runs it needs the CUDA driver, not Rust or a network).
 fn test_gpu(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{TEST_GPU_HELP}");
+        return Ok(());
+    }
     let root = root();
     let kc = ["-p", "needle-kernels-cubecl", "--locked"];
     let cuda = [&kc[..], &["--no-default-features", "--features", "cuda"]].concat();
@@ -256,7 +282,11 @@ fn test_gpu(args: &[String]) -> Result<()> {
         }
         std::fs::remove_dir_all(&out).with_context(|| format!("clearing the old bundle {}", out.display()))?;
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // The executables are staged, stripped and packed into one gzip'd tar beside `run.sh`: the
+    // bundle travels to a machine with a limit on what it carries, and every machine's tar
+    // reads gzip (xz and zstd pack smaller but may be missing there).
+    let stage = out.join("stage");
+    std::fs::create_dir_all(&stage).with_context(|| format!("creating {}", stage.display()))?;
     let mut exes = std::collections::BTreeMap::new();
     for line in String::from_utf8_lossy(&built.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
@@ -264,8 +294,7 @@ fn test_gpu(args: &[String]) -> Result<()> {
         if !BUNDLED.contains(&name) {
             continue;
         }
-        // Stripped: the bundle travels to a machine with a size limit on what it carries.
-        let to = out.join(name);
+        let to = stage.join(name);
         std::fs::copy(exe, &to).with_context(|| format!("copying {exe}"))?;
         if Command::new("strip").arg(&to).status().map(|s| !s.success()).unwrap_or(true) {
             eprintln!("test-gpu: `strip` failed or is missing; {name} is left with its symbols");
@@ -277,6 +306,9 @@ fn test_gpu(args: &[String]) -> Result<()> {
             bail!("the build made no `{name}` executable");
         }
     }
+    let unpacked: u64 = exes.values().map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum();
+    pack(&stage, &BUNDLED, &out.join(ARCHIVE))?;
+    std::fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
     let run = out.join("run.sh");
     std::fs::write(&run, RUN_SH).with_context(|| format!("writing {}", run.display()))?;
     #[cfg(unix)]
@@ -284,38 +316,116 @@ fn test_gpu(args: &[String]) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?;
     }
-    eprintln!("test-gpu: bundle in {} (run ./run.sh there; figures and logs go to $OUT)", out.display());
+    let carried = dir_bytes(&out)?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    eprintln!(
+        "test-gpu: bundle in {}: {:.1} MiB as carried ({ARCHIVE} + run.sh; {:.1} MiB of stripped executables \
+         unpacked), limit {BUNDLE_LIMIT_MIB} MiB",
+        out.display(),
+        mib(carried),
+        mib(unpacked)
+    );
+    if carried > BUNDLE_LIMIT_MIB * 1024 * 1024 {
+        bail!(
+            "the GPU bundle is {:.1} MiB, over the {BUNDLE_LIMIT_MIB} MiB a device run carries: drop an executable \
+             from BUNDLED or make them smaller",
+            mib(carried)
+        );
+    }
+    eprintln!("test-gpu: on the GPU machine run `sh {}/run.sh` (figures and logs go to $OUT)", out.display());
     Ok(())
 }
 
 /// The executables of the bundle (cargo's target names).
 const BUNDLED: [&str; 4] = ["gpu", "gpu_shapes", "gpu_bench", "needle"];
 
-/// The bundle's script: each step under a time limit (the whole under five minutes), logs and
-/// the benchmark's JSON under `$OUT` (default `./out`), exit status non-zero if a step failed.
+/// The packed executables, beside `run.sh`.
+const ARCHIVE: &str = "needle-gpu.tar.gz";
+
+/// The most a bundle may weigh as carried (a device run carries 64 MiB of ignored paths in all).
+const BUNDLE_LIMIT_MIB: u64 = 60;
+
+/// `files` of `dir` packed into the gzip'd tar `to` (`gzip -9`: a quarter of the stripped size).
+fn pack(dir: &Path, files: &[&str], to: &Path) -> Result<()> {
+    let archive = std::fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut tar = Command::new("tar")
+        .arg("-cf")
+        .arg("-")
+        .arg("-C")
+        .arg(dir)
+        .args(files)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running tar (needed to pack the GPU bundle)")?;
+    let tar_out = tar.stdout.take().context("tar's output")?;
+    let gzip = Command::new("gzip")
+        .arg("-9")
+        .arg("-c")
+        .stdin(tar_out)
+        .stdout(archive)
+        .status()
+        .context("running gzip (needed to pack the GPU bundle)")?;
+    let tar = tar.wait().context("waiting for tar")?;
+    if !tar.success() || !gzip.success() {
+        bail!("packing {} failed (tar: {tar}, gzip: {gzip})", to.display());
+    }
+    Ok(())
+}
+
+/// The bytes of the files directly in `dir`.
+fn dir_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        total += e?.metadata()?.len();
+    }
+    Ok(total)
+}
+
+/// The bundle's script: unpacks the executables into a temporary folder, runs each step under a
+/// time limit (the whole under five minutes), writes the logs, the benchmark's JSON and a summary
+/// under `$OUT` (default `./out` beside the script), and exits non-zero if a step failed.
 const RUN_SH: &str = r#"#!/bin/sh
 # needle's GPU bundle (cargo xtask test-gpu --build-only), for a CUDA machine with no Rust and no
 # network: the CubeCL kernel tests, the model tests at real shapes (Llama-3-8B, Qwen2.5-7B,
 # Gemma 3; two layers each) against the CPU path, then the benchmark (8B shape, 4 layers:
 # prefill/decode tokens/s against context for full attention and retrieval, decode-attention
-# kernel bandwidth). Logs and gpu-bench.json go to $OUT (default ./out). Under five minutes.
-cd "$(dirname "$0")"
-OUT="${OUT:-$PWD/out}"
+# kernel bandwidth). Needs sh, tar with gzip, timeout. Six files go to $OUT (default ./out beside
+# this script): nvidia-smi.txt, a log per step, gpu-bench.json, summary.txt. Under five minutes.
+here=$(cd "$(dirname "$0")" && pwd)
+OUT="${OUT:-$here/out}"
 mkdir -p "$OUT"
+work=$(mktemp -d "${TMPDIR:-/tmp}/needle-gpu.XXXXXX") || exit 2
+trap 'rm -rf "$work"' EXIT
+if ! tar -xzf "$here/needle-gpu.tar.gz" -C "$work"; then
+    echo "run.sh: unpacking $here/needle-gpu.tar.gz failed"
+    exit 2
+fi
+cd "$work" || exit 2
 fail=0
+: > "$OUT/summary.txt"
 step() {
     name=$1; limit=$2; shift 2
-    echo "==> $name: $*"
-    ( timeout "$limit" "$@"; echo $? > "$OUT/$name.rc" ) 2>&1 | tee "$OUT/$name.log"
-    rc=$(cat "$OUT/$name.rc")
-    echo "==> $name: exit $rc"
-    [ "$rc" = 0 ] || fail=1
+    echo "==> $name (limit ${limit}s): $*"
+    t0=$(date +%s)
+    ( timeout "$limit" "$@"; echo $? > "$work/$name.rc" ) 2>&1 | tee "$OUT/$name.log"
+    rc=$(cat "$work/$name.rc")
+    secs=$(( $(date +%s) - t0 ))
+    case $rc in
+        0) what="ok" ;;
+        124) what="TIMED OUT after ${limit}s"; fail=1 ;;
+        *) what="FAILED (exit $rc)"; fail=1 ;;
+    esac
+    echo "$name: $what, ${secs}s" >> "$OUT/summary.txt"
+    echo "==> $name: $what, ${secs}s"
 }
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 step kernels 60 ./gpu --test-threads 4
 export NEEDLE_PRINT_ERR=1
 step model-shapes 110 ./gpu_shapes --nocapture
-step bench 110 ./gpu_bench --shape llama3-8b --layers 4 --quant q4_0 --contexts 4096,32768,16384     --decode 16 --budget-s 80 --json "$OUT/gpu-bench.json"
+step bench 110 ./gpu_bench --shape llama3-8b --layers 4 --quant q4_0 --contexts 4096,32768,16384 \
+    --decode 16 --budget-s 80 --json "$OUT/gpu-bench.json"
+echo "==> summary ($OUT)"
+cat "$OUT/summary.txt"
 exit $fail
 "#;
 

@@ -71,6 +71,13 @@ pub fn cached_attention<B: NeedleBackend>(
         }
     }
     check_step(cache, step, t)?;
+    let window = matches!(cache.layer_kind(layer), LayerKind::Window(_));
+    match step {
+        AttentionStep::Decode if !window => return B::decode_step(cache, layer, q, k, v, scale),
+        AttentionStep::Decode => {}
+        // A chunk reads and appends host rows: rows a device decode kept back join them first.
+        _ => B::settle_host_rows(cache)?,
+    }
     if let LayerKind::Window(_) = cache.layer_kind(layer) {
         let (device, n_out) = (q.device(), gqa.n_q_heads * d);
         let out = B::with_host(q, |qs| {
@@ -80,9 +87,6 @@ pub fn cached_attention<B: NeedleBackend>(
     }
     let pos0 = cache.layer_len(layer)?;
     B::with_host(k, |ks| B::with_host(v, |vs| cache.append(layer, ks, vs)))???;
-    if step == AttentionStep::Decode {
-        return B::decode_attention(cache, layer, pos0, q, scale);
-    }
     if cache.wants_queries(layer) {
         B::with_host(q.clone(), |qs| cache.observe_queries(layer, pos0, qs))?;
     }

@@ -94,6 +94,32 @@ pub trait NeedleBackend: Backend {
         scale: f32,
     ) -> Result<Tensor<Self, 2>>;
 
+    /// One decode step of `layer` as [`cached_attention`](crate::cached_attention) runs it for
+    /// [`AttentionStep::Decode`](crate::AttentionStep::Decode): appends the token's keys and
+    /// values (`k`, `v`: `[1, n_kv_heads, dim]`, after RoPE) to the cache, then
+    /// [`decode_attention`](Self::decode_attention). The default reads `k` and `v` to the host
+    /// first. A device backend may keep them on the device and append them to the host rows
+    /// later in the step, once for all layers; after the step's last layer the host rows are
+    /// complete ([`settle_host_rows`](Self::settle_host_rows) completes them earlier).
+    fn decode_step(
+        cache: &mut KvCache<Self::KvMirror>,
+        layer: usize,
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        scale: f32,
+    ) -> Result<Tensor<Self, 2>> {
+        let pos = cache.layer_len(layer)?;
+        Self::with_host(k, |ks| Self::with_host(v, |vs| cache.append(layer, ks, vs)))???;
+        Self::decode_attention(cache, layer, pos, q, scale)
+    }
+
+    /// Appends to the host rows whatever [`decode_step`](Self::decode_step) has kept on the
+    /// device so far (nothing on host backends).
+    fn settle_host_rows(_cache: &mut KvCache<Self::KvMirror>) -> Result<()> {
+        Ok(())
+    }
+
     /// Calls `f` with the values of `t` (row-major f32) on the host: in place when the backend
     /// holds them there contiguously, else read back.
     fn with_host<const D: usize, R>(t: Tensor<Self, D>, f: impl FnOnce(&[f32]) -> R) -> Result<R>;

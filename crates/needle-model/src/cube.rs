@@ -9,14 +9,16 @@
 //!   device matrix multiplied with Burn's matmul.
 //! - Every layer's KV rows are mirrored on the device ([`DeviceCache`], token-major, f32), held
 //!   by the [`KvCache`] (its `KvMirror`) and brought up to date from the host rows before each use (the rows
-//!   a step appended, or everything after a cache was loaded or forked).
+//!   a prefill chunk appended, or everything after a cache was loaded or forked); a decode step
+//!   copies its token's row in on the device (`decode_step_on`).
 //! - Prefill attention is the causal flash kernel over that mirror (dense: a sparse prefill
 //!   pattern applies on the CPU backend only).
 //! - Decode ([`DecodeMode`], per cache: [`KvCache::set_decode_mode`]): `Hybrid` (the default) launches the device kernel over each KV
 //!   head's static part (sinks + window) and, while it runs, lets the host select from the
 //!   dynamic part and attend to the picked rows ([`KvCache::decode_dynamic`]); one LSE merge on
 //!   the device joins the two. `Device` attends the static part and the picked rows in one
-//!   gathered device pass.
+//!   gathered device pass. A layer with no dynamic part reads nothing back: its row reaches the
+//!   host rows with the other such layers' in one read at the step's end (`settle`).
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +33,7 @@ use needle_kernels_cubecl::cubecl::server::Handle;
 use needle_kernels_cubecl::{DeviceKv, DeviceQMatrix, DeviceRowLists};
 
 use crate::backend::{NeedleBackend, plain};
-use crate::cache::{DecodeMode, DynamicPart, KvCache};
+use crate::cache::{DecodeMode, DynamicPart, KvCache, LayerKind};
 use crate::error::{Error, Result};
 use crate::weights::{LinearWeight, QWeight};
 
@@ -92,6 +94,21 @@ impl<R: CubeRuntime, I: IntElement, BT: BoolElement> NeedleBackend for CubeBacke
         scale: f32,
     ) -> Result<Tensor<Self, 2>> {
         decode_on(q, cache, layer, pos, scale)
+    }
+
+    fn decode_step(
+        cache: &mut KvCache<DeviceCache<R>>,
+        layer: usize,
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        scale: f32,
+    ) -> Result<Tensor<Self, 2>> {
+        decode_step_on(cache, layer, q, k, v, scale)
+    }
+
+    fn settle_host_rows(cache: &mut KvCache<DeviceCache<R>>) -> Result<()> {
+        settle(cache)
     }
 
     fn with_host<const D: usize, T>(t: Tensor<Self, D>, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
@@ -210,34 +227,66 @@ fn qlinear_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
 }
 
 /// Every layer's KV rows on one device (the CubeCL arm's [`NeedleBackend::KvMirror`]), filled
-/// from the cache's host rows as they are appended.
-pub struct DeviceCache<R> {
+/// from the cache's host rows as they are appended, or by a decode step straight from the
+/// device ([`NeedleBackend::decode_step`]), which may leave the host rows behind until the
+/// step's end.
+pub struct DeviceCache<R: CubeRuntime> {
     layers: Vec<Option<DeviceKv>>,
+    /// Per layer: a decode row written on the device and not yet appended to the host rows.
+    pending: Vec<Option<Pending<R>>>,
     _runtime: PhantomData<fn() -> R>,
 }
 
-impl<R> Default for DeviceCache<R> {
+/// A decode token's device tensors whose host part (appending its row, the select step's
+/// bookkeeping) waits for the step's one read-back: its layer had no dynamic part, so the host
+/// had nothing to select from and the device attended every row.
+struct Pending<R: CubeRuntime> {
+    client: ComputeClient<R>,
+    /// `[n_q_heads · dim]`, `[n_kv_heads · dim]`, `[n_kv_heads · dim]`.
+    q: Handle,
+    k: Handle,
+    v: Handle,
+    pos: usize,
+    scale: f32,
+}
+
+impl<R: CubeRuntime> Default for DeviceCache<R> {
     fn default() -> Self {
-        Self { layers: Vec::new(), _runtime: PhantomData }
+        Self { layers: Vec::new(), pending: Vec::new(), _runtime: PhantomData }
     }
 }
 
 impl<R: CubeRuntime> DeviceCache<R> {
-    /// `layer`'s device rows, first brought up to `cache`'s length.
-    fn sync(&mut self, cache: &KvCache<Self>, layer: usize, client: &ComputeClient<R>) -> Result<&DeviceKv> {
-        let (n, gqa, d) = (cache.layer_len(layer)?, cache.gqa(), cache.head_dim());
+    /// `layer`'s device rows, first brought up to `cache`'s host length plus the layer's pending
+    /// row (if any), with room for `extra` more rows.
+    fn sync(
+        &mut self,
+        cache: &KvCache<Self>,
+        layer: usize,
+        extra: usize,
+        client: &ComputeClient<R>,
+    ) -> Result<&mut DeviceKv> {
+        let (host, gqa, d) = (cache.layer_len(layer)?, cache.gqa(), cache.head_dim());
         if self.layers.len() != cache.n_layers() {
             self.layers = (0..cache.n_layers()).map(|_| None).collect();
         }
+        self.pending.resize_with(cache.n_layers(), || None);
+        let n = host + usize::from(self.pending[layer].is_some());
         let kv = &mut self.layers[layer];
         if kv.as_ref().is_some_and(|kv| kv.n_rows > n) {
             *kv = None;
         }
         if kv.is_none() {
-            *kv = Some(DeviceKv::with_capacity(client, n.max(1), gqa.n_kv_heads, d).map_err(kernel_err("KV mirror"))?);
+            *kv = Some(
+                DeviceKv::with_capacity(client, (n + extra).max(1), gqa.n_kv_heads, d)
+                    .map_err(kernel_err("KV mirror"))?,
+            );
         }
         let kv = kv.as_mut().ok_or_else(|| Error::State("device KV mirror missing".into()))?;
         if kv.n_rows < n {
+            if self.pending[layer].is_some() {
+                return Err(Error::State(format!("layer {layer}: the device KV mirror lost a row the host lacks")));
+            }
             let (mut ks, mut vs) = (Vec::new(), Vec::new());
             for i in kv.n_rows..n {
                 for j in 0..gqa.n_kv_heads {
@@ -250,23 +299,59 @@ impl<R: CubeRuntime> DeviceCache<R> {
             }
             kv.append(client, &ks, &vs).map_err(kernel_err("KV mirror"))?;
         }
+        if n + extra > kv.capacity {
+            kv.reserve(client, (n + extra).max(2 * kv.capacity)).map_err(kernel_err("KV mirror"))?;
+        }
         Ok(kv)
+    }
+
+    fn has_pending(&self) -> bool {
+        self.pending.iter().any(Option::is_some)
     }
 }
 
-/// Runs `f` on `layer`'s device rows, first brought up to the host cache's length.
+/// Runs `f` on `layer`'s device rows, first brought up to the host cache's length (plus a
+/// pending decode row) with room for `extra` more.
 fn with_rows<R: CubeRuntime, T>(
     cache: &mut KvCache<DeviceCache<R>>,
     layer: usize,
+    extra: usize,
     client: &ComputeClient<R>,
-    f: impl FnOnce(&DeviceKv) -> Result<T>,
+    f: impl FnOnce(&mut DeviceKv) -> Result<T>,
 ) -> Result<T> {
     // The mirror is taken out while it reads the host rows; an error leaves an empty one,
     // rebuilt on the next use.
     let mut mirror = std::mem::take(&mut cache.mirror);
-    let out = mirror.sync(cache, layer, client).and_then(f);
+    let out = mirror.sync(cache, layer, extra, client).and_then(f);
     cache.mirror = mirror;
     out
+}
+
+/// Appends the rows [`decode_step_on`] kept on the device to the host cache, layer by layer, after
+/// one read-back of all of them; then runs each layer's host half of the step as the CPU path
+/// does (queries observed, the select step over the empty dynamic part, which keeps the
+/// selectors' state and the stats as they would be).
+fn settle<R: CubeRuntime>(cache: &mut KvCache<DeviceCache<R>>) -> Result<()> {
+    if !cache.mirror.has_pending() {
+        return Ok(());
+    }
+    let pending: Vec<(usize, Pending<R>)> = std::mem::take(&mut cache.mirror.pending)
+        .into_iter()
+        .enumerate()
+        .filter_map(|(l, p)| p.map(|p| (l, p)))
+        .collect();
+    cache.mirror.pending.resize_with(cache.n_layers(), || None);
+    let (nq, kvn) = (cache.gqa().n_q_heads * cache.head_dim(), cache.gqa().n_kv_heads * cache.head_dim());
+    let reads: Vec<(&Handle, usize)> =
+        pending.iter().flat_map(|(_, p)| [(&p.q, nq), (&p.k, kvn), (&p.v, kvn)]).collect();
+    let client = &pending.first().ok_or_else(|| Error::State("no held decode rows".into()))?.1.client;
+    let host = needle_kernels_cubecl::read_f32s(client, &reads).map_err(kernel_err("KV read-back"))?;
+    for ((layer, p), qkv) in pending.iter().zip(host.chunks_exact(3)) {
+        cache.append(*layer, &qkv[1], &qkv[2])?;
+        cache.observe_queries(*layer, p.pos, &qkv[0]);
+        cache.decode_dynamic(*layer, &qkv[0], p.scale, false)?;
+    }
+    Ok(())
 }
 
 static DENSE_PREFILL_SAID: AtomicBool = AtomicBool::new(false);
@@ -293,13 +378,97 @@ fn prefill_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     let qp = primitive(q);
     let out = f32_buffer(&qp.client, t * nh * d);
     let lse = f32_buffer(&qp.client, t * nh);
-    with_rows(cache, layer, &qp.client, |kv| {
+    with_rows(cache, layer, 0, &qp.client, |kv| {
         needle_kernels_cubecl::launch_prefill(&qp.client, kv, &qp.handle, nh, t, n - t, scale, &out, &lse)
             .map_err(kernel_err("prefill attention"))
     })?;
     Ok(wrap(&qp, out, [t, nh * d]))
 }
 
+fn check_decode_shape<R: CubeRuntime>(
+    cache: &KvCache<DeviceCache<R>>,
+    name: &str,
+    dims: [usize; 3],
+    heads: usize,
+) -> Result<()> {
+    let want = [1, heads, cache.head_dim()];
+    if dims != want {
+        return Err(Error::Shape { tensor: name.into(), expected: want.to_vec(), got: dims.to_vec() });
+    }
+    Ok(())
+}
+
+/// True when no layer after `layer` attends through the device (the rest are sliding-window
+/// layers, attended on the host): the step's device decode ends at `layer`.
+fn last_device_layer<M>(cache: &KvCache<M>, layer: usize) -> bool {
+    (layer + 1..cache.n_layers()).all(|l| matches!(cache.layer_kind(l), LayerKind::Window(_)))
+}
+
+/// [`NeedleBackend::decode_step`] on the device: the token's keys and values go into the device
+/// mirror from the device tensors (no upload). When the layer has a dynamic part, the host
+/// selects from it: queries, keys and values come back in one read (the host appends the row,
+/// which may join its index, then selects). When it has none (`full`, or a context within
+/// sinks + window), nothing is read back: the device attends every row, and the host's part
+/// waits for one read-back of all such layers at the end of the step ([`settle`]).
+fn decode_step_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
+    cache: &mut KvCache<DeviceCache<R>>,
+    layer: usize,
+    q: Tensor<Cb<R, I, BT>, 3>,
+    k: Tensor<Cb<R, I, BT>, 3>,
+    v: Tensor<Cb<R, I, BT>, 3>,
+    scale: f32,
+) -> Result<Tensor<Cb<R, I, BT>, 2>> {
+    let gqa = cache.gqa();
+    check_decode_shape(cache, "q", q.dims(), gqa.n_q_heads)?;
+    check_decode_shape(cache, "k", k.dims(), gqa.n_kv_heads)?;
+    check_decode_shape(cache, "v", v.dims(), gqa.n_kv_heads)?;
+    let (qp, kp, vp) = (primitive(q), primitive(k), primitive(v));
+    let client = qp.client.clone();
+    if cache.mirror.pending.get(layer).is_some_and(Option::is_some) {
+        // A row from an earlier step that did not reach its end: the host takes it first.
+        settle(cache)?;
+    }
+    let pos = cache.layer_len(layer)?;
+    let n = pos + 1;
+    let all_static = (0..gqa.n_kv_heads).all(|j| cache.static_part(layer, j).dynamic_range(n).is_empty());
+    let host = if all_static {
+        None
+    } else {
+        let (nq, kvn) = (gqa.n_q_heads * cache.head_dim(), gqa.n_kv_heads * cache.head_dim());
+        let reads = [(&qp.handle, nq), (&kp.handle, kvn), (&vp.handle, kvn)];
+        Some(needle_kernels_cubecl::read_f32s(&client, &reads).map_err(kernel_err("decode read-back"))?)
+    };
+    with_rows(cache, layer, 1, &client, |kv| {
+        kv.append_device(&client, &kp.handle, &vp.handle, 1).map_err(kernel_err("KV mirror"))
+    })?;
+    let out = match host {
+        None => {
+            let held = Pending { client: client.clone(), q: qp.handle.clone(), k: kp.handle, v: vp.handle, pos, scale };
+            *cache.mirror.pending.get_mut(layer).ok_or_else(|| Error::State("device KV mirror missing".into()))? =
+                Some(held);
+            let statics: Vec<Vec<u32>> =
+                (0..gqa.n_kv_heads).map(|j| cache.static_part(layer, j).static_ids(n).collect()).collect();
+            let lists: Vec<&[u32]> = statics.iter().map(Vec::as_slice).collect();
+            let (nh, d) = (gqa.n_q_heads, cache.head_dim());
+            let (out, lse) = (f32_buffer(&client, nh * d), f32_buffer(&client, nh));
+            with_rows(cache, layer, 0, &client, |kv| {
+                launch_decode_lists(&client, kv, &qp, nh, &lists, None, scale, &out, &lse)
+            })?;
+            wrap(&qp, out, [1, nh * d])
+        }
+        Some(qkv) => {
+            cache.append(layer, &qkv[1], &qkv[2])?;
+            attend_on(cache, layer, pos, qp, &qkv[0], scale)?
+        }
+    };
+    if last_device_layer(cache, layer) {
+        settle(cache)?;
+    }
+    Ok(out)
+}
+
+/// [`NeedleBackend::decode_attention`] (the token's row already appended on the host): the
+/// queries are read back for the host's select step.
 fn decode_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     q: Tensor<Cb<R, I, BT>, 3>,
     cache: &mut KvCache<DeviceCache<R>>,
@@ -307,57 +476,79 @@ fn decode_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     pos: usize,
     scale: f32,
 ) -> Result<Tensor<Cb<R, I, BT>, 2>> {
-    let [t, nh, d] = q.dims();
-    let gqa = cache.gqa();
-    if [t, nh, d] != [1, gqa.n_q_heads, cache.head_dim()] {
-        return Err(Error::Shape {
-            tensor: "q".into(),
-            expected: vec![1, gqa.n_q_heads, cache.head_dim()],
-            got: vec![t, nh, d],
-        });
-    }
+    check_decode_shape(cache, "q", q.dims(), cache.gqa().n_q_heads)?;
     let qp = primitive(q);
+    let qs = needle_kernels_cubecl::read_f32s(&qp.client, &[(&qp.handle, cache.gqa().n_q_heads * cache.head_dim())])
+        .map_err(kernel_err("query read-back"))?;
+    let qs = qs.into_iter().next().ok_or_else(|| Error::State("query read-back: no buffer".into()))?;
+    attend_on(cache, layer, pos, qp, &qs, scale)
+}
+
+/// The decode kernel over per-KV-head id lists (with optional log-weights) into `out`/`lse`.
+#[allow(clippy::too_many_arguments)]
+fn launch_decode_lists<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    kv: &DeviceKv,
+    q: &CubeTensor<R>,
+    nh: usize,
+    lists: &[&[u32]],
+    log_w: Option<&[&[f32]]>,
+    scale: f32,
+    out: &Handle,
+    lse: &Handle,
+) -> Result<()> {
+    let lists = DeviceRowLists::upload(client, lists, log_w, kv.n_rows).map_err(kernel_err("decode id lists"))?;
+    needle_kernels_cubecl::launch_decode(
+        client,
+        kv,
+        &q.handle,
+        nh,
+        &lists,
+        scale,
+        needle_kernels_cubecl::decode::DEFAULT_CHUNK_ROWS,
+        out,
+        lse,
+    )
+    .map_err(kernel_err("decode attention"))
+}
+
+/// The decode step's attention with the row already on the host and the queries `qs` read
+/// back: the static part on the device and the host's selection, as the cache's
+/// [`DecodeMode`] says.
+fn attend_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
+    cache: &mut KvCache<DeviceCache<R>>,
+    layer: usize,
+    pos: usize,
+    qp: CubeTensor<R>,
+    qs: &[f32],
+    scale: f32,
+) -> Result<Tensor<Cb<R, I, BT>, 2>> {
+    let gqa = cache.gqa();
+    let (nh, d) = (gqa.n_q_heads, cache.head_dim());
     let client = qp.client.clone();
-    // The host selects with the queries: the one read-back of the step.
-    let qs = plain::to_vec(Tensor::<Cb<R, I, BT>, 3>::from_primitive(TensorPrimitive::Float(qp.clone())))?;
-    cache.observe_queries(layer, pos, &qs);
+    cache.observe_queries(layer, pos, qs);
     let n = cache.layer_len(layer)?;
     let statics: Vec<Vec<u32>> =
         (0..gqa.n_kv_heads).map(|j| cache.static_part(layer, j).static_ids(n).collect()).collect();
     let out = f32_buffer(&client, nh * d);
     let lse = f32_buffer(&client, nh);
-    let launch =
-        |kv: &DeviceKv, lists: &[&[u32]], log_w: Option<&[&[f32]]>, out: &Handle, lse: &Handle| -> Result<()> {
-            let lists =
-                DeviceRowLists::upload(&client, lists, log_w, kv.n_rows).map_err(kernel_err("decode id lists"))?;
-            needle_kernels_cubecl::launch_decode(
-                &client,
-                kv,
-                &qp.handle,
-                nh,
-                &lists,
-                scale,
-                needle_kernels_cubecl::decode::DEFAULT_CHUNK_ROWS,
-                out,
-                lse,
-            )
-            .map_err(kernel_err("decode attention"))
-        };
     match cache.decode_mode() {
         DecodeMode::Hybrid => {
             let (o_s, l_s) = (f32_buffer(&client, nh * d), f32_buffer(&client, nh));
             let static_lists: Vec<&[u32]> = statics.iter().map(Vec::as_slice).collect();
-            with_rows(cache, layer, &client, |kv| launch(kv, &static_lists, None, &o_s, &l_s))?;
+            with_rows(cache, layer, 0, &client, |kv| {
+                launch_decode_lists(&client, kv, &qp, nh, &static_lists, None, scale, &o_s, &l_s)
+            })?;
             // Start the device now: the host's selection and attention below overlap it.
             client.flush().map_err(|e| Error::State(format!("device flush: {e:?}")))?;
-            let part = cache.decode_dynamic(layer, &qs, scale, true)?;
+            let part = cache.decode_dynamic(layer, qs, scale, true)?;
             let (ho, hl) = part.host.ok_or_else(|| Error::State("decode_dynamic: no host partial".into()))?;
             let (ho, hl) = (upload(&client, &ho), upload(&client, &hl));
             needle_kernels_cubecl::launch_lse_merge(&client, nh, d, &o_s, &l_s, &ho, &hl, &out, &lse)
                 .map_err(kernel_err("LSE merge"))?;
         }
         DecodeMode::Device => {
-            let DynamicPart { ids, log_weights, .. } = cache.decode_dynamic(layer, &qs, scale, false)?;
+            let DynamicPart { ids, log_weights, .. } = cache.decode_dynamic(layer, qs, scale, false)?;
             let weighted = log_weights.iter().any(|w| !w.is_empty());
             let lists: Vec<Vec<u32>> = statics.iter().zip(&ids).map(|(s, p)| [&s[..], &p[..]].concat()).collect();
             let weights: Vec<Vec<f32>> = statics
@@ -376,8 +567,18 @@ fn decode_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
                 .collect();
             let lists_r: Vec<&[u32]> = lists.iter().map(Vec::as_slice).collect();
             let weights_r: Vec<&[f32]> = weights.iter().map(Vec::as_slice).collect();
-            with_rows(cache, layer, &client, |kv| {
-                launch(kv, &lists_r, weighted.then_some(&weights_r[..]), &out, &lse)
+            with_rows(cache, layer, 0, &client, |kv| {
+                launch_decode_lists(
+                    &client,
+                    kv,
+                    &qp,
+                    nh,
+                    &lists_r,
+                    weighted.then_some(&weights_r[..]),
+                    scale,
+                    &out,
+                    &lse,
+                )
             })?;
         }
     }

@@ -11,7 +11,10 @@ use needle_core::{GqaLayout, RowSource};
 use needle_loader::{Checkpoint, LlamaConfig};
 use needle_model::backend::plain;
 use needle_model::cube::WgpuCube;
-use needle_model::{Cpu, DecodeMode, KvCache, LinearWeight, Llama, NeedleBackend, QWeight, QuantType, argmax, compose};
+use needle_model::{
+    AttentionStep, Cpu, DecodeMode, KvCache, LinearWeight, Llama, NeedleBackend, QWeight, QuantType, argmax,
+    cached_attention, compose,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -269,6 +272,138 @@ fn random_weight_models_on_wgpu_match_the_cpu() {
                 }
             }
         }
+    }
+}
+
+/// Every host row of `cache`, layer by layer, KV head by KV head: keys then values.
+fn host_rows<M>(cache: &KvCache<M>) -> Vec<Vec<f32>> {
+    let mut out = Vec::new();
+    for l in 0..cache.n_layers() {
+        for j in 0..cache.gqa().n_kv_heads {
+            for rows in [cache.keys(l, j), cache.values(l, j)] {
+                let mut v = Vec::new();
+                for i in 0..rows.len() {
+                    RowSource::row(rows, i).extend_into(&mut v);
+                }
+                out.push(v);
+            }
+        }
+    }
+    out
+}
+
+/// A decode step on the device keeps a layer's new row on the device when the host has no
+/// dynamic part to select from (`full`; a context within sinks + window) and hands the rows of
+/// all such layers to the host once, at the step's last layer: the host rows, the selectors'
+/// inserts and the stats end each step as the CPU path's do. `oracle:…,window=22` after a
+/// 23-token prompt has no dynamic part at the first step and one from the second on (whose
+/// append inserts into the selector), so both kinds of step, and the switch, run.
+#[test]
+fn decode_rows_reach_the_host_once_per_step_as_on_the_cpu() {
+    if skip() {
+        return;
+    }
+    let cfg = tiny();
+    let prompt: Vec<u32> = (0..23).map(|i| (i * 41 % 300) as u32).collect();
+    let ty = QuantType::Q8_0;
+    let cpu = Llama::<Cpu>::load_with(
+        &Checkpoint::random(&cfg, ty, 9).unwrap(),
+        &Default::default(),
+        &needle_model::LoadOptions { weights: needle_model::Weights::F32 },
+    )
+    .unwrap();
+    let dev = Llama::<G>::random(&cfg, ty, 9, &WgpuDevice::default()).unwrap();
+    for (spec, mode) in [
+        ("oracle:k=3,sinks=2,window=22", DecodeMode::Hybrid),
+        ("oracle:k=3,sinks=2,window=22", DecodeMode::Device),
+        ("full", DecodeMode::Hybrid),
+    ] {
+        fn new<M: Default>(spec: &str, mode: DecodeMode) -> KvCache<M> {
+            let (f, sel) = compose(needle_select::parse(spec).unwrap());
+            let mut c = KvCache::new(2, GqaLayout::new(6, 2).unwrap(), 32, f.as_ref(), sel).unwrap();
+            c.set_decode_mode(mode);
+            c
+        }
+        let (mut hc, mut dc): (KvCache, GpuCache) = (new(spec, mode), new(spec, mode));
+        let last = prompt.len() - 1;
+        let mut want = cpu.prefill(&prompt, &mut hc, 8, &[last], &mut |_, _| {}).unwrap();
+        let mut got = dev.prefill(&prompt, &mut dc, 8, &[last], &mut |_, _| {}).unwrap();
+        for step in 0..4 {
+            let next = argmax(&want).unwrap();
+            assert_eq!(argmax(&got), Some(next), "{spec} {mode:?}: top-1 before step {step}");
+            want = cpu.decode(next, &mut hc).unwrap();
+            got = dev.decode(next, &mut dc).unwrap();
+            let top = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let e = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(e <= 1e-4 * top.max(1.0), "{spec} {mode:?} step {step}: max |Δlogit| {e}");
+            for l in 0..2 {
+                assert_eq!(dc.layer_len(l).unwrap(), hc.layer_len(l).unwrap(), "{spec} {mode:?} step {step} layer {l}");
+            }
+            for (a, b) in host_rows(&hc).iter().zip(&host_rows(&dc)) {
+                assert_eq!(a.len(), b.len(), "{spec} {mode:?} step {step}: host rows");
+                let e = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(e < 1e-4, "{spec} {mode:?} step {step}: host rows differ by {e}");
+            }
+            let (s, t) = (&hc.stats, &dc.stats);
+            let counts = |s: &needle_model::DecodeStats| {
+                (s.keys_total, s.keys_dynamic, s.keys_attended, s.keys_selected, s.steps)
+            };
+            assert_eq!(counts(s), counts(t), "{spec} {mode:?} step {step}: stats");
+        }
+        if spec.starts_with("oracle") {
+            assert!(dc.stats.keys_selected > 0, "{spec} {mode:?}: the host selected");
+        }
+    }
+}
+
+/// The rows a device decode step keeps back stay off the host until the step's last layer (or
+/// until a chunk needs the host rows), and arrive intact.
+#[test]
+fn a_device_decode_step_holds_its_rows_until_the_last_layer() {
+    if skip() {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(11);
+    let (nq, nkv, d, n, layers) = (4, 2, 32, 40, 3);
+    let gqa = GqaLayout::new(nq, nkv).unwrap();
+    let (f, sel) = compose(needle_select::parse("full").unwrap());
+    let mut c: GpuCache = KvCache::new(layers, gqa, d, f.as_ref(), sel).unwrap();
+    let scale = 0.17;
+    let mut fed: Vec<Vec<f32>> = vec![Vec::new(); layers];
+    let mut attend = |c: &mut GpuCache, l: usize, t: usize, step: AttentionStep, fed: &mut Vec<Vec<f32>>| {
+        let (q, k) = (rand_vec(&mut rng, t * nq * d), rand_vec(&mut rng, t * nkv * d));
+        fed[l].extend_from_slice(&k);
+        let v = k.iter().map(|x| x * 0.5).collect::<Vec<_>>();
+        cached_attention(c, l, step, gpu(q, [t, nq, d]), gpu(k, [t, nkv, d]), gpu(v, [t, nkv, d]), scale).unwrap()
+    };
+    for l in 0..layers {
+        attend(&mut c, l, n, AttentionStep::Prefill, &mut fed);
+    }
+    c.build(scale).unwrap();
+    // A whole step: layers 0 and 1 wait for layer 2.
+    for l in 0..layers {
+        attend(&mut c, l, 1, AttentionStep::Decode, &mut fed);
+        let want = if l + 1 == layers { n + 1 } else { n };
+        assert_eq!(c.layer_len(l).unwrap(), want, "layer {l} after its decode");
+    }
+    assert!((0..layers).all(|l| c.layer_len(l).unwrap() == n + 1));
+    // Half a step, then a chunk of two tokens: the held rows go first.
+    attend(&mut c, 0, 1, AttentionStep::Decode, &mut fed);
+    assert_eq!(c.layer_len(0).unwrap(), n + 1, "held back");
+    attend(&mut c, 0, 2, AttentionStep::Extend, &mut fed);
+    assert_eq!(c.layer_len(0).unwrap(), n + 4);
+    // And settle_host_rows alone.
+    attend(&mut c, 1, 1, AttentionStep::Decode, &mut fed);
+    <G as NeedleBackend>::settle_host_rows(&mut c).unwrap();
+    assert_eq!(c.layer_len(1).unwrap(), n + 2);
+    for (l, fed) in fed.iter().enumerate() {
+        let mut keys = Vec::new();
+        for i in 0..c.layer_len(l).unwrap() {
+            for j in 0..nkv {
+                RowSource::row(c.keys(l, j), i).extend_into(&mut keys);
+            }
+        }
+        assert_eq!(&keys, fed, "layer {l}: host keys in order");
     }
 }
 

@@ -1,7 +1,7 @@
 //! Gathered flash-decoding attention against the f64 reference.
 
 use needle_kernels_cubecl::cubecl::prelude::*;
-use needle_kernels_cubecl::{DecodeOptions, DeviceKv, Error, decode_attention};
+use needle_kernels_cubecl::{DecodeOptions, DeviceKv, Error, decode_attention, read_f32s};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
@@ -333,4 +333,17 @@ fn decode_and_prefill_at_a_llama_like_shape() {
     let lists: Vec<Vec<u32>> = (0..8).map(|h| random_list(&mut r, n_rows, 500 + 300 * h)).collect();
     check(91, &Case { n_rows, n_kv: 8, group: 4, d: 128, lists, weighted: true, q_gain: 1.0, chunk_rows: 256 });
     crate::prefill::check(92, 40, 100, 8, 4, 128, 1.0);
+}
+
+#[test]
+fn several_buffers_come_back_in_one_read() {
+    let Some(c) = client() else { return };
+    let mut r = rng(12);
+    let (a, b) = (normal(&mut r, 70), normal(&mut r, 5));
+    let (ah, bh) = (c.create_from_slice(f32::as_bytes(&a)), c.create_from_slice(f32::as_bytes(&b)));
+    // The first `n` floats of each, in order; the same buffer twice; asking past a buffer fails.
+    let got = read_f32s(&c, &[(&ah, 70), (&bh, 3), (&ah, 1)]).unwrap();
+    assert_eq!(got, vec![a.clone(), b[..3].to_vec(), a[..1].to_vec()]);
+    assert!(matches!(read_f32s(&c, &[(&bh, 1000)]).unwrap_err(), Error::ReadBack(_)));
+    assert_eq!(read_f32s(&c, &[]).unwrap(), Vec::<Vec<f32>>::new());
 }
