@@ -436,14 +436,14 @@ impl AttentionSelector for RetrievalSelector {
         if self.built {
             w.nested(|o| self.index.save_state(o))?;
         }
-        // Last and only when there are any, so states saved before warm starts still load.
-        if !self.seeds.is_empty() {
-            w.u32s(&self.seeds);
-        }
+        w.u32s(&self.seeds);
         Ok(())
     }
     fn load_state(&mut self, state: &[u8], keys: &dyn RowSource) -> Result<()> {
-        let mut r = open_state("retrieval selector", state, TAG, VERSION, &self.describe(), keys, self.dim)?;
+        // Version 1 (before warm starts) ended after the index, with the seeds only when there
+        // were any; version 2 always has them, so a state cut off before them is caught.
+        let version = if state.get(8..12) == Some(&1u32.to_le_bytes()[..]) { 1 } else { VERSION };
+        let mut r = open_state("retrieval selector", state, TAG, version, &self.describe(), keys, self.dim)?;
         let scale = r.f32("scale")?;
         let covered = read_range(&mut r, "covered", keys.len())?;
         let train = r.f32s("train", usize::MAX)?;
@@ -468,7 +468,7 @@ impl AttentionSelector for RetrievalSelector {
             let nested = r.nested("index")?;
             index.load_state(nested, &gather(keys, covered.clone()))?;
         }
-        let seeds = if r.remaining() > 0 { r.u32s("seeds", covered.len())? } else { Vec::new() };
+        let seeds = if version == VERSION || r.remaining() > 0 { r.u32s("seeds", covered.len())? } else { Vec::new() };
         r.check_below("seeds", &seeds, if built { covered.len() } else { 0 })?;
         r.finish()?;
         self.scale = scale;
@@ -487,7 +487,7 @@ impl AttentionSelector for RetrievalSelector {
 }
 
 const TAG: &[u8; 8] = b"sel.retr";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 #[cfg(test)]
 mod tests {
@@ -614,31 +614,42 @@ mod tests {
         assert_eq!(again.ids, out.ids);
     }
 
-    /// States written before warm starts (no seeds after the index) still load; the seeds a
-    /// `max` selection leaves travel with the state.
+    /// States of version 1 (written before warm starts: the seeds after the index only when
+    /// there were any) still load; version 2 always ends with the seeds, so a state cut off
+    /// before them is corrupt; the seeds a `max` selection leaves travel with the state.
     #[cfg(feature = "graph")]
     #[test]
-    fn states_without_seeds_load_and_seeds_round_trip() {
+    fn version_1_states_load_and_seeds_round_trip() {
         let data = uniform(400, 6, 16, 4);
         let f = factory("qgraph");
         let keys = Rows::new("k", &data.keys, 16).unwrap();
         let mut sel = RetrievalSelector::new(f.clone(), HEAD, 16).unwrap();
         sel.build(&BuildContext { head: HEAD, keys: &keys, train_queries: &data.train, scale: 0.25 }).unwrap();
-        let mut old = Vec::new();
-        sel.save_state(&mut old).unwrap();
+        let mut empty = Vec::new();
+        sel.save_state(&mut empty).unwrap();
         let mut out = Selection::default();
         sel.select(&data.queries[..3 * 16], &keys, &Budget::TopK(10), &mut out).unwrap();
         assert_eq!(sel.seeds.len(), 10);
         let mut new = Vec::new();
         sel.save_state(&mut new).unwrap();
-        // The new state is the old layout plus the seeds, and each loads as written.
-        assert_eq!(new.len(), old.len() + 8 + 10 * 4);
-        assert_eq!(&new[..old.len()], &old[..]);
+        // Both end with the seeds' count (and the seeds): the rest is the same.
+        assert_eq!(new.len(), empty.len() + 10 * 4);
+        assert_eq!(&new[..empty.len() - 8], &empty[..empty.len() - 8]);
+        // Version 1: no seeds at all when there were none, the same bytes when there were.
+        let v1 = |state: &[u8], cut: usize| -> Vec<u8> {
+            let mut s = state[..state.len() - cut].to_vec();
+            s[8..12].copy_from_slice(&1u32.to_le_bytes());
+            s
+        };
         let mut fresh = RetrievalSelector::new(f.clone(), HEAD, 16).unwrap();
-        fresh.load_state(&old, &keys).unwrap();
+        fresh.load_state(&v1(&empty, 8), &keys).unwrap();
         assert!(fresh.seeds.is_empty());
+        fresh.load_state(&v1(&new, 0), &keys).unwrap();
+        assert_eq!(fresh.seeds, sel.seeds);
         fresh.load_state(&new, &keys).unwrap();
         assert_eq!(fresh.seeds, sel.seeds);
+        // A version 2 state without its seeds is corrupt.
+        assert!(matches!(fresh.load_state(&empty[..empty.len() - 8], &keys), Err(Error::Corrupt { .. })));
         // Seeds past the index are corrupt, not ignored.
         let mut bad = new.clone();
         let at = bad.len() - 4;
