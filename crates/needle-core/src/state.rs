@@ -100,6 +100,18 @@ pub struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// Checks the header: tag `tag` (the kind `kind`) and format `version`.
     pub fn new(kind: &'static str, state: &'a [u8], tag: &[u8; 8], version: u32) -> Result<Self> {
+        Self::with_versions(kind, state, tag, version..=version).map(|(r, _)| r)
+    }
+
+    /// Checks the header as [`Reader::new`] does, accepting any format version in `versions`
+    /// (a kind whose newer format still reads the older ones); returns the version found.
+    pub fn with_versions(
+        kind: &'static str,
+        state: &'a [u8],
+        tag: &[u8; 8],
+        versions: std::ops::RangeInclusive<u32>,
+    ) -> Result<(Self, u32)> {
+        let (oldest, version) = (*versions.start(), *versions.end());
         let mut r = Self { kind, buf: state };
         if state.len() < HEADER_LEN {
             return Err(r.fail("header", format!("{} bytes, shorter than the {HEADER_LEN}-byte header", state.len())));
@@ -119,10 +131,11 @@ impl<'a> Reader<'a> {
         if v > version {
             return Err(r.fail("version", format!("format version {v} is newer than this build reads ({version})")));
         }
-        if v != version {
-            return Err(r.fail("version", format!("format version {v} is not one this build reads ({version})")));
+        if v < oldest {
+            let reads = if oldest == version { format!("{version}") } else { format!("{oldest} to {version}") };
+            return Err(r.fail("version", format!("format version {v} is not one this build reads ({reads})")));
         }
-        Ok(r)
+        Ok((r, v))
     }
 
     /// An [`Error::Corrupt`] naming this kind and `field`.

@@ -352,7 +352,8 @@ impl QueryCodes {
 }
 
 /// The group's code score of key `id`: its best `q_h·k` over the group (`dots` holds one `i32`
-/// per query). The walk and the scan score with this one function, so they rank alike.
+/// per query). The scan kernels ([`crate::qdot::ScanFn`]) compute the same float operations in
+/// the same order, so a scan ranks as a walk scores.
 #[inline(always)]
 fn group_score(dots_fn: DotsFn, codes: &Codes, q: &QueryCodes, dots: &mut [i32], id: u32) -> f32 {
     dots_fn(codes.row(id), &q.codes, dots);
@@ -785,6 +786,18 @@ impl CompactGraph {
         let patience = r.len("patience", usize::MAX)?;
         let scan_below = r.len("scan_below", usize::MAX)?;
         let params = CompactGraphParams { graph, patience, scan_below };
+        self.check_saved(&mut r, &params, keys)?;
+        r.finish()?;
+        self.params = params;
+        self.adopt_scan(keys);
+        Ok(())
+    }
+
+    /// The checks both state formats share, after their parameters: the degree and the
+    /// patience (what the factory string names; the rest only say how the index was built, so
+    /// a state saved before a default changed still loads and keeps its own), the dimension,
+    /// and the key count against `keys`, which it returns.
+    fn check_saved(&self, r: &mut Reader<'_>, params: &CompactGraphParams, keys: &[f32]) -> Result<usize> {
         if (params.graph.m, params.patience) != (self.params.graph.m, self.params.patience) {
             return Err(r.fail("params", format!("saved with {params:?}, this index has {:?}", self.params)));
         }
@@ -797,10 +810,7 @@ impl CompactGraph {
         if saved != n {
             return Err(r.fail("n", format!("{saved} keys saved, {n} key rows given")));
         }
-        r.finish()?;
-        self.params = params;
-        self.adopt_scan(keys);
-        Ok(())
+        Ok(n)
     }
 
     fn to_fixed(&self) -> FixedGraph {
@@ -934,22 +944,9 @@ impl VectorIndex for CompactGraph {
         let patience = r.len("patience", usize::MAX)?;
         // The threshold only decides the mode at build; a saved graph stays one.
         let params = CompactGraphParams { graph: graph_params, patience, scan_below: self.params.scan_below };
-        // The degree and the patience are what the factory string names; the rest only say how
-        // the graph was built (a state saved before a default changed still loads, and keeps
-        // the parameters it was built with for its inserts).
-        if (params.graph.m, params.patience) != (self.params.graph.m, self.params.patience) {
-            return Err(r.fail("params", format!("saved with {params:?}, this index has {:?}", self.params)));
-        }
+        let n = self.check_saved(&mut r, &params, keys)?;
         self.params = params;
-        let dim = r.len("dim", usize::MAX)?;
-        if dim != self.dim {
-            return Err(r.fail("dim", format!("saved for dim {dim}, this index has {}", self.dim)));
-        }
-        let n = check_batch("keys", keys, self.dim)?;
-        let saved = r.len("n", usize::MAX)?;
-        if saved != n {
-            return Err(r.fail("n", format!("{saved} keys saved, {n} key rows given")));
-        }
+        let dim = self.dim;
         let graph = FixedGraph::load(&mut r, "graph", params.graph.m, n, n)?;
         let entries = r.u32s("entries", n)?;
         r.check_below("entries", &entries, n)?;

@@ -54,13 +54,27 @@ pub(crate) fn open_state<'a>(
     keys: &dyn RowSource,
     dim: usize,
 ) -> Result<Reader<'a>> {
-    let mut r = Reader::new(kind, state, tag, version)?;
+    open_state_versions(kind, state, tag, version..=version, describe, keys, dim).map(|(r, _)| r)
+}
+
+/// [`open_state`] for a selector whose format reads older versions too: any in `versions`;
+/// returns the version found.
+pub(crate) fn open_state_versions<'a>(
+    kind: &'static str,
+    state: &'a [u8],
+    tag: &[u8; 8],
+    versions: std::ops::RangeInclusive<u32>,
+    describe: &str,
+    keys: &dyn RowSource,
+    dim: usize,
+) -> Result<(Reader<'a>, u32)> {
+    let (mut r, version) = Reader::with_versions(kind, state, tag, versions)?;
     let saved = r.str("spec", 4096)?;
     if saved != describe {
         return Err(r.fail("spec", format!("saved by `{saved}`, loading into `{describe}`")));
     }
     check_len("keys dim", dim, keys.dim())?;
-    Ok(r)
+    Ok((r, version))
 }
 
 /// Writes a range of positions.

@@ -11,7 +11,7 @@ use needle_core::{
 
 use crate::common::{
     Frame, SelectStep, apply_budget, begin_select, begin_state, dedup_ids, default_scale, full_cost, gather, group_max,
-    keep_top, open_state, read_range, write_range,
+    keep_top, open_state_versions, read_range, write_range,
 };
 use crate::index::{index_factory, resolve};
 
@@ -442,8 +442,8 @@ impl AttentionSelector for RetrievalSelector {
     fn load_state(&mut self, state: &[u8], keys: &dyn RowSource) -> Result<()> {
         // Version 1 (before warm starts) ended after the index, with the seeds only when there
         // were any; version 2 always has them, so a state cut off before them is caught.
-        let version = if state.get(8..12) == Some(&1u32.to_le_bytes()[..]) { 1 } else { VERSION };
-        let mut r = open_state("retrieval selector", state, TAG, version, &self.describe(), keys, self.dim)?;
+        let (mut r, version) =
+            open_state_versions("retrieval selector", state, TAG, 1..=VERSION, &self.describe(), keys, self.dim)?;
         let scale = r.f32("scale")?;
         let covered = read_range(&mut r, "covered", keys.len())?;
         let train = r.f32s("train", usize::MAX)?;
