@@ -11,7 +11,8 @@ pub enum Isa {
     /// x86-64 AVX2 + FMA (+ F16C for half-precision conversion).
     Avx2,
     /// x86-64 AVX-512 F + BW on top of [`Isa::Avx2`]. Only the Q8_0/Q4_0/Q4_1 single-row dots
-    /// have AVX-512 code; every other kernel runs its AVX2 code under this ISA. Opt-in through the
+    /// and decode attention ([`crate::attend_rows`]) have AVX-512 code; every other kernel runs
+    /// its AVX2 code under this ISA. Opt-in through the
     /// `*_with` kernels: [`Isa::detect`] does not pick it, as it measured 10–30 % slower than the
     /// AVX2 code on the one AVX-512 machine tried (gemv 1536×576 Q4_1: 88 µs vs 76 µs).
     Avx512,
@@ -19,7 +20,8 @@ pub enum Isa {
     /// AVX512-VL (AMD Zen 4 and Intel's AVX-512 server cores have only the latter): the Q8_0 /
     /// Q4_0 / Q4_1 / Q5_0 / Q5_1 row and multi-row dots (the decode GEMV's lane kernels) and the
     /// Q4_0 / Q4_1 / Q5_0 / Q5_1 multi-token GEMM micro-kernel do each block's integer dot in
-    /// one instruction instead of two; everything else runs the AVX2 code. Picked by
+    /// one instruction instead of two; decode attention runs its AVX-512 body where AVX-512 F is
+    /// there (every AVX512-VNNI machine); everything else runs the AVX2 code. Picked by
     /// [`Isa::detect`] where present.
     AvxVnni,
     /// aarch64 NEON (Advanced SIMD, part of every aarch64 CPU). The Q8_0 / Q4_0 / Q4_1 dots and
@@ -76,6 +78,14 @@ impl Isa {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn has_avx2(self) -> bool {
         matches!(self.effective(), Isa::Avx2 | Isa::Avx512 | Isa::AvxVnni)
+    }
+
+    /// Whether AVX-512 F code may run (after [`effective`](Self::effective)): under
+    /// [`Isa::Avx512`], and under [`Isa::AvxVnni`] where the machine has AVX-512 F and BW (as
+    /// every AVX512-VNNI machine has). Decode attention ([`crate::attend_rows`]) has such code.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn has_avx512f(self) -> bool {
+        matches!(self.effective(), Isa::Avx512 | Isa::AvxVnni) && avx512_available()
     }
 
     /// Whether the NEON code may run (true for [`Isa::NeonDot`] too), after

@@ -10,7 +10,8 @@
 //! * [`linear`]: [`QMatrix`], a borrowed view of quantized weight rows, with `gemv` and `gemm`.
 //! * [`attn`]: causal, GQA-aware flash prefill reading KV pages in place, and decode attention
 //!   of a query group over gathered rows ([`attend_rows`], [`attend_rows_lse`] with the
-//!   log-sum-exp); the AVX2 and NEON bodies of both are written once over a small lane trait.
+//!   log-sum-exp); the AVX2 and NEON bodies of both are written once over a small lane trait,
+//!   and decode has an AVX-512 body where AVX-512 F is present.
 //! * [`sparse`]: block-sparse causal prefill ([`sparse_prefill`]): the same tile loop over the
 //!   key blocks a [`BlockLayout`] chooses for each query block.
 //! * [`ops`]: RMSNorm, rotate-half RoPE, SiLU·up.

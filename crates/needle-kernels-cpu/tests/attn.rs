@@ -152,10 +152,13 @@ fn rows_reference(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], bias: Option<&[f32]
 
 fn check_rows<T: KvElem>(conv: fn(&[f32]) -> Vec<T>, back: fn(&[T]) -> Vec<f32>) {
     let mut r = rng(11);
-    for g in [1, 3, 4] {
-        // 20 and 12: multiples of 4, not of 8 (NEON code, generic AVX2 code); 18: generic code.
-        for dim in [64, 128, 20, 12, 18] {
-            for m in [0, 1, 7, 333] {
+    // 9 heads: more than one register block of the AVX-512 body in both of its passes.
+    for g in [1, 3, 4, 9] {
+        // 20 and 12: multiples of 4, not of 8 (NEON code, generic AVX2 code); 18: generic code;
+        // 256: several 64-dim blocks of the AVX-512 body; 80: a multiple of 16 it does not take.
+        for dim in [64, 128, 256, 20, 12, 18, 80] {
+            // 9: one block of eight keys and a tail.
+            for m in [0, 1, 7, 9, 333] {
                 for biased in [false, true] {
                     let q = randn(&mut r, g * dim);
                     let kt: Vec<Vec<T>> = (0..m).map(|_| conv(&randn(&mut r, dim))).collect();

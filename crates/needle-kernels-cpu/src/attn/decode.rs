@@ -1,6 +1,7 @@
 //! Decode attention of a query group over gathered rows ([`attend_rows`], [`attend_rows_lse`]):
 //! the checks, the scalar body (the reference, and the code for head dims the vectors do not
-//! divide), and the vector body written once over [`Lanes`] for AVX2 and NEON.
+//! divide), the vector body written once over [`Lanes`] for AVX2 and NEON, and an AVX-512 body
+//! (`x86_512`) that keeps a block of scores and of outputs in registers.
 
 use super::lanes::{Lanes, LoadLanes};
 use super::{KvElem, axpy, dot8, exp_approx};
@@ -120,6 +121,12 @@ fn attend<T: KvElem>(
     }
     let rows = Rows { q, keys, values, bias, scale, dim };
     #[cfg(target_arch = "x86_64")]
+    if isa.has_avx512f() && dim.is_multiple_of(x86_512::DIMS) && x86_512::takes::<T>() {
+        // SAFETY: `has_avx512f()` means avx512f (with avx2, fma and f16c) was detected here.
+        unsafe { rows.run_avx512(scores, out, lse) };
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
         // SAFETY: `has_avx2()` means avx2 and fma were detected on this CPU.
         unsafe { rows.run_avx2(scores, out, lse) };
@@ -164,6 +171,27 @@ impl<T: KvElem> Rows<'_, T> {
                 let (k, v) = unsafe { (&*(k as *const [&[half::f16]]), &*(v as *const [&[half::f16]])) };
                 return unsafe { avx2(self.q, k, v, self.bias, self.scale, scores, out, lse) };
             }
+        }
+        self.run_dims(scores, out, lse)
+    }
+
+    /// [`x86_512::attend`] for the types it [`takes`](x86_512::takes) (the plain body otherwise).
+    ///
+    /// # Safety
+    /// Needs avx2, fma, f16c and avx512f; `dim` a multiple of [`x86_512::DIMS`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run_avx512(&self, scores: &mut Vec<f32>, out: &mut [f32], lse: Option<&mut [f32]>) {
+        use std::any::TypeId;
+        let (k, v) = (self.keys as *const [&[T]], self.values as *const [&[T]]);
+        // SAFETY (both casts): `T` is exactly the type cast to (equal type ids), so the slices are
+        // reinterpreted as themselves; the features and `dim` per this fn's contract.
+        if TypeId::of::<T>() == TypeId::of::<f32>() {
+            let (k, v) = unsafe { (&*(k as *const [&[f32]]), &*(v as *const [&[f32]])) };
+            return unsafe { x86_512::attend(self.q, k, v, self.bias, self.scale, scores, out, lse) };
+        }
+        if TypeId::of::<T>() == TypeId::of::<half::f16>() {
+            let (k, v) = unsafe { (&*(k as *const [&[half::f16]]), &*(v as *const [&[half::f16]])) };
+            return unsafe { x86_512::attend(self.q, k, v, self.bias, self.scale, scores, out, lse) };
         }
         self.run_dims(scores, out, lse)
     }
@@ -383,6 +411,230 @@ unsafe fn softmax<L: Lanes>(s: &mut [f32]) -> (f32, f32) {
     let inv = 1.0 / sum;
     s.iter_mut().for_each(|x| *x *= inv);
     (mx, sum)
+}
+
+/// The AVX-512 body, register-blocked where the AVX2 one ([`simd`]) streams through memory:
+/// the scores of up to [`QK_HEADS`](x86_512) query heads for eight keys stay in registers while
+/// each key chunk is loaded once for all of them, and the outputs of up to four heads over 64
+/// dims stay in registers across every value row (AVX2's sixteen registers hold neither, so its
+/// output rows are loaded and stored once per value row). The value pass is the AVX2 one's
+/// arithmetic (the same fused multiply-adds in the same order); the key dots sum in another order.
+#[cfg(target_arch = "x86_64")]
+mod x86_512 {
+    use std::arch::x86_64::*;
+
+    use super::super::lanes::Lanes;
+
+    /// Head dims this body takes: multiples of one output block (four 16-lane vectors).
+    pub(super) const DIMS: usize = 64;
+    /// Query heads per register block of the key dots: 3 × 8 accumulators, 3 query vectors
+    /// and a key vector fit the 32 registers.
+    const QK_HEADS: usize = 3;
+    /// Query heads per register block of the value pass: 4 heads × 64 dims in 16 registers.
+    const PV_HEADS: usize = 4;
+
+    /// Whether this body takes rows of `T` (`f32` and `f16`).
+    pub(super) fn takes<T: 'static>() -> bool {
+        use std::any::TypeId;
+        [TypeId::of::<f32>(), TypeId::of::<half::f16>()].contains(&TypeId::of::<T>())
+    }
+
+    /// Sixteen stored elements as `f32` lanes.
+    pub(super) trait Load16: Copy {
+        /// # Safety
+        /// `p` has 16 readable elements; avx512f (and f16c) enabled in the caller.
+        unsafe fn load16(p: *const Self) -> __m512;
+    }
+
+    impl Load16 for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+    }
+
+    impl Load16 for half::f16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const half::f16) -> __m512 {
+            // SAFETY: the caller's contract (16 halves are 32 bytes).
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+        }
+    }
+
+    /// [`super::simd`]'s contract on AVX-512, `dim` a multiple of [`DIMS`].
+    ///
+    /// # Safety
+    /// Needs avx2, fma, f16c and avx512f; the shapes of [`super::simd`] hold and `dim` is a
+    /// multiple of [`DIMS`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    pub(super) unsafe fn attend<T: Load16>(
+        q: &[f32],
+        keys: &[&[T]],
+        values: &[&[T]],
+        bias: Option<&[f32]>,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+        mut lse: Option<&mut [f32]>,
+    ) {
+        let (m, dim) = (keys.len(), keys[0].len());
+        let g = q.len() / dim;
+        scores.clear();
+        scores.resize(g * m, 0.0);
+        let job = Job { q, keys, values, bias, scale, m, dim };
+        // SAFETY (the block): the features per this fn's contract; every head block stays below
+        // `g`, every dim block below `dim`, as the shapes guarantee.
+        unsafe {
+            for h0 in (0..g).step_by(QK_HEADS) {
+                match g - h0 {
+                    1 => job.dots::<1>(h0, scores),
+                    2 => job.dots::<2>(h0, scores),
+                    _ => job.dots::<QK_HEADS>(h0, scores),
+                }
+            }
+            for (h, srow) in scores.chunks_exact_mut(m).enumerate() {
+                let (mx, sum) = super::softmax::<__m256>(srow);
+                if let Some(l) = lse.as_deref_mut() {
+                    l[h] = mx + sum.ln();
+                }
+            }
+            for h0 in (0..g).step_by(PV_HEADS) {
+                for c0 in (0..dim).step_by(DIMS) {
+                    match g - h0 {
+                        1 => job.weigh::<1>(h0, c0, scores, out),
+                        2 => job.weigh::<2>(h0, c0, scores, out),
+                        3 => job.weigh::<3>(h0, c0, scores, out),
+                        _ => job.weigh::<PV_HEADS>(h0, c0, scores, out),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks for every cache line of `row` ahead of its use.
+    ///
+    /// # Safety
+    /// Needs sse (always there on x86-64).
+    #[inline(always)]
+    unsafe fn prefetch_row<T>(row: &[T]) {
+        let (p, bytes) = (row.as_ptr().cast::<i8>(), std::mem::size_of_val(row));
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch of an address inside `row` (it never faults anyway).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+        }
+    }
+
+    struct Job<'a, T> {
+        q: &'a [f32],
+        keys: &'a [&'a [T]],
+        values: &'a [&'a [T]],
+        bias: Option<&'a [f32]>,
+        scale: f32,
+        m: usize,
+        dim: usize,
+    }
+
+    impl<T: Load16> Job<'_, T> {
+        /// Scores of heads `h0..h0 + H` against every key into `scores` (head-major, scaled,
+        /// biased).
+        ///
+        /// # Safety
+        /// As [`attend`]; `h0 + H ≤ g`, `scores` has `g × m` entries.
+        #[inline(always)]
+        unsafe fn dots<const H: usize>(&self, h0: usize, scores: &mut [f32]) {
+            let (m, dim) = (self.m, self.dim);
+            let q = self.q.as_ptr();
+            // SAFETY (the block): key rows and query heads have `dim` elements, read in whole
+            // 16-lane chunks below `dim`; bias and score rows have `m` entries, written below `m`.
+            unsafe {
+                let mut j = 0;
+                while j + 8 <= m {
+                    // The next eight rows: picked rows are scattered, out of the prefetchers' sight.
+                    if j + 16 <= m {
+                        for u in 8..16 {
+                            prefetch_row(self.keys.get_unchecked(j + u));
+                        }
+                    }
+                    let mut acc = [[_mm512_setzero_ps(); 8]; H];
+                    for c in (0..dim).step_by(16) {
+                        // Plain loops, not closures: a closure does not inherit this code's target
+                        // features, so intrinsics inside it become calls.
+                        let mut qv = [_mm512_setzero_ps(); H];
+                        for (h, x) in qv.iter_mut().enumerate() {
+                            *x = _mm512_loadu_ps(q.add((h0 + h) * dim + c));
+                        }
+                        for (u, row) in self.keys.get_unchecked(j..j + 8).iter().enumerate() {
+                            let k = T::load16(row.as_ptr().add(c));
+                            for (a, qh) in acc.iter_mut().zip(&qv) {
+                                a[u] = _mm512_fmadd_ps(*qh, k, a[u]);
+                            }
+                        }
+                    }
+                    let bias = self.bias.map(|b| b.as_ptr().add(j));
+                    for (h, a) in acc.iter().enumerate() {
+                        let mut halves = [_mm256_setzero_ps(); 8];
+                        for (y, x) in halves.iter_mut().zip(a) {
+                            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*x)));
+                            *y = _mm256_add_ps(_mm512_castps512_ps256(*x), hi);
+                        }
+                        <__m256 as Lanes>::sums8(&halves, self.scale, bias, scores.as_mut_ptr().add((h0 + h) * m + j));
+                    }
+                    j += 8;
+                }
+                for jj in j..m {
+                    let mut acc = [_mm512_setzero_ps(); H];
+                    for c in (0..dim).step_by(16) {
+                        let k = T::load16(self.keys.get_unchecked(jj).as_ptr().add(c));
+                        for (h, a) in acc.iter_mut().enumerate() {
+                            *a = _mm512_fmadd_ps(_mm512_loadu_ps(q.add((h0 + h) * dim + c)), k, *a);
+                        }
+                    }
+                    for (h, a) in acc.iter().enumerate() {
+                        let b = self.bias.map_or(0.0, |b| b[jj]);
+                        scores[(h0 + h) * m + jj] = _mm512_reduce_add_ps(*a) * self.scale + b;
+                    }
+                }
+            }
+        }
+
+        /// `out` of heads `h0..h0 + H`, dims `c0..c0 + DIMS`: the value rows weighted by the
+        /// heads' probabilities, summed in registers.
+        ///
+        /// # Safety
+        /// As [`attend`]; `h0 + H ≤ g`, `c0 + DIMS ≤ dim`, `scores` holds the probabilities.
+        #[inline(always)]
+        unsafe fn weigh<const H: usize>(&self, h0: usize, c0: usize, scores: &[f32], out: &mut [f32]) {
+            let (m, dim) = (self.m, self.dim);
+            // SAFETY (the block): value rows have `dim ≥ c0 + DIMS` elements; score rows `m`
+            // entries; output rows `dim` floats.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); 4]; H];
+                for (j, v) in self.values.iter().enumerate() {
+                    if let Some(next) = self.values.get(j + 8) {
+                        prefetch_row(&next[c0..c0 + DIMS]);
+                    }
+                    let mut vv = [_mm512_setzero_ps(); 4];
+                    for (i, x) in vv.iter_mut().enumerate() {
+                        *x = T::load16(v.as_ptr().add(c0 + 16 * i));
+                    }
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        let p = _mm512_set1_ps(*scores.get_unchecked((h0 + h) * m + j));
+                        for i in 0..4 {
+                            a[i] = _mm512_fmadd_ps(p, vv[i], a[i]);
+                        }
+                    }
+                }
+                for (h, a) in acc.iter().enumerate() {
+                    let o = out.as_mut_ptr().add((h0 + h) * dim + c0);
+                    for (i, x) in a.iter().enumerate() {
+                        _mm512_storeu_ps(o.add(16 * i), *x);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@
 //! * `prefill`: the vectorized prefill tile loop, once over `Lanes`;
 //! * `scalar`: the plain prefill tile loop (the reference, and the path for head dims that are
 //!   not a whole number of vectors);
-//! * `decode`: [`attend_rows`]'s checks, its plain body and its vector body, once over `Lanes`.
+//! * `decode`: [`attend_rows`]'s checks, its plain body, its vector body once over `Lanes`, and
+//!   an AVX-512 body register-blocked for the head dims that are multiples of 64.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
