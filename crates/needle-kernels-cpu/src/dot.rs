@@ -862,22 +862,20 @@ mod x86 {
         let bb = lane_block_bytes(T);
         // SAFETY: the caller's contract: blocks below `have` are inside `w`.
         unsafe {
-            let there = |b: usize| FULL || b < have;
-            let quants = |b: usize| {
-                if there(b) { lane_quants::<T>(w.get_unchecked(b * bb..b * bb + bb)) } else { _mm256_setzero_si256() }
-            };
-            let head = |b: usize| {
-                if there(b) {
+            // A plain loop, not closures: a closure does not inherit the caller's target
+            // features, so the intrinsics in it would be calls.
+            let (mut quants, mut head) = ([_mm256_setzero_si256(); 4], [0i32; 4]);
+            for b in 0..4 {
+                if FULL || b < have {
+                    quants[b] = lane_quants::<T>(w.get_unchecked(b * bb..b * bb + bb));
                     let h = w.get_unchecked(b * bb..b * bb + 4);
-                    i32::from_le_bytes([h[0], h[1], h[2], h[3]])
-                } else {
-                    0
+                    head[b] = i32::from_le_bytes([h[0], h[1], h[2], h[3]]);
                 }
-            };
+            }
             // (d, m) of the four blocks as f16, then f32; Q8_0 / Q4_0 / Q5_0 have no m (their m
             // lanes are quant bytes, never used).
-            let dm = _mm256_cvtph_ps(_mm_setr_epi32(head(0), head(1), head(2), head(3)));
-            (transpose4([quants(0), quants(1), quants(2), quants(3)]), dm)
+            let dm = _mm256_cvtph_ps(_mm_setr_epi32(head[0], head[1], head[2], head[3]));
+            (transpose4(quants), dm)
         }
     }
 
@@ -932,7 +930,12 @@ mod x86 {
                             let f = rows.get_unchecked(k).fours.get_unchecked(g);
                             let q = f.y.as_ptr();
                             (
-                                [0, 1, 2, 3].map(|i| _mm256_loadu_si256(q.add(32 * i).cast())),
+                                [
+                                    _mm256_loadu_si256(q.cast()),
+                                    _mm256_loadu_si256(q.add(32).cast()),
+                                    _mm256_loadu_si256(q.add(64).cast()),
+                                    _mm256_loadu_si256(q.add(96).cast()),
+                                ],
                                 _mm_loadu_ps(f.d.as_ptr()),
                                 _mm_loadu_ps(f.s.as_ptr()),
                                 _mm_loadu_si128(f.sum.as_ptr().cast()),
