@@ -320,7 +320,7 @@ unsafe fn simd<L: Lanes, T: LoadLanes<L>>(
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
-    mut lse: Option<&mut [f32]>,
+    lse: Option<&mut [f32]>,
 ) {
     let m = keys.len();
     let dim = keys[0].len();
@@ -361,13 +361,8 @@ unsafe fn simd<L: Lanes, T: LoadLanes<L>>(
             }
         }
     }
-    for (h, srow) in scores.chunks_exact_mut(m).enumerate() {
-        // SAFETY: the instruction set per this fn's contract.
-        let (mx, sum) = unsafe { softmax::<L>(srow) };
-        if let Some(l) = lse.as_deref_mut() {
-            l[h] = mx + sum.ln();
-        }
-    }
+    // SAFETY: the instruction set per this fn's contract.
+    unsafe { softmax_rows::<L>(scores, m, lse) };
     // One pass over the value rows: each row is added into every head's output (in L1, zeroed by
     // the caller); the dim/N chunks of a row are independent FMAs.
     for (j, v) in values.iter().enumerate() {
@@ -380,6 +375,22 @@ unsafe fn simd<L: Lanes, T: LoadLanes<L>>(
                     p.mul_add(T::load(v.as_ptr().add(L::N * c)), L::load(o.add(L::N * c))).store(o.add(L::N * c));
                 }
             }
+        }
+    }
+}
+
+/// [`softmax`] of each `m`-score row of `scores` (one per head), each head's log-sum-exp into
+/// `lse` when given.
+///
+/// # Safety
+/// `L`'s instruction set, as [`simd`].
+#[inline(always)]
+unsafe fn softmax_rows<L: Lanes>(scores: &mut [f32], m: usize, mut lse: Option<&mut [f32]>) {
+    for (h, srow) in scores.chunks_exact_mut(m).enumerate() {
+        // SAFETY: the instruction set per this fn's contract.
+        let (mx, sum) = unsafe { softmax::<L>(srow) };
+        if let Some(l) = lse.as_deref_mut() {
+            l[h] = mx + sum.ln();
         }
     }
 }
@@ -477,7 +488,7 @@ mod x86_512 {
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
-        mut lse: Option<&mut [f32]>,
+        lse: Option<&mut [f32]>,
     ) {
         let (m, dim) = (keys.len(), keys[0].len());
         let g = q.len() / dim;
@@ -494,12 +505,7 @@ mod x86_512 {
                     _ => job.dots::<QK_HEADS>(h0, scores),
                 }
             }
-            for (h, srow) in scores.chunks_exact_mut(m).enumerate() {
-                let (mx, sum) = super::softmax::<__m256>(srow);
-                if let Some(l) = lse.as_deref_mut() {
-                    l[h] = mx + sum.ln();
-                }
-            }
+            super::softmax_rows::<__m256>(scores, m, lse);
             for h0 in (0..g).step_by(PV_HEADS) {
                 for c0 in (0..dim).step_by(DIMS) {
                     match g - h0 {
