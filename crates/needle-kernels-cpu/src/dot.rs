@@ -881,9 +881,11 @@ mod x86 {
 
     /// One weight row of lane type `T` (as in [`row_lanes_vnni`]) against `R` (1 to 4)
     /// activation rows, four blocks a step. Per row the arithmetic is fixed, whatever `R`:
-    /// each block's integer sum `Σ q·y` exactly (the Q8_0 / Q4_0 / Q5_0 offsets taken off in
-    /// integers), then `acc_b = fma(d·d_y, sum, acc_b)` and, for Q4_1 / Q5_1,
-    /// `corr_b = fma(m, s_y, corr_b)`, with `b` the block's place in its four; the row's dot is
+    /// each block's integer sum `Σ q·y` exactly, in two halves (the elements each 128-bit half
+    /// of the registers holds; the Q8_0 / Q4_0 / Q5_0 offsets taken off the first in integers),
+    /// then `acc_bh = fma(d·d_y, sum_h, acc_bh)` per half `h` and, for Q4_1 / Q5_1,
+    /// `corr_b = fma(m, s_y, corr_b)`, with `b` the block's place in its four; with
+    /// `acc_b = acc_b0 + acc_b1`, the row's dot is
     /// `((acc_0 + acc_1) + (acc_2 + acc_3)) + ((corr_0 + corr_1) + (corr_2 + corr_3))`. The four
     /// blocks' weights are decoded and transposed once ([`transpose4`]) so that one `vpdpbusd`
     /// per block and row leaves each block's sum in its own lanes: no horizontal sum per block.
@@ -911,7 +913,7 @@ mod x86 {
         unsafe {
             let d_idx = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
             let m_idx = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
-            let mut acc = [_mm_setzero_ps(); R];
+            let mut acc = [_mm256_setzero_ps(); R];
             let mut corr = [_mm_setzero_ps(); R];
             for g in 0..nb.div_ceil(4) {
                 // Blocks of this four in the row; the missing ones of a last partial four are
@@ -922,7 +924,8 @@ mod x86 {
                 } else {
                     weight_four::<T, false>(w.get_unchecked(4 * g * bb..(4 * g + have) * bb), have)
                 };
-                let dw = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, d_idx));
+                // The scales twice: one copy per 128-bit half of a block sum.
+                let dw = _mm256_permutevar8x32_ps(dm, d_idx);
                 let mw = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, m_idx));
                 for k in 0..R {
                     let (y, dy, sy, sumy) = match lanes {
@@ -936,7 +939,10 @@ mod x86 {
                                     _mm256_loadu_si256(q.add(64).cast()),
                                     _mm256_loadu_si256(q.add(96).cast()),
                                 ],
-                                _mm_loadu_ps(f.d.as_ptr()),
+                                {
+                                    let d = _mm_loadu_ps(f.d.as_ptr());
+                                    _mm256_set_m128(d, d)
+                                },
                                 _mm_loadu_ps(f.s.as_ptr()),
                                 _mm_loadu_si128(f.sum.as_ptr().cast()),
                             )
@@ -951,7 +957,7 @@ mod x86 {
                                     load_i8x32(&y2.qs),
                                     load_i8x32(&y3.qs),
                                 ]),
-                                _mm_setr_ps(y0.d, y1.d, y2.d, y3.d),
+                                _mm256_setr_ps(y0.d, y1.d, y2.d, y3.d, y0.d, y1.d, y2.d, y3.d),
                                 _mm_setr_ps(y0.s, y1.s, y2.s, y3.s),
                                 _mm_setr_epi32(y0.sum, y1.sum, y2.sum, y3.sum),
                             )
@@ -960,15 +966,17 @@ mod x86 {
                     let z = _mm256_setzero_si256();
                     let a = dpbusd::<DOT>(dpbusd::<DOT>(z, v[0], y[0]), v[1], y[1]);
                     let b = dpbusd::<DOT>(dpbusd::<DOT>(z, v[2], y[2]), v[3], y[3]);
-                    let s = _mm256_add_epi32(a, b);
-                    let mut s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+                    // Block b's sum is in lanes b and 4 + b: both halves are scaled and summed
+                    // as they are (folded once, at the end), the offset taken off the first.
+                    let mut s = _mm256_add_epi32(a, b);
+                    let sumy = _mm256_zextsi128_si256(sumy);
                     s = match T {
-                        0 => _mm_sub_epi32(s, _mm_slli_epi32::<7>(sumy)),
-                        1 => _mm_sub_epi32(s, _mm_slli_epi32::<3>(sumy)),
-                        3 => _mm_sub_epi32(s, _mm_slli_epi32::<4>(sumy)),
+                        0 => _mm256_sub_epi32(s, _mm256_slli_epi32::<7>(sumy)),
+                        1 => _mm256_sub_epi32(s, _mm256_slli_epi32::<3>(sumy)),
+                        3 => _mm256_sub_epi32(s, _mm256_slli_epi32::<4>(sumy)),
                         _ => s,
                     };
-                    acc[k] = _mm_fmadd_ps(_mm_mul_ps(dw, dy), _mm_cvtepi32_ps(s), acc[k]);
+                    acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dy), _mm256_cvtepi32_ps(s), acc[k]);
                     if T == 2 || T == 4 {
                         corr[k] = _mm_fmadd_ps(mw, sy, corr[k]);
                     }
@@ -977,7 +985,8 @@ mod x86 {
             let mut out = [0f32; R];
             for k in 0..R {
                 let (mut a, mut c) = ([0f32; 4], [0f32; 4]);
-                _mm_storeu_ps(a.as_mut_ptr(), acc[k]);
+                let halves = _mm_add_ps(_mm256_castps256_ps128(acc[k]), _mm256_extractf128_ps::<1>(acc[k]));
+                _mm_storeu_ps(a.as_mut_ptr(), halves);
                 _mm_storeu_ps(c.as_mut_ptr(), corr[k]);
                 let dot = (a[0] + a[1]) + (a[2] + a[3]);
                 out[k] = if T == 2 || T == 4 { dot + ((c[0] + c[1]) + (c[2] + c[3])) } else { dot };
