@@ -269,7 +269,10 @@ pub fn launch_gemm<R: Runtime>(
     let row_tiles = w.rows.div_ceil(TILE_ROWS);
     let tok_tiles = t.div_ceil(TOKEN_LANES * tm);
     if row_tiles > MAX_CUBES_PER_AXIS as usize {
-        return Err(invalid("rows", format!("{} rows: at most {} per launch", w.rows, MAX_CUBES_PER_AXIS as usize * TILE_ROWS)));
+        return Err(invalid(
+            "rows",
+            format!("{} rows: at most {} per launch", w.rows, MAX_CUBES_PER_AXIS as usize * TILE_ROWS),
+        ));
     }
     if tok_tiles > MAX_CUBES_PER_AXIS as usize {
         return Err(invalid("t", format!("{t} tokens: too many for one launch")));

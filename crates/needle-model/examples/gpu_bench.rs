@@ -294,8 +294,7 @@ mod bench {
         let bytes: Vec<u8> = (0..rows).flat_map(|r| m.row_bytes(r).iter().copied()).collect();
         let dq = DeviceQMatrix::upload(client, w.ty(), rows, cols, &bytes)?;
         let mut s = 3u64;
-        let x: Vec<f32> =
-            (0..t * cols).map(|_| (splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect();
+        let x: Vec<f32> = (0..t * cols).map(|_| (splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect();
         let xh = client.create_from_slice(f32_bytes(&x));
         let y = client.empty(t * rows * 4);
         // Waits for the queued launches without reading `y` back (a chunk's output is megabytes).
