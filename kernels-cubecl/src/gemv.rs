@@ -20,14 +20,14 @@ use cubecl::server::Handle;
 use needle_quant::{IQ4_NL_VALUES, QuantType};
 
 use crate::error::{Result, check_len, invalid, to_u32};
-use crate::util::{MAX_CUBES_PER_AXIS, cube_linear, empty_f32, grid_1d, read_f32, upload_f32};
+use crate::util::{cube_linear, empty_f32, grid_1d, read_f32, upload_f32};
 
 /// Units per cube (power of two, for the tree sum).
-const GEMV_UNITS: usize = 64;
+pub(crate) const GEMV_UNITS: usize = 64;
 
 /// Comptime tag of the weight format inside the kernel, and the bytes one 32-element group of
 /// it spans in a row (a K-quant's 256-element super-block holds eight groups).
-fn kind_of(ty: QuantType) -> Result<u32> {
+pub(crate) fn kind_of(ty: QuantType) -> Result<u32> {
     match ty {
         QuantType::Q8_0 => Ok(0),
         QuantType::Q4_0 => Ok(1),
@@ -44,21 +44,65 @@ fn kind_of(ty: QuantType) -> Result<u32> {
     }
 }
 
+/// Bytes of one 32-element group of format `kind` (K-quants: of the 256-element super-block
+/// holding eight groups).
+pub(crate) const fn group_bytes(kind: u32) -> usize {
+    match kind {
+        0 => 34,
+        1 | 5 => 18,
+        2 => 20,
+        3 => 22,
+        4 => 24,
+        6 => 144,
+        7 => 176,
+        8 => 210,
+        _ => 64,
+    }
+}
+
+/// Sub-block `sub`'s 6-bit scale (low byte) and min (`<< 8`) from the 12 packed scale bytes of a
+/// Q4_K/Q5_K super-block at byte `ks` (needle-quant's `k_scale_min`).
+#[cube]
+pub(crate) fn k_scale_min(w: &Array<u32>, ks: usize, sub: usize) -> u32 {
+    let mut sc = byte_at(w, ks + sub) & 63;
+    let mut m = byte_at(w, ks + sub + 4) & 63;
+    if sub >= 4 {
+        sc = (byte_at(w, ks + sub + 4) & 15) | ((byte_at(w, ks + sub - 4) >> 6) << 4);
+        m = (byte_at(w, ks + sub + 4) >> 4) | ((byte_at(w, ks + sub) >> 6) << 4);
+    }
+    sc | (m << 8)
+}
+
+/// Element `l` (0..32) of group `sub` of the Q6_K super-block at byte `base`, unsigned (0..64;
+/// the value is `q − 32`): half h = sub / 4, quarter r = sub % 4; low 4 bits from
+/// `ql[64h + l + 32·(r odd)]` (high nibble for r ≥ 2), high 2 bits from bits 2r..2r+2 of
+/// `qh[32h + l]`.
+#[cube]
+pub(crate) fn q6_k_group(w: &Array<u32>, base: usize, sub: usize, l: usize) -> u32 {
+    let h = sub / 4;
+    let r = sub % 4;
+    let ql = base + 64 * h + 32 * (r % 2);
+    let qh = base + 128 + 32 * h;
+    let nib = ((r / 2) * 4) as u32;
+    let hs = (2 * r) as u32;
+    ((byte_at(w, ql + l) >> nib) & 15) | (((byte_at(w, qh + l) >> hs) & 3) << 4)
+}
+
 /// Byte `b` of the word buffer.
 #[cube]
-fn byte_at(w: &Array<u32>, b: usize) -> u32 {
+pub(crate) fn byte_at(w: &Array<u32>, b: usize) -> u32 {
     (w[b / 4] >> (((b % 4) * 8) as u32)) & 0xff
 }
 
 /// The little-endian f16 at byte `b`, as f32.
 #[cube]
-fn f16_at(w: &Array<u32>, b: usize) -> f32 {
+pub(crate) fn f16_at(w: &Array<u32>, b: usize) -> f32 {
     f16_bits_to_f32(byte_at(w, b) | (byte_at(w, b + 1) << 8))
 }
 
 /// f16 bits (low 16 bits of `h`) as f32: normals, subnormals, zero; inf/NaN keep their bits.
 #[cube]
-fn f16_bits_to_f32(h: u32) -> f32 {
+pub(crate) fn f16_bits_to_f32(h: u32) -> f32 {
     let sign = h >> 15;
     let e = (h >> 10) & 31;
     let m = h & 1023;
@@ -78,7 +122,7 @@ fn f16_bits_to_f32(h: u32) -> f32 {
 
 /// The signed value of byte `b` (an `i8`), as f32.
 #[cube]
-fn i8_at(w: &Array<u32>, b: usize) -> f32 {
+pub(crate) fn i8_at(w: &Array<u32>, b: usize) -> f32 {
     let byte = byte_at(w, b);
     let mut v = f32::cast_from(byte);
     if byte >= 128 {
@@ -87,7 +131,7 @@ fn i8_at(w: &Array<u32>, b: usize) -> f32 {
     v
 }
 
-/// One cube per (row, token): rows along the x/y grid, tokens along z; see the module doc.
+/// One cube per row (along the x/y grid); see the module doc.
 /// Units stride over the row's 32-element groups (a block of the 32-element formats, an eighth
 /// of a K-quant super-block, 32 halves of F16/BF16). `lut` is IQ4_NL's table (unused otherwise).
 #[cube(launch)]
@@ -107,21 +151,8 @@ pub fn gemv_q_kernel(
     }
     let u = UNIT_POS_X as usize;
     let nb = blocks_per_row as usize;
-    let tok = CUBE_POS_Z as usize;
-    let x0 = tok * nb * 32;
     // Bytes per 32 elements (K-quants: per super-block of 256).
-    let block_bytes = comptime!(match kind {
-        0 => 34usize,
-        1 => 18usize,
-        2 => 20usize,
-        3 => 22usize,
-        4 => 24usize,
-        5 => 18usize,
-        6 => 144usize,
-        7 => 176usize,
-        8 => 210usize,
-        _ => 64usize,
-    });
+    let block_bytes = comptime!(group_bytes(kind));
     let super_block = comptime!((6..=8).contains(&kind));
     let mut row_base = row * nb * block_bytes;
     if super_block {
@@ -136,7 +167,7 @@ pub fn gemv_q_kernel(
             base = row_base + (b / 8) * block_bytes;
             sub = b % 8;
         }
-        let xb = x0 + b * 32;
+        let xb = b * 32;
         if kind == 0 {
             let d = f16_at(w, base);
             let mut s = 0.0f32;
@@ -213,15 +244,9 @@ pub fn gemv_q_kernel(
             let d = f16_at(w, base);
             let dmin = f16_at(w, base + 2);
             // Sub-block `sub`'s 6-bit scale and min (needle-quant's `k_scale_min`).
-            let ks = base + 4;
-            let mut sc_bits = byte_at(w, ks + sub) & 63;
-            let mut m_bits = byte_at(w, ks + sub + 4) & 63;
-            if sub >= 4 {
-                sc_bits = (byte_at(w, ks + sub + 4) & 15) | ((byte_at(w, ks + sub - 4) >> 6) << 4);
-                m_bits = (byte_at(w, ks + sub + 4) >> 4) | ((byte_at(w, ks + sub) >> 6) << 4);
-            }
-            let sc = f32::cast_from(sc_bits);
-            let m = f32::cast_from(m_bits);
+            let sm = k_scale_min(w, base + 4, sub);
+            let sc = f32::cast_from(sm & 255);
+            let m = f32::cast_from(sm >> 8);
             let c = sub / 2;
             let shift = ((sub % 2) * 4) as u32;
             let mut qs = base + 16 + 32 * c;
@@ -245,18 +270,12 @@ pub fn gemv_q_kernel(
             // ql[64h + l + 32·(r odd)] (high nibble for r ≥ 2), high 2 bits from qh[32h + l] bits
             // 2r..2r+2, value q − 32, scale scales[8h + 2r + l/16].
             let d = f16_at(w, base + 208);
-            let h = sub / 4;
-            let r = sub % 4;
-            let ql = base + 64 * h + 32 * (r % 2);
-            let qh = base + 128 + 32 * h;
-            let nib = ((r / 2) * 4) as u32;
-            let hs = (2 * r) as u32;
-            let sc = base + 192 + 8 * h + 2 * r;
+            let sc = base + 192 + 8 * (sub / 4) + 2 * (sub % 4);
             let mut s0 = 0.0f32;
             let mut s1 = 0.0f32;
             for l in 0..16usize {
-                let q0 = ((byte_at(w, ql + l) >> nib) & 15) | (((byte_at(w, qh + l) >> hs) & 3) << 4);
-                let q1 = ((byte_at(w, ql + l + 16) >> nib) & 15) | (((byte_at(w, qh + l + 16) >> hs) & 3) << 4);
+                let q0 = q6_k_group(w, base, sub, l);
+                let q1 = q6_k_group(w, base, sub, l + 16);
                 s0 += (f32::cast_from(q0) - 32.0) * x[xb + l];
                 s1 += (f32::cast_from(q1) - 32.0) * x[xb + l + 16];
             }
@@ -292,7 +311,7 @@ pub fn gemv_q_kernel(
         stride /= 2;
     }
     if u == 0 {
-        y[tok * rows as usize + row] = red[0];
+        y[row] = red[0];
     }
 }
 
@@ -314,6 +333,11 @@ pub struct DeviceQMatrix {
 }
 
 impl DeviceQMatrix {
+    /// Elements in `lut`.
+    pub(crate) fn lut_len(&self) -> usize {
+        if self.ty == QuantType::IQ4_NL { 16 } else { 1 }
+    }
+
     /// Uploads `rows` rows of `cols` elements of `ty` blocks (`bytes` exactly as in the GGUF).
     pub fn upload<R: Runtime>(
         client: &ComputeClient<R>,
@@ -353,36 +377,17 @@ impl DeviceQMatrix {
 
 /// Launches `y = W · x` on device buffers (`x`: `cols` f32, `y`: `rows` f32).
 pub fn launch_gemv<R: Runtime>(client: &ComputeClient<R>, w: &DeviceQMatrix, x: &Handle, y: &Handle) -> Result<()> {
-    launch_gemm(client, w, x, y, 1)
-}
-
-/// Launches `Y = X · Wᵀ` for `t` tokens on device buffers (`x`: `t × cols` f32, `y`: `t × rows`
-/// f32, row-major): one GEMV per token, so the blocks are read `t` times (a prefill path, not a
-/// tuned GEMM).
-pub fn launch_gemm<R: Runtime>(
-    client: &ComputeClient<R>,
-    w: &DeviceQMatrix,
-    x: &Handle,
-    y: &Handle,
-    t: usize,
-) -> Result<()> {
     let kind = kind_of(w.ty)?;
-    if t == 0 || t > MAX_CUBES_PER_AXIS as usize {
-        return Err(invalid("t", format!("{t} tokens: 1..={MAX_CUBES_PER_AXIS} per launch")));
-    }
-    let CubeCount::Static(gx, gy, _) = grid_1d("rows", w.rows)? else {
-        return Err(invalid("rows", "grid_1d gives a static grid"));
-    };
     // SAFETY: every length is the element count the handle was made with.
     unsafe {
         gemv_q_kernel::launch::<R>(
             client,
-            CubeCount::Static(gx, gy, to_u32("t", t)?),
+            grid_1d("rows", w.rows)?,
             CubeDim::new_1d(GEMV_UNITS as u32),
             ArrayArg::from_raw_parts(w.words.clone(), w.n_words),
-            ArrayArg::from_raw_parts(x.clone(), t * w.cols),
-            ArrayArg::from_raw_parts(w.lut.clone(), if w.ty == QuantType::IQ4_NL { 16 } else { 1 }),
-            ArrayArg::from_raw_parts(y.clone(), t * w.rows),
+            ArrayArg::from_raw_parts(x.clone(), w.cols),
+            ArrayArg::from_raw_parts(w.lut.clone(), w.lut_len()),
+            ArrayArg::from_raw_parts(y.clone(), w.rows),
             to_u32("rows", w.rows)?,
             to_u32("cols / 32", w.cols / 32)?,
             kind,
@@ -399,13 +404,4 @@ pub fn gemv<R: Runtime>(client: &ComputeClient<R>, w: &DeviceQMatrix, x: &[f32])
     let y = empty_f32(client, w.rows);
     launch_gemv(client, w, &xh, &y)?;
     read_f32(client, y, w.rows)
-}
-
-/// Uploads `x` (`t × cols`), runs [`launch_gemm`] and reads `y` (`t × rows`) back.
-pub fn gemm<R: Runtime>(client: &ComputeClient<R>, w: &DeviceQMatrix, x: &[f32], t: usize) -> Result<Vec<f32>> {
-    check_len("x", x.len(), t * w.cols)?;
-    let xh = upload_f32(client, x);
-    let y = empty_f32(client, t * w.rows);
-    launch_gemm(client, w, &xh, &y, t)?;
-    read_f32(client, y, t * w.rows)
 }

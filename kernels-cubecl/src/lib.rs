@@ -3,8 +3,10 @@
 //! * [`decode`]: gathered decode attention over per-KV-head id lists, GQA-aware,
 //!   flash-decoding (chunks in separate cubes, then a log-sum-exp reduction); output and LSE.
 //! * [`merge`]: exact LSE merge of two partials (device static part + host retrieved part).
-//! * [`gemv`]: `y = W·x` (and `Y = X·Wᵀ` for a few tokens) straight from GGUF Q8_0 / Q4_0 /
-//!   Q4_1 blocks.
+//! * [`gemv`]: `y = W·x` straight from GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q4_K,
+//!   Q5_K, Q6_K, F16, BF16).
+//! * [`gemm`]: `Y = X·Wᵀ` for a block of tokens from the same blocks, tiled: each weight tile
+//!   dequantized once into shared memory for all the tile's tokens (prefill).
 //! * [`prefill`]: causal prefill attention (tiled flash attention), GQA-aware, with LSE.
 //! * [`quest`]: Quest page upper-bound scores and a deterministic top-k.
 //!
@@ -16,6 +18,7 @@
 
 pub mod decode;
 pub mod error;
+pub mod gemm;
 pub mod gemv;
 pub mod merge;
 pub mod prefill;
@@ -25,7 +28,8 @@ mod util;
 
 pub use decode::{Attention, DecodeOptions, DeviceKv, DeviceRowLists, decode_attention, launch_decode};
 pub use error::{Error, Result};
-pub use gemv::{DeviceQMatrix, gemm, gemv, launch_gemm, launch_gemv};
+pub use gemm::{gemm, launch_gemm};
+pub use gemv::{DeviceQMatrix, gemv, launch_gemv};
 pub use merge::{launch_lse_merge, lse_merge};
 pub use prefill::{launch_prefill, prefill_attention};
 pub use quest::{launch_quest_scores, launch_top_k, quest_scores, top_k};

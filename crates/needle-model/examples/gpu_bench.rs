@@ -3,7 +3,9 @@
 //! else wgpu), prefill and decode tokens/s against context length for full attention and
 //! retrieval, and the effective bandwidth of the device's decode-attention kernel on the bytes
 //! it reads (a retrieval step's gathered rows and a full step's), next to the device's own read
-//! bandwidth measured by a reduction over a large buffer. Prints one line per figure and writes
+//! bandwidth measured by a reduction over a large buffer, and the quantized linear kernels alone
+//! on layer 0's q_proj and up_proj: the GEMV (one token), one GEMV launch per token of a prefill
+//! chunk (the prefill path before the tiled GEMM) and the tiled GEMM over the chunk. Prints one line per figure and writes
 //! them as JSON (`--json`, a new file).
 //!
 //! ```sh
@@ -40,9 +42,9 @@ mod bench {
     use burn::tensor::Tensor;
     use burn::tensor::backend::BackendTypes;
     use needle_kernels_cubecl::cubecl::prelude::ComputeClient;
-    use needle_kernels_cubecl::{DeviceKv, DeviceRowLists, launch_decode};
-    use needle_loader::LlamaConfig;
-    use needle_model::{KvCache, Llama, QuantType, argmax, compose};
+    use needle_kernels_cubecl::{DeviceKv, DeviceQMatrix, DeviceRowLists, launch_decode, launch_gemm, launch_gemv};
+    use needle_loader::{Checkpoint, LlamaConfig};
+    use needle_model::{KvCache, Llama, QWeight, QuantType, argmax, compose};
     use serde_json::{Value, json};
 
     #[cfg(feature = "cuda")]
@@ -277,6 +279,59 @@ mod bench {
         Ok(Value::Object(res))
     }
 
+    /// The quantized linear kernels alone on `name` (its blocks as the model holds them): the
+    /// GEMV of one token, `t` GEMV launches (one per token: the prefill path before the tiled
+    /// GEMM) and the tiled GEMM of `t` tokens; GFLOP/s on `2·rows·cols` per token and the GEMV's
+    /// GB/s on the weight bytes.
+    fn linear_kernels(client: &ComputeClient<Rt>, ck: &Checkpoint, name: &str, t: usize, iters: usize) -> Res<Value> {
+        let raw = ck.tensor_blocks(name)?.ok_or_else(|| format!("{name}: no blocks"))?;
+        let w = QWeight::from_raw(name, raw)?;
+        let (rows, cols) = (w.rows(), w.cols());
+        if w.ty() == QuantType::F32 {
+            return Err(format!("{name} is F32: no block kernel").into());
+        }
+        let m = w.matrix()?;
+        let bytes: Vec<u8> = (0..rows).flat_map(|r| m.row_bytes(r).iter().copied()).collect();
+        let dq = DeviceQMatrix::upload(client, w.ty(), rows, cols, &bytes)?;
+        let mut s = 3u64;
+        let x: Vec<f32> = (0..t * cols).map(|_| (splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect();
+        let xh = client.create_from_slice(f32_bytes(&x));
+        let y = client.empty(t * rows * 4);
+        // Waits for the queued launches without reading `y` back (a chunk's output is megabytes).
+        let sync = || -> Res<()> {
+            needle_kernels_cubecl::cubecl::future::block_on(client.sync()).map_err(|e| format!("sync: {e:?}"))?;
+            Ok(())
+        };
+        let gemv_s = time(iters, || Ok(launch_gemv(client, &dq, &xh, &y)?), sync)?;
+        let per_token_s = time(
+            iters.div_ceil(t).max(2),
+            || {
+                for _ in 0..t {
+                    launch_gemv(client, &dq, &xh, &y)?;
+                }
+                Ok(())
+            },
+            sync,
+        )?;
+        let gemm_s = time(iters.div_ceil(t).max(2), || Ok(launch_gemm(client, &dq, &xh, &y, t)?), sync)?;
+        let flop = 2.0 * (rows * cols) as f64;
+        let gflops = |secs: f64, tokens: usize| flop * tokens as f64 / secs / 1e9;
+        println!(
+            "linear {name} {rows}×{cols} {:?}: GEMV {:.1} µs ({:.1} GB/s of weights); {t} tokens: one GEMV per token {:.1} GFLOP/s, tiled GEMM {:.1} GFLOP/s ({:.2}×)",
+            w.ty(),
+            gemv_s * 1e6,
+            bytes.len() as f64 / gemv_s / 1e9,
+            gflops(per_token_s, t),
+            gflops(gemm_s, t),
+            per_token_s / gemm_s
+        );
+        Ok(json!({
+            "weight": name, "rows": rows, "cols": cols, "type": format!("{:?}", w.ty()), "weight_bytes": bytes.len(),
+            "tokens": t, "gemv_seconds": gemv_s, "gemv_per_token_seconds": per_token_s, "gemm_seconds": gemm_s,
+            "gemm_gflops": gflops(gemm_s, t), "gemm_speedup_over_gemv_per_token": per_token_s / gemm_s,
+        }))
+    }
+
     fn f32_bytes(x: &[f32]) -> &[u8] {
         bytemuck::cast_slice(x)
     }
@@ -315,7 +370,8 @@ mod bench {
             kernels.push(k);
         }
         let t0 = Instant::now();
-        let model = Llama::<G>::random(&cfg, a.quant, a.seed, &device)?;
+        let ck = Checkpoint::random(&cfg, a.quant, a.seed)?;
+        let model = Llama::<G>::load(&ck, &device)?;
         let build_s = t0.elapsed().as_secs_f64();
         println!(
             "model {}: {} layers, hidden {}, {}q/{}kv×{}, vocab {}, {:?} weights ({:.2} GiB), made in {build_s:.1} s",
@@ -329,6 +385,11 @@ mod bench {
             a.quant,
             model.weight_bytes() as f64 / (1u64 << 30) as f64
         );
+        let mut linears = Vec::new();
+        for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"] {
+            linears.push(linear_kernels(&client, &ck, name, a.chunk.min(512), if a.small { 4 } else { 200 })?);
+        }
+        drop(ck);
         let mut runs = Vec::new();
         let mut skipped = Vec::new();
         for &context in &a.contexts {
@@ -358,7 +419,7 @@ mod bench {
             "hidden": cfg.hidden_size, "q_heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
             "head_dim": cfg.head_dim, "vocab": cfg.vocab_size, "quant": format!("{:?}", a.quant),
             "weight_bytes": model.weight_bytes(), "build_seconds": build_s, "small": a.small,
-            "read_gigabytes_per_second": read_gbps, "attention_kernel": kernels, "model": runs,
+            "read_gigabytes_per_second": read_gbps, "attention_kernel": kernels, "linear_kernels": linears, "model": runs,
             "skipped": skipped, "seconds": start.elapsed().as_secs_f64(),
         });
         if let Some(path) = &a.json {

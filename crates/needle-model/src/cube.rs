@@ -4,9 +4,10 @@
 //!
 //! - Linear weights stay in their GGUF blocks on the device (uploaded once per weight, on first
 //!   use, into the [`LinearWeight`]'s device copy, a [`DeviceWeight`]; llama.cpp's RoPE row order is undone at upload by
-//!   permuting whole rows) and run through the quantized GEMV kernel, one GEMV per token, for
-//!   every block format (the 32-element ones, the K-quants, F16/BF16); F32 weights are an f32
-//!   device matrix multiplied with Burn's matmul.
+//!   permuting whole rows) and run through the quantized kernels for every block format (the
+//!   32-element ones, the K-quants, F16/BF16): the GEMV for one token (decode), the tiled GEMM
+//!   for a prefill chunk (each weight tile dequantized once in shared memory for up to 32
+//!   tokens); F32 weights are an f32 device matrix multiplied with Burn's matmul.
 //! - Every layer's KV rows are mirrored on the device ([`DeviceCache`], token-major, f32), held
 //!   by the [`KvCache`] (its `KvMirror`) and brought up to date from the host rows before each use (the rows
 //!   a prefill chunk appended, or everything after a cache was loaded or forked); a decode step

@@ -76,7 +76,8 @@ fn quantized_linear_on_the_device_matches_the_dequantized_weight() {
             let w: LinearWeight<_> = QWeight::from_raw(name, ck.tensor_blocks(name).unwrap().unwrap()).unwrap().into();
             let (rows, cols) = (w.rows(), w.cols());
             let deq = w.dequantize().unwrap();
-            for t in [1, 5] {
+            // One token: the GEMV; 5 and 40: the tiled GEMM (8- and 32-token tiles).
+            for t in [1, 5, 40] {
                 let x = rand_vec(&mut rng, t * cols);
                 let got = plain::to_vec(<G as NeedleBackend>::qlinear(gpu(x.clone(), [t, cols]), &w).unwrap()).unwrap();
                 assert_eq!(got.len(), t * rows);

@@ -142,26 +142,78 @@ fn gemv_with_more_rows_than_one_grid_axis_holds() {
     check(74, QuantType::Q4_1, 70_000, 32);
 }
 
-#[test]
-fn gemm_over_several_tokens_is_one_gemv_per_token() {
+/// The tiled GEMM of `t` random tokens against needle-quant's dequantizer in f64, within the
+/// GEMV's bound per output (`2e-6·Σ|w·x| + 1e-7`).
+fn check_gemm(seed: u64, ty: QuantType, rows: usize, cols: usize, t: usize) {
     let Some(c) = client() else { return };
-    for (seed, ty, rows, cols, t) in [
-        (81, QuantType::Q4_1, 37, 416, 5),
-        (82, QuantType::Q8_0, 70, 96, 3),
-        (83, QuantType::Q4_0, 9, 64, 17),
-        (84, QuantType::Q6_K, 5, 512, 3),
-    ] {
-        let mut r = rng(seed);
-        let bytes = random_blocks(&mut r, ty, rows, cols);
-        let x = normal(&mut r, t * cols);
-        let w = DeviceQMatrix::upload(&c, ty, rows, cols, &bytes).unwrap();
-        let y = gemm(&c, &w, &x, t).unwrap();
-        assert_eq!(y.len(), t * rows);
-        for (i, xi) in x.chunks_exact(cols).enumerate() {
-            // The same kernel per token: bit-identical to a lone GEMV of that token.
-            assert_eq!(&y[i * rows..(i + 1) * rows], &gemv(&c, &w, xi).unwrap()[..], "{ty:?} token {i}");
+    let mut r = rng(seed);
+    let bytes = random_blocks(&mut r, ty, rows, cols);
+    let x = normal(&mut r, t * cols);
+    let w = DeviceQMatrix::upload(&c, ty, rows, cols, &bytes).unwrap();
+    let y = gemm(&c, &w, &x, t).unwrap();
+    assert_eq!(y.len(), t * rows);
+    let row_bytes = cols / ty.block_elems() * ty.block_bytes();
+    let mut deq = vec![0.0f32; rows * cols];
+    for (i, out) in deq.chunks_exact_mut(cols).enumerate() {
+        dequantize_row(ty, &bytes[i * row_bytes..(i + 1) * row_bytes], out).unwrap();
+    }
+    for (tok, xt) in x.chunks_exact(cols).enumerate() {
+        for (i, wr) in deq.chunks_exact(cols).enumerate() {
+            let want: f64 = wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let mag: f64 = wr.iter().zip(xt).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            let got = y[tok * rows + i] as f64;
+            let tol = 2e-6 * mag + 1e-7;
+            assert!(
+                (got - want).abs() <= tol,
+                "{ty:?} {rows}×{cols}, {t} tokens: token {tok} row {i}: got {got}, want {want}, |error| {:e} > {tol:e}",
+                (got - want).abs()
+            );
         }
     }
+}
+
+#[test]
+fn tiled_gemm_matches_dequantized_reference_for_every_format() {
+    // Rows not a multiple of the 64-row tile; 2 and 5 tokens (one 8-token tile, part empty),
+    // 45 (two 32-token tiles, the second part empty); several groups per row.
+    let formats = [
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::IQ4_NL,
+        QuantType::Q4_K,
+        QuantType::Q5_K,
+        QuantType::Q6_K,
+        QuantType::F16,
+        QuantType::BF16,
+    ];
+    for (i, ty) in formats.into_iter().enumerate() {
+        let cols = if ty.block_elems() == 256 { 512 } else { 160 };
+        let seed = 120 + 10 * i as u64;
+        check_gemm(seed, ty, 37, cols, 2);
+        check_gemm(seed + 1, ty, 70, cols, 45);
+    }
+}
+
+#[test]
+fn tiled_gemm_over_larger_shapes_holds() {
+    // Several row tiles and token tiles, a K-quant row of 8 super-blocks.
+    check_gemm(201, QuantType::Q4_1, 130, 416, 5);
+    check_gemm(202, QuantType::Q6_K, 129, 2048, 33);
+    check_gemm(203, QuantType::Q8_0, 200, 1024, 70);
+}
+
+#[test]
+fn gemm_of_one_token_is_the_gemv_and_bad_shapes_are_refused() {
+    let Some(c) = client() else { return };
+    let mut r = rng(211);
+    let (rows, cols) = (37, 416);
+    let bytes = random_blocks(&mut r, QuantType::Q4_1, rows, cols);
+    let x = normal(&mut r, cols);
+    let w = DeviceQMatrix::upload(&c, QuantType::Q4_1, rows, cols, &bytes).unwrap();
+    assert_eq!(gemm(&c, &w, &x, 1).unwrap(), gemv(&c, &w, &x).unwrap());
     let w = DeviceQMatrix::upload(&c, QuantType::Q8_0, 2, 64, &[0; 136]).unwrap();
     assert_eq!(gemm(&c, &w, &[0.0; 127], 2).unwrap_err(), Error::Len { param: "x", got: 127, expected: 128 });
     assert!(matches!(gemm(&c, &w, &[], 0).unwrap_err(), Error::Invalid { param: "t", .. }));
