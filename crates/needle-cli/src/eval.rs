@@ -444,7 +444,10 @@ fn print_tasks(title: &str, rows: &[TaskRow], selectors: &[String]) {
         }
     }
     println!("\nper prompt (keys touched per decode step: all layers, global layers)");
-    println!("{:<34} {:<28} {:>7} {:>6} {:>5} {:>8} {:>8}  answer", "selector", "task", "tokens", "depth", "score", "touched", "global");
+    println!(
+        "{:<34} {:<28} {:>7} {:>6} {:>5} {:>8} {:>8}  answer",
+        "selector", "task", "tokens", "depth", "score", "touched", "global"
+    );
     for r in rows {
         println!(
             "{:<34} {:<28} {:>7} {:>6.2} {:>5.2} {:>7.2}% {:>7.2}%  {:?}",
