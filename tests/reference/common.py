@@ -88,8 +88,13 @@ def text_tokens(llm, name: str, anchor: str, n_tokens: int) -> list[int]:
 
 def load_llama(path: str, *, n_ctx: int, logits_all: bool = False, n_threads: int = 2,
                kv_f32: bool = False, flash_attn: bool = False, vocab_only: bool = False,
-               n_batch: int = 512, seed: int = 1234, capture_log: bool = False):
-    """Load a model; returns (llm, log) where log is llama.cpp's load log if captured."""
+               n_batch: int = 512, seed: int = 1234, capture_log: bool = False,
+               swa_full: bool | None = None):
+    """Load a model; returns (llm, log) where log is llama.cpp's load log if captured.
+
+    swa_full: for models with sliding-window layers (Gemma 3), whether llama.cpp keeps every
+    position in those layers' KV cache (libllama's default, True) or only the window (plus one
+    batch), as needle does; None leaves libllama's default."""
     from llama_cpp import Llama
 
     kw = dict(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads,
@@ -97,6 +102,8 @@ def load_llama(path: str, *, n_ctx: int, logits_all: bool = False, n_threads: in
               flash_attn=flash_attn, vocab_only=vocab_only, verbose=capture_log)
     if kv_f32:
         kw.update(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+    if swa_full is not None:
+        kw.update(swa_full=swa_full)
     if not capture_log:
         return Llama(**kw), ""
     buf = io.StringIO()

@@ -443,6 +443,24 @@ fn print_tasks(title: &str, rows: &[TaskRow], selectors: &[String]) {
             println!("  {sel:<32} {} {:>8}", cells.join(" "), cell(mean_score(rows, Some(task), sel, None)));
         }
     }
+    println!("\nper prompt (keys touched per decode step: all layers, global layers)");
+    println!(
+        "{:<34} {:<28} {:>7} {:>6} {:>5} {:>8} {:>8}  answer",
+        "selector", "task", "tokens", "depth", "score", "touched", "global"
+    );
+    for r in rows {
+        println!(
+            "{:<34} {:<28} {:>7} {:>6.2} {:>5.2} {:>7.2}% {:>7.2}%  {:?}",
+            r.selector,
+            r.task,
+            r.tokens,
+            r.depth,
+            r.score,
+            100.0 * r.keys_touched,
+            100.0 * r.keys_touched_global,
+            r.generated.trim()
+        );
+    }
 }
 
 /// The task settings of `a` for one grid of `lengths` × `depths`.

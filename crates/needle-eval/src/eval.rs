@@ -115,6 +115,11 @@ pub struct TaskRow {
     pub generated: String,
     /// The expected answer.
     pub answer: String,
+    /// Share of keys the answer's decode steps touched (all layers; 0 when the answer took
+    /// no decode step).
+    pub keys_touched: f64,
+    /// The same on the global layers only, where the selectors choose.
+    pub keys_touched_global: f64,
 }
 
 /// Settings of [`fidelity`].
@@ -449,21 +454,38 @@ pub fn run_tasks<B: NeedleBackend>(
             .iter()
             .map(|sel| {
                 let mut c = fork(model, &base, sel, cfg.kv)?;
-                Ok((sel.clone(), answer(model, tok, &mut c, &first, cfg.answer_tokens)?))
+                let generated = answer(model, tok, &mut c, &first, cfg.answer_tokens)?;
+                Ok(Answered::new(sel.clone(), generated, &c))
             })
             .collect()
     })
 }
 
-/// Each task of `specs` at each grid point: `answers(prompt tokens)` gives one (variant name,
-/// generated text) per variant compared (a selector, a prefill pattern), each scored into a row.
+/// One variant's answer to a task prompt, with the share of keys its decode steps touched.
+pub(crate) struct Answered {
+    name: String,
+    generated: String,
+    keys_touched: f64,
+    keys_touched_global: f64,
+}
+
+impl Answered {
+    /// `generated` by variant `name`, decoded with `cache` (read for its decode statistics).
+    pub(crate) fn new<M>(name: String, generated: String, cache: &KvCache<M>) -> Self {
+        let s = &cache.stats;
+        Self { name, generated, keys_touched: s.share_touched(), keys_touched_global: s.share_touched_global() }
+    }
+}
+
+/// Each task of `specs` at each grid point: `answers(prompt tokens)` gives one [`Answered`] per
+/// variant compared (a selector, a prefill pattern), each scored into a row.
 /// `progress(done, total)` counts prompts.
 pub(crate) fn score_tasks(
     tok: &Tokenizer,
     specs: &[TaskSpec],
     cfg: &TaskConfig,
     progress: &mut dyn FnMut(usize, usize),
-    mut answers: impl FnMut(&[u32]) -> Result<Vec<(String, String)>>,
+    mut answers: impl FnMut(&[u32]) -> Result<Vec<Answered>>,
 ) -> Result<Vec<TaskRow>> {
     let count = |s: &str| tok.encode(s, false).map_or(0, |t| t.len());
     let points = needle_tasks::grid(&cfg.lengths, &cfg.depths, &cfg.seeds);
@@ -474,9 +496,17 @@ pub(crate) fn score_tasks(
             let inst = spec.instance(p, &Filler::Landmark, &count)?;
             // BOS where the vocabulary asks for one (Gemma's does; SmolLM2's does not).
             let tokens = tok.encode(&inst.prompt, true)?;
-            for (name, generated) in answers(&tokens)? {
+            for Answered { name, generated, keys_touched, keys_touched_global } in answers(&tokens)? {
                 let score = needle_tasks::score(spec, &generated, &inst);
-                tracing::info!("{} {name}: {:.2} ({:?} vs {})", inst.id, score, generated.trim(), inst.answer);
+                tracing::info!(
+                    "{} {name}: {:.2} ({:?} vs {}), {:.2}% of keys touched ({:.2}% global)",
+                    inst.id,
+                    score,
+                    generated.trim(),
+                    inst.answer,
+                    100.0 * keys_touched,
+                    100.0 * keys_touched_global
+                );
                 rows.push(TaskRow {
                     selector: name,
                     task: spec.to_string(),
@@ -487,6 +517,8 @@ pub(crate) fn score_tasks(
                     score,
                     generated,
                     answer: inst.answer.clone(),
+                    keys_touched,
+                    keys_touched_global,
                 });
             }
             progress(si * points.len() + pi + 1, total);
@@ -573,6 +605,8 @@ mod tests {
             score,
             generated: String::new(),
             answer: String::new(),
+            keys_touched: 0.0,
+            keys_touched_global: 0.0,
         };
         let rows = [row("a", "full", 10, 1.0), row("a", "full", 20, 0.0), row("b", "full", 10, 0.5)];
         assert_eq!(mean_score(&rows, Some("a"), "full", None), Some(0.5));

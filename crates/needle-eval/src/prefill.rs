@@ -21,7 +21,7 @@ use needle_tasks::TaskSpec;
 use serde::Serialize;
 
 use crate::error::{Context, Error, Result};
-use crate::eval::{TaskConfig, TaskRow, answer, mean, score_tasks};
+use crate::eval::{Answered, TaskConfig, TaskRow, answer, mean, score_tasks};
 
 /// Prefill pattern specs separated by `;`, each checked (`dense` is the reference and is always
 /// compared against; listing it is allowed).
@@ -218,7 +218,8 @@ pub fn prefill_tasks<B: NeedleBackend>(
             .iter()
             .map(|(name, pattern)| {
                 let mut pre = prefill(model, tokens, *pattern, cfg.chunk)?;
-                Ok((name.clone(), answer(model, tok, &mut pre.cache, &pre.logits, cfg.answer_tokens)?))
+                let generated = answer(model, tok, &mut pre.cache, &pre.logits, cfg.answer_tokens)?;
+                Ok(Answered::new(name.clone(), generated, &pre.cache))
             })
             .collect()
     })
