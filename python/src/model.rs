@@ -214,7 +214,8 @@ pub struct Model {
 
 #[pymethods]
 impl Model {
-    /// Loads `model` (`"default"`, a `.gguf` file or a Hugging Face folder). `device` is
+    /// Loads `model` (`"default"`, `"gemma3-270m"`, a `.gguf` file or a Hugging Face folder; the
+    /// built-in ones are fetched if absent, as the CLI's `--model`). `device` is
     /// `"cpu"` (this package is built for the CPU backend); `weights` is `"native"` (kept in
     /// their GGUF blocks) or `"f32"` (dequantized: the exact reference path).
     #[staticmethod]
