@@ -205,6 +205,24 @@ impl<'a> Reader<'a> {
         }
         Ok(v as usize)
     }
+    /// The dimension saved in `field`, which must be the index's own `dim`.
+    pub fn expect_dim(&mut self, field: &str, dim: usize) -> Result<()> {
+        let saved = self.len(field, usize::MAX)?;
+        if saved != dim {
+            return Err(self.fail(field, format!("saved for dim {saved}, this index has {dim}")));
+        }
+        Ok(())
+    }
+    /// The key count saved in `field`, which must be the number of rows of `dim` in `keys` (the
+    /// keys a loaded index is given back); returns it.
+    pub fn expect_rows(&mut self, field: &str, keys: &[f32], dim: usize) -> Result<usize> {
+        let n = crate::index::check_batch("keys", keys, dim)?;
+        let saved = self.len(field, usize::MAX)?;
+        if saved != n {
+            return Err(self.fail(field, format!("{saved} keys saved, {n} key rows given")));
+        }
+        Ok(n)
+    }
     /// The length of an array of `size`-byte elements, at most `max` and within the bytes left:
     /// what may be allocated is bounded by the state's own size.
     fn array_len(&mut self, field: &str, size: usize, max: usize) -> Result<usize> {

@@ -801,16 +801,8 @@ impl CompactGraph {
         if (params.graph.m, params.patience) != (self.params.graph.m, self.params.patience) {
             return Err(r.fail("params", format!("saved with {params:?}, this index has {:?}", self.params)));
         }
-        let dim = r.len("dim", usize::MAX)?;
-        if dim != self.dim {
-            return Err(r.fail("dim", format!("saved for dim {dim}, this index has {}", self.dim)));
-        }
-        let n = check_batch("keys", keys, self.dim)?;
-        let saved = r.len("n", usize::MAX)?;
-        if saved != n {
-            return Err(r.fail("n", format!("{saved} keys saved, {n} key rows given")));
-        }
-        Ok(n)
+        r.expect_dim("dim", self.dim)?;
+        r.expect_rows("n", keys, self.dim)
     }
 
     fn to_fixed(&self) -> FixedGraph {

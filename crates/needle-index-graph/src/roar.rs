@@ -620,15 +620,9 @@ impl RoarGraph {
     fn load(&mut self, state: &[u8], keys: &[f32]) -> Result<()> {
         let mut r = Reader::new("RoarGraph index", state, ROAR_TAG, ROAR_VERSION)?;
         let mut params = RoarGraphParams::load(&mut r)?;
-        let dim = r.len("dim", usize::MAX)?;
-        if dim != self.dim {
-            return Err(r.fail("dim", format!("saved for dim {dim}, this index has {}", self.dim)));
-        }
-        let n = check_batch("keys", keys, self.dim)?;
-        let saved = r.len("n", usize::MAX)?;
-        if saved != n {
-            return Err(r.fail("n", format!("{saved} keys saved, {n} key rows given")));
-        }
+        let dim = self.dim;
+        r.expect_dim("dim", dim)?;
+        let n = r.expect_rows("n", keys, dim)?;
         let graph = FixedGraph::load(&mut r, "graph", params.m, n, n)?;
         let entries = r.u32s("entries", n)?;
         r.check_below("entries", &entries, n)?;

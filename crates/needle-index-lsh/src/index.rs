@@ -290,11 +290,7 @@ impl LshIndex {
                 ),
             ));
         }
-        let n = check_batch("keys", keys, dim)?;
-        let saved = r.len("n", usize::MAX)?;
-        if saved != n {
-            return Err(r.fail("n", format!("{saved} keys saved, {n} key rows given")));
-        }
+        let n = r.expect_rows("n", keys, dim)?;
         let planes = r.f32s_exact("hyperplanes", l_tables * k_bits * dim)?;
         let tables =
             (0..l_tables).map(|t| Table::load(&mut r, &format!("table {t}"), n, k_bits)).collect::<Result<Vec<_>>>()?;
