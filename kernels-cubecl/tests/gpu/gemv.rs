@@ -176,20 +176,9 @@ fn check_gemm(seed: u64, ty: QuantType, rows: usize, cols: usize, t: usize) {
 fn tiled_gemm_matches_dequantized_reference_for_every_format() {
     // Rows not a multiple of the 64-row tile; 2 and 5 tokens (one 8-token tile, part empty),
     // 45 (two 32-token tiles, the second part empty); several groups per row.
-    let formats = [
-        QuantType::Q8_0,
-        QuantType::Q4_0,
-        QuantType::Q4_1,
-        QuantType::Q5_0,
-        QuantType::Q5_1,
-        QuantType::IQ4_NL,
-        QuantType::Q4_K,
-        QuantType::Q5_K,
-        QuantType::Q6_K,
-        QuantType::F16,
-        QuantType::BF16,
-    ];
-    for (i, ty) in formats.into_iter().enumerate() {
+    // Every block format (f32 weights take no GEMM kernel).
+    let formats = QuantType::ALL.into_iter().filter(|&t| t != QuantType::F32);
+    for (i, ty) in formats.enumerate() {
         let cols = if ty.block_elems() == 256 { 512 } else { 160 };
         let seed = 120 + 10 * i as u64;
         check_gemm(seed, ty, 37, cols, 2);
