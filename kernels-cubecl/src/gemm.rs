@@ -22,6 +22,7 @@ use cubecl::server::Handle;
 use crate::error::{Result, check_len, invalid, to_u32};
 use crate::gemv::{
     DeviceQMatrix, byte_at, f16_at, f16_bits_to_f32, group_bytes, i8_at, k_scale_min, kind_of, launch_gemv, q6_k_group,
+    u32_at,
 };
 use crate::util::{MAX_CUBES_PER_AXIS, empty_f32, read_f32, upload_f32};
 
@@ -97,7 +98,7 @@ fn dequantize_group(
             m = f16_at(w, base + 2);
             h = base + 4;
         }
-        let qh = byte_at(w, h) | (byte_at(w, h + 1) << 8) | (byte_at(w, h + 2) << 16) | (byte_at(w, h + 3) << 24);
+        let qh = u32_at(w, h);
         for j in 0..16usize {
             let byte = byte_at(w, h + 4 + j);
             let lo = f32::cast_from((byte & 15) | (((qh >> j as u32) & 1) << 4));

@@ -94,6 +94,12 @@ pub(crate) fn byte_at(w: &Array<u32>, b: usize) -> u32 {
     (w[b / 4] >> (((b % 4) * 8) as u32)) & 0xff
 }
 
+/// The little-endian `u32` at byte `b` (any alignment: Q5_0 / Q5_1's `qh`).
+#[cube]
+pub(crate) fn u32_at(w: &Array<u32>, b: usize) -> u32 {
+    byte_at(w, b) | (byte_at(w, b + 1) << 8) | (byte_at(w, b + 2) << 16) | (byte_at(w, b + 3) << 24)
+}
+
 /// The little-endian f16 at byte `b`, as f32.
 #[cube]
 pub(crate) fn f16_at(w: &Array<u32>, b: usize) -> f32 {
@@ -221,7 +227,7 @@ pub fn gemv_q_kernel(
                 m = f16_at(w, base + 2);
                 h = base + 4;
             }
-            let qh = byte_at(w, h) | (byte_at(w, h + 1) << 8) | (byte_at(w, h + 2) << 16) | (byte_at(w, h + 3) << 24);
+            let qh = u32_at(w, h);
             let mut s = 0.0f32;
             let mut sx = 0.0f32;
             for j in 0..16usize {
