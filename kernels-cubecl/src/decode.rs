@@ -27,7 +27,10 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::error::{Result, check_len, invalid, to_u32};
-use crate::util::{buf_len, cube_linear, empty_f32, grid_1d, online_softmax_step, read_f32, upload_f32, upload_u32};
+use crate::gemv::f16_bits_to_f32;
+use crate::util::{
+    buf_len, cube_linear, empty_f32, f32_to_f16_bits, grid_1d, online_softmax_step, read_f32, upload_f32, upload_u32,
+};
 
 /// Rows per tile of pass 1, and units per cube.
 pub const DECODE_TILE: usize = 64;
@@ -120,22 +123,10 @@ impl DeviceKv {
         if n == 0 {
             return Ok(());
         }
-        let offset = to_u32("offset", self.n_rows * row)?;
-        let count = to_u32("k", k.len())?;
+        let offset = self.n_rows * row;
         for (src, dst) in [(k, &self.k), (v, &self.v)] {
             let src_h = upload_f32(client, src);
-            // SAFETY: every length is the element count the handle was made with.
-            unsafe {
-                copy_kernel::launch::<R>(
-                    client,
-                    grid_1d("k", k.len().div_ceil(COPY_UNITS as usize))?,
-                    CubeDim::new_1d(COPY_UNITS),
-                    ArrayArg::from_raw_parts(src_h, src.len()),
-                    ArrayArg::from_raw_parts(dst.clone(), self.buffer_len()),
-                    offset,
-                    count,
-                );
-            }
+            copy_words(client, &src_h, src.len(), 0, dst, self.buffer_len(), offset, src.len())?;
         }
         self.n_rows += n;
         Ok(())
@@ -160,9 +151,9 @@ impl DeviceKv {
             return Ok(());
         }
         let count = n * self.n_kv_heads * self.head_dim;
-        let offset = to_u32("offset", self.n_rows * self.n_kv_heads * self.head_dim)?;
+        let offset = self.n_rows * self.n_kv_heads * self.head_dim;
         for (src, dst) in [(k, &self.k), (v, &self.v)] {
-            copy_rows(client, src, count, dst, self.buffer_len(), offset, count)?;
+            copy_words(client, src, count, 0, dst, self.buffer_len(), offset, count)?;
         }
         self.n_rows += n;
         Ok(())
@@ -178,7 +169,7 @@ impl DeviceKv {
         let count = self.n_rows * self.n_kv_heads * self.head_dim;
         if count > 0 {
             for (src, dst) in [(&self.k, &grown.k), (&self.v, &grown.v)] {
-                copy_rows(client, src, self.buffer_len(), dst, grown.buffer_len(), 0, count)?;
+                copy_words(client, src, self.buffer_len(), 0, dst, grown.buffer_len(), 0, count)?;
             }
         }
         grown.n_rows = self.n_rows;
@@ -187,44 +178,15 @@ impl DeviceKv {
     }
 }
 
-/// `dst[offset..offset + count] = src[..count]` on the device (`src_len`, `dst_len`: the handles'
-/// element counts).
-fn copy_rows<R: Runtime>(
-    client: &ComputeClient<R>,
-    src: &Handle,
-    src_len: usize,
-    dst: &Handle,
-    dst_len: usize,
-    offset: u32,
-    count: usize,
-) -> Result<()> {
-    if count > src_len || offset as usize + count > dst_len {
-        return Err(invalid("count", format!("{count} elements at {offset} exceed {src_len} / {dst_len}")));
-    }
-    // SAFETY: the lengths were checked against the element counts the handles were made with.
-    unsafe {
-        copy_kernel::launch::<R>(
-            client,
-            grid_1d("count", count.div_ceil(COPY_UNITS as usize))?,
-            CubeDim::new_1d(COPY_UNITS),
-            ArrayArg::from_raw_parts(src.clone(), src_len),
-            ArrayArg::from_raw_parts(dst.clone(), dst_len),
-            offset,
-            to_u32("count", count)?,
-        );
-    }
-    Ok(())
-}
-
 /// Units per cube of [`copy_kernel`].
 const COPY_UNITS: u32 = 64;
 
-/// `dst[offset + i] = src[i]` for `i < n`.
+/// `dst[dst_off + i] = src[src_off + i]` for `i < n` (32-bit words: f32 rows, or f16 pairs).
 #[cube(launch)]
-pub fn copy_kernel(src: &Array<f32>, dst: &mut Array<f32>, offset: u32, n: u32) {
+pub fn copy_kernel(src: &Array<u32>, dst: &mut Array<u32>, src_off: u32, dst_off: u32, n: u32) {
     let i = cube_linear() * CUBE_DIM_X as usize + UNIT_POS_X as usize;
     if i < n as usize {
-        dst[offset as usize + i] = src[i];
+        dst[dst_off as usize + i] = src[src_off as usize + i];
     }
 }
 
@@ -301,15 +263,17 @@ pub struct Attention {
 
 /// Pass 1: partial softmax state of one chunk of one KV head's ids, for its whole query group.
 ///
-/// Writes `part_o[((h · n_chunks + c) · group + g) · d + i]` (unnormalised output) and
-/// `part_ml[((h · n_chunks + c) · group + g) · 2 + {0, 1}]` = (running max, sum); sum 0 means the
-/// chunk saw no row.
+/// Writes `part_o[((h · n_chunks + chunk_base + c) · group + g) · d + i]` (unnormalised output)
+/// and `part_ml[(… + g) · 2 + {0, 1}]` = (running max, sum); sum 0 means the chunk saw no row.
+/// `n_chunks` counts the chunks of every launch that shares the partials (one per buffer of a
+/// [`KvStore`]); this launch's start at `chunk_base`. `k` and `v` are 32-bit words: f32 values,
+/// or with `half` two f16 values each (low half first).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_partial_kernel(
     q: &Array<f32>,
-    k: &Array<f32>,
-    v: &Array<f32>,
+    k: &Array<u32>,
+    v: &Array<u32>,
     ids: &Array<u32>,
     offsets: &Array<u32>,
     log_w: &Array<f32>,
@@ -318,12 +282,14 @@ pub fn decode_partial_kernel(
     n_rows: u32,
     n_kv: u32,
     chunk_rows: u32,
+    chunk_base: u32,
     n_chunks: u32,
     scale: f32,
     #[comptime] group: usize,
     #[comptime] d: usize,
     #[comptime] tile: usize,
     #[comptime] weighted: bool,
+    #[comptime] half: bool,
 ) {
     let c = CUBE_POS_X as usize;
     let h = CUBE_POS_Y as usize;
@@ -386,7 +352,7 @@ pub fn decode_partial_kernel(
                 dots[g] = 0.0;
             }
             for i in 0..d {
-                let kx = k[k_base + i];
+                let kx = kv_at(k, k_base + i, half);
                 #[unroll]
                 for g in 0..group {
                     dots[g] += q_s[g * d + i] * kx;
@@ -427,7 +393,7 @@ pub fn decode_partial_kernel(
             for j in 0..n_tile {
                 let rj = row_s[j];
                 if rj < n_rows {
-                    let vx = v[rj as usize * kv_stride + h * d + i];
+                    let vx = kv_at(v, rj as usize * kv_stride + h * d + i, half);
                     #[unroll]
                     for g in 0..group {
                         a[g] += s_s[g * tile + j] * vx;
@@ -444,7 +410,7 @@ pub fn decode_partial_kernel(
         base += tile;
     }
 
-    let part = (h * n_chunks as usize + c) * group;
+    let part = (h * n_chunks as usize + chunk_base as usize + c) * group;
     let mut e = u;
     while e < gd {
         part_o[part * d + e] = acc[e];
@@ -528,24 +494,38 @@ fn partial_smem_bytes(group: usize, d: usize, tile: usize) -> usize {
     4 * (2 * group * d + group * tile + tile + 3 * group)
 }
 
-/// Launches both passes on device buffers: `q` `[n_q_heads][head_dim]`, writing `out`
-/// `[n_q_heads][head_dim]` and `lse` `[n_q_heads]`. `chunk_rows` is rounded up to a multiple of
-/// [`DECODE_TILE`] (and grown if the grid would exceed 65,535 chunks).
-#[allow(clippy::too_many_arguments)]
-pub fn launch_decode<R: Runtime>(
+/// Value `e` of a K or V buffer of 32-bit words: an f32, or with `half` the f16 in the low
+/// (even `e`) or high (odd `e`) half of word `e / 2`, widened.
+#[cube]
+fn kv_at(buf: &Array<u32>, e: usize, #[comptime] half: bool) -> f32 {
+    if half {
+        let w = buf[e / 2];
+        f16_bits_to_f32((w >> (((e % 2) * 16) as u32)) & 0xffff)
+    } else {
+        f32::reinterpret(buf[e])
+    }
+}
+
+/// One K/V buffer pair pass 1 reads: `words` 32-bit words each, `slots` rows.
+struct KvView<'a> {
+    k: &'a Handle,
+    v: &'a Handle,
+    words: usize,
+    slots: usize,
+    half: bool,
+}
+
+/// Checks what every decode launch needs; returns the query group size.
+fn check_decode<R: Runtime>(
     client: &ComputeClient<R>,
-    kv: &DeviceKv,
-    q: &Handle,
+    (n_kv, d): (usize, usize),
+    n_lists: usize,
     n_q_heads: usize,
-    lists: &DeviceRowLists,
     scale: f32,
     chunk_rows: usize,
-    out: &Handle,
-    lse: &Handle,
-) -> Result<()> {
-    let (n_kv, d) = (kv.n_kv_heads, kv.head_dim);
-    if lists.n_kv_heads != n_kv {
-        return Err(invalid("lists", format!("{} lists for {n_kv} KV heads", lists.n_kv_heads)));
+) -> Result<usize> {
+    if n_lists != n_kv {
+        return Err(invalid("lists", format!("{n_lists} lists for {n_kv} KV heads")));
     }
     if n_q_heads == 0 || !n_q_heads.is_multiple_of(n_kv) {
         return Err(invalid("n_q_heads", format!("{n_q_heads} is not a positive multiple of {n_kv} KV heads")));
@@ -569,17 +549,50 @@ pub fn launch_decode<R: Runtime>(
             format!("group {group} × head_dim {d} needs {smem} B of shared memory, the device has {limit}"),
         ));
     }
+    Ok(group)
+}
+
+/// Rows per chunk and chunks for lists of at most `max_len` ids: `chunk_rows` rounded up to a
+/// multiple of [`DECODE_TILE`], grown if the grid would exceed 65,535 chunks.
+fn chunking(chunk_rows: usize, max_len: usize) -> (usize, usize) {
     let mut chunk = chunk_rows.div_ceil(DECODE_TILE) * DECODE_TILE;
     let max_chunks = crate::util::MAX_CUBES_PER_AXIS as usize;
-    if lists.max_len.div_ceil(chunk) > max_chunks {
-        chunk = lists.max_len.div_ceil(max_chunks).div_ceil(DECODE_TILE) * DECODE_TILE;
+    if max_len.div_ceil(chunk) > max_chunks {
+        chunk = max_len.div_ceil(max_chunks).div_ceil(DECODE_TILE) * DECODE_TILE;
     }
-    let n_chunks = lists.max_len.div_ceil(chunk).max(1);
-    let n_parts = n_kv * n_chunks * group;
-    let part_o = empty_f32(client, n_parts * d);
-    let part_ml = empty_f32(client, n_parts * 2);
-    let n_store = kv.buffer_len();
+    (chunk, max_len.div_ceil(chunk))
+}
 
+/// The partials both passes share: `n_chunks` chunks per KV head.
+struct Partials {
+    o: Handle,
+    ml: Handle,
+    n_parts: usize,
+    n_chunks: usize,
+}
+
+impl Partials {
+    fn new<R: Runtime>(client: &ComputeClient<R>, n_q_heads: usize, d: usize, n_chunks: usize) -> Self {
+        let n_parts = n_q_heads * n_chunks;
+        Self { o: empty_f32(client, n_parts * d), ml: empty_f32(client, n_parts * 2), n_parts, n_chunks }
+    }
+}
+
+/// Pass 1 over one buffer pair: `n_chunks` chunks of `chunk` ids, written at `chunk_base`.
+#[allow(clippy::too_many_arguments)]
+fn launch_partial<R: Runtime>(
+    client: &ComputeClient<R>,
+    kv: &KvView<'_>,
+    q: &Handle,
+    n_q_heads: usize,
+    lists: &DeviceRowLists,
+    scale: f32,
+    (chunk, n_chunks, chunk_base): (usize, usize, usize),
+    parts: &Partials,
+    d: usize,
+) -> Result<()> {
+    let n_kv = lists.n_kv_heads;
+    let group = n_q_heads / n_kv;
     // SAFETY (all `from_raw_parts`): every length is the element count the handle was made with.
     unsafe {
         decode_partial_kernel::launch::<R>(
@@ -587,8 +600,8 @@ pub fn launch_decode<R: Runtime>(
             CubeCount::Static(to_u32("chunks", n_chunks)?, to_u32("n_kv_heads", n_kv)?, 1),
             CubeDim::new_1d(DECODE_TILE as u32),
             ArrayArg::from_raw_parts(q.clone(), n_q_heads * d),
-            ArrayArg::from_raw_parts(kv.k.clone(), n_store),
-            ArrayArg::from_raw_parts(kv.v.clone(), n_store),
+            ArrayArg::from_raw_parts(kv.k.clone(), kv.words),
+            ArrayArg::from_raw_parts(kv.v.clone(), kv.words),
             ArrayArg::from_raw_parts(lists.ids.clone(), buf_len(lists.n_ids)),
             ArrayArg::from_raw_parts(lists.offsets.clone(), n_kv + 1),
             match &lists.log_w {
@@ -596,34 +609,497 @@ pub fn launch_decode<R: Runtime>(
                 // Unread placeholder: a binding must exist even when the kernel has no weights.
                 None => ArrayArg::from_raw_parts(upload_f32(client, &[0.0]), 1),
             },
-            ArrayArg::from_raw_parts(part_o.clone(), n_parts * d),
-            ArrayArg::from_raw_parts(part_ml.clone(), n_parts * 2),
-            to_u32("n_rows", kv.n_rows)?,
+            ArrayArg::from_raw_parts(parts.o.clone(), parts.n_parts * d),
+            ArrayArg::from_raw_parts(parts.ml.clone(), parts.n_parts * 2),
+            to_u32("n_rows", kv.slots)?,
             to_u32("n_kv_heads", n_kv)?,
             to_u32("chunk_rows", chunk)?,
-            to_u32("chunks", n_chunks)?,
+            to_u32("chunks", chunk_base)?,
+            to_u32("chunks", parts.n_chunks)?,
             scale,
             group,
             d,
             DECODE_TILE,
             lists.log_w.is_some(),
+            kv.half,
         );
+    }
+    Ok(())
+}
+
+/// Pass 2: the chunks of each query head combined into `out` and `lse`.
+fn launch_reduce<R: Runtime>(
+    client: &ComputeClient<R>,
+    parts: Partials,
+    n_q_heads: usize,
+    group: usize,
+    d: usize,
+    out: &Handle,
+    lse: &Handle,
+) -> Result<()> {
+    // SAFETY (all `from_raw_parts`): every length is the element count the handle was made with.
+    unsafe {
         decode_reduce_kernel::launch::<R>(
             client,
             grid_1d("n_q_heads", n_q_heads)?,
             CubeDim::new_1d(d.next_power_of_two().clamp(32, 128) as u32),
-            ArrayArg::from_raw_parts(part_o, n_parts * d),
-            ArrayArg::from_raw_parts(part_ml, n_parts * 2),
+            ArrayArg::from_raw_parts(parts.o, parts.n_parts * d),
+            ArrayArg::from_raw_parts(parts.ml, parts.n_parts * 2),
             ArrayArg::from_raw_parts(out.clone(), n_q_heads * d),
             ArrayArg::from_raw_parts(lse.clone(), n_q_heads),
             to_u32("n_q_heads", n_q_heads)?,
-            to_u32("chunks", n_chunks)?,
+            to_u32("chunks", parts.n_chunks)?,
             f32::NEG_INFINITY,
             group,
             d,
         );
     }
     Ok(())
+}
+
+/// Launches both passes on device buffers: `q` `[n_q_heads][head_dim]`, writing `out`
+/// `[n_q_heads][head_dim]` and `lse` `[n_q_heads]`. `chunk_rows` is rounded up to a multiple of
+/// [`DECODE_TILE`] (and grown if the grid would exceed 65,535 chunks).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_decode<R: Runtime>(
+    client: &ComputeClient<R>,
+    kv: &DeviceKv,
+    q: &Handle,
+    n_q_heads: usize,
+    lists: &DeviceRowLists,
+    scale: f32,
+    chunk_rows: usize,
+    out: &Handle,
+    lse: &Handle,
+) -> Result<()> {
+    let d = kv.head_dim;
+    let group = check_decode(client, (kv.n_kv_heads, d), lists.n_kv_heads, n_q_heads, scale, chunk_rows)?;
+    let (chunk, n_chunks) = chunking(chunk_rows, lists.max_len);
+    let n_chunks = n_chunks.max(1);
+    let parts = Partials::new(client, n_q_heads, d, n_chunks);
+    let view = KvView { k: &kv.k, v: &kv.v, words: kv.buffer_len(), slots: kv.n_rows, half: false };
+    launch_partial(client, &view, q, n_q_heads, lists, scale, (chunk, n_chunks, 0), &parts, d)?;
+    launch_reduce(client, parts, n_q_heads, group, d, out, lse)
+}
+
+/// How a [`KvStore`] keeps its values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KvFormat {
+    /// 4 bytes a value.
+    #[default]
+    F32,
+    /// 2 bytes a value: IEEE half, rounded to nearest even (as `half::f16::from_f32`), two in a
+    /// 32-bit word (WGSL's `f16` needs an extension lavapipe lacks); the kernels widen each
+    /// value to f32 and accumulate in f32.
+    F16,
+}
+
+impl KvFormat {
+    /// Bytes a value takes on the device.
+    pub fn value_bytes(self) -> usize {
+        match self {
+            KvFormat::F32 => 4,
+            KvFormat::F16 => 2,
+        }
+    }
+
+    /// 32-bit words holding `values` values (`values` even for F16).
+    fn words(self, values: usize) -> usize {
+        match self {
+            KvFormat::F32 => values,
+            KvFormat::F16 => values / 2,
+        }
+    }
+}
+
+/// One K/V buffer pair of a [`KvStore`].
+#[derive(Debug, Clone)]
+struct Segment {
+    k: Handle,
+    v: Handle,
+    slots: usize,
+}
+
+/// KV rows on the device for decode attention: slots of `[n_kv_heads][head_dim]` values, f32
+/// or f16 ([`KvFormat`]), in one K and one V buffer per segment of at most `max_segment_slots`
+/// slots (a device caps the size of one buffer: wgpu's default is 128 MiB). Slot `s` lives in
+/// the segment whose slots cover it; what row a slot holds is the caller's (the model's device
+/// mirror maps a cache's rows to slots). Decode attention takes per-KV-head slot lists and runs
+/// pass 1 once per segment the lists touch, all into one set of partials, then one reduce.
+#[derive(Debug, Clone)]
+pub struct KvStore {
+    format: KvFormat,
+    n_kv_heads: usize,
+    head_dim: usize,
+    max_segment_slots: usize,
+    segments: Vec<Segment>,
+}
+
+impl KvStore {
+    /// An empty store (no buffer yet: [`KvStore::reserve`]). F16 needs an even `head_dim`.
+    pub fn new(format: KvFormat, n_kv_heads: usize, head_dim: usize, max_segment_slots: usize) -> Result<Self> {
+        if n_kv_heads == 0 || head_dim == 0 {
+            return Err(invalid("n_kv_heads", "n_kv_heads and head_dim must be > 0"));
+        }
+        if format == KvFormat::F16 && !head_dim.is_multiple_of(2) {
+            return Err(invalid("head_dim", format!("{head_dim} is odd: f16 rows are stored in pairs")));
+        }
+        if max_segment_slots == 0 {
+            return Err(invalid("max_segment_slots", "must be > 0"));
+        }
+        let words = format.words(n_kv_heads * head_dim);
+        to_u32("max_segment_slots · row", max_segment_slots.saturating_mul(words))?;
+        Ok(Self { format, n_kv_heads, head_dim, max_segment_slots, segments: Vec::new() })
+    }
+
+    /// The most slots one buffer may hold on `client`'s device (its largest storage binding).
+    pub fn max_slots_per_buffer<R: Runtime>(
+        client: &ComputeClient<R>,
+        format: KvFormat,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> usize {
+        let row = (n_kv_heads * head_dim * format.value_bytes()).max(1) as u64;
+        let cap = client.properties().memory.max_page_size.min(u64::from(u32::MAX));
+        ((cap / row) as usize).max(1)
+    }
+
+    /// The storage format.
+    pub fn format(&self) -> KvFormat {
+        self.format
+    }
+
+    /// Slots the buffers have room for.
+    pub fn capacity(&self) -> usize {
+        self.segments.iter().map(|s| s.slots).sum()
+    }
+
+    /// Slots of the first buffer (0 before any).
+    pub fn first_segment_slots(&self) -> usize {
+        self.segments.first().map_or(0, |s| s.slots)
+    }
+
+    /// Buffers per K (and per V).
+    pub fn n_segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Device bytes of the K and V buffers together.
+    pub fn bytes(&self) -> u64 {
+        (self.capacity() * self.row_words() * 4 * 2) as u64
+    }
+
+    fn row_words(&self) -> usize {
+        self.format.words(self.n_kv_heads * self.head_dim)
+    }
+
+    /// Grows the buffers to room for at least `slots` slots, keeping what they hold: the last
+    /// segment doubles (copied on the device) up to the segment cap, then new segments follow.
+    pub fn reserve<R: Runtime>(&mut self, client: &ComputeClient<R>, slots: usize) -> Result<()> {
+        let rw = self.row_words();
+        while self.capacity() < slots {
+            let need = slots - self.capacity();
+            let grow = self.segments.last().filter(|s| s.slots < self.max_segment_slots).map(|s| s.slots);
+            match grow {
+                Some(old) => {
+                    let new = (2 * old).max(old + need).min(self.max_segment_slots);
+                    let (k, v) = (empty_f32(client, new * rw), empty_f32(client, new * rw));
+                    let last = self.segments.last_mut().ok_or_else(|| invalid("slots", "no segment"))?;
+                    copy_words(client, &last.k, old * rw, 0, &k, new * rw, 0, old * rw)?;
+                    copy_words(client, &last.v, old * rw, 0, &v, new * rw, 0, old * rw)?;
+                    *last = Segment { k, v, slots: new };
+                }
+                None => {
+                    let new = need.min(self.max_segment_slots);
+                    let (k, v) = (empty_f32(client, new * rw), empty_f32(client, new * rw));
+                    self.segments.push(Segment { k, v, slots: new });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The segment pieces of slots `slot..slot + n`: (segment, first local slot, first of the
+    /// `n`, count).
+    fn pieces(&self, param: &'static str, slot: usize, n: usize) -> Result<Vec<(usize, usize, usize, usize)>> {
+        if slot + n > self.capacity() {
+            return Err(invalid(param, format!("slots {slot}..{} exceed the capacity {}", slot + n, self.capacity())));
+        }
+        let (mut out, mut base) = (Vec::new(), 0);
+        for (i, s) in self.segments.iter().enumerate() {
+            let (lo, hi) = (slot.max(base), (slot + n).min(base + s.slots));
+            if lo < hi {
+                out.push((i, lo - base, lo - slot, hi - lo));
+            }
+            base += s.slots;
+        }
+        Ok(out)
+    }
+
+    /// Writes host rows (`k`, `v`: `[n][n_kv_heads][head_dim]` f32, rounded to the format) at
+    /// slots `slot..slot + n`.
+    pub fn write<R: Runtime>(&mut self, client: &ComputeClient<R>, slot: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let row = self.n_kv_heads * self.head_dim;
+        if !k.len().is_multiple_of(row) {
+            return Err(invalid("k", format!("length {} is not a multiple of n_kv_heads · head_dim = {row}", k.len())));
+        }
+        check_len("v", v.len(), k.len())?;
+        let n = k.len() / row;
+        let rw = self.row_words();
+        for (seg, local, first, count) in self.pieces("slot", slot, n)? {
+            let s = &self.segments[seg];
+            for (src, dst) in [(k, &s.k), (v, &s.v)] {
+                let src = &src[first * row..(first + count) * row];
+                let words: Vec<u32> = match self.format {
+                    KvFormat::F32 => src.iter().map(|x| x.to_bits()).collect(),
+                    KvFormat::F16 => src
+                        .chunks_exact(2)
+                        .map(|p| {
+                            u32::from(half::f16::from_f32(p[0]).to_bits())
+                                | (u32::from(half::f16::from_f32(p[1]).to_bits()) << 16)
+                        })
+                        .collect(),
+                };
+                let h = upload_u32(client, &words);
+                copy_words(client, &h, words.len(), 0, dst, s.slots * rw, local * rw, words.len())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `n` rows already on the device (`k`, `v`: handles of at least
+    /// `n · n_kv_heads · head_dim` f32, token-major) at slots `slot..slot + n`, rounded to the
+    /// format on the device.
+    pub fn write_device<R: Runtime>(
+        &mut self,
+        client: &ComputeClient<R>,
+        slot: usize,
+        k: &Handle,
+        v: &Handle,
+        n: usize,
+    ) -> Result<()> {
+        let (row, rw) = (self.n_kv_heads * self.head_dim, self.row_words());
+        for (seg, local, first, count) in self.pieces("slot", slot, n)? {
+            let s = &self.segments[seg];
+            for (src, dst) in [(k, &s.k), (v, &s.v)] {
+                match self.format {
+                    KvFormat::F32 => {
+                        copy_words(client, src, n * row, first * row, dst, s.slots * rw, local * rw, count * row)?
+                    }
+                    KvFormat::F16 => pack_f16(client, src, n * row, first * row, dst, s.slots * rw, local * rw, count * rw)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Slots `0..n_rows` as one f32 [`DeviceKv`] (what the prefill kernel reads): the first
+    /// segment's buffers themselves for F32, a widened copy for F16. Errors when the slots span
+    /// more than the first segment.
+    pub fn dense_f32<R: Runtime>(&self, client: &ComputeClient<R>, n_rows: usize) -> Result<DeviceKv> {
+        let first = self.segments.first().filter(|s| s.slots >= n_rows).ok_or_else(|| {
+            invalid("n_rows", format!("{n_rows} rows do not fit in the store's first buffer"))
+        })?;
+        let row = self.n_kv_heads * self.head_dim;
+        let (k, v, capacity) = match self.format {
+            KvFormat::F32 => (first.k.clone(), first.v.clone(), first.slots),
+            KvFormat::F16 => {
+                let wide = |src: &Handle| -> Result<Handle> {
+                    let dst = empty_f32(client, n_rows * row);
+                    widen_f16(client, src, first.slots * self.row_words(), &dst, n_rows * row)?;
+                    Ok(dst)
+                };
+                (wide(&first.k)?, wide(&first.v)?, n_rows)
+            }
+        };
+        Ok(DeviceKv { k, v, n_rows, capacity, n_kv_heads: self.n_kv_heads, head_dim: self.head_dim })
+    }
+
+    /// Decode attention over per-KV-head slot lists (with optional additive log-weights), as
+    /// [`launch_decode`]: `q` `[n_q_heads][head_dim]` in, `out` and `lse` written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_decode<R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        q: &Handle,
+        n_q_heads: usize,
+        lists: &[&[u32]],
+        log_weights: Option<&[&[f32]]>,
+        scale: f32,
+        chunk_rows: usize,
+        out: &Handle,
+        lse: &Handle,
+    ) -> Result<()> {
+        let d = self.head_dim;
+        let group = check_decode(client, (self.n_kv_heads, d), lists.len(), n_q_heads, scale, chunk_rows)?;
+        if self.segments.is_empty() {
+            return Err(invalid("slots", "the store has no buffer (reserve first)"));
+        }
+        if let Some(ws) = log_weights {
+            check_len("log_weights (lists)", ws.len(), lists.len())?;
+        }
+        let cap = self.capacity();
+        if let Some(bad) = lists.iter().flat_map(|l| l.iter()).find(|&&s| s as usize >= cap) {
+            return Err(invalid("lists", format!("slot {bad} out of range for {cap} slots")));
+        }
+        // Each segment's share of the lists, in local slots.
+        let mut launches = Vec::new();
+        let (mut base, mut chunks) = (0usize, 0usize);
+        for (i, s) in self.segments.iter().enumerate() {
+            let range = base as u32..(base + s.slots) as u32;
+            let mut local: Vec<Vec<u32>> = Vec::with_capacity(lists.len());
+            let mut weights: Vec<Vec<f32>> = Vec::with_capacity(lists.len());
+            for (j, l) in lists.iter().enumerate() {
+                let (mut ids, mut ws) = (Vec::new(), Vec::new());
+                for (e, &slot) in l.iter().enumerate() {
+                    if range.contains(&slot) {
+                        ids.push(slot - range.start);
+                        if let Some(w) = log_weights {
+                            ws.push(*w[j].get(e).ok_or_else(|| invalid("log_weights", "shorter than its list"))?);
+                        }
+                    }
+                }
+                local.push(ids);
+                weights.push(ws);
+            }
+            let max_len = local.iter().map(Vec::len).max().unwrap_or(0);
+            // Every list empty: one chunk of segment 0 still writes the empty partials.
+            let last = i + 1 == self.segments.len();
+            if max_len > 0 || (last && chunks == 0) {
+                let (chunk, n) = chunking(chunk_rows, max_len);
+                let n = n.max(1);
+                launches.push((i, local, weights, chunk, n, chunks));
+                chunks += n;
+            }
+            base += s.slots;
+        }
+        let parts = Partials::new(client, n_q_heads, d, chunks);
+        let rw = self.row_words();
+        for (i, local, weights, chunk, n, chunk_base) in launches {
+            let s = &self.segments[i];
+            let ids: Vec<&[u32]> = local.iter().map(Vec::as_slice).collect();
+            let ws: Vec<&[f32]> = weights.iter().map(Vec::as_slice).collect();
+            let dev = DeviceRowLists::upload(client, &ids, log_weights.map(|_| &ws[..]), s.slots)?;
+            let view =
+                KvView { k: &s.k, v: &s.v, words: s.slots * rw, slots: s.slots, half: self.format == KvFormat::F16 };
+            launch_partial(client, &view, q, n_q_heads, &dev, scale, (chunk, n, chunk_base), &parts, d)?;
+        }
+        launch_reduce(client, parts, n_q_heads, group, d, out, lse)
+    }
+}
+
+/// `dst[dst_off + i] = src[src_off + i]` for `i < count` (32-bit words; `src_len`, `dst_len`:
+/// the handles' word counts).
+#[allow(clippy::too_many_arguments)]
+fn copy_words<R: Runtime>(
+    client: &ComputeClient<R>,
+    src: &Handle,
+    src_len: usize,
+    src_off: usize,
+    dst: &Handle,
+    dst_len: usize,
+    dst_off: usize,
+    count: usize,
+) -> Result<()> {
+    if src_off + count > src_len || dst_off + count > dst_len {
+        return Err(invalid("count", format!("{count} words at {src_off} / {dst_off} exceed {src_len} / {dst_len}")));
+    }
+    if count == 0 {
+        return Ok(());
+    }
+    // SAFETY: the lengths were checked against the element counts the handles were made with.
+    unsafe {
+        copy_kernel::launch::<R>(
+            client,
+            grid_1d("count", count.div_ceil(COPY_UNITS as usize))?,
+            CubeDim::new_1d(COPY_UNITS),
+            ArrayArg::from_raw_parts(src.clone(), buf_len(src_len)),
+            ArrayArg::from_raw_parts(dst.clone(), buf_len(dst_len)),
+            to_u32("offset", src_off)?,
+            to_u32("offset", dst_off)?,
+            to_u32("count", count)?,
+        );
+    }
+    Ok(())
+}
+
+/// `dst[dst_off + i]` = the f16 pair of `src[src_off + 2i]`, `src[src_off + 2i + 1]` (f32, low
+/// half first) for `i < words`.
+#[allow(clippy::too_many_arguments)]
+fn pack_f16<R: Runtime>(
+    client: &ComputeClient<R>,
+    src: &Handle,
+    src_len: usize,
+    src_off: usize,
+    dst: &Handle,
+    dst_len: usize,
+    dst_off: usize,
+    words: usize,
+) -> Result<()> {
+    if src_off + 2 * words > src_len || dst_off + words > dst_len {
+        return Err(invalid("count", format!("{words} f16 pairs at {src_off} / {dst_off} exceed {src_len} / {dst_len}")));
+    }
+    if words == 0 {
+        return Ok(());
+    }
+    // SAFETY: the lengths were checked against the element counts the handles were made with.
+    unsafe {
+        pack_f16_kernel::launch::<R>(
+            client,
+            grid_1d("count", words.div_ceil(COPY_UNITS as usize))?,
+            CubeDim::new_1d(COPY_UNITS),
+            ArrayArg::from_raw_parts(src.clone(), buf_len(src_len)),
+            ArrayArg::from_raw_parts(dst.clone(), buf_len(dst_len)),
+            to_u32("offset", src_off)?,
+            to_u32("offset", dst_off)?,
+            to_u32("count", words)?,
+        );
+    }
+    Ok(())
+}
+
+/// `dst[..n]` (f32) = the first `n` f16 values of `src` (pairs in words), `n` even.
+fn widen_f16<R: Runtime>(client: &ComputeClient<R>, src: &Handle, src_len: usize, dst: &Handle, n: usize) -> Result<()> {
+    let words = n / 2;
+    if words > src_len {
+        return Err(invalid("n_rows", format!("{n} values exceed {src_len} f16 pairs")));
+    }
+    if words == 0 {
+        return Ok(());
+    }
+    // SAFETY: the lengths were checked against the element counts the handles were made with.
+    unsafe {
+        widen_f16_kernel::launch::<R>(
+            client,
+            grid_1d("count", words.div_ceil(COPY_UNITS as usize))?,
+            CubeDim::new_1d(COPY_UNITS),
+            ArrayArg::from_raw_parts(src.clone(), buf_len(src_len)),
+            ArrayArg::from_raw_parts(dst.clone(), buf_len(n)),
+            to_u32("count", words)?,
+        );
+    }
+    Ok(())
+}
+
+/// `dst[dst_off + i] = f16(src[src_off + 2i]) | f16(src[src_off + 2i + 1]) << 16`.
+#[cube(launch)]
+pub fn pack_f16_kernel(src: &Array<f32>, dst: &mut Array<u32>, src_off: u32, dst_off: u32, n: u32) {
+    let i = cube_linear() * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    if i < n as usize {
+        let s = src_off as usize + 2 * i;
+        dst[dst_off as usize + i] = f32_to_f16_bits(src[s]) | (f32_to_f16_bits(src[s + 1]) << 16);
+    }
+}
+
+/// `dst[2i], dst[2i + 1]` = the two f16 values of `src[i]` as f32.
+#[cube(launch)]
+pub fn widen_f16_kernel(src: &Array<u32>, dst: &mut Array<f32>, n: u32) {
+    let i = cube_linear() * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    if i < n as usize {
+        let w = src[i];
+        dst[2 * i] = f16_bits_to_f32(w & 0xffff);
+        dst[2 * i + 1] = f16_bits_to_f32(w >> 16);
+    }
 }
 
 /// Options of [`decode_attention`].

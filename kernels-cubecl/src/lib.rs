@@ -26,7 +26,9 @@ pub mod quest;
 
 mod util;
 
-pub use decode::{Attention, DecodeOptions, DeviceKv, DeviceRowLists, decode_attention, launch_decode};
+pub use decode::{
+    Attention, DecodeOptions, DeviceKv, DeviceRowLists, KvFormat, KvStore, decode_attention, launch_decode,
+};
 pub use error::{Error, Result};
 pub use gemm::{gemm, launch_gemm};
 pub use gemv::{DeviceQMatrix, gemv, launch_gemv};

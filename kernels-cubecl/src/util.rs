@@ -74,6 +74,50 @@ pub(crate) fn online_softmax_step(
     f[r] = scale;
 }
 
+/// The f16 bits (in the low 16 bits) of `x`, rounded to nearest even as `half::f16::from_f32`
+/// rounds: overflow to ±inf, underflow to subnormals or ±0, NaN kept a (quiet) NaN.
+#[cube]
+pub(crate) fn f32_to_f16_bits(x: f32) -> u32 {
+    let b = u32::reinterpret(x);
+    let sign = (b >> 16) & 0x8000;
+    let exp = (b >> 23) & 0xff;
+    let man = b & 0x7f_ffff;
+    let mut out = sign;
+    if exp == 255 {
+        let mut nan = 0u32;
+        if man != 0 {
+            nan = 0x200 | (man >> 13);
+        }
+        out = sign | 0x7c00 | nan;
+    } else if exp > 142 {
+        // Past f16's largest exponent.
+        out = sign | 0x7c00;
+    } else if exp < 113 {
+        // f16 subnormal (or zero below 2^-25).
+        if exp >= 102 {
+            let m = man | 0x80_0000;
+            let shift = 126 - exp;
+            let round = 1u32 << (shift - 1);
+            let mut h = m >> shift;
+            if (m & round) != 0 {
+                if (m & (3 * round - 1)) != 0 {
+                    h += 1;
+                }
+            }
+            out = sign | h;
+        }
+    } else {
+        let mut h = sign | ((exp - 112) << 10) | (man >> 13);
+        if (man & 0x1000) != 0 {
+            if (man & 0x2fff) != 0 {
+                h += 1;
+            }
+        }
+        out = h;
+    }
+    out
+}
+
 /// Uploads `data` (never an empty buffer: WebGPU rejects zero-sized bindings, so an empty slice
 /// becomes one unused zero).
 pub(crate) fn upload_f32<R: Runtime>(client: &ComputeClient<R>, data: &[f32]) -> Handle {
