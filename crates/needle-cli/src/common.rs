@@ -28,9 +28,12 @@ pub struct ModelArgs {
     /// context's own.
     #[arg(long)]
     pub kv: Option<KvDtype>,
-    /// Memory budgets of the KV tiers, e.g. `host=4GiB,disk=100GiB`: past the host budget the
-    /// pages decode read least recently go to a spill file (in --kv-spill-dir) and are read back
-    /// in place when picked. Unbounded when absent.
+    /// Memory budgets of the KV tiers, e.g. `device=2GiB,host=4GiB,disk=100GiB`: past the host
+    /// budget the pages decode read least recently go to a spill file (in --kv-spill-dir) and are
+    /// read back in place when picked. `device` (--device wgpu|cuda; all layers together): each
+    /// layer keeps its sinks and most recent rows on the device, the rest on the host, where the
+    /// hybrid decode step attends them (merged exactly); a prefill chunk whose layer is not whole
+    /// on the device attends on the host. Unbounded when absent.
     #[arg(long)]
     pub kv_budget: Option<TierBudget>,
     /// Where the spill file of --kv-budget goes (an unnamed temporary file: nothing is left

@@ -23,10 +23,13 @@ const SEGMENT: usize = 64 << 20;
 /// Pages start at this alignment inside a segment (cache lines, and any `T` up to 64 bytes).
 const ALIGN: usize = 64;
 
-/// Memory budgets of the KV tiers, as `--kv-budget host=4GiB,disk=100GiB` gives them; an
-/// absent tier is unbounded.
+/// Memory budgets of the KV tiers, as `--kv-budget device=2GiB,host=4GiB,disk=100GiB` gives
+/// them; an absent tier is unbounded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TierBudget {
+    /// Bytes of KV rows a device backend keeps on the device (all layers together); past it
+    /// the device holds each layer's sinks and most recent rows, and the host attends the rest.
+    pub device: Option<u64>,
     /// Bytes of KV pages kept in RAM; past it the coldest pages spill to disk.
     pub host: Option<u64>,
     /// Bytes of KV pages the disk tier may hold; past it growing the cache is an error.
@@ -36,7 +39,7 @@ pub struct TierBudget {
 impl TierBudget {
     /// True when no tier is bounded.
     pub fn is_unbounded(&self) -> bool {
-        self.host.is_none() && self.disk.is_none()
+        self.device.is_none() && self.host.is_none() && self.disk.is_none()
     }
 }
 
@@ -72,9 +75,10 @@ impl FromStr for TierBudget {
                 part.split_once('=').ok_or_else(|| bad(format!("`{part}` is not tier=size (host=4GiB)")))?;
             let bytes = parse_bytes(size).map_err(bad)?;
             let slot = match tier.trim() {
+                "device" => &mut budget.device,
                 "host" => &mut budget.host,
                 "disk" => &mut budget.disk,
-                other => return Err(bad(format!("unknown tier `{other}` (host or disk)"))),
+                other => return Err(bad(format!("unknown tier `{other}` (device, host or disk)"))),
             };
             if slot.replace(bytes).is_some() {
                 return Err(bad(format!("tier `{}` given twice", tier.trim())));
@@ -86,7 +90,7 @@ impl FromStr for TierBudget {
 
 impl fmt::Display for TierBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = [("host", self.host), ("disk", self.disk)]
+        let parts: Vec<String> = [("device", self.device), ("host", self.host), ("disk", self.disk)]
             .into_iter()
             .filter_map(|(t, b)| b.map(|b| format!("{t}={b}")))
             .collect();
@@ -208,14 +212,22 @@ mod tests {
     #[test]
     fn budgets_parse_and_bad_ones_are_named() {
         let b: TierBudget = "host=4GiB, disk=100G".parse().unwrap();
-        assert_eq!(b, TierBudget { host: Some(4 << 30), disk: Some(100 << 30) });
+        assert_eq!(b, TierBudget { device: None, host: Some(4 << 30), disk: Some(100 << 30) });
+        let b: TierBudget = "device=512MiB,host=4GiB".parse().unwrap();
+        assert_eq!(b, TierBudget { device: Some(512 << 20), host: Some(4 << 30), disk: None });
+        assert_eq!(b.to_string(), format!("device={},host={}", 512 << 20, 4u64 << 30));
+        assert_eq!(b.to_string().parse::<TierBudget>().unwrap(), b);
+        assert!(!"device=1G".parse::<TierBudget>().unwrap().is_unbounded());
         assert_eq!("host=1.5MiB".parse::<TierBudget>().unwrap().host, Some(3 << 19));
         assert_eq!("disk=4096".parse::<TierBudget>().unwrap().disk, Some(4096));
         assert!("".parse::<TierBudget>().unwrap().is_unbounded());
-        for bad in ["host", "ram=1G", "host=1G,host=2G", "host=1Q", "host=-1", "host=G"] {
+        for bad in ["host", "ram=1G", "host=1G,host=2G", "host=1Q", "host=-1", "host=G", "device=1G,device=2G", "gpu=1G"]
+        {
             let e = bad.parse::<TierBudget>().unwrap_err().to_string();
             assert!(e.contains("--kv-budget") && e.contains(bad), "{bad}: {e}");
         }
+        // An unknown tier's error lists the valid ones.
+        assert!("gpu=1G".parse::<TierBudget>().unwrap_err().to_string().contains("device, host or disk"));
     }
 
     #[test]

@@ -31,7 +31,8 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, IntElement};
 use needle_kernels_cpu::QuantType;
 use needle_kernels_cubecl::cubecl::prelude::ComputeClient;
 use needle_kernels_cubecl::cubecl::server::Handle;
-use needle_kernels_cubecl::{DeviceKv, DeviceQMatrix, DeviceRowLists};
+use needle_core::KvDtype;
+use needle_kernels_cubecl::{DeviceKv, DeviceQMatrix, KvFormat, KvStore};
 
 use crate::backend::{NeedleBackend, plain};
 use crate::cache::{DecodeMode, DynamicPart, KvCache, LayerKind};
@@ -231,11 +232,150 @@ fn qlinear_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
 /// from the cache's host rows as they are appended, or by a decode step straight from the
 /// device ([`NeedleBackend::decode_step`]), which may leave the host rows behind until the
 /// step's end.
+///
+/// Rows are stored in the cache's KV precision (f32, or f16 for `--kv f16`; a q8 cache's
+/// dequantized rows in f32: [`mirror_format`]) in a [`KvStore`] per layer, split into several buffers past the device's largest one. Under a
+/// device budget (`--kv-budget device=…`) each layer keeps its sinks and a ring of its most
+/// recent rows; rows that leave the ring are dropped from the device and attended on the host.
 pub struct DeviceCache<R: CubeRuntime> {
-    layers: Vec<Option<DeviceKv>>,
+    layers: Vec<Option<LayerRows>>,
     /// Per layer: a decode row written on the device and not yet appended to the host rows.
     pending: Vec<Option<Pending<R>>>,
+    /// Slots per device buffer when set (tests force several buffers with it); else the
+    /// device's largest buffer.
+    segment_slots: Option<usize>,
     _runtime: PhantomData<fn() -> R>,
+}
+
+/// One layer's rows on the device and where each lives.
+struct LayerRows {
+    store: KvStore,
+    /// Rows mirrored (the host's, plus a pending decode row).
+    n_rows: usize,
+    /// Under a device budget: rows below `sinks` at their own slot, later rows in a ring of
+    /// `ring` slots after them (only the last `ring` rows resident). `None`: row r at slot r.
+    ring: Option<(usize, usize)>,
+}
+
+impl LayerRows {
+    /// The slot of row `r`, if it is on the device.
+    fn slot(&self, r: usize) -> Option<usize> {
+        match self.ring {
+            None => (r < self.n_rows).then_some(r),
+            Some((sinks, _)) if r < sinks => (r < self.n_rows).then_some(r),
+            Some((sinks, ring)) => (r < self.n_rows && r + ring >= self.n_rows).then(|| sinks + (r - sinks) % ring),
+        }
+    }
+
+    /// The slot row `n_rows` (the next) goes to.
+    fn next_slot(&self) -> usize {
+        match self.ring {
+            Some((sinks, ring)) if self.n_rows >= sinks => sinks + (self.n_rows - sinks) % ring,
+            _ => self.n_rows,
+        }
+    }
+
+    /// Slots the layer may use at most.
+    fn most_slots(&self) -> usize {
+        self.ring.map_or(usize::MAX, |(sinks, ring)| sinks + ring)
+    }
+
+    /// Grows the store to hold the next `extra` rows' slots.
+    fn reserve<R: CubeRuntime>(&mut self, client: &ComputeClient<R>, extra: usize) -> Result<()> {
+        let want = (self.n_rows + extra).min(self.most_slots());
+        let grown = want.max(2 * self.store.capacity()).min(self.most_slots());
+        if want > self.store.capacity() {
+            self.store.reserve(client, grown).map_err(kernel_err("KV mirror"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the host rows `first..first + n` (`k`, `v` token-major) that stay on the device.
+    fn write_host<R: CubeRuntime>(
+        &mut self,
+        client: &ComputeClient<R>,
+        first: usize,
+        (k, v): (&[f32], &[f32]),
+        row: usize,
+    ) -> Result<()> {
+        let end = first + k.len() / row.max(1);
+        let old = self.n_rows;
+        self.n_rows = end;
+        // Runs of consecutive slots among the resident rows.
+        let mut r = first;
+        while r < end {
+            let Some(s) = self.slot(r) else {
+                r += 1;
+                continue;
+            };
+            let mut e = r + 1;
+            while e < end && self.slot(e) == Some(s + e - r) {
+                e += 1;
+            }
+            let (a, b) = ((r - first) * row, (e - first) * row);
+            if let Err(err) = self.store.write(client, s, &k[a..b], &v[a..b]) {
+                self.n_rows = old;
+                return Err(kernel_err("KV mirror")(err));
+            }
+            r = e;
+        }
+        Ok(())
+    }
+
+    /// The rows `0..n_rows` as one f32 store for the prefill kernel, when they are all on the
+    /// device in order in one buffer.
+    fn dense<R: CubeRuntime>(&self, client: &ComputeClient<R>) -> Result<Option<DeviceKv>> {
+        if self.n_rows > self.most_slots() || self.n_rows > self.store.first_segment_slots() {
+            return Ok(None);
+        }
+        self.store.dense_f32(client, self.n_rows).map(Some).map_err(kernel_err("KV mirror"))
+    }
+
+    /// Splits per-KV-head row lists (with optional log-weights) into the slots of the rows on
+    /// the device and the rows that are not.
+    fn split(&self, lists: &[Vec<u32>], log_w: Option<&[Vec<f32>]>) -> Split {
+        let mut out = Split::default();
+        for (j, l) in lists.iter().enumerate() {
+            let (mut dev, mut dw, mut host, mut hw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (e, &r) in l.iter().enumerate() {
+                    let w = log_w.and_then(|w| w.get(j)?.get(e).copied()).unwrap_or(0.0);
+                match self.slot(r as usize) {
+                    Some(s) => {
+                        dev.push(s as u32);
+                        dw.push(w);
+                    }
+                    None => {
+                        host.push(r);
+                        hw.push(w);
+                    }
+                }
+            }
+            out.slots.push(dev);
+            out.slot_w.push(dw);
+            out.host.push(host);
+            out.host_w.push(hw);
+        }
+        out
+    }
+}
+
+/// Row lists split by where the rows are ([`LayerRows::split`]).
+#[derive(Default)]
+struct Split {
+    slots: Vec<Vec<u32>>,
+    slot_w: Vec<Vec<f32>>,
+    host: Vec<Vec<u32>>,
+    host_w: Vec<Vec<f32>>,
+}
+
+/// The device format of a cache's KV rows.
+fn mirror_format(kv: KvDtype) -> KvFormat {
+    match kv {
+        KvDtype::F32 => KvFormat::F32,
+        KvDtype::F16 => KvFormat::F16,
+        // q8 rows dequantized (value · row scale) are f32 numbers that f16 would round.
+        KvDtype::Q8 => KvFormat::F32,
+    }
 }
 
 /// A decode token's device tensors whose host part (appending its row, the select step's
@@ -253,11 +393,28 @@ struct Pending<R: CubeRuntime> {
 
 impl<R: CubeRuntime> Default for DeviceCache<R> {
     fn default() -> Self {
-        Self { layers: Vec::new(), pending: Vec::new(), _runtime: PhantomData }
+        Self { layers: Vec::new(), pending: Vec::new(), segment_slots: None, _runtime: PhantomData }
     }
 }
 
 impl<R: CubeRuntime> DeviceCache<R> {
+    /// Device bytes of every layer's K and V buffers.
+    pub fn device_bytes(&self) -> u64 {
+        self.layers.iter().flatten().map(|l| l.store.bytes()).sum()
+    }
+
+    /// Device buffers (K and V each) of `layer`'s rows, 0 before its first use.
+    pub fn buffers(&self, layer: usize) -> usize {
+        self.layers.get(layer).and_then(Option::as_ref).map_or(0, |l| l.store.n_segments())
+    }
+
+    /// Splits every layer's rows into buffers of at most `slots` rows (a test knob: a device's
+    /// largest buffer is otherwise the limit); the mirror is rebuilt on its next use.
+    pub fn set_segment_rows(&mut self, slots: usize) {
+        self.segment_slots = Some(slots.max(1));
+        self.layers.clear();
+    }
+
     /// `layer`'s device rows, first brought up to `cache`'s host length plus the layer's pending
     /// row (if any), with room for `extra` more rows.
     fn sync(
@@ -266,49 +423,81 @@ impl<R: CubeRuntime> DeviceCache<R> {
         layer: usize,
         extra: usize,
         client: &ComputeClient<R>,
-    ) -> Result<&mut DeviceKv> {
+    ) -> Result<&mut LayerRows> {
         let (host, gqa, d) = (cache.layer_len(layer)?, cache.gqa(), cache.head_dim());
         if self.layers.len() != cache.n_layers() {
             self.layers = (0..cache.n_layers()).map(|_| None).collect();
         }
         self.pending.resize_with(cache.n_layers(), || None);
         let n = host + usize::from(self.pending[layer].is_some());
-        let kv = &mut self.layers[layer];
-        if kv.as_ref().is_some_and(|kv| kv.n_rows > n) {
-            *kv = None;
+        let format = mirror_format(cache.config().kv);
+        let rows = &mut self.layers[layer];
+        if rows.as_ref().is_some_and(|l| l.n_rows > n || l.store.format() != format) {
+            *rows = None;
         }
-        if kv.is_none() {
-            *kv = Some(
-                DeviceKv::with_capacity(client, (n + extra).max(1), gqa.n_kv_heads, d)
-                    .map_err(kernel_err("KV mirror"))?,
-            );
+        if rows.is_none() {
+            let per_buffer = KvStore::max_slots_per_buffer(client, format, gqa.n_kv_heads, d);
+            let per_buffer = self.segment_slots.map_or(per_buffer, |s| s.min(per_buffer));
+            let store = KvStore::new(format, gqa.n_kv_heads, d, per_buffer).map_err(kernel_err("KV mirror"))?;
+            *rows = Some(LayerRows { store, n_rows: 0, ring: ring(cache, layer, format)? });
         }
-        let kv = kv.as_mut().ok_or_else(|| Error::State("device KV mirror missing".into()))?;
-        if kv.n_rows < n {
+        let rows = rows.as_mut().ok_or_else(|| Error::State("device KV mirror missing".into()))?;
+        if rows.n_rows < n {
             if self.pending[layer].is_some() {
                 return Err(Error::State(format!("layer {layer}: the device KV mirror lost a row the host lacks")));
             }
+            // Only the rows that stay on the device are read from the host.
+            let first = rows.n_rows;
+            let keep = |r: usize| match rows.ring {
+                Some((sinks, ring)) => r < sinks || r + ring >= n,
+                None => true,
+            };
             let (mut ks, mut vs) = (Vec::new(), Vec::new());
-            for i in kv.n_rows..n {
-                for j in 0..gqa.n_kv_heads {
-                    needle_core::RowSource::row(cache.keys(layer, j), i).extend_into(&mut ks);
-                    needle_core::RowSource::row(cache.values(layer, j), i).extend_into(&mut vs);
+            let row = gqa.n_kv_heads * d;
+            for i in first..n {
+                if keep(i) {
+                    for j in 0..gqa.n_kv_heads {
+                        needle_core::RowSource::row(cache.keys(layer, j), i).extend_into(&mut ks);
+                        needle_core::RowSource::row(cache.values(layer, j), i).extend_into(&mut vs);
+                    }
+                } else {
+                    // A row the ring drops: zeros, never written to the device.
+                    ks.resize(ks.len() + row, 0.0);
+                    vs.resize(vs.len() + row, 0.0);
                 }
             }
-            if n > kv.capacity {
-                kv.reserve(client, n.max(2 * kv.capacity)).map_err(kernel_err("KV mirror"))?;
-            }
-            kv.append(client, &ks, &vs).map_err(kernel_err("KV mirror"))?;
+            rows.reserve(client, n - first)?;
+            rows.write_host(client, first, (&ks, &vs), row)?;
         }
-        if n + extra > kv.capacity {
-            kv.reserve(client, (n + extra).max(2 * kv.capacity)).map_err(kernel_err("KV mirror"))?;
-        }
-        Ok(kv)
+        rows.reserve(client, extra)?;
+        Ok(rows)
     }
 
     fn has_pending(&self) -> bool {
         self.pending.iter().any(Option::is_some)
     }
+}
+
+/// The ring of `layer`'s device rows under the cache's device budget: `(sinks, ring slots)`,
+/// the budget split evenly over the layers the device attends; `None` without a budget.
+fn ring<M>(cache: &KvCache<M>, layer: usize, format: KvFormat) -> Result<Option<(usize, usize)>> {
+    let Some(budget) = cache.device_budget() else { return Ok(None) };
+    let (gqa, d) = (cache.gqa(), cache.head_dim());
+    let layers = (0..cache.n_layers()).filter(|&l| !matches!(cache.layer_kind(l), LayerKind::Window(_))).count();
+    let row_bytes = (2 * gqa.n_kv_heads * d * format.value_bytes()) as u64;
+    let slots = usize::try_from(budget / layers.max(1) as u64 / row_bytes).unwrap_or(usize::MAX);
+    let sinks = (0..gqa.n_kv_heads).map(|j| cache.static_part(layer, j).sinks).max().unwrap_or(0);
+    if slots <= sinks {
+        return Err(Error::invalid(
+            "--kv-budget device",
+            format!(
+                "{budget} bytes hold {slots} rows per layer ({layers} layers of {row_bytes} B a row); the {sinks} \
+                 sinks and the newest row need {}",
+                sinks + 1
+            ),
+        ));
+    }
+    Ok(Some((sinks, slots - sinks)))
 }
 
 /// Runs `f` on `layer`'s device rows, first brought up to the host cache's length (plus a
@@ -318,7 +507,7 @@ fn with_rows<R: CubeRuntime, T>(
     layer: usize,
     extra: usize,
     client: &ComputeClient<R>,
-    f: impl FnOnce(&mut DeviceKv) -> Result<T>,
+    f: impl FnOnce(&mut LayerRows) -> Result<T>,
 ) -> Result<T> {
     // The mirror is taken out while it reads the host rows; an error leaves an empty one,
     // rebuilt on the next use.
@@ -379,11 +568,32 @@ fn prefill_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     let qp = primitive(q);
     let out = f32_buffer(&qp.client, t * nh * d);
     let lse = f32_buffer(&qp.client, t * nh);
-    with_rows(cache, layer, 0, &qp.client, |kv| {
-        needle_kernels_cubecl::launch_prefill(&qp.client, kv, &qp.handle, nh, t, n - t, scale, &out, &lse)
-            .map_err(kernel_err("prefill attention"))
-    })?;
+    let Some(kv) = with_rows(cache, layer, 0, &qp.client, |rows| rows.dense(&qp.client))? else {
+        return host_prefill(cache, layer, qp, [t, nh, d], scale);
+    };
+    needle_kernels_cubecl::launch_prefill(&qp.client, &kv, &qp.handle, nh, t, n - t, scale, &out, &lse)
+        .map_err(kernel_err("prefill attention"))?;
     Ok(wrap(&qp, out, [t, nh * d]))
+}
+
+/// Prefill attention on the host (the CPU kernel over the pages) for a layer whose rows are not
+/// all in the device's first buffer (a device budget below the layer's rows, or a layer past
+/// one buffer): the queries read back, the output uploaded.
+fn host_prefill<R: CubeRuntime, I: IntElement, BT: BoolElement>(
+    cache: &mut KvCache<DeviceCache<R>>,
+    layer: usize,
+    qp: CubeTensor<R>,
+    [t, nh, d]: [usize; 3],
+    scale: f32,
+) -> Result<Tensor<Cb<R, I, BT>, 2>> {
+    let qs = needle_kernels_cubecl::read_f32s(&qp.client, &[(&qp.handle, t * nh * d)])
+        .map_err(kernel_err("query read-back"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::State("query read-back: no buffer".into()))?;
+    let o = crate::backend::flex::prefill_attention(cache, layer, crate::backend::flex::from_vec(qs, [t, nh, d]), scale)?;
+    let host = crate::backend::flex::read_host(&o, <[f32]>::to_vec)?;
+    Ok(wrap(&qp, upload(&qp.client, &host), [t, nh * d]))
 }
 
 fn check_decode_shape<R: CubeRuntime>(
@@ -431,7 +641,9 @@ fn decode_step_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     }
     let pos = cache.layer_len(layer)?;
     let n = pos + 1;
-    let all_static = (0..gqa.n_kv_heads).all(|j| cache.static_part(layer, j).dynamic_range(n).is_empty());
+    // With rows off the device (a device budget) the host attends those: it needs the query.
+    let all_static = (0..gqa.n_kv_heads).all(|j| cache.static_part(layer, j).dynamic_range(n).is_empty())
+        && statics_on_device(cache, layer, n)?;
     let host = if all_static {
         None
     } else {
@@ -439,8 +651,11 @@ fn decode_step_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
         let reads = [(&qp.handle, nq), (&kp.handle, kvn), (&vp.handle, kvn)];
         Some(needle_kernels_cubecl::read_f32s(&client, &reads).map_err(kernel_err("decode read-back"))?)
     };
-    with_rows(cache, layer, 1, &client, |kv| {
-        kv.append_device(&client, &kp.handle, &vp.handle, 1).map_err(kernel_err("KV mirror"))
+    with_rows(cache, layer, 1, &client, |rows| {
+        let slot = rows.next_slot();
+        rows.store.write_device(&client, slot, &kp.handle, &vp.handle, 1).map_err(kernel_err("KV mirror"))?;
+        rows.n_rows += 1;
+        Ok(())
     })?;
     let out = match host {
         None => {
@@ -449,12 +664,9 @@ fn decode_step_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
                 Some(held);
             let statics: Vec<Vec<u32>> =
                 (0..gqa.n_kv_heads).map(|j| cache.static_part(layer, j).static_ids(n).collect()).collect();
-            let lists: Vec<&[u32]> = statics.iter().map(Vec::as_slice).collect();
             let (nh, d) = (gqa.n_q_heads, cache.head_dim());
             let (out, lse) = (f32_buffer(&client, nh * d), f32_buffer(&client, nh));
-            with_rows(cache, layer, 0, &client, |kv| {
-                launch_decode_lists(&client, kv, &qp, nh, &lists, None, scale, &out, &lse)
-            })?;
+            attend_lists(cache, layer, &qp, None, (&statics, None), scale, (&out, &lse))?;
             wrap(&qp, out, [1, nh * d])
         }
         Some(qkv) => {
@@ -485,32 +697,75 @@ fn decode_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     attend_on(cache, layer, pos, qp, &qs, scale)
 }
 
-/// The decode kernel over per-KV-head id lists (with optional log-weights) into `out`/`lse`.
-#[allow(clippy::too_many_arguments)]
-fn launch_decode_lists<R: CubeRuntime>(
-    client: &ComputeClient<R>,
-    kv: &DeviceKv,
+/// True when every row of `layer`'s static part at length `n` stays on the device (always,
+/// without a device budget).
+fn statics_on_device<R: CubeRuntime>(cache: &KvCache<DeviceCache<R>>, layer: usize, n: usize) -> Result<bool> {
+    let Some((sinks, ring)) = ring(cache, layer, mirror_format(cache.config().kv))? else { return Ok(true) };
+    Ok((0..cache.gqa().n_kv_heads).all(|j| {
+        let dynamic = cache.static_part(layer, j).dynamic_range(n);
+        let (ds, de) = (dynamic.start as usize, dynamic.end as usize);
+        // Rows before the dynamic part and after it (all of them when it is empty).
+        let (head, tail) = if ds == de { (0, n) } else { (ds, n - de) };
+        (head <= sinks && tail <= ring) || n <= sinks + ring
+    }))
+}
+
+/// Decode attention of `layer` over per-KV-head row lists (with optional log-weights) into
+/// `out`/`lse`: the rows on the device by the decode kernel; rows a device budget left on the
+/// host by the host's group kernel (`qs`: the queries, on the host), merged by log-sum-exp on
+/// the device.
+fn attend_lists<R: CubeRuntime>(
+    cache: &mut KvCache<DeviceCache<R>>,
+    layer: usize,
     q: &CubeTensor<R>,
-    nh: usize,
-    lists: &[&[u32]],
-    log_w: Option<&[&[f32]]>,
+    qs: Option<&[f32]>,
+    (lists, log_w): (&[Vec<u32>], Option<&[Vec<f32>]>),
     scale: f32,
-    out: &Handle,
-    lse: &Handle,
+    (out, lse): (&Handle, &Handle),
 ) -> Result<()> {
-    let lists = DeviceRowLists::upload(client, lists, log_w, kv.n_rows).map_err(kernel_err("decode id lists"))?;
-    needle_kernels_cubecl::launch_decode(
-        client,
-        kv,
-        &q.handle,
-        nh,
-        &lists,
-        scale,
-        needle_kernels_cubecl::decode::DEFAULT_CHUNK_ROWS,
-        out,
-        lse,
-    )
-    .map_err(kernel_err("decode attention"))
+    let (gqa, d) = (cache.gqa(), cache.head_dim());
+    let nh = gqa.n_q_heads;
+    let client = q.client.clone();
+    let split = with_rows(cache, layer, 0, &client, |rows| Ok(rows.split(lists, log_w)))?;
+    let off = split.host.iter().any(|h| !h.is_empty());
+    let (od, ld) = if off { (f32_buffer(&client, nh * d), f32_buffer(&client, nh)) } else { (out.clone(), lse.clone()) };
+    let slots: Vec<&[u32]> = split.slots.iter().map(Vec::as_slice).collect();
+    let slot_w: Vec<&[f32]> = split.slot_w.iter().map(Vec::as_slice).collect();
+    with_rows(cache, layer, 0, &client, |rows| {
+        let chunk = needle_kernels_cubecl::decode::DEFAULT_CHUNK_ROWS;
+        let w = log_w.map(|_| &slot_w[..]);
+        rows.store.launch_decode(&client, &q.handle, nh, &slots, w, scale, chunk, &od, &ld).map_err(kernel_err("decode attention"))
+    })?;
+    if !off {
+        return Ok(());
+    }
+    let qs = qs.ok_or_else(|| Error::State(format!("layer {layer}: rows off the device and no query on the host")))?;
+    // The device works while the host attends the rest.
+    client.flush().map_err(|e| Error::State(format!("device flush: {e:?}")))?;
+    let (mut ho, mut hl) = (Vec::with_capacity(nh * d), Vec::with_capacity(nh));
+    let mut scratch = crate::decode::GroupScratch::default();
+    // Every row is "dynamic" here, so any id is accepted.
+    let everything = needle_core::StaticPart { sinks: 0, window: 0 };
+    for j in 0..gqa.n_kv_heads {
+        let g = gqa.group(j);
+        let weights = if log_w.is_some() { split.host_w[j].clone() } else { Vec::new() };
+        let sel = needle_core::Selection { ids: split.host[j].clone(), log_weights: weights, ..Default::default() };
+        let mut l = vec![0f32; g.len()];
+        let o = crate::decode::attend_selection(
+            &qs[g.start * d..g.end * d],
+            cache.keys(layer, j),
+            cache.values(layer, j),
+            everything,
+            &sel,
+            scale,
+            &mut scratch,
+            &mut l,
+        )?;
+        ho.extend_from_slice(o);
+        hl.extend_from_slice(&l);
+    }
+    let (ho, hl) = (upload(&client, &ho), upload(&client, &hl));
+    needle_kernels_cubecl::launch_lse_merge(&client, nh, d, &od, &ld, &ho, &hl, out, lse).map_err(kernel_err("LSE merge"))
 }
 
 /// The decode step's attention with the row already on the host and the queries `qs` read
@@ -536,10 +791,7 @@ fn attend_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     match cache.decode_mode() {
         DecodeMode::Hybrid => {
             let (o_s, l_s) = (f32_buffer(&client, nh * d), f32_buffer(&client, nh));
-            let static_lists: Vec<&[u32]> = statics.iter().map(Vec::as_slice).collect();
-            with_rows(cache, layer, 0, &client, |kv| {
-                launch_decode_lists(&client, kv, &qp, nh, &static_lists, None, scale, &o_s, &l_s)
-            })?;
+            attend_lists(cache, layer, &qp, Some(qs), (&statics, None), scale, (&o_s, &l_s))?;
             // Start the device now: the host's selection and attention below overlap it.
             client.flush().map_err(|e| Error::State(format!("device flush: {e:?}")))?;
             let part = cache.decode_dynamic(layer, qs, scale, true)?;
@@ -566,21 +818,7 @@ fn attend_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
                     v
                 })
                 .collect();
-            let lists_r: Vec<&[u32]> = lists.iter().map(Vec::as_slice).collect();
-            let weights_r: Vec<&[f32]> = weights.iter().map(Vec::as_slice).collect();
-            with_rows(cache, layer, 0, &client, |kv| {
-                launch_decode_lists(
-                    &client,
-                    kv,
-                    &qp,
-                    nh,
-                    &lists_r,
-                    weighted.then_some(&weights_r[..]),
-                    scale,
-                    &out,
-                    &lse,
-                )
-            })?;
+            attend_lists(cache, layer, &qp, Some(qs), (&lists, weighted.then_some(&weights[..])), scale, (&out, &lse))?;
         }
     }
     Ok(wrap(&qp, out, [1, nh * d]))

@@ -212,7 +212,7 @@ fn admit<'t>(
     let ids = job.prompt.ids();
     let budget = cfg.kv_budget.map(|b| {
         let share = |x: Option<u64>| x.map(|x| x / cfg.parallel as u64);
-        TierBudget { host: share(b.host), disk: share(b.disk) }
+        TierBudget { device: share(b.device), host: share(b.host), disk: share(b.disk) }
     });
     let apply_budget = |kv: &mut KvCache| -> Result<(), ApiError> {
         match budget {

@@ -111,6 +111,7 @@ impl<M> KvCache<M> {
                 decode: vec![Vec::new(); t.layers.len()],
             }),
             tiers: None,
+            device_budget: self.device_budget,
             early_build: self.early_build,
             builder: None,
             rings: self.rings.clone(),

@@ -258,6 +258,8 @@ pub struct KvCache<M = ()> {
     retain_training: bool,
     trace: Option<QueryTrace>,
     tiers: Option<Tiers>,
+    /// The device tier's bytes (`--kv-budget device=…`), for a device backend's mirror.
+    device_budget: Option<u64>,
     /// Whether layers start building as soon as prefill is done with them.
     early_build: bool,
     /// The background builder holding those layers until [`KvCache::build`].
@@ -331,6 +333,7 @@ impl<M> KvCache<M> {
             retain_training: false,
             trace: None,
             tiers: None,
+            device_budget: None,
             early_build: true,
             builder: None,
             rings: vec![None; n_layers],

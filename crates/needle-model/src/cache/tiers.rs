@@ -18,8 +18,10 @@ impl<M> KvCache<M> {
     /// recently (static parts last) move to an unnamed spill file in `dir`, at most
     /// `budget.disk` bytes, and are read back in place when a selector picks them. Applies at
     /// once and after every forward pass. A budget with no host limit removes the tiering (pages
-    /// already spilled stay where they are).
+    /// already spilled stay where they are). `budget.device` is the device tier's, kept for a
+    /// device backend's mirror ([`KvCache::device_budget`]).
     pub fn set_kv_budget(&mut self, budget: TierBudget, dir: &std::path::Path) -> Result<()> {
+        self.device_budget = budget.device;
         let Some(host) = budget.host else {
             self.tiers = None;
             return Ok(());
@@ -27,6 +29,12 @@ impl<M> KvCache<M> {
         let spill = SpillFile::create(dir, budget.disk)?;
         self.tiers = Some(Tiers { host, spill, clock: 0, warned: false });
         self.enforce_budget()
+    }
+
+    /// Bytes of KV rows a device backend may keep on the device (`--kv-budget device=…`), all
+    /// layers together; `None`: every row. Host backends have no device tier and ignore it.
+    pub fn device_budget(&self) -> Option<u64> {
+        self.device_budget
     }
 
     /// Bytes of KV pages in RAM and on the disk tier (spilled, or read in place from a loaded
