@@ -793,8 +793,9 @@ impl KvStore {
         self.format.words(self.n_kv_heads * self.head_dim)
     }
 
-    /// Grows the buffers to room for at least `slots` slots, keeping what they hold: the last
-    /// segment doubles (copied on the device) up to the segment cap, then new segments follow.
+    /// Grows the buffers to room for `slots` slots, keeping what they hold: the last segment
+    /// grows (copied on the device) up to the segment cap, then new segments follow. Exactly
+    /// `slots`: a caller that appends amortises by asking for more (the model's mirror doubles).
     pub fn reserve<R: Runtime>(&mut self, client: &ComputeClient<R>, slots: usize) -> Result<()> {
         let rw = self.row_words();
         while self.capacity() < slots {
@@ -802,7 +803,7 @@ impl KvStore {
             let grow = self.segments.last().filter(|s| s.slots < self.max_segment_slots).map(|s| s.slots);
             match grow {
                 Some(old) => {
-                    let new = (2 * old).max(old + need).min(self.max_segment_slots);
+                    let new = (old + need).min(self.max_segment_slots);
                     let (k, v) = (empty_f32(client, new * rw), empty_f32(client, new * rw));
                     let last = self.segments.last_mut().ok_or_else(|| invalid("slots", "no segment"))?;
                     copy_words(client, &last.k, old * rw, 0, &k, new * rw, 0, old * rw)?;
@@ -886,7 +887,9 @@ impl KvStore {
                     KvFormat::F32 => {
                         copy_words(client, src, n * row, first * row, dst, s.slots * rw, local * rw, count * row)?
                     }
-                    KvFormat::F16 => pack_f16(client, src, n * row, first * row, dst, s.slots * rw, local * rw, count * rw)?,
+                    KvFormat::F16 => {
+                        pack_f16(client, src, n * row, first * row, dst, s.slots * rw, local * rw, count * rw)?
+                    }
                 }
             }
         }
@@ -897,9 +900,11 @@ impl KvStore {
     /// segment's buffers themselves for F32, a widened copy for F16. Errors when the slots span
     /// more than the first segment.
     pub fn dense_f32<R: Runtime>(&self, client: &ComputeClient<R>, n_rows: usize) -> Result<DeviceKv> {
-        let first = self.segments.first().filter(|s| s.slots >= n_rows).ok_or_else(|| {
-            invalid("n_rows", format!("{n_rows} rows do not fit in the store's first buffer"))
-        })?;
+        let first = self
+            .segments
+            .first()
+            .filter(|s| s.slots >= n_rows)
+            .ok_or_else(|| invalid("n_rows", format!("{n_rows} rows do not fit in the store's first buffer")))?;
         let row = self.n_kv_heads * self.head_dim;
         let (k, v, capacity) = match self.format {
             KvFormat::F32 => (first.k.clone(), first.v.clone(), first.slots),
@@ -1037,7 +1042,10 @@ fn pack_f16<R: Runtime>(
     words: usize,
 ) -> Result<()> {
     if src_off + 2 * words > src_len || dst_off + words > dst_len {
-        return Err(invalid("count", format!("{words} f16 pairs at {src_off} / {dst_off} exceed {src_len} / {dst_len}")));
+        return Err(invalid(
+            "count",
+            format!("{words} f16 pairs at {src_off} / {dst_off} exceed {src_len} / {dst_len}"),
+        ));
     }
     if words == 0 {
         return Ok(());
@@ -1059,7 +1067,13 @@ fn pack_f16<R: Runtime>(
 }
 
 /// `dst[..n]` (f32) = the first `n` f16 values of `src` (pairs in words), `n` even.
-fn widen_f16<R: Runtime>(client: &ComputeClient<R>, src: &Handle, src_len: usize, dst: &Handle, n: usize) -> Result<()> {
+fn widen_f16<R: Runtime>(
+    client: &ComputeClient<R>,
+    src: &Handle,
+    src_len: usize,
+    dst: &Handle,
+    n: usize,
+) -> Result<()> {
     let words = n / 2;
     if words > src_len {
         return Err(invalid("n_rows", format!("{n} values exceed {src_len} f16 pairs")));

@@ -221,7 +221,8 @@ mod tests {
         assert_eq!("host=1.5MiB".parse::<TierBudget>().unwrap().host, Some(3 << 19));
         assert_eq!("disk=4096".parse::<TierBudget>().unwrap().disk, Some(4096));
         assert!("".parse::<TierBudget>().unwrap().is_unbounded());
-        for bad in ["host", "ram=1G", "host=1G,host=2G", "host=1Q", "host=-1", "host=G", "device=1G,device=2G", "gpu=1G"]
+        for bad in
+            ["host", "ram=1G", "host=1G,host=2G", "host=1Q", "host=-1", "host=G", "device=1G,device=2G", "gpu=1G"]
         {
             let e = bad.parse::<TierBudget>().unwrap_err().to_string();
             assert!(e.contains("--kv-budget") && e.contains(bad), "{bad}: {e}");

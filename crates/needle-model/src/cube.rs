@@ -8,12 +8,16 @@
 //!   32-element ones, the K-quants, F16/BF16): the GEMV for one token (decode), the tiled GEMM
 //!   for a prefill chunk (each weight tile dequantized once in shared memory for up to 32
 //!   tokens); F32 weights are an f32 device matrix multiplied with Burn's matmul.
-//! - Every layer's KV rows are mirrored on the device ([`DeviceCache`], token-major, f32), held
-//!   by the [`KvCache`] (its `KvMirror`) and brought up to date from the host rows before each use (the rows
-//!   a prefill chunk appended, or everything after a cache was loaded or forked); a decode step
-//!   copies its token's row in on the device (`decode_step_on`).
+//! - Every layer's KV rows are mirrored on the device ([`DeviceCache`], token-major, in the
+//!   cache's f32 or f16, over several buffers past the device's largest), held by the
+//!   [`KvCache`] (its `KvMirror`) and brought up to date from the host rows before each use (the
+//!   rows a prefill chunk appended, or everything after a cache was loaded or forked); a decode
+//!   step copies its token's row in on the device (`decode_step_on`). Under a device budget a
+//!   layer keeps its sinks and a ring of recent rows; decode attends the rest on the host and
+//!   merges ([`attend_lists`]).
 //! - Prefill attention is the causal flash kernel over that mirror (dense: a sparse prefill
-//!   pattern applies on the CPU backend only).
+//!   pattern applies on the CPU backend only), or the CPU kernel when the layer's rows are not
+//!   all in the device's first buffer.
 //! - Decode ([`DecodeMode`], per cache: [`KvCache::set_decode_mode`]): `Hybrid` (the default) launches the device kernel over each KV
 //!   head's static part (sinks + window) and, while it runs, lets the host select from the
 //!   dynamic part and attend to the picked rows ([`KvCache::decode_dynamic`]); one LSE merge on
@@ -28,10 +32,10 @@ use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, IntElement};
+use needle_core::KvDtype;
 use needle_kernels_cpu::QuantType;
 use needle_kernels_cubecl::cubecl::prelude::ComputeClient;
 use needle_kernels_cubecl::cubecl::server::Handle;
-use needle_core::KvDtype;
 use needle_kernels_cubecl::{DeviceKv, DeviceQMatrix, KvFormat, KvStore};
 
 use crate::backend::{NeedleBackend, plain};
@@ -338,7 +342,7 @@ impl LayerRows {
         for (j, l) in lists.iter().enumerate() {
             let (mut dev, mut dw, mut host, mut hw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for (e, &r) in l.iter().enumerate() {
-                    let w = log_w.and_then(|w| w.get(j)?.get(e).copied()).unwrap_or(0.0);
+                let w = log_w.and_then(|w| w.get(j)?.get(e).copied()).unwrap_or(0.0);
                 match self.slot(r as usize) {
                     Some(s) => {
                         dev.push(s as u32);
@@ -591,7 +595,8 @@ fn host_prefill<R: CubeRuntime, I: IntElement, BT: BoolElement>(
         .into_iter()
         .next()
         .ok_or_else(|| Error::State("query read-back: no buffer".into()))?;
-    let o = crate::backend::flex::prefill_attention(cache, layer, crate::backend::flex::from_vec(qs, [t, nh, d]), scale)?;
+    let o =
+        crate::backend::flex::prefill_attention(cache, layer, crate::backend::flex::from_vec(qs, [t, nh, d]), scale)?;
     let host = crate::backend::flex::read_host(&o, <[f32]>::to_vec)?;
     Ok(wrap(&qp, upload(&qp.client, &host), [t, nh * d]))
 }
@@ -616,7 +621,8 @@ fn last_device_layer<M>(cache: &KvCache<M>, layer: usize) -> bool {
 }
 
 /// [`NeedleBackend::decode_step`] on the device: the token's keys and values go into the device
-/// mirror from the device tensors (no upload). When the layer has a dynamic part, the host
+/// mirror from the device tensors (no upload; rounded to f16 there for an f16 cache; a q8
+/// cache's row is quantized by the host and reaches the device from there). When the layer has a dynamic part, the host
 /// selects from it: queries, keys and values come back in one read (the host appends the row,
 /// which may join its index, then selects). When it has none (`full`, or a context within
 /// sinks + window), nothing is read back: the device attends every row, and the host's part
@@ -641,8 +647,12 @@ fn decode_step_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     }
     let pos = cache.layer_len(layer)?;
     let n = pos + 1;
+    // The device rounds a row as the host stores it in f32 and f16, not in q8: a q8 row reaches
+    // the device from the host, dequantized.
+    let device_row = cache.config().kv != KvDtype::Q8;
     // With rows off the device (a device budget) the host attends those: it needs the query.
-    let all_static = (0..gqa.n_kv_heads).all(|j| cache.static_part(layer, j).dynamic_range(n).is_empty())
+    let all_static = device_row
+        && (0..gqa.n_kv_heads).all(|j| cache.static_part(layer, j).dynamic_range(n).is_empty())
         && statics_on_device(cache, layer, n)?;
     let host = if all_static {
         None
@@ -651,12 +661,14 @@ fn decode_step_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
         let reads = [(&qp.handle, nq), (&kp.handle, kvn), (&vp.handle, kvn)];
         Some(needle_kernels_cubecl::read_f32s(&client, &reads).map_err(kernel_err("decode read-back"))?)
     };
-    with_rows(cache, layer, 1, &client, |rows| {
-        let slot = rows.next_slot();
-        rows.store.write_device(&client, slot, &kp.handle, &vp.handle, 1).map_err(kernel_err("KV mirror"))?;
-        rows.n_rows += 1;
-        Ok(())
-    })?;
+    if device_row {
+        with_rows(cache, layer, 1, &client, |rows| {
+            let slot = rows.next_slot();
+            rows.store.write_device(&client, slot, &kp.handle, &vp.handle, 1).map_err(kernel_err("KV mirror"))?;
+            rows.n_rows += 1;
+            Ok(())
+        })?;
+    }
     let out = match host {
         None => {
             let held = Pending { client: client.clone(), q: qp.handle.clone(), k: kp.handle, v: vp.handle, pos, scale };
@@ -728,13 +740,16 @@ fn attend_lists<R: CubeRuntime>(
     let client = q.client.clone();
     let split = with_rows(cache, layer, 0, &client, |rows| Ok(rows.split(lists, log_w)))?;
     let off = split.host.iter().any(|h| !h.is_empty());
-    let (od, ld) = if off { (f32_buffer(&client, nh * d), f32_buffer(&client, nh)) } else { (out.clone(), lse.clone()) };
+    let (od, ld) =
+        if off { (f32_buffer(&client, nh * d), f32_buffer(&client, nh)) } else { (out.clone(), lse.clone()) };
     let slots: Vec<&[u32]> = split.slots.iter().map(Vec::as_slice).collect();
     let slot_w: Vec<&[f32]> = split.slot_w.iter().map(Vec::as_slice).collect();
     with_rows(cache, layer, 0, &client, |rows| {
         let chunk = needle_kernels_cubecl::decode::DEFAULT_CHUNK_ROWS;
         let w = log_w.map(|_| &slot_w[..]);
-        rows.store.launch_decode(&client, &q.handle, nh, &slots, w, scale, chunk, &od, &ld).map_err(kernel_err("decode attention"))
+        rows.store
+            .launch_decode(&client, &q.handle, nh, &slots, w, scale, chunk, &od, &ld)
+            .map_err(kernel_err("decode attention"))
     })?;
     if !off {
         return Ok(());
@@ -765,7 +780,8 @@ fn attend_lists<R: CubeRuntime>(
         hl.extend_from_slice(&l);
     }
     let (ho, hl) = (upload(&client, &ho), upload(&client, &hl));
-    needle_kernels_cubecl::launch_lse_merge(&client, nh, d, &od, &ld, &ho, &hl, out, lse).map_err(kernel_err("LSE merge"))
+    needle_kernels_cubecl::launch_lse_merge(&client, nh, d, &od, &ld, &ho, &hl, out, lse)
+        .map_err(kernel_err("LSE merge"))
 }
 
 /// The decode step's attention with the row already on the host and the queries `qs` read

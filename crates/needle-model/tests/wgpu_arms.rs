@@ -12,8 +12,8 @@ use needle_loader::{Checkpoint, LlamaConfig};
 use needle_model::backend::plain;
 use needle_model::cube::WgpuCube;
 use needle_model::{
-    AttentionStep, Cpu, DecodeMode, KvCache, LinearWeight, Llama, NeedleBackend, QWeight, QuantType, argmax,
-    cached_attention, compose,
+    AttentionStep, Cpu, DecodeMode, KvCache, KvDtype, LinearWeight, Llama, NeedleBackend, QWeight, QuantType,
+    TierBudget, argmax, cached_attention, compose,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -472,4 +472,216 @@ fn hybrid_decode_overlap() {
         hy * 1e3,
         (dv + hs - hy) * 1e3
     );
+}
+
+/// The device mirror's configurations the tests below run through: KV precision, a device
+/// budget (bytes, all layers) and a forced buffer size (rows per device buffer).
+const KVS: [KvDtype; 3] = [KvDtype::F32, KvDtype::F16, KvDtype::Q8];
+
+/// A one-layer cache of `n` random rows in `kv`, selectors of `spec`, with an optional device
+/// budget and buffer size.
+fn kv_cache<M: Default>(spec: &str, kv: KvDtype, gqa: GqaLayout, d: usize, k: &[f32], v: &[f32]) -> KvCache<M> {
+    let (f, mut sel) = compose(needle_select::parse(spec).unwrap());
+    sel.kv = kv;
+    let mut cache = KvCache::new(1, gqa, d, f.as_ref(), sel).unwrap();
+    cache.append(0, k, v).unwrap();
+    cache
+}
+
+fn device_budget(c: &mut GpuCache, bytes: Option<u64>, rows_per_buffer: Option<usize>) {
+    if let Some(b) = bytes {
+        c.set_kv_budget(TierBudget { device: Some(b), host: None, disk: None }, &std::env::temp_dir()).unwrap();
+    }
+    if let Some(r) = rows_per_buffer {
+        c.mirror_mut().set_segment_rows(r);
+    }
+}
+
+/// Decode on the device in f32, f16 and q8 KV, whole, under a device budget smaller than the
+/// context (the rows off the device attended on the host and merged), and split over small
+/// buffers, against the host's decode of the same cache; two steps, so the ring of recent rows
+/// wraps. The device's bytes stay within the budget.
+#[test]
+fn decode_in_every_kv_precision_under_a_device_budget_and_over_small_buffers_matches_the_host() {
+    if skip() {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(21);
+    let (nq, nkv, d, n) = (6, 2, 32, 600);
+    let gqa = GqaLayout::new(nq, nkv).unwrap();
+    let row = nkv * d;
+    let (k, v) = (rand_vec(&mut rng, (n + 2) * row), rand_vec(&mut rng, (n + 2) * row));
+    let qs = [rand_vec(&mut rng, nq * d), rand_vec(&mut rng, nq * d)];
+    // 120,000 B: 234 rows in f32 (K and V of 2 heads × 32), 468 in f16: fewer than the 602.
+    let budget = 120_000;
+    let scale = 0.2;
+    for kv in KVS {
+        for spec in
+            ["full", "streaming:sinks=4,window=64", "oracle:k=40,sinks=4,window=64", "lsh-sample:sinks=4,window=64"]
+        {
+            let mut host: KvCache = kv_cache(spec, kv, gqa, d, &k[..n * row], &v[..n * row]);
+            host.build(scale).unwrap();
+            let mut want = Vec::new();
+            for (s, q) in qs.iter().enumerate() {
+                let r = (n + s) * row..(n + s + 1) * row;
+                host.append(0, &k[r.clone()], &v[r]).unwrap();
+                want.push(host.attend_decode(0, q, scale).unwrap());
+            }
+            for mode in [DecodeMode::Hybrid, DecodeMode::Device] {
+                for (bytes, rows) in [(None, None), (Some(budget), None), (None, Some(70)), (Some(budget), Some(50))] {
+                    let what = format!("{kv:?} {spec} {mode:?} budget {bytes:?} rows/buffer {rows:?}");
+                    let mut c: GpuCache = kv_cache(spec, kv, gqa, d, &k[..n * row], &v[..n * row]);
+                    c.set_decode_mode(mode);
+                    device_budget(&mut c, bytes, rows);
+                    c.build(scale).unwrap();
+                    for (s, q) in qs.iter().enumerate() {
+                        let r = (n + s) * row..(n + s + 1) * row;
+                        c.append(0, &k[r.clone()], &v[r]).unwrap();
+                        let got = plain::to_vec(
+                            <G as NeedleBackend>::decode_attention(&mut c, 0, n + s, gpu(q.clone(), [1, nq, d]), scale)
+                                .unwrap(),
+                        )
+                        .unwrap();
+                        let e = got.iter().zip(&want[s]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                        assert!(e < 2e-5, "{what} step {s}: max |Δ| {e}");
+                    }
+                    let dev = c.mirror().device_bytes();
+                    if let Some(b) = bytes {
+                        assert!(dev <= b, "{what}: {dev} device bytes over the budget {b}");
+                    }
+                    // f16 rows take half the bytes of f32 (q8 is mirrored in f32).
+                    let per_row = if kv == KvDtype::F16 { 2 * row as u64 } else { 4 * row as u64 };
+                    assert!(dev >= per_row * 2 * 200, "{what}: {dev} bytes hold fewer rows than the window");
+                    if bytes.is_none() {
+                        assert!(dev >= per_row * 2 * (n as u64 + 2), "{what}: every row on the device");
+                    }
+                    if let Some(r) = rows {
+                        assert!(c.mirror().buffers(0) >= 4, "{what}: {r} rows per buffer");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Prefill attention in every KV precision, whole on the device (f16 widened for the kernel),
+/// and on the host when a device budget or small buffers leave the layer off the device,
+/// against the CPU kernel over the same cache.
+#[test]
+fn prefill_in_every_kv_precision_and_past_the_device_budget_matches_the_cpu_kernel() {
+    if skip() {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(22);
+    let (nq, nkv, d, n, t) = (6, 2, 32, 200, 37);
+    let gqa = GqaLayout::new(nq, nkv).unwrap();
+    let (k, v) = (rand_vec(&mut rng, n * nkv * d), rand_vec(&mut rng, n * nkv * d));
+    let q = rand_vec(&mut rng, t * nq * d);
+    let scale = 0.3;
+    for kv in KVS {
+        let mut host: KvCache = kv_cache("full", kv, gqa, d, &k, &v);
+        let want = plain::to_vec(
+            <Cpu as NeedleBackend>::paged_attention(
+                &mut host,
+                0,
+                Tensor::from_data(TensorData::new(q.clone(), [t, nq, d]), &Default::default()),
+                scale,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        for (bytes, rows) in [(None, None), (Some(40_000), None), (None, Some(64))] {
+            let mut c: GpuCache = kv_cache("full", kv, gqa, d, &k, &v);
+            device_budget(&mut c, bytes, rows);
+            let got = plain::to_vec(
+                <G as NeedleBackend>::paged_attention(&mut c, 0, gpu(q.clone(), [t, nq, d]), scale).unwrap(),
+            )
+            .unwrap();
+            let e = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(e < 1e-5, "{kv:?} budget {bytes:?} rows/buffer {rows:?}: max |Δ| {e}");
+            if let Some(b) = bytes {
+                assert!(c.mirror().device_bytes() <= b, "{kv:?}: over the budget");
+            }
+        }
+    }
+}
+
+/// A device budget too small for the sinks and the newest row is refused, naming the option.
+#[test]
+fn a_device_budget_below_the_sinks_is_refused() {
+    if skip() {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(23);
+    let (nq, nkv, d, n) = (4, 2, 32, 100);
+    let gqa = GqaLayout::new(nq, nkv).unwrap();
+    let (k, v) = (rand_vec(&mut rng, n * nkv * d), rand_vec(&mut rng, n * nkv * d));
+    let mut c: GpuCache = kv_cache("streaming:sinks=4,window=16", KvDtype::F32, gqa, d, &k, &v);
+    device_budget(&mut c, Some(4 * 512), None);
+    c.build(0.2).unwrap();
+    let q = rand_vec(&mut rng, nq * d);
+    let e = <G as NeedleBackend>::decode_attention(&mut c, 0, n - 1, gpu(q, [1, nq, d]), 0.2).unwrap_err().to_string();
+    assert!(e.contains("--kv-budget device") && e.contains("sinks"), "{e}");
+}
+
+/// Random-weight models in f16 and q8 KV, whole on the device, under a device budget smaller
+/// than the context and over small buffers: the same greedy tokens as the CPU path with the
+/// same KV precision, logits within float rounding, both decode modes.
+#[test]
+fn random_weight_models_in_f16_and_q8_kv_and_under_a_device_budget_match_the_cpu() {
+    if skip() {
+        return;
+    }
+    let cfg = tiny();
+    let prompt: Vec<u32> = (0..23).map(|i| (i * 37 % 300) as u32).collect();
+    let ty = QuantType::Q8_0;
+    let cpu = Llama::<Cpu>::load_with(
+        &Checkpoint::random(&cfg, ty, 5).unwrap(),
+        &Default::default(),
+        &needle_model::LoadOptions { weights: needle_model::Weights::F32 },
+    )
+    .unwrap();
+    let dev = Llama::<G>::random(&cfg, ty, 5, &WgpuDevice::default()).unwrap();
+    // 2 layers × 12 rows of 512 B (f32; 24 rows in f16) against 23 + 5 tokens.
+    let budget = 2 * 12 * 512;
+    fn new<M: Default>(spec: &str, kv: KvDtype, mode: DecodeMode) -> KvCache<M> {
+        let (f, mut sel) = compose(needle_select::parse(spec).unwrap());
+        sel.kv = kv;
+        let mut c = KvCache::new(2, GqaLayout::new(6, 2).unwrap(), 32, f.as_ref(), sel).unwrap();
+        c.set_decode_mode(mode);
+        c
+    }
+    for kv in [KvDtype::F16, KvDtype::Q8, KvDtype::F32] {
+        for spec in ["full", "oracle:k=4,sinks=2,window=8"] {
+            for mode in [DecodeMode::Hybrid, DecodeMode::Device] {
+                for (bytes, rows) in [(None, None), (Some(budget), None), (None, Some(5))] {
+                    if kv == KvDtype::F32 && bytes.is_none() && rows.is_none() {
+                        continue; // random_weight_models_on_wgpu_match_the_cpu
+                    }
+                    let what = format!("{kv:?} {spec} {mode:?} budget {bytes:?} rows/buffer {rows:?}");
+                    let (mut hc, mut dc): (KvCache, GpuCache) = (new(spec, kv, mode), new(spec, kv, mode));
+                    device_budget(&mut dc, bytes.map(|b| b as u64), rows);
+                    let last = prompt.len() - 1;
+                    let mut want = cpu.prefill(&prompt, &mut hc, 7, &[last], &mut |_, _| {}).unwrap();
+                    let mut got = dev.prefill(&prompt, &mut dc, 7, &[last], &mut |_, _| {}).unwrap();
+                    for step in 0..5 {
+                        let top = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                        let e = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                        assert!(e <= 1e-4 * top.max(1.0), "{what} step {step}: max |Δlogit| {e} (largest {top})");
+                        let next = argmax(&want).unwrap();
+                        assert_eq!(argmax(&got), Some(next), "{what}: top-1 at step {step}");
+                        want = cpu.decode(next, &mut hc).unwrap();
+                        got = dev.decode(next, &mut dc).unwrap();
+                    }
+                    if let Some(b) = bytes {
+                        let used = dc.mirror().device_bytes();
+                        assert!(used <= b as u64, "{what}: {used} device bytes over {b}");
+                    }
+                    if rows.is_some() {
+                        assert!(dc.mirror().buffers(0) > 1, "{what}: several buffers");
+                    }
+                }
+            }
+        }
+    }
 }

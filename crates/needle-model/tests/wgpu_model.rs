@@ -7,7 +7,7 @@
 
 use burn::backend::Wgpu;
 use burn::backend::wgpu::WgpuDevice;
-use needle_model::{Cpu, KvCache, Llama, LoadOptions, NeedleBackend, Weights, argmax, compose};
+use needle_model::{Cpu, KvCache, KvDtype, Llama, LoadOptions, NeedleBackend, TierBudget, Weights, argmax, compose};
 
 fn skip() -> bool {
     let skip = std::env::var_os("NEEDLE_SKIP_GPU_TESTS").is_some_and(|v| v == "1");
@@ -30,9 +30,23 @@ fn run<B: NeedleBackend>(
     steps: usize,
     forced: Option<&[u32]>,
 ) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let (f, sel) = compose(needle_select::parse("full").unwrap());
+    run_with(model, prompt, steps, forced, KvDtype::F32, |_| {})
+}
+
+/// [`run`] with the cache's rows in `kv`, `setup` applied to the cache first.
+fn run_with<B: NeedleBackend>(
+    model: &Llama<B>,
+    prompt: &[u32],
+    steps: usize,
+    forced: Option<&[u32]>,
+    kv: KvDtype,
+    setup: impl FnOnce(&mut KvCache<B::KvMirror>),
+) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let (f, mut sel) = compose(needle_select::parse("full").unwrap());
+    sel.kv = kv;
     let c = model.config();
     let mut cache = KvCache::new(c.num_hidden_layers, model.gqa(), c.head_dim, f.as_ref(), sel).unwrap();
+    setup(&mut cache);
     // Chunks of 8: the prefill runs several chunks, each attending to the cached ones before it.
     let mut logits = vec![model.prefill(prompt, &mut cache, 8, &[prompt.len() - 1], &mut |_, _| {}).unwrap()];
     let mut tokens = Vec::new();
@@ -131,4 +145,44 @@ fn the_default_model_on_wgpu_gives_the_cpu_greedy_tokens_and_logits() {
         );
     }
     assert!(top20 < 1.0, "wgpu vs CPU fused path: max |Δlogit| on the top-20 {top20}");
+}
+
+/// The default model with f16 KV rows on wgpu, whole on the device and then under a device
+/// budget of 10 rows a layer split into buffers of 4 rows (the rest of the context attended on
+/// the host): the CPU f32 path's greedy tokens with the same f16 KV, logits as tight as in f32.
+#[test]
+fn the_default_model_with_f16_kv_and_a_device_budget_gives_the_cpu_tokens() {
+    if skip() {
+        return;
+    }
+    let path = needle_fetch::default_model_path().expect("model path");
+    assert!(path.is_file(), "{} is missing: run `cargo xtask fetch-model`", path.display());
+    let ck = needle_loader::open(&path).unwrap();
+    let tok = ck.tokenizer().unwrap();
+    let prompt = tok.encode("In the beginning God created the heaven and the earth. And the earth was", false).unwrap();
+    let steps = 8;
+    let f32_path = Llama::<Cpu>::load_with(&ck, &Default::default(), &LoadOptions { weights: Weights::F32 }).unwrap();
+    let (cpu_logits, cpu_tokens) = run_with(&f32_path, &prompt, steps, None, KvDtype::F16, |_| {});
+    drop(f32_path);
+    let gpu = Llama::<Wgpu>::load(&ck, &WgpuDevice::default()).unwrap();
+    let c = gpu.config();
+    // K and V of every KV head in f16, 10 rows a layer.
+    let budget = (c.num_hidden_layers * 10 * 2 * c.num_key_value_heads * c.head_dim * 2) as u64;
+    for limited in [false, true] {
+        let (gpu_logits, gpu_tokens) = run_with(&gpu, &prompt, steps, None, KvDtype::F16, |cache| {
+            if limited {
+                let b = TierBudget { device: Some(budget), host: None, disk: None };
+                cache.set_kv_budget(b, &std::env::temp_dir()).unwrap();
+                cache.mirror_mut().set_segment_rows(4);
+            }
+        });
+        let (diff, top) = max_diff(&cpu_logits, &gpu_logits);
+        if print_err() {
+            eprintln!(
+                "f16 KV, device budget {limited}: max |Δlogit| {diff:.3e} (largest {top:.2}); tokens {gpu_tokens:?}"
+            );
+        }
+        assert_eq!(gpu_tokens, cpu_tokens, "f16 KV (device budget: {limited}): greedy tokens");
+        assert!(diff <= 1e-3 * top, "f16 KV (device budget: {limited}): max |Δlogit| {diff} > {}", 1e-3 * top);
+    }
 }
