@@ -53,7 +53,7 @@ fn prefill_and_decode(spec: &str, kv: KvDtype, budget: Option<u64>, dir: &Path) 
     let m = &common::native().model;
     let mut cache = new_cache(spec, kv);
     if let Some(host) = budget {
-        cache.set_kv_budget(TierBudget { host: Some(host), disk: None }, dir).unwrap();
+        cache.set_kv_budget(TierBudget { device: None, host: Some(host), disk: None }, dir).unwrap();
     }
     let doc = doc();
     let logits = m.prefill(&doc, &mut cache, 256, &[doc.len() - 1], &mut |_, _| {}).unwrap();
@@ -102,7 +102,7 @@ fn a_loaded_context_reads_its_pages_in_place_and_takes_a_budget() {
     let partial = c.num_hidden_layers * m.gqa().n_kv_heads * 2 * saved.cache.keys(0, 0).page_bytes();
     assert_eq!(host, partial, "only the partly filled last pages are copied into RAM");
     assert!(disk > 0);
-    saved.cache.set_kv_budget(TierBudget { host: Some(partial as u64), disk: None }, dir.path()).unwrap();
+    saved.cache.set_kv_budget(TierBudget { device: None, host: Some(partial as u64), disk: None }, dir.path()).unwrap();
     let got = decode(&mut saved.cache, logits, 8);
     assert_eq!((got.ids, got.logits), (want.ids, want.logits), "a loaded, budgeted context decodes exactly");
     assert!(got.stats.pages_faulted > 0);
