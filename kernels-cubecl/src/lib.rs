@@ -31,7 +31,9 @@ pub use error::{Error, Result};
 pub use gemm::{gemm, launch_gemm};
 pub use gemv::{DeviceQMatrix, gemv, launch_gemv};
 pub use merge::{launch_lse_merge, lse_merge};
-pub use prefill::{launch_prefill, prefill_attention};
+pub use prefill::{
+    DeviceBlockLists, launch_prefill, launch_sparse_prefill, prefill_attention, sparse_prefill_attention,
+};
 pub use quest::{launch_quest_scores, launch_top_k, quest_scores, top_k};
 pub use util::read_f32s;
 

@@ -12,3 +12,4 @@ mod gemv;
 mod merge;
 mod prefill;
 mod quest;
+mod sparse_prefill;
