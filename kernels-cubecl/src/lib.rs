@@ -7,7 +7,8 @@
 //!   Q5_K, Q6_K, F16, BF16).
 //! * [`gemm`]: `Y = X·Wᵀ` for a block of tokens from the same blocks, tiled: each weight tile
 //!   dequantized once into shared memory for all the tile's tokens (prefill).
-//! * [`prefill`]: causal prefill attention (tiled flash attention), GQA-aware, with LSE.
+//! * [`prefill`]: causal prefill attention (tiled flash attention), GQA-aware, with LSE; dense, or
+//!   block-sparse over per-KV-head lists of key blocks (a prefill pattern's mask).
 //! * [`quest`]: Quest page upper-bound scores and a deterministic top-k.
 //!
 //! Every kernel works without plane (subgroup) operations: Mesa's lavapipe, on which the tests

@@ -10,6 +10,12 @@
 //! shared memory for all of those query rows, with an online softmax, as in flash attention;
 //! keys past the last query of the tile are never visited. `bq` and `bk` shrink to fit the
 //! device's shared memory. No plane operations.
+//!
+//! Block-sparse prefill ([`sparse_prefill_kernel`], [`launch_sparse_prefill`]): positions are cut
+//! into blocks of `block` tokens and, per KV head, each query block of the chunk names the key
+//! blocks it attends ([`DeviceBlockLists`], built from a prefill pattern's masks). A cube holds a
+//! tile of one query block and walks only those key blocks, in key tiles, with the same key-tile
+//! step as the dense kernel (`tile_keys`); the unlisted blocks are never read.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;

@@ -72,8 +72,7 @@ fn check(seed: u64, c: &Case, mask: Mask, q_gain: f32) {
     for i in 0..t {
         let pos = start + i;
         let qb = pos / block - first;
-        for h in 0..n_kv {
-            let (offsets, blocks) = &heads[h];
+        for (h, (offsets, blocks)) in heads.iter().enumerate() {
             let kept = &blocks[offsets[qb]..offsets[qb + 1]];
             let ids: Vec<u32> = (0..=pos as u32).filter(|&j| kept.contains(&(j / block as u32))).collect();
             for hq in h * group..(h + 1) * group {
