@@ -7,7 +7,8 @@
 //!   Q5_K, Q6_K, F16, BF16).
 //! * [`gemm`]: `Y = X·Wᵀ` for a block of tokens from the same blocks, tiled: each weight tile
 //!   dequantized once into shared memory for all the tile's tokens (prefill).
-//! * [`prefill`]: causal prefill attention (tiled flash attention), GQA-aware, with LSE.
+//! * [`prefill`]: causal prefill attention (tiled flash attention), GQA-aware, with LSE; dense, or
+//!   block-sparse over per-KV-head lists of key blocks (a prefill pattern's mask).
 //! * [`quest`]: Quest page upper-bound scores and a deterministic top-k.
 //!
 //! Every kernel works without plane (subgroup) operations: Mesa's lavapipe, on which the tests
@@ -33,7 +34,9 @@ pub use error::{Error, Result};
 pub use gemm::{gemm, launch_gemm};
 pub use gemv::{DeviceQMatrix, gemv, launch_gemv};
 pub use merge::{launch_lse_merge, lse_merge};
-pub use prefill::{launch_prefill, prefill_attention};
+pub use prefill::{
+    DeviceBlockLists, launch_prefill, launch_sparse_prefill, prefill_attention, sparse_prefill_attention,
+};
 pub use quest::{launch_quest_scores, launch_top_k, quest_scores, top_k};
 pub use util::read_f32s;
 

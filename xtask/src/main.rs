@@ -108,7 +108,19 @@ fn ci() -> Result<()> {
     // once: every kernel against f64 references, each arm op against the CPU reference, the
     // default model and random-weight models of real shapes against the CPU path.
     let gpu = ["-p", "needle-kernels-cubecl", "-p", "needle-model", "--features", "needle-model/wgpu", "--locked"];
-    let targets = ["--lib", "--test", "gpu", "--test", "wgpu_arms", "--test", "wgpu_model", "--test", "gpu_shapes"];
+    let targets = [
+        "--lib",
+        "--test",
+        "gpu",
+        "--test",
+        "wgpu_arms",
+        "--test",
+        "wgpu_model",
+        "--test",
+        "wgpu_sparse_prefill",
+        "--test",
+        "gpu_shapes",
+    ];
     cargo(&[&["test"][..], &gpu, &targets].concat(), &root)?;
     // No GPU here: the CUDA bundle must still build.
     test_gpu(&["--build-only".into()])?;

@@ -221,6 +221,14 @@ fn report<M>(a: &GenerateArgs, out: &Generation, cache: &KvCache<M>, context_loa
         if out.stats.steps > 0 {
             eprintln!("[needle] {}", profile_line(&out.stats.profile()));
         }
+        if out.stats.prefill_blocks_dense > 0 {
+            let (kept, all) = (out.stats.prefill_blocks, out.stats.prefill_blocks_dense);
+            eprintln!(
+                "[needle] sparse prefill {}: {kept} of {all} key blocks attended ({:.1}%)",
+                cache.config().prefill.describe(),
+                100.0 * kept as f64 / all as f64
+            );
+        }
         if disk_bytes > 0 {
             eprintln!(
                 "[needle] KV tiers: host {:.0} MiB, disk {:.0} MiB | {faulted_per_step:.1} pages read from disk per step, {} pages spilled",

@@ -5,7 +5,9 @@
 //! it reads (a retrieval step's gathered rows and a full step's), next to the device's own read
 //! bandwidth measured by a reduction over a large buffer, and the quantized linear kernels alone
 //! on layer 0's q_proj and up_proj: the GEMV (one token), one GEMV launch per token of a prefill
-//! chunk (the prefill path before the tiled GEMM) and the tiled GEMM over the chunk. Prints one line per figure and writes
+//! chunk (the prefill path before the tiled GEMM) and the tiled GEMM over the chunk; the prefill
+//! attention kernels alone on a chunk at the end of each context: dense against block-sparse
+//! (every block, and a pattern-like 10% mask). Prints one line per figure and writes
 //! them as JSON (`--json`, a new file).
 //!
 //! ```sh
@@ -279,6 +281,75 @@ mod bench {
         Ok(Value::Object(res))
     }
 
+    /// The prefill attention kernels alone on the last `t` queries of `n` rows of one layer (blocks
+    /// of 64): the dense kernel, the block-sparse one with every block listed (its overhead) and
+    /// with a pattern-like mask (the first block, the two local ones and 10% of the others, drawn
+    /// per query block and KV head). Speed-up = the dense kernel's time / the sparse one's.
+    fn prefill_kernels(client: &ComputeClient<Rt>, cfg: &LlamaConfig, n: usize, t: usize, iters: usize) -> Res<Value> {
+        let (nq, nkv, d, block) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 64);
+        let (t, mut s) = (t.min(n), 77u64);
+        let start = n - t;
+        let mut rnd = |len: usize| -> Vec<f32> {
+            (0..len).map(|_| (splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect()
+        };
+        let (k, v, q) = (rnd(n * nkv * d), rnd(n * nkv * d), rnd(t * nq * d));
+        let kv = DeviceKv::upload(client, &k, &v, n, nkv, d)?;
+        drop((k, v));
+        let qh = client.create_from_slice(f32_bytes(&q));
+        let (out, lse) = (client.empty(t * nq * d * 4), client.empty(t * nq * 4));
+        let sync = || -> Res<()> {
+            client.read_one(lse.clone()).map_err(|e| format!("read back: {e:?}"))?;
+            Ok(())
+        };
+        let dense = time(
+            iters,
+            || Ok(needle_kernels_cubecl::launch_prefill(client, &kv, &qh, nq, t, start, 0.088, &out, &lse)?),
+            sync,
+        )?;
+        println!(
+            "prefill attention kernel, {t} queries after {start} rows, {nq}q/{nkv}kv×{d}: dense {:.1} µs",
+            dense * 1e6
+        );
+        let mut res = json!({"context": n, "queries": t, "block": block, "dense_seconds": dense});
+        let mut s = 13u64;
+        for (name, share) in [("every", 1.0), ("sparse", 0.1)] {
+            let heads: Vec<(Vec<usize>, Vec<u32>)> = (0..nkv)
+                .map(|_| {
+                    let (mut offsets, mut blocks) = (vec![0], Vec::new());
+                    for qb in start / block..=(n - 1) / block {
+                        let keep = |kb: usize, s: &mut u64| {
+                            kb == 0 || kb + 2 > qb || (splitmix(s) % 1000) as f64 <= 1000.0 * share
+                        };
+                        blocks.extend((0..=qb).filter(|&kb| keep(kb, &mut s)).map(|kb| kb as u32));
+                        offsets.push(blocks.len());
+                    }
+                    (offsets, blocks)
+                })
+                .collect();
+            let refs: Vec<(&[usize], &[u32])> = heads.iter().map(|(o, b)| (&o[..], &b[..])).collect();
+            let lists = needle_kernels_cubecl::DeviceBlockLists::upload(client, block, start, t, &refs)?;
+            let kept: usize = heads.iter().map(|(_, b)| b.len()).sum();
+            let all = nkv * (start / block..=(n - 1) / block).map(|qb| qb + 1).sum::<usize>();
+            let secs = time(
+                iters,
+                || {
+                    needle_kernels_cubecl::launch_sparse_prefill(
+                        client, &kv, &qh, nq, t, start, 0.088, &lists, &out, &lse,
+                    )?;
+                    Ok(())
+                },
+                sync,
+            )?;
+            println!(
+                "  block-sparse, {name}: {kept} of {all} key blocks, {:.1} µs, {:.2}× the dense kernel's speed",
+                secs * 1e6,
+                dense / secs
+            );
+            res[name] = json!({"blocks_kept": kept, "blocks_dense": all, "seconds": secs, "speedup": dense / secs});
+        }
+        Ok(res)
+    }
+
     /// The quantized linear kernels alone on `name` (its blocks as the model holds them): the
     /// GEMV of one token, `t` GEMV launches (one per token: the prefill path before the tiled
     /// GEMM) and the tiled GEMM of `t` tokens; GFLOP/s on `2·rows·cols` per token and the GEMV's
@@ -369,6 +440,10 @@ mod bench {
             }
             kernels.push(k);
         }
+        let mut prefill = Vec::new();
+        for &n in &a.contexts {
+            prefill.push(prefill_kernels(&client, &cfg, n, a.chunk, if a.small { 2 } else { 20 })?);
+        }
         let t0 = Instant::now();
         let ck = Checkpoint::random(&cfg, a.quant, a.seed)?;
         let model = Llama::<G>::load(&ck, &device)?;
@@ -419,7 +494,7 @@ mod bench {
             "hidden": cfg.hidden_size, "q_heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
             "head_dim": cfg.head_dim, "vocab": cfg.vocab_size, "quant": format!("{:?}", a.quant),
             "weight_bytes": model.weight_bytes(), "build_seconds": build_s, "small": a.small,
-            "read_gigabytes_per_second": read_gbps, "attention_kernel": kernels, "linear_kernels": linears, "model": runs,
+            "read_gigabytes_per_second": read_gbps, "attention_kernel": kernels, "prefill_kernel": prefill, "linear_kernels": linears, "model": runs,
             "skipped": skipped, "seconds": start.elapsed().as_secs_f64(),
         });
         if let Some(path) = &a.json {

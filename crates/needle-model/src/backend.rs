@@ -528,11 +528,7 @@ pub mod flex {
         let pattern_on = pattern.is_some();
         let run = |qs: &[f32]| -> Result<(u64, u64)> {
             let masks = pattern.map(|p| plan_masks(cache, layer, p, qs, n - t, scale)).transpose()?;
-            let blocks = masks
-                .iter()
-                .flatten()
-                .map(BlockMask::density)
-                .fold((0, 0), |(a, b), (kept, all)| (a + kept as u64, b + all as u64));
+            let blocks = masks.as_deref().map_or((0, 0), density);
             let layouts: Option<Vec<BlockLayout<'_>>> =
                 masks.as_ref().map(|m| m.iter().map(crate::decode::block_layout).collect());
             let layouts = layouts.as_deref();
@@ -560,9 +556,15 @@ pub mod flex {
     }
 }
 
+/// Key blocks attended and key blocks a dense causal prefill would attend, summed over `masks`
+/// (what [`KvCache::count_prefill_blocks`] adds up).
+pub(crate) fn density(masks: &[BlockMask]) -> (u64, u64) {
+    masks.iter().map(BlockMask::density).fold((0, 0), |(a, b), (kept, all)| (a + kept as u64, b + all as u64))
+}
+
 /// The pattern's block mask of each of `layer`'s KV heads for a chunk of `queries` (positions
-/// `pos0..`), the heads in parallel.
-fn plan_masks<M>(
+/// `pos0..`), the heads in parallel. Every backend's sparse prefill plans through it.
+pub(crate) fn plan_masks<M>(
     cache: &KvCache<M>,
     layer: usize,
     pattern: &dyn PrefillPattern,

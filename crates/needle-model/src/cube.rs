@@ -15,9 +15,9 @@
 //!   step copies its token's row in on the device (`decode_step_on`). Under a device budget a
 //!   layer keeps its sinks and a ring of recent rows; decode attends the rest on the host and
 //!   merges ([`attend_lists`]).
-//! - Prefill attention is the causal flash kernel over that mirror (dense: a sparse prefill
-//!   pattern applies on the CPU backend only), or the CPU kernel when the layer's rows are not
-//!   all in the device's first buffer.
+//! - Prefill attention is the causal flash kernel over that mirror, or with a prefill pattern
+//!   the block-sparse one over the key blocks the CPU path's planner chooses (`prefill_on`); the
+//!   CPU kernel (dense or sparse) when the layer's rows are not all in the device's first buffer.
 //! - Decode ([`DecodeMode`], per cache: [`KvCache::set_decode_mode`]): `Hybrid` (the default) launches the device kernel over each KV
 //!   head's static part (sinks + window) and, while it runs, lets the host select from the
 //!   dynamic part and attend to the picked rows ([`KvCache::decode_dynamic`]); one LSE merge on
@@ -26,7 +26,6 @@
 //!   host rows with the other such layers' in one read at the step's end (`settle`).
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
@@ -548,8 +547,12 @@ fn settle<R: CubeRuntime>(cache: &mut KvCache<DeviceCache<R>>) -> Result<()> {
     Ok(())
 }
 
-static DENSE_PREFILL_SAID: AtomicBool = AtomicBool::new(false);
-
+/// [`NeedleBackend::paged_attention`] on the device: the causal flash kernel over the layer's
+/// device rows; during a prefill with a pattern (as on the CPU: not once the cache is built), the
+/// block-sparse kernel over the key blocks the pattern chooses per KV head. The masks are planned
+/// on the host by the CPU path's own [`plan_masks`](crate::backend::plan_masks) over the host
+/// keys, from the chunk's queries read back (`t · n_q_heads · head_dim` floats); only the block
+/// lists go up (per KV head, one offset per query block and one id per kept block).
 fn prefill_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
     q: Tensor<Cb<R, I, BT>, 3>,
     cache: &mut KvCache<DeviceCache<R>>,
@@ -566,17 +569,30 @@ fn prefill_on<R: CubeRuntime, I: IntElement, BT: BoolElement>(
             got: vec![t, nh, d],
         });
     }
-    if cache.config().prefill.pattern().is_some() && !DENSE_PREFILL_SAID.swap(true, Ordering::Relaxed) {
-        tracing::warn!("sparse prefill patterns run on the CPU backend only: this GPU prefill attends densely");
-    }
     let qp = primitive(q);
-    let out = f32_buffer(&qp.client, t * nh * d);
-    let lse = f32_buffer(&qp.client, t * nh);
-    let Some(kv) = with_rows(cache, layer, 0, &qp.client, |rows| rows.dense(&qp.client))? else {
+    let client = qp.client.clone();
+    let out = f32_buffer(&client, t * nh * d);
+    let lse = f32_buffer(&client, t * nh);
+    let Some(kv) = with_rows(cache, layer, 0, &client, |rows| rows.dense(&client))? else {
         return host_prefill(cache, layer, qp, [t, nh, d], scale);
     };
-    needle_kernels_cubecl::launch_prefill(&qp.client, &kv, &qp.handle, nh, t, n - t, scale, &out, &lse)
-        .map_err(kernel_err("prefill attention"))?;
+    let Some(pattern) = cache.config().prefill.pattern().filter(|_| !cache.is_built()) else {
+        needle_kernels_cubecl::launch_prefill(&client, &kv, &qp.handle, nh, t, n - t, scale, &out, &lse)
+            .map_err(kernel_err("prefill attention"))?;
+        return Ok(wrap(&qp, out, [t, nh * d]));
+    };
+    let qs = needle_kernels_cubecl::read_f32s(&client, &[(&qp.handle, t * nh * d)])
+        .map_err(kernel_err("query read-back"))?
+        .pop()
+        .ok_or_else(|| Error::State("query read-back: no buffer".into()))?;
+    let masks = crate::backend::plan_masks(cache, layer, pattern, &qs, n - t, scale)?;
+    let heads: Vec<(&[usize], &[u32])> = masks.iter().map(|m| (m.offsets(), m.blocks())).collect();
+    let lists = needle_kernels_cubecl::DeviceBlockLists::upload(&client, pattern.block(), n - t, t, &heads)
+        .map_err(kernel_err("prefill block lists"))?;
+    needle_kernels_cubecl::launch_sparse_prefill(&client, &kv, &qp.handle, nh, t, n - t, scale, &lists, &out, &lse)
+        .map_err(kernel_err("sparse prefill attention"))?;
+    let (kept, all) = crate::backend::density(&masks);
+    cache.count_prefill_blocks(kept, all);
     Ok(wrap(&qp, out, [t, nh * d]))
 }
 

@@ -12,4 +12,5 @@ mod gemv;
 mod merge;
 mod prefill;
 mod quest;
+mod sparse_prefill;
 mod store;
