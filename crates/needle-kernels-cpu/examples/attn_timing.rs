@@ -1,8 +1,8 @@
 //! Decode attention alone, as a batched step meets it: `attend_rows` of 3 query heads over
 //! `keys` rows of dim 64 for each of `groups` distinct KV groups (30 layers × 3 KV heads per
-//! stream, the default model's), with the rows either distinct per group (a step streams them
-//! from memory) or one set shared by every group (cache-resident), on 1 or 2 threads of the
-//! kernels' pool. Minimum over repeated steps.
+//! stream, the default model's), with the rows distinct per group (a step streams them from
+//! memory), shared by the streams (one context's rows, as forks of it read them) or one set
+//! for every group (cache-resident), on 1 or 2 threads of the kernels' pool. Minimum over repeated steps.
 //! `cargo run --release -p needle-kernels-cpu --example attn_timing [keys] [streams] [reps]`.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
@@ -30,12 +30,17 @@ fn run<T: needle_kernels_cpu::attn::KvElem + From32>(dtype: &str) {
     let q: Vec<f32> = (0..g * d).map(|i| ((i as f32) * 0.37).sin()).collect();
     let mb = (2 * groups * keys * d * std::mem::size_of::<T>()) as f64 / 1e6;
     println!("{dtype}, {streams} stream(s), {keys} keys: {mb:.1} MB of K/V a step; min over {reps} steps");
-    for (label, shared) in [("distinct rows", false), ("shared rows", true)] {
+    for (label, mode) in [("distinct rows", 0), ("rows shared by the streams", 1), ("one set of rows", 2)] {
         fn view<T>(data: &[T], base: usize, keys: usize, d: usize) -> Vec<&[T]> {
             (0..keys).map(|r| &data[base + r * d..base + (r + 1) * d]).collect()
         }
-        let (kv, vv) = if shared { (&ks, &vs) } else { (&kd, &vd) };
-        let base = |i: usize| if shared { 0 } else { i * keys * d };
+        let (kv, vv) = if mode == 2 { (&ks, &vs) } else { (&kd, &vd) };
+        // Group `i` is layer `i / (3 streams)`, stream `i % (3 streams) / 3`, KV head `i % 3`.
+        let base = |i: usize| match mode {
+            0 => i * keys * d,
+            1 => (i / (3 * streams) * 3 + i % 3) * keys * d,
+            _ => 0,
+        };
         #[allow(clippy::type_complexity)]
         let views: Vec<(Vec<&[T]>, Vec<&[T]>)> =
             (0..groups).map(|i| (view(kv, base(i), keys, d), view(vv, base(i), keys, d))).collect();
