@@ -159,7 +159,15 @@ impl QWeight {
         if !PackedRows::wanted(self.ty, Isa::detect()) {
             return Ok(m);
         }
-        match self.packed.get_or_init(|| PackedRows::new(&m).ok()) {
+        let packed = self.packed.get_or_init(|| {
+            let packed = PackedRows::new(&m).ok();
+            // Products read the copy from now on: the map's pages of these bytes can go.
+            if let (Some(_), Store::Map(raw)) = (&packed, &self.store) {
+                raw.release_pages();
+            }
+            packed
+        });
+        match packed {
             Some(p) => m.with_packed(p).map_err(|e| Error::kernel(&*self.name, e)),
             None => Ok(m),
         }
