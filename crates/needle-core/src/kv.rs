@@ -219,6 +219,12 @@ pub trait RowSource: Sync {
     fn dtype(&self) -> KvDtype;
     /// Row `i`. Panics if `i >= len()`; callers check ids with [`RowSource::check_id`].
     fn row(&self, i: usize) -> Row<'_>;
+    /// Rows `ids`, in order, appended to `out`: what [`RowSource::row`] gives each, in one call
+    /// for a whole selection (a paged source resolves each page once instead of per row).
+    /// Panics like [`RowSource::row`].
+    fn rows_into<'s>(&'s self, ids: &[u32], out: &mut Vec<Row<'s>>) {
+        out.extend(ids.iter().map(|&i| self.row(i as usize)));
+    }
     /// True when there are no rows.
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -545,11 +551,69 @@ impl RowSource for PagedRows {
             Pages::Q8(pages) => Row::Q8(&pages[p][span]),
         }
     }
+
+    fn rows_into<'s>(&'s self, ids: &[u32], out: &mut Vec<Row<'s>>) {
+        /// `ids` of `pages`, each page's slice taken once per run of ids in it.
+        fn typed<'s, T: bytemuck::Pod>(
+            rows: &PagedRows,
+            pages: &'s [PageBuf<T>],
+            ids: &[u32],
+            out: &mut Vec<Row<'s>>,
+            wrap: fn(&'s [T]) -> Row<'s>,
+        ) {
+            let (ps, stride) = (rows.page_size, rows.stride());
+            // The page of the previous id (its first row and slice): a selection's ids are
+            // mostly sorted, so most ids need no division and no page lookup.
+            let mut current: (usize, &'s [T]) = (usize::MAX, &[]);
+            for &id in ids {
+                let i = id as usize;
+                assert!(i < rows.len, "row {i} out of range ({} rows)", rows.len);
+                if i < current.0 || i - current.0 >= ps {
+                    let p = i / ps;
+                    current = (p * ps, &pages[p]);
+                }
+                let s = i - current.0;
+                out.push(wrap(&current.1[s * stride..(s + 1) * stride]));
+            }
+        }
+        out.reserve(ids.len());
+        match &self.pages {
+            Pages::F32(pages) => typed(self, pages, ids, out, Row::F32),
+            Pages::F16(pages) => typed(self, pages, ids, out, Row::F16),
+            Pages::Q8(pages) => typed(self, pages, ids, out, Row::Q8),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `rows_into` gives every id the slice `row` gives it, in order, whatever the order of
+    /// the ids and the pages they fall in, for every stored precision.
+    #[test]
+    fn rows_into_equals_row_by_row() {
+        let ids: Vec<u32> = vec![0, 1, 2, 6, 5, 9, 10, 3, 3, 12, 0, 7, 8, 11];
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8] {
+            let mut p = PagedRows::with_dtype(4, 3, dtype).unwrap();
+            for i in 0..13 {
+                p.push(&[i as f32, -1.5 * i as f32, 0.25, 7.0]).unwrap();
+            }
+            let mut got = Vec::new();
+            p.rows_into(&ids, &mut got);
+            let want: Vec<Row<'_>> = ids.iter().map(|&i| p.row(i as usize)).collect();
+            assert_eq!(got.len(), want.len());
+            for ((g, w), id) in got.iter().zip(&want).zip(&ids) {
+                let same = match (g, w) {
+                    (Row::F32(a), Row::F32(b)) => std::ptr::eq(*a, *b),
+                    (Row::F16(a), Row::F16(b)) => std::ptr::eq(*a, *b),
+                    (Row::Q8(a), Row::Q8(b)) => std::ptr::eq(*a, *b),
+                    _ => false,
+                };
+                assert!(same, "{dtype} row {id}");
+            }
+        }
+    }
 
     #[test]
     fn paged_rows_cross_page_boundaries() {

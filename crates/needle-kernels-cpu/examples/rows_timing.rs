@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use needle_kernels_cpu::{Isa, Pool, QMatrix, QuantType, gemv_rows_with};
+use needle_kernels_cpu::{Isa, PackedRows, Pool, QMatrix, QuantType, gemv_rows_with};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// Random blocks of `ty` with a small finite scale (and min) in every block.
@@ -41,16 +41,31 @@ fn main() {
         .map(|(rows, cols, ty)| rows.iter().map(|&r| weights(&mut rng, *ty, r, *cols)).collect())
         .collect();
     println!("{} thread(s); min over {reps} steps (30 layers + lm_head, distinct weights)", Pool::global().threads());
-    for isa in Isa::all_available().into_iter().filter(|&i| i != Isa::Scalar) {
+    let plain: Vec<Vec<QMatrix<'_>>> = groups
+        .iter()
+        .zip(&data)
+        .map(|((rows, cols, ty), bytes)| {
+            rows.iter().zip(bytes).map(|(&r, b)| QMatrix::new(*ty, r, *cols, b).unwrap()).collect()
+        })
+        .collect();
+    let packs: Vec<Vec<PackedRows>> =
+        plain.iter().map(|ms| ms.iter().map(|m| PackedRows::new(m).unwrap()).collect()).collect();
+    let packed: Vec<Vec<QMatrix<'_>>> = plain
+        .iter()
+        .zip(&packs)
+        .map(|(ms, ps)| ms.iter().zip(ps).map(|(m, p)| m.with_packed(p).unwrap()).collect())
+        .collect();
+    let runs = Isa::all_available().into_iter().filter(|&i| i != Isa::Scalar).flat_map(|isa| {
+        let layouts: &[(&str, &Vec<Vec<QMatrix<'_>>>)] = if PackedRows::wanted(QuantType::Q4_1, isa) {
+            &[("as stored", &plain), ("packed", &packed)]
+        } else {
+            &[("as stored", &plain)]
+        };
+        layouts.iter().map(move |&(l, m)| (isa, l, m)).collect::<Vec<_>>()
+    });
+    for (isa, layout, mats) in runs {
         let mut one_row = 0.0;
         for t in 1..=4 {
-            let mats: Vec<Vec<QMatrix<'_>>> = groups
-                .iter()
-                .zip(&data)
-                .map(|((rows, cols, ty), bytes)| {
-                    rows.iter().zip(bytes).map(|(&r, b)| QMatrix::new(*ty, r, *cols, b).unwrap()).collect()
-                })
-                .collect();
             let xs: Vec<Vec<f32>> = groups
                 .iter()
                 .map(|(_, cols, _)| (0..t * cols).map(|_| rng.random_range(-1f32..1.0)).collect())
@@ -69,7 +84,7 @@ fn main() {
             if t == 1 {
                 one_row = best;
             }
-            println!("{isa:?} rows {t}: step {best:.2} ms ({:.2}x one row's)", best / one_row);
+            println!("{isa:?} {layout} rows {t}: step {best:.2} ms ({:.2}x one row's)", best / one_row);
         }
     }
 }

@@ -211,6 +211,11 @@ impl<'a> RowsPlan<'a> {
         matches!(kernel_rows(ty, isa), Some(RowsKernel::Lanes(_)))
     }
 
+    /// The plan's rows as Q8 blocks (empty rows where they are of another kind).
+    pub(crate) fn q8_rows(&self) -> Vec<&'a [BlockQ8]> {
+        self.xs.iter().map(|&x| q8(x)).collect()
+    }
+
     /// Rows in the plan.
     pub(crate) fn len(&self) -> usize {
         self.xs.len()
@@ -447,7 +452,7 @@ fn q6_k_scalar(w: &[u8], x: &[BlockQ8K]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     //! AVX2 + FMA (+ F16C) kernels. Each `unsafe fn` only needs the CPU features it enables;
     //! the safe wrappers are handed out by [`kernel`] only after [`Isa::Avx2`] was detected.
 
@@ -820,7 +825,7 @@ mod x86 {
     /// # Safety
     /// As [`quad_body`].
     #[inline(always)]
-    unsafe fn dpbusd<const DOT: u8>(acc: __m256i, u: __m256i, y: __m256i) -> __m256i {
+    pub(crate) unsafe fn dpbusd<const DOT: u8>(acc: __m256i, u: __m256i, y: __m256i) -> __m256i {
         // SAFETY: the caller enables the encoding's features.
         unsafe {
             match DOT {
@@ -998,17 +1003,17 @@ mod x86 {
     /// How [`multi_body`] does a block's integer dot: `vpmaddubsw` + `vpmaddwd` (AVX2) or one
     /// `vpdpbusd` in either encoding.
     const MADD: u8 = 0;
-    const AVXVNNI: u8 = 1;
-    const AVX512VNNI: u8 = 2;
+    pub(crate) const AVXVNNI: u8 = 1;
+    pub(crate) const AVX512VNNI: u8 = 2;
 
     /// The encoding of `vpdpbusd` this machine has, once [`Isa::AvxVnni`] was detected.
     #[derive(Clone, Copy, PartialEq, Eq)]
-    enum Vnni {
+    pub(crate) enum Vnni {
         Avx,
         Avx512,
     }
 
-    fn vnni_encoding() -> Vnni {
+    pub(crate) fn vnni_encoding() -> Vnni {
         if std::arch::is_x86_feature_detected!("avxvnni") { Vnni::Avx } else { Vnni::Avx512 }
     }
 

@@ -35,6 +35,7 @@ pub mod attn;
 pub mod dot;
 pub mod linear;
 pub mod ops;
+pub mod packed;
 pub mod pool;
 pub mod sparse;
 
@@ -47,6 +48,7 @@ pub use attn::{Pages, attend_rows, attend_rows_lse, flash_prefill};
 pub use isa::Isa;
 pub use linear::{QMatrix, gemv_many, gemv_rows, gemv_rows_with};
 pub use needle_quant::{QuantType, can_quantize, dequantize_row, quantize_row};
+pub use packed::PackedRows;
 pub use pool::Pool;
 pub use sparse::{BlockLayout, sparse_prefill};
 

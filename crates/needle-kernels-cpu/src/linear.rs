@@ -2,8 +2,9 @@
 
 use std::ops::Range;
 
-use crate::act::{QActs, kind_for};
+use crate::act::{BlockQ8, QActs, kind_for};
 use crate::dot::{Kernel, Kernel4, Lanes, RowsPlan, TOKENS, kernel, kernel4, lanes_for};
+use crate::packed::{PACK, PackedRows};
 use crate::pool::Pool;
 use crate::{Error, Isa, Result, check_len};
 use needle_quant::QuantType;
@@ -23,6 +24,8 @@ pub struct QMatrix<'a> {
     cols: usize,
     row_bytes: usize,
     data: &'a [u8],
+    /// The same rows repacked for decode, where the caller keeps them ([`Self::with_packed`]).
+    packed: Option<&'a PackedRows>,
 }
 
 impl<'a> QMatrix<'a> {
@@ -32,7 +35,29 @@ impl<'a> QMatrix<'a> {
         let total =
             rows.checked_mul(row_bytes).ok_or_else(|| Error::Invalid { param: "rows", why: "too large".into() })?;
         check_len("data", data.len(), total)?;
-        Ok(QMatrix { ty, rows, cols, row_bytes, data })
+        Ok(QMatrix { ty, rows, cols, row_bytes, data, packed: None })
+    }
+
+    /// This matrix with `packed`, its rows repacked ([`PackedRows::new`] of it): decode's
+    /// products ([`gemv_rows_with`], hence [`gemv_many_with`] and one-token [`Self::gemv_with`])
+    /// then run the packed kernel on every ISA that has it ([`PackedRows::wanted`]), for one row
+    /// and for a batch alike.
+    pub fn with_packed(self, packed: &'a PackedRows) -> Result<QMatrix<'a>> {
+        if (packed.ty(), packed.rows(), packed.cols()) != (self.ty, self.rows, self.cols) {
+            return Err(Error::Invalid {
+                param: "packed",
+                why: format!(
+                    "{:?} {}×{} repacked, for a {:?} {}×{} matrix",
+                    packed.ty(),
+                    packed.rows(),
+                    packed.cols(),
+                    self.ty,
+                    self.rows,
+                    self.cols
+                ),
+            });
+        }
+        Ok(QMatrix { packed: Some(packed), ..self })
     }
 
     /// Element type.
@@ -70,7 +95,9 @@ impl<'a> QMatrix<'a> {
         self.gemm_with(Isa::detect(), x, t, y)
     }
 
-    /// [`gemm`](Self::gemm) on a given ISA (scalar when `isa` is not available here).
+    /// [`gemm`](Self::gemm) on a given ISA (scalar when `isa` is not available here). A matrix
+    /// with its rows repacked ([`Self::with_packed`]) runs [`gemv_rows_with`] where `isa` has
+    /// the packed kernel: each token row the bits of a one-token product.
     ///
     /// Each token row of `x` is quantized once; the work is cut into tiles of 16 weight rows ×
     /// 8 tokens so a weight row is read from L1 for all tokens of the tile; row blocks run in
@@ -83,8 +110,8 @@ impl<'a> QMatrix<'a> {
         if t == 0 || self.rows == 0 {
             return Ok(());
         }
-        if t == 1 {
-            return self.gemv_with(isa, x, y);
+        if t == 1 || self.packed.is_some_and(|_| PackedRows::wanted(self.ty, isa)) {
+            return gemv_rows_with(isa, &[*self], x, t, &mut [y]);
         }
         let acts = QActs::quantize(self.ty, x, t, self.cols)?;
         let (k, k4) = (kernel(self.ty, isa), kernel4(self.ty, isa));
@@ -164,8 +191,10 @@ pub fn gemv_rows(mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &mut [&mut [f32]
 }
 
 /// [`gemv_rows`] on a given ISA (scalar when `isa` is not available here).
-pub fn gemv_rows_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &mut [&mut [f32]]) -> Result<()> {
+pub fn gemv_rows_with<'a>(isa: Isa, mats: &[QMatrix<'a>], x: &[f32], t: usize, ys: &mut [&mut [f32]]) -> Result<()> {
     check_len("ys", ys.len(), mats.len())?;
+    // The repacked rows a matrix brings, where this ISA has their kernel.
+    let packed = |m: &QMatrix<'a>| m.packed.filter(|_| PackedRows::wanted(m.ty, isa));
     // Per activation kind: the quantized rows, and their lanes where a matrix's kernel takes
     // them (one layout for all Q8 weight types).
     let mut acts: Vec<(&'static str, QActs, Vec<Lanes>)> = Vec::new();
@@ -181,7 +210,9 @@ pub fn gemv_rows_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &
         return Ok(());
     }
     for (kind, a, lanes) in &mut acts {
-        if let Some(m) = mats.iter().find(|m| kind_for(m.ty) == *kind && RowsPlan::wants_lanes(m.ty, isa)) {
+        if let Some(m) =
+            mats.iter().find(|m| kind_for(m.ty) == *kind && packed(m).is_none() && RowsPlan::wants_lanes(m.ty, isa))
+        {
             let rows: Vec<_> = (0..t).map(|tok| a.row(tok)).collect();
             *lanes = lanes_for(&rows, m.cols / m.ty.block_elems());
         }
@@ -203,7 +234,10 @@ pub fn gemv_rows_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &
         .iter()
         .enumerate()
         .flat_map(|(i, m)| {
-            let per = chunk.min(m.rows.max(1));
+            let mut per = chunk.min(m.rows.max(1));
+            if packed(m).is_some() {
+                per = per.next_multiple_of(PACK);
+            }
             (0..m.rows).step_by(per).map(move |r| (i, r..(r + per).min(m.rows)))
         })
         .collect();
@@ -212,6 +246,21 @@ pub fn gemv_rows_with(isa: Isa, mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &
         let (i, ref rows) = tasks[k];
         let (m, plan) = (&mats[i], &plans[i]);
         if plan.len() != t {
+            return;
+        }
+        if let Some(p) = packed(m) {
+            let xs: Vec<&[BlockQ8]> = plan.q8_rows();
+            let mut v = vec![[0f32; PACK]; t];
+            for g in rows.start / PACK..rows.end.div_ceil(PACK) {
+                p.dot_group(isa, g, &xs, &mut v);
+                for (tok, vals) in v.iter().enumerate() {
+                    for (r, &val) in (g * PACK..(g * PACK + PACK).min(m.rows)).zip(vals) {
+                        // SAFETY: as below; a task's rows are whole groups (`per` is a multiple
+                        // of PACK), so no other task writes them.
+                        unsafe { *outs[i].0.add(tok * m.rows + r) = val };
+                    }
+                }
+            }
             return;
         }
         let mut v = vec![0f32; t];

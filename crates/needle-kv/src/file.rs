@@ -200,13 +200,44 @@ pub struct ContextReader {
     entries: HashMap<String, Entry>,
 }
 
+/// `file` mapped read-only, the map shared with every reader of the same file (device, inode,
+/// size and modification time) that is still open in this process: sequences loaded from one
+/// context then read its pages at the same addresses, so their attention over the shared rows
+/// meets them in the caches and the TLB once, not once per sequence.
+fn shared_map(path: &Path, file: &File) -> Result<Arc<Mmap>> {
+    use std::sync::{Mutex, OnceLock, Weak};
+    type Key = (u64, u64, u64, Option<std::time::SystemTime>);
+    static MAPS: OnceLock<Mutex<HashMap<Key, Weak<Mmap>>>> = OnceLock::new();
+    let meta = file.metadata().map_err(|e| Error::io(path, "reading the metadata of", e))?;
+    #[cfg(unix)]
+    let (dev, ino) = {
+        use std::os::unix::fs::MetadataExt;
+        (meta.dev(), meta.ino())
+    };
+    #[cfg(not(unix))]
+    let (dev, ino) = (0, 0);
+    let key = (dev, ino, meta.len(), meta.modified().ok());
+    // SAFETY: the map is read-only; a file changed underneath is caught by the checksums of
+    // whatever is read from it afterwards.
+    let map_new = || unsafe { Mmap::map(file) }.map(Arc::new).map_err(|e| Error::io(path, "mapping", e));
+    if !cfg!(unix) || ino == 0 {
+        return map_new();
+    }
+    let mut maps = MAPS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    maps.retain(|_, m| m.strong_count() > 0);
+    if let Some(map) = maps.get(&key).and_then(Weak::upgrade) {
+        return Ok(map);
+    }
+    let map = map_new()?;
+    maps.insert(key, Arc::downgrade(&map));
+    Ok(map)
+}
+
 impl ContextReader {
     /// Opens and maps `path`, checking the magic, version, trailer and table.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, "opening", e))?;
-        // SAFETY: the map is read-only; a file changed underneath is caught by the checksums
-        // of whatever is read from it afterwards.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "mapping", e))?;
+        let map = shared_map(path, &file)?;
         let len = map.len() as u64;
         let corrupt = |reason: String| Error::Corrupt { path: path.to_path_buf(), section: "table".into(), reason };
         if len < 8 || &map[..8] != MAGIC {
@@ -259,7 +290,7 @@ impl ContextReader {
             }
             entries.insert(name.to_string(), Entry { name: name.to_string(), offset, len: slen, page_bytes, checks });
         }
-        Ok(Self { path: path.to_path_buf(), map: Arc::new(map), entries })
+        Ok(Self { path: path.to_path_buf(), map, entries })
     }
 
     /// The file's path.

@@ -184,3 +184,24 @@ fn killed_saves_leave_a_complete_file() {
     want.sort();
     assert_eq!(names(), want, "the saved file, and the temporaries of live processes");
 }
+
+/// Readers of one file open at once share its map (a section is at the same address); a file
+/// replaced by a new save is mapped afresh (its new contents, never the old map's).
+#[test]
+fn open_readers_of_one_file_share_its_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.needle");
+    write_sample(&path, 3, false);
+    let (a, b) = (ContextReader::open(&path).unwrap(), ContextReader::open(&path).unwrap());
+    let at = |r: &ContextReader| r.section("pages").unwrap().as_ptr();
+    if cfg!(unix) {
+        assert_eq!(at(&a), at(&b), "two readers of one file map it once");
+    }
+    write_sample(&path, 5, true);
+    let c = ContextReader::open(&path).unwrap();
+    assert_ne!(at(&a), at(&c), "a replaced file is mapped again");
+    check_sample(&path, 5);
+    assert_eq!(a.section("meta").unwrap(), b"{\"seed\":3}", "an open reader keeps the file it opened");
+    drop((a, b, c));
+    check_sample(&path, 5);
+}

@@ -163,7 +163,9 @@ fn rows<T: needle_kernels_cpu::attn::KvElem>(
 
 /// The rows `ids` of `rows` as slices of one stored precision.
 fn gather<'r, T>(ids: &[u32], rows: &'r dyn RowSource, typed: fn(Row<'r>) -> &'r [T]) -> Vec<&'r [T]> {
-    ids.iter().map(|&id| typed(rows.row(id as usize))).collect()
+    let mut all = Vec::with_capacity(ids.len());
+    rows.rows_into(ids, &mut all);
+    all.into_iter().map(typed).collect()
 }
 
 // A `RowSource` stores every row at its `dtype()`, so the other arm is unreachable; an empty

@@ -2,9 +2,9 @@
 //! copy), or owned f32 rows (safetensors folders, tests), read by needle-kernels-cpu's
 //! [`QMatrix`].
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use needle_kernels_cpu::{QMatrix, QuantType, dequantize_row};
+use needle_kernels_cpu::{Isa, PackedRows, QMatrix, QuantType, dequantize_row};
 use needle_loader::RawTensor;
 
 use crate::error::{Error, Result};
@@ -53,6 +53,9 @@ pub struct QWeight {
     rows: usize,
     cols: usize,
     rope_heads: Option<usize>,
+    /// The rows repacked, made at the first host product where this machine has the packed
+    /// kernel ([`PackedRows::wanted`]); shared by clones.
+    packed: Arc<OnceLock<Option<PackedRows>>>,
 }
 
 impl std::fmt::Debug for QWeight {
@@ -75,7 +78,8 @@ impl QWeight {
             return Err(Error::Shape { tensor: name.into(), expected: vec![0, 0], got: raw.shape.clone() });
         };
         let rope_heads = raw.rope_heads;
-        let w = Self { name: name.into(), store: Store::Map(raw), ty, rows, cols, rope_heads };
+        let packed = Arc::default();
+        let w = Self { name: name.into(), store: Store::Map(raw), ty, rows, cols, rope_heads, packed };
         w.check()?;
         Ok(w)
     }
@@ -83,8 +87,8 @@ impl QWeight {
     /// Owned f32 weights, row-major `rows × cols`.
     pub fn from_f32(name: &str, data: &[f32], rows: usize, cols: usize) -> Result<Self> {
         let bytes: Arc<[u8]> = bytemuck::cast_slice::<f32, u8>(data).into();
-        let w =
-            Self { name: name.into(), store: Store::Owned(bytes), ty: QuantType::F32, rows, cols, rope_heads: None };
+        let (store, packed) = (Store::Owned(bytes), Arc::default());
+        let w = Self { name: name.into(), store, ty: QuantType::F32, rows, cols, rope_heads: None, packed };
         w.check()?;
         Ok(w)
     }
@@ -147,10 +151,33 @@ impl QWeight {
         QMatrix::new(self.ty, self.rows, self.cols, self.store.bytes()).map_err(|e| Error::kernel(&*self.name, e))
     }
 
+    /// [`Self::matrix`] with the rows repacked where this machine has the packed kernel (made
+    /// on the first call): what every host product reads (prefill, a lone decode and a batched
+    /// step), so a row's bits are the same whichever of them computes it.
+    fn product_matrix(&self) -> Result<QMatrix<'_>> {
+        let m = self.matrix()?;
+        if !PackedRows::wanted(self.ty, Isa::detect()) {
+            return Ok(m);
+        }
+        let packed = self.packed.get_or_init(|| {
+            let packed = PackedRows::new(&m).ok();
+            // Products read the copy from now on: the map's pages of these bytes can go.
+            if let (Some(_), Store::Map(raw)) = (&packed, &self.store) {
+                raw.release_pages();
+            }
+            packed
+        });
+        match packed {
+            Some(p) => m.with_packed(p).map_err(|e| Error::kernel(&*self.name, e)),
+            None => Ok(m),
+        }
+    }
+
     /// `Y = X Wᵀ` on the host for `t` tokens (`x`: `t × cols`), in the Hugging Face output order.
     pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
         let mut y = vec![0f32; t * self.rows];
-        self.matrix()?.gemm(x, t, &mut y).map_err(|e| Error::kernel(&*self.name, e))?;
+        let m = self.product_matrix()?;
+        m.gemm(x, t, &mut y).map_err(|e| Error::kernel(&*self.name, e))?;
         self.to_hf_order(&mut y);
         Ok(y)
     }
@@ -162,7 +189,7 @@ impl QWeight {
         if t != 1 {
             return ws.iter().map(|w| w.forward(x, t)).collect();
         }
-        let mats = ws.iter().map(|w| w.matrix()).collect::<Result<Vec<_>>>()?;
+        let mats = ws.iter().map(|w| w.product_matrix()).collect::<Result<Vec<_>>>()?;
         let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows]).collect();
         let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
         needle_kernels_cpu::gemv_many(&mats, x, &mut outs).map_err(|e| {
@@ -183,7 +210,7 @@ impl QWeight {
         if t <= 1 {
             return Self::forward_many(ws, x, t);
         }
-        let mats = ws.iter().map(|w| w.matrix()).collect::<Result<Vec<_>>>()?;
+        let mats = ws.iter().map(|w| w.product_matrix()).collect::<Result<Vec<_>>>()?;
         let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; t * w.rows]).collect();
         let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
         needle_kernels_cpu::gemv_rows(&mats, x, t, &mut outs).map_err(|e| {

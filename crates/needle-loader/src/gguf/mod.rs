@@ -184,6 +184,22 @@ impl RawTensor {
         &all[self.start..self.start + self.len]
     }
 
+    /// Drops this process's mapping of the bytes (the file's pages stay in the page cache and
+    /// are mapped again if read): for a caller that made its own copy, so the file's pages no
+    /// longer count against its memory. A no-op for blocks held in memory, and elsewhere than
+    /// on Unix.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Backing::Map(m) = &self.backing {
+            // SAFETY: a read-only map of a file: dropped pages are read again from the file.
+            if let Err(e) =
+                unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.start, self.len) }
+            {
+                tracing::debug!("madvise(DONTNEED) on a tensor's pages: {e}");
+            }
+        }
+    }
+
     /// Blocks held in memory: `bytes` are whole blocks of `ty` for `shape` (checked).
     pub(crate) fn owned(bytes: Arc<[u8]>, ty: GgmlType, shape: Vec<usize>) -> Option<Self> {
         let n: u64 = shape.iter().map(|&d| d as u64).product();
