@@ -143,7 +143,7 @@ fn long_passkey_prompt_matches_llama_cpp_on_f32_weights() {
 /// input from the last one's output, so where the two sum a dot in another order an activation
 /// can round to the next 8-bit step and carry the difference on; on the default model that alone
 /// moves top logits by up to ~0.5 (`llama_cpp_fixtures.rs`). Measured here: 0.74 at most with
-/// the lane kernels (docs/benchmarks.md §17), 0.89 with the Q8_0 blocks repacked (§31; the
+/// the lane kernels (docs/benchmarks.md §17), 0.89 with the Q8_0 blocks repacked (§32; the
 /// packed and stored kernels agree within 2e-5 on every Q8_0 matrix of this file), so the bound
 /// is 1.0.
 #[test]
