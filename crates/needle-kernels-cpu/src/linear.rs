@@ -194,7 +194,7 @@ pub fn gemv_rows(mats: &[QMatrix<'_>], x: &[f32], t: usize, ys: &mut [&mut [f32]
 pub fn gemv_rows_with<'a>(isa: Isa, mats: &[QMatrix<'a>], x: &[f32], t: usize, ys: &mut [&mut [f32]]) -> Result<()> {
     check_len("ys", ys.len(), mats.len())?;
     // The repacked rows a matrix brings, where this ISA has their kernel.
-    let packed = |m: &QMatrix<'a>| m.packed.filter(|_| PackedRows::wanted(m.ty, isa));
+    let packed = |m: &QMatrix<'a>| m.packed.and_then(|p| Some((p, p.kernel(isa)?)));
     // Per activation kind: the quantized rows, and their lanes where a matrix's kernel takes
     // them (one layout for all Q8 weight types).
     let mut acts: Vec<(&'static str, QActs, Vec<Lanes>)> = Vec::new();
@@ -225,6 +225,10 @@ pub fn gemv_rows_with<'a>(isa: Isa, mats: &[QMatrix<'a>], x: &[f32], t: usize, y
             None => RowsPlan::new(m.ty, isa, Vec::new(), &[]),
         })
         .collect();
+    // Per matrix: its repacked rows with their kernel, and its activation rows as Q8 blocks.
+    let packs: Vec<_> = mats.iter().map(packed).collect();
+    let q8s: Vec<Vec<&[BlockQ8]>> =
+        plans.iter().zip(&packs).map(|(plan, p)| if p.is_some() { plan.q8_rows() } else { Vec::new() }).collect();
     let pool = Pool::global();
     let weights: usize = mats.iter().map(|m| m.rows * m.cols).sum::<usize>().saturating_mul(t);
     let total: usize = mats.iter().map(|m| m.rows).sum();
@@ -235,7 +239,7 @@ pub fn gemv_rows_with<'a>(isa: Isa, mats: &[QMatrix<'a>], x: &[f32], t: usize, y
         .enumerate()
         .flat_map(|(i, m)| {
             let mut per = chunk.min(m.rows.max(1));
-            if packed(m).is_some() {
+            if packs[i].is_some() {
                 per = per.next_multiple_of(PACK);
             }
             (0..m.rows).step_by(per).map(move |r| (i, r..(r + per).min(m.rows)))
@@ -248,11 +252,12 @@ pub fn gemv_rows_with<'a>(isa: Isa, mats: &[QMatrix<'a>], x: &[f32], t: usize, y
         if plan.len() != t {
             return;
         }
-        if let Some(p) = packed(m) {
-            let xs: Vec<&[BlockQ8]> = plan.q8_rows();
+        if let Some((p, k)) = packs[i] {
             let mut v = vec![[0f32; PACK]; t];
             for g in rows.start / PACK..rows.end.div_ceil(PACK) {
-                p.dot_group(isa, g, &xs, &mut v);
+                // SAFETY: `k` is `p`'s kernel on this machine, and every row of `q8s[i]` holds
+                // `cols` values (checked above).
+                unsafe { p.dot_group_with(k, g, &q8s[i], &mut v) };
                 for (tok, vals) in v.iter().enumerate() {
                     for (r, &val) in (g * PACK..(g * PACK + PACK).min(m.rows)).zip(vals) {
                         // SAFETY: as below; a task's rows are whole groups (`per` is a multiple

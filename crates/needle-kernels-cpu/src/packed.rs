@@ -160,23 +160,41 @@ impl PackedRows {
         }
     }
 
+    /// The SIMD kernel of this matrix's type on `isa`, where `isa` has it ([`Self::wanted`]):
+    /// chosen once per product, then run group by group ([`Self::dot_group_with`]).
+    pub(crate) fn kernel(&self, isa: Isa) -> Option<GroupKernel> {
+        #[cfg(target_arch = "x86_64")]
+        if Self::wanted(self.ty, isa) {
+            return Some(x86::kernel(self.ty));
+        }
+        let _ = isa;
+        None
+    }
+
     /// [`Self::dot_scalar`] on `isa`: bit for bit the same, by the SIMD kernel where `isa`
     /// has it ([`Self::wanted`]). `xs` and `out` have the same length.
     pub fn dot_group(&self, isa: Isa, g: usize, xs: &[&[BlockQ8]], out: &mut [[f32; PACK]]) {
-        #[cfg(target_arch = "x86_64")]
-        if Self::wanted(self.ty, isa) {
-            let (p, nb) = (self.group(g), self.blocks());
-            for (x, o) in xs.chunks(x86::ROWS).zip(out.chunks_mut(x86::ROWS)) {
-                // SAFETY: `wanted` checked that this machine has AVX-VNNI or AVX512-VNNI + VL
-                // (`Isa::AvxVnni`), and each row of `x` has `nb` blocks (the callers' check).
-                unsafe { x86::dot(self.ty, p, nb, x, o) };
-            }
-            return;
+        match self.kernel(isa) {
+            // SAFETY: the kernel was chosen for this machine and type; each row of `xs` is a
+            // whole row of `cols` (the caller's contract, as for `dot_scalar`).
+            Some(k) => unsafe { self.dot_group_with(k, g, xs, out) },
+            None => self.dot_scalar(g, xs, out),
         }
-        let _ = isa;
-        self.dot_scalar(g, xs, out);
+    }
+
+    /// Group `g` against `xs` by `k`.
+    ///
+    /// # Safety
+    /// `k` must be this matrix's [`Self::kernel`]; each row of `xs` must hold `cols` values.
+    pub(crate) unsafe fn dot_group_with(&self, k: GroupKernel, g: usize, xs: &[&[BlockQ8]], out: &mut [[f32; PACK]]) {
+        // SAFETY: the caller's contract.
+        unsafe { k(self.group(g), self.blocks(), xs, out) }
     }
 }
+
+/// A packed group's dots on one ISA: (the group's bytes, its blocks, the activation rows, one
+/// output per row); each row holds at least that many blocks.
+pub(crate) type GroupKernel = unsafe fn(&[u8], usize, &[&[BlockQ8]], &mut [[f32; PACK]]);
 
 /// Quant registers of a packed block (each 32 bytes).
 fn qbytes_regs(ty: QuantType) -> usize {
@@ -191,39 +209,54 @@ mod x86 {
     use crate::act::BlockQ8;
     use crate::dot::x86::{AVX512VNNI, AVXVNNI, Vnni, dpbusd, vnni_encoding};
 
-    /// Activation rows per kernel call.
-    pub(super) const ROWS: usize = 4;
+    /// Activation rows per body call.
+    const ROWS: usize = 4;
 
-    /// The packed kernel for `ty` over 1 to [`ROWS`] rows `x` of `nb` blocks.
+    /// The packed kernel for `ty` (Q8_0, Q4_0 or Q4_1) in the VNNI encoding this machine has;
+    /// handed out only once `Isa::AvxVnni` was detected.
+    pub(super) fn kernel(ty: QuantType) -> super::GroupKernel {
+        match (ty, vnni_encoding()) {
+            (QuantType::Q8_0, Vnni::Avx) => rows::<0, AVXVNNI>,
+            (QuantType::Q4_0, Vnni::Avx) => rows::<1, AVXVNNI>,
+            (_, Vnni::Avx) => rows::<2, AVXVNNI>,
+            (QuantType::Q8_0, Vnni::Avx512) => rows::<0, AVX512VNNI>,
+            (QuantType::Q4_0, Vnni::Avx512) => rows::<1, AVX512VNNI>,
+            (_, Vnni::Avx512) => rows::<2, AVX512VNNI>,
+        }
+    }
+
+    /// One group against any number of rows `x`, [`ROWS`] a body call.
     ///
     /// # Safety
-    /// Needs `Isa::AvxVnni` detected; `p` must be one group of `nb` packed blocks and each row
-    /// of `x` at least `nb` blocks.
-    pub(super) unsafe fn dot(ty: QuantType, p: &[u8], nb: usize, x: &[&[BlockQ8]], out: &mut [[f32; PACK]]) {
-        macro_rules! call {
-            ($t:literal) => {
-                // SAFETY: the caller's contract; `vnni_encoding` names the extension here.
-                unsafe {
-                    match (vnni_encoding(), x.len()) {
-                        (Vnni::Avx, 1) => out[0] = vnni::<$t, 1>(p, nb, [x[0]])[0],
-                        (Vnni::Avx, 2) => out[..2].copy_from_slice(&vnni::<$t, 2>(p, nb, [x[0], x[1]])),
-                        (Vnni::Avx, 3) => out[..3].copy_from_slice(&vnni::<$t, 3>(p, nb, [x[0], x[1], x[2]])),
-                        (Vnni::Avx, _) => out[..4].copy_from_slice(&vnni::<$t, 4>(p, nb, [x[0], x[1], x[2], x[3]])),
-                        (Vnni::Avx512, 1) => out[0] = vnni512::<$t, 1>(p, nb, [x[0]])[0],
-                        (Vnni::Avx512, 2) => out[..2].copy_from_slice(&vnni512::<$t, 2>(p, nb, [x[0], x[1]])),
-                        (Vnni::Avx512, 3) => out[..3].copy_from_slice(&vnni512::<$t, 3>(p, nb, [x[0], x[1], x[2]])),
-                        (Vnni::Avx512, _) => {
-                            out[..4].copy_from_slice(&vnni512::<$t, 4>(p, nb, [x[0], x[1], x[2], x[3]]))
-                        }
-                    }
+    /// The `DOT` encoding's features are present; `p` is one group of `nb` packed blocks and each
+    /// row of `x` at least `nb` blocks.
+    unsafe fn rows<const T: u8, const DOT: u8>(p: &[u8], nb: usize, x: &[&[BlockQ8]], out: &mut [[f32; PACK]]) {
+        for (x, o) in x.chunks(ROWS).zip(out.chunks_mut(ROWS)) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                match *x {
+                    [a] => o[0] = call::<T, DOT, 1>(p, nb, [a])[0],
+                    [a, b] => o.copy_from_slice(&call::<T, DOT, 2>(p, nb, [a, b])),
+                    [a, b, c] => o.copy_from_slice(&call::<T, DOT, 3>(p, nb, [a, b, c])),
+                    [a, b, c, d] => o.copy_from_slice(&call::<T, DOT, 4>(p, nb, [a, b, c, d])),
+                    _ => {}
                 }
-            };
+            }
         }
-        match ty {
-            QuantType::Q8_0 => call!(0),
-            QuantType::Q4_0 => call!(1),
-            _ => call!(2),
-        }
+    }
+
+    /// The body in the `DOT` encoding.
+    ///
+    /// # Safety
+    /// As [`rows`].
+    #[inline(always)]
+    unsafe fn call<const T: u8, const DOT: u8, const R: usize>(
+        p: &[u8],
+        nb: usize,
+        x: [&[BlockQ8]; R],
+    ) -> [[f32; PACK]; R] {
+        // SAFETY: the caller's contract names the encoding's features.
+        unsafe { if DOT == AVXVNNI { vnni::<T, R>(p, nb, x) } else { vnni512::<T, R>(p, nb, x) } }
     }
 
     /// [`body`] with the AVX-VNNI encoding.
