@@ -14,7 +14,10 @@
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
+mod common;
+
 use burn::tensor::backend::BackendTypes;
+use common::skip_gpu as skip;
 use needle_loader::{Checkpoint, LlamaConfig, LocalAttention};
 use needle_model::{Cpu, DecodeMode, KvCache, Llama, LoadOptions, NeedleBackend, QuantType, Weights, argmax, compose};
 
@@ -25,14 +28,6 @@ type G = needle_model::cube::CudaCube;
 type G = needle_model::cube::WgpuCube;
 
 const REAL_DEFAULT: bool = cfg!(feature = "cuda");
-
-fn skip() -> bool {
-    let skip = std::env::var_os("NEEDLE_SKIP_GPU_TESTS").is_some_and(|v| v == "1");
-    if skip {
-        eprintln!("NEEDLE_SKIP_GPU_TESTS=1: skipped");
-    }
-    skip
-}
 
 fn real() -> bool {
     match std::env::var("NEEDLE_GPU_SHAPES").as_deref() {

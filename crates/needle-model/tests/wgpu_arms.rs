@@ -5,8 +5,11 @@
 #![cfg(feature = "wgpu")]
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
+mod common;
+
 use burn::backend::wgpu::WgpuDevice;
 use burn::tensor::{Tensor, TensorData};
+use common::skip_gpu as skip;
 use needle_core::{GqaLayout, RowSource};
 use needle_loader::{Checkpoint, LlamaConfig};
 use needle_model::backend::plain;
@@ -22,14 +25,6 @@ type G = WgpuCube;
 
 /// The cache a model on `G` takes (its rows mirrored on the device).
 type GpuCache = KvCache<<G as NeedleBackend>::KvMirror>;
-
-fn skip() -> bool {
-    let skip = std::env::var_os("NEEDLE_SKIP_GPU_TESTS").is_some_and(|v| v == "1");
-    if skip {
-        eprintln!("NEEDLE_SKIP_GPU_TESTS=1: skipped");
-    }
-    skip
-}
 
 fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()

@@ -5,21 +5,12 @@
 #![cfg(feature = "wgpu")]
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
+mod common;
+
 use burn::backend::Wgpu;
 use burn::backend::wgpu::WgpuDevice;
+use common::{print_err, skip_gpu as skip};
 use needle_model::{Cpu, KvCache, KvDtype, Llama, LoadOptions, NeedleBackend, TierBudget, Weights, argmax, compose};
-
-fn skip() -> bool {
-    let skip = std::env::var_os("NEEDLE_SKIP_GPU_TESTS").is_some_and(|v| v == "1");
-    if skip {
-        eprintln!("NEEDLE_SKIP_GPU_TESTS=1: skipped");
-    }
-    skip
-}
-
-fn print_err() -> bool {
-    std::env::var_os("NEEDLE_PRINT_ERR").is_some_and(|v| v == "1")
-}
 
 /// Prefill of `prompt`, then `steps - 1` decode steps with the `full` selector (what `auto`
 /// picks below 2,048 tokens), feeding `forced` tokens when given, else each step's greedy

@@ -7,8 +7,11 @@
 #![cfg(feature = "wgpu")]
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
+mod common;
+
 use burn::backend::wgpu::WgpuDevice;
 use burn::tensor::{Tensor, TensorData};
+use common::{print_err, skip_gpu as skip};
 use needle_core::GqaLayout;
 use needle_core::prefill::{BlockMask, PrefillChunk, PrefillPattern, PrefillSpec};
 use needle_model::backend::plain;
@@ -18,18 +21,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 type G = WgpuCube;
-
-fn skip() -> bool {
-    let skip = std::env::var_os("NEEDLE_SKIP_GPU_TESTS").is_some_and(|v| v == "1");
-    if skip {
-        eprintln!("NEEDLE_SKIP_GPU_TESTS=1: skipped");
-    }
-    skip
-}
-
-fn print_err() -> bool {
-    std::env::var_os("NEEDLE_PRINT_ERR").is_some_and(|v| v == "1")
-}
 
 /// Keeps every key block of every query block: dense attention through the sparse path.
 #[derive(Debug)]

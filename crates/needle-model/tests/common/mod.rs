@@ -54,3 +54,18 @@ pub fn cache_for(model: &Llama<Cpu>, spec: &str) -> KvCache {
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
+
+/// Whether `NEEDLE_SKIP_GPU_TESTS=1` asks the GPU tests to skip (said on stderr).
+#[allow(clippy::print_stderr)]
+pub fn skip_gpu() -> bool {
+    let skip = std::env::var_os("NEEDLE_SKIP_GPU_TESTS").is_some_and(|v| v == "1");
+    if skip {
+        eprintln!("NEEDLE_SKIP_GPU_TESTS=1: skipped");
+    }
+    skip
+}
+
+/// Whether `NEEDLE_PRINT_ERR=1` asks the GPU tests to print their measured errors.
+pub fn print_err() -> bool {
+    std::env::var_os("NEEDLE_PRINT_ERR").is_some_and(|v| v == "1")
+}
