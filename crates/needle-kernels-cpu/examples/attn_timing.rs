@@ -62,6 +62,32 @@ fn run<T: needle_kernels_cpu::attn::KvElem + From32>(dtype: &str) {
             println!("{label}, {threads} thread(s): {best:.2} ms a step ({:.1} GB/s)", mb / best);
         }
     }
+    // The shared rows once per KV head for all the streams' query groups (needle-model attends
+    // a chunk several sequences share this way), in chunks of 64 rows.
+    let qs: Vec<f32> = (0..streams).flat_map(|_| q.iter().copied()).collect();
+    for threads in [1, 2] {
+        let pool = Pool::new(threads);
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            for layer in 0..30 {
+                let chunks = keys.div_ceil(64);
+                pool.run(3 * chunks, &|t| {
+                    let (head, c) = (t / chunks, t % chunks);
+                    let base = (layer * 3 + head) * keys * d;
+                    let rows = c * 64..((c + 1) * 64).min(keys);
+                    let k: Vec<&[T]> = rows.clone().map(|r| &kd[base + r * d..base + (r + 1) * d]).collect();
+                    let v: Vec<&[T]> = rows.map(|r| &vd[base + r * d..base + (r + 1) * d]).collect();
+                    let (mut scores, mut out, mut lse) = (Vec::new(), vec![0f32; qs.len()], vec![0f32; qs.len() / d]);
+                    needle_kernels_cpu::attend_rows_lse(&qs, &k, &v, None, 0.125, &mut scores, &mut out, &mut lse)
+                        .unwrap();
+                });
+            }
+            best = best.min(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let mb = (2 * 90 * keys * d * std::mem::size_of::<T>()) as f64 / 1e6;
+        println!("shared rows, one call per chunk, {threads} thread(s): {best:.2} ms a step ({:.1} GB/s)", mb / best);
+    }
 }
 
 /// The element from an f32.
