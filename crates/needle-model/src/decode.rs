@@ -106,36 +106,16 @@ fn attend<'s>(
     out.resize(g * d, 0.0); // sized only: the kernels zero it
     let bias = weighted.then_some(bias.as_slice());
     let mut bufs = Chunks { out: chunk, lse: part_lse, acc };
-    let done = match (keys.dtype(), values.dtype(), part) {
-        (KvDtype::F32, KvDtype::F32, Part::All) => chunked(
-            queries,
-            &gather(ids, keys, as_f32),
-            &gather(ids, values, as_f32),
-            bias,
-            scale,
-            scores,
-            out,
-            &mut bufs,
-        ),
-        (KvDtype::F16, KvDtype::F16, Part::All) => chunked(
-            queries,
-            &gather(ids, keys, as_f16),
-            &gather(ids, values, as_f16),
-            bias,
-            scale,
-            scores,
-            out,
-            &mut bufs,
-        ),
-        (KvDtype::F32, KvDtype::F32, Part::Selection(lse)) => {
-            let (k, v) = (gather(ids, keys, as_f32), gather(ids, values, as_f32));
-            needle_kernels_cpu::attend_rows_lse(queries, &k, &v, bias, scale, scores, out, lse)
+    let done = match (keys.dtype(), values.dtype()) {
+        (KvDtype::F32, KvDtype::F32) => {
+            let (k, v) = both(ids, keys, values, as_f32);
+            over(part, queries, &k, &v, bias, scale, scores, out, &mut bufs)
         }
-        (KvDtype::F16, KvDtype::F16, Part::Selection(lse)) => {
-            let (k, v) = (gather(ids, keys, as_f16), gather(ids, values, as_f16));
-            needle_kernels_cpu::attend_rows_lse(queries, &k, &v, bias, scale, scores, out, lse)
+        (KvDtype::F16, KvDtype::F16) => {
+            let (k, v) = both(ids, keys, values, as_f16);
+            over(part, queries, &k, &v, bias, scale, scores, out, &mut bufs)
         }
-        (KvDtype::Q8, KvDtype::Q8, part) => {
+        (KvDtype::Q8, KvDtype::Q8) => {
             // The kernels read f32 or f16: the few rows a step attends are widened first.
             wide.clear();
             for rows in [keys, values] {
@@ -143,17 +123,32 @@ fn attend<'s>(
             }
             let (k, v) = wide.split_at(ids.len() * d);
             let (k, v): (Vec<&[f32]>, Vec<&[f32]>) = (k.chunks_exact(d).collect(), v.chunks_exact(d).collect());
-            match part {
-                Part::All => chunked(queries, &k, &v, bias, scale, scores, out, &mut bufs),
-                Part::Selection(lse) => {
-                    needle_kernels_cpu::attend_rows_lse(queries, &k, &v, bias, scale, scores, out, lse)
-                }
-            }
+            over(part, queries, &k, &v, bias, scale, scores, out, &mut bufs)
         }
-        (k, v, _) => return Err(Error::invalid("keys/values", format!("keys stored as {k}, values as {v}"))),
+        (k, v) => return Err(Error::invalid("keys/values", format!("keys stored as {k}, values as {v}"))),
     };
     done.map_err(kernel_error)?;
     Ok(out)
+}
+
+/// The kernel over gathered rows for what `part` asks: in chunks over the static part and the
+/// selection, or in one pass over the selection alone with each head's log-sum-exp.
+#[allow(clippy::too_many_arguments)]
+fn over<T: KvElem>(
+    part: Part<'_>,
+    q: &[f32],
+    keys: &[&[T]],
+    values: &[&[T]],
+    bias: Option<&[f32]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    bufs: &mut Chunks<'_>,
+) -> needle_kernels_cpu::Result<()> {
+    match part {
+        Part::All => chunked(q, keys, values, bias, scale, scores, out, bufs),
+        Part::Selection(lse) => needle_kernels_cpu::attend_rows_lse(q, keys, values, bias, scale, scores, out, lse),
+    }
 }
 
 fn kernel_error(e: needle_kernels_cpu::Error) -> Error {
@@ -328,7 +323,7 @@ fn shared<'r, T: KvElem>(groups: &[GroupIn<'r>], typed: fn(Row<'r>) -> &'r [T], 
         let g = &groups[i];
         let (mut ids, mut bias) = (Vec::new(), Vec::new());
         *r = picks(g.q, g.keys, g.values, g.static_part, true, g.selection, &mut ids, &mut bias)
-            .map(|_| (gather(&ids, g.keys, typed), gather(&ids, g.values, typed)));
+            .map(|_| both(&ids, g.keys, g.values, typed));
     });
     let rows: Vec<RowLists<'r, T>> = rows.into_iter().collect::<Result<_>>()?;
     let d = |i: usize| groups[i].keys.dim();
@@ -431,6 +426,16 @@ fn shared<'r, T: KvElem>(groups: &[GroupIn<'r>], typed: fn(Row<'r>) -> &'r [T], 
         }
         first.to_vec()
     }))
+}
+
+/// The key and value rows `ids`, as slices of one stored precision.
+fn both<'r, T>(
+    ids: &[u32],
+    keys: &'r dyn RowSource,
+    values: &'r dyn RowSource,
+    typed: fn(Row<'r>) -> &'r [T],
+) -> RowLists<'r, T> {
+    (gather(ids, keys, typed), gather(ids, values, typed))
 }
 
 /// The rows `ids` of `rows` as slices of one stored precision.
