@@ -184,7 +184,13 @@ pub(crate) fn host_decode_rows<M: Send>(
         ));
     }
     let pool = needle_kernels_cpu::Pool::global();
-    if caches.iter().any(|c| matches!(c.layer_kind(layer), LayerKind::Window(_))) {
+    // Sequences share rows only where they read one context's pages (its first row among them):
+    // otherwise each attends alone, in one parallel region.
+    let shared = caches.iter().enumerate().any(|(i, a)| {
+        let first = a.first_row_addr(layer);
+        first.is_some() && caches[..i].iter().any(|b| b.first_row_addr(layer) == first)
+    });
+    if !shared || caches.iter().any(|c| matches!(c.layer_kind(layer), LayerKind::Window(_))) {
         let outs = pool.map_mut(caches, |i, cache| {
             let (qi, ki, vi) = (&q[i * qn..(i + 1) * qn], &k[i * kn..(i + 1) * kn], &v[i * kn..(i + 1) * kn]);
             host_decode_step(cache, layer, qi, ki, vi, scale)

@@ -168,6 +168,17 @@ impl<M> KvCache<M> {
         Ok(out)
     }
 
+    /// Where the first key row of `layer`'s first KV head lies (`None` before any row): two
+    /// caches that read one context's pages have the same.
+    pub(crate) fn first_row_addr(&self, layer: usize) -> Option<usize> {
+        let keys = &self.heads.get(layer)?.first()?.keys;
+        (!keys.is_empty()).then(|| match keys.row(0) {
+            needle_core::Row::F32(r) => r.as_ptr() as usize,
+            needle_core::Row::F16(r) => r.as_ptr() as usize,
+            needle_core::Row::Q8(r) => r.as_ptr() as usize,
+        })
+    }
+
     /// Adds one layer's decode step to the stats (`wall` split between selection and attention
     /// as the per-head times `sel` and `att` are) and marks the pages it read.
     fn account_step(&mut self, layer: usize, wall: Duration, sel: Duration, att: Duration) {
