@@ -388,7 +388,7 @@ pub struct DecodeBenchArgs {
     pub json: Option<PathBuf>,
 }
 
-/// The fastest of `--repeat` runs of `n` streams: total tokens/s, the batch's step profile
+/// A run (or the fastest of `--repeat`) of `n` streams: total tokens/s, the batch's step profile
 /// (its caches' shares added up), the tokens (of every stream), and the context.
 struct StreamsRun {
     tps: f64,
@@ -411,13 +411,22 @@ fn decode<B: needle_model::NeedleBackend>(a: DecodeBenchArgs, device: &B::Device
     let Loaded { model, tokenizer } = load_on::<B>(&a.model.model, a.model.weights, device)?;
     let digest = model_digest(&a.model.model)?;
     let pb = progress_bar(a.repeat * a.streams.len(), "bench decode");
+    // The counts take turns, repeat after repeat, so that a slow spell of the machine falls on
+    // all of them rather than on one count's runs: their ratios are what a run reports.
     let mut runs: Vec<(usize, StreamsRun)> = Vec::new();
-    for &n in &a.streams {
-        let run = decode_streams(&a, &model, &tokenizer, &digest, n, &|| pb.inc(1))?;
-        if let Some((_, first)) = runs.first() {
-            ensure!(first.tokens == run.tokens, "{n} streams decoded other tokens than {} stream(s)", runs[0].0);
+    for _ in 0..a.repeat {
+        for (i, &n) in a.streams.iter().enumerate() {
+            let run = decode_streams(&a, &model, &tokenizer, &digest, n)?;
+            pb.inc(1);
+            if let Some((n0, first)) = runs.first() {
+                ensure!(first.tokens == run.tokens, "{n} streams decoded other tokens than {n0} stream(s)");
+            }
+            match runs.get_mut(i) {
+                None => runs.push((n, run)),
+                Some((_, best)) if run.tps > best.tps => *best = run,
+                Some(_) => {}
+            }
         }
-        runs.push((n, run));
     }
     pb.finish_and_clear();
     let (n0, first) = &runs[0];
@@ -456,62 +465,50 @@ fn decode<B: needle_model::NeedleBackend>(a: DecodeBenchArgs, device: &B::Device
     Ok(())
 }
 
-/// `--repeat` runs of `n` sequences decoded together from the context; the fastest.
+/// One run of `n` sequences decoded together from the context.
 fn decode_streams<B: needle_model::NeedleBackend>(
     a: &DecodeBenchArgs,
     model: &needle_model::Llama<B>,
     tokenizer: &needle_loader::Tokenizer,
     digest: &str,
     n: usize,
-    done: &dyn Fn(),
 ) -> Result<StreamsRun> {
     use crate::common::context_question;
     use needle_model::{DecodeStats, argmax, context};
-    let mut best: Option<StreamsRun> = None;
-    for _ in 0..a.repeat {
-        let mut caches = Vec::with_capacity(n);
-        let mut first = None;
-        for _ in 0..n {
-            let saved = context::load(&a.context, model, digest, a.model.weights.name(), &needle_select::parse)
-                .with_context(|| format!("--context {}", a.context.display()))?;
-            let mut cache = saved.cache;
-            a.model.apply_kv_budget(&mut cache)?;
-            let ids = context_question(tokenizer, a.question.as_deref(), &saved.info)?;
-            let logits =
-                if ids.is_empty() { saved.last_logits } else { model.extend(&ids, &mut cache, 512, &mut |_, _| {})? };
-            // Extending may have run one-token decode steps: profile the timed steps only.
-            cache.stats = Default::default();
-            caches.push(cache);
-            first.get_or_insert((argmax(&logits).context("empty logits")?, saved.info, saved.tokens.len() + ids.len()));
-        }
-        let (token, info, context_tokens) = first.context("no stream")?;
-        let mut next = vec![token; n];
-        let mut tokens = Vec::with_capacity(a.tokens);
-        let t0 = Instant::now();
-        for _ in 0..a.tokens {
-            tokens.push(next[0]);
-            ensure!(next.iter().all(|&t| t == next[0]), "streams from one context decoded different tokens");
-            let mut refs: Vec<&mut _> = caches.iter_mut().collect();
-            let logits =
-                if n == 1 { vec![model.decode(next[0], refs[0])?] } else { model.decode_batch(&next, &mut refs)? };
-            next = logits.iter().map(|l| argmax(l).context("empty logits")).collect::<Result<_>>()?;
-        }
-        let tps = (n * a.tokens) as f64 / t0.elapsed().as_secs_f64();
-        // The caches' shares of each step add up to the batch's step.
-        let mut total = DecodeStats { steps: caches[0].stats.steps, ..Default::default() };
-        for c in &caches {
-            let (t, s) = (&mut total.step_times, &c.stats.step_times);
-            (t.step, t.weights, t.attention) = (t.step + s.step, t.weights + s.weights, t.attention + s.attention);
-            (t.walk, t.insert) = (t.walk + s.walk, t.insert + s.insert);
-        }
-        done();
-        if let Some(prev) = &best {
-            ensure!(prev.tokens == tokens, "two runs from the same context decoded different tokens");
-            if prev.tps >= tps {
-                continue;
-            }
-        }
-        best = Some(StreamsRun { tps, profile: total.profile(), tokens, info, context_tokens });
+    let mut caches = Vec::with_capacity(n);
+    let mut first = None;
+    for _ in 0..n {
+        let saved = context::load(&a.context, model, digest, a.model.weights.name(), &needle_select::parse)
+            .with_context(|| format!("--context {}", a.context.display()))?;
+        let mut cache = saved.cache;
+        a.model.apply_kv_budget(&mut cache)?;
+        let ids = context_question(tokenizer, a.question.as_deref(), &saved.info)?;
+        let logits =
+            if ids.is_empty() { saved.last_logits } else { model.extend(&ids, &mut cache, 512, &mut |_, _| {})? };
+        // Extending may have run one-token decode steps: profile the timed steps only.
+        cache.stats = Default::default();
+        caches.push(cache);
+        first.get_or_insert((argmax(&logits).context("empty logits")?, saved.info, saved.tokens.len() + ids.len()));
     }
-    best.context("no run")
+    let (token, info, context_tokens) = first.context("no stream")?;
+    let mut next = vec![token; n];
+    let mut tokens = Vec::with_capacity(a.tokens);
+    let t0 = Instant::now();
+    for _ in 0..a.tokens {
+        tokens.push(next[0]);
+        ensure!(next.iter().all(|&t| t == next[0]), "streams from one context decoded different tokens");
+        let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+        let logits =
+            if n == 1 { vec![model.decode(next[0], refs[0])?] } else { model.decode_batch(&next, &mut refs)? };
+        next = logits.iter().map(|l| argmax(l).context("empty logits")).collect::<Result<_>>()?;
+    }
+    let tps = (n * a.tokens) as f64 / t0.elapsed().as_secs_f64();
+    // The caches' shares of each step add up to the batch's step.
+    let mut total = DecodeStats { steps: caches[0].stats.steps, ..Default::default() };
+    for c in &caches {
+        let (t, s) = (&mut total.step_times, &c.stats.step_times);
+        (t.step, t.weights, t.attention) = (t.step + s.step, t.weights + s.weights, t.attention + s.attention);
+        (t.walk, t.insert) = (t.walk + s.walk, t.insert + s.insert);
+    }
+    Ok(StreamsRun { tps, profile: total.profile(), tokens, info, context_tokens })
 }

@@ -153,17 +153,29 @@ pub fn dense<T: Real>(q: &[f32], keys: &dyn RowSource, values: &dyn RowSource, s
 
 /// Exact merge of two partial results over disjoint key sets.
 pub fn merge<T: Real>(a: &Partial<T>, b: &Partial<T>) -> Partial<T> {
-    if b.is_empty() {
-        return a.clone();
+    let mut m = a.clone();
+    merge_into(&mut m.out, &mut m.lse, &b.out, b.lse);
+    m
+}
+
+/// [`merge`] in place: `(out, lse)` becomes the merge of itself with `(b_out, b_lse)` (an empty
+/// side, `lse = -inf`, leaves the other as it is). For the decode kernels' partials over row
+/// chunks, merged chunk after chunk.
+pub fn merge_into<T: Real>(out: &mut [T], lse: &mut T, b_out: &[T], b_lse: T) {
+    if b_lse == T::NEG_INFINITY {
+        return;
     }
-    if a.is_empty() {
-        return b.clone();
+    if *lse == T::NEG_INFINITY {
+        out.copy_from_slice(b_out);
+        *lse = b_lse;
+        return;
     }
-    let max = if a.lse > b.lse { a.lse } else { b.lse };
-    let (ea, eb) = ((a.lse - max).exp(), (b.lse - max).exp());
+    let max = if *lse > b_lse { *lse } else { b_lse };
+    let (ea, eb) = ((*lse - max).exp(), (b_lse - max).exp());
     let sum = ea + eb;
     let (wa, wb) = (ea / sum, eb / sum);
-    Partial { out: a.out.iter().zip(&b.out).map(|(&x, &y)| wa * x + wb * y).collect(), lse: max + sum.ln() }
+    out.iter_mut().zip(b_out).for_each(|(x, &y)| *x = wa * *x + wb * y);
+    *lse = max + sum.ln();
 }
 
 /// Causal attention for a chunk of prefill queries: query `i` (at position `first_pos + i`)

@@ -135,7 +135,8 @@ fn rope_generic(x: &mut [f32], heads: usize, dim: usize, pos0: usize, cos: &[f32
     }
 }
 
-/// `gate ← silu(gate) ⊙ up`, with `silu(g) = g / (1 + e^(−g))`.
+/// `gate ← silu(gate) ⊙ up`, with `silu(g) = g / (1 + e^(−g))` (the exponential the attention
+/// kernels' softmax uses: it vectorizes, where a library `expf` is one call per element).
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) -> Result<()> {
     silu_mul_with(Isa::detect(), gate, up)
 }
@@ -156,6 +157,6 @@ unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
 #[inline(always)]
 fn silu_mul_generic(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+        *g = *g / (1.0 + crate::attn::exp_approx(-*g)) * u;
     }
 }

@@ -215,6 +215,44 @@ fn attend_rows_f16_matches_f64_reference_of_the_rounded_rows() {
     check_rows::<f16>(|x| x.iter().map(|v| f16::from_f32(*v)).collect(), |x| x.iter().map(|v| v.to_f32()).collect());
 }
 
+/// A query head's output and log-sum-exp do not depend on the heads beside it: the query
+/// groups of several sequences attended in one call over the same rows give each group the bits
+/// it gets alone (needle-model attends a chunk several sequences share this way), on every ISA.
+fn check_heads_independent<T: KvElem>(conv: fn(&[f32]) -> Vec<T>) {
+    let mut r = rng(13);
+    for (g, dim) in [(3, 64), (4, 64), (1, 128), (3, 20), (2, 18)] {
+        for m in [1, 9, 64, 70] {
+            for seqs in [2, 4] {
+                let q = randn(&mut r, seqs * g * dim);
+                let kt: Vec<Vec<T>> = (0..m).map(|_| conv(&randn(&mut r, dim))).collect();
+                let vt: Vec<Vec<T>> = (0..m).map(|_| conv(&randn(&mut r, dim))).collect();
+                let keys: Vec<&[T]> = kt.iter().map(Vec::as_slice).collect();
+                let values: Vec<&[T]> = vt.iter().map(Vec::as_slice).collect();
+                for isa in Isa::all_available() {
+                    let mut scores = Vec::new();
+                    let (mut out, mut lse) = (vec![f32::NAN; q.len()], vec![f32::NAN; seqs * g]);
+                    attend_rows_lse_with(isa, &q, &keys, &values, None, 0.3, &mut scores, &mut out, &mut lse).unwrap();
+                    for s in 0..seqs {
+                        let qs = &q[s * g * dim..(s + 1) * g * dim];
+                        let (mut o, mut l) = (vec![f32::NAN; g * dim], vec![f32::NAN; g]);
+                        attend_rows_lse_with(isa, qs, &keys, &values, None, 0.3, &mut scores, &mut o, &mut l).unwrap();
+                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        let what = format!("{isa:?} g {g} dim {dim} m {m}: sequence {s} of {seqs}");
+                        assert_eq!(bits(&out[s * g * dim..(s + 1) * g * dim]), bits(&o), "{what}: outputs");
+                        assert_eq!(bits(&lse[s * g..(s + 1) * g]), bits(&l), "{what}: lse");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_query_heads_result_does_not_depend_on_the_heads_beside_it() {
+    check_heads_independent::<f32>(|x| x.to_vec());
+    check_heads_independent::<f16>(|x| x.iter().map(|v| f16::from_f32(*v)).collect());
+}
+
 #[test]
 fn attend_rows_rejects_bad_shapes() {
     let (k, q) = (vec![0f32; 8], vec![0f32; 16]);

@@ -6,8 +6,9 @@
 mod common;
 
 use common::*;
+use needle_kernels_cpu::act::quantize_q8;
 use needle_kernels_cpu::dot::{vec_dot, vec_dot_rows_with, vec_dot_with};
-use needle_kernels_cpu::{Error, Isa, QActs, QuantType};
+use needle_kernels_cpu::{BlockQ8, Error, Isa, QActs, QuantType};
 
 #[test]
 fn fused_dot_matches_dequantized_f64_dot_within_quantization_bound() {
@@ -29,6 +30,35 @@ fn fused_dot_matches_dequantized_f64_dot_within_quantization_bound() {
                         "{ty:?} {isa:?} cols {cols}: {got} vs {want} (tol {tol})"
                     );
                 }
+            }
+        }
+    }
+}
+
+/// The activation blocks are the same bits on every ISA as the plain quantizer's (which follows
+/// ggml's), on random rows with a zero block, tiny and huge blocks, and exact ties.
+#[test]
+fn q8_activations_are_the_same_bits_on_every_isa() {
+    let mut r = rng(12);
+    for _ in 0..50 {
+        let mut x = randn(&mut r, 32 * 9);
+        x[..32].fill(0.0);
+        x[32..64].iter_mut().for_each(|v| *v *= 1e-6);
+        x[64..96].iter_mut().for_each(|v| *v *= 1e5);
+        // amax 127: every integer and half-integer value is its own quotient, ties included.
+        x[96] = 127.0;
+        x[97..128].iter_mut().enumerate().for_each(|(i, v)| *v = i as f32 * 0.5 - 7.5);
+        let want: Vec<BlockQ8> = x.chunks_exact(32).map(quantize_q8).collect();
+        for isa in Isa::all_available() {
+            let QActs::Q8 { blocks, .. } = QActs::quantize_with(isa, QuantType::Q8_0, &x, 1, x.len()).unwrap() else {
+                panic!("Q8_0 takes Q8 blocks");
+            };
+            for (i, (g, w)) in blocks.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    (g.d.to_bits(), g.sum, g.s.to_bits(), g.qs),
+                    (w.d.to_bits(), w.sum, w.s.to_bits(), w.qs),
+                    "{isa:?} block {i}"
+                );
             }
         }
     }

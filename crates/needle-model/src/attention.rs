@@ -183,15 +183,36 @@ pub(crate) fn host_decode_rows<M: Send>(
             format!("sequence {i}'s cache has another head layout than sequence 0's"),
         ));
     }
-    let outs = needle_kernels_cpu::Pool::global().map_mut(caches, |i, cache| {
-        let (qi, ki, vi) = (&q[i * qn..(i + 1) * qn], &k[i * kn..(i + 1) * kn], &v[i * kn..(i + 1) * kn]);
-        host_decode_step(cache, layer, qi, ki, vi, scale)
+    let pool = needle_kernels_cpu::Pool::global();
+    // Sequences share rows only where they read one context's pages (its first row among them):
+    // otherwise each attends alone, in one parallel region.
+    let shared = caches.iter().enumerate().any(|(i, a)| {
+        let first = a.first_row_addr(layer);
+        first.is_some() && caches[..i].iter().any(|b| b.first_row_addr(layer) == first)
     });
-    let mut out = Vec::with_capacity(n * qn);
-    for o in outs {
-        out.extend_from_slice(&o?);
+    if !shared || caches.iter().any(|c| matches!(c.layer_kind(layer), LayerKind::Window(_))) {
+        let outs = pool.map_mut(caches, |i, cache| {
+            let (qi, ki, vi) = (&q[i * qn..(i + 1) * qn], &k[i * kn..(i + 1) * kn], &v[i * kn..(i + 1) * kn]);
+            host_decode_step(cache, layer, qi, ki, vi, scale)
+        });
+        let mut out = Vec::with_capacity(n * qn);
+        for o in outs {
+            out.extend_from_slice(&o?);
+        }
+        return Ok(out);
     }
-    Ok(out)
+    // Each sequence appends and selects, in parallel; then one region attends for all of them
+    // (rows they share read once), each as its lone step would.
+    let selected = pool.map_mut(caches, |i, cache| {
+        let (qi, ki, vi) = (&q[i * qn..(i + 1) * qn], &k[i * kn..(i + 1) * kn], &v[i * kn..(i + 1) * kn]);
+        check_step(cache, AttentionStep::Decode, 1)?;
+        let pos0 = cache.layer_len(layer)?;
+        cache.append(layer, ki, vi)?;
+        cache.observe_queries(layer, pos0, qi);
+        cache.select_decode(layer, qi, scale)
+    });
+    selected.into_iter().collect::<Result<Vec<()>>>()?;
+    KvCache::attend_decode_many(caches, layer, q, scale)
 }
 
 #[cfg(test)]

@@ -112,3 +112,60 @@ fn batched_steps_are_in_the_decode_profile() {
         assert!(s.step_times.attention > std::time::Duration::ZERO, "{p:?}");
     }
 }
+
+/// Sequences loaded from one saved context read its full pages at the same addresses, so a
+/// batched step attends those rows once for all of them: each sequence still gets the tokens
+/// and logits it gets alone, bit for bit (f32 and f16 pages, full attention and a selector whose
+/// window moves with each sequence's length).
+#[test]
+fn sequences_of_one_saved_context_decode_together_as_alone() {
+    use needle_model::context::{self, ContextInfo};
+    let r = common::native();
+    let digest = r.ck.digest().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let questions = [" Which lamp is lit?", " Name a house.", " Is any lamp dark? Answer:"];
+    for (spec, kv) in [
+        ("full", needle_model::KvDtype::F32),
+        ("full", needle_model::KvDtype::F16),
+        ("quest:sinks=16,window=32,k=64", needle_model::KvDtype::F32),
+    ] {
+        let doc = prompt(8, 2 * needle_model::PAGE_SIZE + 40);
+        let (f, mut sel) = needle_model::compose(needle_select::parse(spec).unwrap());
+        sel.kv = kv;
+        let c = r.model.config();
+        let mut cache = KvCache::new(c.num_hidden_layers, r.model.gqa(), c.head_dim, f.as_ref(), sel).unwrap();
+        let logits = r.model.prefill(&doc, &mut cache, 256, &[doc.len() - 1], &mut |_, _| {}).unwrap();
+        let path = dir.path().join(format!("{kv}-{}.needle", spec.len()));
+        let info = ContextInfo::new(&r.model, &digest, "native", spec, &cache);
+        context::save(&path, false, &info, &doc, &logits, &cache, &mut |_, _| {}).unwrap();
+        let load = |q: &str| {
+            let mut saved = context::load(&path, &r.model, &digest, "native", &needle_select::parse).unwrap();
+            let ids = r.tok.encode(q, false).unwrap();
+            let logits = r.model.extend(&ids, &mut saved.cache, 64, &mut |_, _| {}).unwrap();
+            (saved.cache, argmax(&logits).unwrap())
+        };
+        let steps = 6;
+        let mut want = Vec::new();
+        for q in questions {
+            let (mut cache, mut next) = load(q);
+            let mut rows = Vec::new();
+            for _ in 0..steps {
+                let l = r.model.decode(next, &mut cache).unwrap();
+                next = argmax(&l).unwrap();
+                rows.push(l);
+            }
+            want.push(rows);
+        }
+        let (mut caches, mut next): (Vec<KvCache>, Vec<u32>) = questions.iter().map(|q| load(q)).unzip();
+        let mut got = vec![Vec::new(); questions.len()];
+        for _ in 0..steps {
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            let logits = r.model.decode_batch(&next, &mut refs).unwrap();
+            next = logits.iter().map(|l| argmax(l).unwrap()).collect();
+            got.iter_mut().zip(logits).for_each(|(g, l)| g.push(l));
+        }
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(g == w, "{spec} ({kv}) sequence {i}: batched logits are the lone decode's, bit for bit");
+        }
+    }
+}

@@ -115,6 +115,70 @@ impl<M> KvCache<M> {
         Ok(outs.into_iter().map(|o| o.0).collect())
     }
 
+    /// The select half of [`Self::attend_decode`] (checks, every KV head's selector, the
+    /// step's accounting): the attention is [`Self::attend_decode_many`]'s, for several
+    /// sequences at once.
+    pub(crate) fn select_decode(&mut self, layer: usize, q: &[f32], scale: f32) -> Result<()> {
+        self.select_step(layer, q, scale, |_, _| Ok(())).map(drop)
+    }
+
+    /// Decode attention of one layer for several sequences whose selectors have picked
+    /// ([`Self::select_decode`]): row `i` of `q` (`n_q_heads × dim` each) through `caches[i]`,
+    /// every KV head of every sequence in one parallel region where chunks that are the same
+    /// rows in several sequences are read once ([`attend_groups`](crate::decode::attend_groups));
+    /// each sequence gets the bits [`Self::attend_decode`] gives it alone. The region's time is
+    /// shared among the sequences' attention times.
+    pub(crate) fn attend_decode_many(
+        caches: &mut [&mut KvCache<M>],
+        layer: usize,
+        q: &[f32],
+        scale: f32,
+    ) -> Result<Vec<f32>>
+    where
+        M: Send,
+    {
+        let t0 = Instant::now();
+        let mut groups = Vec::new();
+        let mut qn = 0;
+        for (i, c) in caches.iter().enumerate() {
+            c.check_layer(layer)?;
+            let (d, gqa) = (c.head_dim, c.gqa);
+            qn = gqa.n_q_heads * d;
+            let qi = q.get(i * qn..(i + 1) * qn).ok_or_else(|| {
+                Error::invalid("q", format!("{} floats for {} sequences of {qn}", q.len(), caches.len()))
+            })?;
+            for (j, h) in c.heads[layer].iter().enumerate() {
+                let r = gqa.group(j);
+                groups.push(crate::decode::GroupIn {
+                    q: &qi[r.start * d..r.end * d],
+                    keys: &h.keys,
+                    values: &h.values,
+                    static_part: h.selector.static_part(),
+                    selection: &h.selection,
+                });
+            }
+        }
+        let outs = crate::decode::attend_groups(&groups, scale)?;
+        let mut out = Vec::with_capacity(caches.len() * qn);
+        outs.iter().for_each(|o| out.extend_from_slice(o));
+        let share = t0.elapsed() / caches.len().max(1) as u32;
+        for c in caches.iter_mut() {
+            c.stats.attend_time += share;
+        }
+        Ok(out)
+    }
+
+    /// Where the first key row of `layer`'s first KV head lies (`None` before any row): two
+    /// caches that read one context's pages have the same.
+    pub(crate) fn first_row_addr(&self, layer: usize) -> Option<usize> {
+        let keys = &self.heads.get(layer)?.first()?.keys;
+        (!keys.is_empty()).then(|| match keys.row(0) {
+            needle_core::Row::F32(r) => r.as_ptr() as usize,
+            needle_core::Row::F16(r) => r.as_ptr() as usize,
+            needle_core::Row::Q8(r) => r.as_ptr() as usize,
+        })
+    }
+
     /// Adds one layer's decode step to the stats (`wall` split between selection and attention
     /// as the per-head times `sel` and `att` are) and marks the pages it read.
     fn account_step(&mut self, layer: usize, wall: Duration, sel: Duration, att: Duration) {

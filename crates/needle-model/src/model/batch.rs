@@ -49,8 +49,8 @@ impl<B: NeedleBackend> Llama<B> {
         let t1 = Instant::now();
         let [logits] = take(rows_many(hidden, &[&self.lm_head])?)?;
         let weights = weights + t1.elapsed();
-        let logits = B::with_host(logits, <[f32]>::to_vec)?;
-        let mut logits: Vec<Vec<f32>> = logits.chunks_exact(self.config.vocab_size).map(<[f32]>::to_vec).collect();
+        let vocab = self.config.vocab_size;
+        let mut logits: Vec<Vec<f32>> = B::with_host(logits, |l| l.chunks_exact(vocab).map(<[f32]>::to_vec).collect())?;
         if let Some(cap) = self.config.final_logit_softcapping {
             let cap = cap as f32;
             logits.iter_mut().flatten().for_each(|l| *l = cap * (*l / cap).tanh());
