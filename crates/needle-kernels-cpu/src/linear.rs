@@ -113,7 +113,7 @@ impl<'a> QMatrix<'a> {
         if t == 1 || self.packed.is_some_and(|_| PackedRows::wanted(self.ty, isa)) {
             return gemv_rows_with(isa, &[*self], x, t, &mut [y]);
         }
-        let acts = QActs::quantize(self.ty, x, t, self.cols)?;
+        let acts = QActs::quantize_with(isa, self.ty, x, t, self.cols)?;
         let (k, k4) = (kernel(self.ty, isa), kernel4(self.ty, isa));
         let pool = Pool::global();
         let block = TILE_ROWS.max(self.rows.div_ceil(4 * pool.threads()) / TILE_ROWS * TILE_ROWS);
@@ -203,7 +203,7 @@ pub fn gemv_rows_with<'a>(isa: Isa, mats: &[QMatrix<'a>], x: &[f32], t: usize, y
         check_len("y", y.len(), t.saturating_mul(m.rows))?;
         let kind = kind_for(m.ty);
         if !acts.iter().any(|(k, ..)| *k == kind) {
-            acts.push((kind, QActs::quantize(m.ty, x, t, m.cols)?, Vec::new()));
+            acts.push((kind, QActs::quantize_with(isa, m.ty, x, t, m.cols)?, Vec::new()));
         }
     }
     if t == 0 {

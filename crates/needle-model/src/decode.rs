@@ -131,26 +131,6 @@ fn attend<'s>(
     Ok(out)
 }
 
-/// The kernel over gathered rows for what `part` asks: in chunks over the static part and the
-/// selection, or in one pass over the selection alone with each head's log-sum-exp.
-#[allow(clippy::too_many_arguments)]
-fn over<T: KvElem>(
-    part: Part<'_>,
-    q: &[f32],
-    keys: &[&[T]],
-    values: &[&[T]],
-    bias: Option<&[f32]>,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-    bufs: &mut Chunks<'_>,
-) -> needle_kernels_cpu::Result<()> {
-    match part {
-        Part::All => chunked(q, keys, values, bias, scale, scores, out, bufs),
-        Part::Selection(lse) => needle_kernels_cpu::attend_rows_lse(q, keys, values, bias, scale, scores, out, lse),
-    }
-}
-
 fn kernel_error(e: needle_kernels_cpu::Error) -> Error {
     Error::InvalidParameter { name: "keys/values".into(), reason: format!("decode attention: {e}") }
 }
@@ -210,17 +190,20 @@ fn chunk_range(c: usize, n: usize) -> Range<usize> {
     c * CHUNK..((c + 1) * CHUNK).min(n)
 }
 
-/// Buffers of [`chunked`]: a chunk's partial and the running log-sum-exp of each head.
+/// Buffers of [`over`]: a chunk's partial and the running log-sum-exp of each head.
 struct Chunks<'b> {
     out: &'b mut Vec<f32>,
     lse: &'b mut Vec<f32>,
     acc: &'b mut Vec<f32>,
 }
 
-/// Attention of the `g` heads in `q` over `keys`/`values` chunk by chunk ([`CHUNK`] rows), each
-/// chunk's partial merged into `out` in order; zeros when there are no rows.
+/// The kernel over gathered rows for what `part` asks: for the static part and the selection,
+/// the `g` heads in `q` chunk by chunk ([`CHUNK`] rows), each chunk's partial merged into `out`
+/// in order (zeros when there are no rows); for the selection alone, one pass with each head's
+/// log-sum-exp.
 #[allow(clippy::too_many_arguments)]
-fn chunked<T: KvElem>(
+fn over<T: KvElem>(
+    part: Part<'_>,
     q: &[f32],
     keys: &[&[T]],
     values: &[&[T]],
@@ -230,6 +213,9 @@ fn chunked<T: KvElem>(
     out: &mut [f32],
     bufs: &mut Chunks<'_>,
 ) -> needle_kernels_cpu::Result<()> {
+    if let Part::Selection(lse) = part {
+        return needle_kernels_cpu::attend_rows_lse(q, keys, values, bias, scale, scores, out, lse);
+    }
     let Some(d) = keys.first().map(|k| k.len()).filter(|&d| d > 0) else {
         out.fill(0.0);
         return Ok(());
@@ -411,7 +397,7 @@ fn shared<'r, T: KvElem>(groups: &[GroupIn<'r>], typed: fn(Row<'r>) -> &'r [T], 
     if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(kernel_error(e));
     }
-    // Each group's partials merged in chunk order, as `chunked` merges them.
+    // Each group's partials merged in chunk order, as `over` merges them.
     let mut parts: Vec<(Vec<f32>, Vec<f32>)> =
         parts.into_iter().map(|p| p.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
     Ok(needle_kernels_cpu::Pool::global().map_mut(&mut parts, |i, (outs, lses)| {
