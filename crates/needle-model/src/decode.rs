@@ -424,11 +424,28 @@ fn both<'r, T>(
     (gather(ids, keys, typed), gather(ids, values, typed))
 }
 
-/// The rows `ids` of `rows` as slices of one stored precision.
+/// The rows `ids` of `rows` as slices of one stored precision. Consecutive ids are taken from
+/// one [`RowSource::run`] (the static part is runs of whole pages), the others one by one.
 fn gather<'r, T>(ids: &[u32], rows: &'r dyn RowSource, typed: fn(Row<'r>) -> &'r [T]) -> Vec<&'r [T]> {
+    let d = rows.dim().max(1);
     let mut all = Vec::with_capacity(ids.len());
-    rows.rows_into(ids, &mut all);
-    all.into_iter().map(typed).collect()
+    let mut rest = ids;
+    while let Some(&first) = rest.first() {
+        let run = typed(rows.run(first as usize));
+        let n = rest
+            .iter()
+            .take(run.len() / d)
+            .enumerate()
+            .take_while(|&(j, &id)| id.wrapping_sub(first) as usize == j)
+            .count();
+        if n == 0 {
+            // Another precision (unreachable, see `as_f32`): the kernel's length check rejects it.
+            all.push(&run[..0]);
+        }
+        all.extend(run.chunks_exact(d).take(n));
+        rest = &rest[n.max(1)..];
+    }
+    all
 }
 
 // A `RowSource` stores every row at its `dtype()`, so the other arm is unreachable; an empty
