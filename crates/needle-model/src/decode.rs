@@ -610,6 +610,34 @@ mod tests {
         check::<f16>();
     }
 
+    /// `gather` gives every id the slice `row` gives it (the same memory), whatever mix of
+    /// runs and scattered ids, across page ends and up to the last, partly filled page; for f32
+    /// and f16 pages and for the default, row-by-row source.
+    #[test]
+    fn gather_takes_each_ids_own_row() {
+        let ids: Vec<u32> = [0, 1, 2, 3, 4, 5, 9, 8, 10, 11, 12, 12, 3, 6, 7, 13, 0].to_vec();
+        let same = |got: &[&[f32]], want: &dyn Fn(usize) -> *const f32| {
+            assert_eq!(got.len(), ids.len());
+            for (g, &id) in got.iter().zip(&ids) {
+                assert!(std::ptr::eq(g.as_ptr(), want(id as usize)) && g.len() == 3, "row {id}");
+            }
+        };
+        let mut paged = needle_core::PagedRows::new(3, 4).unwrap();
+        let mut half = needle_core::PagedRows::with_dtype(3, 4, KvDtype::F16).unwrap();
+        for i in 0..14 {
+            paged.push(&[i as f32, 1.0, 2.0]).unwrap();
+            half.push(&[i as f32, 1.0, 2.0]).unwrap();
+        }
+        same(&gather(&ids, &paged, as_f32), &|i| as_f32(paged.row(i)).as_ptr());
+        let got = gather(&ids, &half, as_f16);
+        for (g, &id) in got.iter().zip(&ids) {
+            assert!(std::ptr::eq(g.as_ptr(), as_f16(half.row(id as usize)).as_ptr()), "f16 row {id}");
+        }
+        let flat: Vec<f32> = (0..14 * 3).map(|x| x as f32).collect();
+        let forked = Forked { base: &flat[..5 * 3], own: flat[5 * 3..].to_vec(), dim: 3 };
+        same(&gather(&ids, &forked, as_f32), &|i| as_f32(forked.row(i)).as_ptr());
+    }
+
     /// Chunked attention equals one softmax over all the rows (the f64 reference), for lists of
     /// one chunk, several, and a partial last one.
     #[test]
