@@ -10,7 +10,9 @@ Starts `needle serve` on a free loopback port (or uses --base), then runs what i
   --prefix      two questions about one long document (--doc-tokens words of the default
                 document, default 6000 ≈ 8K tokens): time to first token of each, and the
                 second answer against a fresh server's (no cache) answer to it.
-  --streams     decode throughput of 1 stream against --parallel streams at once.
+  --streams     throughput of 1 stream against --parallel streams at once (--stream-tokens
+                each, default 64), in --rounds turns (default 3): over whole requests, and decode
+                only (while every stream decodes, their prefills left out).
 
 Every loop is bounded in count and time and stops by itself.
 
@@ -76,7 +78,8 @@ class Server:
 
 
 def stream(port, body, timeout=600):
-    """One streamed request: (time to first text, total time, completion tokens, text, usage)."""
+    """One streamed request: (time to first text, total time, completion tokens, text, usage,
+    the clock time of each chunk with a choice)."""
     body = dict(body, stream=True, stream_options={"include_usage": True})
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     t0 = time.perf_counter()
@@ -85,7 +88,7 @@ def stream(port, body, timeout=600):
     r = c.getresponse()
     if r.status != 200:
         raise RuntimeError(f"{r.status}: {r.read()[:300]}")
-    ttft, text, usage = None, [], None
+    ttft, text, usage, times = None, [], None, []
     for raw in r:
         line = raw.decode().strip()
         if not line.startswith("data: "):
@@ -96,6 +99,8 @@ def stream(port, body, timeout=600):
         chunk = json.loads(data)
         if chunk.get("usage"):
             usage = chunk["usage"]
+        if chunk.get("choices"):
+            times.append(time.perf_counter())
         for ch in chunk.get("choices", []):
             piece = ch.get("delta", {}).get("content") or ch.get("text") or ""
             if piece and ttft is None:
@@ -103,7 +108,16 @@ def stream(port, body, timeout=600):
             text.append(piece)
     total = time.perf_counter() - t0
     c.close()
-    return ttft if ttft is not None else total, total, (usage or {}).get("completion_tokens", 0), "".join(text), usage
+    tokens = (usage or {}).get("completion_tokens", 0)
+    return ttft if ttft is not None else total, total, tokens, "".join(text), usage, times
+
+
+def decode_rate(runs):
+    """Tokens per second while every stream of `runs` decodes: the chunks all of them received
+    between the last first chunk and the first last chunk (prefill and stragglers left out)."""
+    start, end = max(r[5][0] for r in runs), min(r[5][-1] for r in runs)
+    inside = sum(sum(1 for t in r[5] if start < t <= end) for r in runs)
+    return inside / (end - start) if end > start else float("nan")
 
 
 def pct(xs, p):
@@ -186,21 +200,30 @@ def run_streams(a, spill):
     s = Server(a.needle, ["--parallel", str(a.parallel)], spill)
     body = lambda i: {"prompt": f"Story {i}: Once upon a time", "max_tokens": a.stream_tokens, "temperature": 0}
     stream(s.port, body(99))  # warm up
-    m0 = s.metrics()
-    t = time.perf_counter()
-    one = stream(s.port, body(0))
-    one_tps = one[2] / (time.perf_counter() - t)
-    out = [None] * a.parallel
-    def go(i):
-        out[i] = stream(s.port, body(i + 1))
-    t = time.perf_counter()
-    th = [threading.Thread(target=go, args=(i,)) for i in range(a.parallel)]
-    [x.start() for x in th]
-    [x.join() for x in th]
-    many_tps = sum(o[2] for o in out) / (time.perf_counter() - t)
+    # One stream, then all at once, in turns (--rounds), so a slow spell of the machine falls on
+    # both; each figure is the median over the rounds, each speedup one round's own.
+    rounds = []
+    for r in range(a.rounds):
+        t = time.perf_counter()
+        one = stream(s.port, body(100 * r))
+        one_tps = one[2] / (time.perf_counter() - t)
+        out = [None] * a.parallel
+        def go(i):
+            out[i] = stream(s.port, body(100 * r + i + 1))
+        t = time.perf_counter()
+        th = [threading.Thread(target=go, args=(i,)) for i in range(a.parallel)]
+        [x.start() for x in th]
+        [x.join() for x in th]
+        many_tps = sum(o[2] for o in out) / (time.perf_counter() - t)
+        rounds.append((one_tps, many_tps, decode_rate([one]), decode_rate(out)))
     s.stop()
-    print(json.dumps({"streams": {"one_stream_tok_s": round(one_tps, 1), f"{a.parallel}_streams_tok_s": round(many_tps, 1),
-                                  "speedup": round(many_tps / one_tps, 2)}}, indent=1))
+    med = lambda i: round(statistics.median(x[i] for x in rounds), 1)
+    ratios = lambda i: [round(x[i + 1] / x[i], 2) for x in rounds]
+    n = a.parallel
+    print(json.dumps({"streams": {"rounds": a.rounds, "one_stream_tok_s": med(0), f"{n}_streams_tok_s": med(1),
+                                  "speedup_per_round": ratios(0),
+                                  "decode_only": {"one_stream_tok_s": med(2), f"{n}_streams_tok_s": med(3),
+                                                  "speedup_per_round": ratios(2)}}}, indent=1))
 
 
 def main():
@@ -214,6 +237,7 @@ def main():
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--stream-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kv-budget", default="host=64MiB,disk=4GiB")
     ap.add_argument("--doc-words", type=int, default=6000)
     a = ap.parse_args()

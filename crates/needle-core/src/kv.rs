@@ -219,11 +219,13 @@ pub trait RowSource: Sync {
     fn dtype(&self) -> KvDtype;
     /// Row `i`. Panics if `i >= len()`; callers check ids with [`RowSource::check_id`].
     fn row(&self, i: usize) -> Row<'_>;
-    /// Rows `ids`, in order, appended to `out`: what [`RowSource::row`] gives each, in one call
-    /// for a whole selection (a paged source resolves each page once instead of per row).
-    /// Panics like [`RowSource::row`].
-    fn rows_into<'s>(&'s self, ids: &[u32], out: &mut Vec<Row<'s>>) {
-        out.extend(ids.iter().map(|&i| self.row(i as usize)));
+    /// Row `i` and the rows after it that are stored right behind it, as one slice of whole
+    /// rows (a page's rest, for a paged source), so a reader of consecutive rows finds their
+    /// storage once per run instead of once per row. Only where the precision stores rows back to
+    /// back in one slice (`f32`, `f16`); a `q8` row, and any row of a source without runs, comes
+    /// alone ([`RowSource::row`], the default). Panics like [`RowSource::row`].
+    fn run(&self, i: usize) -> Row<'_> {
+        self.row(i)
     }
     /// True when there are no rows.
     fn is_empty(&self) -> bool {
@@ -280,6 +282,10 @@ impl RowSource for Rows<'_> {
     }
     fn row(&self, i: usize) -> Row<'_> {
         Row::F32(&self.data[i * self.dim..(i + 1) * self.dim])
+    }
+    fn run(&self, i: usize) -> Row<'_> {
+        assert!(i < self.len(), "row {i} out of range ({} rows)", self.len());
+        Row::F32(&self.data[i * self.dim..])
     }
 }
 
@@ -552,35 +558,15 @@ impl RowSource for PagedRows {
         }
     }
 
-    fn rows_into<'s>(&'s self, ids: &[u32], out: &mut Vec<Row<'s>>) {
-        /// `ids` of `pages`, each page's slice taken once per run of ids in it.
-        fn typed<'s, T: bytemuck::Pod>(
-            rows: &PagedRows,
-            pages: &'s [PageBuf<T>],
-            ids: &[u32],
-            out: &mut Vec<Row<'s>>,
-            wrap: fn(&'s [T]) -> Row<'s>,
-        ) {
-            let (ps, stride) = (rows.page_size, rows.stride());
-            // The page of the previous id (its first row and slice): a selection's ids are
-            // mostly sorted, so most ids need no division and no page lookup.
-            let mut current: (usize, &'s [T]) = (usize::MAX, &[]);
-            for &id in ids {
-                let i = id as usize;
-                assert!(i < rows.len, "row {i} out of range ({} rows)", rows.len);
-                if i < current.0 || i - current.0 >= ps {
-                    let p = i / ps;
-                    current = (p * ps, &pages[p]);
-                }
-                let s = i - current.0;
-                out.push(wrap(&current.1[s * stride..(s + 1) * stride]));
-            }
-        }
-        out.reserve(ids.len());
+    fn run(&self, i: usize) -> Row<'_> {
+        assert!(i < self.len, "row {i} out of range ({} rows)", self.len);
+        let (p, s, stride) = (i / self.page_size, i % self.page_size, self.stride());
+        let end = self.page_size.min(self.len - p * self.page_size);
+        let span = s * stride..end * stride;
         match &self.pages {
-            Pages::F32(pages) => typed(self, pages, ids, out, Row::F32),
-            Pages::F16(pages) => typed(self, pages, ids, out, Row::F16),
-            Pages::Q8(pages) => typed(self, pages, ids, out, Row::Q8),
+            Pages::F32(pages) => Row::F32(&pages[p][span]),
+            Pages::F16(pages) => Row::F16(&pages[p][span]),
+            Pages::Q8(_) => self.row(i),
         }
     }
 }
@@ -589,28 +575,25 @@ impl RowSource for PagedRows {
 mod tests {
     use super::*;
 
-    /// `rows_into` gives every id the slice `row` gives it, in order, whatever the order of
-    /// the ids and the pages they fall in, for every stored precision.
+    /// `run(i)` is row `i` and the rows stored behind it in its page (up to the last row), the
+    /// same memory `row` gives each; a `q8` row comes alone.
     #[test]
-    fn rows_into_equals_row_by_row() {
-        let ids: Vec<u32> = vec![0, 1, 2, 6, 5, 9, 10, 3, 3, 12, 0, 7, 8, 11];
+    fn runs_are_the_rows_stored_behind_a_row() {
         for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8] {
             let mut p = PagedRows::with_dtype(4, 3, dtype).unwrap();
             for i in 0..13 {
                 p.push(&[i as f32, -1.5 * i as f32, 0.25, 7.0]).unwrap();
             }
-            let mut got = Vec::new();
-            p.rows_into(&ids, &mut got);
-            let want: Vec<Row<'_>> = ids.iter().map(|&i| p.row(i as usize)).collect();
-            assert_eq!(got.len(), want.len());
-            for ((g, w), id) in got.iter().zip(&want).zip(&ids) {
-                let same = match (g, w) {
-                    (Row::F32(a), Row::F32(b)) => std::ptr::eq(*a, *b),
-                    (Row::F16(a), Row::F16(b)) => std::ptr::eq(*a, *b),
-                    (Row::Q8(a), Row::Q8(b)) => std::ptr::eq(*a, *b),
-                    _ => false,
+            for i in 0..13 {
+                let rows = if dtype == KvDtype::Q8 { 1 } else { (3 - i % 3).min(13 - i) };
+                let (run, row) = (p.run(i), p.row(i));
+                let (start, len, want) = match (run, row) {
+                    (Row::F32(a), Row::F32(b)) => (a.as_ptr() == b.as_ptr(), a.len(), rows * b.len()),
+                    (Row::F16(a), Row::F16(b)) => (a.as_ptr() == b.as_ptr(), a.len(), rows * b.len()),
+                    (Row::Q8(a), Row::Q8(b)) => (a.as_ptr() == b.as_ptr(), a.len(), rows * b.len()),
+                    _ => (false, 0, 1),
                 };
-                assert!(same, "{dtype} row {id}");
+                assert!(start && len == want, "{dtype} run({i}): {len} elements, want {want}");
             }
         }
     }

@@ -325,12 +325,11 @@ mod x86 {
                 for k in 0..R {
                     let y = x[k].get_unchecked(b);
                     let yq = y.qs.as_ptr().cast::<i32>();
-                    let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                    for j in 0..4 {
-                        s0 = dpbusd::<DOT>(s0, w[j], _mm256_set1_epi32(yq.add(j).read_unaligned()));
-                        s1 = dpbusd::<DOT>(s1, w[j + 4], _mm256_set1_epi32(yq.add(j + 4).read_unaligned()));
+                    // One chain of exact integer sums (the rows of a batch interleave their chains).
+                    let mut s = _mm256_setzero_si256();
+                    for (j, wj) in w.iter().enumerate() {
+                        s = dpbusd::<DOT>(s, *wj, _mm256_set1_epi32(yq.add(j).read_unaligned()));
                     }
-                    let mut s = _mm256_add_epi32(s0, s1);
                     if T == 0 {
                         s = _mm256_sub_epi32(s, _mm256_set1_epi32(y.sum << 7));
                     } else if T == 1 {

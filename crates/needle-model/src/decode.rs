@@ -424,11 +424,28 @@ fn both<'r, T>(
     (gather(ids, keys, typed), gather(ids, values, typed))
 }
 
-/// The rows `ids` of `rows` as slices of one stored precision.
+/// The rows `ids` of `rows` as slices of one stored precision. Consecutive ids are taken from
+/// one [`RowSource::run`] (the static part is runs of whole pages), the others one by one.
 fn gather<'r, T>(ids: &[u32], rows: &'r dyn RowSource, typed: fn(Row<'r>) -> &'r [T]) -> Vec<&'r [T]> {
+    let d = rows.dim().max(1);
     let mut all = Vec::with_capacity(ids.len());
-    rows.rows_into(ids, &mut all);
-    all.into_iter().map(typed).collect()
+    let mut rest = ids;
+    while let Some(&first) = rest.first() {
+        let run = typed(rows.run(first as usize));
+        let n = rest
+            .iter()
+            .take(run.len() / d)
+            .enumerate()
+            .take_while(|&(j, &id)| id.wrapping_sub(first) as usize == j)
+            .count();
+        if n == 0 {
+            // Another precision (unreachable, see `as_f32`): the kernel's length check rejects it.
+            all.push(&run[..0]);
+        }
+        all.extend(run.chunks_exact(d).take(n));
+        rest = &rest[n.max(1)..];
+    }
+    all
 }
 
 // A `RowSource` stores every row at its `dtype()`, so the other arm is unreachable; an empty
@@ -591,6 +608,34 @@ mod tests {
     fn groups_attended_together_get_the_bits_each_gets_alone() {
         check::<f32>();
         check::<f16>();
+    }
+
+    /// `gather` gives every id the slice `row` gives it (the same memory), whatever mix of
+    /// runs and scattered ids, across page ends and up to the last, partly filled page; for f32
+    /// and f16 pages and for the default, row-by-row source.
+    #[test]
+    fn gather_takes_each_ids_own_row() {
+        let ids: Vec<u32> = [0, 1, 2, 3, 4, 5, 9, 8, 10, 11, 12, 12, 3, 6, 7, 13, 0].to_vec();
+        let same = |got: &[&[f32]], want: &dyn Fn(usize) -> *const f32| {
+            assert_eq!(got.len(), ids.len());
+            for (g, &id) in got.iter().zip(&ids) {
+                assert!(std::ptr::eq(g.as_ptr(), want(id as usize)) && g.len() == 3, "row {id}");
+            }
+        };
+        let mut paged = needle_core::PagedRows::new(3, 4).unwrap();
+        let mut half = needle_core::PagedRows::with_dtype(3, 4, KvDtype::F16).unwrap();
+        for i in 0..14 {
+            paged.push(&[i as f32, 1.0, 2.0]).unwrap();
+            half.push(&[i as f32, 1.0, 2.0]).unwrap();
+        }
+        same(&gather(&ids, &paged, as_f32), &|i| as_f32(paged.row(i)).as_ptr());
+        let got = gather(&ids, &half, as_f16);
+        for (g, &id) in got.iter().zip(&ids) {
+            assert!(std::ptr::eq(g.as_ptr(), as_f16(half.row(id as usize)).as_ptr()), "f16 row {id}");
+        }
+        let flat: Vec<f32> = (0..14 * 3).map(|x| x as f32).collect();
+        let forked = Forked { base: &flat[..5 * 3], own: flat[5 * 3..].to_vec(), dim: 3 };
+        same(&gather(&ids, &forked, as_f32), &|i| as_f32(forked.row(i)).as_ptr());
     }
 
     /// Chunked attention equals one softmax over all the rows (the f64 reference), for lists of

@@ -424,23 +424,23 @@ unsafe fn softmax<L: Lanes>(s: &mut [f32]) -> (f32, f32) {
     (mx, sum)
 }
 
-/// The AVX-512 body, register-blocked where the AVX2 one ([`simd`]) streams through memory:
-/// the scores of up to [`QK_HEADS`](x86_512) query heads for eight keys stay in registers while
-/// each key chunk is loaded once for all of them, and the outputs of up to four heads over 64
-/// dims stay in registers across every value row (AVX2's sixteen registers hold neither, so its
-/// output rows are loaded and stored once per value row). The value pass is the AVX2 one's
-/// arithmetic (the same fused multiply-adds in the same order); the key dots sum in another order.
+/// The AVX-512 body, register-blocked where the AVX2 one ([`simd`]) streams through memory: a
+/// head's dots with sixteen keys stay in sixteen registers and are reduced together into one
+/// vector of sixteen scores (no horizontal sum per key), the sixteen key rows staying in L1 for
+/// every head of the group; and the outputs of up to four heads over 64 dims stay in registers
+/// across every value row (AVX2's sixteen registers hold neither, so its output rows are loaded
+/// and stored once per value row). The value pass is the AVX2 one's arithmetic (the same fused
+/// multiply-adds in the same order); the key dots sum in another order. A head's arithmetic is
+/// the same whatever the heads beside it.
 #[cfg(target_arch = "x86_64")]
 mod x86_512 {
     use std::arch::x86_64::*;
 
-    use super::super::lanes::Lanes;
-
     /// Head dims this body takes: multiples of one output block (four 16-lane vectors).
     pub(super) const DIMS: usize = 64;
-    /// Query heads per register block of the key dots: 3 × 8 accumulators, 3 query vectors
-    /// and a key vector fit the 32 registers.
-    const QK_HEADS: usize = 3;
+    /// Keys per block of the key dots: one accumulator each (16 registers), reduced into the 16
+    /// lanes of one score vector.
+    const KEYS: usize = 16;
     /// Query heads per register block of the value pass: 4 heads × 64 dims in 16 registers.
     const PV_HEADS: usize = 4;
 
@@ -455,6 +455,20 @@ mod x86_512 {
         /// # Safety
         /// `p` has 16 readable elements; avx512f (and f16c) enabled in the caller.
         unsafe fn load16(p: *const Self) -> __m512;
+
+        /// `row` as `f32`: in place for `f32`, else converted into `buf`.
+        ///
+        /// # Safety
+        /// `row.len()` is a multiple of 16 and `buf` has that many writable floats; avx512f (and
+        /// f16c) enabled in the caller.
+        #[inline(always)]
+        unsafe fn row_f32(row: &[Self], buf: *mut f32) -> *const f32 {
+            for c in (0..row.len()).step_by(16) {
+                // SAFETY: the caller's contract.
+                unsafe { _mm512_storeu_ps(buf.add(c), Self::load16(row.as_ptr().add(c))) };
+            }
+            buf
+        }
     }
 
     impl Load16 for f32 {
@@ -462,6 +476,11 @@ mod x86_512 {
         unsafe fn load16(p: *const f32) -> __m512 {
             // SAFETY: the caller's contract.
             unsafe { _mm512_loadu_ps(p) }
+        }
+
+        #[inline(always)]
+        unsafe fn row_f32(row: &[f32], _buf: *mut f32) -> *const f32 {
+            row.as_ptr()
         }
     }
 
@@ -492,19 +511,15 @@ mod x86_512 {
     ) {
         let (m, dim) = (keys.len(), keys[0].len());
         let g = q.len() / dim;
+        // The scores (`g × m`), then a block of keys converted to f32 (`KEYS × dim`).
         scores.clear();
-        scores.resize(g * m, 0.0);
+        scores.resize(g * m + KEYS * dim, 0.0);
+        let (scores, tile) = scores.split_at_mut(g * m);
         let job = Job { q, keys, values, bias, scale, m, dim };
         // SAFETY (the block): the features per this fn's contract; every head block stays below
         // `g`, every dim block below `dim`, as the shapes guarantee.
         unsafe {
-            for h0 in (0..g).step_by(QK_HEADS) {
-                match g - h0 {
-                    1 => job.dots::<1>(h0, scores),
-                    2 => job.dots::<2>(h0, scores),
-                    _ => job.dots::<QK_HEADS>(h0, scores),
-                }
-            }
+            job.dots(g, scores, tile);
             super::softmax_rows::<__m256>(scores, m, lse);
             for h0 in (0..g).step_by(PV_HEADS) {
                 for c0 in (0..dim).step_by(DIMS) {
@@ -532,6 +547,51 @@ mod x86_512 {
         }
     }
 
+    /// Lane `u` of the result is the sum of `acc[u]`'s sixteen lanes: a tree of pairwise
+    /// shuffles and adds, each level halving the vectors.
+    ///
+    /// # Safety
+    /// Needs avx512f.
+    #[inline(always)]
+    unsafe fn sum16(acc: &[__m512; 16]) -> __m512 {
+        // Plain loops, not closures: a closure does not inherit the caller's target features, so
+        // intrinsics inside it would become calls.
+        // SAFETY (the block): register shuffles and adds, the features per this fn's contract.
+        unsafe {
+            // Within each 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] (keys 2i, 2i+1).
+            let mut l1 = [_mm512_setzero_ps(); 8];
+            for (i, x) in l1.iter_mut().enumerate() {
+                let (a, b) = (acc[2 * i], acc[2 * i + 1]);
+                *x = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            }
+            // Within each 128-bit lane: one partial of each of keys 4i..4i + 4.
+            let mut l2 = [_mm512_setzero_ps(); 4];
+            for (i, x) in l2.iter_mut().enumerate() {
+                let (a, b) = (l1[2 * i], l1[2 * i + 1]);
+                *x = _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b));
+            }
+            // 128-bit lanes: [keys 8i..8i+4 twice, keys 8i+4..8i+8 twice] (two partials each),
+            // then all sixteen keys in order.
+            let mut l3 = [_mm512_setzero_ps(); 2];
+            for (i, x) in l3.iter_mut().enumerate() {
+                *x = pair_lanes(l2[2 * i], l2[2 * i + 1]);
+            }
+            pair_lanes(l3[0], l3[1])
+        }
+    }
+
+    /// `[a.0 + a.1, a.2 + a.3, b.0 + b.1, b.2 + b.3]` of the 128-bit lanes of `a` and `b`.
+    ///
+    /// # Safety
+    /// Needs avx512f.
+    #[inline(always)]
+    unsafe fn pair_lanes(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: register shuffles and an add, the features per this fn's contract.
+        unsafe {
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
+        }
+    }
+
     struct Job<'a, T> {
         q: &'a [f32],
         keys: &'a [&'a [T]],
@@ -543,63 +603,53 @@ mod x86_512 {
     }
 
     impl<T: Load16> Job<'_, T> {
-        /// Scores of heads `h0..h0 + H` against every key into `scores` (head-major, scaled,
-        /// biased).
+        /// Scores of the `g` heads against every key into `scores` (head-major, scaled, biased),
+        /// [`KEYS`] keys at a time: each head's sixteen dots in sixteen registers, reduced into one
+        /// vector. A last block of fewer keys repeats its last row in the missing places (their
+        /// scores are not stored), so every key's arithmetic is that of a full block.
         ///
         /// # Safety
-        /// As [`attend`]; `h0 + H ≤ g`, `scores` has `g × m` entries.
+        /// As [`attend`]; `scores` has `g × m` entries, `tile` `KEYS × dim`.
         #[inline(always)]
-        unsafe fn dots<const H: usize>(&self, h0: usize, scores: &mut [f32]) {
+        unsafe fn dots(&self, g: usize, scores: &mut [f32], tile: &mut [f32]) {
             let (m, dim) = (self.m, self.dim);
             let q = self.q.as_ptr();
-            // SAFETY (the block): key rows and query heads have `dim` elements, read in whole
-            // 16-lane chunks below `dim`; bias and score rows have `m` entries, written below `m`.
+            // SAFETY (the block): key rows, tile rows and query heads have `dim` elements, read
+            // in whole 16-lane chunks below `dim`; bias and score rows have `m` entries, read and
+            // written below `m` (masked to the block's `n` keys).
             unsafe {
-                let mut j = 0;
-                while j + 8 <= m {
-                    // The next eight rows: picked rows are scattered, out of the prefetchers' sight.
-                    if j + 16 <= m {
-                        for u in 8..16 {
-                            prefetch_row(self.keys.get_unchecked(j + u));
-                        }
+                let scale = _mm512_set1_ps(self.scale);
+                for j in (0..m).step_by(KEYS) {
+                    let n = KEYS.min(m - j);
+                    // The next block's rows: picked rows are scattered, out of the prefetchers' sight.
+                    for row in self.keys.get(j + KEYS..m.min(j + 2 * KEYS)).unwrap_or(&[]) {
+                        prefetch_row(row);
                     }
-                    let mut acc = [[_mm512_setzero_ps(); 8]; H];
-                    for c in (0..dim).step_by(16) {
-                        // Plain loops, not closures: a closure does not inherit this code's target
-                        // features, so intrinsics inside it become calls.
-                        let mut qv = [_mm512_setzero_ps(); H];
-                        for (h, x) in qv.iter_mut().enumerate() {
-                            *x = _mm512_loadu_ps(q.add((h0 + h) * dim + c));
-                        }
-                        for (u, row) in self.keys.get_unchecked(j..j + 8).iter().enumerate() {
-                            let k = T::load16(row.as_ptr().add(c));
-                            for (a, qh) in acc.iter_mut().zip(&qv) {
-                                a[u] = _mm512_fmadd_ps(*qh, k, a[u]);
+                    let mut rows = [std::ptr::null::<f32>(); KEYS];
+                    for (u, r) in rows.iter_mut().enumerate() {
+                        *r = T::row_f32(self.keys.get_unchecked(j + u.min(n - 1)), tile.as_mut_ptr().add(u * dim));
+                    }
+                    let mask: __mmask16 = if n == KEYS { !0 } else { (1 << n) - 1 };
+                    let bias = match self.bias {
+                        Some(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(j)),
+                        None => _mm512_setzero_ps(),
+                    };
+                    for h in 0..g {
+                        let qh = q.add(h * dim);
+                        let mut acc = [_mm512_setzero_ps(); KEYS];
+                        for c0 in (0..dim).step_by(DIMS) {
+                            let mut qv = [_mm512_setzero_ps(); 4];
+                            for (i, x) in qv.iter_mut().enumerate() {
+                                *x = _mm512_loadu_ps(qh.add(c0 + 16 * i));
+                            }
+                            for (a, row) in acc.iter_mut().zip(&rows) {
+                                for (i, qc) in qv.iter().enumerate() {
+                                    *a = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(row.add(c0 + 16 * i)), *a);
+                                }
                             }
                         }
-                    }
-                    let bias = self.bias.map(|b| b.as_ptr().add(j));
-                    for (h, a) in acc.iter().enumerate() {
-                        let mut halves = [_mm256_setzero_ps(); 8];
-                        for (y, x) in halves.iter_mut().zip(a) {
-                            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*x)));
-                            *y = _mm256_add_ps(_mm512_castps512_ps256(*x), hi);
-                        }
-                        <__m256 as Lanes>::sums8(&halves, self.scale, bias, scores.as_mut_ptr().add((h0 + h) * m + j));
-                    }
-                    j += 8;
-                }
-                for jj in j..m {
-                    let mut acc = [_mm512_setzero_ps(); H];
-                    for c in (0..dim).step_by(16) {
-                        let k = T::load16(self.keys.get_unchecked(jj).as_ptr().add(c));
-                        for (h, a) in acc.iter_mut().enumerate() {
-                            *a = _mm512_fmadd_ps(_mm512_loadu_ps(q.add((h0 + h) * dim + c)), k, *a);
-                        }
-                    }
-                    for (h, a) in acc.iter().enumerate() {
-                        let b = self.bias.map_or(0.0, |b| b[jj]);
-                        scores[(h0 + h) * m + jj] = _mm512_reduce_add_ps(*a) * self.scale + b;
+                        let s = _mm512_add_ps(_mm512_mul_ps(sum16(&acc), scale), bias);
+                        _mm512_mask_storeu_ps(scores.as_mut_ptr().add(h * m + j), mask, s);
                     }
                 }
             }
