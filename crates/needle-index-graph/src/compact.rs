@@ -24,6 +24,7 @@
 //! that would cost `32·dim` bytes per key, several times the KV cache it indexes.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use needle_core::{BuildStats, Error, Result, SearchParams, SearchResult, SearchStats, VectorIndex};
@@ -290,9 +291,24 @@ fn code_key(x: &[f32], out: &mut [i8]) -> f32 {
 /// The codes of an index with no graph, laid out for the scan kernels: blocks of
 /// [`SCAN_BLOCK`] keys by dimension pair (see [`crate::qdot::ScanFn`]), the same codes and
 /// scales as [`Codes`] holds for a walk; a block's unused lanes have zero codes and scale.
+///
+/// The whole blocks of the keys it was built or loaded with are a [`ScanBase`] shared by every
+/// index holding the same codes (the sequences of one context, each loading it), so sequences
+/// decoding together scan one copy; keys added later (and the last, partly filled block) are
+/// the index's own.
 #[derive(Debug, Clone, Default)]
 struct ScanCodes {
     stride: usize,
+    n: usize,
+    base: Arc<ScanBase>,
+    /// Keys `base.n..n`, in blocks counted from `base.n`.
+    blocks: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+/// Whole blocks of scan codes: keys `0..n`.
+#[derive(Debug, Default, PartialEq)]
+struct ScanBase {
     n: usize,
     blocks: Vec<i8>,
     scales: Vec<f32>,
@@ -305,15 +321,17 @@ impl ScanCodes {
 
     /// Appends the codes of `rows` (row-major, `dim` wide), growing by whole blocks.
     fn push(&mut self, rows: &[f32], dim: usize) {
-        let keys = (self.n + rows.len() / dim).next_multiple_of(SCAN_BLOCK);
+        let first = self.base.n;
+        let keys = (self.n - first + rows.len() / dim).next_multiple_of(SCAN_BLOCK);
         self.blocks.reserve_exact((keys * self.stride).saturating_sub(self.blocks.len()));
         self.blocks.resize(keys * self.stride, 0);
         self.scales.reserve_exact(keys.saturating_sub(self.scales.len()));
         self.scales.resize(keys, 0.0);
         let mut row = vec![0i8; self.stride];
         for x in rows.chunks_exact(dim) {
-            self.scales[self.n] = code_key(x, &mut row[..dim]);
-            let (block, lane) = (self.n / SCAN_BLOCK, self.n % SCAN_BLOCK);
+            let i = self.n - first;
+            self.scales[i] = code_key(x, &mut row[..dim]);
+            let (block, lane) = (i / SCAN_BLOCK, i % SCAN_BLOCK);
             let base = block * SCAN_BLOCK * self.stride + lane * 2;
             for (p, pair) in row.chunks_exact(2).enumerate() {
                 self.blocks[base + p * 2 * SCAN_BLOCK..][..2].copy_from_slice(pair);
@@ -322,9 +340,59 @@ impl ScanCodes {
         }
     }
 
-    fn bytes(&self) -> usize {
-        self.blocks.capacity() + self.scales.capacity() * 4
+    /// The codes of every key, whole blocks shared ([`ScanBase`]) with any other index holding
+    /// the same ones; the last, partly filled block stays this index's own.
+    fn shared(mut self) -> Self {
+        if self.base.n > 0 {
+            return self;
+        }
+        let whole = self.n / SCAN_BLOCK * SCAN_BLOCK;
+        let (blocks, scales) = (self.blocks.split_off(whole * self.stride), self.scales.split_off(whole));
+        let (mut blocks, mut scales) =
+            (std::mem::replace(&mut self.blocks, blocks), std::mem::replace(&mut self.scales, scales));
+        blocks.shrink_to_fit();
+        scales.shrink_to_fit();
+        self.base = intern(ScanBase { n: whole, blocks, scales });
+        self
     }
+
+    /// The two runs of blocks a scan reads in key order: (first key, blocks, scales, keys).
+    fn parts(&self) -> [(usize, &[i8], &[f32], usize); 2] {
+        let b = &self.base;
+        [(0, &b.blocks[..], &b.scales[..], b.n), (b.n, &self.blocks[..], &self.scales[..], self.n - b.n)]
+    }
+
+    fn bytes(&self) -> usize {
+        self.base.blocks.capacity()
+            + self.base.scales.capacity() * 4
+            + self.blocks.capacity()
+            + self.scales.capacity() * 4
+    }
+}
+
+/// The one shared copy of `base`: an equal [`ScanBase`] that another index still holds, else
+/// `base` itself, remembered (weakly) for the next.
+fn intern(base: ScanBase) -> Arc<ScanBase> {
+    static HELD: Mutex<Vec<(u64, Weak<ScanBase>)>> = Mutex::new(Vec::new());
+    if base.n == 0 {
+        return Arc::new(base);
+    }
+    let hash = fingerprint(&base);
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    held.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(same) = held.iter().filter(|(h, _)| *h == hash).find_map(|(_, w)| w.upgrade().filter(|b| **b == base)) {
+        return same;
+    }
+    let base = Arc::new(base);
+    held.push((hash, Arc::downgrade(&base)));
+    base
+}
+
+/// A cheap hash of a base: its keys' scales (one per key, and equal bases are confirmed by
+/// comparing everything).
+fn fingerprint(base: &ScanBase) -> u64 {
+    let scales = base.scales.iter().map(|s| u64::from(s.to_bits()));
+    scales.fold(base.n as u64, |h, x| (h.rotate_left(5) ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// A group of queries as 16-bit codes (`g × stride`) and their scales.
@@ -484,6 +552,15 @@ impl CompactGraph {
         self.scan.is_some()
     }
 
+    /// Whether both indexes scan one shared copy of their first codes.
+    #[cfg(test)]
+    pub(crate) fn shares_scan_codes_with(&self, other: &CompactGraph) -> bool {
+        match (&self.scan, &other.scan) {
+            (Some(a), Some(b)) => a.base.n > 0 && Arc::ptr_eq(&a.base, &b.base),
+            _ => false,
+        }
+    }
+
     fn n(&self) -> usize {
         self.scan.as_ref().map_or(self.codes.n, |c| c.n)
     }
@@ -619,26 +696,29 @@ impl CompactGraph {
         let mut best: Vec<u64> = Vec::with_capacity(4 * k);
         let mut threshold = f32::NEG_INFINITY;
         let mut scores = [0f32; BLOCK];
-        let n = codes.n;
-        for start in (0..n).step_by(BLOCK) {
-            let rows = BLOCK.min(n - start);
-            // Whole blocks: the last one's unused lanes are scored and never read.
-            let lanes = rows.next_multiple_of(SCAN_BLOCK);
-            let blocks = &codes.blocks[start * stride..(start + lanes) * stride];
-            scan(blocks, stride, &codes.scales[start..start + lanes], &qpairs, &q.scales, &mut scores[..lanes]);
-            for (c, chunk) in scores[..rows].chunks(16).enumerate() {
-                // Most chunks hold no key above the threshold: one vector compare skips them.
-                // (Equal scores rank by id, so a later key equal to the threshold never enters.)
-                if !chunk.iter().fold(false, |any, &s| any | (s > threshold)) {
-                    continue;
-                }
-                for (i, &s) in chunk.iter().enumerate() {
-                    if s > threshold {
-                        best.push(rank_key((start + c * 16 + i) as u32, s));
-                        if best.len() == best.capacity() {
-                            best.select_nth_unstable(k - 1);
-                            best.truncate(k);
-                            threshold = from_rank_key(best[k - 1]).1;
+        // Keys in order: the shared blocks, then the index's own.
+        for (first, blocks, scales, n) in codes.parts() {
+            for start in (0..n).step_by(BLOCK) {
+                let rows = BLOCK.min(n - start);
+                // Whole blocks: the last one's unused lanes are scored and never read.
+                let lanes = rows.next_multiple_of(SCAN_BLOCK);
+                let blocks = &blocks[start * stride..(start + lanes) * stride];
+                scan(blocks, stride, &scales[start..start + lanes], &qpairs, &q.scales, &mut scores[..lanes]);
+                let start = first + start;
+                for (c, chunk) in scores[..rows].chunks(16).enumerate() {
+                    // Most chunks hold no key above the threshold: one vector compare skips them.
+                    // (Equal scores rank by id, so a later key equal to the threshold never enters.)
+                    if !chunk.iter().fold(false, |any, &s| any | (s > threshold)) {
+                        continue;
+                    }
+                    for (i, &s) in chunk.iter().enumerate() {
+                        if s > threshold {
+                            best.push(rank_key((start + c * 16 + i) as u32, s));
+                            if best.len() == best.capacity() {
+                                best.select_nth_unstable(k - 1);
+                                best.truncate(k);
+                                threshold = from_rank_key(best[k - 1]).1;
+                            }
                         }
                     }
                 }
@@ -720,7 +800,7 @@ impl CompactGraph {
     fn adopt_scan(&mut self, keys: &[f32]) {
         let mut codes = ScanCodes::new(self.dim);
         codes.push(keys, self.dim);
-        self.scan = Some(codes);
+        self.scan = Some(codes.shared());
         self.codes = Codes::new(self.dim);
         self.links = Links::U16(Vec::new());
         self.entries = Vec::new();

@@ -865,6 +865,35 @@ fn a_small_build_scans_every_code_exactly() {
     );
 }
 
+/// Scan indexes loaded over the same keys (sequences of one context) scan one copy of the
+/// codes; keys one of them inserts are its own, and each still ranks exactly as the reference.
+#[test]
+fn scan_indexes_over_the_same_keys_share_their_codes() {
+    let f = fixture(1200, 400, 12);
+    let mut built = CompactGraph::new(DIM).unwrap();
+    built.build(&f.keys[..1000 * DIM], Some(&f.train)).unwrap();
+    let mut state = Vec::new();
+    built.save_state(&mut state).unwrap();
+    let load = || {
+        let mut idx = CompactGraph::new(DIM).unwrap();
+        idx.load_state(&state, &f.keys[..1000 * DIM]).unwrap();
+        idx
+    };
+    let (mut a, b) = (load(), load());
+    assert!(a.shares_scan_codes_with(&b) && a.shares_scan_codes_with(&built));
+    let mut other = CompactGraph::new(DIM).unwrap();
+    other.build(&f.keys[DIM..1001 * DIM], Some(&f.train)).unwrap();
+    assert!(!other.shares_scan_codes_with(&a), "other keys, other codes");
+    a.insert(&f.keys[1000 * DIM..1100 * DIM]).unwrap();
+    assert!(a.shares_scan_codes_with(&b), "an insert keeps the shared blocks");
+    let g = &f.test[..3 * DIM];
+    for (idx, n) in [(&a, 1100), (&b, 1000)] {
+        let r = idx.search_group(g, 20, &SearchParams::default(), &[]).unwrap();
+        let want: Vec<u32> = scan_reference(&f.keys[..n * DIM], g, 20).iter().map(|x| x.0).collect();
+        assert_eq!(r.labels, want, "{n} keys");
+    }
+}
+
 #[test]
 fn a_scan_index_holds_codes_only_inserts_and_round_trips() {
     let f = fixture(1200, 400, 12);
