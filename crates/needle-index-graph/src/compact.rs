@@ -315,8 +315,20 @@ struct ScanBase {
 }
 
 impl ScanCodes {
-    fn new(dim: usize) -> Self {
-        Self { stride: dim.next_multiple_of(CODE_ALIGN), ..Default::default() }
+    /// The codes of `keys` (row-major, `dim` wide), their whole blocks shared ([`ScanBase`])
+    /// with any other index holding the same ones; the last, partly filled block is this index's
+    /// own.
+    fn shared(keys: &[f32], dim: usize) -> Self {
+        let mut codes = Self { stride: dim.next_multiple_of(CODE_ALIGN), ..Default::default() };
+        codes.push(keys, dim);
+        let whole = codes.n / SCAN_BLOCK * SCAN_BLOCK;
+        let (mut blocks, mut scales) = (std::mem::take(&mut codes.blocks), std::mem::take(&mut codes.scales));
+        codes.blocks = blocks.split_off(whole * codes.stride);
+        codes.scales = scales.split_off(whole);
+        blocks.shrink_to_fit();
+        scales.shrink_to_fit();
+        codes.base = intern(ScanBase { n: whole, blocks, scales });
+        codes
     }
 
     /// Appends the codes of `rows` (row-major, `dim` wide), growing by whole blocks.
@@ -338,22 +350,6 @@ impl ScanCodes {
             }
             self.n += 1;
         }
-    }
-
-    /// The codes of every key, whole blocks shared ([`ScanBase`]) with any other index holding
-    /// the same ones; the last, partly filled block stays this index's own.
-    fn shared(mut self) -> Self {
-        if self.base.n > 0 {
-            return self;
-        }
-        let whole = self.n / SCAN_BLOCK * SCAN_BLOCK;
-        let (blocks, scales) = (self.blocks.split_off(whole * self.stride), self.scales.split_off(whole));
-        let (mut blocks, mut scales) =
-            (std::mem::replace(&mut self.blocks, blocks), std::mem::replace(&mut self.scales, scales));
-        blocks.shrink_to_fit();
-        scales.shrink_to_fit();
-        self.base = intern(ScanBase { n: whole, blocks, scales });
-        self
     }
 
     /// The two runs of blocks a scan reads in key order: (first key, blocks, scales, keys).
@@ -798,9 +794,7 @@ impl CompactGraph {
 
     /// Codes `keys` and holds no graph: every search scans them.
     fn adopt_scan(&mut self, keys: &[f32]) {
-        let mut codes = ScanCodes::new(self.dim);
-        codes.push(keys, self.dim);
-        self.scan = Some(codes.shared());
+        self.scan = Some(ScanCodes::shared(keys, self.dim));
         self.codes = Codes::new(self.dim);
         self.links = Links::U16(Vec::new());
         self.entries = Vec::new();

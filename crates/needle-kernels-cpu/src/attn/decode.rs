@@ -456,18 +456,21 @@ mod x86_512 {
         /// `p` has 16 readable elements; avx512f (and f16c) enabled in the caller.
         unsafe fn load16(p: *const Self) -> __m512;
 
-        /// `row` as `f32`: in place for `f32`, else converted into `buf`.
+        /// Whether rows are converted to be read as `f32` ([`Load16::row_f32`] needs a tile).
+        const CONVERTED: bool = true;
+
+        /// `row` as `f32`: in place for `f32`, else converted into `buf` (`row.len()` floats).
         ///
         /// # Safety
-        /// `row.len()` is a multiple of 16 and `buf` has that many writable floats; avx512f (and
-        /// f16c) enabled in the caller.
+        /// `row.len()` is a multiple of 16; avx512f (and f16c) enabled in the caller.
         #[inline(always)]
-        unsafe fn row_f32(row: &[Self], buf: *mut f32) -> *const f32 {
+        unsafe fn row_f32(row: &[Self], buf: &mut [f32]) -> *const f32 {
+            let buf = &mut buf[..row.len()];
             for c in (0..row.len()).step_by(16) {
-                // SAFETY: the caller's contract.
-                unsafe { _mm512_storeu_ps(buf.add(c), Self::load16(row.as_ptr().add(c))) };
+                // SAFETY: `c + 16 <= row.len() == buf.len()`; the features per the contract.
+                unsafe { _mm512_storeu_ps(buf.as_mut_ptr().add(c), Self::load16(row.as_ptr().add(c))) };
             }
-            buf
+            buf.as_ptr()
         }
     }
 
@@ -478,8 +481,10 @@ mod x86_512 {
             unsafe { _mm512_loadu_ps(p) }
         }
 
+        const CONVERTED: bool = false;
+
         #[inline(always)]
-        unsafe fn row_f32(row: &[f32], _buf: *mut f32) -> *const f32 {
+        unsafe fn row_f32(row: &[f32], _buf: &mut [f32]) -> *const f32 {
             row.as_ptr()
         }
     }
@@ -511,9 +516,10 @@ mod x86_512 {
     ) {
         let (m, dim) = (keys.len(), keys[0].len());
         let g = q.len() / dim;
-        // The scores (`g × m`), then a block of keys converted to f32 (`KEYS × dim`).
+        // The scores (`g × m`), then (where rows are converted) a block of keys as f32.
+        let tile_len = if T::CONVERTED { KEYS * dim } else { 0 };
         scores.clear();
-        scores.resize(g * m + KEYS * dim, 0.0);
+        scores.resize(g * m + tile_len, 0.0);
         let (scores, tile) = scores.split_at_mut(g * m);
         let job = Job { q, keys, values, bias, scale, m, dim };
         // SAFETY (the block): the features per this fn's contract; every head block stays below
@@ -609,7 +615,8 @@ mod x86_512 {
         /// scores are not stored), so every key's arithmetic is that of a full block.
         ///
         /// # Safety
-        /// As [`attend`]; `scores` has `g × m` entries, `tile` `KEYS × dim`.
+        /// As [`attend`]; `scores` has `g × m` entries, `tile` `KEYS × dim` where rows are
+        /// converted ([`Load16::CONVERTED`]).
         #[inline(always)]
         unsafe fn dots(&self, g: usize, scores: &mut [f32], tile: &mut [f32]) {
             let (m, dim) = (self.m, self.dim);
@@ -627,7 +634,8 @@ mod x86_512 {
                     }
                     let mut rows = [std::ptr::null::<f32>(); KEYS];
                     for (u, r) in rows.iter_mut().enumerate() {
-                        *r = T::row_f32(self.keys.get_unchecked(j + u.min(n - 1)), tile.as_mut_ptr().add(u * dim));
+                        let tile_row = tile.get_mut(u * dim..).unwrap_or_default();
+                        *r = T::row_f32(self.keys.get_unchecked(j + u.min(n - 1)), tile_row);
                     }
                     let mask: __mmask16 = if n == KEYS { !0 } else { (1 << n) - 1 };
                     let bias = match self.bias {
