@@ -137,9 +137,22 @@ fn rope_generic(x: &mut [f32], heads: usize, dim: usize, pos0: usize, cos: &[f32
 
 /// `gate ← silu(gate) ⊙ up`, with `silu(g) = g / (1 + e^(−g))` (the exponential the attention
 /// kernels' softmax uses: it vectorizes, where a library `expf` is one call per element).
+/// A batch's gate (several rows) is split over the kernels' [`Pool`](crate::Pool): each element's
+/// arithmetic is the same wherever it runs, so the split does not change a bit.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) -> Result<()> {
-    silu_mul_with(Isa::detect(), gate, up)
+    let isa = Isa::detect();
+    if gate.len() < PAR_MIN_SILU {
+        return silu_mul_with(isa, gate, up);
+    }
+    check_len("up", up.len(), gate.len())?;
+    let pool = crate::Pool::global();
+    let part = gate.len().div_ceil(pool.threads()).next_multiple_of(16);
+    let mut parts: Vec<&mut [f32]> = gate.chunks_mut(part).collect();
+    pool.map_mut(&mut parts, |i, g| silu_mul_with(isa, g, &up[i * part..i * part + g.len()])).into_iter().collect()
 }
+
+/// Below this many elements [`silu_mul`] runs on the calling thread (a one-token gate).
+const PAR_MIN_SILU: usize = 4096;
 
 /// [`silu_mul`] on a given ISA.
 pub fn silu_mul_with(isa: Isa, gate: &mut [f32], up: &[f32]) -> Result<()> {
