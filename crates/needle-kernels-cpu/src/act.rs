@@ -186,7 +186,7 @@ fn quantize_q8_blocks(isa: Isa, x: &[f32]) -> Vec<BlockQ8> {
     if isa.has_avx2() {
         // SAFETY: `has_avx2()` means avx2, fma and f16c were detected on this CPU; each chunk
         // has 32 values.
-        return x.chunks_exact(32).map(|b| unsafe { x86::quantize_q8(b) }).collect();
+        return unsafe { x86::quantize_q8_blocks(x) };
     }
     let _ = isa;
     x.chunks_exact(32).map(quantize_q8).collect()
@@ -198,12 +198,29 @@ mod x86 {
 
     use super::BlockQ8;
 
+    /// [`super::quantize_q8_blocks`]'s loop in one function with the block's features, so that
+    /// [`quantize_q8`] is inlined into it (a closure would not inherit the features, and each
+    /// block would be a call).
+    ///
+    /// # Safety
+    /// Needs avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_q8_blocks(x: &[f32]) -> Vec<BlockQ8> {
+        let mut out = Vec::with_capacity(x.len() / 32);
+        for b in x.chunks_exact(32) {
+            // SAFETY: the features per this fn's contract; `b` has 32 values.
+            out.push(unsafe { quantize_q8(b) });
+        }
+        out
+    }
+
     /// [`super::quantize_q8`] on four 8-lane vectors: the same max, quotient, rounding (to
     /// nearest even), clamp and f16 rounding, so the same bits.
     ///
     /// # Safety
     /// Needs avx2, fma and f16c; `x` has 32 values.
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
     pub(super) unsafe fn quantize_q8(x: &[f32]) -> BlockQ8 {
         // SAFETY (the block): `x` has 32 readable values; the features per this fn's contract.
         unsafe {

@@ -115,8 +115,8 @@ pub(crate) enum RowsKernel {
 /// Rows per [`KernelRows`] call, at most.
 pub(crate) const ROWS: usize = 4;
 
-/// The multi-row kernel of `ty` on `isa`, where one exists (AVX2 and VNNI, 32-element block
-/// types); elsewhere [`RowsPlan`] runs the row kernel once per row.
+/// The multi-row kernel of `ty` on `isa`, where one exists (AVX2 and VNNI: the 32-element block
+/// types and the K-quants); elsewhere [`RowsPlan`] runs the row kernel once per row.
 pub(crate) fn kernel_rows(ty: QuantType, isa: Isa) -> Option<RowsKernel> {
     #[cfg(target_arch = "x86_64")]
     if isa.has_avx2() {
@@ -458,7 +458,9 @@ pub(crate) mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{BlockQ8, BlockQ8K, IQ4_NL_VALUES, Isa, Kernel, QuantType, f16_at, f32s, k_scales, q8, q8k};
+    use super::{
+        BlockQ8, BlockQ8K, IQ4_NL_VALUES, Isa, Kernel, QuantType, f16_at, f32s, k_scale_min, k_scales, q8, q8k,
+    };
 
     pub(super) fn kernel(ty: QuantType, isa: Isa) -> Kernel {
         if isa == Isa::Avx512 {
@@ -574,6 +576,26 @@ pub(crate) mod x86 {
         };
     }
 
+    /// `body::<generics.., N>` over 1 to 4 Q8_K rows as a [`KernelRows`](super::KernelRows).
+    macro_rules! k_rows_fn {
+        ($body:ident $(, $g:tt)*) => {
+            |w: &[u8], xs: &[super::QActRow<'_>], out: &mut [f32]| {
+                // SAFETY: `kernel_rows` hands this out only where avx2, fma and f16c were
+                // detected; the rows are whole blocks, checked by the callers.
+                let v: &[f32] = unsafe {
+                    match *xs {
+                        [a] => &$body::<$($g,)* 1>(w, &[q8k(a)]),
+                        [a, b] => &$body::<$($g,)* 2>(w, &[q8k(a), q8k(b)]),
+                        [a, b, c] => &$body::<$($g,)* 3>(w, &[q8k(a), q8k(b), q8k(c)]),
+                        [a, b, c, d] => &$body::<$($g,)* 4>(w, &[q8k(a), q8k(b), q8k(c), q8k(d)]),
+                        _ => &[],
+                    }
+                };
+                out[..v.len()].copy_from_slice(v);
+            }
+        };
+    }
+
     /// `body::<T, R>` for the 1 to 4 rows of a [`Lanes`](super::Lanes) group as a
     /// [`KernelLanes`](super::KernelLanes).
     macro_rules! lanes_fn {
@@ -631,6 +653,9 @@ pub(crate) mod x86 {
             QuantType::Q5_0 => Some(Rows(rows_fn!(pair_rows::<3>))),
             QuantType::Q5_1 => Some(Rows(rows_fn!(pair_rows::<4>))),
             QuantType::IQ4_NL => Some(Rows(rows_fn!(pair_rows::<5>))),
+            QuantType::Q4_K => Some(Rows(k_rows_fn!(qk_rows, false))),
+            QuantType::Q5_K => Some(Rows(k_rows_fn!(qk_rows, true))),
+            QuantType::Q6_K => Some(Rows(k_rows_fn!(q6_k_rows))),
             _ => None,
         }
     }
@@ -1490,15 +1515,57 @@ pub(crate) mod x86 {
         hsum_ps(_mm256_add_ps(acc[0], acc[1])) + (corr[0] + corr[1])
     }
 
+    /// The quants of chunk `c` (64 elements) of a Q4_K (`HIGH = false`) or Q5_K block `b`: the
+    /// low nibbles (its first 32) and the high ones (its last 32), with bit 4 from `qh` for Q5_K.
+    ///
+    /// # Safety
+    /// Needs avx2; `b` is a whole block, `c < 4`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn qk_chunk<const HIGH: bool>(b: &[u8], qh: __m256i, c: usize) -> (__m256i, __m256i) {
+        let (m4, one) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1));
+        let qs_off = if HIGH { 48 } else { 16 };
+        // SAFETY: 32 nibble bytes of chunk c lie within the block.
+        let q = unsafe { load32(&b[qs_off + 32 * c..qs_off + 32 * c + 32]) };
+        let mut lo = _mm256_and_si256(q, m4);
+        let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        if HIGH {
+            let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32)), one);
+            let h2 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32 + 1)), one);
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(h1, 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(h2, 4));
+        }
+        (lo, hi)
+    }
+
+    /// The 6-bit quants of half `h` (128 elements) of a Q6_K block `b`, as four vectors of 32.
+    ///
+    /// # Safety
+    /// Needs avx2; `b` is a whole block, `h < 2`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6_quarters(b: &[u8], h: usize) -> [__m256i; 4] {
+        let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        // SAFETY: ql half = 64 bytes at 64h, qh half = 32 bytes at 128 + 32h, in the block.
+        let (qa, qb, qh) = unsafe { (load32(&b[64 * h..]), load32(&b[64 * h + 32..]), load32(&b[128 + 32 * h..])) };
+        [
+            _mm256_or_si256(_mm256_and_si256(qa, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+            _mm256_or_si256(_mm256_and_si256(qb, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), _mm256_and_si256(qh, m30)),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
+                _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+            ),
+        ]
+    }
+
     /// Q4_K (`HIGH = false`) and Q5_K (`HIGH = true`, bit 4 from `qh`).
     ///
     /// # Safety
     /// Needs avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn qk_avx2<const HIGH: bool>(w: &[u8], x: &[BlockQ8K]) -> f32 {
-        let (bb, qs_off) = if HIGH { (176, 48) } else { (144, 16) };
-        let m4 = _mm256_set1_epi8(0x0F);
-        let one = _mm256_set1_epi8(1);
+        let bb = if HIGH { 176 } else { 144 };
         let mut acc = _mm256_setzero_ps();
         let mut corr = 0f32;
         for (b, y) in w.chunks_exact(bb).zip(x) {
@@ -1507,16 +1574,8 @@ pub(crate) mod x86 {
             let qh = unsafe { load32(&b[16..48]) };
             let mut sumi = _mm256_setzero_si256();
             for c in 0..4 {
-                // SAFETY: 32 nibble bytes of chunk c lie within the block.
-                let q = unsafe { load32(&b[qs_off + 32 * c..qs_off + 32 * c + 32]) };
-                let mut lo = _mm256_and_si256(q, m4);
-                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                if HIGH {
-                    let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32)), one);
-                    let h2 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32 + 1)), one);
-                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(h1, 4));
-                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(h2, 4));
-                }
+                // SAFETY: the block is whole (`chunks_exact`).
+                let (lo, hi) = unsafe { qk_chunk::<HIGH>(b, qh, c) };
                 // SAFETY: y.qs has 256 bytes; 64c + 64 <= 256.
                 let (y0, y1) = unsafe {
                     (
@@ -1539,8 +1598,6 @@ pub(crate) mod x86 {
     /// Needs avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q6_k_avx2(w: &[u8], x: &[BlockQ8K]) -> f32 {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m30 = _mm256_set1_epi8(0x30);
         let mut acc = _mm256_setzero_ps();
         let mut corr = 0f32;
         for (b, y) in w.chunks_exact(210).zip(x) {
@@ -1551,18 +1608,8 @@ pub(crate) mod x86 {
             }
             let mut sumi = _mm256_setzero_si256();
             for h in 0..2 {
-                // SAFETY: ql half = 64 bytes at 64h, qh half = 32 bytes at 128 + 32h, in the block.
-                let (qa, qb, qh) =
-                    unsafe { (load32(&b[64 * h..]), load32(&b[64 * h + 32..]), load32(&b[128 + 32 * h..])) };
-                let quarters = [
-                    _mm256_or_si256(_mm256_and_si256(qa, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
-                    _mm256_or_si256(_mm256_and_si256(qb, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), _mm256_and_si256(qh, m30)),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
-                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
-                    ),
-                ];
+                // SAFETY: the block is whole (`chunks_exact`), `h < 2`.
+                let quarters = unsafe { q6_quarters(b, h) };
                 for (r, q) in quarters.into_iter().enumerate() {
                     let k = 8 * h + 2 * r;
                     // SAFETY: 128h + 32r + 32 <= 256 bytes of y.qs.
@@ -1579,6 +1626,110 @@ pub(crate) mod x86 {
             corr -= d * (32 * offs) as f32;
         }
         hsum_ps(acc) + corr
+    }
+
+    /// [`qk_avx2`] for `N` token rows: each block's quants decoded once for the rows, each row's
+    /// integer sums and float steps exactly its own call's (the same bits).
+    ///
+    /// # Safety
+    /// Needs avx2, fma and f16c; each row of `x` has a block per 256 weights of `w`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn qk_rows<const HIGH: bool, const N: usize>(w: &[u8], x: &[&[BlockQ8K]; N]) -> [f32; N] {
+        let bb = if HIGH { 176 } else { 144 };
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut corr = [0f32; N];
+        for (i, b) in w.chunks_exact(bb).enumerate() {
+            // The scales and mins are the weights' own; `summ` (the mins against a row's block
+            // sums) is a row's: the integers `k_scales` gives.
+            let (mut sc, mut mins) = ([0i32; 8], [0i32; 8]);
+            for (j, (s, m)) in sc.iter_mut().zip(&mut mins).enumerate() {
+                let (scale, min) = k_scale_min(j, &b[4..16]);
+                (*s, *m) = (i32::from(scale), i32::from(min));
+            }
+            // SAFETY: for Q5_K b[16..48] is the 32-byte `qh`; for Q4_K it is part of `qs`, unused.
+            let qh = unsafe { load32(&b[16..48]) };
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for c in 0..4 {
+                // SAFETY: the block is whole (`chunks_exact`).
+                let (lo, hi) = unsafe { qk_chunk::<HIGH>(b, qh, c) };
+                let (s0, s1) = (_mm256_set1_epi16(sc[2 * c] as i16), _mm256_set1_epi16(sc[2 * c + 1] as i16));
+                for (r, row) in x.iter().enumerate() {
+                    let y = &row[i];
+                    // SAFETY: y.qs has 256 bytes; 64c + 64 <= 256.
+                    let (y0, y1) = unsafe {
+                        (
+                            _mm256_loadu_si256(y.qs.as_ptr().add(64 * c).cast()),
+                            _mm256_loadu_si256(y.qs.as_ptr().add(64 * c + 32).cast()),
+                        )
+                    };
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), s0);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), s1);
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p0, p1));
+                }
+            }
+            let (d, dmin) = h2f_pair(b);
+            for (r, row) in x.iter().enumerate() {
+                let y = &row[i];
+                let mut summ = 0i32;
+                for (j, m) in mins.iter().enumerate() {
+                    summ += m * (i32::from(y.bsums[2 * j]) + i32::from(y.bsums[2 * j + 1]));
+                }
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+                corr[r] -= dmin * y.d * summ as f32;
+            }
+        }
+        let mut out = [0f32; N];
+        for (o, (a, c)) in out.iter_mut().zip(acc.iter().zip(&corr)) {
+            *o = hsum_ps(*a) + c;
+        }
+        out
+    }
+
+    /// [`q6_k_avx2`] for `N` token rows: each block's 6-bit quants assembled once for the rows,
+    /// each row's sums and float steps exactly its own call's (the same bits).
+    ///
+    /// # Safety
+    /// Needs avx2, fma and f16c; each row of `x` has a block per 256 weights of `w`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6_k_rows<const N: usize>(w: &[u8], x: &[&[BlockQ8K]; N]) -> [f32; N] {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut corr = [0f32; N];
+        for (i, b) in w.chunks_exact(210).enumerate() {
+            let sc = &b[192..208];
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for h in 0..2 {
+                // SAFETY: the block is whole (`chunks_exact`), `h < 2`.
+                let quarters = unsafe { q6_quarters(b, h) };
+                for (q4, q) in quarters.into_iter().enumerate() {
+                    let k = 8 * h + 2 * q4;
+                    let s = _mm256_set_m128i(
+                        _mm_set1_epi16(i16::from(sc[k + 1] as i8)),
+                        _mm_set1_epi16(i16::from(sc[k] as i8)),
+                    );
+                    for (r, row) in x.iter().enumerate() {
+                        // SAFETY: 128h + 32q4 + 32 <= 256 bytes of y.qs.
+                        let yv = unsafe { _mm256_loadu_si256(row[i].qs.as_ptr().add(128 * h + 32 * q4).cast()) };
+                        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), s));
+                    }
+                }
+            }
+            let dw = h2f(b, 208);
+            for (r, row) in x.iter().enumerate() {
+                let y = &row[i];
+                let mut offs = 0i32;
+                for (k, &s) in sc.iter().enumerate() {
+                    offs += i32::from(s as i8) * i32::from(y.bsums[k]);
+                }
+                let d = dw * y.d;
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+                corr[r] -= d * (32 * offs) as f32;
+            }
+        }
+        let mut out = [0f32; N];
+        for (o, (a, c)) in out.iter_mut().zip(acc.iter().zip(&corr)) {
+            *o = hsum_ps(*a) + c;
+        }
+        out
     }
 }
 

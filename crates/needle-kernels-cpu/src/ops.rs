@@ -137,8 +137,10 @@ fn rope_generic(x: &mut [f32], heads: usize, dim: usize, pos0: usize, cos: &[f32
 
 /// `gate ← silu(gate) ⊙ up`, with `silu(g) = g / (1 + e^(−g))` (the exponential the attention
 /// kernels' softmax uses: it vectorizes, where a library `expf` is one call per element).
+/// A batch's gate (several rows) is split over the kernels' [`Pool`](crate::Pool): each element's
+/// arithmetic is the same wherever it runs, so the split does not change a bit.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) -> Result<()> {
-    silu_mul_with(Isa::detect(), gate, up)
+    on_pool(gate, up, silu_mul_with)
 }
 
 /// [`silu_mul`] on a given ISA.
@@ -148,10 +150,58 @@ pub fn silu_mul_with(isa: Isa, gate: &mut [f32], up: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// `gate ← gelu(gate) ⊙ up` (GeGLU), GELU in its tanh form
+/// `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))` (ggml's `gelu`, Gemma's), computed as
+/// `x / (1 + e^(−2v))` with `v` the tanh's argument (the same function: `(1 + tanh v)/2 = σ(2v)`)
+/// and the vectorizing exponential of [`silu_mul`], where a library `tanhf` is one call per
+/// element. Split over the pool as [`silu_mul`] is.
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) -> Result<()> {
+    on_pool(gate, up, gelu_mul_with)
+}
+
+/// [`gelu_mul`] on a given ISA.
+pub fn gelu_mul_with(isa: Isa, gate: &mut [f32], up: &[f32]) -> Result<()> {
+    check_len("up", up.len(), gate.len())?;
+    dispatch!(isa, gelu_mul_generic, gelu_mul_avx2, (gate, up));
+    Ok(())
+}
+
+/// Below this many elements an element-wise op runs on the calling thread (a one-token gate).
+const PAR_MIN_ELEMENTWISE: usize = 4096;
+
+/// `op` over `gate` and `up`, split by element over the pool from [`PAR_MIN_ELEMENTWISE`] on.
+fn on_pool(gate: &mut [f32], up: &[f32], op: fn(Isa, &mut [f32], &[f32]) -> Result<()>) -> Result<()> {
+    let isa = Isa::detect();
+    if gate.len() < PAR_MIN_ELEMENTWISE {
+        return op(isa, gate, up);
+    }
+    check_len("up", up.len(), gate.len())?;
+    let pool = crate::Pool::global();
+    let part = gate.len().div_ceil(pool.threads()).next_multiple_of(16);
+    let mut parts: Vec<&mut [f32]> = gate.chunks_mut(part).collect();
+    pool.map_mut(&mut parts, |i, g| op(isa, g, &up[i * part..i * part + g.len()])).into_iter().collect()
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
     silu_mul_generic(gate, up)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+    gelu_mul_generic(gate, up)
+}
+
+#[inline(always)]
+fn gelu_mul_generic(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let v = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+        *g = x / (1.0 + crate::attn::exp_approx(-2.0 * v)) * u;
+    }
 }
 
 #[inline(always)]

@@ -137,11 +137,18 @@ fn gemv_many_equals_separate_gemvs_for_mixed_types() {
 fn gemv_rows_equals_each_rows_gemv_many() {
     let mut r = rng(10);
     let cols = 512;
-    let specs = [(QuantType::Q4_1, 300), (QuantType::Q8_0, 37), (QuantType::Q6_K, 70), (QuantType::F32, 9)];
+    let specs = [
+        (QuantType::Q4_1, 300),
+        (QuantType::Q8_0, 37),
+        (QuantType::Q6_K, 70),
+        (QuantType::Q4_K, 41),
+        (QuantType::Q5_K, 23),
+        (QuantType::F32, 9),
+    ];
     let ws: Vec<Vec<u8>> = specs.iter().map(|&(ty, rows)| random_weights(&mut r, ty, rows, cols)).collect();
     let mats: Vec<QMatrix<'_>> =
         specs.iter().zip(&ws).map(|(&(ty, rows), w)| QMatrix::new(ty, rows, cols, w).unwrap()).collect();
-    for t in [1, 2, 4, 5, 9] {
+    for t in [1, 2, 3, 4, 5, 9] {
         let x = randn(&mut r, t * cols);
         for isa in Isa::all_available() {
             for ms in [&mats[..], &mats[1..2]] {

@@ -1,4 +1,4 @@
-//! rms_norm / rope / silu_mul against plain f64 references, on every ISA.
+//! rms_norm / rope / silu_mul / gelu_mul against plain f64 references, on every ISA.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -89,4 +89,31 @@ fn silu_mul_matches_reference() {
         close(&y, &want, 1e-6, &format!("silu_mul {isa:?}"));
     }
     assert!(matches!(silu_mul(&mut [0.0; 3], &[0.0; 2]), Err(Error::Len { param: "up", .. })));
+}
+
+#[test]
+fn gelu_mul_matches_the_tanh_form_in_f64() {
+    let mut r = rng(9);
+    // Rows of a batch (the pool splits them), with far tails where the exponential saturates.
+    let mut g: Vec<f32> = randn(&mut r, 4 * 2048).iter().map(|v| 3.0 * v).collect();
+    g[..6].copy_from_slice(&[30.0, -30.0, 95.0, -95.0, 200.0, -200.0]);
+    let u = randn(&mut r, g.len());
+    let want: Vec<f64> = g
+        .iter()
+        .zip(&u)
+        .map(|(a, b)| {
+            let x = f64::from(*a);
+            let v = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+            0.5 * x * (1.0 + v.tanh()) * f64::from(*b)
+        })
+        .collect();
+    for isa in Isa::all_available() {
+        let mut y = g.clone();
+        gelu_mul_with(isa, &mut y, &u).unwrap();
+        close(&y, &want, 1e-6, &format!("gelu_mul {isa:?}"));
+    }
+    let mut y = g.clone();
+    gelu_mul(&mut y, &u).unwrap();
+    close(&y, &want, 1e-6, "gelu_mul on the pool");
+    assert!(matches!(gelu_mul(&mut [0.0; 3], &[0.0; 2]), Err(Error::Len { param: "up", .. })));
 }

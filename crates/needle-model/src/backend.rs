@@ -72,6 +72,12 @@ pub trait NeedleBackend: Backend {
     /// `silu(gate) ⊙ up`, both `[t, n]`.
     fn fused_silu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Result<Tensor<Self, 2>>;
 
+    /// `gelu(gate) ⊙ up` (Gemma's GeGLU, GELU in its tanh form), both `[t, n]`. The default is
+    /// [`plain::gelu_mul`]'s Burn ops; the CPU backend runs one vectorized kernel.
+    fn fused_gelu_mul(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Result<Tensor<Self, 2>> {
+        Ok(plain::gelu_mul(gate, up))
+    }
+
     /// Causal attention of the last `t` tokens of `layer` in `cache` (their keys and values are
     /// already appended) with queries `q` (`[t, n_q_heads, dim]`, after RoPE); query head `h`
     /// reads KV head `h / group`. Returns `[t, n_q_heads · dim]`. A sparse prefill pattern's
@@ -198,6 +204,10 @@ impl NeedleBackend for Flex {
 
     fn fused_silu_mul(gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>) -> Result<Tensor<Flex, 2>> {
         flex::silu_mul(gate, up)
+    }
+
+    fn fused_gelu_mul(gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>) -> Result<Tensor<Flex, 2>> {
+        flex::gelu_mul(gate, up)
     }
 
     fn paged_attention(cache: &mut KvCache, layer: usize, q: Tensor<Flex, 3>, scale: f32) -> Result<Tensor<Flex, 2>> {
@@ -486,12 +496,27 @@ pub mod flex {
 
     /// [`NeedleBackend::fused_silu_mul`] with [`ops::silu_mul`].
     pub fn silu_mul(gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>) -> Result<Tensor<Flex, 2>> {
+        gated(gate, up, "silu_mul", ops::silu_mul)
+    }
+
+    /// [`NeedleBackend::fused_gelu_mul`] with [`ops::gelu_mul`].
+    pub fn gelu_mul(gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>) -> Result<Tensor<Flex, 2>> {
+        gated(gate, up, "gelu_mul", ops::gelu_mul)
+    }
+
+    /// `op(gate) ⊙ up` by a kernel of needle-kernels-cpu, in a copy of `gate`.
+    fn gated(
+        gate: Tensor<Flex, 2>,
+        up: Tensor<Flex, 2>,
+        name: &str,
+        op: fn(&mut [f32], &[f32]) -> needle_kernels_cpu::Result<()>,
+    ) -> Result<Tensor<Flex, 2>> {
         let dims = gate.dims();
         if up.dims() != dims {
             return Err(Error::Shape { tensor: "up".into(), expected: dims.to_vec(), got: up.dims().to_vec() });
         }
         let mut g = read_host(&gate, <[f32]>::to_vec)?;
-        read_host(&up, |u| ops::silu_mul(&mut g, u))?.map_err(|e| Error::kernel("silu_mul", e))?;
+        read_host(&up, |u| op(&mut g, u))?.map_err(|e| Error::kernel(name, e))?;
         Ok(from_vec(g, dims))
     }
 
@@ -702,6 +727,16 @@ pub mod plain {
     /// `silu(gate) ⊙ up` with Burn ops.
     pub fn silu_mul<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
         silu(gate) * up
+    }
+
+    /// `gelu(gate) ⊙ up` with Burn ops, GELU in its tanh form,
+    /// `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))` (ggml's `gelu`; llama.cpp's CPU build reads
+    /// it from a table of f16 values).
+    pub fn gelu_mul<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        let x = gate;
+        let inner = (x.clone() + x.clone() * x.clone() * x.clone() * 0.044_715) * SQRT_2_OVER_PI;
+        x * (inner.tanh() + 1.0) * 0.5 * up
     }
 
     /// Causal attention with Burn's attention op over a copy of the layer's cache, each KV head

@@ -318,11 +318,10 @@ fn shared<'r, T: KvElem>(groups: &[GroupIn<'r>], typed: fn(Row<'r>) -> &'r [T], 
     // The same rows: chunk `c` of groups `i` and `j` has the same key and value rows (addresses).
     let same = |i: usize, j: usize, c: usize| {
         let (ri, rj) = (chunk_range(c, rows[i].0.len()), chunk_range(c, rows[j].0.len()));
-        let eq = |a: &[&[T]], b: &[&[T]]| a.iter().zip(b).all(|(x, y)| std::ptr::eq(*x, *y));
         ri.len() == rj.len()
             && heads(i) == heads(j)
-            && eq(&rows[i].0[ri.clone()], &rows[j].0[rj.clone()])
-            && eq(&rows[i].1[ri], &rows[j].1[rj])
+            && same_rows(&rows[i].0[ri.clone()], &rows[j].0[rj.clone()])
+            && same_rows(&rows[i].1[ri], &rows[j].1[rj])
     };
     // Classes of groups per chunk position: a class of several is a unit, attended once.
     let mut units: Vec<Unit> = Vec::new();
@@ -412,6 +411,17 @@ fn shared<'r, T: KvElem>(groups: &[GroupIn<'r>], typed: fn(Row<'r>) -> &'r [T], 
         }
         first.to_vec()
     }))
+}
+
+/// Whether `a` and `b` are the same rows: the same addresses and lengths, in order. Compared as
+/// the slices' bytes in one `memcmp` (this runs for every chunk of every group at every layer).
+fn same_rows<T>(a: &[&[T]], b: &[&[T]]) -> bool {
+    fn bytes<'a, T>(rows: &'a [&[T]]) -> &'a [u8] {
+        // SAFETY: a slice reference is an address and a length, with no padding: every byte of
+        // `rows` is initialized, and the view borrows `rows`.
+        unsafe { std::slice::from_raw_parts(rows.as_ptr().cast::<u8>(), std::mem::size_of_val(rows)) }
+    }
+    bytes(a) == bytes(b)
 }
 
 /// The key and value rows `ids`, as slices of one stored precision.

@@ -505,8 +505,10 @@ impl<B: NeedleBackend> Llama<B> {
             x = x + self.post_norm(o, &b.post_attn_norm)?;
             let h = self.rms_norm(x.clone(), &b.ffn_norm)?;
             let [gate, up] = take(linear(h, &[&b.w_gate, &b.w_up])?)?;
-            let ff = if gemma {
-                gelu_tanh(gate) * up
+            let ff = if gemma && self.fused {
+                B::fused_gelu_mul(gate, up)?
+            } else if gemma {
+                plain::gelu_mul(gate, up)
             } else if self.fused {
                 B::fused_silu_mul(gate, up)?
             } else {
@@ -654,14 +656,6 @@ impl<B: NeedleBackend> Llama<B> {
 fn local_rope(cfg: &LlamaConfig) -> Option<Rope> {
     cfg.local_attention
         .map(|la| Rope::new(&LlamaConfig { rope_theta: la.rope_theta, rope_scaling: None, ..cfg.clone() }))
-}
-
-/// GELU in its tanh form, `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))` (ggml's `gelu`, which
-/// Gemma's GeGLU runs in llama.cpp).
-fn gelu_tanh<B: NeedleBackend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    let inner = (x.clone() + x.clone() * x.clone() * x.clone() * 0.044_715) * SQRT_2_OVER_PI;
-    x * (inner.tanh() + 1.0) * 0.5
 }
 
 /// `[rows, cols]` → `[cols, rows]`, row-major.

@@ -50,14 +50,26 @@ pub struct Sampler {
 }
 
 /// Index of the largest logit (the first on ties).
+///
+/// The result of comparing the logits in order (a later logit wins only when greater, so a NaN
+/// never wins, nor can anything beat a NaN first logit), computed as the largest value
+/// sixteen lanes at a time (vectorized), then its first place.
 pub fn argmax(logits: &[f32]) -> Option<u32> {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &l) in logits.iter().enumerate() {
-        if best.is_none_or(|(_, b)| l > b) {
-            best = Some((i, l));
+    let &first = logits.first()?;
+    if first.is_nan() {
+        return Some(0);
+    }
+    let mut lanes = [first; 16];
+    let mut chunks = logits.chunks_exact(16);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            if x > *m {
+                *m = x;
+            }
         }
     }
-    best.map(|(i, _)| i as u32)
+    let best = lanes.iter().chain(chunks.remainder()).fold(first, |b, &x| if x > b { x } else { b });
+    logits.iter().position(|&x| x == best).map(|i| i as u32)
 }
 
 impl Sampler {
@@ -69,7 +81,10 @@ impl Sampler {
 
     /// Draws the next token. Errors on an empty or non-finite logit vector.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
-        if let Some(i) = logits.iter().position(|l| l.is_nan()) {
+        // A pass without an early exit vectorizes; the place is looked for only when there is one.
+        if logits.iter().fold(false, |nan, l| nan | l.is_nan())
+            && let Some(i) = logits.iter().position(|l| l.is_nan())
+        {
             return Err(Error::invalid("logits", format!("NaN at token {i}")));
         }
         let best = argmax(logits).ok_or_else(|| Error::invalid("logits", "empty"))?;
@@ -140,6 +155,40 @@ mod tests {
         let mut s =
             Sampler::new(SamplingConfig { temperature: 1.0, top_p: Some(0.5), seed: 1, ..Default::default() }).unwrap();
         assert!((0..50).all(|_| s.sample(&logits).unwrap() == 2));
+    }
+
+    /// The plain in-order loop `argmax` must equal: a later logit wins only when greater.
+    fn argmax_plain(logits: &[f32]) -> Option<u32> {
+        let mut best: Option<(usize, f32)> = None;
+        for (i, &l) in logits.iter().enumerate() {
+            if best.is_none_or(|(_, b)| l > b) {
+                best = Some((i, l));
+            }
+        }
+        best.map(|(i, _)| i as u32)
+    }
+
+    #[test]
+    fn argmax_is_the_in_order_loop_on_random_logits() {
+        use rand::Rng;
+        let mut r = StdRng::seed_from_u64(11);
+        let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.5];
+        for n in [0, 1, 2, 15, 16, 17, 33, 100, 1000] {
+            for round in 0..40 {
+                // Few distinct values make ties; specials land anywhere, the first place included.
+                let v: Vec<f32> = (0..n)
+                    .map(|_| match r.random_range(0..10) {
+                        0 => specials[r.random_range(0..specials.len())],
+                        1..=3 => r.random_range(-3..3) as f32,
+                        _ => r.random_range(-20.0..20.0),
+                    })
+                    .collect();
+                assert_eq!(argmax(&v), argmax_plain(&v), "n {n} round {round}: {v:?}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0]), Some(0));
+        assert_eq!(argmax(&[-0.0, 0.0]), Some(0));
+        assert_eq!(argmax(&[1.0, f32::NAN, 3.0, 3.0]), Some(2));
     }
 
     #[test]

@@ -218,9 +218,8 @@ impl QWeight {
             Error::kernel(names.join(", "), e)
         })?;
         for (w, y) in ws.iter().zip(&mut ys) {
-            for row in y.chunks_exact_mut(w.rows) {
-                w.to_hf_order(row);
-            }
+            // Each row is whole heads: the rows in one pass.
+            w.to_hf_order(y);
         }
         Ok(ys)
     }
@@ -322,12 +321,11 @@ impl<D> std::ops::Deref for LinearWeight<D> {
 
 /// Per head of `d` outputs, llama.cpp's RoPE order (`2i + s`) → Hugging Face order (`s·d/2 + i`).
 fn deinterleave(y: &mut [f32], d: usize) {
-    let half = d / 2;
     let mut tmp = vec![0f32; d];
     for head in y.chunks_exact_mut(d) {
-        for i in 0..half {
-            tmp[i] = head[2 * i];
-            tmp[half + i] = head[2 * i + 1];
+        let (even, odd) = tmp.split_at_mut(d / 2);
+        for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(head.chunks_exact(2)) {
+            (*e, *o) = (pair[0], pair[1]);
         }
         head.copy_from_slice(&tmp);
     }

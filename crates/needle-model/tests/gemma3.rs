@@ -144,10 +144,11 @@ fn long_passkey_prompt_matches_llama_cpp_on_f32_weights() {
 /// can round to the next 8-bit step and carry the difference on; on the default model that alone
 /// moves top logits by up to ~0.5 (`llama_cpp_fixtures.rs`). Measured here: 0.74 at most with
 /// the lane kernels (docs/benchmarks.md §17), 0.89 with the Q8_0 blocks repacked (§32; the
-/// packed and stored kernels agree within 2e-5 on every Q8_0 matrix of this file), so the bound
-/// is 1.0.
+/// packed and stored kernels agree within 2e-5 on every Q8_0 matrix of this file), 1.08 with
+/// GeGLU in one vectorized kernel (§35; its GELU within 1.3e-6 of f64's, and the f32-weights test
+/// below, without 8-bit activations, still within 0.005), so the bound is 1.25.
 #[test]
 fn logits_match_llama_cpp() {
-    let worst = check(&gemma().model, &fixture("gemma3_logits.json"), 1.0, 0.5);
+    let worst = check(&gemma().model, &fixture("gemma3_logits.json"), 1.25, 0.5);
     eprintln!("max |Δlogit| on llama.cpp's top-20 (gemma-3-270m Q4_K_M, native): {worst:.4}");
 }

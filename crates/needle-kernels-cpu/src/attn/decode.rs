@@ -441,6 +441,8 @@ mod x86_512 {
     /// Keys per block of the key dots: one accumulator each (16 registers), reduced into the 16
     /// lanes of one score vector.
     const KEYS: usize = 16;
+    /// Keys per half block: a pair of heads' dots with eight keys fill the sixteen registers.
+    const HALF: usize = KEYS / 2;
     /// Query heads per register block of the value pass: 4 heads × 64 dims in 16 registers.
     const PV_HEADS: usize = 4;
 
@@ -642,7 +644,26 @@ mod x86_512 {
                         Some(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(j)),
                         None => _mm512_setzero_ps(),
                     };
-                    for h in 0..g {
+                    // Heads in pairs over half a block: each key row loaded once for both.
+                    let mut h = 0;
+                    while h + 2 <= g {
+                        for half in 0..2 {
+                            let first = half * HALF;
+                            if first < n {
+                                self.pair(
+                                    h,
+                                    &rows[first..first + HALF],
+                                    j + first,
+                                    (n - first).min(HALF),
+                                    bias,
+                                    scale,
+                                    scores,
+                                );
+                            }
+                        }
+                        h += 2;
+                    }
+                    for h in h..g {
                         let qh = q.add(h * dim);
                         let mut acc = [_mm512_setzero_ps(); KEYS];
                         for c0 in (0..dim).step_by(DIMS) {
@@ -660,6 +681,60 @@ mod x86_512 {
                         _mm512_mask_storeu_ps(scores.as_mut_ptr().add(h * m + j), mask, s);
                     }
                 }
+            }
+        }
+
+        /// Scores of heads `h` and `h + 1` against the [`HALF`] key rows `rows` (keys `j..j + n`
+        /// stored, the rest repeats): the sixteen dots of a pair in sixteen registers, each
+        /// summed exactly as [`Job::dots`] sums a lone head's (the same multiply-adds in the same
+        /// order, the same reduction), so a head's scores do not depend on its pairing. `bias`
+        /// holds the block's sixteen biases.
+        ///
+        /// # Safety
+        /// As [`Job::dots`]; `h + 1 < g`, `j + n ≤ m`, `n ≤ HALF`.
+        #[allow(clippy::too_many_arguments)]
+        #[inline(always)]
+        unsafe fn pair(
+            &self,
+            h: usize,
+            rows: &[*const f32],
+            j: usize,
+            n: usize,
+            bias: __m512,
+            scale: __m512,
+            scores: &mut [f32],
+        ) {
+            let (m, dim) = (self.m, self.dim);
+            // SAFETY (the block): as in `dots`: query heads `h`, `h + 1` and the rows have `dim`
+            // elements, read in 16-lane chunks below `dim`; score rows `m` entries, written at
+            // `j..j + n`.
+            unsafe {
+                let (qa, qb) = (self.q.as_ptr().add(h * dim), self.q.as_ptr().add((h + 1) * dim));
+                let mut acc = [_mm512_setzero_ps(); KEYS];
+                for c0 in (0..dim).step_by(DIMS) {
+                    let (mut qva, mut qvb) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
+                    for (i, (a, b)) in qva.iter_mut().zip(qvb.iter_mut()).enumerate() {
+                        (*a, *b) = (_mm512_loadu_ps(qa.add(c0 + 16 * i)), _mm512_loadu_ps(qb.add(c0 + 16 * i)));
+                    }
+                    for (u, row) in rows.iter().enumerate() {
+                        for (i, (a, b)) in qva.iter().zip(&qvb).enumerate() {
+                            let k = _mm512_loadu_ps(row.add(c0 + 16 * i));
+                            acc[u] = _mm512_fmadd_ps(*a, k, acc[u]);
+                            acc[HALF + u] = _mm512_fmadd_ps(*b, k, acc[HALF + u]);
+                        }
+                    }
+                }
+                // Lanes `u` and `HALF + u` are key `j + u` of either head: its bias in both.
+                let first = (j % KEYS) as i32;
+                let idx = _mm512_add_epi32(
+                    _mm512_set1_epi32(first),
+                    _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0),
+                );
+                let bias = _mm512_permutexvar_ps(idx, bias);
+                let mut s = [0f32; KEYS];
+                _mm512_storeu_ps(s.as_mut_ptr(), _mm512_add_ps(_mm512_mul_ps(sum16(&acc), scale), bias));
+                scores[h * m + j..h * m + j + n].copy_from_slice(&s[..n]);
+                scores[(h + 1) * m + j..(h + 1) * m + j + n].copy_from_slice(&s[HALF..HALF + n]);
             }
         }
 
