@@ -556,38 +556,22 @@ pub(crate) mod x86 {
         }
     }
 
-    /// `body::<generics.., N>` over 1 to 4 Q8 rows as a [`KernelRows`](super::KernelRows).
+    /// `body::<generics.., N>` over 1 to 4 rows as a [`KernelRows`](super::KernelRows), each row
+    /// taken as Q8 blocks (`rows_fn!(body::<g>)`) or as `conv` gives it (`rows_fn!(q8k, body, g)`).
     macro_rules! rows_fn {
         ($body:ident::<$($g:tt),*>) => {
+            rows_fn!(q8, $body $(, $g)*)
+        };
+        ($conv:ident, $body:ident $(, $g:tt)*) => {
             |w: &[u8], xs: &[super::QActRow<'_>], out: &mut [f32]| {
                 // SAFETY: `kernel_rows` hands this out only where the body's features were
                 // detected (see there); the rows are whole blocks, checked by the callers.
                 let v: &[f32] = unsafe {
                     match *xs {
-                        [a] => &$body::<$($g),*, 1>(w, &[q8(a)]),
-                        [a, b] => &$body::<$($g),*, 2>(w, &[q8(a), q8(b)]),
-                        [a, b, c] => &$body::<$($g),*, 3>(w, &[q8(a), q8(b), q8(c)]),
-                        [a, b, c, d] => &$body::<$($g),*, 4>(w, &[q8(a), q8(b), q8(c), q8(d)]),
-                        _ => &[],
-                    }
-                };
-                out[..v.len()].copy_from_slice(v);
-            }
-        };
-    }
-
-    /// `body::<generics.., N>` over 1 to 4 Q8_K rows as a [`KernelRows`](super::KernelRows).
-    macro_rules! k_rows_fn {
-        ($body:ident $(, $g:tt)*) => {
-            |w: &[u8], xs: &[super::QActRow<'_>], out: &mut [f32]| {
-                // SAFETY: `kernel_rows` hands this out only where avx2, fma and f16c were
-                // detected; the rows are whole blocks, checked by the callers.
-                let v: &[f32] = unsafe {
-                    match *xs {
-                        [a] => &$body::<$($g,)* 1>(w, &[q8k(a)]),
-                        [a, b] => &$body::<$($g,)* 2>(w, &[q8k(a), q8k(b)]),
-                        [a, b, c] => &$body::<$($g,)* 3>(w, &[q8k(a), q8k(b), q8k(c)]),
-                        [a, b, c, d] => &$body::<$($g,)* 4>(w, &[q8k(a), q8k(b), q8k(c), q8k(d)]),
+                        [a] => &$body::<$($g,)* 1>(w, &[$conv(a)]),
+                        [a, b] => &$body::<$($g,)* 2>(w, &[$conv(a), $conv(b)]),
+                        [a, b, c] => &$body::<$($g,)* 3>(w, &[$conv(a), $conv(b), $conv(c)]),
+                        [a, b, c, d] => &$body::<$($g,)* 4>(w, &[$conv(a), $conv(b), $conv(c), $conv(d)]),
                         _ => &[],
                     }
                 };
@@ -653,9 +637,9 @@ pub(crate) mod x86 {
             QuantType::Q5_0 => Some(Rows(rows_fn!(pair_rows::<3>))),
             QuantType::Q5_1 => Some(Rows(rows_fn!(pair_rows::<4>))),
             QuantType::IQ4_NL => Some(Rows(rows_fn!(pair_rows::<5>))),
-            QuantType::Q4_K => Some(Rows(k_rows_fn!(qk_rows, false))),
-            QuantType::Q5_K => Some(Rows(k_rows_fn!(qk_rows, true))),
-            QuantType::Q6_K => Some(Rows(k_rows_fn!(q6_k_rows))),
+            QuantType::Q4_K => Some(Rows(rows_fn!(q8k, qk_rows, false))),
+            QuantType::Q5_K => Some(Rows(rows_fn!(q8k, qk_rows, true))),
+            QuantType::Q6_K => Some(Rows(rows_fn!(q8k, q6_k_rows))),
             _ => None,
         }
     }

@@ -724,10 +724,10 @@ mod x86_512 {
                         }
                     }
                 }
-                // Lanes `u` and `HALF + u` are key `j + u` of either head: its bias in both.
-                let first = (j % KEYS) as i32;
+                // Lanes `u` and `HALF + u` are key `j + u` of either head: its bias in both (the
+                // block's biases start at a multiple of KEYS, so the half's at `j % KEYS`).
                 let idx = _mm512_add_epi32(
-                    _mm512_set1_epi32(first),
+                    _mm512_set1_epi32((j % KEYS) as i32),
                     _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0),
                 );
                 let bias = _mm512_permutexvar_ps(idx, bias);
